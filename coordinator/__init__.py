@@ -1,0 +1,5 @@
+"""coordinator — synctrain's control plane: a Raft-replicated key-value store and step log.
+
+The pure consensus core lives in :mod:`coordinator.raft`; the networked service around it
+(storage, transport, server, client, clusters, CLI) sits beside it.
+"""
