@@ -1,0 +1,370 @@
+"""The replicated state: a revisioned key-value store with exactly-once client sessions.
+
+Theory of operation
+-------------------
+Every replica applies the same committed log entries in the same order, so everything this
+module computes must be a pure function of the entries: no wall clock, no randomness, no
+iteration over unordered containers whose order could differ between replicas.
+
+A *command* is one msgpack array ``[op, session, seq, ack, ts_ms, *args]`` carried as the data
+of a NORMAL log entry (see :func:`encode_command`):
+
+- ``op`` names a handler in a registry (:func:`register_command`). The key-value ops live here;
+  the training step log (a later issue) registers its own ops the same way without touching
+  the apply loop.
+- ``session``/``seq``/``ack`` give exactly-once application of retried commands (Raft thesis
+  §6.3). A client first commits a ``register`` command; the log index of that entry becomes its
+  session id. Each write then carries a fresh sequence number ``seq`` and ``ack``, the lowest
+  sequence number whose answer the client has not yet received. The session keeps the answers
+  for ``seq >= floor`` (``floor`` rises to ``ack``), so a retried command is answered from the
+  cache instead of being applied again, and a sequence number below ``floor`` is refused
+  (``stale_sequence``): it was answered or given up long ago and must not run twice.
+- ``ts_ms`` is the leader's wall clock when it proposed the command. Replicas never read their
+  own clock; they advance ``clock_ms = max(clock_ms, ts_ms)`` from the log, which makes session
+  expiry (idle longer than ``session_ttl_ms``) deterministic across replicas. The session table
+  is also bounded (``max_sessions``, least recently used evicted first) and so is each
+  session's answer cache (``max_cached_answers``). A command from an unknown or expired
+  session is refused with ``session_expired`` and not applied, so a client whose session was
+  evicted can never have a retry applied twice.
+
+Revisions follow etcd: a global ``revision`` increases by one on each mutation that changed the
+store; each key remembers ``create_revision``, ``mod_revision`` and ``version``.
+
+Answers are small msgpack-able dicts, e.g. ``{"ok": True, "revision": 7}`` or
+``{"ok": False, "error": "session_expired", "detail": "..."}``: the server sends them to the
+client verbatim.
+
+Snapshots are a msgpack document of the whole state (:meth:`StateMachine.snapshot`), restored
+with :meth:`StateMachine.restore`; both are deterministic (keys and sessions in sorted order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+SNAPSHOT_FORMAT_VERSION = 1
+
+# Limits. Everything that can grow is bounded; breaking a bound is refused with an error
+# answer (never an exception that could make replicas diverge).
+MAX_KEY_BYTES = 4096
+MAX_VALUE_BYTES = 1 << 20
+MAX_KEYS = 1_000_000
+DEFAULT_MAX_SESSIONS = 10_000
+DEFAULT_SESSION_TTL_MS = 10 * 60 * 1000
+DEFAULT_MAX_CACHED_ANSWERS = 1024
+
+Answer = dict[str, Any]
+
+
+class CommandError(Exception):
+    """A command that is well-formed msgpack but not a valid command (a bug in the proposer)."""
+
+
+@dataclasses.dataclass(slots=True)
+class KeyRecord:
+    """One key's value and its revisions (as in etcd's mvccpb.KeyValue)."""
+
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+@dataclasses.dataclass(slots=True)
+class Session:
+    """A client's exactly-once state: answers kept for sequence numbers >= ``floor``."""
+
+    floor: int = 1
+    last_active_ms: int = 0
+    answers: dict[int, Answer] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Command:
+    """A decoded command; ``args`` are op-specific."""
+
+    op: str
+    session: int
+    seq: int
+    ack: int
+    ts_ms: int
+    args: tuple[Any, ...]
+
+
+# A handler applies one command's args to the state machine and returns its answer. Handlers
+# must be deterministic and must validate their arguments (returning an error answer).
+Handler = Callable[["StateMachine", Command, int], Answer]
+_COMMANDS: dict[str, Handler] = {}
+# Ops that do not need a session (registration itself, and the leader's internal ops).
+_SESSIONLESS: set[str] = set()
+
+
+def register_command(op: str, *, sessionless: bool = False) -> Callable[[Handler], Handler]:
+    """Register ``handler(sm, command, index) -> answer`` for the op name ``op``."""
+
+    def deco(handler: Handler) -> Handler:
+        if op in _COMMANDS:
+            raise ValueError(f"command {op!r} is already registered")
+        _COMMANDS[op] = handler
+        if sessionless:
+            _SESSIONLESS.add(op)
+        return handler
+
+    return deco
+
+
+def encode_command(op: str, session: int, seq: int, ack: int, ts_ms: int, *args: Any) -> bytes:
+    """The log-entry bytes of one command (msgpack array, bytes kept as bin)."""
+    return msgpack.packb([op, session, seq, ack, ts_ms, *args], use_bin_type=True)
+
+
+def decode_command(data: bytes) -> Command:
+    """Parse entry bytes into a :class:`Command`; raise :class:`CommandError` if malformed."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, use_list=False)
+    except Exception as exc:  # msgpack raises several types for bad input
+        raise CommandError(f"entry is not msgpack: {exc}") from exc
+    if not isinstance(raw, tuple) or len(raw) < 5 or not isinstance(raw[0], str):
+        raise CommandError("entry is not a command array [op, session, seq, ack, ts_ms, ...]")
+    if not all(isinstance(x, int) for x in raw[1:5]):
+        raise CommandError("command header fields session/seq/ack/ts_ms must be integers")
+    return Command(raw[0], raw[1], raw[2], raw[3], raw[4], tuple(raw[5:]))
+
+
+def error(code: str, detail: str) -> Answer:
+    """An error answer; ``code`` is a stable identifier, ``detail`` is for humans."""
+    return {"ok": False, "error": code, "detail": detail}
+
+
+class StateMachine:
+    """Revisioned key-value store plus the client-session table; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        session_ttl_ms: int = DEFAULT_SESSION_TTL_MS,
+        max_cached_answers: int = DEFAULT_MAX_CACHED_ANSWERS,
+    ) -> None:
+        assert max_sessions > 0 and session_ttl_ms > 0 and max_cached_answers > 0
+        self.max_sessions = max_sessions
+        self.session_ttl_ms = session_ttl_ms
+        self.max_cached_answers = max_cached_answers
+        self.applied_index = 0
+        self.revision = 0
+        self.clock_ms = 0
+        self.kv: dict[bytes, KeyRecord] = {}
+        # Least recently active first; the order is a function of the log only.
+        self.sessions: OrderedDict[int, Session] = OrderedDict()
+        # Extension state for other command families (e.g. the step log): name -> object
+        # exposing snapshot_state() / restore_state(obj). Registered by those modules.
+        self.extensions: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, index: int, data: bytes) -> Answer | None:
+        """Apply the committed entry at ``index``; return its answer (None for a no-op).
+
+        Entries must be applied in order, each exactly once per replica; an empty entry is a
+        leader's no-op and only advances ``applied_index``.
+        """
+        assert index == self.applied_index + 1, (index, self.applied_index)
+        self.applied_index = index
+        if not data:
+            return None
+        try:
+            cmd = decode_command(data)
+        except CommandError as exc:
+            return error("bad_command", str(exc))
+        self.clock_ms = max(self.clock_ms, cmd.ts_ms)
+        self._expire_sessions()
+        handler = _COMMANDS.get(cmd.op)
+        if handler is None:
+            return error("unknown_command", f"no handler registered for op {cmd.op!r}")
+        if cmd.op in _SESSIONLESS:
+            return handler(self, cmd, index)
+        return self._apply_in_session(handler, cmd, index)
+
+    def _apply_in_session(self, handler: Handler, cmd: Command, index: int) -> Answer:
+        session = self.sessions.get(cmd.session)
+        if session is None:
+            return error(
+                "session_expired",
+                f"client session {cmd.session} is unknown or expired; the command was not "
+                "applied — register a new session and retry",
+            )
+        self.sessions.move_to_end(cmd.session)
+        session.last_active_ms = self.clock_ms
+        if cmd.ack > session.floor:
+            for seq in [s for s in session.answers if s < cmd.ack]:
+                del session.answers[seq]
+            session.floor = cmd.ack
+        cached = session.answers.get(cmd.seq)
+        if cached is not None:
+            return cached
+        if cmd.seq < session.floor:
+            return error(
+                "stale_sequence",
+                f"sequence number {cmd.seq} of session {cmd.session} is below {session.floor}: "
+                "its answer was already delivered or discarded; the command was not applied",
+            )
+        answer = handler(self, cmd, index)
+        session.answers[cmd.seq] = answer
+        while len(session.answers) > self.max_cached_answers:
+            oldest = min(session.answers)
+            del session.answers[oldest]
+            session.floor = max(session.floor, oldest + 1)
+        return answer
+
+    def _expire_sessions(self) -> None:
+        deadline = self.clock_ms - self.session_ttl_ms
+        while self.sessions:
+            sid, session = next(iter(self.sessions.items()))
+            if session.last_active_ms >= deadline and len(self.sessions) <= self.max_sessions:
+                break
+            del self.sessions[sid]
+
+    # ----------------------------------------------------------------- reads
+    def get(self, key: bytes) -> KeyRecord | None:
+        """The current record of ``key`` (local state; the caller decides on consistency)."""
+        return self.kv.get(key)
+
+    def read_answer(self, key: bytes) -> Answer:
+        """The answer to a client ``get``: value (or None) with its revisions."""
+        rec = self.kv.get(key)
+        if rec is None:
+            return {"ok": True, "value": None, "revision": self.revision,
+                    "applied": self.applied_index}
+        return {"ok": True, "value": rec.value, "revision": self.revision,
+                "mod_revision": rec.mod_revision, "create_revision": rec.create_revision,
+                "version": rec.version, "applied": self.applied_index}
+
+    # ------------------------------------------------------------- mutations
+    def _put(self, key: bytes, value: bytes) -> int:
+        self.revision += 1
+        rec = self.kv.get(key)
+        if rec is None:
+            self.kv[key] = KeyRecord(value, self.revision, self.revision, 1)
+        else:
+            rec.value, rec.mod_revision, rec.version = value, self.revision, rec.version + 1
+        return self.revision
+
+    def _delete(self, key: bytes) -> bool:
+        if key not in self.kv:
+            return False
+        del self.kv[key]
+        self.revision += 1
+        return True
+
+    def _check_key_value(self, key: Any, value: Any) -> Answer | None:
+        if not isinstance(key, bytes) or not key or len(key) > MAX_KEY_BYTES:
+            return error("bad_key", f"a key must be 1..{MAX_KEY_BYTES} bytes")
+        if value is not None and (not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES):
+            return error("bad_value", f"a value must be bytes of at most {MAX_VALUE_BYTES} bytes")
+        if value is not None and key not in self.kv and len(self.kv) >= MAX_KEYS:
+            return error("quota_exceeded", f"the store holds its limit of {MAX_KEYS} keys; "
+                         "delete keys before adding new ones")
+        return None
+
+    # -------------------------------------------------------------- snapshot
+    def snapshot(self) -> bytes:
+        """The whole state as msgpack bytes (deterministic: sorted keys and sessions)."""
+        doc = {
+            "format": SNAPSHOT_FORMAT_VERSION,
+            "applied_index": self.applied_index,
+            "revision": self.revision,
+            "clock_ms": self.clock_ms,
+            "kv": [[k, r.value, r.create_revision, r.mod_revision, r.version]
+                   for k, r in sorted(self.kv.items())],
+            # Session order is LRU order, which is part of the replicated state.
+            "sessions": [[sid, s.floor, s.last_active_ms, sorted(s.answers.items())]
+                         for sid, s in self.sessions.items()],
+            "extensions": {name: ext.snapshot_state()
+                           for name, ext in sorted(self.extensions.items())},
+        }
+        return msgpack.packb(doc, use_bin_type=True)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a :meth:`snapshot` document."""
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if doc.get("format") != SNAPSHOT_FORMAT_VERSION:
+            raise ValueError(f"unsupported state-machine snapshot format {doc.get('format')!r}")
+        self.applied_index = doc["applied_index"]
+        self.revision = doc["revision"]
+        self.clock_ms = doc["clock_ms"]
+        self.kv = {k: KeyRecord(v, c, m, ver) for k, v, c, m, ver in doc["kv"]}
+        self.sessions = OrderedDict(
+            (sid, Session(floor, active, {seq: ans for seq, ans in answers}))
+            for sid, floor, active, answers in doc["sessions"]
+        )
+        for name, state in doc.get("extensions", {}).items():
+            if name in self.extensions:
+                self.extensions[name].restore_state(state)
+
+    def restore_empty(self, applied_index: int = 0) -> None:
+        """Reset to the empty state positioned at ``applied_index`` (a snapshot with no data)."""
+        self.applied_index = applied_index
+        self.revision = 0
+        self.clock_ms = 0
+        self.kv = {}
+        self.sessions = OrderedDict()
+
+
+# ------------------------------------------------------------------ key-value ops
+@register_command("register", sessionless=True)
+def _register(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    """Open a session whose id is this entry's log index (unique across the cluster)."""
+    sm.sessions[index] = Session(floor=1, last_active_ms=sm.clock_ms)
+    sm._expire_sessions()  # enforce max_sessions, evicting the least recently active
+    return {"ok": True, "session": index}
+
+
+@register_command("put")
+def _put_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    if len(cmd.args) != 2:
+        return error("bad_command", "put takes (key, value)")
+    key, value = cmd.args
+    bad = sm._check_key_value(key, value)
+    if bad is not None or value is None:
+        return bad or error("bad_value", "put needs a value")
+    return {"ok": True, "revision": sm._put(key, value)}
+
+
+@register_command("delete")
+def _delete_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    if len(cmd.args) != 1:
+        return error("bad_command", "delete takes (key,)")
+    bad = sm._check_key_value(cmd.args[0], None)
+    if bad is not None:
+        return bad
+    deleted = sm._delete(cmd.args[0])
+    return {"ok": True, "deleted": deleted, "revision": sm.revision}
+
+
+@register_command("cas")
+def _cas_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    """Compare-and-swap: set ``new`` iff the value is ``expected`` (None = key absent).
+
+    ``new`` None deletes the key on success.
+    """
+    if len(cmd.args) != 3:
+        return error("bad_command", "cas takes (key, expected, new)")
+    key, expected, new = cmd.args
+    bad = sm._check_key_value(key, new)
+    if bad is not None:
+        return bad
+    if expected is not None and not isinstance(expected, bytes):
+        return error("bad_value", "cas expected value must be bytes or None")
+    rec = sm.kv.get(key)
+    current = None if rec is None else rec.value
+    if current != expected:
+        return {"ok": True, "succeeded": False, "revision": sm.revision}
+    if new is None:
+        sm._delete(key)
+    else:
+        sm._put(key, new)
+    return {"ok": True, "succeeded": True, "revision": sm.revision}
