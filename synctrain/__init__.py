@@ -1,0 +1,46 @@
+"""synctrain — fault-tolerant data-parallel PyTorch training on Ray.
+
+Wrap an ordinary training loop with the helpers below and run it with :class:`Trainer`; the
+same loop runs unchanged in a plain Python process, where the helpers are no-ops.
+"""
+
+from synctrain.api import (
+    all_reduce,
+    barrier,
+    get_context,
+    prepare_data_loader,
+    prepare_model,
+    prepare_optimizer,
+    report,
+)
+from synctrain.context import TrainContext
+from synctrain.errors import (
+    ConfigError,
+    ModelMismatchError,
+    ResourcesError,
+    SynctrainError,
+    TrainingFailedError,
+    WorkerDiedError,
+)
+from synctrain.trainer import Result, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Trainer",
+    "Result",
+    "TrainContext",
+    "get_context",
+    "prepare_model",
+    "prepare_optimizer",
+    "prepare_data_loader",
+    "report",
+    "all_reduce",
+    "barrier",
+    "SynctrainError",
+    "ConfigError",
+    "ResourcesError",
+    "TrainingFailedError",
+    "WorkerDiedError",
+    "ModelMismatchError",
+]

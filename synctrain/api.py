@@ -1,0 +1,104 @@
+"""The helpers a training loop calls. Outside a Trainer they are no-ops (see context.py)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from synctrain import context as _context
+from synctrain.context import TrainContext, get_context
+from synctrain.data import shard_data_loader
+
+__all__ = [
+    "get_context",
+    "prepare_model",
+    "prepare_optimizer",
+    "prepare_data_loader",
+    "report",
+    "all_reduce",
+    "barrier",
+    "TrainContext",
+]
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Move ``model`` to this worker's device and wire its gradient exchange.
+
+    Sync mode returns a DistributedDataParallel wrapper (the original is ``.module``);
+    async mode returns the model with parameter-server pulls wired in. Outside a Trainer the
+    model is returned unchanged.
+    """
+    session = _context.current_session()
+    if session is None or session.strategy is None:
+        return model
+    return session.strategy.prepare_model(model)
+
+
+def prepare_optimizer(optimizer: torch.optim.Optimizer) -> Any:
+    """Make ``optimizer.step()`` apply the mode's update (averaged gradient, or a PS push)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"prepare_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    session = _context.current_session()
+    if session is None or session.strategy is None:
+        return optimizer
+    return session.strategy.prepare_optimizer(optimizer)
+
+
+def prepare_data_loader(loader: torch.utils.data.DataLoader) -> Any:
+    """Shard ``loader`` over the workers: each sample once per epoch, reshuffled per epoch.
+
+    Shuffling follows the loader: a loader built with ``shuffle=True`` is reshuffled every
+    epoch with a seed shared by all ranks. Outside a Trainer the loader is returned unchanged.
+    """
+    session = _context.current_session()
+    if session is None:
+        return loader
+    ctx = session.context
+    return shard_data_loader(loader, ctx.world_size, ctx.rank, ctx.seed, ctx.device)
+
+
+def report(metrics: dict[str, Any]) -> None:
+    """Record metrics for this step. Rank 0's reports become ``Result.metrics``.
+
+    Values must be plain numbers or strings (tensors of one element are converted). Each
+    record gets ``"step"``: the number of optimizer steps taken so far, unless given.
+    """
+    if not isinstance(metrics, dict):
+        raise TypeError(f"report takes a dict of metrics, got {type(metrics).__name__}")
+    clean = {str(k): _plain(k, v) for k, v in metrics.items()}
+    session = _context.current_session()
+    if session is None:
+        _context.local_reports().append(clean)
+        return
+    session.add_report(clean)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    """Reduce ``tensor`` in place over all workers ("mean" or "sum"); identity outside a Trainer."""
+    session = _context.current_session()
+    if session is None or session.strategy is None or session.context.world_size == 1:
+        return tensor
+    return session.strategy.all_reduce(tensor, op)
+
+
+def barrier() -> None:
+    """Wait until every worker gets here; no-op outside a Trainer."""
+    session = _context.current_session()
+    if session is not None and session.strategy is not None:
+        session.strategy.barrier()
+
+
+def _plain(key: Any, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"report: metric {key!r} is a tensor of {value.numel()} elements; report scalars")
+        return value.item()
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"report: metric {key!r} has type {type(value).__name__}; use numbers or strings")
