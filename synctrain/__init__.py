@@ -12,6 +12,7 @@ from synctrain.api import (
     prepare_model,
     prepare_optimizer,
     report,
+    strategy_metrics,
 )
 from synctrain.context import TrainContext
 from synctrain.errors import (
@@ -37,6 +38,7 @@ __all__ = [
     "report",
     "all_reduce",
     "barrier",
+    "strategy_metrics",
     "SynctrainError",
     "ConfigError",
     "ResourcesError",

@@ -19,6 +19,7 @@ __all__ = [
     "report",
     "all_reduce",
     "barrier",
+    "strategy_metrics",
     "TrainContext",
 ]
 
@@ -81,6 +82,14 @@ def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
     if session is None or session.strategy is None or session.context.world_size == 1:
         return tensor
     return session.strategy.all_reduce(tensor, op)
+
+
+def strategy_metrics() -> dict[str, Any]:
+    """This worker's strategy counters (e.g. async staleness and latencies) so far; {} outside."""
+    session = _context.current_session()
+    if session is None or session.strategy is None:
+        return {}
+    return session.strategy.metrics()
 
 
 def barrier() -> None:
