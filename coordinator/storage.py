@@ -1,0 +1,751 @@
+"""Durable Raft storage: a segmented write-ahead log plus atomic snapshot files.
+
+Theory of operation
+-------------------
+:class:`DiskStorage` answers the Raft core's reads exactly like
+:class:`coordinator.raft.storage.MemoryStorage` -- from an in-memory copy of the log since
+the last compaction -- and makes every change durable in ``data_dir`` before ``save``
+returns. The driver calls ``save(ready.hard_state, ready.entries, ready.snapshot)`` once per
+``Ready``: all its records are appended with one ``write`` and made durable with ONE fsync
+(group commit), and only then may the Ready's messages be sent.
+
+The WAL is a sequence of segment files ``wal-<seq>-<first index>.log``. A record is
+``length u32 | type u8 | crc32 u32 | msgpack payload`` (the CRC covers type and payload).
+Each segment opens with a SEGMENT_HEADER record holding the whole small state (hard state,
+bootstrap membership, snapshot mark, compaction point), so older segments can be deleted
+once a snapshot and a compaction cover their entries. An entry whose index is not past the
+last one overwrites the conflicting suffix; a TRUNCATE record says so explicitly.
+
+Snapshots live in ``snap-<index>-<term>.snap`` files written tmp + fsync + rename + dir
+fsync, *then* referenced by a SNAPSHOT record in the WAL; recovery trusts only the snapshot
+the WAL references, so a file from an interrupted write is ignored (and removed).
+
+Recovery replays the segments in order. A bad record at the very end of the last segment
+with nothing valid after it is a torn write (or zero fill, or appended garbage): it is cut
+off with a warning. Any other bad record -- followed by a valid one, or in an older segment --
+means the middle of the log is damaged: :class:`CorruptLogError` names the file and byte
+offset and the node refuses to start rather than silently lose acknowledged data.
+
+``<data_dir>/LOCK`` is held with ``fcntl.flock`` for the storage's lifetime, so two
+servers can never share a data directory.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from coordinator.raft.messages import (
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Snapshot,
+    SnapshotMetadata,
+)
+from coordinator.raft.storage import (
+    Compacted,
+    SnapshotOutOfDate,
+    StorageError,
+    Unavailable,
+    limit_size,
+)
+
+__all__ = [
+    "DiskStorage", "StorageStats", "StorageError", "CorruptLogError", "CorruptSnapshotError",
+    "DataDirLocked", "StorageClosed", "SnapshotOutOfDate", "Compacted", "Unavailable",
+]
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">IBI")  # payload length, record type, crc32(type + payload)
+_SNAP_MAGIC = b"STSNAP01"
+_SNAP_HEADER = struct.Struct(">8sIQ")  # magic, crc32(payload), payload length
+_SEGMENT_RE = re.compile(r"^wal-(\d{8})-(\d{16})\.log$")
+_SNAP_RE = re.compile(r"^snap-(\d{16})-(\d{16})\.snap$")
+
+
+class RecordType(enum.IntEnum):
+    SEGMENT_HEADER = 1
+    ENTRY = 2
+    HARD_STATE = 3
+    TRUNCATE = 4
+    SNAPSHOT = 5
+    COMPACT = 6
+
+
+_RECORD_TYPES = frozenset(int(t) for t in RecordType)
+
+
+class CorruptLogError(StorageError):
+    """The WAL is damaged somewhere other than its tail; the node must not start on it."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, what: str) -> None:
+        self.path = str(path)
+        self.offset = offset
+        super().__init__(
+            f"write-ahead log {self.path} is corrupt at byte offset {offset}: {what}. "
+            "This is not a torn tail, so acknowledged entries may be damaged; refusing to "
+            "start. Restore this node's data directory from a backup, or wipe it and re-add "
+            "the node to the cluster so it catches up from the leader.")
+
+
+class CorruptSnapshotError(StorageError):
+    """The snapshot the WAL references is missing or fails its checksum."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"snapshot {self.path} {what}; refusing to start. Restore the data directory "
+            "from a backup, or wipe it and re-add the node so it receives a fresh snapshot.")
+
+
+class DataDirLocked(StorageError):
+    """Another live process holds ``<data_dir>/LOCK``."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], holder_pid: int | None) -> None:
+        self.data_dir = str(data_dir)
+        self.holder_pid = holder_pid
+        who = f"process {holder_pid}" if holder_pid else "another process"
+        super().__init__(
+            f"data directory {self.data_dir} is locked by {who}: two servers must never "
+            "share a data directory. Stop that process, or give this one its own --data-dir.")
+
+
+class StorageClosed(StorageError):
+    """The storage was closed, or a failed write left it unusable (restart to recover)."""
+
+
+@dataclass(slots=True)
+class StorageStats:
+    """Counters; ``fsyncs`` counts every fsync (WAL + directory + snapshot files)."""
+
+    saves: int = 0
+    fsyncs: int = 0
+    wal_fsyncs: int = 0
+    dir_fsyncs: int = 0
+    snapshot_fsyncs: int = 0
+    records_written: int = 0
+    bytes_written: int = 0
+    segments_created: int = 0
+    segments_deleted: int = 0
+    torn_tails_cut: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# record and value codecs
+
+
+def _record(rtype: RecordType, value: Any) -> bytes:
+    payload = msgpack.packb(value, use_bin_type=True)
+    tb = bytes((rtype,))
+    return _HEADER.pack(len(payload), rtype, zlib.crc32(payload, zlib.crc32(tb))) + payload
+
+
+def _hs_list(hs: HardState) -> list[int]:
+    return [hs.term, hs.vote, hs.commit]
+
+
+def _cs_list(cs: ConfState) -> list[Any]:
+    return [list(cs.voters), list(cs.learners), list(cs.voters_outgoing), cs.auto_leave,
+            list(cs.learners_next)]
+
+
+def _cs_from(v: list[Any]) -> ConfState:
+    voters, learners, outgoing, auto_leave, learners_next = v
+    return ConfState(tuple(voters), tuple(learners), tuple(outgoing), bool(auto_leave),
+                     tuple(learners_next))
+
+
+def _entry_from(v: list[Any]) -> Entry:
+    term, index, etype, data = v
+    return Entry(term, index, EntryType(etype), data)
+
+
+def _parse_at(buf: bytes, off: int, max_record_bytes: int) -> tuple[int, bytes, int] | str:
+    """The record at ``off`` as ``(type, payload, next offset)``, or why it is not valid."""
+    if len(buf) - off < _HEADER.size:
+        return f"incomplete record header ({len(buf) - off} of {_HEADER.size} bytes)"
+    length, rtype, crc = _HEADER.unpack_from(buf, off)
+    if rtype not in _RECORD_TYPES:
+        if not any(buf[off:]):
+            return "zero fill to the end of the file"
+        return f"unknown record type {rtype}"
+    if length > max_record_bytes:
+        return f"implausible record length {length}"
+    end = off + _HEADER.size + length
+    if end > len(buf):
+        return f"incomplete record ({len(buf) - off - _HEADER.size} of {length} payload bytes)"
+    payload = buf[off + _HEADER.size:end]
+    if zlib.crc32(payload, zlib.crc32(bytes((rtype,)))) != crc:
+        return "checksum mismatch"
+    return rtype, payload, end
+
+
+def _next_valid_record(buf: bytes, bad_off: int, max_record_bytes: int) -> int | None:
+    """Offset of a valid record after the bad one at ``bad_off``, if there is any.
+
+    First tries where the bad record's own length says the next one starts (a flipped
+    payload byte), then every offset whose type byte is a known record type (a damaged
+    length field). A random match would need a matching CRC32, so false hits are ~2**-32.
+    """
+    length = _HEADER.unpack_from(buf, bad_off)[0] if len(buf) - bad_off >= _HEADER.size else 0
+    natural = bad_off + _HEADER.size + length
+    if natural < len(buf) and not isinstance(_parse_at(buf, natural, max_record_bytes), str):
+        return natural
+    candidates: set[int] = set()
+    for t in _RECORD_TYPES:
+        pos = buf.find(bytes((t,)), bad_off + 5)
+        while pos != -1:
+            candidates.add(pos - 4)
+            pos = buf.find(bytes((t,)), pos + 1)
+    for off in sorted(candidates):
+        if not isinstance(_parse_at(buf, off, max_record_bytes), str):
+            return off
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# replay: the log state rebuilt from records
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    seq: int
+    size: int = 0
+    max_entry_index: int = 0  # highest entry index written into it (0 = none)
+
+
+@dataclass(slots=True)
+class _LogState:
+    """The in-memory log: ``entries[k].index == base + 1 + k``; ``base`` is compacted."""
+
+    hard_state: HardState = field(default_factory=HardState)
+    bootstrap: ConfState = field(default_factory=lambda: ConfState(voters=()))
+    snap_index: int = 0
+    snap_term: int = 0
+    base: int = 0
+    base_term: int | None = 0  # None only mid-replay, after a gap from deleted segments
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def last(self) -> int:
+        return self.base + len(self.entries)
+
+    def compact_to(self, index: int, term: int) -> None:
+        if index < self.base:
+            return
+        keep = index - self.base
+        self.entries = self.entries[keep:]
+        self.base, self.base_term = index, term
+
+    def reset_to(self, index: int, term: int) -> None:
+        self.entries, self.base, self.base_term = [], index, term
+
+    def put(self, e: Entry) -> None:
+        """Append ``e``, truncating a conflicting suffix; a gap means segments were deleted."""
+        if e.index <= self.base:
+            return  # already compacted
+        if e.index > self.last + 1:
+            self.entries, self.base, self.base_term = [], e.index - 1, None
+        del self.entries[e.index - self.base - 1:]
+        self.entries.append(e)
+
+    def truncate_from(self, index: int) -> None:
+        del self.entries[max(0, index - self.base - 1):]
+
+    def header_value(self) -> list[Any]:
+        return [_hs_list(self.hard_state), _cs_list(self.bootstrap), self.snap_index,
+                self.snap_term, self.base, self.base_term]
+
+    def apply(self, rtype: int, v: Any) -> int:
+        """Apply one decoded record; returns the entry index it wrote (0 for none)."""
+        if rtype == RecordType.ENTRY:
+            e = _entry_from(v)
+            self.put(e)
+            return e.index
+        if rtype == RecordType.HARD_STATE:
+            self.hard_state = HardState(*v)
+        elif rtype == RecordType.TRUNCATE:
+            self.truncate_from(v[0])
+        elif rtype == RecordType.SNAPSHOT:
+            index, term, reset = v
+            self.snap_index, self.snap_term = index, term
+            if reset:
+                self.reset_to(index, term)
+        elif rtype == RecordType.COMPACT:
+            self.compact_to(v[0], v[1])
+        elif rtype == RecordType.SEGMENT_HEADER:
+            hs, cs, self.snap_index, self.snap_term, base, base_term = v
+            self.hard_state, self.bootstrap = HardState(*hs), _cs_from(cs)
+            if base > self.base or (base == self.base and self.base_term is None):
+                self.compact_to(base, base_term)
+        return 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+# ---------------------------------------------------------------------------------------
+# snapshot files
+
+
+def _snap_name(index: int, term: int) -> str:
+    return f"snap-{index:016d}-{term:016d}.snap"
+
+
+def _read_snapshot_file(path: Path, index: int, term: int) -> Snapshot:
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptSnapshotError(path, "is referenced by the WAL but missing") from None
+    if len(blob) < _SNAP_HEADER.size:
+        raise CorruptSnapshotError(path, f"is truncated ({len(blob)} bytes)")
+    magic, crc, length = _SNAP_HEADER.unpack_from(blob)
+    payload = blob[_SNAP_HEADER.size:]
+    if magic != _SNAP_MAGIC or length != len(payload) or zlib.crc32(payload) != crc:
+        raise CorruptSnapshotError(path, "fails its header or checksum")
+    try:
+        s_index, s_term, cs, data = msgpack.unpackb(payload, raw=False)
+        snap = Snapshot(SnapshotMetadata(s_index, s_term, _cs_from(cs)), data)
+    except Exception as exc:  # checksum passed, so this is a writer bug; still be loud
+        raise CorruptSnapshotError(path, f"has a malformed payload ({exc})") from None
+    if (s_index, s_term) != (index, term):
+        raise CorruptSnapshotError(path, f"holds index {s_index} term {s_term}, not the "
+                                         f"index {index} term {term} the WAL references")
+    return snap
+
+
+# ---------------------------------------------------------------------------------------
+# the storage
+
+
+class DiskStorage:
+    """Raft stable storage on disk; see the module docstring for the layout and rules.
+
+    ``conf_state`` bootstraps a fresh ``data_dir`` (None = empty membership, for a node that
+    joins by receiving a snapshot) and is ignored when the directory already holds a log.
+    ``fsync=False`` keeps the write path but skips every fsync (tests, benchmarks): data
+    then survives a process crash but not a machine crash. Every public method is
+    thread-safe. Entries since the last compaction are kept in memory, so the driver must
+    snapshot and ``compact`` periodically.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, conf_state: ConfState | None = None,
+                 fsync: bool = True, segment_bytes: int = 64 << 20,
+                 max_record_bytes: int = 256 << 20) -> None:
+        if segment_bytes <= 0 or max_record_bytes <= 0:
+            raise ValueError("segment_bytes and max_record_bytes must be positive")
+        self.data_dir = Path(data_dir)
+        self.stats = StorageStats()
+        self._fsync = fsync
+        self._segment_bytes = segment_bytes
+        self._max_record_bytes = max_record_bytes
+        self._mu = threading.RLock()
+        self._state = _LogState()
+        self._segments: list[_Segment] = []
+        self._wal_fd = -1
+        self._closed: str | None = None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._take_lock()
+        try:
+            self._recover(conf_state)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- reads: the MemoryStorage interface ---------------------------------------------
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        with self._mu:
+            self._check_open()
+            return self._state.hard_state, self._snapshot.metadata.conf_state
+
+    def first_index(self) -> int:
+        with self._mu:
+            return self._state.base + 1
+
+    def last_index(self) -> int:
+        with self._mu:
+            return self._state.last
+
+    def term(self, i: int) -> int:
+        with self._mu:
+            st = self._state
+            if i < st.base:
+                raise Compacted(f"index {i} is compacted (first kept is {st.base + 1})")
+            if i > st.last:
+                raise Unavailable(f"index {i} is beyond the last index {st.last}")
+            if i == st.base:
+                assert st.base_term is not None
+                return st.base_term
+            return st.entries[i - st.base - 1].term
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        """Entries ``[lo, hi)``, cut to ``max_bytes`` of data (always at least one)."""
+        with self._mu:
+            st = self._state
+            if lo <= st.base:
+                raise Compacted(f"entries from {lo} are compacted (first kept is {st.base + 1})")
+            if hi > st.last + 1:
+                raise Unavailable(f"entries up to {hi - 1} requested, last index is {st.last}")
+            return limit_size(st.entries[lo - st.base - 1:hi - st.base - 1], max_bytes)
+
+    def snapshot(self) -> Snapshot:
+        with self._mu:
+            return self._snapshot
+
+    # ---- durable writes -----------------------------------------------------------------
+
+    def save(self, hard_state: HardState | None, entries: Sequence[Entry],
+             snapshot: Snapshot | None = None) -> None:
+        """Make one Ready durable with a single WAL fsync (group commit).
+
+        Order: ``snapshot`` (installed: the log restarts after it), then ``entries`` (an
+        entry at or below the last index truncates the conflicting suffix first; entries
+        already compacted are skipped; a gap raises ``Unavailable``), then ``hard_state``.
+        Returns once everything is on disk; only then may dependent messages be sent.
+        """
+        with self._mu:
+            self._check_open()
+            if hard_state is None and not entries and snapshot is None:
+                return
+            records = self._begin_batch()
+            base, last = self._state.base, self._state.last
+            if snapshot is not None:
+                self._check_newer(snapshot.metadata.index, allow_equal=True)
+                self._write_snapshot_file(snapshot)
+                md = snapshot.metadata
+                records.append(_record(RecordType.SNAPSHOT, [md.index, md.term, True]))
+                base = last = md.index
+            todo = self._entries_to_write(entries, base, last)
+            if todo and todo[0].index <= last:
+                records.append(_record(RecordType.TRUNCATE, [todo[0].index]))
+            records.extend(self._entry_record(e) for e in todo)
+            if hard_state is not None:
+                records.append(_record(RecordType.HARD_STATE, _hs_list(hard_state)))
+            self._commit(records)
+            self.stats.saves += 1
+            self._apply_saved(hard_state, todo, snapshot)
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """``MemoryStorage.append`` made durable: ``save(None, entries)``."""
+        self.save(None, entries)
+
+    def set_hard_state(self, hs: HardState) -> None:
+        self.save(hs, [])
+
+    def apply_snapshot(self, snap: Snapshot) -> None:
+        """Install a leader's snapshot: the log is replaced by it (``save(None, [], snap)``)."""
+        self.save(None, [], snap)
+
+    def create_snapshot(self, index: int, conf_state: ConfState | None,
+                        data: bytes) -> Snapshot:
+        """Durably record a snapshot of the applied state at ``index``; the log is kept
+        until :meth:`compact`. ``conf_state=None`` keeps the current snapshot's membership."""
+        with self._mu:
+            self._check_open()
+            self._check_newer(index, allow_equal=False)
+            if index > self._state.last:
+                raise Unavailable(f"snapshot index {index} is beyond the last index "
+                                  f"{self._state.last}")
+            cs = conf_state if conf_state is not None else self._snapshot.metadata.conf_state
+            snap = Snapshot(SnapshotMetadata(index, self.term(index), cs), data)
+            records = self._begin_batch()
+            self._write_snapshot_file(snap)
+            records.append(_record(RecordType.SNAPSHOT, [index, snap.metadata.term, False]))
+            self._commit(records)
+            self._state.snap_index, self._state.snap_term = index, snap.metadata.term
+            self._snapshot = snap
+            self._remove_stale_snapshots()
+            return snap
+
+    def compact(self, index: int) -> None:
+        """Drop entries up to ``index`` (``term(index)`` stays answerable) and delete the WAL
+        segments that only hold compacted entries. ``index`` must be covered by the current
+        snapshot, or those entries would be lost on restart (``ValueError``)."""
+        with self._mu:
+            self._check_open()
+            st = self._state
+            if index <= st.base:
+                raise Compacted(f"already compacted up to {st.base}")
+            if index > st.last:
+                raise Unavailable(f"cannot compact to {index}, last index is {st.last}")
+            if index > st.snap_index:
+                raise ValueError(f"cannot compact to {index}: the snapshot only covers up to "
+                                 f"{st.snap_index}; call create_snapshot first")
+            term = self.term(index)
+            records = self._begin_batch()
+            records.append(_record(RecordType.COMPACT, [index, term]))
+            self._commit(records)
+            st.compact_to(index, term)
+            self._delete_covered_segments()
+
+    def close(self) -> None:
+        """Close the WAL and release the data-dir lock; later calls raise StorageClosed."""
+        with self._mu:
+            if self._closed is None:
+                self._closed = "the storage was closed"
+            if self._wal_fd >= 0:
+                os.close(self._wal_fd)
+                self._wal_fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = -1
+
+    def __enter__(self) -> DiskStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the lock and recovery ----------------------------------------------------------
+
+    def _take_lock(self) -> int:
+        path = self.data_dir / "LOCK"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise DataDirLocked(self.data_dir, int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _recover(self, conf_state: ConfState | None) -> None:
+        names = sorted(p.name for p in self.data_dir.iterdir())
+        segs = [_Segment(self.data_dir / n, int(m.group(1)))
+                for n in names if (m := _SEGMENT_RE.match(n))]
+        segs.sort(key=lambda s: s.seq)
+        if not segs:
+            if any(_SNAP_RE.match(n) for n in names):
+                raise CorruptLogError(self.data_dir, 0, "snapshot files exist but no WAL "
+                                      "segment does")
+            self._state.bootstrap = conf_state or ConfState(voters=())
+        for prev, seg in zip(segs, segs[1:], strict=False):
+            if seg.seq != prev.seq + 1:
+                raise CorruptLogError(seg.path, 0, f"segment number {prev.seq + 1} is missing")
+        for k, seg in enumerate(segs):
+            self._replay_segment(seg, is_last=k == len(segs) - 1)
+        if self._state.base_term is None:
+            raise CorruptLogError(segs[0].path, 0, f"entries up to {self._state.base} are "
+                                  "missing and no compaction covers them (deleted segment?)")
+        self._snapshot = self._load_snapshot()
+        self._segments = segs
+        if segs:
+            self._wal_fd = os.open(segs[-1].path, os.O_WRONLY | os.O_APPEND)
+        if not segs or segs[-1].size == 0:  # fresh, or a new segment torn before its header
+            self._commit(self._begin_batch(force_new=not segs))
+
+    def _replay_segment(self, seg: _Segment, is_last: bool) -> None:
+        buf = seg.path.read_bytes()
+        off = 0
+        while off < len(buf):
+            parsed = _parse_at(buf, off, self._max_record_bytes)
+            if isinstance(parsed, str):
+                self._cut_tail(seg, buf, off, parsed, is_last)
+                break
+            rtype, payload, end = parsed
+            if off == 0 and rtype != RecordType.SEGMENT_HEADER:
+                raise CorruptLogError(seg.path, 0, "the segment does not start with a header")
+            try:
+                index = self._state.apply(rtype, msgpack.unpackb(payload, raw=False))
+            except Exception as exc:
+                raise CorruptLogError(seg.path, off, f"a record with a valid checksum is "
+                                      f"malformed ({exc.__class__.__name__}: {exc})") from None
+            seg.max_entry_index = max(seg.max_entry_index, index)
+            off = end
+        seg.size = min(off, len(buf))
+
+    def _cut_tail(self, seg: _Segment, buf: bytes, off: int, why: str, is_last: bool) -> None:
+        if not is_last:
+            raise CorruptLogError(seg.path, off, f"{why}, in a segment that is not the last")
+        following = _next_valid_record(buf, off, self._max_record_bytes)
+        if following is not None:
+            raise CorruptLogError(seg.path, off, f"{why}, yet a valid record follows at "
+                                  f"offset {following}")
+        log.warning("WAL %s: cutting off a torn tail at byte offset %d (%s; %d bytes "
+                    "dropped): the last write before a crash never completed",
+                    seg.path, off, why, len(buf) - off)
+        fd = os.open(seg.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, off)
+            self._fsync_fd(fd, "wal")
+        finally:
+            os.close(fd)
+        self.stats.torn_tails_cut += 1
+
+    def _load_snapshot(self) -> Snapshot:
+        st = self._state
+        keep = _snap_name(st.snap_index, st.snap_term) if st.snap_index else None
+        for p in self.data_dir.iterdir():
+            if p.name.endswith(".tmp") or (_SNAP_RE.match(p.name) and p.name != keep):
+                if _SNAP_RE.match(p.name) and int(p.name[5:21]) > st.snap_index:
+                    log.warning("removing snapshot %s: the WAL never referenced it (a "
+                                "snapshot write was interrupted)", p)
+                p.unlink()
+        if keep is None:
+            return Snapshot(SnapshotMetadata(0, 0, st.bootstrap), b"")
+        return _read_snapshot_file(self.data_dir / keep, st.snap_index, st.snap_term)
+
+    # ---- the write path -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise StorageClosed(f"storage {self.data_dir} is unusable: {self._closed}")
+
+    def _check_newer(self, index: int, allow_equal: bool) -> None:
+        held = self._state.snap_index
+        if index < held or (index == held and not allow_equal):
+            raise SnapshotOutOfDate(f"snapshot at {index} is not newer than the held one at "
+                                    f"{held}")
+
+    def _fsync_fd(self, fd: int, kind: str) -> None:
+        if not self._fsync:
+            return
+        os.fsync(fd)
+        self.stats.fsyncs += 1
+        if kind == "wal":
+            self.stats.wal_fsyncs += 1
+        elif kind == "dir":
+            self.stats.dir_fsyncs += 1
+        else:
+            self.stats.snapshot_fsyncs += 1
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.data_dir, os.O_RDONLY)
+        try:
+            self._fsync_fd(fd, "dir")
+        finally:
+            os.close(fd)
+
+    def _begin_batch(self, force_new: bool = False) -> list[bytes]:
+        """Records a batch starts with: a new segment's header when the current one is full
+        (rotation happens only between saves, so a batch never spans two segments)."""
+        cur = self._segments[-1] if self._segments else None
+        if cur is not None and not force_new and 0 < cur.size < self._segment_bytes:
+            return []
+        if cur is None or force_new or cur.size >= self._segment_bytes:
+            seq = cur.seq + 1 if cur is not None else 1
+            path = self.data_dir / f"wal-{seq:08d}-{self._state.last + 1:016d}.log"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            if self._wal_fd >= 0:
+                os.close(self._wal_fd)
+            self._wal_fd = fd
+            self._segments.append(_Segment(path, seq))
+            self.stats.segments_created += 1
+            self._fsync_dir()
+        return [_record(RecordType.SEGMENT_HEADER, self._state.header_value())]
+
+    def _commit(self, records: list[bytes]) -> None:
+        """Append ``records`` to the current segment with one write and one fsync.
+
+        A failed write or fsync leaves the file in an unknown state (and a failed fsync
+        cannot be retried safely), so the storage refuses further use; restarting runs
+        recovery, which cuts whatever partial record was left."""
+        data = b"".join(records)
+        try:
+            _write_all(self._wal_fd, data)
+            self._fsync_fd(self._wal_fd, "wal")
+        except OSError as exc:
+            self._closed = f"a WAL write failed ({exc}); restart the node to recover"
+            raise StorageClosed(f"storage {self.data_dir}: {self._closed}") from exc
+        self._segments[-1].size += len(data)
+        self.stats.records_written += len(records)
+        self.stats.bytes_written += len(data)
+
+    def _entries_to_write(self, entries: Sequence[Entry], base: int, last: int) -> list[Entry]:
+        for k, e in enumerate(entries):
+            if e.index != entries[0].index + k:
+                raise ValueError(f"entries must be contiguous: index {e.index} at position {k} "
+                                 f"after {entries[0].index}")
+        todo = [e for e in entries if e.index > base]
+        if todo and todo[0].index > last + 1:
+            raise Unavailable(f"missing log entry: last index {last}, appended entries "
+                              f"start at {todo[0].index}")
+        return todo
+
+    def _entry_record(self, e: Entry) -> bytes:
+        rec = _record(RecordType.ENTRY, [e.term, e.index, int(e.type), e.data])
+        if len(rec) - _HEADER.size > self._max_record_bytes:
+            raise ValueError(f"entry {e.index} encodes to {len(rec)} bytes, over the "
+                             f"{self._max_record_bytes}-byte record limit")
+        return rec
+
+    def _apply_saved(self, hs: HardState | None, todo: list[Entry],
+                     snapshot: Snapshot | None) -> None:
+        st = self._state
+        if snapshot is not None:
+            md = snapshot.metadata
+            st.snap_index, st.snap_term = md.index, md.term
+            st.reset_to(md.index, md.term)
+            self._snapshot = snapshot
+        if todo:
+            st.truncate_from(todo[0].index)
+            st.entries.extend(todo)
+            seg = self._segments[-1]
+            seg.max_entry_index = max(seg.max_entry_index, todo[-1].index)
+        if hs is not None:
+            st.hard_state = hs
+        if snapshot is not None:
+            self._remove_stale_snapshots()
+            self._delete_covered_segments()
+
+    def _write_snapshot_file(self, snap: Snapshot) -> None:
+        md = snap.metadata
+        payload = msgpack.packb([md.index, md.term, _cs_list(md.conf_state), snap.data],
+                                use_bin_type=True)
+        final = self.data_dir / _snap_name(md.index, md.term)
+        tmp = final.with_name(final.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, _SNAP_HEADER.pack(_SNAP_MAGIC, zlib.crc32(payload), len(payload)))
+            _write_all(fd, payload)
+            self._fsync_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        self._fsync_dir()
+
+    def _remove_stale_snapshots(self) -> None:
+        keep = _snap_name(self._state.snap_index, self._state.snap_term)
+        for p in self.data_dir.glob("snap-*.snap"):
+            if p.name != keep:
+                p.unlink(missing_ok=True)
+
+    def _delete_covered_segments(self) -> None:
+        """Delete, oldest first, segments whose entries are all compacted (never the last:
+        its header and records carry the current state)."""
+        while len(self._segments) > 1 and self._segments[0].max_entry_index <= self._state.base:
+            self._segments.pop(0).path.unlink()
+            self.stats.segments_deleted += 1
