@@ -1,0 +1,898 @@
+"""RaftNode: the Raft consensus algorithm as a pure, deterministic state machine.
+
+Theory of operation
+-------------------
+The node does no I/O. Its inputs are ``tick()`` (logical time), ``step(message)`` (a
+message from a peer) and local requests (``campaign``, ``propose``/``propose_batch``,
+``propose_conf_change``, ``read_index``, ``transfer_leadership``). Its output is a
+:class:`Ready`: the hard state and entries (and maybe a snapshot) the driver must make
+durable, then the messages it may send, the committed entries to apply and ReadIndex
+answers. The driver hands the Ready back with ``advance(ready)``. Randomness (election
+timeouts) comes only from the injected ``random.Random``; so one seed replays everything.
+
+Roles are handlers: ``_step_leader``, ``_step_candidate`` and ``_step_follower``;
+transitions are verbs (``_become_follower`` ... ``_become_leader``). Rules that hold for
+every role -- term comparison, vote requests, validation of remote input -- run first in
+``step``. Remote input that is malformed, stale or from an unknown node is dropped and
+counted in ``status().dropped`` by reason; it never raises.
+
+Safety notes (each has a test):
+* A leader commits by counting replicas only entries of its own term (§5.4.2) and appends
+  an empty entry when elected so that happens promptly.
+* For itself a leader counts only its *persisted* index (etcd #14370): an entry is never
+  reported committed before it has been in ``Ready.entries``.
+* Vote and term changes are in the same Ready as the response that depends on them, and
+  the driver persists before sending (PySyncObj #202).
+* ``commit`` and each peer's ``match`` never move back (PySyncObj #166, #167).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from . import quorum
+from .confchange import ConfChangeError, apply_change
+from .confchange import Config as MemberConfig
+from .log import LogInvariantError, RaftLog
+from .messages import (
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    MessageType,
+    encode_conf_change,
+)
+from .progress import ProgressState, ProgressTracker
+from .readonly import ReadOnly
+from .storage import Compacted, Unavailable
+from .types import (
+    Config,
+    LocalProtocolError,
+    PeerStatus,
+    ProposalDropped,
+    ReadState,
+    Ready,
+    Role,
+    SoftState,
+    Status,
+)
+
+__all__ = ["RaftNode", "TRANSFER_CONTEXT"]
+
+MT = MessageType
+NORMAL = EntryType.NORMAL
+#: Context of a VOTE caused by leadership transfer: it bypasses the leader lease.
+TRANSFER_CONTEXT = b"transfer-leader"
+_LEADER_TRAFFIC = frozenset({MT.APPEND, MT.HEARTBEAT, MT.SNAPSHOT})
+_LOCAL_ONLY = frozenset({MT.HUP, MT.PROPOSE})
+
+
+class RaftNode:
+    """One Raft peer. See the module docstring and docs/raft-core-api.md."""
+
+    def __init__(self, config: Config, storage, rng: random.Random) -> None:
+        config.validate()
+        if not isinstance(rng, random.Random):
+            raise LocalProtocolError("rng must be a random.Random (seeded by the caller)")
+        self.cfg = config
+        self.id = config.id
+        self._rng = rng
+        self.log = RaftLog(storage, config.max_committed_size_per_ready)
+        hs, cs = storage.initial_state()
+        self.trk = ProgressTracker(config.max_inflight_msgs)
+        self._install_conf_state(cs)
+        self.term, self.vote = hs.term, hs.vote
+        if hs.commit:
+            if not self.log.committed <= hs.commit <= self.log.last_index():
+                raise LocalProtocolError(
+                    f"stored commit {hs.commit} is outside the stored log "
+                    f"[{self.log.committed}, {self.log.last_index()}]: storage is corrupt")
+            self.log.commit_to(hs.commit)
+        if config.applied:
+            self.log.applied_to(config.applied)
+        self.role = Role.FOLLOWER
+        self.leader_id = 0
+        self.msgs: list[Message] = []
+        self.read_states: list[ReadState] = []
+        self._dropped_reads: list[bytes] = []
+        self.dropped: Counter[str] = Counter()
+        self.read_only = ReadOnly(config.max_pending_read_index)
+        self._deferred_reads: list[tuple[bytes, int]] = []
+        self.lead_transferee = 0
+        self.pending_conf_index = 0
+        self.uncommitted_size = 0
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = config.election_tick
+        self._prev_hs = HardState(hs.term, hs.vote, self.log.committed)
+        self._prev_ss = SoftState(0, Role.FOLLOWER)
+        self._outstanding: Ready | None = None
+        self._become_follower(self.term, 0)
+
+    # ------------------------------------------------------------------------------------
+    # read-only properties
+
+    @property
+    def commit_index(self) -> int:
+        return self.log.committed
+
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    def soft_state(self) -> SoftState:
+        return SoftState(self.leader_id, self.role)
+
+    def conf_state(self) -> ConfState:
+        return self.trk.conf_state()
+
+    def promotable(self) -> bool:
+        """May this node campaign? Only voters of the current configuration may."""
+        return self.trk.is_voter(self.id)
+
+    def status(self) -> Status:
+        prs = {}
+        if self.role is Role.LEADER:
+            prs = {i: PeerStatus(p.match, p.next, p.state.value, p.is_learner, p.inflights.count())
+                   for i, p in sorted(self.trk.progress.items())}
+        return Status(self.id, self.role, self.term, self.vote, self.leader_id, self.log.committed,
+                      self.log.applied, self.log.last_index(), self.trk.conf_state(), prs,
+                      dict(self.dropped), self.lead_transferee)
+
+    # ------------------------------------------------------------------------------------
+    # role transitions
+
+    def _reset(self, term: int) -> None:
+        if self.term != term:
+            self.term = term
+            self.vote = 0
+        self.leader_id = 0
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = (
+            self.cfg.election_tick + self._rng.randrange(self.cfg.election_tick))
+        self.lead_transferee = 0
+        self.trk.reset_votes()
+        last = self.log.last_index()
+        for i, pr in self.trk.progress.items():
+            learner = pr.is_learner
+            pr.__init__(last + 1, self.trk.max_inflight, learner)
+            if i == self.id:
+                pr.match = min(self.log.persisted, last)
+                pr.recent_active = True
+        self.pending_conf_index = 0
+        self.uncommitted_size = 0
+        self._abandon_reads()
+
+    def _abandon_reads(self) -> None:
+        """Drop queued ReadIndex requests (this node is no longer a leader able to answer)."""
+        pending = [(rs.context, rs.origin) for rs in self.read_only.reset()]
+        pending += self._deferred_reads
+        self._deferred_reads = []
+        for ctx, origin in pending:
+            if origin == self.id:
+                self._dropped_reads.append(ctx)
+            else:
+                self._send(Message(MT.READ_INDEX_RESP, origin, self.id, self.term, reject=True,
+                                   context=ctx))
+
+    def _become_follower(self, term: int, lead: int) -> None:
+        self._reset(term)
+        self.role = Role.FOLLOWER
+        self.leader_id = lead
+
+    def _become_pre_candidate(self) -> None:
+        # PreVote (thesis §9.6): ask first, without touching term or vote.
+        self.trk.reset_votes()
+        self.role = Role.PRE_CANDIDATE
+        self.leader_id = 0
+        self._abandon_reads()
+
+    def _become_candidate(self) -> None:
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.role = Role.LEADER
+        self.leader_id = self.id
+        me = self.trk.progress[self.id]
+        me.match = min(self.log.persisted, self.log.last_index())
+        me.become_replicate()
+        # Conservative: a conf change may be anywhere in the uncommitted tail.
+        self.pending_conf_index = self.log.last_index()
+        # §5.4.2 / §8: commit an entry of the new term promptly, which commits the tail.
+        self._append_entries([Entry(self.term, self.log.last_index() + 1)])
+
+    # ------------------------------------------------------------------------------------
+    # time
+
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        else:
+            self.election_elapsed += 1
+            if self.promotable() and self.election_elapsed >= self.randomized_election_timeout:
+                self.election_elapsed = 0
+                self._hup(transfer=False)
+
+    def _tick_leader(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.cfg.election_tick:
+            self.election_elapsed = 0
+            if self.cfg.check_quorum:
+                if not self.trk.quorum_active():
+                    # CheckQuorum: no majority heard from us for an election timeout.
+                    self.dropped["check_quorum_step_down"] += 1
+                    self._become_follower(self.term, 0)
+                    return
+                for i, pr in self.trk.progress.items():
+                    pr.recent_active = i == self.id
+            if self.lead_transferee:
+                self.lead_transferee = 0  # the transfer did not finish in time: abort it
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            self._bcast_heartbeat(self.read_only.last_pending_context())
+
+    # ------------------------------------------------------------------------------------
+    # elections
+
+    def campaign(self) -> None:
+        """Start an election now (with a pre-vote first if enabled); no-op on a leader."""
+        self._hup(transfer=False)
+
+    def _hup(self, transfer: bool) -> None:
+        if self.role is Role.LEADER:
+            return
+        if not self.promotable():
+            self.dropped["campaign_not_promotable"] += 1
+            return
+        if self.log.committed > self.log.applied:
+            try:
+                tail = self.log.slice(self.log.applied + 1, self.log.committed + 1)
+            except (Compacted, Unavailable):
+                tail = []
+            if any(e.type is EntryType.CONF_CHANGE for e in tail):
+                self.dropped["campaign_pending_conf_change"] += 1
+                return
+        if self.cfg.pre_vote and not transfer:
+            self._campaign(pre=True, transfer=False)
+        else:
+            self._campaign(pre=False, transfer=transfer)
+
+    def _campaign(self, pre: bool, transfer: bool) -> None:
+        if pre:
+            self._become_pre_candidate()
+            vote_type, term = MT.PRE_VOTE, self.term + 1
+        else:
+            self._become_candidate()
+            vote_type, term = MT.VOTE, self.term
+        self.trk.record_vote(self.id, True)
+        if self.trk.tally() is quorum.VoteResult.WON:
+            # single voter: won at once
+            if pre:
+                self._campaign(pre=False, transfer=transfer)
+            else:
+                self._become_leader()
+            return
+        last, last_term = self.log.last_index(), self.log.last_term()
+        ctx = TRANSFER_CONTEXT if transfer else b""
+        for i in self.trk.all_voters():
+            if i != self.id:
+                self._send(Message(vote_type, i, self.id, term, log_term=last_term, index=last,
+                                   context=ctx))
+
+    def _handle_vote_request(self, m: Message) -> None:
+        """§5.2 / §5.4.1: grant if we have not voted otherwise and the log is up to date."""
+        resp = MT.PRE_VOTE_RESP if m.type is MT.PRE_VOTE else MT.VOTE_RESP
+        can_vote = (self.vote == m.frm
+                    or (self.vote == 0 and self.leader_id == 0)
+                    or (m.type is MT.PRE_VOTE and m.term > self.term))
+        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
+            # The response carries the candidate's term; for a real vote, term and vote are
+            # already ours and go out in the same Ready's hard_state (persist-before-send).
+            self._send(Message(resp, m.frm, self.id, m.term))
+            if m.type is MT.VOTE:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(Message(resp, m.frm, self.id, self.term, reject=True))
+
+    def _handle_vote_response(self, m: Message) -> None:
+        want = MT.PRE_VOTE_RESP if self.role is Role.PRE_CANDIDATE else MT.VOTE_RESP
+        if m.type is not want:
+            self.dropped["unexpected_vote_response"] += 1
+            return
+        self.trk.record_vote(m.frm, not m.reject)
+        result = self.trk.tally()
+        if result is quorum.VoteResult.WON:
+            if self.role is Role.PRE_CANDIDATE:
+                self._campaign(pre=False, transfer=False)
+            else:
+                self._become_leader()
+        elif result is quorum.VoteResult.LOST:
+            self._become_follower(self.term, 0)
+
+    # ------------------------------------------------------------------------------------
+    # the message entry point
+
+    def step(self, m: Message) -> None:
+        """Process one message from a peer. Bad remote input is dropped and counted."""
+        if not isinstance(m, Message):
+            raise LocalProtocolError(f"step() takes a Message, got {type(m).__name__}")
+        bad = self._validate(m)
+        if bad:
+            self.dropped[bad] += 1
+            return
+        if m.term > self.term:
+            if not self._step_higher_term(m):
+                return
+        elif m.term < self.term:
+            self._step_lower_term(m)
+            return
+        if m.type is MT.PRE_VOTE or m.type is MT.VOTE:
+            self._handle_vote_request(m)
+        elif self.role is Role.LEADER:
+            self._step_leader(m)
+        elif self.role is Role.FOLLOWER:
+            self._step_follower(m)
+        else:
+            self._step_candidate(m)
+
+    def _validate(self, m: Message) -> str:
+        """Return why ``m`` must be dropped, or '' if it may be processed."""
+        if m.to != self.id:
+            return "misaddressed"
+        if m.frm == self.id or m.frm <= 0:
+            return "bad_sender"
+        if m.type in _LOCAL_ONLY:
+            return "local_only_type"
+        if m.term <= 0:
+            return "malformed_term"
+        if m.frm not in self.trk.progress and m.type not in _LEADER_TRAFFIC:
+            # A leader's config may be newer than ours, so its traffic is accepted; anything
+            # else from a node outside our configuration is ignored.
+            return "unknown_sender"
+        if m.type is MT.APPEND:
+            return self._validate_append(m)
+        if m.type is MT.SNAPSHOT:
+            s = m.snapshot
+            if s is None or s.metadata.term > m.term or s.metadata.index <= 0:
+                return "malformed_snapshot"
+        return ""
+
+    @staticmethod
+    def _validate_append(m: Message) -> str:
+        if m.log_term > m.term:
+            return "malformed_append"
+        prev_term, i = m.log_term, m.index
+        for e in m.entries:
+            i += 1
+            if e.index != i or e.term < prev_term or e.term > m.term:
+                return "malformed_append"
+            prev_term = e.term
+        return ""
+
+    def _step_higher_term(self, m: Message) -> bool:
+        """Handle ``m.term > self.term``; False if the message must be ignored."""
+        if m.type is MT.PRE_VOTE or m.type is MT.VOTE:
+            in_lease = (self.cfg.check_quorum and self.leader_id != 0
+                        and self.election_elapsed < self.cfg.election_tick)
+            if in_lease and m.context != TRANSFER_CONTEXT:
+                # Leader lease: we heard from a live leader recently; don't be disrupted.
+                self.dropped["vote_in_lease"] += 1
+                return False
+        if m.type is MT.PRE_VOTE:
+            return True  # a pre-vote never changes our term
+        if m.type is MT.PRE_VOTE_RESP and not m.reject:
+            return True  # a granted pre-vote carries the future term we asked for
+        lead = m.frm if m.type in _LEADER_TRAFFIC else 0
+        self._become_follower(m.term, lead)
+        return True
+
+    def _step_lower_term(self, m: Message) -> None:
+        if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (MT.HEARTBEAT, MT.APPEND):
+            # A stale leader: tell it our term so it steps down (a node that raised its term
+            # while partitioned could otherwise never rejoin under CheckQuorum).
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term))
+        elif m.type is MT.PRE_VOTE:
+            self._send(Message(MT.PRE_VOTE_RESP, m.frm, self.id, self.term, reject=True))
+        else:
+            self.dropped["stale_term"] += 1
+
+    # ------------------------------------------------------------------------------------
+    # followers and candidates
+
+    def _step_follower(self, m: Message) -> None:
+        t = m.type
+        if t in _LEADER_TRAFFIC:
+            self.election_elapsed = 0
+            self.leader_id = m.frm
+            self._handle_leader_traffic(m)
+        elif t is MT.TIMEOUT_NOW:
+            # Leadership transfer (thesis §3.10): campaign at once, skipping the pre-vote.
+            if m.frm == self.leader_id:
+                self._hup(transfer=True)
+            else:
+                self.dropped["timeout_now_not_from_leader"] += 1
+        elif t is MT.READ_INDEX_RESP:
+            if m.reject:
+                self._dropped_reads.append(m.context)
+            else:
+                self.read_states.append(ReadState(m.index, m.context))
+        elif t is MT.TRANSFER_LEADER:
+            self._forward_to_leader(m, "transfer_no_leader")
+        elif t is MT.READ_INDEX:
+            self._forward_to_leader(m, "read_index_no_leader")
+        else:
+            self.dropped["unexpected_" + t.name.lower()] += 1
+
+    def _forward_to_leader(self, m: Message, reason: str) -> None:
+        if self.leader_id and self.leader_id != m.frm:
+            self._send(Message(m.type, self.leader_id, self.id, self.term, index=m.index,
+                               context=m.context))
+        else:
+            self.dropped[reason] += 1
+
+    def _step_candidate(self, m: Message) -> None:
+        t = m.type
+        if t in _LEADER_TRAFFIC:
+            # A leader of our term exists: we lost; follow it.
+            self._become_follower(m.term, m.frm)
+            self._handle_leader_traffic(m)
+        elif t is MT.PRE_VOTE_RESP or t is MT.VOTE_RESP:
+            self._handle_vote_response(m)
+        else:
+            self.dropped["candidate_ignored_" + t.name.lower()] += 1
+
+    def _handle_leader_traffic(self, m: Message) -> None:
+        if m.type is MT.APPEND:
+            self._handle_append(m)
+        elif m.type is MT.HEARTBEAT:
+            self.log.commit_to(min(m.commit, self.log.last_index()))
+            self._send(Message(MT.HEARTBEAT_RESP, m.frm, self.id, self.term, context=m.context))
+        else:
+            self._handle_snapshot(m)
+
+    def _handle_append(self, m: Message) -> None:
+        log = self.log
+        if m.index < log.committed:
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=log.committed))
+            return
+        try:
+            last_new = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        except LogInvariantError:
+            self.dropped["append_conflicts_with_commit"] += 1
+            return
+        if last_new is not None:
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=last_new))
+            return
+        # Fast back-off (§5.3): point the leader at the last index whose term could match.
+        hint = log.find_conflict_by_term(min(m.index, log.last_index()), m.log_term)
+        self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=m.index, reject=True,
+                           reject_hint=hint, log_term=log.term_or_zero(hint)))
+
+    def _handle_snapshot(self, m: Message) -> None:
+        snap = m.snapshot
+        assert snap is not None
+        idx, term = snap.metadata.index, snap.metadata.term
+        if idx <= self.log.committed:
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.committed))
+            return
+        if self.log.match_term(idx, term):
+            # We already hold the entries: just fast-forward commit.
+            self.log.commit_to(idx)
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.committed))
+            return
+        self.log.restore(snap)
+        self._install_conf_state(snap.metadata.conf_state)
+        self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.last_index()))
+
+    # ------------------------------------------------------------------------------------
+    # the leader
+
+    def _step_leader(self, m: Message) -> None:
+        t = m.type
+        if t is MT.APPEND_RESP:
+            self._handle_append_response(m)
+        elif t is MT.HEARTBEAT_RESP:
+            self._handle_heartbeat_response(m)
+        elif t is MT.READ_INDEX:
+            self._leader_read(m.context, m.frm)
+        elif t is MT.TRANSFER_LEADER:
+            why = self._leader_transfer(m.index)
+            if why:
+                self.dropped["transfer_" + why] += 1
+        else:
+            self.dropped["leader_ignored_" + t.name.lower()] += 1
+
+    def _handle_append_response(self, m: Message) -> None:
+        pr = self.trk.progress[m.frm]
+        pr.recent_active = True
+        if m.index > self.log.last_index():
+            self.dropped["malformed_append_resp"] += 1
+            return
+        if m.reject:
+            probe = m.reject_hint
+            if m.log_term > 0:
+                probe = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if pr.maybe_decr_to(m.index, probe):
+                if pr.state is ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm)
+            return
+        was_paused = pr.is_paused()
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT:
+            if pr.match + 1 >= self.log.first_index():
+                pr.become_probe()
+                pr.become_replicate()
+        else:
+            pr.inflights.free_le(m.index)
+        if self._maybe_commit():
+            self._bcast_append()
+        elif was_paused:
+            self._send_append(m.frm)
+        while self._send_append(m.frm, send_if_empty=False):
+            pass
+        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+            self._send(Message(MT.TIMEOUT_NOW, m.frm, self.id, self.term))
+
+    def _handle_heartbeat_response(self, m: Message) -> None:
+        pr = self.trk.progress[m.frm]
+        pr.recent_active = True
+        pr.probe_sent = False
+        if pr.match < self.log.last_index():
+            self._send_append(m.frm)
+        if not m.context:
+            return
+        acks = self.read_only.recv_ack(m.frm, m.context)
+        if acks is None:
+            return
+        votes = dict.fromkeys(acks, True)
+        if quorum.joint_vote_result(self.trk.voters, self.trk.voters_outgoing,
+                                    votes) is quorum.VoteResult.WON:
+            for rs in self.read_only.advance(m.context):
+                self._answer_read(rs.index, rs.context, rs.origin)
+
+    def _maybe_commit(self) -> bool:
+        """Commit what a quorum persisted, if it is of our term (§5.4.2)."""
+        if not self.log.maybe_commit(self.trk.committed(), self.term):
+            return False
+        if self._deferred_reads:
+            deferred, self._deferred_reads = self._deferred_reads, []
+            for ctx, origin in deferred:
+                self._leader_read(ctx, origin)
+        return True
+
+    def _committed_in_term(self) -> bool:
+        return self.log.term_or_zero(self.log.committed) == self.term
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def _send(self, m: Message) -> None:
+        self.msgs.append(m)
+
+    def _send_append(self, to: int, send_if_empty: bool = True) -> bool:
+        """Send the next APPEND (or a snapshot) to ``to`` if flow control allows."""
+        pr = self.trk.progress[to]
+        if pr.is_paused():
+            return False
+        log = self.log
+        prev = pr.next - 1
+        try:
+            prev_term = log.term(prev)
+            ents = log.entries_from(pr.next, self.cfg.max_size_per_msg) \
+                if pr.next <= log.last_index() else []
+        except Compacted:
+            return self._send_snapshot(to, pr)
+        if not ents and not send_if_empty:
+            return False
+        self.msgs.append(Message(MT.APPEND, to, self.id, self.term, prev_term, prev,
+                                 tuple(ents), log.committed))
+        pr.sent_entries(prev + len(ents), len(ents))
+        return True
+
+    def _send_snapshot(self, to: int, pr) -> bool:
+        if not pr.recent_active:
+            self.dropped["snapshot_to_inactive_peer"] += 1
+            return False
+        try:
+            snap = self.log.snapshot()
+        except Unavailable:
+            return False  # storage is building one; retry on the next heartbeat
+        if snap.metadata.index == 0:
+            return False
+        self._send(Message(MT.SNAPSHOT, to, self.id, self.term, snapshot=snap))
+        pr.become_snapshot(snap.metadata.index)
+        return True
+
+    def _bcast_append(self) -> None:
+        for i in self.trk.progress:
+            if i != self.id:
+                self._send_append(i)
+
+    def _bcast_heartbeat(self, ctx: bytes) -> None:
+        committed = self.log.committed
+        for i, pr in self.trk.progress.items():
+            if i != self.id:
+                self._send(Message(MT.HEARTBEAT, i, self.id, self.term,
+                                   commit=min(pr.match, committed), context=ctx))
+
+    # ------------------------------------------------------------------------------------
+    # proposals
+
+    def _check_can_propose(self) -> None:
+        if self.role is not Role.LEADER:
+            raise ProposalDropped(f"node {self.id} is not the leader ({self.role.value})",
+                                  self.leader_id)
+        if self.lead_transferee:
+            raise ProposalDropped(f"leadership is being transferred to {self.lead_transferee}",
+                                  self.lead_transferee)
+
+    def propose(self, data: bytes) -> None:
+        """Append ``data`` as a NORMAL entry (leader only; otherwise ProposalDropped)."""
+        self.propose_batch((data,))
+
+    def propose_batch(self, datas: list[bytes] | tuple[bytes, ...]) -> None:
+        """Append several NORMAL entries at once (an addition to the contract, for speed)."""
+        self._check_can_propose()
+        if not datas:
+            return
+        limit = self.cfg.max_uncommitted_entries_size
+        if limit:
+            size = sum(map(len, datas))
+            if self.uncommitted_size and self.uncommitted_size + size > limit:
+                raise ProposalDropped(f"{self.uncommitted_size} bytes are uncommitted (limit "
+                                      f"{limit}); slow down", self.id)
+            self.uncommitted_size += size
+        term, i = self.term, self.log.last_index()
+        self._append_entries([Entry(term, i + k, NORMAL, d) for k, d in enumerate(datas, 1)])
+
+    def _append_entries(self, ents: list[Entry]) -> None:
+        self.log.append(ents)
+        # Our own match advances only when the Ready carrying ents is persisted (advance()).
+        for i in self.trk.progress:
+            if i != self.id:
+                while self._send_append(i, send_if_empty=False):
+                    pass
+
+    def propose_conf_change(self, cc: ConfChange) -> None:
+        """Propose a membership change. One at a time; only after the leader has committed
+        an entry of its own term (the single-server-change fix, Ongaro's raft-dev post)."""
+        self._check_can_propose()
+        if self.pending_conf_index > self.log.applied:
+            raise ProposalDropped(f"a configuration change at index {self.pending_conf_index} "
+                                  f"is not applied yet (applied {self.log.applied})", self.id)
+        if not self._committed_in_term():
+            raise ProposalDropped("the leader has not committed an entry of its term yet",
+                                  self.id)
+        try:
+            apply_change(self._member_config(), cc)
+        except ConfChangeError as exc:
+            raise LocalProtocolError(f"invalid configuration change {cc}: {exc}") from None
+        self._append_conf_change(cc)
+
+    def _append_conf_change(self, cc: ConfChange) -> None:
+        idx = self.log.last_index() + 1
+        self._append_entries([Entry(self.term, idx, EntryType.CONF_CHANGE, encode_conf_change(cc))])
+        self.pending_conf_index = idx
+
+    # ------------------------------------------------------------------------------------
+    # membership
+
+    def _member_config(self) -> MemberConfig:
+        t = self.trk
+        return MemberConfig(t.voters, t.voters_outgoing, t.learners, t.learners_next, t.auto_leave)
+
+    def _install_conf_state(self, cs: ConfState) -> None:
+        self.trk.set_config(cs.voters, cs.voters_outgoing, cs.learners, cs.learners_next,
+                            cs.auto_leave, self.log.last_index() + 1)
+
+    def apply_conf_change(self, cc: ConfChange) -> ConfState:
+        """Apply a committed CONF_CHANGE entry (the driver calls this while applying it).
+        An invalid change is skipped identically on every node and counted."""
+        try:
+            new = apply_change(self._member_config(), cc)
+        except ConfChangeError:
+            self.dropped["conf_change_rejected"] += 1
+            return self.trk.conf_state()
+        self.trk.set_config(new.voters, new.voters_outgoing, new.learners, new.learners_next,
+                            new.auto_leave, self.log.last_index() + 1)
+        if self.role is Role.LEADER:
+            if not self.trk.is_voter(self.id):
+                self._become_follower(self.term, 0)  # removed (or demoted): step down
+            else:
+                if self.lead_transferee and self.lead_transferee not in self.trk.progress:
+                    self.lead_transferee = 0
+                if self._maybe_commit():
+                    pass
+                self._bcast_append()
+        return self.trk.conf_state()
+
+    # ------------------------------------------------------------------------------------
+    # reads and leadership transfer
+
+    def read_index(self, context: bytes) -> None:
+        """Request a linearizable read; the answer is a ReadState with this ``context``."""
+        if self.role is Role.LEADER:
+            self._leader_read(context, self.id)
+        elif self.leader_id:
+            self._send(Message(MT.READ_INDEX, self.leader_id, self.id, self.term, context=context))
+        else:
+            raise ProposalDropped("no leader known for a ReadIndex request", 0)
+
+    def _leader_read(self, ctx: bytes, origin: int) -> None:
+        if not self._committed_in_term():
+            # Our commit index may lag until an entry of our term commits (thesis §6.4).
+            if len(self._deferred_reads) >= self.cfg.max_pending_read_index:
+                self._refuse_read(ctx, origin, "read_index_queue_full")
+            else:
+                self._deferred_reads.append((ctx, origin))
+            return
+        if self.trk.is_singleton():
+            self._answer_read(self.log.committed, ctx, origin)
+            return
+        if self.read_only.full():
+            self._refuse_read(ctx, origin, "read_index_queue_full")
+            return
+        if not self.read_only.add(self.log.committed, ctx, origin):
+            self.dropped["read_index_duplicate_context"] += 1
+            return
+        self.read_only.recv_ack(self.id, ctx)
+        self._bcast_heartbeat(ctx)
+
+    def _refuse_read(self, ctx: bytes, origin: int, reason: str) -> None:
+        self.dropped[reason] += 1
+        if origin == self.id:
+            raise ProposalDropped("too many ReadIndex requests are pending", self.id)
+        self._send(Message(MT.READ_INDEX_RESP, origin, self.id, self.term, reject=True,
+                           context=ctx))
+
+    def _answer_read(self, index: int, ctx: bytes, origin: int) -> None:
+        if origin == self.id:
+            self.read_states.append(ReadState(index, ctx))
+        else:
+            self._send(Message(MT.READ_INDEX_RESP, origin, self.id, self.term, index=index,
+                               context=ctx))
+
+    def transfer_leadership(self, to: int) -> None:
+        """Hand leadership to voter ``to`` (TimeoutNow once it is caught up). A follower
+        forwards the request to its leader."""
+        if self.role is not Role.LEADER:
+            if not self.leader_id:
+                raise ProposalDropped("no leader known to transfer leadership from", 0)
+            self._send(Message(MT.TRANSFER_LEADER, self.leader_id, self.id, self.term, index=to))
+            return
+        why = self._leader_transfer(to)
+        if why:
+            raise LocalProtocolError(f"cannot transfer leadership to {to}: {why}")
+
+    def _leader_transfer(self, to: int) -> str:
+        pr = self.trk.progress.get(to)
+        if pr is None:
+            return "not_a_member"
+        if pr.is_learner:
+            return "learner"
+        if to == self.id or to == self.lead_transferee:
+            return ""
+        self.election_elapsed = 0  # the transfer must finish within one election timeout
+        self.lead_transferee = to
+        if pr.match == self.log.last_index():
+            self._send(Message(MT.TIMEOUT_NOW, to, self.id, self.term))
+        else:
+            self._send_append(to)
+        return ""
+
+    # ------------------------------------------------------------------------------------
+    # driver feedback
+
+    def report_unreachable(self, peer: int) -> None:
+        """The transport failed to deliver to ``peer``: stop pipelining to it."""
+        pr = self.trk.progress.get(peer)
+        if self.role is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
+            pr.become_probe()
+
+    def report_snapshot(self, peer: int, ok: bool) -> None:
+        """The snapshot sent to ``peer`` was delivered (ok) or failed."""
+        pr = self.trk.progress.get(peer)
+        if self.role is not Role.LEADER or pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        if not ok:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+        pr.probe_sent = True  # wait for the follower's answer or the next heartbeat
+
+    # ------------------------------------------------------------------------------------
+    # Ready / advance
+
+    def has_ready(self) -> bool:
+        if self.msgs or self.read_states or self._dropped_reads:
+            return True
+        u = self.log.unstable
+        if u.entries or u.snapshot is not None:
+            return True
+        if self.log.committed > self.log.applied and self.log.has_next_committed_entries():
+            return True
+        if self.term != self._prev_hs.term or self.vote != self._prev_hs.vote \
+                or self.log.committed != self._prev_hs.commit:
+            return True
+        return self.leader_id != self._prev_ss.leader_id or self.role is not self._prev_ss.role
+
+    def ready(self) -> Ready:
+        """The work to do now. Call ``advance(ready)`` before the next ``ready()``."""
+        if self._outstanding is not None:
+            raise LocalProtocolError("ready() called again before advance() of the previous Ready")
+        ss = SoftState(self.leader_id, self.role)
+        hs = HardState(self.term, self.vote, self.log.committed)
+        rd = Ready(
+            soft_state=ss if ss != self._prev_ss else None,
+            hard_state=hs if hs != self._prev_hs else None,
+            entries=self.log.unstable_entries(),
+            snapshot=self.log.unstable.snapshot,
+            committed_entries=self.log.next_committed_entries(),
+            messages=self.msgs,
+            read_states=self.read_states,
+            dropped_reads=self._dropped_reads,
+        )
+        self.msgs, self.read_states, self._dropped_reads = [], [], []
+        self._prev_ss = ss
+        self._outstanding = rd
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver persisted, sent and applied ``rd``."""
+        if rd is not self._outstanding:
+            raise LocalProtocolError("advance() takes the Ready returned by the last ready()")
+        self._outstanding = None
+        if rd.hard_state is not None:
+            self._prev_hs = rd.hard_state
+        log = self.log
+        if rd.snapshot is not None:
+            idx = rd.snapshot.metadata.index
+            log.stable_snap_to(idx)
+            log.applied = max(log.applied, idx)
+        if rd.entries:
+            last = rd.entries[-1]
+            log.stable_to(last.index, last.term)
+        if rd.committed_entries:
+            log.applied_to(rd.committed_entries[-1].index)
+            if self.cfg.max_uncommitted_entries_size and self.role is Role.LEADER:
+                done = sum(len(e.data) for e in rd.committed_entries)
+                self.uncommitted_size = max(0, self.uncommitted_size - done)
+        if self.role is Role.LEADER:
+            self._leader_after_advance()
+
+    def _leader_after_advance(self) -> None:
+        pr = self.trk.progress.get(self.id)
+        if pr is not None and pr.maybe_update(min(self.log.persisted, self.log.last_index())):
+            if self._maybe_commit():
+                self._bcast_append()
+        t = self.trk
+        if t.joint and t.auto_leave and self.pending_conf_index <= self.log.applied \
+                and not self.lead_transferee:
+            # Leave the joint configuration automatically once it is applied.
+            self._append_conf_change(ConfChange(()))
+
+    # ------------------------------------------------------------------------------------
+    # invariants (tests call this after every event)
+
+    def check_invariants(self) -> None:
+        log = self.log
+        assert 0 <= log.applied <= log.committed <= log.last_index(), \
+            (log.applied, log.committed, log.last_index())
+        assert (self.role is Role.LEADER) == (self.leader_id == self.id), (self.role, self.leader_id)
+        if self.role in (Role.LEADER, Role.CANDIDATE):
+            assert self.vote == self.id, (self.role, self.vote)
+        if self.role is Role.LEADER:
+            for i, pr in self.trk.progress.items():
+                assert pr.match <= log.last_index(), (i, pr)
+                assert pr.match < pr.next, (i, pr)
