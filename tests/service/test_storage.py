@@ -1,0 +1,406 @@
+"""DiskStorage on real files: round trips, recovery rules, the data-dir lock, kill -9.
+
+Each test reopens the directory with a fresh DiskStorage (what a restarted server does) and
+checks what came back against what was saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from coordinator.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
+from coordinator.raft.storage import MemoryStorage
+from coordinator.storage import (
+    Compacted,
+    CorruptLogError,
+    CorruptSnapshotError,
+    DataDirLocked,
+    DiskStorage,
+    SnapshotOutOfDate,
+    StorageClosed,
+    Unavailable,
+)
+
+VOTERS = ConfState(voters=(1, 2, 3))
+
+
+def ents(lo: int, hi: int, term: int = 1, size: int = 8) -> list[Entry]:
+    """Entries ``[lo, hi]`` whose data names their index and term."""
+    return [Entry(term, i, data=f"{term}:{i}:".encode().ljust(size, b".")) for i in range(lo, hi + 1)]
+
+
+def segments(d: Path) -> list[Path]:
+    return sorted(d.glob("wal-*.log"))
+
+
+def record_offsets(blob: bytes) -> list[int]:
+    """Byte offsets of the WAL records in one segment (``length u32 | type u8 | crc u32``)."""
+    out, off = [], 0
+    while off < len(blob):
+        out.append(off)
+        off += 9 + int.from_bytes(blob[off:off + 4], "big")
+    return out
+
+
+def open_storage(d: Path, **kw) -> DiskStorage:
+    return DiskStorage(d, conf_state=VOTERS, fsync=kw.pop("fsync", False), **kw)
+
+
+# ---- round trips ------------------------------------------------------------------------
+
+
+def test_round_trip_and_restart_recover_hard_state_entries_and_snapshot(tmp_path: Path) -> None:
+    with open_storage(tmp_path) as s:
+        assert s.initial_state() == (HardState(), VOTERS)
+        assert (s.first_index(), s.last_index(), s.term(0)) == (1, 0, 0)
+        s.save(HardState(1, 1, 0), ents(1, 10))
+        s.save(HardState(1, 1, 8), [])
+        snap = s.create_snapshot(5, None, b"state@5")
+        assert snap.metadata == SnapshotMetadata(5, 1, VOTERS)
+    with DiskStorage(tmp_path, fsync=False) as s:  # no conf_state needed on restart
+        assert s.initial_state() == (HardState(1, 1, 8), VOTERS)
+        assert s.entries(1, 11) == ents(1, 10)
+        assert s.snapshot() == Snapshot(SnapshotMetadata(5, 1, VOTERS), b"state@5")
+        assert s.entries(3, 11, max_bytes=20) == ents(3, 4)  # byte budget, at least one
+        with pytest.raises(Unavailable):
+            s.entries(1, 12)
+        with pytest.raises(Unavailable):
+            s.term(11)
+
+
+def test_group_commit_is_one_wal_fsync_per_save(tmp_path: Path) -> None:
+    with open_storage(tmp_path, fsync=True) as s:
+        before = s.stats.wal_fsyncs
+        s.save(HardState(1, 1, 0), ents(1, 200))
+        s.save(HardState(1, 1, 200), ents(201, 210))
+        assert s.stats.wal_fsyncs - before == 2
+        assert s.stats.saves == 2
+        assert s.stats.records_written >= 210
+
+
+def test_conflicting_suffix_truncation_survives_restart(tmp_path: Path) -> None:
+    with open_storage(tmp_path) as s:
+        s.save(HardState(1, 1, 3), ents(1, 10, term=1))
+        s.save(HardState(2, 2, 3), ents(6, 7, term=2))  # a new leader overwrites 6..10
+        assert s.last_index() == 7
+    with DiskStorage(tmp_path, fsync=False) as s:
+        assert s.entries(1, 8) == ents(1, 5, term=1) + ents(6, 7, term=2)
+        assert s.term(7) == 2
+        s.append(ents(8, 9, term=2))
+        assert s.last_index() == 9
+        with pytest.raises(Unavailable):
+            s.append(ents(11, 12, term=2))  # a gap is a caller bug
+
+
+def test_compaction_deletes_covered_segments_and_survives_restart(tmp_path: Path) -> None:
+    with open_storage(tmp_path, segment_bytes=512) as s:
+        for i in range(1, 101, 10):
+            s.save(HardState(1, 1, i), ents(i, i + 9))
+        n_before = len(segments(tmp_path))
+        assert n_before >= 4
+        with pytest.raises(ValueError, match="create_snapshot first"):
+            s.compact(50)
+        s.create_snapshot(80, None, b"kv@80")
+        s.compact(70)
+        assert s.stats.segments_deleted > 0
+        assert len(segments(tmp_path)) < n_before
+        assert (s.first_index(), s.term(70)) == (71, 1)
+        with pytest.raises(Compacted):
+            s.term(69)
+        with pytest.raises(Compacted):
+            s.entries(70, 80)
+        with pytest.raises(Compacted):
+            s.compact(60)
+    with DiskStorage(tmp_path, fsync=False, segment_bytes=512) as s:
+        assert (s.first_index(), s.last_index(), s.term(70)) == (71, 100, 1)
+        assert s.entries(71, 101) == ents(71, 100)
+        assert s.snapshot().data == b"kv@80"
+        assert s.initial_state()[0] == HardState(1, 1, 91)
+        s.save(None, ents(101, 105))
+    with DiskStorage(tmp_path, fsync=False) as s:
+        assert s.last_index() == 105
+
+
+def test_apply_snapshot_replaces_the_log(tmp_path: Path) -> None:
+    leader_snap = Snapshot(SnapshotMetadata(50, 3, ConfState(voters=(1, 2, 3, 4))), b"kv@50")
+    with open_storage(tmp_path) as s:
+        s.save(HardState(1, 1, 5), ents(1, 20))
+        s.save(HardState(3, 0, 50), [], leader_snap)  # a follower installs a leader's snapshot
+        assert (s.first_index(), s.last_index(), s.term(50)) == (51, 50, 3)
+        s.append(ents(51, 52, term=3))
+        with pytest.raises(SnapshotOutOfDate):
+            s.apply_snapshot(Snapshot(SnapshotMetadata(10, 1, VOTERS), b"old"))
+    with DiskStorage(tmp_path, fsync=False) as s:
+        assert s.initial_state() == (HardState(3, 0, 50), ConfState(voters=(1, 2, 3, 4)))
+        assert s.snapshot() == leader_snap
+        assert s.entries(51, 53) == ents(51, 52, term=3)
+        assert sorted(p.name for p in tmp_path.glob("snap-*")) == [
+            "snap-0000000000000050-0000000000000003.snap"]
+
+
+def test_matches_memory_storage_under_random_operations_and_restarts(tmp_path: Path) -> None:
+    """A model check: random appends (with conflicts), hard states, snapshots, compactions
+    and restarts leave DiskStorage answering exactly like MemoryStorage."""
+    rng = random.Random(5)
+    mem = MemoryStorage(VOTERS)
+    disk = open_storage(tmp_path, segment_bytes=700)
+    term = 1
+    for step in range(300):
+        op = rng.random()
+        last = mem.last_index()
+        if op < 0.55:
+            lo = rng.randint(max(mem.first_index(), last - 3), last + 1)
+            term += rng.random() < 0.3
+            batch = ents(lo, lo + rng.randint(0, 5), term=term, size=rng.randint(1, 40))
+            hs = HardState(term, rng.randint(0, 3), mem.first_index() - 1)
+            mem.append(batch)
+            mem.set_hard_state(hs)
+            disk.save(hs, batch)
+        elif op < 0.65 and last > mem.snapshot().metadata.index:
+            i = rng.randint(mem.snapshot().metadata.index + 1, last)
+            assert disk.create_snapshot(i, None, b"s%d" % i) == mem.create_snapshot(
+                i, None, b"s%d" % i)
+        elif op < 0.75 and mem.snapshot().metadata.index >= mem.first_index():
+            i = rng.randint(mem.first_index(), mem.snapshot().metadata.index)
+            mem.compact(i)
+            disk.compact(i)
+        elif op < 0.8:
+            disk.close()
+            disk = DiskStorage(tmp_path, fsync=False, segment_bytes=700)
+        lo, hi = mem.first_index(), mem.last_index()
+        assert (disk.first_index(), disk.last_index()) == (lo, hi), step
+        assert disk.entries(lo, hi + 1) == mem.entries(lo, hi + 1), step
+        assert disk.term(lo - 1) == mem.term(lo - 1)
+        assert disk.initial_state() == mem.initial_state()
+        assert disk.snapshot() == mem.snapshot()
+    assert disk.stats.segments_deleted > 0
+    disk.close()
+
+
+# ---- recovery: torn tails are cut, the middle is never guessed -------------------------
+
+
+def _write_log(d: Path, n: int = 20) -> None:
+    with open_storage(d) as s:
+        for i in range(1, n + 1):
+            s.save(HardState(1, 1, i - 1), ents(i, i))
+
+
+@pytest.mark.fault
+def test_torn_tail_mid_record_is_cut_with_a_warning(tmp_path: Path, caplog) -> None:
+    _write_log(tmp_path)
+    (seg,) = segments(tmp_path)
+    size = seg.stat().st_size
+    os.truncate(seg, size - 7)  # the last record (a hard state) lost its end
+    with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
+        s = DiskStorage(tmp_path, fsync=False)
+    warning = caplog.records[-1].getMessage()
+    assert str(seg) in warning and "offset" in warning
+    assert s.stats.torn_tails_cut == 1
+    assert s.entries(1, 21) == ents(1, 20)  # the torn record was the final hard state
+    assert s.initial_state()[0] == HardState(1, 1, 18)
+    s.save(HardState(1, 1, 20), ents(21, 21))  # and the log is writable again
+    s.close()
+    with DiskStorage(tmp_path, fsync=False) as s:
+        assert s.last_index() == 21 and s.stats.torn_tails_cut == 0
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("tail", [b"\x00" * 4096, b"garbage after the last record \xff\x02",
+                                  os.urandom(3000)])
+def test_trailing_zeros_or_garbage_are_cut(tmp_path: Path, caplog, tail: bytes) -> None:
+    _write_log(tmp_path)
+    (seg,) = segments(tmp_path)
+    good = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(tail)
+    with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
+        s = DiskStorage(tmp_path, fsync=False)
+    assert f"offset {good}" in caplog.records[-1].getMessage()
+    assert s.entries(1, 21) == ents(1, 20)
+    assert seg.stat().st_size == good
+    s.close()
+
+
+@pytest.mark.fault
+def test_flipped_byte_in_the_middle_is_refused_naming_file_and_offset(tmp_path: Path) -> None:
+    _write_log(tmp_path)
+    (seg,) = segments(tmp_path)
+    blob = bytearray(seg.read_bytes())
+    middle = len(blob) // 2
+    blob[middle] ^= 0x40
+    seg.write_bytes(bytes(blob))
+    with pytest.raises(CorruptLogError) as err:
+        DiskStorage(tmp_path, fsync=False)
+    assert err.value.path == str(seg)
+    assert 0 < err.value.offset <= middle
+    msg = str(err.value)
+    assert str(seg) in msg and f"offset {err.value.offset}" in msg and "refusing to start" in msg
+    # the refusal released the lock: fixing the file lets the node start
+    blob[middle] ^= 0x40
+    seg.write_bytes(bytes(blob))
+    DiskStorage(tmp_path, fsync=False).close()
+
+
+@pytest.mark.fault
+def test_damaged_length_field_in_the_middle_is_refused(tmp_path: Path) -> None:
+    _write_log(tmp_path)
+    (seg,) = segments(tmp_path)
+    blob = bytearray(seg.read_bytes())
+    offsets = record_offsets(blob)
+    blob[offsets[len(offsets) // 2]] ^= 0x10  # the length field's high byte: 1 MiB too long
+    seg.write_bytes(bytes(blob))
+    with pytest.raises(CorruptLogError, match="valid record follows"):
+        DiskStorage(tmp_path, fsync=False)
+
+
+@pytest.mark.fault
+def test_bad_record_in_an_older_segment_is_refused(tmp_path: Path) -> None:
+    with open_storage(tmp_path, segment_bytes=256) as s:
+        for i in range(1, 41):
+            s.save(None, ents(i, i))
+    older = segments(tmp_path)[0]
+    os.truncate(older, older.stat().st_size - 3)  # even a "torn" end is damage here
+    with pytest.raises(CorruptLogError, match="not the last") as err:
+        DiskStorage(tmp_path, fsync=False)
+    assert err.value.path == str(older)
+
+
+@pytest.mark.fault
+def test_missing_segment_is_refused(tmp_path: Path) -> None:
+    with open_storage(tmp_path, segment_bytes=256) as s:
+        s.save(None, ents(1, 40))
+        for i in range(41, 60):
+            s.save(None, ents(i, i))
+    segments(tmp_path)[1].unlink()
+    with pytest.raises(CorruptLogError, match="missing"):
+        DiskStorage(tmp_path, fsync=False)
+
+
+@pytest.mark.fault
+def test_missing_or_corrupt_snapshot_is_a_loud_error(tmp_path: Path) -> None:
+    with open_storage(tmp_path) as s:
+        s.save(HardState(1, 1, 10), ents(1, 10))
+        s.create_snapshot(10, None, b"precious state")
+    (snap,) = tmp_path.glob("snap-*.snap")
+    blob = bytearray(snap.read_bytes())
+    blob[-3] ^= 1
+    snap.write_bytes(bytes(blob))
+    with pytest.raises(CorruptSnapshotError, match="checksum") as err:
+        DiskStorage(tmp_path, fsync=False)
+    assert err.value.path == str(snap)
+    snap.unlink()
+    with pytest.raises(CorruptSnapshotError, match="missing"):
+        DiskStorage(tmp_path, fsync=False)
+
+
+@pytest.mark.fault
+def test_unreferenced_snapshot_from_an_interrupted_write_is_removed(tmp_path: Path, caplog) -> None:
+    with open_storage(tmp_path) as s:
+        s.save(HardState(1, 1, 10), ents(1, 10))
+    orphan = tmp_path / "snap-0000000000000009-0000000000000001.snap"
+    orphan.write_bytes(b"written, renamed, but the WAL record never made it")
+    (tmp_path / "snap-0000000000000010-0000000000000001.snap.tmp").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
+        with DiskStorage(tmp_path, fsync=False) as s:
+            assert s.snapshot().metadata.index == 0
+    assert not orphan.exists() and not list(tmp_path.glob("*.tmp"))
+    assert "never referenced" in caplog.text
+
+
+# ---- the lock ---------------------------------------------------------------------------
+
+
+def test_second_storage_on_the_same_dir_is_refused_in_process(tmp_path: Path) -> None:
+    s = open_storage(tmp_path)
+    with pytest.raises(DataDirLocked) as err:
+        DiskStorage(tmp_path)
+    assert err.value.holder_pid == os.getpid()
+    s.close()
+    with pytest.raises(StorageClosed):
+        s.save(HardState(1, 0, 0), [])
+    DiskStorage(tmp_path).close()  # released on close
+
+
+@pytest.mark.fault
+def test_second_server_process_on_the_same_dir_is_refused(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from coordinator.storage import DiskStorage
+            s = DiskStorage({str(tmp_path)!r}, fsync=False)
+            print("locked", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DataDirLocked) as err:
+            DiskStorage(tmp_path)
+        assert err.value.holder_pid == holder.pid
+        assert str(tmp_path) in str(err.value) and str(holder.pid) in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    DiskStorage(tmp_path).close()  # a SIGKILLed holder's lock dies with it
+
+
+# ---- kill -9 in the middle of saving ------------------------------------------------------
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from coordinator.raft.messages import ConfState, Entry, HardState
+    from coordinator.storage import DiskStorage
+    s = DiskStorage(sys.argv[1], conf_state=ConfState(voters=(1,)), segment_bytes=4096)
+    i = s.last_index()
+    while True:
+        batch = [Entry(1, i + k, data=(b"%d;" % (i + k)) * 20) for k in range(1, 4)]
+        s.save(HardState(1, 1, i), batch)
+        i += 3
+        print(i, flush=True)  # acknowledged: durable before this line is written
+""")
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+def test_kill_9_during_saves_recovers_a_prefix_with_every_acknowledged_entry(
+        tmp_path: Path) -> None:
+    for round_ in range(4):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
+                                  stdout=subprocess.PIPE, text=True)
+        acked = 0
+        for _ in range(30 + 17 * round_):  # kill at a different point each round
+            acked = int(writer.stdout.readline())
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        with DiskStorage(tmp_path, fsync=False) as s:
+            last = s.last_index()
+            assert last >= acked, f"round {round_}: acknowledged {acked}, recovered {last}"
+            got = s.entries(1, last + 1)
+            assert got == [Entry(1, i, data=(b"%d;" % i) * 20) for i in range(1, last + 1)]
+            assert s.initial_state()[0].commit >= acked - 3
+
+
+@pytest.mark.fault
+def test_a_crash_at_any_byte_of_the_last_records_recovers_a_prefix(tmp_path: Path) -> None:
+    """Cut the segment at every byte offset inside its last three records: each cut must
+    recover (never refuse) and yield exactly the records that were complete."""
+    _write_log(tmp_path, n=6)
+    (seg,) = segments(tmp_path)
+    full = seg.read_bytes()
+    offsets = record_offsets(full)
+    for cut in range(offsets[-6], len(full)):
+        seg.write_bytes(full[:cut])
+        with DiskStorage(tmp_path, fsync=False) as s:
+            complete = [o for o in offsets if o < cut and o + 9 <= cut]
+            assert s.last_index() <= 6
+            assert s.entries(1, s.last_index() + 1) == ents(1, s.last_index())
+            assert s.stats.torn_tails_cut == (0 if cut in offsets else 1), (cut, complete)
