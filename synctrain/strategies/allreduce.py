@@ -31,17 +31,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from synctrain import context as _context
 from synctrain.errors import ModelMismatchError
 from synctrain.strategies.base import Strategy, register
-
-_COMPRESSION_HOOKS = {
-    "fp16": default_hooks.fp16_compress_hook,
-    "bf16": default_hooks.bf16_compress_hook,
-}
+from synctrain.strategies.comm_hooks import HOOKS as _COMPRESSION_HOOKS
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "grad_accum_steps": 1,
@@ -103,8 +98,8 @@ class AllReduceStrategy(Strategy):
     def __init__(self, context, spec, handles) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context, spec, handles)
         self.options = spec.strategy_options
-        self._accum = _AccumulationState(int(self.options["grad_accum_steps"]))
-        self._ddp: SyncDistributedDataParallel | None = None
+        self._models: list[SyncDistributedDataParallel] = []
+        self._accum_states: list[_AccumulationState] = []
 
     # ---- lifecycle ---------------------------------------------------------------------
     def on_start(self) -> None:
@@ -124,8 +119,6 @@ class AllReduceStrategy(Strategy):
 
     # ---- the user's objects ------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self._ddp is not None:
-            raise RuntimeError("prepare_model was called twice; call it once per worker")
         model = model.to(self.context.device)
         check_same_model(model, self.context.rank, self.context.world_size)
         ddp = SyncDistributedDataParallel(
@@ -135,18 +128,38 @@ class AllReduceStrategy(Strategy):
             forward_sync_buffers=bool(self.options["broadcast_buffers"]),
             find_unused_parameters=bool(self.options["find_unused_parameters"]),
         )
-        ddp._synctrain_accum = self._accum
+        ddp._synctrain_accum = _AccumulationState(int(self.options["grad_accum_steps"]))
         compression = self.options["grad_compression"]
         if compression is not None:
             ddp.register_comm_hook(state=None, hook=_COMPRESSION_HOOKS[compression])
-        self._ddp = ddp
+        self._models.append(ddp)
         return ddp
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Patch ``optimizer`` (or its ZeRO-sharded twin) to step per the accumulation schedule.
+
+        The micro-step counter is the one of the prepared model that owns the optimizer's
+        parameters, so several model/optimizer pairs (a GAN, say) each keep their own.
+        """
+        accum = self._accumulation_state_for(optimizer)
         if self.options["shard_optimizer"]:
             optimizer = _shard(optimizer)
-        _patch_optimizer(optimizer, self._accum)
+        _patch_optimizer(optimizer, accum)
+        self._accum_states.append(accum)
         return optimizer
+
+    def _accumulation_state_for(self, optimizer: torch.optim.Optimizer) -> _AccumulationState:
+        params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for ddp in self._models:
+            if any(id(p) in params for p in ddp.parameters()):
+                assert ddp._synctrain_accum is not None
+                return ddp._synctrain_accum
+        if self.options["grad_accum_steps"] > 1:
+            raise ValueError(
+                "grad_accum_steps > 1 needs the optimizer's parameters to belong to a model passed to "
+                "prepare_model first (call prepare_model, then build the optimizer on its parameters)"
+            )
+        return _AccumulationState(1)
 
     # ---- collectives -------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
@@ -168,9 +181,9 @@ class AllReduceStrategy(Strategy):
             dist.barrier()
 
     def metrics(self) -> dict[str, Any]:
-        return {"optimizer_steps": _context.current_session().optimizer_steps
-                if _context.current_session() else 0,
-                "micro_steps": self._accum.micro_step}
+        session = _context.current_session()
+        return {"optimizer_steps": session.optimizer_steps if session else 0,
+                "micro_steps": sum(a.micro_step for a in self._accum_states)}
 
 
 def _shard(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

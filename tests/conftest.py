@@ -1,0 +1,55 @@
+"""Shared test fixtures.
+
+* One Ray instance per test session (``ray_session``), started with explicit CPUs and shut down
+  at the end; tests that need Ray take the fixture (or a fixture that depends on it).
+* Test modules are pickled *by value* for Ray: tests run with ``--import-mode=importlib`` so
+  their modules are not importable by name inside Ray workers; shipping them by value lets a
+  training loop defined in a test file run in a worker.
+* ``gpu``-marked tests are skipped when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+RAY_NUM_CPUS = 4  # logical CPUs: 2-4 small workers (+ 0-CPU helper actors) on a 2-core machine
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    try:
+        import ray.cloudpickle as cp
+    except ImportError:  # pragma: no cover
+        return
+    seen: set[str] = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is None or module.__name__ in seen or module.__name__ not in sys.modules:
+            continue
+        seen.add(module.__name__)
+        cp.register_pickle_by_value(module)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
