@@ -127,6 +127,8 @@ class HistoryRecorder:
             raise ValueError(f"operation {op_id} is not open (already finished or never invoked)")
         op = self._ops[op_id]
         if now < op.call:
-            raise ValueError(f"operation {op_id} cannot return at {now}, before its call at {op.call}")
+            raise ValueError(
+                f"operation {op_id} cannot return at {now}, before its call at {op.call}"
+            )
         self._open.discard(op_id)
         return op

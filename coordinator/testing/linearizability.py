@@ -40,7 +40,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .history import OpKind, Operation
+from .history import Operation, OpKind
 
 __all__ = ["CheckReport", "CheckResult", "RegisterModel", "check_history", "check_key"]
 
@@ -228,7 +228,9 @@ class _Search:
                         linearized, state = new_lin, new_state
                         self._lift(entry)
                         if linearized & self.known_mask == self.known_mask:
-                            return CheckReport(CheckResult.OK, "", {self.key: CheckResult.OK}, len(cache))
+                            return CheckReport(
+                                CheckResult.OK, "", {self.key: CheckResult.OK}, len(cache)
+                            )
                         if len(stack) > len(self.best):
                             self._remember(stack, state)
                         entry = nxt[0]
@@ -237,7 +239,10 @@ class _Search:
             else:
                 if not stack:
                     return CheckReport(
-                        CheckResult.ILLEGAL, self._explain(), {self.key: CheckResult.ILLEGAL}, len(cache)
+                        CheckResult.ILLEGAL,
+                        self._explain(),
+                        {self.key: CheckResult.ILLEGAL},
+                        len(cache),
                     )
                 entry, state = stack.pop()
                 linearized &= ~(1 << op_of[entry])
@@ -275,10 +280,16 @@ class _Search:
                 lines.append(f"  ... {len(self.best) - limit} earlier operations ...")
             for i, after in shown:
                 lines.append(f"  {ops[i].describe()}   => {after!r}")
-            lines.append(f"after which no next operation fits the register value {self.best_state!r}:")
+            lines.append(
+                f"after which no next operation fits the register value {self.best_state!r}:"
+            )
         for i in self.best_candidates[:limit]:
             op = ops[i]
             ok, _ = self.model.step(self.best_state, op)
-            reason = "fits, but every continuation after it failed" if ok else self.model.why_rejected(self.best_state, op)
+            reason = (
+                "fits, but every continuation after it failed"
+                if ok
+                else self.model.why_rejected(self.best_state, op)
+            )
             lines.append(f"  {op.describe()}: {reason}")
         return "\n".join(lines)

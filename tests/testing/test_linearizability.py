@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.testing.history import HistoryRecorder, OpKind, Operation
+from coordinator.testing.history import HistoryRecorder, Operation, OpKind
 from coordinator.testing.linearizability import (
     CheckResult,
     RegisterModel,
@@ -265,7 +265,9 @@ def sequential_histories(draw):
             inp, out = (expected, value + 10), regs[key] == expected
             if happened and out:
                 regs[key] = value + 10
-        ops.append(Operation(i, i % 4, key, kind, inp, None if unknown else out, call, ret, unknown))
+        ops.append(
+            Operation(i, i % 4, key, kind, inp, None if unknown else out, call, ret, unknown)
+        )
     return ops
 
 

@@ -1,0 +1,167 @@
+"""Raft's safety properties, checked by the simulator after every event.
+
+Theory of operation
+-------------------
+The checker sees what a real deployment could see: each node's *durable* storage (what the
+driver handed to it), its applied entries, and its public status (role, term, commit). It
+keeps a little global knowledge to compare nodes with one another:
+
+* Election safety (Raft §5.2): ``leaders[term]`` remembers the first leader seen in a term;
+  a second one is a violation.
+* Log matching (§5.3), checked incrementally: when a node persists an entry, the pair
+  (index, term) must map to the same (previous term, type, data) on every node. By induction
+  over indexes, two logs that agree on an (index, term) agree on everything before it.
+* State machine safety: ``applied[index]`` is the first entry applied there; any node that
+  applies another entry at that index violates it.
+* Leader completeness (§5.4): an entry applied anywhere is committed. When a node becomes
+  leader, and whenever a new entry is first applied, every leader of a later term must hold
+  that entry (or a snapshot covering it) in its durable log.
+* Monotonic commit: a node's commit index never decreases during one life, and its
+  persisted commit never decreases across lives.
+* Durable term and vote: the persisted term never decreases and a persisted vote is never
+  changed within a term (a node that forgot its vote could vote twice).
+
+Violations raise :class:`InvariantViolation`; the simulator turns it into a report with the
+seed and the event trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.raft.messages import Entry, HardState
+
+__all__ = ["InvariantChecker", "InvariantViolation"]
+
+
+class InvariantViolation(AssertionError):
+    """A Raft safety property was broken; ``invariant`` names it."""
+
+    def __init__(self, invariant: str, detail: str) -> None:
+        super().__init__(f"{invariant}: {detail}")
+        self.invariant = invariant
+        self.detail = detail
+
+
+@dataclass
+class _NodeView:
+    commit: int = 0  # highest commit index seen in the current life
+    checked_leader_term: int = -1  # term whose leadership was already checked for completeness
+
+
+@dataclass
+class InvariantChecker:
+    leaders: dict[int, int] = field(default_factory=dict)  # term -> leader id
+    log_pairs: dict[tuple[int, int], tuple[int, int, bytes]] = field(default_factory=dict)
+    applied: dict[int, tuple[int, int, bytes, int]] = field(default_factory=dict)
+    max_applied: int = 0
+    views: dict[int, _NodeView] = field(default_factory=dict)
+    checks: int = 0
+
+    # ---- hooks the driver calls ---------------------------------------------------------------
+
+    def on_hard_state(self, node_id: int, old: HardState, new: HardState) -> None:
+        """Called before ``new`` replaces ``old`` in the node's durable storage."""
+        if new.term < old.term:
+            raise InvariantViolation(
+                "durable term", f"node {node_id} persisted term {new.term} after {old.term}"
+            )
+        if new.term == old.term and old.vote and new.vote != old.vote:
+            raise InvariantViolation(
+                "durable vote",
+                f"node {node_id} changed its vote in term {new.term} from {old.vote} to {new.vote}",
+            )
+        if new.commit < old.commit:
+            raise InvariantViolation(
+                "monotonic commit",
+                f"node {node_id} persisted commit {new.commit} after {old.commit}",
+            )
+
+    def on_persisted(self, node_id: int, storage: Any, entries: list[Entry]) -> None:
+        """Called after ``entries`` were appended to the node's durable storage."""
+        for e in entries:
+            if e.index < storage.first_index():
+                continue
+            prev = storage.term(e.index - 1)
+            seen = self.log_pairs.setdefault((e.index, e.term), (prev, int(e.type), e.data))
+            if seen != (prev, int(e.type), e.data):
+                raise InvariantViolation(
+                    "log matching",
+                    f"node {node_id} persisted index {e.index} term {e.term} with previous term "
+                    f"{prev}, type {int(e.type)}, data {e.data[:40]!r}; another node has previous "
+                    f"term {seen[0]}, type {seen[1]}, data {seen[2][:40]!r}",
+                )
+
+    def on_apply(self, node_id: int, e: Entry) -> bool:
+        """Called as a node applies ``e``; returns True if no node had applied index e.index."""
+        mine = (e.term, int(e.type), e.data, node_id)
+        seen = self.applied.setdefault(e.index, mine)
+        if seen[:3] != mine[:3]:
+            raise InvariantViolation(
+                "state machine safety",
+                f"node {node_id} applied term {e.term} data {e.data[:40]!r} at index {e.index}; "
+                f"node {seen[3]} applied term {seen[0]} data {seen[2][:40]!r} there",
+            )
+        if seen is mine:
+            self.max_applied = max(self.max_applied, e.index)
+            return True
+        return False
+
+    def on_restart(self, node_id: int) -> None:
+        self.views[node_id] = _NodeView()
+
+    def after_event(self, nodes: dict[int, Any], storages: dict[int, Any]) -> None:
+        """Election safety, monotonic commit and leader completeness over the live nodes.
+
+        ``nodes`` maps id -> live RaftNode (crashed nodes absent); ``storages`` id -> storage.
+        """
+        self.checks += 1
+        for nid, node in nodes.items():
+            view = self.views.setdefault(nid, _NodeView())
+            commit = node.commit_index
+            if commit < view.commit:
+                raise InvariantViolation(
+                    "monotonic commit",
+                    f"node {nid} commit index went from {view.commit} to {commit}",
+                )
+            view.commit = commit
+            if node.role.name != "LEADER":
+                continue
+            term = node.term
+            first = self.leaders.setdefault(term, nid)
+            if first != nid:
+                raise InvariantViolation(
+                    "election safety", f"nodes {first} and {nid} are both leader of term {term}"
+                )
+            if view.checked_leader_term != term:
+                view.checked_leader_term = term
+                self.check_holds_committed(nid, term, storages[nid], 1, self.max_applied)
+
+    def on_newly_applied(self, index: int, nodes: dict[int, Any], storages: dict[int, Any]) -> None:
+        """A first application at ``index``: every leader of a later term must hold it."""
+        term = self.applied[index][0]
+        for nid, node in nodes.items():
+            if node.role.name == "LEADER" and node.term > term:
+                self.check_holds_committed(nid, node.term, storages[nid], index, index)
+
+    def check_holds_committed(self, nid: int, term: int, storage: Any, lo: int, hi: int) -> None:
+        """Leader completeness for applied indexes ``[lo, hi]`` on leader ``nid``."""
+        if hi < lo:
+            return
+        last = storage.last_index()
+        if last < hi:
+            raise InvariantViolation(
+                "leader completeness",
+                f"node {nid}, leader of term {term}, has a log ending at {last} but index {hi} "
+                "is committed",
+            )
+        start = max(lo, storage.first_index())
+        for i in range(start, hi + 1):
+            entry = self.applied.get(i)
+            if entry is not None and storage.term(i) != entry[0]:
+                raise InvariantViolation(
+                    "leader completeness",
+                    f"node {nid}, leader of term {term}, holds term {storage.term(i)} at index {i}, "
+                    f"but the committed entry there has term {entry[0]}",
+                )

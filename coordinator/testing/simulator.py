@@ -1,0 +1,792 @@
+"""A deterministic simulator of a Raft cluster under faults (VOPR-style).
+
+Theory of operation
+-------------------
+One seed drives everything: ``random.Random(seed)`` decides the cluster size, each node's
+election randomness (a ``random.Random`` seeded from it), the fault schedule, the network's
+fates and the clients' workload. Time is an integer clock in abstract *units*; a node ticks
+every ``period`` units (periods differ between nodes and change: clock skew). Everything that
+happens is an event in one priority queue ordered by (time, sequence number), so a seed
+replays exactly; the run keeps a hash of every event it handled (``trace_hash``) and the
+last ``trace_lines`` of them in readable form.
+
+Each node is driven like the real server drives it (docs/raft-core-api.md): after every input
+the simulator drains ``ready()``: persist snapshot, entries and hard state into the node's
+``MemoryStorage`` (its "disk"), only then send the messages, apply the committed entries to
+the node's :class:`SimKV`, serve reads, ``advance``. A crash throws the ``RaftNode`` and the
+``SimKV`` away and rebuilds both from the storage alone; a crash can also strike in the middle
+of that drain (before persisting, after persisting but before sending, after sending but
+before applying), which loses exactly what a real process would lose.
+
+A run has two phases. The *safety phase* injects faults: message loss, duplication,
+reordering and delay; symmetric and one-way partitions; crashes and restarts; clock skew;
+leadership transfers; and log compaction with snapshots throughout. The *liveness phase*
+heals the network, restarts every node, and requires that within ``liveness_time`` units a
+leader exists and every client has finished its pending operation plus one more.
+
+After every event :class:`~.invariants.InvariantChecker` checks Raft's safety properties; at
+the end the client history must be linearizable (:mod:`.linearizability`, per key). A failure
+prints ``SEED=<n>``, what broke and the trace.
+
+``python -m coordinator.testing.simulator --seeds N --start S [--verbose]`` runs many seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+from coordinator.raft.messages import (
+    ConfState,
+    EntryType,
+    Message,
+    MessageType,
+    decode_conf_change,
+    decode_message,
+    encode_message,
+)
+from coordinator.raft.node import RaftNode
+from coordinator.raft.storage import MemoryStorage, StorageError
+from coordinator.raft.types import Config, ProposalDropped, RaftError, Ready, Role
+
+from .history import HistoryRecorder, OpKind
+from .invariants import InvariantChecker, InvariantViolation
+from .kv import STALE, SimKV, encode_command
+from .linearizability import CheckReport, CheckResult, check_history
+from .network import FaultNetwork
+from .workload import ClientReply, ClientRequest, SimClient, choose_operation
+
+__all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
+
+# Event kinds (ints keep the heap entries cheap and comparable).
+TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT = range(6)
+CRASH_POINTS = ("before_persist", "after_persist", "after_send")
+BUGS = ("stale_reads", "no_dedup")
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """Knobs of one run. ``nodes=0`` lets the seed pick 3 or 5 nodes."""
+
+    nodes: int = 0
+    clients: int = 3
+    keys: int = 2
+    safety_time: int = 2500  # units of the safety phase (a node ticks every ~tick_unit)
+    liveness_time: int = 4000  # units the healed cluster gets to finish everything
+    tick_unit: int = 10
+    election_tick: int = 10
+    heartbeat_tick: int = 2
+    client_retry: int = 60
+    client_timeout: int = 400
+    think_time: int = 20
+    fault_every: int = 120  # mean units between fault decisions
+    compact_every: int = 25  # applied entries between snapshots (0 = never compact)
+    faults: bool = True
+    codec: bool = True  # send every message through the msgpack codec
+    trace_lines: int = 300
+    max_queue: int = 200_000  # events; a run that exceeds it is a bug in the simulator
+    check_time_limit_s: float = 10.0
+    bug: str | None = None  # inject a known bug (see BUGS) to prove the checkers work
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    failure: str | None  # None: all checks passed
+    trace_hash: str
+    trace: list[str]
+    linearizability: CheckResult
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def report(self) -> str:
+        lines = [f"SEED={self.seed}", f"FAILED: {self.failure}", f"last {len(self.trace)} events:"]
+        lines += ["  " + t for t in self.trace]
+        lines.append(
+            f"SEED={self.seed} (rerun: python -m coordinator.testing.simulator "
+            f"--seeds 1 --start {self.seed} --verbose)"
+        )
+        return "\n".join(lines)
+
+
+class LivenessFailure(AssertionError):
+    pass
+
+
+@dataclass
+class SimNode:
+    """One simulated server: durable storage plus the volatile node, KV and request tables."""
+
+    id: int
+    storage: MemoryStorage
+    period: int
+    raft: RaftNode | None = None
+    kv: SimKV = field(default_factory=SimKV)
+    epoch: int = 0  # bumped by every crash and restart
+    conf_state: ConfState | None = None
+    crash_point: str | None = None
+    pending_writes: dict[tuple[int, int], int] = field(default_factory=dict)  # -> attempt
+    pending_reads: dict[bytes, ClientRequest] = field(default_factory=dict)
+    waiting_reads: list[tuple[int, ClientRequest]] = field(default_factory=list)
+
+    MAX_PENDING = 1024
+
+    @property
+    def alive(self) -> bool:
+        return self.raft is not None
+
+
+class Simulation:
+    """One seeded run. ``run()`` returns a :class:`SeedResult`; it never raises for a
+    violation (the result carries it), only for a bug in the simulator itself."""
+
+    def __init__(self, seed: int, params: SimParams | None = None) -> None:
+        self.seed = seed
+        self.p = params or SimParams()
+        if self.p.bug is not None and self.p.bug not in BUGS:
+            raise ValueError(f"unknown bug {self.p.bug!r}; choose one of {BUGS}")
+        self.rng = random.Random(seed)
+        n = self.p.nodes or self.rng.choice((3, 3, 5))
+        self.ids = list(range(1, n + 1))
+        self.now = 0
+        self.queue: list[tuple[int, int, int, Any, Any]] = []
+        self._seq = 0
+        self.trace: deque[str] = deque(maxlen=self.p.trace_lines)
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.checker = InvariantChecker()
+        self.history = HistoryRecorder(max_ops=50_000)
+        self.net = FaultNetwork(self.rng, self.ids)
+        self.keys = [f"k{i}" for i in range(self.p.keys)]
+        self.liveness = False
+        self.stats = {
+            "events": 0,
+            "crashes": 0,
+            "restarts": 0,
+            "snapshots_sent": 0,
+            "compactions": 0,
+            "elections": 0,
+            "transfers": 0,
+            "redirects": 0,
+        }
+        voters = ConfState(voters=tuple(self.ids))
+        self.nodes: dict[int, SimNode] = {}
+        for nid in self.ids:
+            period = self._random_period()
+            node = SimNode(nid, MemoryStorage(conf_state=voters), period)
+            node.kv = SimKV(dedup=self.p.bug != "no_dedup")
+            self.nodes[nid] = node
+        self.clients = [SimClient(100 + i) for i in range(self.p.clients)]
+
+    # ---- the event loop ------------------------------------------------------------------------
+
+    def _push(self, at: int, kind: int, a: Any = None, b: Any = None) -> None:
+        if len(self.queue) >= self.p.max_queue:
+            raise RuntimeError(f"simulator event queue exceeded {self.p.max_queue} events")
+        self._seq += 1
+        heapq.heappush(self.queue, (at, self._seq, kind, a, b))
+
+    def log(self, text: str) -> None:
+        line = f"t={self.now} {text}"
+        self.trace.append(line)
+        self._hash.update(line.encode())
+
+    def run(self) -> SeedResult:
+        failure = None
+        report = CheckReport(CheckResult.UNKNOWN)
+        try:
+            self._start()
+            self._run_until(self.p.safety_time)
+            self._heal()
+            self._run_until(self.p.safety_time + self.p.liveness_time, self._finished)
+            if not self._finished():
+                raise LivenessFailure(self._liveness_problem())
+            report = check_history(
+                self.history.operations(), time_limit_s=self.p.check_time_limit_s
+            )
+            if report.result is CheckResult.ILLEGAL:
+                failure = "linearizability: " + report.explanation
+        except InvariantViolation as e:
+            failure = f"invariant violated: {e}"
+        except LivenessFailure as e:
+            failure = f"liveness: {e}"
+        except (RaftError, StorageError, AssertionError) as e:
+            failure = f"the node or its storage raised {type(e).__name__}: {e}"
+        if failure:
+            self.log(f"FAILED {failure.splitlines()[0]}")
+        self.stats["ops"] = len(self.history)
+        self.stats["sent"], self.stats["dropped"] = self.net.sent, self.net.dropped
+        return SeedResult(
+            self.seed, failure, self._hash.hexdigest(), list(self.trace), report.result, self.stats
+        )
+
+    def _start(self) -> None:
+        self.log(f"start: {len(self.ids)} nodes, {len(self.clients)} clients, bug={self.p.bug}")
+        for node in self.nodes.values():
+            self._boot(node)
+        for c in self.clients:
+            self._push(self.rng.randint(0, self.p.think_time), CLIENT_TIMER, c.id, c.timer_token)
+        if self.p.faults:
+            self._push(self.p.fault_every, FAULT)
+
+    def _run_until(self, end: int, done: Callable[[], bool] | None = None) -> None:
+        handlers = (
+            self._on_tick,
+            self._on_deliver,
+            self._on_request,
+            self._on_reply,
+            self._on_client_timer,
+            self._on_fault,
+        )
+        while self.queue and self.queue[0][0] <= end:
+            at, _, kind, a, b = heapq.heappop(self.queue)
+            self.now = at
+            self.stats["events"] += 1
+            handlers[kind](a, b)
+            self._check()
+            if done is not None and done():
+                return
+        self.now = max(self.now, end)
+
+    def _check(self) -> None:
+        live = {nid: n.raft for nid, n in self.nodes.items() if n.raft is not None}
+        self.checker.after_event(live, {nid: n.storage for nid, n in self.nodes.items()})
+
+    # ---- nodes: boot, tick, deliver, drain -----------------------------------------------------
+
+    def _random_period(self) -> int:
+        unit = self.p.tick_unit
+        return self.rng.randint(max(1, unit * 6 // 10), unit * 16 // 10)
+
+    def _boot(self, node: SimNode) -> None:
+        """(Re)create the volatile node from durable storage alone."""
+        snap = node.storage.snapshot()
+        node.kv = SimKV(dedup=self.p.bug != "no_dedup")
+        node.kv.restore(snap.data, snap.metadata.index)
+        node.conf_state = node.storage.initial_state()[1]
+        cfg = Config(
+            id=node.id,
+            election_tick=self.p.election_tick,
+            heartbeat_tick=self.p.heartbeat_tick,
+            applied=snap.metadata.index,
+            max_size_per_msg=4096,
+            max_inflight_msgs=16,
+        )
+        node.raft = RaftNode(cfg, node.storage, random.Random(self.rng.getrandbits(64)))
+        node.epoch += 1
+        node.crash_point = None
+        self.checker.on_restart(node.id)
+        self._push(self.now + self.rng.randint(1, node.period), TICK, node.id, node.epoch)
+        self._drain(node)
+
+    def _crash(self, node: SimNode, where: str) -> None:
+        self.log(f"n{node.id} CRASH ({where})")
+        self.stats["crashes"] += 1
+        node.raft = None
+        node.epoch += 1
+        node.crash_point = None
+        node.pending_writes.clear()
+        node.pending_reads.clear()
+        node.waiting_reads.clear()
+
+    def _on_tick(self, nid: int, epoch: int) -> None:
+        node = self.nodes[nid]
+        if node.raft is None or node.epoch != epoch:
+            return
+        node.raft.tick()
+        self._hash.update(b"t%d" % nid)
+        self._drain(node)
+        if node.raft is not None and node.epoch == epoch:
+            self._push(self.now + node.period, TICK, nid, epoch)
+
+    def _on_deliver(self, env: tuple[Message, int, int], _: Any) -> None:
+        m, src_epoch, dst_epoch = env
+        self.net.arrived()
+        src, dst = self.nodes.get(m.frm), self.nodes.get(m.to)
+        lost = (
+            dst is None
+            or dst.raft is None
+            or dst.epoch != dst_epoch
+            or src is None
+            or src.epoch != src_epoch
+            or not self.net.link_up(m.frm, m.to)
+        )
+        if (
+            m.type == MessageType.SNAPSHOT
+            and src is not None
+            and src.raft is not None
+            and src.epoch == src_epoch
+        ):
+            src.raft.report_snapshot(m.to, not lost)
+            self._drain(src)
+        if lost or dst is None or dst.raft is None:
+            return
+        self.log(_describe(m))
+        dst.raft.step(m)
+        self._drain(dst)
+
+    def _drain(self, node: SimNode) -> None:
+        """The driver loop: persist, then send, then apply, then advance; crash on cue."""
+        while node.raft is not None and node.raft.has_ready():
+            raft = node.raft
+            rd = raft.ready()
+            if node.crash_point == "before_persist":
+                return self._crash(node, "before persisting a ready")
+            self._persist(node, rd)
+            if node.crash_point == "after_persist":
+                return self._crash(node, "after persisting, before sending")
+            self._send(node, rd.messages)
+            if node.crash_point == "after_send":
+                return self._crash(node, "after sending, before applying")
+            if rd.soft_state is not None:
+                self.log(
+                    f"n{node.id} is {rd.soft_state.role.name} term {raft.term} "
+                    f"leader={rd.soft_state.leader_id}"
+                )
+                if rd.soft_state.role is Role.LEADER:
+                    self.stats["elections"] += 1
+            self._apply(node, rd)
+            raft.advance(rd)
+            self._serve_waiting_reads(node)
+            self._maybe_compact(node)
+        return None
+
+    def _persist(self, node: SimNode, rd: Ready) -> None:
+        st = node.storage
+        if rd.snapshot is not None:
+            self.log(
+                f"n{node.id} persists snapshot at {rd.snapshot.metadata.index} "
+                f"term {rd.snapshot.metadata.term}"
+            )
+            st.apply_snapshot(rd.snapshot)
+        if rd.entries:
+            st.append(rd.entries)
+            self.checker.on_persisted(node.id, st, rd.entries)
+        if rd.hard_state is not None:
+            self.checker.on_hard_state(node.id, st.initial_state()[0], rd.hard_state)
+            st.set_hard_state(rd.hard_state)
+
+    def _send(self, node: SimNode, messages: list[Message]) -> None:
+        for m in messages:
+            if self.p.codec:
+                m = decode_message(encode_message(m))
+            dst = self.nodes.get(m.to)
+            if dst is None:
+                continue
+            if m.type == MessageType.SNAPSHOT:
+                self.stats["snapshots_sent"] += 1
+            for delay in self.net.delays():
+                self._push(self.now + delay, DELIVER, (m, node.epoch, dst.epoch))
+
+    def _apply(self, node: SimNode, rd: Ready) -> None:
+        assert node.raft is not None
+        if rd.snapshot is not None and rd.snapshot.metadata.index > node.kv.applied:
+            node.kv.restore(rd.snapshot.data, rd.snapshot.metadata.index)
+            node.conf_state = rd.snapshot.metadata.conf_state
+        live = {nid: n.raft for nid, n in self.nodes.items() if n.raft is not None}
+        for e in rd.committed_entries:
+            if e.index <= node.kv.applied:
+                continue  # covered by a snapshot installed in this same ready
+            first = self.checker.on_apply(node.id, e)
+            out = node.kv.apply(e.index, e.data)
+            if e.type == EntryType.CONF_CHANGE:
+                node.conf_state = node.raft.apply_conf_change(decode_conf_change(e.data))
+            if first:
+                self.checker.on_newly_applied(
+                    e.index, live, {nid: n.storage for nid, n in self.nodes.items()}
+                )
+            if out is not None:
+                client, seq, result = out
+                attempt = node.pending_writes.pop((client, seq), None)
+                if attempt is not None and result != STALE:
+                    self._reply(node, ClientReply(client, seq, attempt, True, result))
+        for rs in rd.read_states:
+            req = node.pending_reads.pop(rs.context, None)
+            if req is not None:
+                node.waiting_reads.append((rs.index, req))
+        for ctx in getattr(rd, "dropped_reads", ()):
+            req = node.pending_reads.pop(ctx, None)
+            if req is not None:
+                self._reply(
+                    node,
+                    ClientReply(req.client, req.seq, req.attempt, False, None, node.raft.leader_id),
+                )
+
+    def _serve_waiting_reads(self, node: SimNode) -> None:
+        if not node.waiting_reads:
+            return
+        still = []
+        for index, req in node.waiting_reads:
+            if node.kv.applied >= index:
+                self._reply(
+                    node, ClientReply(req.client, req.seq, req.attempt, True, node.kv.read(req.key))
+                )
+            else:
+                still.append((index, req))
+        node.waiting_reads = still
+
+    def _maybe_compact(self, node: SimNode) -> None:
+        """Snapshot the KV and compact the log every ``compact_every`` applied entries,
+        keeping a random short tail so that some followers catch up from the log and
+        others need InstallSnapshot."""
+        every, st, applied = self.p.compact_every, node.storage, node.kv.applied
+        if not every or applied - st.first_index() < every:
+            return
+        st.create_snapshot(applied, node.conf_state, node.kv.snapshot())
+        keep = self.rng.randint(0, every // 2)
+        st.compact(max(applied - keep, st.first_index()))
+        self.stats["compactions"] += 1
+        self.log(f"n{node.id} snapshot at {applied}, log from {st.first_index()}")
+
+    # ---- clients ---------------------------------------------------------------------------
+
+    def _client(self, cid: int) -> SimClient:
+        return self.clients[cid - 100]
+
+    def _client_delay(self) -> int | None:
+        """Delay of a client <-> node message, or None if the network loses it."""
+        f = self.net.faults
+        if f.drop and self.rng.random() < f.drop:
+            return None
+        return self.rng.randint(1, f.max_delay)
+
+    def _arm_timer(self, c: SimClient, after: int) -> None:
+        c.timer_token += 1
+        self._push(self.now + after, CLIENT_TIMER, c.id, c.timer_token)
+
+    def _on_client_timer(self, cid: int, token: int) -> None:
+        c = self._client(cid)
+        if token != c.timer_token:
+            return
+        if not c.busy:
+            return self._start_op(c)
+        if not self.liveness and self.now - c.started >= self.p.client_timeout:
+            assert c.op_id is not None
+            self.log(f"c{c.id} gives up seq {c.seq} (outcome unknown)")
+            self.history.give_up(c.op_id, self.now)
+            c.op_id = None
+            return self._arm_timer(c, self.rng.randint(1, self.p.think_time))
+        self._send_attempt(c)
+        return None
+
+    def _start_op(self, c: SimClient) -> None:
+        if self.liveness and c.final_op_done:
+            return
+        c.seq += 1
+        c.kind, c.key, c.args = choose_operation(self.rng, c, self.keys)
+        c.op_id = self.history.invoke(c.id, c.key, c.kind, c.args, self.now)
+        c.started, c.attempt = self.now, 0
+        self.log(f"c{c.id} calls seq {c.seq} {c.kind.value}({c.key}, {c.args!r})")
+        self._send_attempt(c)
+
+    def _send_attempt(self, c: SimClient) -> None:
+        c.attempt += 1
+        if c.kind is OpKind.READ or not c.leader_hint or c.attempt % 3 == 0:
+            target = self.rng.choice(self.ids)  # reads go anywhere; hints can be stale
+        else:
+            target = c.leader_hint
+        delay = self._client_delay()
+        if delay is not None:
+            self._push(self.now + delay, REQUEST, target, c.request())
+        self._arm_timer(c, self.p.client_retry)
+
+    def _on_reply(self, reply: ClientReply, _: Any) -> None:
+        c = self._client(reply.client)
+        if not c.busy or reply.seq != c.seq:
+            return  # an answer to an operation already finished or given up
+        if not reply.ok:
+            self.stats["redirects"] += 1
+            c.leader_hint = reply.leader_hint
+            return self._arm_timer(c, self.rng.randint(5, 15))
+        assert c.op_id is not None
+        output = None if c.kind is OpKind.WRITE else reply.value
+        self.history.complete(c.op_id, output, self.now)
+        self.log(f"c{c.id} returns seq {c.seq} -> {output!r} (attempt {reply.attempt})")
+        if c.kind is OpKind.READ:
+            c.known[c.key] = reply.value
+        elif c.kind is OpKind.WRITE or (c.kind is OpKind.CAS and reply.value):
+            c.known[c.key] = c.args if c.kind is OpKind.WRITE else c.args[1]
+        c.op_id = None
+        if self.liveness:
+            c.final_op_done = c.final_op_done or self._started_after_heal(c)
+        self._arm_timer(c, self.rng.randint(1, self.p.think_time))
+        return None
+
+    def _started_after_heal(self, c: SimClient) -> bool:
+        return c.started >= self.p.safety_time
+
+    def _reply(self, node: SimNode, reply: ClientReply) -> None:
+        delay = self._client_delay()
+        if delay is not None:
+            self._push(self.now + delay, REPLY, reply)
+
+    # ---- the server side of a client request ---------------------------------------------------
+
+    def _on_request(self, nid: int, req: ClientRequest) -> None:
+        node = self.nodes[nid]
+        raft = node.raft
+        if raft is None:
+            return  # sent to a dead server: lost
+        self.log(f"n{nid} <- c{req.client} seq {req.seq} attempt {req.attempt} {req.kind.value}")
+        if req.kind is OpKind.READ:
+            if self.p.bug == "stale_reads":  # BUG on purpose: no ReadIndex, local state
+                return self._reply(
+                    node, ClientReply(req.client, req.seq, req.attempt, True, node.kv.read(req.key))
+                )
+            ctx = msgpack.packb([req.client, req.seq, req.attempt])
+            try:
+                raft.read_index(ctx)
+            except RaftError as e:
+                return self._redirect(node, req, getattr(e, "leader_hint", raft.leader_id))
+            _bounded_put(node.pending_reads, ctx, req, node.MAX_PENDING)
+        else:
+            if req.kind is OpKind.WRITE:
+                data = encode_command(req.client, req.seq, "w", req.key, req.args)
+            else:
+                data = encode_command(req.client, req.seq, "c", req.key, *req.args)
+            try:
+                raft.propose(data)
+            except ProposalDropped as e:
+                return self._redirect(node, req, e.leader_hint)
+            _bounded_put(node.pending_writes, (req.client, req.seq), req.attempt, node.MAX_PENDING)
+        self._drain(node)
+        return None
+
+    def _redirect(self, node: SimNode, req: ClientRequest, hint: int) -> None:
+        self._reply(node, ClientReply(req.client, req.seq, req.attempt, False, None, hint))
+
+    # ---- faults, healing, liveness ---------------------------------------------------------------
+
+    def _on_fault(self, _a: Any, _b: Any) -> None:
+        if self.liveness:
+            return
+        roll = self.rng.random()
+        alive = [n for n in self.nodes.values() if n.alive]
+        dead = [n for n in self.nodes.values() if not n.alive]
+        if roll < 0.12 and alive:
+            node = self.rng.choice(alive)
+            if self.rng.random() < 0.5:
+                self._crash(node, "fault schedule")
+            else:
+                node.crash_point = self.rng.choice(CRASH_POINTS)
+                self.log(f"n{node.id} will crash at its next ready ({node.crash_point})")
+        elif roll < 0.30 and dead:
+            node = self.rng.choice(dead)
+            self.log(f"n{node.id} RESTART from storage")
+            self.stats["restarts"] += 1
+            self._boot(node)
+        elif roll < 0.42:
+            side = set(self.rng.sample(self.ids, self.rng.randint(1, len(self.ids) // 2)))
+            self.net.heal_links()
+            self.net.partition(side)
+            self.log(f"partition {sorted(side)} | rest")
+        elif roll < 0.50:
+            a, b = self.rng.sample(self.ids, 2)
+            self.net.block_one_way(a, b)
+            self.log(f"one-way partition: {a} -> {b} blocked")
+        elif roll < 0.64:
+            self.net.heal_links()
+            self.log("links healed")
+        elif roll < 0.80:
+            self._network_weather()
+        elif roll < 0.88:
+            node = self.rng.choice(list(self.nodes.values()))
+            node.period = self._random_period()
+            self.log(f"n{node.id} now ticks every {node.period} units")
+        else:
+            self._transfer_leadership()
+        self._push(
+            self.now + self.rng.randint(self.p.fault_every // 2, self.p.fault_every * 3 // 2), FAULT
+        )
+
+    def _network_weather(self) -> None:
+        f = self.net.faults
+        f.drop = self.rng.choice((0.0, 0.0, 0.02, 0.1, 0.3))
+        f.duplicate = self.rng.choice((0.0, 0.05, 0.2))
+        f.max_delay = self.rng.choice((3, 10, 40))
+        self.log(f"network: drop={f.drop} duplicate={f.duplicate} max_delay={f.max_delay}")
+
+    def _transfer_leadership(self) -> None:
+        leaders = [
+            n for n in self.nodes.values() if n.raft is not None and n.raft.role is Role.LEADER
+        ]
+        if not leaders:
+            return
+        node = self.rng.choice(leaders)
+        to = self.rng.choice([i for i in self.ids if i != node.id])
+        self.log(f"n{node.id} asked to transfer leadership to n{to}")
+        self.stats["transfers"] += 1
+        assert node.raft is not None
+        try:
+            node.raft.transfer_leadership(to)
+        except RaftError as e:
+            self.log(f"n{node.id} refused the transfer: {e}")
+        self._drain(node)
+
+    def _heal(self) -> None:
+        """Start the liveness phase: a perfect network, every node up, no more faults."""
+        self.liveness = True
+        self.net.faults.heal()
+        self.log("HEAL: liveness phase starts")
+        for node in self.nodes.values():
+            node.crash_point = None
+            if not node.alive:
+                self.log(f"n{node.id} RESTART from storage")
+                self._boot(node)
+        for c in self.clients:
+            if not c.busy:
+                self._arm_timer(c, self.rng.randint(1, self.p.think_time))
+
+    def _leader(self) -> SimNode | None:
+        for node in self.nodes.values():
+            if node.raft is not None and node.raft.role is Role.LEADER:
+                return node
+        return None
+
+    def _finished(self) -> bool:
+        return all(c.final_op_done for c in self.clients) and self._leader() is not None
+
+    def _liveness_problem(self) -> str:
+        busy = [f"c{c.id} seq {c.seq} {c.kind.value}({c.key})" for c in self.clients if c.busy]
+        status = ", ".join(
+            f"n{n.id}: {n.raft.role.name} term {n.raft.term} commit {n.raft.commit_index}"
+            if n.raft is not None
+            else f"n{n.id}: down"
+            for n in self.nodes.values()
+        )
+        leader = self._leader()
+        return (
+            f"{self.p.liveness_time} units after healing: leader="
+            f"{f'n{leader.id}' if leader else 'none'}; "
+            f"unfinished: {busy or 'none'}; nodes: {status}"
+        )
+
+
+def _bounded_put(table: dict, key: Any, value: Any, limit: int) -> None:
+    """Insert into a table that forgets its oldest entry beyond ``limit`` (the client retries)."""
+    table[key] = value
+    if len(table) > limit:
+        del table[next(iter(table))]
+
+
+def _describe(m: Message) -> str:
+    parts = [f"{m.frm}->{m.to} {m.type.name} term={m.term}"]
+    if m.type in (MessageType.APPEND, MessageType.APPEND_RESP, MessageType.HEARTBEAT):
+        parts.append(f"idx={m.index} logterm={m.log_term} commit={m.commit}")
+    if m.entries:
+        parts.append(f"entries={m.entries[0].index}..{m.entries[-1].index}")
+    if m.reject:
+        parts.append(f"REJECT hint={m.reject_hint}")
+    if m.snapshot is not None:
+        parts.append(f"snapshot@{m.snapshot.metadata.index}")
+    return " ".join(parts)
+
+
+def run_seed(seed: int, params: SimParams | None = None) -> SeedResult:
+    """Run one seed; the result says whether every check passed and how to replay it."""
+    return Simulation(seed, params).run()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="coordinator sim",
+        description="Run the deterministic Raft simulator over a range of seeds. Every seed "
+        "injects faults, checks Raft's safety invariants after every event, demands progress "
+        "once the cluster is healed, and checks the client history for linearizability.",
+    )
+    ap.add_argument("--seeds", type=int, default=100, help="how many seeds to run (default 100)")
+    ap.add_argument("--start", type=int, default=0, help="first seed (default 0)")
+    ap.add_argument("--verbose", action="store_true", help="one line per seed, and full traces")
+    ap.add_argument("--nodes", type=int, default=0, help="cluster size (default: 3 or 5 by seed)")
+    ap.add_argument(
+        "--safety-time",
+        type=int,
+        default=SimParams.safety_time,
+        help="time units of the faulty phase per seed",
+    )
+    ap.add_argument("--no-faults", action="store_true", help="a perfect network, no crashes")
+    ap.add_argument(
+        "--bug", choices=BUGS, default=None, help="inject a known bug, to see the checkers catch it"
+    )
+    ap.add_argument(
+        "--max-failures",
+        type=int,
+        default=10,
+        help="stop after this many failing seeds (default 10)",
+    )
+    args = ap.parse_args(argv)
+    if args.seeds < 1 or args.start < 0:
+        ap.error("--seeds must be >= 1 and --start >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``coordinator sim`` and ``python -m coordinator.testing.simulator``.
+
+    Returns 0 when every seed passed, 1 when any failed (each failure printed with its
+    ``SEED=``), 2 for bad arguments (argparse exits).
+    """
+    args = _parse_args(argv)
+    params = replace(
+        SimParams(),
+        nodes=args.nodes,
+        safety_time=args.safety_time,
+        faults=not args.no_faults,
+        bug=args.bug,
+    )
+    started = time.monotonic()
+    last_progress = started
+    failures: list[int] = []
+    unknown = ran = 0
+    for seed in range(args.start, args.start + args.seeds):
+        result = run_seed(seed, params)
+        ran += 1
+        unknown += result.linearizability is CheckResult.UNKNOWN
+        if args.verbose:
+            print(
+                f"seed {seed}: {'ok' if result.ok else 'FAILED'} trace={result.trace_hash} "
+                f"lin={result.linearizability.value} {result.stats}",
+                flush=True,
+            )
+        if not result.ok:
+            failures.append(seed)
+            print(result.report() if args.verbose else _short_report(result), flush=True)
+            if len(failures) >= args.max_failures:
+                print(f"stopping after {len(failures)} failures", flush=True)
+                break
+        now = time.monotonic()
+        if now - last_progress >= 10 or ran == args.seeds:
+            last_progress = now
+            print(
+                f"[sim] {ran}/{args.seeds} seeds from {args.start}, {len(failures)} failed, "
+                f"{ran / max(now - started, 1e-9) * 60:.0f} seeds/min",
+                flush=True,
+            )
+    elapsed = time.monotonic() - started
+    print(
+        f"ran {ran} seeds ({args.start}..{args.start + ran - 1}) in {elapsed:.1f} s: "
+        f"{ran / max(elapsed, 1e-9) * 60:.0f} seeds/min; failed: {len(failures)}"
+        f"{' ' + str(failures) if failures else ''}; linearizability unknown: {unknown}"
+    )
+    return 1 if failures else 0
+
+
+def _short_report(result: SeedResult, lines: int = 40) -> str:
+    short = replace(result, trace=result.trace[-lines:])
+    return short.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
