@@ -1,0 +1,937 @@
+"""Authenticated, size-bounded framing over asyncio TCP (and plain sockets for sync clients).
+
+Theory of operation
+-------------------
+Everything on the wire is a *frame*: ``length u32 BE | body``. The length is checked against
+a limit before a single body byte is read or allocated, so a hostile length prefix costs
+nothing. Payloads are msgpack; nothing from the network is ever unpickled.
+
+A connection starts with a handshake that proves both sides know the cluster token without
+sending it (both send a fresh 32-byte nonce; each answers with an HMAC-SHA256 over both
+nonces, the announced role and ids, and a label saying which side it is). From the same
+transcript both derive a per-connection session key. After that every frame body is
+``seq u64 | mac | payload`` with ``mac = HMAC(session_key, direction | seq | payload)``
+and ``seq`` counting 1, 2, 3 … per direction. A frame from another connection fails the
+MAC; a replayed or reordered one has the wrong ``seq``. MACs are compared in constant time.
+
+The pure pieces -- :class:`InitiatorHandshake`, :class:`AcceptorHandshake` and
+:class:`SecureChannel` -- do no I/O; :class:`Server`, :class:`PeerTransport`,
+:class:`ClientConnection` (asyncio) and :class:`BlockingClientConnection` (sockets) drive
+them. Any bad input closes only the connection it came on and bumps a
+:class:`TransportStats` counter; a server task never lets an exception escape.
+
+Connections carry a role. ``peer``: Raft traffic, one direction only -- every node dials
+each peer for its own outgoing messages, so the dialler's node id (authenticated by the
+handshake) tags each inbound message. ``client``: request/response, ``[id, dict]`` frames,
+answered in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import hmac
+import logging
+import os
+import random
+import secrets
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import msgpack
+
+__all__ = [
+    "Role", "TransportStats", "TransportError", "ConnectError", "AuthenticationError",
+    "ConnectionClosed", "RequestTimeout", "FrameTooLarge", "RemoteProtocolError",
+    "SecureChannel", "InitiatorHandshake", "AcceptorHandshake", "Server", "PeerTransport",
+    "ClientConnection", "BlockingClientConnection", "load_token", "generate_token",
+    "DEFAULT_MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "MIN_TOKEN_BYTES",
+]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = b"synctrain-transport-v1"
+DEFAULT_MAX_FRAME_BYTES = 16 << 20
+MAX_HANDSHAKE_FRAME_BYTES = 4096
+MIN_TOKEN_BYTES = 16
+NONCE_BYTES = 32
+MAC_BYTES = 32
+_LEN = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+_SEALED_OVERHEAD = _SEQ.size + MAC_BYTES
+
+
+class Role(str, enum.Enum):
+    PEER = "peer"
+    CLIENT = "client"
+
+
+class _Direction(enum.IntEnum):
+    INITIATOR_TO_ACCEPTOR = 1
+    ACCEPTOR_TO_INITIATOR = 2
+
+
+# ---------------------------------------------------------------------------------------
+# errors (h11-style: who is at fault decides the class)
+
+
+class TransportError(Exception):
+    """Base of every transport error."""
+
+
+class ConnectError(TransportError):
+    """Connecting or the handshake failed: a request was certainly NOT sent."""
+
+
+class AuthenticationError(ConnectError):
+    """The other side failed (or refused) the handshake: wrong token or unexpected node id."""
+
+
+class ConnectionClosed(TransportError):
+    """The connection is gone. ``request_sent`` True means the outcome is unknown."""
+
+    def __init__(self, message: str, request_sent: bool) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """A request was sent but no answer came in time: the outcome is unknown."""
+
+
+class FrameTooLarge(TransportError):
+    """A local payload exceeds ``max_frame_bytes``; nothing was sent. Raise the limit on
+    every node, or send less at once."""
+
+
+class RemoteProtocolError(TransportError):
+    """The other side broke the protocol; ``kind`` names the TransportStats counter."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """Counters for one node's transport (a Server and a PeerTransport may share one)."""
+
+    connections_accepted: int = 0
+    connections_rejected: int = 0  # over max_connections
+    handshake_timeouts: int = 0
+    auth_failures: int = 0  # bad proof or MAC, or an unauthenticated first frame
+    oversize_frames: int = 0
+    malformed_frames: int = 0
+    replayed_frames: int = 0  # seq not the next one: replayed or reordered
+    truncated_frames: int = 0  # the connection ended inside a frame
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    peer_frames_dropped: int = 0  # a peer's send queue was full: the oldest was dropped
+    peer_frames_blocked: int = 0  # dropped by set_blocked_peers (a simulated partition)
+    reconnects: int = 0
+    connect_failures: int = 0
+    handler_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def count(self, kind: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+
+
+# ---------------------------------------------------------------------------------------
+# tokens
+
+
+def _as_token(token: bytes | str) -> bytes:
+    raw = token.encode() if isinstance(token, str) else bytes(token)
+    if len(raw) < MIN_TOKEN_BYTES:
+        raise ValueError(f"the cluster token must be at least {MIN_TOKEN_BYTES} bytes (got "
+                         f"{len(raw)}); generate one with `python -c 'import coordinator."
+                         "transport as t; print(t.generate_token())'`")
+    return raw
+
+
+def load_token(path: str | os.PathLike[str]) -> bytes:
+    """Read a token file (surrounding whitespace stripped); ValueError if it is too short."""
+    with open(path, "rb") as f:
+        token = f.read(4096).strip()
+    if len(token) < MIN_TOKEN_BYTES:
+        raise ValueError(f"token file {os.fspath(path)!r} holds {len(token)} bytes; a cluster "
+                         f"token needs at least {MIN_TOKEN_BYTES}")
+    return token
+
+
+def generate_token() -> str:
+    """A fresh random token: 64 hex characters (256 bits)."""
+    return secrets.token_hex(32)
+
+
+# ---------------------------------------------------------------------------------------
+# the pure protocol: handshake and sealed frames
+
+
+def _frame(body: bytes) -> bytes:
+    return _LEN.pack(len(body)) + body
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.digest(key, b"".join(parts), "sha256")
+
+
+class SecureChannel:
+    """Seals outgoing and opens incoming frame bodies of one authenticated connection."""
+
+    def __init__(self, key: bytes, initiator: bool, max_frame_bytes: int) -> None:
+        self._key = key
+        out = _Direction.INITIATOR_TO_ACCEPTOR if initiator else _Direction.ACCEPTOR_TO_INITIATOR
+        self._out_dir = bytes((out,))
+        self._in_dir = bytes((3 - out,))
+        self._out_seq = 0
+        self._in_seq = 0
+        self.max_frame_bytes = max_frame_bytes
+
+    def seal(self, payload: bytes) -> bytes:
+        """The whole frame (length prefix included) carrying ``payload``."""
+        if len(payload) + _SEALED_OVERHEAD > self.max_frame_bytes:
+            raise FrameTooLarge(f"a {len(payload)}-byte payload exceeds the "
+                                f"{self.max_frame_bytes}-byte frame limit")
+        self._out_seq += 1
+        seq = _SEQ.pack(self._out_seq)
+        body = seq + _mac(self._key, self._out_dir, seq, payload) + payload
+        return _LEN.pack(len(body)) + body
+
+    def open(self, body: bytes) -> bytes:
+        """The payload of an incoming body; RemoteProtocolError if it is not the next
+        authentic frame of this connection."""
+        if len(body) < _SEALED_OVERHEAD:
+            raise RemoteProtocolError("malformed_frames", f"a {len(body)}-byte frame is too "
+                                      "short to carry a sequence number and a MAC")
+        seq, mac, payload = body[:8], body[8:_SEALED_OVERHEAD], body[_SEALED_OVERHEAD:]
+        if not hmac.compare_digest(mac, _mac(self._key, self._in_dir, seq, payload)):
+            raise RemoteProtocolError("auth_failures", "frame MAC does not verify")
+        n = _SEQ.unpack(seq)[0]
+        if n != self._in_seq + 1:
+            raise RemoteProtocolError("replayed_frames", f"frame sequence {n} where "
+                                      f"{self._in_seq + 1} was due (replayed or reordered)")
+        self._in_seq = n
+        return payload
+
+
+def _transcript(role: str, initiator_id: int, acceptor_id: int, i_nonce: bytes,
+                a_nonce: bytes) -> bytes:
+    return b"|".join([PROTOCOL, role.encode(), b"%d" % initiator_id, b"%d" % acceptor_id,
+                      i_nonce, a_nonce])
+
+
+def _decode_handshake(body: bytes, want: dict[str, type], *, first: bool = False,
+                      refusal_ok: bool = False) -> dict:
+    """A handshake map with fields of the wanted types, or RemoteProtocolError.
+
+    A first frame that is msgpack but not a hello is an unauthenticated request
+    (``auth_failures``); bytes that are not msgpack at all are ``malformed_frames``."""
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise RemoteProtocolError("malformed_frames", f"handshake frame is not msgpack "
+                                  f"({exc.__class__.__name__})") from None
+    if refusal_ok and isinstance(msg, dict) and isinstance(msg.get("error"), str):
+        raise AuthenticationError(f"the other side refused the handshake: {msg['error']:.200}")
+    ok = isinstance(msg, dict) and all(type(msg.get(k)) is t for k, t in want.items())
+    if not ok:
+        kind = "auth_failures" if first else "malformed_frames"
+        raise RemoteProtocolError(kind, f"expected a handshake message with {sorted(want)}, "
+                                  f"got {str(msg)[:80]!r}")
+    return msg
+
+
+class InitiatorHandshake:
+    """The dialling side: ``hello()``, then ``on_challenge(body)`` -> proof frame, then
+    ``on_verdict(body)`` -> SecureChannel. ``expected_id`` (if given) must be the
+    acceptor's announced node id."""
+
+    def __init__(self, token: bytes, role: Role, node_id: int, *,
+                 expected_id: int | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self._token, self._role, self._id = token, role, node_id
+        self._expected_id = expected_id
+        self._nonce = secrets.token_bytes(NONCE_BYTES)
+        self._max = max_frame_bytes
+        self._transcript = b""
+        self.acceptor_id = 0
+
+    def hello(self) -> bytes:
+        return _frame(msgpack.packb({"v": 1, "role": self._role.value, "id": self._id,
+                                     "nonce": self._nonce}))
+
+    def on_challenge(self, body: bytes) -> bytes:
+        msg = _decode_handshake(body, {"v": int, "id": int, "nonce": bytes}, refusal_ok=True)
+        if msg["v"] != 1 or len(msg["nonce"]) != NONCE_BYTES:
+            raise RemoteProtocolError("malformed_frames", "bad handshake challenge")
+        if self._expected_id is not None and msg["id"] != self._expected_id:
+            raise AuthenticationError(f"expected node {self._expected_id}, but node "
+                                      f"{msg['id']} answered: check the peer addresses")
+        self.acceptor_id = msg["id"]
+        self._transcript = _transcript(self._role.value, self._id, msg["id"], self._nonce,
+                                       msg["nonce"])
+        return _frame(msgpack.packb({"proof": _mac(self._token, b"initiator", self._transcript)}))
+
+    def on_verdict(self, body: bytes) -> SecureChannel:
+        msg = _decode_handshake(body, {"proof": bytes}, refusal_ok=True)
+        if not hmac.compare_digest(msg["proof"], _mac(self._token, b"acceptor", self._transcript)):
+            raise AuthenticationError("the server failed to prove it knows the cluster token: "
+                                      "it is not part of this cluster (or uses another token)")
+        return SecureChannel(_mac(self._token, b"session", self._transcript), True, self._max)
+
+
+class AcceptorHandshake:
+    """The listening side: ``on_hello(body)`` -> challenge frame, then ``on_proof(body)``
+    -> (verdict frame, SecureChannel). ``role`` and ``peer_id`` are set by ``on_hello``."""
+
+    def __init__(self, token: bytes, node_id: int, *,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self._token, self._id, self._max = token, node_id, max_frame_bytes
+        self._nonce = secrets.token_bytes(NONCE_BYTES)
+        self._transcript = b""
+        self.role = Role.CLIENT
+        self.peer_id = 0
+
+    def on_hello(self, body: bytes) -> bytes:
+        msg = _decode_handshake(body, {"v": int, "role": str, "id": int, "nonce": bytes},
+                                first=True)
+        if (msg["v"] != 1 or msg["role"] not in ("peer", "client") or msg["id"] < 0
+                or (msg["role"] == "peer" and msg["id"] == 0) or len(msg["nonce"]) != NONCE_BYTES):
+            raise RemoteProtocolError("auth_failures", f"unsupported handshake hello "
+                                      f"{str(msg)[:80]!r}")
+        self.role, self.peer_id = Role(msg["role"]), msg["id"]
+        self._transcript = _transcript(self.role.value, self.peer_id, self._id, msg["nonce"],
+                                       self._nonce)
+        return _frame(msgpack.packb({"v": 1, "id": self._id, "nonce": self._nonce}))
+
+    def on_proof(self, body: bytes) -> tuple[bytes, SecureChannel]:
+        msg = _decode_handshake(body, {"proof": bytes})
+        if not hmac.compare_digest(msg["proof"], _mac(self._token, b"initiator",
+                                                       self._transcript)):
+            raise RemoteProtocolError("auth_failures", "handshake proof does not verify "
+                                      "(wrong cluster token)")
+        verdict = _frame(msgpack.packb({"proof": _mac(self._token, b"acceptor",
+                                                       self._transcript)}))
+        return verdict, SecureChannel(_mac(self._token, b"session", self._transcript), False,
+                                      self._max)
+
+
+_REFUSAL = _frame(msgpack.packb({"error": "authentication failed: wrong cluster token"}))
+
+
+def _encode_rpc(req_id: int, body: dict) -> bytes:
+    return msgpack.packb([req_id, body], use_bin_type=True)
+
+
+def _decode_rpc(payload: bytes) -> tuple[int, dict]:
+    try:
+        v = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise RemoteProtocolError("malformed_frames", f"RPC payload is not msgpack "
+                                  f"({exc.__class__.__name__})") from None
+    if (type(v) is not list or len(v) != 2 or type(v[0]) is not int
+            or type(v[1]) is not dict):
+        raise RemoteProtocolError("malformed_frames", "an RPC frame must be [id, map]")
+    return v[0], v[1]
+
+
+# ---------------------------------------------------------------------------------------
+# asyncio I/O
+
+
+async def _read_body(reader: asyncio.StreamReader, max_bytes: int,
+                     stats: TransportStats) -> bytes:
+    """One frame body. The length is checked before the body is read or allocated."""
+    try:
+        head = await reader.readexactly(_LEN.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise RemoteProtocolError("truncated_frames", "connection ended inside a frame "
+                                      "length prefix") from None
+        raise ConnectionClosed("the other side closed the connection", request_sent=True) from None
+    (n,) = _LEN.unpack(head)
+    if n > max_bytes:
+        raise RemoteProtocolError("oversize_frames", f"a frame of {n} bytes announced, the "
+                                  f"limit is {max_bytes}")
+    try:
+        body = await reader.readexactly(n)
+    except asyncio.IncompleteReadError as exc:
+        raise RemoteProtocolError("truncated_frames", f"connection ended {len(exc.partial)} "
+                                  f"bytes into a {n}-byte frame") from None
+    stats.frames_in += 1
+    stats.bytes_in += _LEN.size + n
+    return body
+
+
+async def _initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    hs: InitiatorHandshake, stats: TransportStats) -> SecureChannel:
+    """Run the dialling side of the handshake; ConnectError if it fails."""
+    try:
+        writer.write(hs.hello())
+        writer.write(hs.on_challenge(await _read_body(reader, MAX_HANDSHAKE_FRAME_BYTES, stats)))
+        return hs.on_verdict(await _read_body(reader, MAX_HANDSHAKE_FRAME_BYTES, stats))
+    except AuthenticationError:
+        raise
+    except (RemoteProtocolError, ConnectionClosed, ConnectionError) as exc:
+        raise ConnectError(f"handshake failed: {exc}") from exc
+
+
+def _close_quietly(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+    except Exception:  # the transport may already be gone; nothing left to release
+        pass
+
+
+def _internal_error(message: str) -> dict:
+    return {"ok": False, "error": "internal", "message": message[:500]}
+
+
+ClientHandler = Callable[[dict], Awaitable[dict]]
+PeerHandler = Callable[[int, bytes], None]
+
+
+class Server:
+    """Accepts authenticated peer and client connections on ``host:port``.
+
+    ``on_peer_message(from_id, payload)`` is called in the event loop for each frame from a
+    peer (it must not block); ``await on_client_request(body) -> dict`` answers each client
+    request. Binds to loopback unless another ``host`` is given explicitly.
+    """
+
+    def __init__(self, *, node_id: int, token: bytes | str, on_peer_message: PeerHandler,
+                 on_client_request: ClientHandler, host: str = "127.0.0.1", port: int = 0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_connections: int = 1024,
+                 max_inflight_per_client: int = 256, handshake_timeout_s: float = 5.0,
+                 stats: TransportStats | None = None) -> None:
+        self._token = _as_token(token)
+        self.node_id = node_id
+        self._on_peer_message = on_peer_message
+        self._on_client_request = on_client_request
+        self._host, self._port = host, port
+        self._max_frame = max_frame_bytes
+        self._max_connections = max_connections
+        self._max_inflight = max_inflight_per_client
+        self._handshake_timeout_s = handshake_timeout_s
+        self.stats = stats if stats is not None else TransportStats()
+        self.address: tuple[str, int] = (host, port)
+        self._server: asyncio.AbstractServer | None = None
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._blocked: frozenset[int] = frozenset()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connection, self._host, self._port)
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+
+    def set_blocked_peers(self, ids: Iterable[int]) -> None:
+        """Drop (and count) every frame from these peers: one half of a partition."""
+        self._blocked = frozenset(ids)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._conn_tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        if len(self._conn_tasks) >= self._max_connections:
+            self.stats.connections_rejected += 1
+            _close_quietly(writer)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._conn_tasks.add(task)
+        self.stats.connections_accepted += 1
+        peer = writer.get_extra_info("peername")
+        try:
+            await self._serve_connection(reader, writer)
+        except RemoteProtocolError as exc:
+            self.stats.count(exc.kind)
+            log.info("node %d: closing connection from %s: %s", self.node_id, peer, exc)
+        except asyncio.TimeoutError:
+            self.stats.handshake_timeouts += 1
+            log.info("node %d: %s did not finish the handshake in time", self.node_id, peer)
+        except (ConnectionClosed, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass  # close() cancelled us; finishing normally keeps asyncio's streams callback quiet
+        except Exception:  # a bug here must cost one connection, never the server
+            self.stats.handler_errors += 1
+            log.exception("node %d: unexpected error on connection from %s", self.node_id, peer)
+        finally:
+            self._conn_tasks.discard(task)
+            _close_quietly(writer)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        hs = AcceptorHandshake(self._token, self.node_id, max_frame_bytes=self._max_frame)
+        chan = await asyncio.wait_for(self._accept(reader, writer, hs), self._handshake_timeout_s)
+        if hs.role is Role.PEER:
+            await self._serve_peer(reader, chan, hs.peer_id)
+        else:
+            await self._serve_client(reader, writer, chan)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      hs: AcceptorHandshake) -> SecureChannel:
+        writer.write(hs.on_hello(await _read_body(reader, MAX_HANDSHAKE_FRAME_BYTES, self.stats)))
+        body = await _read_body(reader, MAX_HANDSHAKE_FRAME_BYTES, self.stats)
+        try:
+            verdict, chan = hs.on_proof(body)
+        except RemoteProtocolError as exc:
+            if exc.kind == "auth_failures":  # tell an honest misconfiguration what is wrong
+                writer.write(_REFUSAL)
+                await writer.drain()
+            raise
+        writer.write(verdict)
+        await writer.drain()
+        return chan
+
+    async def _serve_peer(self, reader: asyncio.StreamReader, chan: SecureChannel,
+                          peer_id: int) -> None:
+        while True:
+            payload = chan.open(await _read_body(reader, self._max_frame, self.stats))
+            if peer_id in self._blocked:
+                self.stats.peer_frames_blocked += 1
+                continue
+            try:
+                self._on_peer_message(peer_id, payload)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("node %d: on_peer_message failed for a frame from node %d",
+                              self.node_id, peer_id)
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            chan: SecureChannel) -> None:
+        inflight = asyncio.Semaphore(self._max_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                req_id, body = _decode_rpc(
+                    chan.open(await _read_body(reader, self._max_frame, self.stats)))
+                await inflight.acquire()
+                t = asyncio.create_task(self._answer(writer, chan, req_id, body, inflight))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _answer(self, writer: asyncio.StreamWriter, chan: SecureChannel, req_id: int,
+                      body: dict, inflight: asyncio.Semaphore) -> None:
+        try:
+            try:
+                resp = await self._on_client_request(body)
+                if not isinstance(resp, dict):
+                    raise TypeError(f"the request handler returned {type(resp).__name__}")
+                frame = chan.seal(_encode_rpc(req_id, resp))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.handler_errors += 1
+                log.exception("node %d: client request %r failed", self.node_id, body.get("op"))
+                frame = chan.seal(_encode_rpc(req_id, _internal_error(f"{exc.__class__.__name__}: {exc}")))
+            writer.write(frame)
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(frame)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            inflight.release()
+
+
+# ---------------------------------------------------------------------------------------
+# outbound peer links
+
+
+@dataclass(eq=False, slots=True)
+class _PeerLink:
+    peer_id: int
+    address: tuple[str, int]
+    queue: collections.deque[bytes]
+    wakeup: asyncio.Event
+    task: asyncio.Task[None] | None = None
+    connected: bool = False
+    broken: bool = False
+
+
+class PeerTransport:
+    """One outbound authenticated connection per peer, for this node's Raft messages.
+
+    ``send`` never blocks: it queues the payload (at most ``max_queue_frames`` per peer; the
+    oldest is dropped and counted when full -- Raft retransmits what matters) and the
+    peer's sender task writes queued frames in batches. A lost connection is redialled with
+    exponential backoff and jitter, bounded by ``backoff_max_s``. Loop thread only.
+    """
+
+    def __init__(self, *, node_id: int, token: bytes | str, peers: dict[int, tuple[str, int]],
+                 max_queue_frames: int = 4096, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 backoff_initial_s: float = 0.02, backoff_max_s: float = 1.0,
+                 connect_timeout_s: float = 1.0,
+                 on_unreachable: Callable[[int], None] | None = None,
+                 rng: random.Random | None = None, stats: TransportStats | None = None) -> None:
+        if max_queue_frames < 1 or not 0 < backoff_initial_s <= backoff_max_s:
+            raise ValueError("need max_queue_frames >= 1 and 0 < backoff_initial_s <= "
+                             "backoff_max_s")
+        self._token = _as_token(token)
+        self.node_id = node_id
+        self._max_queue = max_queue_frames
+        self._max_frame = max_frame_bytes
+        self._backoff_initial_s, self._backoff_max_s = backoff_initial_s, backoff_max_s
+        self._connect_timeout_s = connect_timeout_s
+        self._on_unreachable = on_unreachable
+        self._rng = rng or random.Random()
+        self.stats = stats if stats is not None else TransportStats()
+        self._links: dict[int, _PeerLink] = {}
+        self._blocked: frozenset[int] = frozenset()
+        self._started = False
+        self.set_peers(peers)
+
+    async def start(self) -> None:
+        self._started = True
+        for link in self._links.values():
+            self._spawn(link)
+
+    def send(self, to: int, payload: bytes) -> None:
+        """Queue ``payload`` for peer ``to`` (KeyError for an unknown peer; FrameTooLarge if
+        it can never fit in a frame -- raise max_frame_bytes on every node)."""
+        link = self._links[to]
+        if to in self._blocked:
+            self.stats.peer_frames_blocked += 1
+            return
+        if len(payload) + _SEALED_OVERHEAD > self._max_frame:
+            raise FrameTooLarge(f"a {len(payload)}-byte message to node {to} exceeds the "
+                                f"{self._max_frame}-byte frame limit")
+        if len(link.queue) >= self._max_queue:
+            link.queue.popleft()
+            self.stats.peer_frames_dropped += 1
+        link.queue.append(payload)
+        link.wakeup.set()
+
+    def set_peers(self, peers: dict[int, tuple[str, int]]) -> None:
+        """Replace the peer set (membership change); a changed address redials."""
+        for pid in list(self._links):
+            if pid not in peers or tuple(peers[pid]) != self._links[pid].address:
+                link = self._links.pop(pid)
+                if link.task is not None:
+                    link.task.cancel()
+        for pid, addr in peers.items():
+            if pid not in self._links and pid != self.node_id:
+                link = _PeerLink(pid, (addr[0], addr[1]), collections.deque(), asyncio.Event())
+                self._links[pid] = link
+                if self._started:
+                    self._spawn(link)
+
+    def set_blocked_peers(self, ids: Iterable[int]) -> None:
+        """Drop (and count) every message to these peers: one half of a partition."""
+        self._blocked = frozenset(ids)
+
+    def connected(self, to: int) -> bool:
+        link = self._links.get(to)
+        return link is not None and link.connected
+
+    async def close(self) -> None:
+        self._started = False
+        tasks = [link.task for link in self._links.values() if link.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, link: _PeerLink) -> None:
+        link.task = asyncio.get_running_loop().create_task(
+            self._run_link(link), name=f"peer-link-{self.node_id}-to-{link.peer_id}")
+
+    def _unreachable(self, peer_id: int) -> None:
+        if self._on_unreachable is not None:
+            try:
+                self._on_unreachable(peer_id)
+            except Exception:
+                log.exception("on_unreachable(%d) failed", peer_id)
+
+    async def _run_link(self, link: _PeerLink) -> None:
+        backoff, ever_connected = self._backoff_initial_s, False
+        while True:
+            try:
+                reader, writer, chan = await self._dial(link)
+            except (OSError, asyncio.TimeoutError, TransportError) as exc:
+                self.stats.connect_failures += 1
+                log.debug("node %d: cannot reach node %d at %s: %s", self.node_id,
+                          link.peer_id, link.address, exc)
+                self._unreachable(link.peer_id)
+                await asyncio.sleep(backoff / 2 + self._rng.uniform(0, backoff / 2))
+                backoff = min(backoff * 2, self._backoff_max_s)
+                continue
+            self.stats.reconnects += ever_connected
+            ever_connected, backoff = True, self._backoff_initial_s
+            try:
+                await self._pump(link, reader, writer, chan)
+            except (OSError, TransportError) as exc:
+                log.debug("node %d: link to node %d lost: %s", self.node_id, link.peer_id, exc)
+            finally:
+                link.connected = False
+                _close_quietly(writer)
+            self._unreachable(link.peer_id)
+            await asyncio.sleep(self._rng.uniform(0, self._backoff_initial_s))
+
+    async def _dial(self, link: _PeerLink) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                   SecureChannel]:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*link.address),
+                                                self._connect_timeout_s)
+        hs = InitiatorHandshake(self._token, Role.PEER, self.node_id, expected_id=link.peer_id,
+                                max_frame_bytes=self._max_frame)
+        try:
+            chan = await asyncio.wait_for(_initiate(reader, writer, hs, self.stats),
+                                          self._connect_timeout_s)
+        except BaseException:
+            _close_quietly(writer)
+            raise
+        return reader, writer, chan
+
+    async def _pump(self, link: _PeerLink, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter, chan: SecureChannel) -> None:
+        """Write queued messages in batches until the connection breaks."""
+        link.connected, link.broken = True, False
+        watcher = asyncio.get_running_loop().create_task(self._watch_eof(link, reader))
+        try:
+            while True:
+                if not link.queue and not link.broken:
+                    link.wakeup.clear()
+                    await link.wakeup.wait()
+                if link.broken:
+                    raise ConnectionClosed(f"node {link.peer_id} closed the connection", False)
+                frames = [chan.seal(link.queue.popleft()) for _ in range(len(link.queue))]
+                data = b"".join(frames)
+                writer.write(data)
+                self.stats.frames_out += len(frames)
+                self.stats.bytes_out += len(data)
+                await writer.drain()
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch_eof(link: _PeerLink, reader: asyncio.StreamReader) -> None:
+        """Peer links are one-way: any byte or EOF from the acceptor ends the connection."""
+        try:
+            await reader.read(1)
+        except (OSError, ConnectionError):
+            pass
+        link.broken = True
+        link.wakeup.set()
+
+
+# ---------------------------------------------------------------------------------------
+# clients
+
+
+class ClientConnection:
+    """An asyncio client connection: many concurrent ``request`` calls, matched by id.
+
+    Create it with ``await ClientConnection.connect(...)``. Errors tell a request that was
+    certainly not sent (ConnectError, ``ConnectionClosed(request_sent=False)``,
+    FrameTooLarge) from one whose outcome is unknown (RequestTimeout,
+    ``ConnectionClosed(request_sent=True)``).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 chan: SecureChannel, server_id: int, address: tuple[str, int],
+                 max_inflight: int) -> None:
+        self._reader, self._writer, self._chan = reader, writer, chan
+        self.server_id = server_id
+        self.address = address
+        self.stats = TransportStats()
+        self.closed = False
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[dict]] = {}
+        self._inflight = asyncio.Semaphore(max_inflight)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, host: str, port: int, token: bytes | str, *, timeout_s: float = 5.0,
+                      max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                      max_inflight: int = 1024) -> ClientConnection:
+        tok = _as_token(token)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                    timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc!r}") from exc
+        hs = InitiatorHandshake(tok, Role.CLIENT, 0, max_frame_bytes=max_frame_bytes)
+        try:
+            chan = await asyncio.wait_for(_initiate(reader, writer, hs, TransportStats()),
+                                          timeout_s)
+        except asyncio.TimeoutError:
+            _close_quietly(writer)
+            raise ConnectError(f"{host}:{port} did not complete the handshake in "
+                               f"{timeout_s}s") from None
+        except BaseException:
+            _close_quietly(writer)
+            raise
+        return cls(reader, writer, chan, hs.acceptor_id, (host, port), max_inflight)
+
+    async def request(self, body: dict, timeout_s: float = 5.0) -> dict:
+        """Send ``body`` and await the answer (a dict), at most ``timeout_s`` seconds."""
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self._where()} is closed", request_sent=False)
+        async with self._inflight:
+            self._next_id += 1
+            rid = self._next_id
+            frame = self._chan.seal(_encode_rpc(rid, body))  # FrameTooLarge: nothing sent
+            fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            try:
+                self._writer.write(frame)
+                await asyncio.wait_for(self._drain_then(fut), timeout_s)
+                return fut.result()
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"no answer from {self._where()} within {timeout_s}s "
+                                     "(the request may or may not have been applied)") from None
+            except (ConnectionError, OSError) as exc:
+                self._fail_all(f"write failed: {exc}")
+                raise ConnectionClosed(f"connection to {self._where()} lost: {exc}",
+                                       request_sent=True) from exc
+            finally:
+                self._pending.pop(rid, None)
+
+    async def close(self) -> None:
+        self._fail_all("closed by the client")
+        self._reader_task.cancel()
+        try:
+            await self._writer.wait_closed()
+        except (OSError, ConnectionError):
+            pass
+
+    def _where(self) -> str:
+        return f"node {self.server_id} at {self.address[0]}:{self.address[1]}"
+
+    async def _drain_then(self, fut: asyncio.Future[dict]) -> None:
+        await self._writer.drain()
+        await asyncio.shield(fut)
+
+    async def _read_loop(self) -> None:
+        reason = "closed by the server"
+        try:
+            while True:
+                body = await _read_body(self._reader, self._chan.max_frame_bytes, self.stats)
+                rid, resp = _decode_rpc(self._chan.open(body))
+                fut = self._pending.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except asyncio.CancelledError:
+            reason = "closed by the client"
+        except (TransportError, ConnectionError, OSError) as exc:
+            reason = str(exc)
+        finally:
+            self._fail_all(reason)
+
+    def _fail_all(self, reason: str) -> None:
+        self.closed = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(
+                    f"connection to {self._where()} lost before the answer ({reason}); the "
+                    "request may or may not have been applied", request_sent=True))
+        _close_quietly(self._writer)
+
+
+class BlockingClientConnection:
+    """The same wire over a plain blocking socket: one request at a time, not thread-safe.
+
+    A timeout closes the connection (a late answer could otherwise be read as the next
+    one's); the caller reconnects.
+    """
+
+    def __init__(self, host: str, port: int, token: bytes | str, *, timeout_s: float = 5.0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        tok = _as_token(token)
+        self.address = (host, port)
+        self.closed = False
+        self._max = max_frame_bytes
+        self._next_id = 0
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as exc:
+            self.closed = True
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc!r}") from exc
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hs = InitiatorHandshake(tok, Role.CLIENT, 0, max_frame_bytes=max_frame_bytes)
+            self._sock.sendall(hs.hello())
+            self._sock.sendall(hs.on_challenge(self._recv_body(MAX_HANDSHAKE_FRAME_BYTES)))
+            self._chan = hs.on_verdict(self._recv_body(MAX_HANDSHAKE_FRAME_BYTES))
+            self.server_id = hs.acceptor_id
+        except AuthenticationError:
+            self.close()
+            raise
+        except (OSError, TransportError) as exc:
+            self.close()
+            raise ConnectError(f"handshake with {host}:{port} failed: {exc!r}") from exc
+
+    def request(self, body: dict, timeout_s: float = 5.0) -> dict:
+        """Send ``body`` and wait for its answer, at most ``timeout_s`` seconds."""
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self._where()} is closed", request_sent=False)
+        self._next_id += 1
+        rid = self._next_id
+        frame = self._chan.seal(_encode_rpc(rid, body))  # FrameTooLarge: nothing sent
+        try:
+            self._sock.settimeout(timeout_s)
+            self._sock.sendall(frame)
+            while True:
+                got, resp = _decode_rpc(self._chan.open(self._recv_body(self._max)))
+                if got == rid:
+                    return resp
+        except TimeoutError:
+            self.close()
+            raise RequestTimeout(f"no answer from {self._where()} within {timeout_s}s (the "
+                                 "request may or may not have been applied)") from None
+        except (OSError, TransportError) as exc:
+            self.close()
+            raise ConnectionClosed(f"connection to {self._where()} lost: {exc}; the request "
+                                   "may or may not have been applied", request_sent=True) from exc
+
+    def close(self) -> None:
+        self.closed = True
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> BlockingClientConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def _recv_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise ConnectionClosed("the server closed the connection", request_sent=True)
+            buf += chunk
+        return bytes(buf)
+
+    def _recv_body(self, max_bytes: int) -> bytes:
+        (n,) = _LEN.unpack(self._recv_exactly(_LEN.size))
+        if n > max_bytes:
+            raise RemoteProtocolError("oversize_frames", f"the server announced a {n}-byte "
+                                      f"frame, over the {max_bytes}-byte limit")
+        return self._recv_exactly(n)
