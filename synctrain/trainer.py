@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 
 from synctrain.errors import (
     ConfigError,
@@ -35,6 +35,7 @@ from synctrain.worker import TrainWorker
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
+ROOT_CAUSE_GRACE_S = 2.0  # after a failure, how long to wait for the other ranks' outcomes
 
 
 @dataclass
@@ -186,8 +187,13 @@ class Trainer:
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_INTERVAL_S)
+                failures = []
                 for ref in ready:
-                    outcomes[rank_of[ref]] = _outcome_or_raise(ref, rank_of[ref])
+                    outcome = _outcome(ref, rank_of[ref])
+                    (failures if not outcome["ok"] else []).append(outcome)
+                    outcomes[rank_of[ref]] = outcome
+                if failures:
+                    _raise_root_cause(failures, pending, rank_of)
                 monitor.poll()
             monitor.poll()
         finally:
@@ -230,16 +236,37 @@ class _ReportMonitor:
             self._bar.close()
 
 
-def _outcome_or_raise(ref: Any, rank: int) -> dict[str, Any]:
+def _outcome(ref: Any, rank: int) -> dict[str, Any]:
+    """The worker's run() result, or a failure record if its process is gone."""
     try:
-        outcome = ray.get(ref)
-    except RayActorError as exc:
-        raise WorkerDiedError(rank, _first_line(exc)) from None
+        return ray.get(ref)
     except RayError as exc:
-        raise WorkerDiedError(rank, _first_line(exc)) from None
-    if not outcome["ok"]:
-        raise TrainingFailedError(rank, outcome["traceback"], outcome["exc_type"])
-    return outcome
+        return {"ok": False, "rank": rank, "died": True, "detail": _first_line(exc)}
+
+
+def _is_secondary(failure: dict[str, Any]) -> bool:
+    """A collective that broke because *another* rank failed (its peer closed the connection)."""
+    if failure.get("died"):
+        return False
+    tb = failure.get("traceback", "")
+    return failure.get("exc_type") in ("RuntimeError", "DistBackendError", "DistNetworkError") and (
+        "torch/distributed" in tb or "gloo" in tb.lower() or "nccl" in tb.lower())
+
+
+def _raise_root_cause(failures: list[dict[str, Any]], pending: list[Any], rank_of: dict) -> None:
+    """Raise the failure that caused the others.
+
+    When one rank fails, its peers soon fail too, inside a collective. Wait briefly for the
+    rest, then prefer a failure that is not such a broken collective, lowest rank first.
+    """
+    if pending:
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_GRACE_S)
+        failures += [f for f in (_outcome(r, rank_of[r]) for r in done) if not f["ok"]]
+    failures.sort(key=lambda f: (_is_secondary(f), f["rank"]))
+    first = failures[0]
+    if first.get("died"):
+        raise WorkerDiedError(first["rank"], first["detail"])
+    raise TrainingFailedError(first["rank"], first["traceback"], first["exc_type"])
 
 
 def _get_or_raise(refs: list[Any]) -> list[Any]:

@@ -1,0 +1,383 @@
+"""Async mode: sharded parameter-server actors with a Stale Synchronous Parallel bound.
+
+Theory of operation. The driver (``on_driver_start``) creates ``num_ps_shards`` shard actors
+(:mod:`synctrain.ps.shard`; ``num_cpus=0`` by default so they fit beside the workers, spread
+over nodes when there are several). They start empty: only the workers know the model.
+
+* ``prepare_model`` moves the model to the device and lays its parameters end to end in one
+  flat buffer (:class:`~synctrain.ps.layout.FlatLayout`); the parameters become views of that
+  buffer, so a pull is one copy per shard straight into the model. The flat vector is cut
+  into contiguous ranges balanced by bytes. Rank 0 sends each shard its range; every other
+  rank pulls the ranges, which is the initial broadcast (and checks it built the same model).
+* ``prepare_optimizer`` reads the optimizer (class, param-group settings, which parameter is
+  in which group) into a recipe; each shard rebuilds a real torch optimizer of that class
+  over its range (SGD, Adam, AdamW), so the update math is torch's. The returned object is
+  the user's optimizer with ``step`` replaced (it stays a ``torch.optim.Optimizer``).
+* ``step()`` copies the gradients into one flat host buffer, ``ray.put``s each shard's slice
+  once (one copy into the object store, each shard reads only its bytes, also across nodes)
+  and calls every shard's ``push`` in parallel. A push carries the worker's clock c (its
+  step count) and the staleness bound: the shard answers with its parameters once every
+  active worker's clock is at least ``c + 1 - s``. So when ``step()`` returns, the model holds
+  every worker's updates up to clock ``c + 1 - s``; with ``s = 0`` that is every update of
+  every clock so far, exactly the parameters sync mode holds. ``staleness=None`` never waits.
+* The shard applies the pushes per :mod:`synctrain.ps.shard`: bulk-synchronous for
+  ``staleness=0`` (average of all workers' gradients for a clock, one optimizer step),
+  on arrival otherwise (each push one step of ``gradient / num_workers`` with
+  ``update_rule="mean"``, or of the raw gradient with ``update_rule="sum"``, Downpour-style).
+* A changed learning rate (an LR scheduler on the worker) travels with the next push.
+* When the loop ends the worker ``leave``s, so its final clock holds nobody back.
+
+Observed staleness: before each push the worker records ``lag = c - m``, where m is the clock
+its current parameters are known to include; SSP guarantees ``lag <= s``. Shards also count
+version lag (optimizer steps applied since the pusher's last pull) per worker.
+
+Knobs (``Trainer(..., mode="async", ...)``): ``staleness`` (None or int >= 0, default None),
+``num_ps_shards`` (default 1), ``update_rule`` ("mean" or "sum"), ``skip_nonfinite`` (drop a
+step whose gradient has NaN/Inf instead of failing), ``wait_timeout_s`` (bound of every wait;
+default the Trainer's ``collective_timeout_s``), ``shard_num_cpus`` (default 0).
+
+Not synchronised: buffers (e.g. BatchNorm running stats) stay per worker. ``all_reduce``,
+``broadcast`` and ``barrier`` run through shard 0 (numpy arrays via Ray, for small tensors).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import types
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayTaskError
+
+from synctrain import context as _context
+from synctrain.errors import ModelMismatchError
+from synctrain.ps.errors import NonFiniteGradientError, ParameterServerError, StalenessTimeoutError
+from synctrain.ps.layout import FlatLayout
+from synctrain.ps.recipe import OptimizerRecipe
+from synctrain.ps.shard import LAG_BUCKETS, ParameterShard, PushReply, ShardConfig
+from synctrain.strategies.allreduce import DEFAULT_OPTIONS as SYNC_OPTIONS
+from synctrain.strategies.base import Strategy, register
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "staleness": None,
+    "num_ps_shards": 1,
+    "update_rule": "mean",
+    "skip_nonfinite": False,
+    "wait_timeout_s": None,
+    "shard_num_cpus": 0.0,
+}
+#: Extra seconds a worker's ray.get allows beyond the shard-side wait bound.
+RPC_MARGIN_S = 60.0
+#: Latency samples kept per worker for the percentiles (a ring buffer).
+LATENCY_SAMPLES = 4096
+#: More shards than this is a configuration mistake, not a tuning choice.
+MAX_SHARDS = 256
+_NUMPY_DTYPES = ("float16", "float32", "float64")
+
+
+@register
+class ParameterServerStrategy(Strategy):
+    name = "async"
+
+    # ---- driver side -------------------------------------------------------------------
+    @classmethod
+    def validate_options(cls, options: dict[str, Any], num_workers: int) -> dict[str, Any]:
+        sync_only = sorted(set(options) & set(SYNC_OPTIONS))
+        if sync_only:
+            raise ValueError(f"{sync_only} only apply to mode='sync'; mode='async' takes "
+                             f"{sorted(DEFAULT_OPTIONS)}")
+        unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+        if unknown:
+            raise ValueError(f"mode='async' does not take {unknown}; its options are {sorted(DEFAULT_OPTIONS)}")
+        merged = {**DEFAULT_OPTIONS, **options}
+        s = merged["staleness"]
+        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 0):
+            raise ValueError(f"staleness must be None (fully asynchronous) or an integer >= 0, got {s!r}")
+        k = merged["num_ps_shards"]
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SHARDS:
+            raise ValueError(f"num_ps_shards must be an integer in 1..{MAX_SHARDS}, got {k!r}")
+        if merged["update_rule"] not in ("mean", "sum"):
+            raise ValueError(f"update_rule must be 'mean' or 'sum', got {merged['update_rule']!r}")
+        if not isinstance(merged["skip_nonfinite"], bool):
+            raise ValueError(f"skip_nonfinite must be True or False, got {merged['skip_nonfinite']!r}")
+        t = merged["wait_timeout_s"]
+        if t is not None and not (isinstance(t, (int, float)) and t > 0):
+            raise ValueError(f"wait_timeout_s must be a number of seconds > 0, got {t!r}")
+        if not (isinstance(merged["shard_num_cpus"], (int, float)) and merged["shard_num_cpus"] >= 0):
+            raise ValueError(f"shard_num_cpus must be a number >= 0, got {merged['shard_num_cpus']!r}")
+        return merged
+
+    @classmethod
+    def on_driver_start(cls, spec: Any) -> dict[str, Any]:
+        opts = spec.strategy_options
+        k, n = int(opts["num_ps_shards"]), spec.num_workers
+        scale = 1.0 / n if opts["update_rule"] == "mean" else 1.0
+        alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        extra: dict[str, Any] = {"scheduling_strategy": "SPREAD"} if alive_nodes > 1 else {}
+        actor_cls = ray.remote(ParameterShard).options(
+            num_cpus=float(opts["shard_num_cpus"]), max_concurrency=max(64, 4 * n + 8),
+            max_restarts=0, **extra)
+        shards = [actor_cls.remote(ShardConfig(
+            job_id=spec.job_id, shard_index=i, num_shards=k, num_workers=n,
+            staleness=opts["staleness"], skip_nonfinite=bool(opts["skip_nonfinite"]),
+            update_scale=scale, wait_timeout_s=_wait_timeout(spec))) for i in range(k)]
+        return {"ps_shards": shards}
+
+    @classmethod
+    def on_driver_finish(cls, spec: Any, handles: dict[str, Any], ok: bool) -> dict[str, Any]:
+        shards = handles.get("ps_shards", [])
+        try:
+            stats = ray.get([s.stats.remote() for s in shards], timeout=30)
+        except Exception as exc:  # noqa: BLE001 - a dead shard must not hide the job's own error
+            stats = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+        finally:
+            for s in shards:
+                ray.kill(s, no_restart=True)
+        good = [s for s in stats if "error" not in s]
+        return {"mode": "async", "staleness": spec.strategy_options["staleness"],
+                "num_ps_shards": len(shards), "shards": stats,
+                "pushes_received": sum(s["pushes_received"] for s in good),
+                "updates_applied": sum(s["updates_applied"] for s in good),
+                "pushes_per_s": max((s["pushes_per_s"] for s in good), default=0.0)}
+
+    # ---- worker side: setup ------------------------------------------------------------
+    def __init__(self, context, spec, handles) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context, spec, handles)
+        self.options = spec.strategy_options
+        self.shards: list[Any] = list(handles["ps_shards"])
+        self.staleness: int | None = self.options["staleness"]
+        self.wait_timeout_s = _wait_timeout(spec)
+        self.model: torch.nn.Module | None = None
+        self.layout: FlatLayout | None = None
+        self.bounds: tuple[tuple[int, int], ...] = ()
+        self.clock = 0  # pushes made
+        self.included = 0  # every worker's pushes below this clock are in our parameters
+        self.versions = [0] * len(self.shards)  # per shard: version our parameters came from
+        self.server_pushes_applied = 0
+        self._params: list[torch.nn.Parameter] = []
+        self._flat: torch.Tensor | None = None  # the model's parameters live here (views)
+        self._host: torch.Tensor | None = None  # CPU staging for pulls (is _flat on CPU)
+        self._grad_host: torch.Tensor | None = None
+        self._lrs: tuple[float, ...] = ()
+        self._collective_seq = 0
+        self._lag_hist = [0] * LAG_BUCKETS
+        self._push_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        self._wait_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        self._copy_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        self.nonfinite_skipped = 0
+        self.bytes_pushed = 0
+
+    def on_shutdown(self) -> None:
+        job, rank = self.spec.job_id, self.context.rank
+        try:
+            ray.get([s.leave.remote(job, rank) for s in self.shards], timeout=30)
+        except Exception:  # noqa: BLE001, S110 - shards may already be gone when the job fails
+            pass
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.model is not None:
+            raise RuntimeError("prepare_model was called twice; call it once per worker")
+        model = model.to(self.context.device)
+        layout = FlatLayout.of(model)
+        if layout.dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"mode='async' holds parameters as numpy arrays, which have no {layout.dtype}; "
+                             "use float32 (model.float()) or mode='sync'")
+        self.bounds = layout.shard_bounds(len(self.shards))
+        self.layout, self.model = layout, model
+        self._params = list(model.parameters())
+        self._make_flat(layout)
+        if self.context.rank == 0:
+            assert self._host is not None
+            _get([s.init_params.remote(self.spec.job_id, layout.digest(), self._host[a:b].numpy())
+                  for s, (a, b) in zip(self.shards, self.bounds, strict=True)],
+                 self.wait_timeout_s + RPC_MARGIN_S, "sending the initial parameters")
+        else:
+            try:
+                replies = _get([s.get_params.remote(self.spec.job_id, self.context.rank, layout.digest())
+                                for s in self.shards], self.wait_timeout_s + RPC_MARGIN_S,
+                               "pulling the initial parameters")
+            except ParameterServerError as exc:
+                if "different model" in str(exc):
+                    raise ModelMismatchError(str(exc)) from None
+                raise
+            self._load(replies)
+        return model
+
+    def _make_flat(self, layout: FlatLayout) -> None:
+        """Move the parameters into one flat buffer; each parameter becomes a view of it."""
+        device = self.context.device
+        flat = torch.empty(layout.total, dtype=layout.torch_dtype, device=device)
+        with torch.no_grad():
+            for p, offset, n in zip(self._params, layout.offsets, layout.numels, strict=True):
+                flat[offset:offset + n].copy_(p.reshape(-1))
+                p.data = flat[offset:offset + n].view_as(p)
+        self._flat = flat
+        self._host = flat if device.type == "cpu" else torch.empty(layout.total, dtype=flat.dtype)
+        self._grad_host = torch.zeros(layout.total, dtype=layout.torch_dtype)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        if self.layout is None:
+            raise RuntimeError("call prepare_model before prepare_optimizer")
+        recipe = OptimizerRecipe.of(optimizer, self._params)
+        _get([s.set_optimizer.remote(self.spec.job_id, self.context.rank, recipe,
+                                     self.layout.segments(a, b, recipe.group_of))
+              for s, (a, b) in zip(self.shards, self.bounds, strict=True)],
+             self.wait_timeout_s + RPC_MARGIN_S, "setting up the shards' optimizer")
+        self._lrs = recipe.lrs()
+        strategy = self
+
+        def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            strategy.push_and_pull(self)
+            return loss
+
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+        return optimizer
+
+    # ---- worker side: the step ---------------------------------------------------------
+    def push_and_pull(self, optimizer: torch.optim.Optimizer) -> None:
+        """Push this step's gradients to every shard; load parameters within the bound."""
+        grads_ok = self._gather_grads()
+        lag = self.clock - self.included
+        self._lag_hist[min(lag, LAG_BUCKETS - 1)] += 1
+        lrs = tuple(float(g["lr"]) for g in optimizer.param_groups)
+        changed_lrs = lrs if lrs != self._lrs else None
+        self._lrs = lrs
+        min_clock = 0 if self.staleness is None else self.clock + 1 - self.staleness
+        started = time.monotonic()
+        assert self._grad_host is not None
+        grad_np = self._grad_host.numpy()
+        refs = [ray.put(grad_np[a:b]) if grads_ok else None for a, b in self.bounds]
+        calls = [s.push.remote(self.spec.job_id, self.context.rank, self.clock, ref, min_clock,
+                               self.versions[i], changed_lrs)
+                 for i, (s, ref) in enumerate(zip(self.shards, refs, strict=True))]
+        replies: list[PushReply] = _get(calls, self.wait_timeout_s + RPC_MARGIN_S,
+                                        f"pushing clock {self.clock}")
+        round_trip_s = time.monotonic() - started
+        wait_s = max(r.wait_s for r in replies)
+        self._push_ms.append(1e3 * (round_trip_s - wait_s))
+        self._wait_ms.append(1e3 * wait_s)
+        self.bytes_pushed += grad_np.nbytes if grads_ok else 0
+        self.clock += 1
+        self._load(replies)
+        session = _context.current_session()
+        if session is not None:
+            session.optimizer_steps += 1
+
+    def _gather_grads(self) -> bool:
+        """Copy gradients into the flat host buffer (zeros where None); False to skip the step."""
+        assert self.layout is not None and self._grad_host is not None
+        buf = self._grad_host
+        for p, offset, n in zip(self._params, self.layout.offsets, self.layout.numels, strict=True):
+            if p.grad is None:
+                buf[offset:offset + n].zero_()
+            else:
+                buf[offset:offset + n].copy_(p.grad.reshape(-1))
+        if bool(torch.isfinite(buf).all()):
+            return True
+        if self.options["skip_nonfinite"]:
+            self.nonfinite_skipped += 1
+            return False
+        bad = [name for name, p in zip(self.layout.names, self._params, strict=True)
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        raise NonFiniteGradientError(
+            f"worker {self.context.rank} computed a gradient with NaN/Inf at step {self.clock} (in "
+            f"{', '.join(bad[:5])}); nothing was pushed and the parameters are unchanged. Lower the "
+            "learning rate, clip gradients, or pass skip_nonfinite=True to drop such steps")
+
+    def _load(self, replies: list[PushReply]) -> None:
+        """Copy the shards' parameters into the model (one copy per shard on CPU)."""
+        assert self._host is not None and self._flat is not None
+        started = time.monotonic()
+        host = self._host.numpy()
+        for i, ((a, b), reply) in enumerate(zip(self.bounds, replies, strict=True)):
+            np.copyto(host[a:b], reply.params)
+            self.versions[i] = reply.version
+        if self._flat is not self._host:
+            self._flat.copy_(self._host, non_blocking=False)
+        self.included = min(r.min_clock for r in replies)
+        self._copy_ms.append(1e3 * (time.monotonic() - started))
+
+    # ---- collectives through shard 0 ---------------------------------------------------
+    def _collective(self, array: np.ndarray | None) -> np.ndarray | None:
+        seq = self._collective_seq
+        self._collective_seq += 1
+        return _get([self.shards[0].collective.remote(self.spec.job_id, seq, self.context.rank, array,
+                                                      self.context.world_size)],
+                    self.wait_timeout_s + RPC_MARGIN_S, f"collective #{seq}")[0]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        if op not in ("mean", "sum"):
+            raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
+        total = self._collective(tensor.detach().cpu().numpy())
+        assert total is not None
+        with torch.no_grad():
+            tensor.copy_(torch.as_tensor(np.array(total)))
+            if op == "mean":
+                tensor.div_(self.context.world_size)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        mine = tensor.detach().cpu().numpy() if self.context.rank == src else None
+        value = self._collective(mine)
+        assert value is not None
+        with torch.no_grad():
+            tensor.copy_(torch.as_tensor(np.array(value)))
+        return tensor
+
+    def barrier(self) -> None:
+        self._collective(None)
+
+    # ---- observability -----------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        hist = self._lag_hist
+        steps = sum(hist)
+        return {
+            "optimizer_steps": self.clock,
+            "staleness_hist": hist[: max((i for i, v in enumerate(hist) if v), default=-1) + 1],
+            "staleness_max": max((i for i, v in enumerate(hist) if v), default=0),
+            "staleness_mean": sum(i * v for i, v in enumerate(hist)) / steps if steps else 0.0,
+            "push_latency_ms_mean": _mean(self._push_ms),
+            "push_latency_ms_p50": _percentile(self._push_ms, 50),
+            "push_latency_ms_p99": _percentile(self._push_ms, 99),
+            "pull_wait_ms_mean": _mean(self._wait_ms),
+            "pull_wait_ms_p99": _percentile(self._wait_ms, 99),
+            "pull_copy_ms_mean": _mean(self._copy_ms),
+            "included_clock": self.included,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "bytes_pushed": self.bytes_pushed,
+        }
+
+
+def _wait_timeout(spec: Any) -> float:
+    t = spec.strategy_options.get("wait_timeout_s")
+    return float(t if t is not None else spec.collective_timeout_s)
+
+
+def _get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+    """``ray.get`` that re-raises a shard's own error as itself and bounds the wait."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise StalenessTimeoutError(
+            f"no answer from the parameter-server shards after {timeout_s:g} s while {what}; a shard "
+            "may have died or be overloaded") from None
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ParameterServerError):
+            raise cause from None
+        raise
+
+
+def _mean(values: collections.deque[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _percentile(values: collections.deque[float], q: float) -> float:
+    return float(np.percentile(np.fromiter(values, dtype=float), q)) if values else 0.0
