@@ -699,7 +699,15 @@ class RaftNode:
 
     def apply_conf_change(self, cc: ConfChange) -> ConfState:
         """Apply a committed CONF_CHANGE entry (the driver calls this while applying it).
-        An invalid change is skipped identically on every node and counted."""
+        An invalid change is skipped identically on every node and counted.
+
+        Raises LocalProtocolError on a node that never had a configuration: a joining node
+        must start from the cluster's bootstrap ConfState (its storage), or from a snapshot,
+        else it would take a change such as "add 4" for the whole membership."""
+        if not self.trk.voters and not self.trk.voters_outgoing:
+            raise LocalProtocolError(
+                f"node {self.id} has no base configuration to apply {cc} to: start a joining "
+                "node with the cluster's bootstrap ConfState in its storage")
         try:
             new = apply_change(self._member_config(), cc)
         except ConfChangeError:
