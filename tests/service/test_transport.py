@@ -1,0 +1,406 @@
+"""The transport on real loopback sockets: delivery, RPCs, reconnects, bounds, errors.
+
+Each test runs its own event loop (``asyncio.run``) and waits on conditions, never on
+fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from coordinator.transport import (
+    AuthenticationError,
+    BlockingClientConnection,
+    ClientConnection,
+    ConnectError,
+    ConnectionClosed,
+    FrameTooLarge,
+    PeerTransport,
+    RequestTimeout,
+    Server,
+    generate_token,
+    load_token,
+)
+
+TOKEN = b"test-cluster-token-0123456789abcdef"
+pytestmark = pytest.mark.timeout(60)
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for ``cond()`` (polling the loop); fail the test if it never holds."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def echo(body: dict) -> dict:
+    return {"ok": True, "echo": body}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_peer_messages_arrive_in_order_tagged_with_the_authenticated_sender() -> None:
+    async def main() -> None:
+        got: list[tuple[int, bytes]] = []
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append((f, p)),
+                        on_client_request=echo)
+        await server.start()
+        assert server.address[0] == "127.0.0.1"  # loopback unless told otherwise
+        links = [PeerTransport(node_id=n, token=TOKEN, peers={1: server.address}) for n in (2, 3)]
+        for pt in links:
+            await pt.start()
+        for i in range(300):
+            links[i % 2].send(1, b"%d" % i)
+        await until(lambda: len(got) == 300)
+        for sender in (2, 3):
+            mine = [int(p) for f, p in got if f == sender]
+            assert mine == sorted(mine) and len(mine) == 150
+        assert links[0].connected(1) and server.stats.auth_failures == 0
+        for pt in links:
+            await pt.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_client_requests_run_concurrently_and_are_matched_by_id() -> None:
+    async def slow_echo(body: dict) -> dict:
+        await asyncio.sleep(random.Random(body["i"]).uniform(0, 0.02))  # answers reorder
+        return {"i": body["i"], "data": body["data"]}
+
+    async def main() -> None:
+        server = Server(node_id=7, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=slow_echo)
+        await server.start()
+        conn = await ClientConnection.connect(*server.address, TOKEN)
+        assert conn.server_id == 7
+        answers = await asyncio.gather(*[conn.request({"i": i, "data": b"\x00" * i})
+                                         for i in range(200)])
+        assert answers == [{"i": i, "data": b"\x00" * i} for i in range(200)]
+        await conn.close()
+        with pytest.raises(ConnectionClosed) as err:
+            await conn.request({"i": 0})
+        assert err.value.request_sent is False
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_blocking_client_speaks_the_same_wire() -> None:
+    async def main() -> None:
+        server = Server(node_id=4, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=echo)
+        await server.start()
+
+        def client() -> list[dict]:
+            with BlockingClientConnection(*server.address, TOKEN.decode()) as c:
+                assert c.server_id == 4
+                return [c.request({"op": "put", "key": b"k%d" % i}) for i in range(50)]
+
+        answers = await asyncio.to_thread(client)
+        assert answers[7] == {"ok": True, "echo": {"op": "put", "key": b"k7"}}
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_handler_failure_is_answered_and_the_connection_survives() -> None:
+    async def picky(body: dict) -> dict:
+        if body.get("boom"):
+            raise RuntimeError("handler bug")
+        return {"ok": True}
+
+    async def main() -> None:
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=picky)
+        await server.start()
+        conn = await ClientConnection.connect(*server.address, TOKEN)
+        bad = await conn.request({"boom": True})
+        assert bad["ok"] is False and bad["error"] == "internal" and "handler bug" in bad["message"]
+        assert await conn.request({}) == {"ok": True}
+        assert server.stats.handler_errors == 1
+        await conn.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_timeouts_and_lost_connections_say_the_outcome_is_unknown() -> None:
+    release = asyncio.Event()
+
+    async def stuck(body: dict) -> dict:
+        await release.wait()
+        return {"ok": True}
+
+    async def main() -> None:
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=stuck)
+        await server.start()
+        conn = await ClientConnection.connect(*server.address, TOKEN)
+        with pytest.raises(RequestTimeout):
+            await conn.request({"op": "put"}, timeout_s=0.05)
+        pending = asyncio.ensure_future(conn.request({"op": "put"}, timeout_s=10))
+        await until(lambda: server.stats.frames_in >= 4)  # hello, proof, 2 requests
+        await server.close()
+        with pytest.raises(ConnectionClosed) as err:
+            await pending
+        assert err.value.request_sent is True
+        with pytest.raises(ConnectError):
+            await ClientConnection.connect(*server.address, TOKEN, timeout_s=1)
+        with pytest.raises(ConnectError):
+            BlockingClientConnection(*server.address, TOKEN, timeout_s=1)
+
+    asyncio.run(main())
+
+
+def test_blocking_timeout_closes_the_connection() -> None:
+    async def main() -> None:
+        never = asyncio.Event()
+
+        async def stuck(body: dict) -> dict:
+            await never.wait()
+            return {}
+
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=stuck)
+        await server.start()
+
+        def client() -> None:
+            c = BlockingClientConnection(*server.address, TOKEN)
+            with pytest.raises(RequestTimeout):
+                c.request({"op": "get"}, timeout_s=0.05)
+            assert c.closed
+            with pytest.raises(ConnectionClosed) as err:
+                c.request({"op": "get"})
+            assert err.value.request_sent is False
+
+        await asyncio.to_thread(client)
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_peer_link_reconnects_with_backoff_after_the_server_restarts() -> None:
+    async def main() -> None:
+        port = free_port()
+        got: list[bytes] = []
+        unreachable: list[int] = []
+        pt = PeerTransport(node_id=2, token=TOKEN, peers={1: ("127.0.0.1", port)},
+                           backoff_initial_s=0.01, backoff_max_s=0.05,
+                           on_unreachable=unreachable.append)
+        await pt.start()
+        pt.send(1, b"early")  # queued while node 1 is down
+        await until(lambda: pt.stats.connect_failures >= 3 and unreachable)
+
+        def make() -> Server:
+            return Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append(p),
+                          on_client_request=echo, port=port)
+
+        server = make()
+        await server.start()
+        await until(lambda: got == [b"early"])
+        await server.close()
+        await until(lambda: not pt.connected(1))
+        server = make()
+        await server.start()
+        await until(lambda: pt.connected(1))
+        pt.send(1, b"after restart")
+        await until(lambda: got[-1:] == [b"after restart"])
+        assert pt.stats.reconnects >= 1
+        await pt.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_send_queue_is_bounded_and_drops_the_oldest() -> None:
+    async def main() -> None:
+        port = free_port()
+        got: list[bytes] = []
+        pt = PeerTransport(node_id=2, token=TOKEN, peers={1: ("127.0.0.1", port)},
+                           max_queue_frames=4, backoff_initial_s=0.01, backoff_max_s=0.02)
+        await pt.start()
+        for i in range(10):
+            pt.send(1, b"%d" % i)
+        assert pt.stats.peer_frames_dropped == 6
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append(p),
+                        on_client_request=echo, port=port)
+        await server.start()
+        await until(lambda: len(got) == 4)
+        assert got == [b"6", b"7", b"8", b"9"]
+        with pytest.raises(KeyError):
+            pt.send(9, b"nobody")
+        with pytest.raises(FrameTooLarge):
+            pt.send(1, b"x" * (16 << 20))
+        await pt.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_blocked_peers_are_dropped_both_ways() -> None:
+    async def main() -> None:
+        got: list[tuple[int, bytes]] = []
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append((f, p)),
+                        on_client_request=echo)
+        await server.start()
+        pt2 = PeerTransport(node_id=2, token=TOKEN, peers={1: server.address})
+        pt3 = PeerTransport(node_id=3, token=TOKEN, peers={1: server.address})
+        await pt2.start()
+        await pt3.start()
+        server.set_blocked_peers({2})  # node 1 no longer hears node 2
+        pt3.set_blocked_peers({1})  # node 3 no longer talks to node 1
+        pt2.send(1, b"lost")
+        pt3.send(1, b"lost too")
+        assert pt3.stats.peer_frames_blocked == 1
+        await until(lambda: server.stats.peer_frames_blocked == 1)
+        server.set_blocked_peers(())
+        pt3.set_blocked_peers(())
+        pt2.send(1, b"healed")
+        pt3.send(1, b"healed")
+        await until(lambda: len(got) == 2)
+        assert sorted(got) == [(2, b"healed"), (3, b"healed")]
+        for t in (pt2, pt3, server):
+            await t.close()
+
+    asyncio.run(main())
+
+
+def test_peer_link_refuses_a_server_with_another_node_id() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+        server = Server(node_id=5, token=TOKEN, on_peer_message=lambda f, p: got.append(p),
+                        on_client_request=echo)
+        await server.start()
+        pt = PeerTransport(node_id=2, token=TOKEN, peers={1: server.address},
+                           backoff_initial_s=0.01, backoff_max_s=0.02)
+        await pt.start()
+        pt.send(1, b"for node 1 only")
+        await until(lambda: pt.stats.connect_failures >= 2)
+        assert got == [] and not pt.connected(1)
+        await pt.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_membership_change_adds_and_removes_links() -> None:
+    async def main() -> None:
+        got: list[tuple[int, bytes]] = []
+        a = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append((1, p)),
+                   on_client_request=echo)
+        b = Server(node_id=3, token=TOKEN, on_peer_message=lambda f, p: got.append((3, p)),
+                   on_client_request=echo)
+        await a.start()
+        await b.start()
+        pt = PeerTransport(node_id=2, token=TOKEN, peers={1: a.address})
+        await pt.start()
+        pt.set_peers({1: a.address, 2: ("127.0.0.1", 1), 3: b.address})  # own id is skipped
+        pt.send(3, b"hi 3")
+        await until(lambda: got == [(3, b"hi 3")])
+        pt.set_peers({3: b.address})
+        with pytest.raises(KeyError):
+            pt.send(1, b"gone")
+        for t in (pt, a, b):
+            await t.close()
+
+    asyncio.run(main())
+
+
+def test_connection_limit_rejects_extra_connections() -> None:
+    async def main() -> None:
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=echo, max_connections=2)
+        await server.start()
+        c1 = await ClientConnection.connect(*server.address, TOKEN)
+        c2 = await ClientConnection.connect(*server.address, TOKEN)
+        with pytest.raises(ConnectError):
+            await ClientConnection.connect(*server.address, TOKEN, timeout_s=2)
+        assert server.stats.connections_rejected == 1
+        await c1.close()
+        await until(lambda: server.stats.connections_accepted == 2 and len(server._conn_tasks) == 1)
+        c3 = await ClientConnection.connect(*server.address, TOKEN)
+        assert (await c3.request({"x": 1}))["ok"]
+        for c in (c2, c3):
+            await c.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_token_on_the_client_side_is_an_authentication_error() -> None:
+    async def main() -> None:
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=echo)
+        await server.start()
+        with pytest.raises(AuthenticationError, match="token"):
+            await ClientConnection.connect(*server.address, b"another-cluster-token-000000")
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_tokens(tmp_path) -> None:
+    tok = generate_token()
+    assert len(tok) == 64 and tok != generate_token()
+    (tmp_path / "token").write_text(tok + "\n")
+    assert load_token(tmp_path / "token") == tok.encode()
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(ValueError, match="at least"):
+        load_token(tmp_path / "short")
+    with pytest.raises(ValueError, match="at least"):
+        Server(node_id=1, token=b"short", on_peer_message=lambda f, p: None,
+               on_client_request=echo)
+
+
+def test_request_over_the_frame_limit_is_refused_locally() -> None:
+    async def main() -> None:
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=echo)
+        await server.start()
+        conn = await ClientConnection.connect(*server.address, TOKEN, max_frame_bytes=1024)
+        with pytest.raises(FrameTooLarge):
+            await conn.request({"v": b"x" * 2000})
+        assert (await conn.request({"v": b"small"}))["ok"]
+        await conn.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_server_runs_in_a_thread_beside_blocking_clients() -> None:
+    """The shape a test or tool uses: the server's loop in a thread, clients in others."""
+    loop = asyncio.new_event_loop()
+    server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                    on_client_request=echo)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
+
+    def client(k: int) -> int:
+        with BlockingClientConnection(*server.address, TOKEN) as c:
+            return sum(c.request({"k": k})["echo"]["k"] for _ in range(20))
+
+    threads_out: list[int] = []
+    workers = [threading.Thread(target=lambda k=k: threads_out.append(client(k)))
+               for k in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert sorted(threads_out) == [0, 20, 40, 60]
+    asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
