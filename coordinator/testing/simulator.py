@@ -312,30 +312,29 @@ class Simulation:
             self._push(self.now + node.period, TICK, nid, epoch)
 
     def _on_deliver(self, env: tuple[Message, int, int], _: Any) -> None:
+        """Deliver one copy of a message unless a crash or a partition swallowed it. The
+        sender of a snapshot learns its fate (``report_snapshot``), as a transport would."""
         m, src_epoch, dst_epoch = env
         self.net.arrived()
         src, dst = self.nodes.get(m.frm), self.nodes.get(m.to)
-        lost = (
-            dst is None
-            or dst.raft is None
-            or dst.epoch != dst_epoch
-            or src is None
-            or src.epoch != src_epoch
-            or not self.net.link_up(m.frm, m.to)
+        sender_alive = src is not None and src.raft is not None and src.epoch == src_epoch
+        delivered = (
+            sender_alive
+            and dst is not None
+            and dst.raft is not None
+            and dst.epoch == dst_epoch
+            and self.net.link_up(m.frm, m.to)
         )
-        if (
-            m.type == MessageType.SNAPSHOT
-            and src is not None
-            and src.raft is not None
-            and src.epoch == src_epoch
-        ):
-            src.raft.report_snapshot(m.to, not lost)
-            self._drain(src)
-        if lost or dst is None or dst.raft is None:
-            return
-        self.log(_describe(m))
-        dst.raft.step(m)
-        self._drain(dst)
+        if delivered:
+            assert dst is not None and dst.raft is not None
+            self.log(_describe(m))
+            dst.raft.step(m)
+            self._drain(dst)
+        if m.type == MessageType.SNAPSHOT and sender_alive:
+            assert src is not None and src.raft is not None
+            if src.epoch == src_epoch:
+                src.raft.report_snapshot(m.to, delivered)
+                self._drain(src)
 
     def _drain(self, node: SimNode) -> None:
         """The driver loop: persist, then send, then apply, then advance; crash on cue."""

@@ -1,0 +1,218 @@
+"""The deterministic simulator: its parts, its reproducibility, and proof that it catches bugs.
+
+The 300-seed run is the CI gate of the Raft core: faults on every seed, Raft's safety
+invariants after every event, a liveness phase, and a linearizable client history.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from coordinator.raft.messages import ConfState, Entry, EntryType, HardState
+from coordinator.raft.storage import MemoryStorage
+from coordinator.raft.types import Role
+from coordinator.testing.invariants import InvariantChecker, InvariantViolation
+from coordinator.testing.kv import STALE, SimKV, encode_command
+from coordinator.testing.linearizability import CheckResult
+from coordinator.testing.network import FaultNetwork
+from coordinator.testing.simulator import SimParams, main, run_seed
+
+CI_SEEDS = 300
+
+
+# ------------------------------------------------------------------------ the CI gate
+
+
+@pytest.mark.sim
+@pytest.mark.slow
+def test_ci_seeds_with_faults_pass_every_check():
+    started = time.monotonic()
+    failed = []
+    for seed in range(CI_SEEDS):
+        result = run_seed(seed)
+        if not result.ok:
+            failed.append(result)
+            print(result.report())
+        assert result.stats["events"] > 0
+    elapsed = time.monotonic() - started
+    print(f"{CI_SEEDS} seeds in {elapsed:.1f} s ({CI_SEEDS / elapsed * 60:.0f} seeds/min)")
+    assert not failed, f"seeds failed: {[r.seed for r in failed]} (reports printed above)"
+
+
+@pytest.mark.sim
+def test_faults_really_happen_across_seeds():
+    totals: dict[str, int] = {}
+    for seed in range(20):
+        for k, v in run_seed(seed).stats.items():
+            totals[k] = totals.get(k, 0) + v
+    for what in ("crashes", "restarts", "compactions", "elections", "dropped", "transfers"):
+        assert totals[what] > 0, f"no {what} in 20 seeds: {totals}"
+
+
+# ---------------------------------------------------------------------- reproducibility
+
+
+@pytest.mark.sim
+def test_same_seed_replays_exactly():
+    a, b = run_seed(7), run_seed(7)
+    assert a.trace_hash == b.trace_hash
+    assert a.trace == b.trace and a.stats == b.stats
+    assert run_seed(8).trace_hash != a.trace_hash
+
+
+# ------------------------------------------------------------- the checkers catch bugs
+
+
+@pytest.mark.sim
+def test_stale_follower_reads_are_caught_as_illegal():
+    # Reads served from the receiving node's local state, without ReadIndex.
+    params = SimParams(bug="stale_reads")
+    results = [run_seed(seed, params) for seed in range(5)]
+    caught = [r for r in results if r.linearizability is CheckResult.ILLEGAL]
+    assert caught, "5 seeds of stale reads and the checker found nothing"
+    report = caught[0].report()
+    assert f"SEED={caught[0].seed}" in report and "linearizability" in report
+    assert "no linearization" in report
+
+
+@pytest.mark.sim
+def test_state_machine_without_dedup_is_caught():
+    # Retried writes applied twice: a broken state machine.
+    params = SimParams(bug="no_dedup")
+    for seed in range(60):
+        if run_seed(seed, params).linearizability is CheckResult.ILLEGAL:
+            return
+    pytest.fail("60 seeds of a state machine that applies retries twice went unnoticed")
+
+
+@pytest.mark.sim
+def test_liveness_failure_is_reported_with_the_seed():
+    result = run_seed(3, SimParams(liveness_time=1))
+    assert not result.ok and result.failure.startswith("liveness")
+    assert "SEED=3" in result.report()
+
+
+@pytest.mark.sim
+def test_command_line(capsys):
+    assert main(["--seeds", "3", "--start", "11"]) == 0
+    out = capsys.readouterr().out
+    assert "ran 3 seeds (11..13)" in out and "seeds/min" in out
+    assert main(["--seeds", "2", "--bug", "stale_reads", "--max-failures", "1"]) == 1
+    assert "SEED=" in capsys.readouterr().out
+
+
+def test_unknown_bug_is_refused():
+    with pytest.raises(ValueError, match="unknown bug"):
+        run_seed(0, SimParams(bug="nonsense"))
+
+
+# ------------------------------------------------------------------- invariant checker
+
+
+class _FakeNode:
+    def __init__(self, role=Role.FOLLOWER, term=1, commit=0):
+        self.role, self.term, self.commit_index = role, term, commit
+
+
+def _storage_with(terms: list[int]) -> MemoryStorage:
+    st = MemoryStorage(conf_state=ConfState(voters=(1, 2, 3)))
+    st.append([Entry(t, i) for i, t in enumerate(terms, start=1)])
+    return st
+
+
+def test_two_leaders_in_one_term_are_caught():
+    chk = InvariantChecker()
+    st = _storage_with([])
+    chk.after_event({1: _FakeNode(Role.LEADER, term=2)}, {1: st, 2: st})
+    with pytest.raises(InvariantViolation, match="election safety"):
+        chk.after_event({2: _FakeNode(Role.LEADER, term=2)}, {1: st, 2: st})
+
+
+def test_commit_going_back_is_caught():
+    chk = InvariantChecker()
+    chk.after_event({1: _FakeNode(commit=5)}, {})
+    with pytest.raises(InvariantViolation, match="monotonic commit"):
+        chk.after_event({1: _FakeNode(commit=4)}, {})
+    chk.on_restart(1)  # a new life starts from its persisted commit
+    chk.after_event({1: _FakeNode(commit=3)}, {})
+    with pytest.raises(InvariantViolation, match="monotonic commit"):
+        chk.on_hard_state(1, HardState(1, 0, 5), HardState(1, 0, 4))
+
+
+def test_durable_term_and_vote_rules():
+    chk = InvariantChecker()
+    chk.on_hard_state(1, HardState(2, 0, 0), HardState(2, 3, 0))  # first vote of term 2
+    chk.on_hard_state(1, HardState(2, 3, 0), HardState(3, 1, 0))  # new term, new vote
+    with pytest.raises(InvariantViolation, match="durable vote"):
+        chk.on_hard_state(1, HardState(2, 3, 0), HardState(2, 1, 0))
+    with pytest.raises(InvariantViolation, match="durable term"):
+        chk.on_hard_state(1, HardState(3, 0, 0), HardState(2, 0, 0))
+
+
+def test_log_matching_violation_is_caught():
+    chk = InvariantChecker()
+    a = _storage_with([1, 1, 2])
+    chk.on_persisted(1, a, [Entry(1, 1), Entry(1, 2), Entry(2, 3)])
+    b = _storage_with([1, 2, 2])  # same (3, term 2) but a different predecessor
+    with pytest.raises(InvariantViolation, match="log matching"):
+        chk.on_persisted(2, b, [Entry(1, 1), Entry(2, 2), Entry(2, 3)])
+
+
+def test_different_entries_applied_at_one_index_are_caught():
+    chk = InvariantChecker()
+    assert chk.on_apply(1, Entry(1, 1, EntryType.NORMAL, b"x"))
+    assert not chk.on_apply(2, Entry(1, 1, EntryType.NORMAL, b"x"))
+    with pytest.raises(InvariantViolation, match="state machine safety"):
+        chk.on_apply(3, Entry(2, 1, EntryType.NORMAL, b"y"))
+
+
+def test_leader_missing_a_committed_entry_is_caught():
+    chk = InvariantChecker()
+    chk.on_apply(1, Entry(1, 1))
+    chk.on_apply(1, Entry(1, 2))
+    short = _storage_with([1])
+    with pytest.raises(InvariantViolation, match="leader completeness"):
+        chk.after_event({2: _FakeNode(Role.LEADER, term=2)}, {2: short})
+    chk2 = InvariantChecker()
+    chk2.on_apply(1, Entry(1, 1))
+    other = _storage_with([3])
+    with pytest.raises(InvariantViolation, match="leader completeness"):
+        chk2.after_event({2: _FakeNode(Role.LEADER, term=3)}, {2: other})
+
+
+# ----------------------------------------------------------------------- KV and network
+
+
+def test_kv_sessions_apply_a_retry_once_and_snapshot_round_trips():
+    kv = SimKV()
+    assert kv.apply(1, encode_command(7, 1, "w", "a", 10)) == (7, 1, True)
+    assert kv.apply(2, encode_command(7, 2, "c", "a", 10, 11)) == (7, 2, True)
+    assert kv.apply(3, encode_command(7, 2, "c", "a", 10, 11)) == (7, 2, True)  # cached
+    assert kv.apply(4, encode_command(7, 1, "w", "a", 10)) == (7, 1, STALE)
+    assert kv.read("a") == 11
+    assert kv.apply(5, b"") is None  # a leader's no-op
+    copy = SimKV()
+    copy.restore(kv.snapshot(), 5)
+    assert copy.kv == kv.kv and copy.sessions == kv.sessions and copy.applied == 5
+    broken = SimKV(dedup=False)
+    broken.apply(1, encode_command(7, 1, "w", "a", 1))
+    broken.apply(2, encode_command(8, 1, "w", "a", 2))
+    broken.apply(3, encode_command(7, 1, "w", "a", 1))  # the retry runs again
+    assert broken.read("a") == 1
+
+
+def test_network_partitions_and_fates():
+    net = FaultNetwork(random.Random(1), [1, 2, 3])
+    net.partition({1})
+    assert not net.link_up(1, 2) and not net.link_up(3, 1) and net.link_up(2, 3)
+    net.heal_links()
+    net.block_one_way(2, 3)
+    assert not net.link_up(2, 3) and net.link_up(3, 2)
+    net.faults.drop = 1.0
+    assert net.delays() == []
+    net.faults.drop, net.faults.duplicate, net.faults.max_delay = 0.0, 1.0, 5
+    copies = net.delays()
+    assert len(copies) == 2 and all(1 <= d <= 5 for d in copies)
