@@ -77,6 +77,7 @@ class PushReply:
     params: np.ndarray  # a snapshot of the shard's range
     version: int  # optimizer steps applied so far
     min_clock: int  # every active worker's pushes below this clock are in ``params``
+    clocks: tuple[int, ...]  # each worker's pushes reflected in ``params``
     wait_s: float  # time spent waiting for the staleness bound
 
 
@@ -308,7 +309,7 @@ class ParameterShard:
     def _reply(self, wait_s: float) -> PushReply:
         assert self._flat is not None
         return PushReply(params=self._flat.numpy().copy(), version=self.version,
-                         min_clock=self.min_clock(), wait_s=wait_s)
+                         min_clock=self.min_clock(), clocks=tuple(self.clocks), wait_s=wait_s)
 
     # ---- shared helpers ----------------------------------------------------------------
     def _fence(self, job_id: str) -> None:

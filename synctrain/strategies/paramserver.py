@@ -302,6 +302,7 @@ class ParameterServerStrategy(Strategy):
         if self._flat is not self._host:
             self._flat.copy_(self._host, non_blocking=False)
         self.included = min(r.min_clock for r in replies)
+        self.server_pushes_applied = sum(replies[0].clocks)
         self._copy_ms.append(1e3 * (time.monotonic() - started))
 
     # ---- collectives through shard 0 ---------------------------------------------------
@@ -350,6 +351,7 @@ class ParameterServerStrategy(Strategy):
             "pull_wait_ms_p99": _percentile(self._wait_ms, 99),
             "pull_copy_ms_mean": _mean(self._copy_ms),
             "included_clock": self.included,
+            "server_pushes_applied": self.server_pushes_applied,
             "nonfinite_skipped": self.nonfinite_skipped,
             "bytes_pushed": self.bytes_pushed,
         }
