@@ -172,14 +172,22 @@ class StateMachine:
         Entries must be applied in order, each exactly once per replica; an empty entry is a
         leader's no-op and only advances ``applied_index``.
         """
+        return self.apply_entry(index, data)[1]
+
+    def apply_entry(self, index: int, data: bytes) -> tuple[Command | None, Answer | None]:
+        """Like :meth:`apply`, also returning the decoded command (None for a no-op or garbage),
+        so a server can route the answer to the waiting client without decoding twice."""
         assert index == self.applied_index + 1, (index, self.applied_index)
         self.applied_index = index
         if not data:
-            return None
+            return None, None
         try:
             cmd = decode_command(data)
         except CommandError as exc:
-            return error("bad_command", str(exc))
+            return None, error("bad_command", str(exc))
+        return cmd, self._apply_command(cmd, index)
+
+    def _apply_command(self, cmd: Command, index: int) -> Answer:
         self.clock_ms = max(self.clock_ms, cmd.ts_ms)
         self._expire_sessions()
         handler = _COMMANDS.get(cmd.op)

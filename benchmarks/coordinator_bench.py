@@ -1,0 +1,613 @@
+"""Coordinator benchmark: synctrain's coordinator vs etcd vs PySyncObj, same load, same run.
+
+Three 3-node clusters on loopback, fsync on (etcd: its default; PySyncObj: its journal file;
+coordinator: DiskStorage with fsync), measured one after another with the same client-side
+harness:
+
+- sequential put latency (one client, 64-byte values): p50 / p99;
+- linearizable and stale get latency (etcd: its serializable read; PySyncObj: a local read);
+- put throughput with 1, 16 and 64 concurrent clients: each client is a thread with its own
+  connection, spread over ``LOAD_PROCESSES`` load-generator processes so the Python client is
+  not the one GIL everything waits on; every client talks to the leader;
+- failover: kill -9 the leader, time until a put is acknowledged by the new leader
+  (``--failover-trials`` trials; the killed node is restarted between trials).
+
+Every loop is bounded in count and in time. The setup step installs what is missing:
+``apt-get update && apt-get install -y etcd-server`` and ``pip install pysyncobj``.
+
+    python benchmarks/coordinator_bench.py [--quick] [--systems coordinator,etcd,pysyncobj]
+
+Results: ``benchmarks/results/coordinator_bench.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+VALUE = b"v" * 64
+LOAD_PROCESSES = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1))))]
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = pred()
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            value = None
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# ----------------------------------------------------------------------------- setup
+def setup(systems: list[str]) -> None:
+    """Install etcd (Debian etcd-server) and PySyncObj if they are missing."""
+    if "etcd" in systems and shutil.which("etcd") is None:
+        print("[setup] installing etcd-server with apt-get", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "etcd-server"], check=True, env=env)
+    if "pysyncobj" in systems:
+        try:
+            import pysyncobj  # noqa: F401
+        except ImportError:
+            print("[setup] pip install pysyncobj", flush=True)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "pysyncobj"], check=True)
+
+
+# ----------------------------------------------------------------------------- systems
+class System:
+    """A 3-node cluster of one kind, plus how a client talks to it."""
+
+    name = ""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def leader(self) -> int: ...
+    def kill(self, node: int) -> None: ...
+    def restart(self, node: int) -> None: ...
+    def client_spec(self, node: int | None) -> dict:
+        """A picklable description a load process turns into a connection (make_conn)."""
+        raise NotImplementedError
+
+
+class CoordinatorSystem(System):
+    name = "coordinator"
+
+    def __init__(self) -> None:
+        from coordinator import LocalCluster
+
+        self.cluster = LocalCluster(nodes=3, fsync=True)
+
+    def start(self) -> None:
+        self.cluster.start()
+        self.cluster.leader()
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+    def leader(self) -> int:
+        return self.cluster.leader()
+
+    def kill(self, node: int) -> None:
+        self.cluster.kill(node)
+
+    def restart(self, node: int) -> None:
+        self.cluster.restart(node)
+
+    def client_spec(self, node: int | None) -> dict:
+        eps = self.cluster.endpoints
+        if node is not None:  # put the wanted node first; the client follows redirects
+            eps = [self.cluster.endpoint(node)] + [e for e in eps if e != self.cluster.endpoint(node)]
+        return {"kind": "coordinator", "endpoints": eps, "token": self.cluster.token}
+
+
+class EtcdSystem(System):
+    """Three ``etcd`` processes with default timing (heartbeat 100 ms, election 1000 ms)."""
+
+    name = "etcd"
+
+    def __init__(self) -> None:
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-etcd-"))
+        self.client_ports = {i: free_port() for i in (1, 2, 3)}
+        self.peer_ports = {i: free_port() for i in (1, 2, 3)}
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def _spawn(self, i: int, state: str) -> None:
+        cluster = ",".join(f"n{j}=http://127.0.0.1:{p}" for j, p in self.peer_ports.items())
+        cmd = ["etcd", "--name", f"n{i}", "--data-dir", str(self.dir / f"n{i}"),
+               "--listen-client-urls", f"http://127.0.0.1:{self.client_ports[i]}",
+               "--advertise-client-urls", f"http://127.0.0.1:{self.client_ports[i]}",
+               "--listen-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
+               "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
+               "--initial-cluster", cluster, "--initial-cluster-state", state,
+               "--initial-cluster-token", "bench"]
+        log = open(self.dir / f"n{i}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        log.close()
+
+    def start(self) -> None:
+        for i in (1, 2, 3):
+            self._spawn(i, "new")
+        self.leader()
+
+    def _status(self, i: int) -> dict:
+        return _etcd_call(self.client_ports[i], "/v3/maintenance/status", {}, timeout_s=1.0)
+
+    def leader(self) -> int:
+        def find() -> int | None:
+            for i, proc in self.procs.items():
+                if proc.poll() is not None:
+                    continue
+                st = self._status(i)
+                if st.get("leader") and st["leader"] == st["header"]["member_id"]:
+                    return i
+            return None
+
+        return wait_until(find, 60, "an etcd leader")
+
+    def kill(self, node: int) -> None:
+        self.procs[node].kill()
+        self.procs[node].wait()
+
+    def restart(self, node: int) -> None:
+        self._spawn(node, "existing")
+        wait_until(lambda: self._status(node).get("leader"), 60, f"etcd n{node} to rejoin")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client_spec(self, node: int | None) -> dict:
+        order = [node] if node else []
+        order += [i for i in (1, 2, 3) if i != node]
+        return {"kind": "etcd", "ports": [self.client_ports[i] for i in order]}
+
+
+def _etcd_call(port: int, path: str, body: dict, timeout_s: float) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"{}")
+        if resp.status != 200:
+            raise RuntimeError(f"etcd {path}: HTTP {resp.status} {data}")
+        return data
+    finally:
+        conn.close()
+
+
+class PySyncObjSystem(System):
+    """Three PySyncObj nodes (ReplDict, journal file), each with a tiny HTTP front end."""
+
+    name = "pysyncobj"
+
+    def __init__(self) -> None:
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-pso-"))
+        self.raft_ports = {i: free_port() for i in (1, 2, 3)}
+        self.http_ports = {i: free_port() for i in (1, 2, 3)}
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def _spawn(self, i: int) -> None:
+        partners = ",".join(f"127.0.0.1:{p}" for j, p in self.raft_ports.items() if j != i)
+        cmd = [sys.executable, __file__, "--pysyncobj-node", f"127.0.0.1:{self.raft_ports[i]}",
+               partners, str(self.http_ports[i]), str(self.dir / f"n{i}.journal")]
+        log = open(self.dir / f"n{i}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        log.close()
+
+    def _status(self, i: int) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_ports[i], timeout=1.0)
+        try:
+            conn.request("GET", "/status")
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def start(self) -> None:
+        for i in (1, 2, 3):
+            self._spawn(i)
+        self.leader()
+
+    def leader(self) -> int:
+        def find() -> int | None:
+            for i, proc in self.procs.items():
+                if proc.poll() is None and self._status(i).get("is_leader"):
+                    return i
+            return None
+
+        return wait_until(find, 60, "a PySyncObj leader")
+
+    def kill(self, node: int) -> None:
+        self.procs[node].kill()
+        self.procs[node].wait()
+
+    def restart(self, node: int) -> None:
+        self._spawn(node)
+        wait_until(lambda: self._status(node).get("ready"), 60, f"PySyncObj n{node} to rejoin")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client_spec(self, node: int | None) -> dict:
+        order = [node] if node else []
+        order += [i for i in (1, 2, 3) if i != node]
+        return {"kind": "pysyncobj", "ports": [self.http_ports[i] for i in order]}
+
+
+def pysyncobj_node_main(self_addr: str, partners: str, http_port: int, journal: str) -> None:
+    """One PySyncObj node process: a replicated dict behind a minimal HTTP API."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pysyncobj import SyncObj, SyncObjConf
+    from pysyncobj.batteries import ReplDict
+
+    store = ReplDict()
+    conf = SyncObjConf(journalFile=journal, dynamicMembershipChange=False)
+    node = SyncObj(self_addr, partners.split(","), conf=conf, consumers=[store])
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()  # answers go out in two writes: no Nagle delay between them
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _reply(self, code: int, doc: dict) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/status":
+                leader = node._getLeader()
+                self._reply(200, {"is_leader": node._isLeader(), "ready": node.isReady(),
+                                  "leader": str(leader) if leader else None})
+            else:
+                self._reply(200, {"value": store.get(self.path[1:])})
+
+        def do_PUT(self) -> None:  # noqa: N802
+            value = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            try:
+                store.set(self.path[1:], value.decode(), sync=True, timeout=2.0)
+            except Exception as exc:  # noqa: BLE001 - report any failure as 503
+                self._reply(503, {"error": type(exc).__name__})
+                return
+            self._reply(200, {"ok": True})
+
+    ThreadingHTTPServer(("127.0.0.1", http_port), Handler).serve_forever()
+
+
+# ----------------------------------------------------------------------------- clients
+class Conn:
+    def put(self, key: str, value: bytes) -> None: ...
+    def get(self, key: str, stale: bool) -> Any: ...
+    def close(self) -> None: ...
+
+
+class CoordinatorConn(Conn):
+    def __init__(self, spec: dict, timeout_s: float) -> None:
+        from coordinator import Client
+
+        self.c = Client(spec["endpoints"], token=spec["token"], timeout_s=timeout_s)
+
+    def put(self, key: str, value: bytes) -> None:
+        self.c.put(key, value)
+
+    def get(self, key: str, stale: bool) -> Any:
+        return self.c.get(key, consistency="stale" if stale else "linearizable")
+
+    def close(self) -> None:
+        self.c.close()
+
+
+class HttpConn(Conn):
+    """Keep-alive HTTP to one node; on failure, the next node of ``ports``."""
+
+    def __init__(self, spec: dict, timeout_s: float, attempt_timeout_s: float = 2.0) -> None:
+        self.ports, self.i, self.timeout_s = spec["ports"], 0, timeout_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.kind = spec["kind"]
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _request(self, method: str, path: str, body: bytes | None) -> dict:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection("127.0.0.1", self.ports[self.i],
+                                                           timeout=min(self.attempt_timeout_s, self.timeout_s))
+                self.conn.request(method, path, body, {"Content-Type": "application/json"})
+                resp = self.conn.getresponse()
+                data = json.loads(resp.read() or b"{}")
+                if resp.status == 200 and "error" not in data:
+                    return data
+                raise RuntimeError(f"HTTP {resp.status}: {data}")
+            except Exception:
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                self.i = (self.i + 1) % len(self.ports)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
+    def put(self, key: str, value: bytes) -> None:
+        if self.kind == "etcd":
+            body = {"key": base64.b64encode(key.encode()).decode(),
+                    "value": base64.b64encode(value).decode()}
+            self._request("POST", "/v3/kv/put", json.dumps(body).encode())
+        else:
+            self._request("PUT", "/" + key, value)
+
+    def get(self, key: str, stale: bool) -> Any:
+        if self.kind == "etcd":
+            body = {"key": base64.b64encode(key.encode()).decode(), "serializable": stale}
+            return self._request("POST", "/v3/kv/range", json.dumps(body).encode())
+        return self._request("GET", "/" + key, None)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def make_conn(spec: dict, timeout_s: float = 10.0, attempt_timeout_s: float = 2.0) -> Conn:
+    """A connection; ``attempt_timeout_s`` bounds one HTTP attempt before the next node is
+    tried (the coordinator client has its own, 1 s, and sees a killed node at once)."""
+    if spec["kind"] == "coordinator":
+        return CoordinatorConn(spec, timeout_s)
+    return HttpConn(spec, timeout_s, attempt_timeout_s)
+
+
+# ----------------------------------------------------------------------------- measurements
+def latency_ms(conn: Conn, op: Callable[[int], None], count: int, budget_s: float) -> dict:
+    samples: list[float] = []
+    deadline = time.monotonic() + budget_s
+    for i in range(count):
+        if time.monotonic() > deadline:
+            break
+        t0 = time.perf_counter()
+        op(i)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"n": len(samples), "p50_ms": round(percentile(samples, 50), 3),
+            "p99_ms": round(percentile(samples, 99), 3),
+            "mean_ms": round(statistics.fmean(samples), 3) if samples else None}
+
+
+def _load_process(spec: dict, threads: int, duration_s: float, max_ops: int, tag: str,
+                  out: Any) -> None:
+    counts = [0] * threads
+    errors = [0] * threads
+    start = threading.Barrier(threads + 1)
+    stop_at = [0.0]
+
+    def worker(t: int) -> None:
+        conn = make_conn(spec)
+        conn.put(f"{tag}-warm-{t}", VALUE)
+        start.wait()
+        i = 0
+        while time.monotonic() < stop_at[0] and i < max_ops:
+            try:
+                conn.put(f"{tag}-{t}-{i % 100}", VALUE)
+                counts[t] += 1
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                errors[t] += 1
+            i += 1
+        conn.close()
+
+    ts = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
+    for t in ts:
+        t.start()
+    stop_at[0] = time.monotonic() + duration_s + 1e9  # placeholder until all are connected
+    start.wait()
+    t0 = time.monotonic()
+    stop_at[0] = t0 + duration_s
+    for t in ts:
+        t.join(duration_s + 30)
+    out.put((sum(counts), sum(errors), time.monotonic() - t0))
+
+
+def throughput(spec: dict, clients: int, duration_s: float) -> dict:
+    procs_n = min(LOAD_PROCESSES, clients)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    per = [clients // procs_n + (1 if k < clients % procs_n else 0) for k in range(procs_n)]
+    max_ops = 200_000
+    procs = [ctx.Process(target=_load_process, args=(spec, n, duration_s, max_ops, f"c{clients}p{k}", out))
+             for k, n in enumerate(per)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=duration_s + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    ops = sum(r[0] for r in results)
+    elapsed = max(r[2] for r in results)
+    return {"clients": clients, "ops": ops, "errors": sum(r[1] for r in results),
+            "seconds": round(elapsed, 2), "ops_per_s": round(ops / elapsed, 1)}
+
+
+def failover(system: System, trials: int, budget_s: float) -> dict:
+    times: list[float] = []
+    deadline = time.monotonic() + budget_s
+    for trial in range(trials):
+        if time.monotonic() > deadline:
+            break
+        leader = system.leader()
+        others = [i for i in (1, 2, 3) if i != leader]
+        conn = make_conn(system.client_spec(others[0]), timeout_s=30.0, attempt_timeout_s=0.3)
+        conn.put("failover-warm", VALUE)
+        system.kill(leader)
+        t0 = time.perf_counter()
+        conn.put(f"failover-{trial}", VALUE)
+        times.append((time.perf_counter() - t0) * 1e3)
+        conn.close()
+        system.restart(leader)
+        print(f"    failover trial {trial}: {times[-1]:.0f} ms", flush=True)
+    return {"trials": len(times), "median_ms": round(statistics.median(times), 1) if times else None,
+            "max_ms": round(max(times), 1) if times else None, "all_ms": [round(t, 1) for t in times]}
+
+
+def bench_system(system: System, args: argparse.Namespace) -> dict:
+    print(f"[{system.name}] starting a 3-node cluster", flush=True)
+    system.start()
+    try:
+        leader = system.leader()
+        conn = make_conn(system.client_spec(leader))
+        res: dict[str, Any] = {}
+        seq_budget = 20.0 if system.name != "pysyncobj" else 15.0
+        res["put_sequential"] = latency_ms(
+            conn, lambda i: conn.put(f"seq-{i % 100}", VALUE), args.sequential, seq_budget)
+        print(f"  sequential put: {res['put_sequential']}", flush=True)
+        res["get_linearizable"] = latency_ms(
+            conn, lambda i: conn.get(f"seq-{i % 100}", stale=False), args.sequential, seq_budget)
+        if system.name != "pysyncobj":  # a PySyncObj read is always local (stale)
+            print(f"  linearizable get: {res['get_linearizable']}", flush=True)
+        else:
+            res.pop("get_linearizable")
+        follower = [i for i in (1, 2, 3) if i != leader][0]
+        fconn = make_conn(system.client_spec(follower))
+        res["get_stale_follower"] = latency_ms(
+            fconn, lambda i: fconn.get(f"seq-{i % 100}", stale=True), args.sequential, seq_budget)
+        print(f"  stale get (follower): {res['get_stale_follower']}", flush=True)
+        fconn.close()
+        conn.close()
+        res["throughput"] = []
+        for clients in args.clients:
+            r = throughput(system.client_spec(leader), clients, args.duration)
+            res["throughput"].append(r)
+            print(f"  throughput: {r}", flush=True)
+        res["failover"] = failover(system, args.failover_trials, budget_s=180.0)
+        print(f"  failover: {res['failover']}", flush=True)
+        return res
+    finally:
+        system.stop()
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(results: dict) -> str:
+    systems = [s for s in ("coordinator", "etcd", "pysyncobj") if s in results["systems"]]
+    rows = [("sequential put p50 (ms)", lambda r: r["put_sequential"]["p50_ms"]),
+            ("sequential put p99 (ms)", lambda r: r["put_sequential"]["p99_ms"]),
+            ("linearizable get p50 (ms)", lambda r: r.get("get_linearizable", {}).get("p50_ms", "n/a")),
+            ("stale get p50, follower (ms)", lambda r: r["get_stale_follower"]["p50_ms"])]
+    for k, clients in enumerate(results["config"]["clients"]):
+        rows.append((f"puts/s, {clients} clients", lambda r, k=k: r["throughput"][k]["ops_per_s"]))
+    rows += [("failover median (ms)", lambda r: r["failover"]["median_ms"]),
+             ("failover max (ms)", lambda r: r["failover"]["max_ms"]),
+             ("failover trials", lambda r: r["failover"]["trials"])]
+    lines = ["# Coordinator benchmark", "",
+             f"{results['machine']}; 3 nodes on loopback, fsync on; 64-byte values; "
+             f"{results['config']['duration_s']} s per throughput point; generated by "
+             "`python benchmarks/coordinator_bench.py`.", "",
+             "| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for label, fn in rows:
+        cells = []
+        for s in systems:
+            r = results["systems"][s]
+            try:
+                cells.append(str(fn(r)) if "error" not in r else "error")
+            except (KeyError, IndexError, TypeError):
+                cells.append("n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for s in systems:
+        if "error" in results["systems"][s]:
+            lines.append(f"\n{s} failed: {results['systems'][s]['error']}")
+    lines += ["", "Targets: sequential p50 <= 1.0 ms; puts/s at 64 clients >= etcd's; failover "
+              "median <= 300 ms and max <= 1 s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", default="coordinator,etcd,pysyncobj")
+    parser.add_argument("--sequential", type=int, default=1000, help="ops per latency series")
+    parser.add_argument("--clients", default="1,16,64")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput point")
+    parser.add_argument("--failover-trials", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    if args.quick:
+        args.sequential, args.duration, args.failover_trials = 200, 2.0, 5
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    setup(systems)
+    makers = {"coordinator": CoordinatorSystem, "etcd": EtcdSystem, "pysyncobj": PySyncObjSystem}
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "config": {"sequential": args.sequential, "clients": args.clients,
+                   "duration_s": args.duration, "failover_trials": args.failover_trials,
+                   "load_processes": LOAD_PROCESSES},
+        "systems": {},
+    }
+    for name in systems:
+        try:
+            results["systems"][name] = bench_system(makers[name](), args)
+        except Exception as exc:  # noqa: BLE001 - one system failing still reports the others
+            print(f"[{name}] failed: {exc!r}", flush=True)
+            results["systems"][name] = {"error": repr(exc)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "coordinator_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "coordinator_bench.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--pysyncobj-node":
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        pysyncobj_node_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    else:
+        sys.exit(main())

@@ -1,0 +1,496 @@
+"""Clients of a coordinator cluster: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+Theory of operation
+-------------------
+A client knows a list of endpoints (every node listens for peers and clients on one address).
+It talks to the node it believes is the leader; a follower answers ``not_leader`` with the
+leader's endpoint, which the client follows. A node that cannot be reached is skipped and the
+next endpoint tried, with a short growing backoff while no leader is known (an election).
+
+Exactly-once writes (Raft thesis §6.3): before its first write a client commits a
+``register`` command and receives a session id. Every write then carries ``(session, seq,
+ack)``: a new ``seq`` per operation, reused unchanged by every retry of that operation, and
+``ack``, the lowest ``seq`` whose answer the client has not received yet. The state machine
+answers a retried ``seq`` from its cache, so a write applies once however often it is sent.
+
+Errors say whether a write may have happened:
+
+- :class:`Unavailable` — the operation certainly did not take effect (no node accepted it
+  before the deadline), so retrying it later is always safe;
+- :class:`OutcomeUnknown` — a request may have reached a leader's log before the client lost
+  track of it (connection dropped after sending, timeout, leader change); it may or may not
+  have applied. (Within one call this never happens twice: the client keeps retrying the
+  same ``seq`` until the deadline, so most leader changes are invisible.)
+- :class:`RequestRejected` — the cluster refused the request itself (a bad key, a value over
+  the limit); nothing changed.
+
+Reads are idempotent: ``get`` retries freely and fails with :class:`Unavailable` only.
+``consistency="linearizable"`` (default) goes to the leader, which confirms its leadership
+with a ReadIndex round before answering; ``consistency="stale"`` is answered from the local
+state of the first node that answers, which may lag but is never ahead of what was committed.
+
+The retry policy is one small pure object (:class:`_Attempts`); the blocking and the asyncio
+clients only differ in how they wait for the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from coordinator.transport import (
+    BlockingClientConnection,
+    ClientConnection,
+    ConnectionClosed,
+    RequestTimeout,
+    TransportError,
+    load_token,
+)
+
+DEFAULT_TIMEOUT_S = 10.0
+MAX_ATTEMPT_TIMEOUT_S = 1.0  # one request to one node; a stalled node is abandoned after it
+BACKOFF_INITIAL_S = 0.005
+BACKOFF_MAX_S = 0.1
+MAX_INFLIGHT_WRITES = 256  # per AsyncClient; must stay below the server's answer cache (1024)
+
+
+class CoordinatorError(Exception):
+    """Base class of every error the coordinator client raises."""
+
+
+class Unavailable(CoordinatorError):
+    """The operation certainly did not take effect; no node could serve it in time."""
+
+
+class OutcomeUnknown(CoordinatorError):
+    """The operation may or may not have taken effect (the client lost track of it)."""
+
+
+class RequestRejected(CoordinatorError):
+    """The cluster refused the request (bad key/value, quota); nothing changed."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+def parse_endpoints(endpoints: str | Iterable[str | tuple[str, int]]) -> list[tuple[str, int]]:
+    """``"h:p,h:p"`` or a list of ``"h:p"`` / ``(h, p)`` -> list of (host, port)."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out = []
+    for item in items:
+        if isinstance(item, tuple):
+            out.append((str(item[0]), int(item[1])))
+            continue
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"endpoint {item!r} is not host:port")
+        out.append((host or "127.0.0.1", int(port)))
+    if not out:
+        raise ValueError("need at least one endpoint")
+    return out
+
+
+def _token_bytes(token: bytes | str | None, token_file: str | os.PathLike | None) -> bytes:
+    if token_file is not None:
+        return load_token(token_file)
+    if token is None:
+        raise ValueError("pass token=... or token_file=... (the cluster's shared secret)")
+    return token.encode() if isinstance(token, str) else token
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
+
+
+def _value_bytes(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+class _Next(enum.Enum):
+    DONE = "done"
+    RETRY = "retry"  # try again now (the endpoint was changed)
+    BACKOFF = "backoff"  # wait, then try again
+
+
+@dataclasses.dataclass
+class _Attempts:
+    """The retry policy of one operation: which endpoint next, how long to wait, and whether
+    a failure leaves the outcome unknown. Pure: no I/O, no sleeping."""
+
+    endpoints: list[tuple[str, int]]
+    current: int
+    deadline: float
+    is_write: bool
+    maybe_sent: bool = False
+    backoff_s: float = BACKOFF_INITIAL_S
+    last_error: str = "no attempt"
+    answer: dict | None = None
+
+    def attempt_timeout(self, now: float) -> float:
+        return max(0.001, min(self.deadline - now, MAX_ATTEMPT_TIMEOUT_S))
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def _rotate(self) -> _Next:
+        self.current = (self.current + 1) % len(self.endpoints)
+        # After a full round of unreachable nodes, back off (an election is likely running).
+        return _Next.BACKOFF if self.current == 0 else _Next.RETRY
+
+    def on_transport_error(self, exc: Exception) -> _Next:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ConnectionClosed) and exc.request_sent:
+            self.maybe_sent = True
+        elif isinstance(exc, RequestTimeout):
+            self.maybe_sent = True
+        return self._rotate()
+
+    def on_answer(self, answer: dict) -> _Next:
+        if answer.get("ok"):
+            self.answer = answer
+            return _Next.DONE
+        code = answer.get("error", "unknown")
+        self.last_error = f"{code}: {answer.get('detail', '')}"
+        if answer.get("maybe_applied"):
+            self.maybe_sent = True
+        if code in ("not_leader", "leader_changed", "timeout", "unavailable", "overloaded",
+                    "shutting_down"):
+            hint = answer.get("endpoint")
+            if hint:
+                addr = parse_endpoints([hint])[0]
+                if addr not in self.endpoints:
+                    self.endpoints.append(addr)
+                new = self.endpoints.index(addr)
+                if new != self.current:
+                    self.current = new
+                    return _Next.RETRY
+            return _Next.BACKOFF if code != "not_leader" else self._rotate()
+        if code == "session_expired" and self.maybe_sent:
+            answer = dict(answer, error="outcome_unknown", detail=(
+                "the session expired while this write was being retried; an earlier attempt "
+                "may have applied"))
+        self.answer = answer
+        return _Next.DONE
+
+    def next_backoff(self) -> float:
+        delay, self.backoff_s = self.backoff_s, min(BACKOFF_MAX_S, self.backoff_s * 2)
+        return delay
+
+    def failure(self, what: str) -> CoordinatorError:
+        detail = f"{what} failed before its deadline; last error: {self.last_error}"
+        if self.is_write and self.maybe_sent:
+            return OutcomeUnknown(detail + " (a request may have reached the leader's log)")
+        return Unavailable(detail)
+
+
+def _rejected_or(answer: dict) -> dict:
+    if answer.get("ok"):
+        return answer
+    if answer.get("error") == "outcome_unknown":
+        raise OutcomeUnknown(answer.get("detail", ""))
+    raise RequestRejected(answer.get("error", "unknown"), answer.get("detail", ""))
+
+
+class _SessionState:
+    """Sequence numbers of one client session (thread-safe: shared by sync callers)."""
+
+    def __init__(self) -> None:
+        self.session = 0
+        self.next_seq = 1
+        self.inflight: set[int] = set()
+        self.lock = threading.Lock()
+
+    def begin(self) -> tuple[int, int]:
+        with self.lock:
+            seq = self.next_seq
+            self.next_seq += 1
+            self.inflight.add(seq)
+            return seq, min(self.inflight)
+
+    def end(self, seq: int) -> None:
+        with self.lock:
+            self.inflight.discard(seq)
+
+    def ack(self) -> int:
+        with self.lock:
+            return min(self.inflight) if self.inflight else self.next_seq
+
+    def reset(self, session: int) -> None:
+        with self.lock:
+            self.session = session
+
+
+def _write_body(op: str, session: _SessionState, seq: int, args: list) -> dict:
+    return {"op": op, "session": session.session, "seq": seq, "ack": session.ack(), "args": args}
+
+
+class Client:
+    """A blocking client. Thread-safe, but it sends one request at a time: give each thread
+    its own Client for concurrency. ``endpoints``: ``"h:p,h:p"`` or a list. A context manager."""
+
+    def __init__(self, endpoints: str | Sequence[str | tuple[str, int]], token: bytes | str | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 token_file: str | os.PathLike | None = None) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.token = _token_bytes(token, token_file)
+        self.timeout_s = timeout_s
+        self._leader = 0
+        self._conns: dict[tuple[str, int], BlockingClientConnection] = {}
+        self._lock = threading.Lock()  # one request at a time (the blocking wire is serial)
+        self._session = _SessionState()
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    # ------------------------------------------------------------ public API
+    def put(self, key: str | bytes, value: str | bytes) -> int:
+        """Store ``value`` under ``key``; returns the new revision."""
+        return self._write("put", [_key_bytes(key), _value_bytes(value)])["revision"]
+
+    def delete(self, key: str | bytes) -> bool:
+        """Delete ``key``; True if it existed."""
+        return self._write("delete", [_key_bytes(key)])["deleted"]
+
+    def cas(self, key: str | bytes, expected: str | bytes | None, new: str | bytes | None) -> bool:
+        """Set ``key`` to ``new`` iff it holds ``expected`` (None: absent); None ``new`` deletes."""
+        args = [_key_bytes(key), _value_bytes(expected), _value_bytes(new)]
+        return self._write("cas", args)["succeeded"]
+
+    def get(self, key: str | bytes, consistency: str = "linearizable") -> bytes | None:
+        """The value of ``key`` or None. ``consistency``: "linearizable" or "stale"."""
+        return self.get_record(key, consistency)["value"]
+
+    def get_record(self, key: str | bytes, consistency: str = "linearizable") -> dict:
+        """The full read answer (value, revisions, the answering node for stale reads)."""
+        if consistency not in ("linearizable", "stale"):
+            raise ValueError("consistency must be 'linearizable' or 'stale'")
+        body = {"op": "get", "key": _key_bytes(key), "consistency": consistency}
+        return _rejected_or(self._call(body, is_write=False, what="get",
+                                       follow=consistency == "linearizable"))
+
+    def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
+        """Status of one node: ``endpoint``, or the first node that answers."""
+        if endpoint is not None:
+            return self._call_one(parse_endpoints([endpoint])[0], {"op": "status"})
+        return self._call({"op": "status"}, is_write=False, what="status", follow=False)
+
+    def admin_partition(self, endpoint: str | tuple[str, int], block: Iterable[int]) -> dict:
+        """Make one node drop all traffic to/from the node ids ``block`` (fault injection)."""
+        return self._call_one(parse_endpoints([endpoint])[0],
+                              {"op": "admin_partition", "block": list(block)})
+
+    # ------------------------------------------------------------ internals
+    def _write(self, op: str, args: list) -> dict:
+        if not self._session.session:
+            self._register()
+        seq, _ = self._session.begin()
+        try:
+            while True:
+                body = _write_body(op, self._session, seq, args)
+                answer = self._call(body, is_write=True, what=op)
+                if answer.get("error") != "session_expired":
+                    return _rejected_or(answer)
+                self._register()  # not applied: the command was refused by the session check
+        finally:
+            self._session.end(seq)
+
+    def _register(self) -> None:
+        body = {"op": "register", "args": [os.urandom(16)]}
+        answer = _rejected_or(self._call(body, is_write=False, what="register"))
+        self._session.reset(answer["session"])
+
+    def _call(self, body: dict, *, is_write: bool, what: str, follow: bool = True) -> dict:
+        with self._lock:
+            return self._call_locked(body, is_write=is_write, what=what, follow=follow)
+
+    def _call_locked(self, body: dict, *, is_write: bool, what: str, follow: bool) -> dict:
+        now = time.monotonic()
+        att = _Attempts(self.endpoints, self._leader, now + self.timeout_s, is_write)
+        while not att.expired(now):
+            addr = att.endpoints[att.current]
+            try:
+                answer = self._conn(addr).request(body, timeout_s=att.attempt_timeout(now))
+                step = att.on_answer(answer) if follow else _Next.DONE
+                att.answer = answer if not follow else att.answer
+            except TransportError as exc:
+                self._drop(addr)
+                step = att.on_transport_error(exc)
+            if step is _Next.DONE:
+                self._leader = att.current
+                assert att.answer is not None
+                return att.answer
+            if step is _Next.BACKOFF:
+                time.sleep(min(att.next_backoff(), max(0.0, att.deadline - time.monotonic())))
+            now = time.monotonic()
+        raise att.failure(what)
+
+    def _call_one(self, addr: tuple[str, int], body: dict) -> dict:
+        try:
+            with self._lock:
+                return self._conn(addr).request(body, timeout_s=self.timeout_s)
+        except TransportError as exc:
+            self._drop(addr)
+            raise Unavailable(f"{body['op']} on {addr[0]}:{addr[1]} failed: {exc}") from exc
+
+    def _conn(self, addr: tuple[str, int]) -> BlockingClientConnection:
+        if self._closed:
+            raise Unavailable("the client is closed")
+        conn = self._conns.get(addr)
+        if conn is None or conn.closed:
+            conn = BlockingClientConnection(addr[0], addr[1], self.token,
+                                            timeout_s=MAX_ATTEMPT_TIMEOUT_S)
+            self._conns[addr] = conn
+        return conn
+
+    def _drop(self, addr: tuple[str, int]) -> None:
+        conn = self._conns.pop(addr, None)
+        if conn is not None:
+            conn.close()
+
+
+class AsyncClient:
+    """The asyncio flavour of :class:`Client`: the same methods, as coroutines. Many
+    operations may run concurrently on one AsyncClient (up to ``MAX_INFLIGHT_WRITES`` writes)."""
+
+    def __init__(self, endpoints: str | Sequence[str | tuple[str, int]], token: bytes | str | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 token_file: str | os.PathLike | None = None) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.token = _token_bytes(token, token_file)
+        self.timeout_s = timeout_s
+        self._leader = 0
+        self._conns: dict[tuple[str, int], ClientConnection] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
+        self._session = _SessionState()
+        self._register_lock = asyncio.Lock()
+        self._write_slots = asyncio.Semaphore(MAX_INFLIGHT_WRITES)
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in list(self._conns.values()):
+            await conn.close()
+        self._conns.clear()
+
+    async def put(self, key: str | bytes, value: str | bytes) -> int:
+        return (await self._write("put", [_key_bytes(key), _value_bytes(value)]))["revision"]
+
+    async def delete(self, key: str | bytes) -> bool:
+        return (await self._write("delete", [_key_bytes(key)]))["deleted"]
+
+    async def cas(self, key: str | bytes, expected: str | bytes | None,
+                  new: str | bytes | None) -> bool:
+        args = [_key_bytes(key), _value_bytes(expected), _value_bytes(new)]
+        return (await self._write("cas", args))["succeeded"]
+
+    async def get(self, key: str | bytes, consistency: str = "linearizable") -> bytes | None:
+        return (await self.get_record(key, consistency))["value"]
+
+    async def get_record(self, key: str | bytes, consistency: str = "linearizable") -> dict:
+        if consistency not in ("linearizable", "stale"):
+            raise ValueError("consistency must be 'linearizable' or 'stale'")
+        body = {"op": "get", "key": _key_bytes(key), "consistency": consistency}
+        return _rejected_or(await self._call(body, is_write=False, what="get",
+                                             follow=consistency == "linearizable"))
+
+    async def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
+        if endpoint is not None:
+            addr = parse_endpoints([endpoint])[0]
+            try:
+                conn = await self._conn(addr)
+                return await conn.request({"op": "status"}, timeout_s=self.timeout_s)
+            except TransportError as exc:
+                await self._drop(addr)
+                raise Unavailable(f"status of {addr[0]}:{addr[1]} failed: {exc}") from exc
+        return await self._call({"op": "status"}, is_write=False, what="status", follow=False)
+
+    async def _write(self, op: str, args: list) -> dict:
+        async with self._write_slots:
+            if not self._session.session:
+                await self._register(0)
+            seq, _ = self._session.begin()
+            try:
+                while True:
+                    session = self._session.session
+                    body = _write_body(op, self._session, seq, args)
+                    answer = await self._call(body, is_write=True, what=op)
+                    if answer.get("error") != "session_expired":
+                        return _rejected_or(answer)
+                    await self._register(session)
+            finally:
+                self._session.end(seq)
+
+    async def _register(self, expired: int) -> None:
+        async with self._register_lock:
+            if self._session.session != expired:
+                return  # another task registered meanwhile
+            body = {"op": "register", "args": [os.urandom(16)]}
+            answer = _rejected_or(await self._call(body, is_write=False, what="register"))
+            self._session.reset(answer["session"])
+
+    async def _call(self, body: dict, *, is_write: bool, what: str, follow: bool = True) -> dict:
+        now = time.monotonic()
+        att = _Attempts(list(self.endpoints), self._leader, now + self.timeout_s, is_write)
+        while not att.expired(now):
+            addr = att.endpoints[att.current]
+            try:
+                conn = await self._conn(addr)
+                answer = await conn.request(body, timeout_s=att.attempt_timeout(now))
+                step = att.on_answer(answer) if follow else _Next.DONE
+                att.answer = answer if not follow else att.answer
+            except TransportError as exc:
+                await self._drop(addr)
+                step = att.on_transport_error(exc)
+            if step is _Next.DONE:
+                if att.current < len(self.endpoints):
+                    self._leader = att.current
+                assert att.answer is not None
+                return att.answer
+            if step is _Next.BACKOFF:
+                await asyncio.sleep(min(att.next_backoff(),
+                                        max(0.0, att.deadline - time.monotonic())))
+            now = time.monotonic()
+        raise att.failure(what)
+
+    async def _conn(self, addr: tuple[str, int]) -> ClientConnection:
+        if self._closed:
+            raise Unavailable("the client is closed")
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._connecting.setdefault(addr, asyncio.Lock())
+        async with lock:  # many tasks, one connection per node
+            conn = self._conns.get(addr)
+            if conn is None or conn.closed:
+                conn = await ClientConnection.connect(addr[0], addr[1], self.token,
+                                                      timeout_s=MAX_ATTEMPT_TIMEOUT_S)
+                self._conns[addr] = conn
+            return conn
+
+    async def _drop(self, addr: tuple[str, int]) -> None:
+        conn = self._conns.pop(addr, None)
+        if conn is not None:
+            await conn.close()

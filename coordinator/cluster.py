@@ -1,0 +1,429 @@
+"""Running whole coordinator clusters: :class:`LocalCluster` (subprocesses) and
+:class:`RayCluster` (Ray actors spread over Ray nodes).
+
+Theory of operation
+-------------------
+``LocalCluster`` starts every node as its own ``python -m coordinator.cli serve`` process on a
+loopback port picked up front, all sharing one token file (mode 0600) and each with its own
+data directory and log file under ``data_dir``. A node writes ``node-<id>.ready`` once it
+serves, which is how ``start``/``restart`` know it is up. Faults are real: ``kill`` is SIGKILL,
+``pause``/``resume`` are SIGSTOP/SIGCONT, ``restart`` starts a new process on the same data
+directory (so it recovers from its WAL and snapshot), and ``partition`` asks the nodes'
+transports to drop every frame between the cut-off node and the rest (an authenticated
+``admin_partition`` request; network namespaces need privileges we cannot assume).
+
+``RayCluster`` hosts each node in a Ray actor (``scheduling_strategy="SPREAD"``, so with
+several Ray nodes no machine holds a majority when there are enough machines); each actor
+reserves a port on its own node's IP first, then all of them start with the full peer map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from coordinator.client import Client, Unavailable
+from coordinator.transport import generate_token
+
+DEFAULT_STARTUP_TIMEOUT_S = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the usual small race is accepted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_token_file(path: pathlib.Path) -> bytes:
+    """Create ``path`` (mode 0600) holding a fresh cluster token; returns the token bytes."""
+    token = generate_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token.encode()
+
+
+def _wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class LocalCluster:
+    """``nodes`` coordinator processes on loopback; a context manager. See the module doc."""
+
+    def __init__(self, nodes: int = 3, data_dir: str | os.PathLike | None = None, *,
+                 host: str = "127.0.0.1", tick_ms: float = 15.0, election_tick: int = 10,
+                 fsync: bool = True, snapshot_every: int | None = None,
+                 startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+                 extra_args: list[str] | None = None) -> None:
+        if not 1 <= nodes <= 9:
+            raise ValueError("a local cluster has 1..9 nodes")
+        self._own_dir = data_dir is None
+        self.data_dir = pathlib.Path(data_dir or tempfile.mkdtemp(prefix="coordinator-"))
+        self.host = host
+        self.node_ids = list(range(1, nodes + 1))
+        self.tick_ms, self.election_tick, self.fsync = tick_ms, election_tick, fsync
+        self.snapshot_every = snapshot_every
+        self.startup_timeout_s = startup_timeout_s
+        self.extra_args = list(extra_args or [])
+        self.addresses: dict[int, tuple[str, int]] = {}
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.token_file = self.data_dir / "token"
+        self.token = b""
+        self._started = False
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Pick ports, write the token file, start every node and wait until all serve."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.token_file.exists():
+            self.token = self.token_file.read_text().strip().encode()
+        else:
+            self.token = write_token_file(self.token_file)
+        if not self.addresses:
+            self.addresses = {i: (self.host, free_port(self.host)) for i in self.node_ids}
+        self._started = True
+        for i in self.node_ids:
+            self._spawn(i)
+        for i in self.node_ids:
+            self._wait_ready(i)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every node (resuming paused ones), SIGKILL what is left after ``timeout_s``."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                    proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self._own_dir and self._started:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        self._started = False
+
+    # ------------------------------------------------------------ queries
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.endpoint(i) for i in self.node_ids]
+
+    def endpoint(self, node_id: int) -> str:
+        host, port = self.addresses[node_id]
+        return f"{host}:{port}"
+
+    def node_dir(self, node_id: int) -> pathlib.Path:
+        return self.data_dir / f"node-{node_id}"
+
+    def log_path(self, node_id: int) -> pathlib.Path:
+        return self.data_dir / f"node-{node_id}.log"
+
+    def pid(self, node_id: int) -> int:
+        return self.procs[node_id].pid
+
+    def is_running(self, node_id: int) -> bool:
+        proc = self.procs.get(node_id)
+        return proc is not None and proc.poll() is None
+
+    def client(self, timeout_s: float = 10.0, endpoints: list[str] | None = None) -> Client:
+        return Client(endpoints or self.endpoints, token=self.token, timeout_s=timeout_s)
+
+    def status(self, node_id: int, timeout_s: float = 2.0) -> dict | None:
+        """The node's status, or None if it does not answer within ``timeout_s``."""
+        try:
+            with Client([self.endpoint(node_id)], token=self.token, timeout_s=timeout_s) as c:
+                return c.status(self.endpoint(node_id))
+        except Unavailable:
+            return None
+
+    def leader(self, timeout_s: float = 30.0, exclude: tuple[int, ...] = ()) -> int:
+        """Wait until a running node (not in ``exclude``) is leader of the highest term any
+        running node reports; return its id."""
+
+        def find() -> int | None:
+            best: tuple[int, int] | None = None
+            terms = []
+            for i in self.node_ids:
+                if not self.is_running(i):
+                    continue
+                st = self.status(i, timeout_s=0.5)
+                if st is None:
+                    continue
+                terms.append(st["term"])
+                if st["role"] == "leader" and i not in exclude and (best is None or st["term"] > best[0]):
+                    best = (st["term"], i)
+            if best is not None and best[0] >= max(terms):
+                return best[1]
+            return None
+
+        return _wait_until(find, timeout_s, "a leader to be elected", interval_s=0.05)
+
+    # ------------------------------------------------------------ faults
+    def kill(self, node_id: int) -> None:
+        """SIGKILL the node's process and reap it."""
+        proc = self.procs[node_id]
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+    def pause(self, node_id: int) -> None:
+        os.kill(self.procs[node_id].pid, signal.SIGSTOP)
+
+    def resume(self, node_id: int) -> None:
+        os.kill(self.procs[node_id].pid, signal.SIGCONT)
+
+    def restart(self, node_id: int) -> None:
+        """Stop the node if it runs (SIGTERM, then SIGKILL), start it again on the same data
+        directory and port, and wait until it serves."""
+        proc = self.procs.get(node_id)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._spawn(node_id)
+        self._wait_ready(node_id)
+
+    def partition(self, node_id: int) -> None:
+        """Cut ``node_id`` off from every other node (both directions); clients still reach all."""
+        others = [i for i in self.node_ids if i != node_id]
+        self._admin_partition(node_id, others)
+        for i in others:
+            self._admin_partition(i, [node_id])
+
+    def heal(self) -> None:
+        """Undo every partition."""
+        for i in self.node_ids:
+            if self.is_running(i):
+                self._admin_partition(i, [])
+
+    def _admin_partition(self, node_id: int, block: list[int]) -> None:
+        with Client([self.endpoint(node_id)], token=self.token, timeout_s=5.0) as c:
+            c.admin_partition(self.endpoint(node_id), block)
+
+    # ------------------------------------------------------------ internals
+    def _command(self, node_id: int) -> list[str]:
+        peers = ",".join(f"{i}={h}:{p}" for i, (h, p) in self.addresses.items())
+        cmd = [sys.executable, "-m", "coordinator.cli", "serve", "--id", str(node_id),
+               "--listen", self.endpoint(node_id), "--peers", peers,
+               "--data-dir", str(self.node_dir(node_id)), "--token-file", str(self.token_file),
+               "--tick-ms", str(self.tick_ms), "--election-tick", str(self.election_tick),
+               "--ready-file", str(self._ready_file(node_id))]
+        if not self.fsync:
+            cmd.append("--no-fsync")
+        if self.snapshot_every is not None:
+            cmd += ["--snapshot-every", str(self.snapshot_every)]
+        return cmd + self.extra_args
+
+    def _ready_file(self, node_id: int) -> pathlib.Path:
+        return self.data_dir / f"node-{node_id}.ready"
+
+    def _spawn(self, node_id: int) -> None:
+        self._ready_file(node_id).unlink(missing_ok=True)
+        log = open(self.log_path(node_id), "ab")  # noqa: SIM115 - owned by the child
+        try:
+            self.procs[node_id] = subprocess.Popen(
+                self._command(node_id), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+
+    def _wait_ready(self, node_id: int) -> None:
+        proc = self.procs[node_id]
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                tail = self.log_path(node_id).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"coordinator node {node_id} exited with {proc.returncode} "
+                                   f"while starting; its log ({self.log_path(node_id)}) ends:\n{tail}")
+            return self._ready_file(node_id).exists()
+
+        _wait_until(ready, self.startup_timeout_s, f"node {node_id} to start serving")
+
+    def describe(self) -> dict:
+        """What a client needs: endpoints, token file, data dir (written to state files)."""
+        return {"endpoints": self.endpoints, "token_file": str(self.token_file),
+                "data_dir": str(self.data_dir), "pids": {i: p.pid for i, p in self.procs.items()}}
+
+
+# ---------------------------------------------------------------------------- Ray
+class _RayNode:
+    """Body of the Ray actor hosting one coordinator node in a background thread."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._thread: Any = None
+        self._loop: Any = None
+        self._server: Any = None
+        self.data_dir = tempfile.mkdtemp(prefix=f"coordinator-ray-{node_id}-")
+
+    def reserve(self, bind_all: bool) -> tuple[str, int]:
+        import ray
+
+        ip = ray.util.get_node_ip_address() if bind_all else "127.0.0.1"
+        self.host = ip
+        self.port = free_port("0.0.0.0" if bind_all else "127.0.0.1")
+        self._bind = "0.0.0.0" if bind_all else "127.0.0.1"
+        return ip, self.port
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float) -> str:
+        import asyncio
+        import threading
+
+        from coordinator.server import CoordinatorServer, ServerConfig
+
+        config = ServerConfig(node_id=self.node_id, peers={int(k): tuple(v) for k, v in peers.items()},
+                              data_dir=pathlib.Path(self.data_dir), token=token,
+                              listen=(self._bind, self.port), tick_s=tick_s)
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                self._server = CoordinatorServer(config)
+                loop.run_until_complete(self._server.start())
+            except BaseException as exc:  # reported to the caller below
+                errors.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_until_complete(self._server.wait_stopped())
+
+        self._thread = threading.Thread(target=run, name=f"coordinator-{self.node_id}", daemon=True)
+        self._thread.start()
+        started.wait(60)
+        if errors:
+            raise errors[0]
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._server is not None and self._loop is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop)
+            fut.result(30)
+            self._thread.join(30)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class RayCluster:
+    """``nodes`` coordinator nodes as Ray actors spread over the Ray cluster's nodes.
+
+    Requires ``ray.init`` to have been called (or calls it with defaults). With one Ray node
+    everything binds to loopback; with several, nodes bind on all interfaces of their host
+    and advertise its IP. A context manager like :class:`LocalCluster`.
+    """
+
+    def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
+                 num_cpus_per_node: float = 0.1) -> None:
+        self.node_ids = list(range(1, nodes + 1))
+        self.token = token or generate_token().encode()
+        self.tick_s = tick_ms / 1000.0
+        self.num_cpus_per_node = num_cpus_per_node
+        self.actors: dict[int, Any] = {}
+        self.endpoints: list[str] = []
+
+    def __enter__(self) -> RayCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        multi = len([n for n in ray.nodes() if n.get("Alive")]) > 1
+        actor_cls = ray.remote(num_cpus=self.num_cpus_per_node, max_concurrency=4)(_RayNode)
+        for i in self.node_ids:
+            self.actors[i] = actor_cls.options(scheduling_strategy="SPREAD").remote(i)
+        addrs = ray.get([self.actors[i].reserve.remote(multi) for i in self.node_ids])
+        peers = {i: tuple(a) for i, a in zip(self.node_ids, addrs, strict=True)}
+        self.endpoints = ray.get([self.actors[i].start.remote(peers, self.token, self.tick_s)
+                                  for i in self.node_ids])
+
+    def node_ips(self) -> dict[int, str]:
+        import ray
+
+        return dict(zip(self.node_ids, ray.get([a.node_ip.remote() for a in self.actors.values()]),
+                        strict=True))
+
+    def client(self, timeout_s: float = 10.0) -> Client:
+        return Client(self.endpoints, token=self.token, timeout_s=timeout_s)
+
+    def kill(self, node_id: int) -> None:
+        """``ray.kill`` the node's actor (its process dies as with SIGKILL)."""
+        import ray
+
+        ray.kill(self.actors.pop(node_id))
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            with contextlib.suppress(Exception):
+                ray.get(actor.stop.remote(), timeout=30)
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.actors.clear()
+
+
+def state_file_path() -> pathlib.Path:
+    """Where ``coordinator local`` records its endpoints and token file for other commands."""
+    env = os.environ.get("COORDINATOR_STATE_FILE")
+    if env:
+        return pathlib.Path(env)
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(pathlib.Path.home(), ".cache")
+    return pathlib.Path(base) / "synctrain" / "coordinator-local.json"
+
+
+def write_state_file(cluster: LocalCluster, path: pathlib.Path | None = None) -> pathlib.Path:
+    path = path or state_file_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(cluster.describe(), owner_pid=os.getpid()), indent=2))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,509 @@
+"""One coordinator node: a RaftNode on DiskStorage, driven by asyncio, serving clients.
+
+Theory of operation
+-------------------
+Everything runs on one asyncio event loop, single-threaded, so the RaftNode (which is not
+thread-safe) is only ever touched from the loop:
+
+- a ticker calls ``node.tick()`` every ``tick_s`` (15 ms by default; with ``election_tick`` 10
+  the core randomizes the election timeout in [150, 300) ms);
+- the transport calls :meth:`CoordinatorServer._on_peer_message` for each authenticated peer
+  frame, which is decoded (never unpickled) and stepped into the node;
+- client requests (put/get/cas/delete/register/status) arrive as msgpack dicts.
+
+Each of these only *schedules* one run of :meth:`_drive` (``loop.call_soon``), so everything
+that arrived in the same loop iteration lands in one ``Ready``: one group commit. ``_drive``
+follows the core's contract: persist the snapshot, entries and hard state with a single
+``DiskStorage.save`` (one fsync) *before* sending the messages, then apply committed entries
+to the :class:`~coordinator.statemachine.StateMachine`, answer the clients waiting on them,
+release ReadIndex reads whose index is applied, and ``advance``. Every ``snapshot_every``
+applied entries the state machine is snapshotted and the log compacted.
+
+Writes are proposed only on the leader; a follower answers ``not_leader`` with the leader's id
+and endpoint. A write waits for its own entry to be applied: the waiting request is keyed by
+its (session, sequence number), which the command carries, so no log index bookkeeping is
+needed and a retry of the same command simply waits for the same key. Linearizable reads are
+batched into one ``read_index`` per drive and answered once the applied index reaches the
+ReadState's index (Raft thesis §6.4). Stale reads answer from local state immediately.
+
+When the node stops being leader, every waiting write is answered ``leader_changed`` (its entry
+may still commit under the new leader, so the client retries with the same sequence number and
+the session table answers it once) and every waiting read ``not_leader`` (reads are safe to
+retry). A partition for the fault tests is a pair of transport block lists set by the
+``admin_partition`` request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import pathlib
+import random
+import signal
+import time
+from collections import deque
+from typing import Any
+
+from coordinator.raft import (
+    Config,
+    ConfState,
+    DecodeError,
+    EntryType,
+    Message,
+    MessageType,
+    ProposalDropped,
+    RaftNode,
+    Role,
+    decode_conf_change,
+    decode_message,
+    encode_message,
+)
+from coordinator.statemachine import StateMachine, encode_command
+from coordinator.storage import DiskStorage
+from coordinator.transport import PeerTransport, Server
+
+log = logging.getLogger("coordinator.server")
+
+Address = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything one node needs. ``peers`` maps every voter id (this node included) to the
+    address it listens on for both peers and clients, like etcd's ``--initial-cluster``."""
+
+    node_id: int
+    peers: dict[int, Address]
+    data_dir: pathlib.Path
+    token: bytes
+    listen: Address | None = None  # default: peers[node_id]
+    tick_s: float = 0.015
+    election_tick: int = 10
+    heartbeat_tick: int = 1
+    fsync: bool = True
+    snapshot_every: int = 10_000
+    keep_entries_after_snapshot: int = 2_000
+    request_timeout_s: float = 5.0
+    max_pending_requests: int = 20_000
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.node_id not in self.peers:
+            raise ValueError(f"node id {self.node_id} is not in the peer list "
+                             f"{sorted(self.peers)}: --peers must name every member, this one too")
+        if self.tick_s <= 0 or self.election_tick <= self.heartbeat_tick:
+            raise ValueError("need tick_s > 0 and election_tick > heartbeat_tick")
+
+
+def endpoint_str(addr: Address) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+class CoordinatorServer:
+    """Drives one RaftNode; see the module docstring. Use ``await start()`` / ``await stop()``
+    or :func:`serve` for a whole process."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.id = config.node_id
+        voters = tuple(sorted(config.peers))
+        self.storage = DiskStorage(config.data_dir, conf_state=ConfState(voters=voters),
+                                   fsync=config.fsync)
+        self.sm = StateMachine()
+        snap = self.storage.snapshot()
+        if snap.metadata.index > 0:
+            self._restore(snap.data, snap.metadata.index)
+        self.conf_state = self.storage.initial_state()[1]
+        self._snapshot_index = snap.metadata.index
+        rng = random.Random(config.seed if config.seed is not None else os.urandom(8))
+        self.node = RaftNode(
+            Config(id=self.id, election_tick=config.election_tick,
+                   heartbeat_tick=config.heartbeat_tick, applied=snap.metadata.index),
+            self.storage, rng)
+        self.role = Role.FOLLOWER
+        self._pending_writes: dict[tuple, list[asyncio.Future]] = {}
+        self._proposals: list[tuple[bytes, tuple, asyncio.Future]] = []
+        self._reads_unissued: list[tuple[bytes, asyncio.Future]] = []
+        self._reads_by_ctx: dict[bytes, list[tuple[bytes, asyncio.Future]]] = {}
+        self._reads_waiting: deque[tuple[int, bytes, asyncio.Future]] = deque()
+        self._read_ctx_counter = 0
+        self._drive_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self.stats = {"peer_messages_in": 0, "peer_messages_dropped": 0, "readies": 0,
+                      "proposals": 0, "reads_issued": 0, "snapshots": 0, "requests": 0}
+        listen = config.listen or config.peers[self.id]
+        self.transport_server = Server(
+            node_id=self.id, token=config.token, on_peer_message=self._on_peer_message,
+            on_client_request=self._on_client_request, host=listen[0], port=listen[1])
+        self.peer_transport = PeerTransport(
+            node_id=self.id, token=config.token,
+            peers={i: a for i, a in config.peers.items() if i != self.id},
+            on_unreachable=self._on_unreachable)
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Bind, connect to peers and start ticking. Returns once the node is serving."""
+        self._loop = asyncio.get_running_loop()
+        await self.transport_server.start()
+        await self.peer_transport.start()
+        self._ticker = asyncio.create_task(self._tick_forever(), name=f"ticker-{self.id}")
+        self._schedule_drive()
+        log.info("node %d serving on %s (data dir %s)", self.id,
+                 endpoint_str(self.transport_server.address), self.config.data_dir)
+
+    @property
+    def address(self) -> Address:
+        return self.transport_server.address
+
+    async def stop(self) -> None:
+        """Stop ticking, close the network and release the data dir. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._fail_pending_writes("shutting_down")
+        self._fail_pending_reads("shutting_down")
+        await self.transport_server.close()
+        await self.peer_transport.close()
+        self.storage.close()
+        log.info("node %d stopped", self.id)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _tick_forever(self) -> None:
+        period = self.config.tick_s
+        next_at = time.monotonic()
+        while True:
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if time.monotonic() - next_at > 10 * period:  # we were paused: do not burst ticks
+                next_at = time.monotonic()
+            self.node.tick()
+            self._schedule_drive()
+
+    # ------------------------------------------------------------ raft I/O
+    def _schedule_drive(self) -> None:
+        if not self._drive_scheduled and not self._stopped.is_set():
+            self._drive_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._drive)
+
+    def _on_peer_message(self, frm: int, payload: bytes) -> None:
+        self.stats["peer_messages_in"] += 1
+        try:
+            msg = decode_message(payload)
+        except DecodeError as exc:
+            self.stats["peer_messages_dropped"] += 1
+            log.warning("dropping a malformed message from node %d: %s", frm, exc)
+            return
+        if msg.frm != frm or msg.to != self.id:
+            self.stats["peer_messages_dropped"] += 1
+            log.warning("dropping a message claiming %d->%d on node %d's link to %d",
+                        msg.frm, msg.to, frm, self.id)
+            return
+        self.node.step(msg)
+        self._schedule_drive()
+
+    def _on_unreachable(self, peer: int) -> None:
+        if not self._stopped.is_set():
+            self.node.report_unreachable(peer)
+
+    def _drive(self) -> None:
+        """Run every pending Ready through persist -> send -> apply -> advance."""
+        self._drive_scheduled = False
+        if self._stopped.is_set():
+            return
+        self._issue_proposals()
+        self._issue_reads()
+        while self.node.has_ready():
+            rd = self.node.ready()
+            self.stats["readies"] += 1
+            if rd.soft_state is not None:
+                self._on_role(rd.soft_state.role)
+            if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
+                self.storage.save(rd.hard_state, list(rd.entries), rd.snapshot)
+            if rd.snapshot is not None:
+                self._restore(rd.snapshot.data, rd.snapshot.metadata.index)
+                self.conf_state = rd.snapshot.metadata.conf_state
+                self._snapshot_index = rd.snapshot.metadata.index
+            self._send(rd.messages)
+            for entry in rd.committed_entries:
+                self._apply(entry)
+            for rs in rd.read_states:
+                self._on_read_state(rs.index, rs.context)
+            for ctx in rd.dropped_reads:
+                self._answer_reads(self._reads_by_ctx.pop(ctx, ()), self._redirect("not_leader"))
+            self.node.advance(rd)
+            self._release_reads()
+        self._maybe_snapshot()
+
+    def _send(self, messages: list[Message]) -> None:
+        for m in messages:
+            if m.to == self.id:  # defensive: the core should not address itself
+                continue
+            try:
+                self.peer_transport.send(m.to, encode_message(m))
+            except KeyError:
+                log.warning("no address for node %d; dropping a %s", m.to, m.type.name)
+                continue
+            if m.type == MessageType.SNAPSHOT:
+                # Queued is all we know; a lost snapshot makes the follower reject the next
+                # append and the leader probes (and resends) from there.
+                self.node.report_snapshot(m.to, True)
+
+    def _on_role(self, role: Role) -> None:
+        was_leader = self.role == Role.LEADER
+        self.role = role
+        if was_leader and role != Role.LEADER:
+            log.info("node %d stepped down (term %d)", self.id, self.node.term)
+            self._fail_pending_writes("leader_changed")
+            self._fail_pending_reads("not_leader")
+        elif role == Role.LEADER and not was_leader:
+            log.info("node %d became leader (term %d)", self.id, self.node.term)
+
+    # ------------------------------------------------------------ apply path
+    def _apply(self, entry: Any) -> None:
+        if entry.type == EntryType.CONF_CHANGE:
+            self.sm.apply(entry.index, b"")
+            if entry.data:
+                self.conf_state = self.node.apply_conf_change(decode_conf_change(entry.data))
+            return
+        cmd, answer = self.sm.apply_entry(entry.index, entry.data)
+        if cmd is None or answer is None or not self._pending_writes:
+            return
+        key = ("register", cmd.args[0]) if cmd.op == "register" and cmd.args else (
+            cmd.session, cmd.seq)
+        for fut in self._pending_writes.pop(key, ()):
+            if not fut.done():
+                fut.set_result(answer)
+
+    def _restore(self, data: bytes, index: int) -> None:
+        if data:
+            self.sm.restore(data)
+            assert self.sm.applied_index == index, (self.sm.applied_index, index)
+        else:
+            self.sm.restore_empty(index)
+
+    def _maybe_snapshot(self) -> None:
+        applied = self.sm.applied_index
+        if applied - self._snapshot_index < self.config.snapshot_every:
+            return
+        started = time.perf_counter()
+        self.storage.create_snapshot(applied, self.conf_state, self.sm.snapshot())
+        self._snapshot_index = applied
+        compact_to = applied - self.config.keep_entries_after_snapshot
+        if compact_to >= self.storage.first_index():
+            self.storage.compact(compact_to)
+        self.stats["snapshots"] += 1
+        log.info("node %d snapshot at %d in %.1f ms", self.id, applied,
+                 (time.perf_counter() - started) * 1e3)
+
+    # ------------------------------------------------------------ proposals and reads
+    def _issue_proposals(self) -> None:
+        """Propose every write queued since the last drive as one batch (one append)."""
+        if not self._proposals:
+            return
+        batch, self._proposals = self._proposals, []
+        try:
+            self.node.propose_batch([data for data, _, _ in batch])
+        except ProposalDropped as exc:
+            answer = self._redirect("not_leader" if exc.leader_hint != self.id else "unavailable")
+            for _, _, fut in batch:  # never appended: certainly not applied
+                if not fut.done():
+                    fut.set_result(answer)
+            return
+        self.stats["proposals"] += len(batch)
+        for _, key, fut in batch:
+            self._pending_writes.setdefault(key, []).append(fut)
+
+    def _issue_reads(self) -> None:
+        if not self._reads_unissued:
+            return
+        batch, self._reads_unissued = self._reads_unissued, []
+        if self.role != Role.LEADER:
+            self._answer_reads(batch, self._redirect("not_leader"))
+            return
+        self._read_ctx_counter += 1
+        ctx = self._read_ctx_counter.to_bytes(8, "big")
+        try:
+            self.node.read_index(ctx)
+        except ProposalDropped as exc:
+            self._answer_reads(batch, self._redirect("overloaded") if exc.leader_hint == self.id
+                               else self._redirect("not_leader"))
+            return
+        self._reads_by_ctx[ctx] = batch
+        self.stats["reads_issued"] += 1
+
+    @staticmethod
+    def _answer_reads(batch: Any, answer: dict) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(answer)
+
+    def _on_read_state(self, index: int, ctx: bytes) -> None:
+        for key, fut in self._reads_by_ctx.pop(ctx, ()):
+            self._reads_waiting.append((index, key, fut))
+
+    def _release_reads(self) -> None:
+        applied = self.sm.applied_index
+        while self._reads_waiting and self._reads_waiting[0][0] <= applied:
+            _, key, fut = self._reads_waiting.popleft()
+            if not fut.done():
+                fut.set_result(self.sm.read_answer(key))
+        # Read states come back in issue order, so the deque stays sorted by index.
+
+    def _fail_pending_reads(self, error: str) -> None:
+        answer = self._redirect(error)
+        groups = [self._reads_unissued, *self._reads_by_ctx.values(),
+                  [(k, f) for _, k, f in self._reads_waiting]]
+        for group in groups:
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_result(answer)
+        self._reads_unissued, self._reads_by_ctx = [], {}
+        self._reads_waiting.clear()
+
+    def _fail_pending_writes(self, error: str) -> None:
+        answer = self._redirect(error)
+        self._answer_reads([(None, f) for _, _, f in self._proposals], answer)  # never proposed
+        self._proposals = []
+        answer = dict(answer, maybe_applied=True)
+        for futs in self._pending_writes.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(answer)
+        self._pending_writes.clear()
+
+    # ------------------------------------------------------------ client RPCs
+    def _redirect(self, error: str) -> dict:
+        leader = self.node.leader_id
+        endpoint = None
+        if leader and leader != self.id and leader in self.config.peers:
+            endpoint = endpoint_str(self.config.peers[leader])
+        return {"ok": False, "error": error, "leader": leader, "endpoint": endpoint,
+                "detail": f"node {self.id} is {self.role.name.lower()}; leader is "
+                          f"{leader or 'unknown'}"}
+
+    async def _on_client_request(self, body: dict) -> dict:
+        """Answer one client request (see :mod:`coordinator.client` for the protocol)."""
+        self.stats["requests"] += 1
+        op = body.get("op")
+        if op == "get":
+            return await self._get(body)
+        if op in ("put", "delete", "cas", "register"):
+            return await self._write(op, body)
+        if op == "status":
+            return self.status()
+        if op == "admin_partition":
+            return self._partition(body.get("block", ()))
+        return {"ok": False, "error": "bad_request", "detail": f"unknown op {op!r}"}
+
+    async def _get(self, body: dict) -> dict:
+        key = body.get("key")
+        if not isinstance(key, bytes):
+            return {"ok": False, "error": "bad_key", "detail": "key must be bytes"}
+        if body.get("consistency", "linearizable") == "stale":
+            answer = self.sm.read_answer(key)
+            answer["stale"] = True
+            answer["node"] = self.id
+            return answer
+        if self.role != Role.LEADER:
+            return self._redirect("not_leader")
+        if len(self._reads_unissued) >= self.config.max_pending_requests:
+            return {"ok": False, "error": "overloaded", "detail": "too many reads waiting"}
+        fut = asyncio.get_running_loop().create_future()
+        self._reads_unissued.append((key, fut))
+        self._schedule_drive()
+        return await self._await(fut, maybe_applied=False)
+
+    async def _write(self, op: str, body: dict) -> dict:
+        if self.role != Role.LEADER:
+            return self._redirect("not_leader")
+        if len(self._pending_writes) >= self.config.max_pending_requests:
+            return {"ok": False, "error": "overloaded", "detail": "too many writes waiting"}
+        args = body.get("args", [])
+        if not isinstance(args, list) or not all(a is None or isinstance(a, bytes) for a in args):
+            return {"ok": False, "error": "bad_request", "detail": "args must be bytes or None"}
+        ts_ms = int(time.time() * 1000)
+        if op == "register":
+            if len(args) != 1 or not args[0]:
+                return {"ok": False, "error": "bad_request", "detail": "register takes a nonce"}
+            key: tuple = ("register", args[0])
+            data = encode_command("register", 0, 0, 0, ts_ms, args[0])
+        else:
+            session, seq, ack = body.get("session"), body.get("seq"), body.get("ack", 0)
+            if not all(isinstance(x, int) and x >= 0 for x in (session, seq, ack)):
+                return {"ok": False, "error": "bad_request", "detail": "session/seq/ack"}
+            key = (session, seq)
+            data = encode_command(op, session, seq, ack, ts_ms, *args)
+        fut = asyncio.get_running_loop().create_future()
+        self._proposals.append((data, key, fut))
+        self._schedule_drive()
+        answer = await self._await(fut, maybe_applied=True)
+        waiters = self._pending_writes.get(key)
+        if fut.cancelled() and waiters is not None and fut in waiters:  # timed out: forget it
+            waiters.remove(fut)
+            if not waiters:
+                del self._pending_writes[key]
+        return answer
+
+    async def _await(self, fut: asyncio.Future, *, maybe_applied: bool) -> dict:
+        try:
+            return await asyncio.wait_for(fut, self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            answer = self._redirect("timeout")
+            answer["maybe_applied"] = maybe_applied
+            return answer
+
+    def _partition(self, block: Any) -> dict:
+        ids = [int(i) for i in block if int(i) != self.id]
+        self.transport_server.set_blocked_peers(ids)
+        self.peer_transport.set_blocked_peers(ids)
+        log.warning("node %d: partitioned from %s", self.id, ids or "nobody (healed)")
+        return {"ok": True, "blocked": ids}
+
+    def status(self) -> dict:
+        """id, role, term, leader, commit, applied, log bounds, per-peer progress, counters."""
+        st = self.node.status()
+        peers: dict[str, dict[str, int]] = {}  # str keys: msgpack maps with str keys only
+        for pid, pr in (getattr(st, "progress", None) or {}).items():
+            peers[str(pid)] = {"match": int(getattr(pr, "match", 0)),
+                               "next": int(getattr(pr, "next", 0))}
+        first, last = self.storage.first_index(), self.storage.last_index()
+        return {
+            "ok": True, "id": self.id, "role": self.role.name.lower(), "term": self.node.term,
+            "leader": self.node.leader_id, "commit": self.node.commit_index,
+            "applied": self.sm.applied_index, "log_first": first, "log_last": last,
+            "log_size": max(0, last - first + 1), "snapshot_index": self._snapshot_index,
+            "revision": self.sm.revision, "keys": len(self.sm.kv),
+            "sessions": len(self.sm.sessions), "peers": peers,
+            "endpoint": endpoint_str(self.address), "pid": os.getpid(),
+            "stats": dict(self.stats), "storage": self.storage.stats.as_dict(),
+            "transport": self.transport_server.stats.as_dict(),
+        }
+
+
+async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None) -> None:
+    """Run one node until SIGTERM/SIGINT, then shut down cleanly (releasing the data dir)."""
+    server = CoordinatorServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(endpoint_str(server.address))
+        os.replace(tmp, ready_file)
+    try:
+        await server.wait_stopped()
+    finally:
+        await server.stop()
+
+
+__all__ = ["CoordinatorServer", "ServerConfig", "serve", "endpoint_str"]
