@@ -1,0 +1,65 @@
+"""The bundled example reaches its accuracy target; the CLI and benchmark scripts run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+
+import synctrain
+from synctrain.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import it by name
+    return module
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_digits_sync_reaches_95_percent_with_two_workers(ray_session):
+    digits = load(ROOT / "examples" / "digits.py", "digits")
+    result = synctrain.Trainer(digits.train_loop, num_workers=2, mode="sync", use_gpu=False,
+                               progress=False,
+                               config={"lr": 0.05, "epochs": 15, "batch_size": 32}).fit()
+    accs = [out["test_acc"] for out in result.outputs]
+    assert accs[0] == accs[1]  # identical replicas
+    assert accs[0] >= 0.95, accs
+    steps = [m["step"] for m in result.metrics]
+    assert steps == sorted(steps) and len(result.metrics) == 15  # one report per epoch, rank 0
+    assert result.metrics[-1]["samples"] == 15 * 1438  # every training sample once per epoch
+
+
+def test_cli_status_without_a_cluster(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli_main(["status"]) == 0
+    assert "sync" in capsys.readouterr().out
+
+
+def test_cli_run_refuses_a_missing_script(capsys):
+    assert cli_main(["run", "no/such/script.py"]) == 2
+    assert "no such script" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_throughput_benchmark_quick_mode_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(data["models"]) == {"mlp", "convnet"}
+    assert all(v["ratio"] > 0 for v in data["models"].values())
+    assert "1MB" in data["allreduce"]
+    assert "| model |" in (tmp_path / "throughput.md").read_text()
