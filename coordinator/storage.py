@@ -371,6 +371,7 @@ class DiskStorage:
         self._max_record_bytes = max_record_bytes
         self._mu = threading.RLock()
         self._state = _LogState()
+        self._snapshot = Snapshot(SnapshotMetadata(0, 0, self._state.bootstrap), b"")
         self._segments: list[_Segment] = []
         self._wal_fd = -1
         self._closed: str | None = None
