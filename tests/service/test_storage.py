@@ -524,3 +524,26 @@ def test_raft_nodes_on_disk_storage_survive_crashes_restarts_and_snapshots(
         assert c.applied[i][-1] == b"after full restart"
         assert len(c.applied[i]) == 71, i
     c.close()
+
+
+@pytest.mark.fault
+def test_a_failed_fsync_is_never_retried_and_restart_recovers(tmp_path: Path, monkeypatch) -> None:
+    """After a failed fsync the page cache may have dropped the data ("fsyncgate"), so the
+    storage refuses further writes; a restart recovers from what is really on disk."""
+    s = open_storage(tmp_path, fsync=True)
+    s.save(HardState(1, 1, 5), ents(1, 5))
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("coordinator.storage.os.fsync", broken_fsync)
+    with pytest.raises(StorageClosed, match="restart the node"):
+        s.save(HardState(1, 1, 5), ents(6, 6))
+    with pytest.raises(StorageClosed):
+        s.save(HardState(1, 1, 5), ents(6, 6))
+    assert s.last_index() == 5  # memory never ran ahead of the disk
+    monkeypatch.undo()
+    s.close()
+    with DiskStorage(tmp_path, fsync=True) as s:
+        assert s.last_index() in (5, 6)  # the write reached the file; durability unknown
+        assert s.entries(1, 6) == ents(1, 5)
