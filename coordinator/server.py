@@ -297,7 +297,9 @@ class CoordinatorServer:
         started = time.perf_counter()
         self.storage.create_snapshot(applied, self.conf_state, self.sm.snapshot())
         self._snapshot_index = applied
-        compact_to = applied - self.config.keep_entries_after_snapshot
+        # Keep a tail of entries so a briefly lagging follower catches up without a snapshot.
+        keep = min(self.config.keep_entries_after_snapshot, self.config.snapshot_every)
+        compact_to = applied - keep
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
         self.stats["snapshots"] += 1
