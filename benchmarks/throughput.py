@@ -34,8 +34,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import synctrain  # noqa: E402
 from _common import machine, markdown_table, median, write_results  # noqa: E402
+
+import synctrain  # noqa: E402
 
 WARMUP_STEPS = 5
 
@@ -120,8 +121,8 @@ def bandwidth_loop(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for mb in config["sizes_mb"]:
         t = torch.ones(mb * (1 << 20) // 4)
-        calls = {"synctrain": lambda: synctrain.all_reduce(t, op="sum"),
-                 "raw": lambda: dist.all_reduce(t)}
+        calls = {"synctrain": lambda t=t: synctrain.all_reduce(t, op="sum"),
+                 "raw": lambda t=t: dist.all_reduce(t)}
         seconds: dict[str, list[float]] = {"synctrain": [], "raw": []}
         for _ in range(2):
             calls["raw"]()  # warm-up

@@ -68,6 +68,7 @@ class ShardConfig:
     skip_nonfinite: bool
     update_scale: float  # each push's gradient is multiplied by this
     wait_timeout_s: float
+    torch_threads: int | None = 1  # shards share the workers' CPUs (num_cpus=0 by default)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class ParameterShard:
     """The actor class; see the module docstring. Create with ``ray.remote(ParameterShard)``."""
 
     def __init__(self, config: ShardConfig) -> None:
-        torch.set_num_threads(1)  # shards share the workers' CPUs (num_cpus=0 by default)
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         self.config = config
         n = config.num_workers
         self.clocks = [0] * n  # pushes of each worker reflected in the parameters
@@ -325,11 +327,12 @@ class ParameterShard:
             try:
                 await asyncio.wait_for(self._cond.wait_for(predicate), timeout)
             except TimeoutError:
-                slow = min(self.active, key=lambda w: self.clocks[w], default=None)
+                behind = min((self.received[w] for w in self.active), default=0)
+                slow = [w for w in sorted(self.active) if self.received[w] == behind]
                 raise StalenessTimeoutError(
                     f"worker {worker} waited {timeout:g} s on shard {self.config.shard_index} for {what}; "
-                    f"clocks are {self.clocks} (slowest active worker: {slow}). A worker may have died "
-                    "or stalled; if it is only slow, raise wait_timeout_s") from None
+                    f"pushes received per worker: {self.received}, slowest active worker(s): {slow}. "
+                    "A worker may have died or stalled; if it is only slow, raise wait_timeout_s") from None
 
     # ---- collectives for all_reduce / barrier / broadcast (shard 0 only) ----------------
     async def collective(self, job_id: str, seq: int, worker: int, array: np.ndarray | None,

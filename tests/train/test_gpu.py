@@ -41,4 +41,4 @@ def test_use_gpu_auto_trains_on_cuda_with_nccl(ray_session):
     assert all(out["device"].startswith("cuda") for out in result.outputs)
     first = result.outputs[0]["params"]
     for out in result.outputs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(first, out["params"]))
+        assert all(torch.equal(a, b) for a, b in zip(first, out["params"], strict=True))
