@@ -439,12 +439,11 @@ class DiskStorage:
             self._check_open()
             if hard_state is None and not entries and snapshot is None:
                 return
-            records = self._begin_batch()
+            records = []  # validated and encoded before any I/O happens
             base, last = self._state.base, self._state.last
             if snapshot is not None:
-                self._check_newer(snapshot.metadata.index, allow_equal=True)
-                self._write_snapshot_file(snapshot)
                 md = snapshot.metadata
+                self._check_newer(md.index, allow_equal=True)
                 records.append(_record(RecordType.SNAPSHOT, [md.index, md.term, True]))
                 base = last = md.index
             todo = self._entries_to_write(entries, base, last)
@@ -453,7 +452,9 @@ class DiskStorage:
             records.extend(self._entry_record(e) for e in todo)
             if hard_state is not None:
                 records.append(_record(RecordType.HARD_STATE, _hs_list(hard_state)))
-            self._commit(records)
+            if snapshot is not None:
+                self._write_snapshot_file(snapshot)  # durable before the WAL references it
+            self._commit(self._begin_batch() + records)
             self.stats.saves += 1
             self._apply_saved(hard_state, todo, snapshot)
 
@@ -480,10 +481,9 @@ class DiskStorage:
                                   f"{self._state.last}")
             cs = conf_state if conf_state is not None else self._snapshot.metadata.conf_state
             snap = Snapshot(SnapshotMetadata(index, self.term(index), cs), data)
-            records = self._begin_batch()
-            self._write_snapshot_file(snap)
-            records.append(_record(RecordType.SNAPSHOT, [index, snap.metadata.term, False]))
-            self._commit(records)
+            self._write_snapshot_file(snap)  # durable before the WAL references it
+            record = _record(RecordType.SNAPSHOT, [index, snap.metadata.term, False])
+            self._commit(self._begin_batch() + [record])
             self._state.snap_index, self._state.snap_term = index, snap.metadata.term
             self._snapshot = snap
             self._remove_stale_snapshots()
@@ -504,9 +504,7 @@ class DiskStorage:
                 raise ValueError(f"cannot compact to {index}: the snapshot only covers up to "
                                  f"{st.snap_index}; call create_snapshot first")
             term = self.term(index)
-            records = self._begin_batch()
-            records.append(_record(RecordType.COMPACT, [index, term]))
-            self._commit(records)
+            self._commit(self._begin_batch() + [_record(RecordType.COMPACT, [index, term])])
             st.compact_to(index, term)
             self._delete_covered_segments()
 
