@@ -42,7 +42,7 @@ def decode_command(data: bytes) -> tuple[int, int, str, str, Any, Any] | None:
         return None
     if not (isinstance(cmd, list) and len(cmd) == 6 and cmd[2] in ("w", "c")):
         return None
-    return tuple(cmd)  # type: ignore[return-value]
+    return tuple(cmd)
 
 
 class SimKV:

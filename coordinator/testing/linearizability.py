@@ -167,8 +167,9 @@ class _Search:
         self.key = key
         n = len(self.ops)
         inf = float("inf")
-        events = []
+        events: list[tuple[float, int, int]] = []
         for i, op in enumerate(self.ops):
+            assert op.ret is not None
             events.append((op.call, 0, i))
             events.append((inf if op.unknown else op.ret, 1, i))
         events.sort()
@@ -179,7 +180,7 @@ class _Search:
         self.is_call = [False] * size
         self.op_of = [-1] * size
         self.match = [0] * size
-        call_entry = {}
+        call_entry: dict[int, int] = {}
         for pos, (_, is_ret, i) in enumerate(events, start=1):
             self.op_of[pos] = i
             self.is_call[pos] = not is_ret

@@ -39,6 +39,7 @@ import heapq
 import random
 import sys
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ from typing import Any
 import msgpack
 
 from coordinator.raft.messages import (
+    ConfChange,
+    ConfChangeType,
     ConfState,
     EntryType,
     Message,
@@ -92,6 +95,7 @@ class SimParams:
     fault_every: int = 120  # mean units between fault decisions
     compact_every: int = 25  # applied entries between snapshots (0 = never compact)
     faults: bool = True
+    membership: bool = True  # spare nodes join and voters leave during the safety phase
     codec: bool = True  # send every message through the msgpack codec
     trace_lines: int = 300
     max_queue: int = 200_000  # events; a run that exceeds it is a bug in the simulator
@@ -160,7 +164,8 @@ class Simulation:
             raise ValueError(f"unknown bug {self.p.bug!r}; choose one of {BUGS}")
         self.rng = random.Random(seed)
         n = self.p.nodes or self.rng.choice((3, 3, 5))
-        self.ids = list(range(1, n + 1))
+        spares = self.rng.choice((0, 1, 1, 2)) if self.p.membership else 0
+        self.ids = list(range(1, n + spares + 1))  # spares start outside the configuration
         self.now = 0
         self.queue: list[tuple[int, int, int, Any, Any]] = []
         self._seq = 0
@@ -179,9 +184,10 @@ class Simulation:
             "compactions": 0,
             "elections": 0,
             "transfers": 0,
+            "conf_changes": 0,
             "redirects": 0,
         }
-        voters = ConfState(voters=tuple(self.ids))
+        voters = ConfState(voters=tuple(range(1, n + 1)))
         self.nodes: dict[int, SimNode] = {}
         for nid in self.ids:
             period = self._random_period()
@@ -224,6 +230,9 @@ class Simulation:
             failure = f"liveness: {e}"
         except (RaftError, StorageError, AssertionError) as e:
             failure = f"the node or its storage raised {type(e).__name__}: {e}"
+        except Exception as e:  # a crash inside the core (or the simulator) is a finding too
+            where = "".join(traceback.format_exception(e)[-6:])
+            failure = f"unexpected {type(e).__name__}: {e}\n{where}"
         if failure:
             self.log(f"FAILED {failure.splitlines()[0]}")
         self.stats["ops"] = len(self.history)
@@ -233,7 +242,11 @@ class Simulation:
         )
 
     def _start(self) -> None:
-        self.log(f"start: {len(self.ids)} nodes, {len(self.clients)} clients, bug={self.p.bug}")
+        voters = self.nodes[1].storage.initial_state()[1].voters
+        self.log(
+            f"start: voters {list(voters)}, spares {[i for i in self.ids if i not in voters]}, "
+            f"{len(self.clients)} clients, bug={self.p.bug}"
+        )
         for node in self.nodes.values():
             self._boot(node)
         for c in self.clients:
@@ -569,46 +582,102 @@ class Simulation:
     # ---- faults, healing, liveness ---------------------------------------------------------------
 
     def _on_fault(self, _a: Any, _b: Any) -> None:
+        """One decision of the fault schedule, then schedule the next one."""
         if self.liveness:
             return
-        roll = self.rng.random()
+        actions = (
+            (12, self._fault_crash),
+            (18, self._fault_restart),
+            (12, self._fault_partition),
+            (8, self._fault_one_way),
+            (14, self._fault_heal_links),
+            (16, self._network_weather),
+            (8, self._fault_clock),
+            (6, self._transfer_leadership),
+            (10 if self.p.membership else 0, self._change_membership),
+        )
+        roll = self.rng.random() * sum(w for w, _ in actions)
+        for weight, action in actions:
+            roll -= weight
+            if roll < 0:
+                action()
+                break
+        spread = self.rng.randint(self.p.fault_every // 2, self.p.fault_every * 3 // 2)
+        self._push(self.now + spread, FAULT)
+
+    def _fault_crash(self) -> None:
         alive = [n for n in self.nodes.values() if n.alive]
+        if not alive:
+            return
+        node = self.rng.choice(alive)
+        if self.rng.random() < 0.5:
+            self._crash(node, "fault schedule")
+        else:
+            node.crash_point = self.rng.choice(CRASH_POINTS)
+            self.log(f"n{node.id} will crash at its next ready ({node.crash_point})")
+
+    def _fault_restart(self) -> None:
         dead = [n for n in self.nodes.values() if not n.alive]
-        if roll < 0.12 and alive:
-            node = self.rng.choice(alive)
-            if self.rng.random() < 0.5:
-                self._crash(node, "fault schedule")
-            else:
-                node.crash_point = self.rng.choice(CRASH_POINTS)
-                self.log(f"n{node.id} will crash at its next ready ({node.crash_point})")
-        elif roll < 0.30 and dead:
+        if dead:
             node = self.rng.choice(dead)
             self.log(f"n{node.id} RESTART from storage")
             self.stats["restarts"] += 1
             self._boot(node)
-        elif roll < 0.42:
-            side = set(self.rng.sample(self.ids, self.rng.randint(1, len(self.ids) // 2)))
-            self.net.heal_links()
-            self.net.partition(side)
-            self.log(f"partition {sorted(side)} | rest")
-        elif roll < 0.50:
-            a, b = self.rng.sample(self.ids, 2)
-            self.net.block_one_way(a, b)
-            self.log(f"one-way partition: {a} -> {b} blocked")
-        elif roll < 0.64:
-            self.net.heal_links()
-            self.log("links healed")
-        elif roll < 0.80:
-            self._network_weather()
-        elif roll < 0.88:
-            node = self.rng.choice(list(self.nodes.values()))
-            node.period = self._random_period()
-            self.log(f"n{node.id} now ticks every {node.period} units")
-        else:
-            self._transfer_leadership()
-        self._push(
-            self.now + self.rng.randint(self.p.fault_every // 2, self.p.fault_every * 3 // 2), FAULT
-        )
+
+    def _fault_partition(self) -> None:
+        side = set(self.rng.sample(self.ids, self.rng.randint(1, len(self.ids) // 2)))
+        self.net.heal_links()
+        self.net.partition(side)
+        self.log(f"partition {sorted(side)} | rest")
+
+    def _fault_one_way(self) -> None:
+        a, b = self.rng.sample(self.ids, 2)
+        self.net.block_one_way(a, b)
+        self.log(f"one-way partition: {a} -> {b} blocked")
+
+    def _fault_heal_links(self) -> None:
+        self.net.heal_links()
+        self.log("links healed")
+
+    def _fault_clock(self) -> None:
+        node = self.rng.choice(list(self.nodes.values()))
+        node.period = self._random_period()
+        self.log(f"n{node.id} now ticks every {node.period} units")
+
+    def _change_membership(self) -> None:
+        """Ask the leader for a membership change: add a learner, add or remove a voter
+        (single-server), or swap a voter for another in one joint-consensus change."""
+        leader = self._leader()
+        if leader is None or leader.raft is None:
+            return
+        cs = leader.raft.status().conf_state
+        voters, learners = set(cs.voters) | set(cs.voters_outgoing), set(cs.learners)
+        outsiders = [i for i in self.ids if i not in voters and i not in learners]
+        choices: list[tuple[tuple[ConfChangeType, int], ...]] = []
+        if outsiders:
+            choices.append(((ConfChangeType.ADD_LEARNER, self.rng.choice(outsiders)),))
+        for x in sorted(learners) + outsiders:
+            choices.append(((ConfChangeType.ADD_VOTER, x),))
+        if len(cs.voters) > 3:  # keep three voters: liveness needs a healthy majority
+            choices.append(((ConfChangeType.REMOVE_VOTER, self.rng.choice(sorted(cs.voters))),))
+        if outsiders or learners:
+            joiner = self.rng.choice(sorted(learners) + outsiders)
+            leaver = self.rng.choice(sorted(cs.voters))
+            choices.append(
+                ((ConfChangeType.ADD_VOTER, joiner), (ConfChangeType.REMOVE_VOTER, leaver))
+            )
+        if not choices:
+            return
+        cc = ConfChange(self.rng.choice(choices))
+        text = ", ".join(f"{k.name} {n}" for k, n in cc.changes)
+        try:
+            leader.raft.propose_conf_change(cc)
+        except RaftError as e:
+            self.log(f"n{leader.id} refused membership change [{text}]: {e}")
+            return
+        self.stats["conf_changes"] += 1
+        self.log(f"n{leader.id} proposes membership change [{text}]")
+        self._drain(leader)
 
     def _network_weather(self) -> None:
         f = self.net.faults

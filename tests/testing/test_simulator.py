@@ -48,7 +48,16 @@ def test_faults_really_happen_across_seeds():
     for seed in range(20):
         for k, v in run_seed(seed).stats.items():
             totals[k] = totals.get(k, 0) + v
-    for what in ("crashes", "restarts", "compactions", "elections", "dropped", "transfers"):
+    for what in (
+        "crashes",
+        "restarts",
+        "compactions",
+        "elections",
+        "dropped",
+        "transfers",
+        "conf_changes",
+        "snapshots_sent",
+    ):
         assert totals[what] > 0, f"no {what} in 20 seeds: {totals}"
 
 
