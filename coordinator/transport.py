@@ -496,7 +496,10 @@ class Server:
         except RemoteProtocolError as exc:
             if exc.kind == "auth_failures":  # tell an honest misconfiguration what is wrong
                 writer.write(_REFUSAL)
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    pass  # the failure is counted either way
             raise
         writer.write(verdict)
         await writer.drain()
