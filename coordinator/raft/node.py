@@ -68,6 +68,8 @@ NORMAL = EntryType.NORMAL
 TRANSFER_CONTEXT = b"transfer-leader"
 _LEADER_TRAFFIC = frozenset({MT.APPEND, MT.HEARTBEAT, MT.SNAPSHOT})
 _LOCAL_ONLY = frozenset({MT.HUP, MT.PROPOSE})
+#: Heartbeat responses (x election_tick) after which an unacknowledged snapshot is presumed lost.
+_SNAPSHOT_WAIT_HEARTBEATS = 2
 
 
 class RaftNode:
@@ -550,6 +552,18 @@ class RaftNode:
         pr = self.trk.progress[m.frm]
         pr.recent_active = True
         pr.probe_sent = False
+        if pr.state is ProgressState.REPLICATE and pr.inflights.full():
+            # Every APPEND in flight may have been lost: free one slot so that a message goes
+            # out; if the follower lacks its predecessor it rejects and we fall back to probing.
+            pr.inflights.free_first()
+        elif pr.state is ProgressState.SNAPSHOT:
+            pr.snapshot_wait += 1
+            if pr.snapshot_wait > _SNAPSHOT_WAIT_HEARTBEATS * self.cfg.election_tick:
+                # The follower is alive but never acknowledged the snapshot (lost, and the
+                # driver did not report_snapshot): presume it failed and probe again.
+                self.dropped["snapshot_presumed_lost"] += 1
+                pr.pending_snapshot = 0
+                pr.become_probe()
         if pr.match < self.log.last_index():
             self._send_append(m.frm)
         if not m.context:

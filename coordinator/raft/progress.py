@@ -58,6 +58,10 @@ class Inflights:
         while q and q[0] <= index:
             q.popleft()
 
+    def free_first(self) -> None:
+        if self._q:
+            self._q.popleft()
+
     def full(self) -> bool:
         return len(self._q) >= self.capacity
 
@@ -70,7 +74,7 @@ class Inflights:
 
 class Progress:
     __slots__ = ("match", "next", "state", "pending_snapshot", "recent_active", "probe_sent",
-                 "inflights", "is_learner")
+                 "inflights", "is_learner", "snapshot_wait")
 
     def __init__(self, next_index: int, max_inflight: int, is_learner: bool = False) -> None:
         self.match = 0
@@ -81,10 +85,12 @@ class Progress:
         self.probe_sent = False
         self.inflights = Inflights(max_inflight)
         self.is_learner = is_learner
+        self.snapshot_wait = 0  # heartbeat responses seen while in SNAPSHOT state
 
     def _reset_state(self, state: ProgressState) -> None:
         self.probe_sent = False
         self.pending_snapshot = 0
+        self.snapshot_wait = 0
         self.state = state
         self.inflights.reset()
 
