@@ -550,12 +550,13 @@ class DiskStorage:
             if any(_SNAP_RE.match(n) for n in names):
                 raise CorruptLogError(self.data_dir, 0, "snapshot files exist but no WAL "
                                       "segment does")
-            self._state.bootstrap = conf_state or ConfState(voters=())
         for prev, seg in zip(segs, segs[1:], strict=False):
             if seg.seq != prev.seq + 1:
                 raise CorruptLogError(seg.path, 0, f"segment number {prev.seq + 1} is missing")
         for k, seg in enumerate(segs):
             self._replay_segment(seg, is_last=k == len(segs) - 1)
+        if all(seg.size == 0 for seg in segs):  # fresh, or the bootstrap write was torn
+            self._state.bootstrap = conf_state or ConfState(voters=())
         if self._state.base_term is None:
             raise CorruptLogError(segs[0].path, 0, f"entries up to {self._state.base} are "
                                   "missing and no compaction covers them (deleted segment?)")

@@ -547,3 +547,14 @@ def test_a_failed_fsync_is_never_retried_and_restart_recovers(tmp_path: Path, mo
     with DiskStorage(tmp_path, fsync=True) as s:
         assert s.last_index() in (5, 6)  # the write reached the file; durability unknown
         assert s.entries(1, 6) == ents(1, 5)
+
+
+@pytest.mark.fault
+def test_a_crash_during_bootstrap_bootstraps_again(tmp_path: Path) -> None:
+    DiskStorage(tmp_path, conf_state=VOTERS, fsync=False).close()
+    (seg,) = segments(tmp_path)
+    os.truncate(seg, 5)  # the very first header never made it to disk
+    with DiskStorage(tmp_path, conf_state=VOTERS, fsync=False) as s:
+        assert s.initial_state() == (HardState(), VOTERS)
+    with DiskStorage(tmp_path, fsync=False) as s:
+        assert s.initial_state() == (HardState(), VOTERS)
