@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from operator import attrgetter
 
 from . import quorum
 from .confchange import ConfChangeError, apply_change
@@ -68,6 +69,8 @@ NORMAL = EntryType.NORMAL
 TRANSFER_CONTEXT = b"transfer-leader"
 _LEADER_TRAFFIC = frozenset({MT.APPEND, MT.HEARTBEAT, MT.SNAPSHOT})
 _LOCAL_ONLY = frozenset({MT.HUP, MT.PROPOSE})
+_INDEX = attrgetter("index")
+_TERM = attrgetter("term")
 #: Heartbeat responses (x election_tick) after which an unacknowledged snapshot is presumed lost.
 _SNAPSHOT_WAIT_HEARTBEATS = 2
 
@@ -370,14 +373,18 @@ class RaftNode:
 
     @staticmethod
     def _validate_append(m: Message) -> str:
+        """Entries must be consecutive after m.index, with terms non-decreasing from
+        m.log_term up to at most m.term (C-level checks: this is on the hot path)."""
+        ents = m.entries
         if m.log_term > m.term:
             return "malformed_append"
-        prev_term, i = m.log_term, m.index
-        for e in m.entries:
-            i += 1
-            if e.index != i or e.term < prev_term or e.term > m.term:
-                return "malformed_append"
-            prev_term = e.term
+        if not ents:
+            return ""
+        if list(map(_INDEX, ents)) != list(range(m.index + 1, m.index + 1 + len(ents))):
+            return "malformed_append"
+        terms = list(map(_TERM, ents))
+        if terms[0] < m.log_term or terms[-1] > m.term or terms != sorted(terms):
+            return "malformed_append"
         return ""
 
     def _step_higher_term(self, m: Message) -> bool:

@@ -14,10 +14,17 @@ is always answerable. The service's ``DiskStorage`` implements the same methods.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
+from operator import attrgetter
+
 from .messages import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 
 __all__ = ["StorageError", "Compacted", "Unavailable", "SnapshotOutOfDate", "MemoryStorage",
            "limit_size"]
+
+
+_DATA = attrgetter("data")
 
 
 class StorageError(Exception):
@@ -40,12 +47,11 @@ def limit_size(ents: list[Entry], max_bytes: int | None) -> list[Entry]:
     """Longest prefix of ``ents`` whose data fits in ``max_bytes`` (at least one entry)."""
     if max_bytes is None or len(ents) <= 1:
         return ents
-    size = 0
-    for n, e in enumerate(ents):
-        size += len(e.data)
-        if size > max_bytes and n > 0:
-            return ents[:n]
-    return ents
+    # C-level loops (map/accumulate/bisect): this is on the replication hot path.
+    cum = list(accumulate(map(len, map(_DATA, ents))))
+    if cum[-1] <= max_bytes:
+        return ents
+    return ents[:max(1, bisect_right(cum, max_bytes))]
 
 
 class MemoryStorage:
