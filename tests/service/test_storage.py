@@ -558,3 +558,28 @@ def test_a_crash_during_bootstrap_bootstraps_again(tmp_path: Path) -> None:
         assert s.initial_state() == (HardState(), VOTERS)
     with DiskStorage(tmp_path, fsync=False) as s:
         assert s.initial_state() == (HardState(), VOTERS)
+
+
+@pytest.mark.fault
+def test_any_flipped_bit_is_refused_unless_it_is_in_the_last_record(tmp_path: Path) -> None:
+    """Flip one random bit anywhere: inside any record but the last, the node must refuse to
+    start (never silently drop acknowledged data); inside the last record it is
+    indistinguishable from a torn write and is cut with a warning."""
+    rng = random.Random(11)
+    _write_log(tmp_path, n=12)
+    (seg,) = segments(tmp_path)
+    pristine = seg.read_bytes()
+    offsets = record_offsets(pristine)
+    for _ in range(80):
+        blob = bytearray(pristine)
+        pos = rng.randrange(len(blob))
+        blob[pos] ^= 1 << rng.randrange(8)
+        seg.write_bytes(bytes(blob))
+        if pos < offsets[-1]:
+            with pytest.raises(CorruptLogError) as err:
+                DiskStorage(tmp_path, fsync=False)
+            assert err.value.path == str(seg) and err.value.offset <= pos
+        else:
+            with DiskStorage(tmp_path, fsync=False) as s:
+                assert s.stats.torn_tails_cut == 1
+                assert s.entries(1, 13) == ents(1, 12)  # only the final hard state was lost
