@@ -12,8 +12,9 @@ and is ignored. The session table is bounded by the simulator's number of client
 
 Empty entries (a leader's no-op) and entries of another format change nothing.
 
-``SimKV(dedup=False)`` is a deliberately broken variant (it applies retries again) used to
-prove that the checkers catch a broken state machine.
+``SimKV(dedup=False)`` (applies retries again) and ``SimKV(lossy_snapshot=True)`` (its
+snapshots forget a key) are deliberately broken variants that prove the checkers catch a
+broken state machine.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def decode_command(data: bytes) -> tuple[int, int, str, str, Any, Any] | None:
 class SimKV:
     """A deterministic KV store of registers with exactly-once client sessions."""
 
-    def __init__(self, dedup: bool = True) -> None:
+    def __init__(self, dedup: bool = True, lossy_snapshot: bool = False) -> None:
         self.dedup = dedup
+        self.lossy_snapshot = lossy_snapshot
         self.kv: dict[str, Any] = {}
         self.sessions: dict[int, tuple[int, Any]] = {}  # client -> (last seq, its result)
         self.applied = 0
@@ -86,6 +88,8 @@ class SimKV:
 
     def snapshot(self) -> bytes:
         kv = sorted(self.kv.items())
+        if self.lossy_snapshot:
+            kv = kv[1:]  # BUG on purpose
         sessions = sorted([c, s, r] for c, (s, r) in self.sessions.items())
         return msgpack.packb([self.applied, kv, sessions])
 

@@ -74,7 +74,7 @@ __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 # Event kinds (ints keep the heap entries cheap and comparable).
 TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT = range(6)
 CRASH_POINTS = ("before_persist", "after_persist", "after_send")
-BUGS = ("stale_reads", "no_dedup")
+BUGS = ("stale_reads", "no_dedup", "lossy_snapshot")
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Simulation:
         for nid in self.ids:
             period = self._random_period()
             node = SimNode(nid, MemoryStorage(conf_state=voters), period)
-            node.kv = SimKV(dedup=self.p.bug != "no_dedup")
+            node.kv = self._new_kv()
             self.nodes[nid] = node
         self.clients = [SimClient(100 + i) for i in range(self.p.clients)]
 
@@ -219,6 +219,7 @@ class Simulation:
             self._run_until(self.p.safety_time + self.p.liveness_time, self._finished)
             if not self._finished():
                 raise LivenessFailure(self._liveness_problem())
+            self._check_replicas_agree()
             report = check_history(
                 self.history.operations(), time_limit_s=self.p.check_time_limit_s
             )
@@ -283,10 +284,13 @@ class Simulation:
         unit = self.p.tick_unit
         return self.rng.randint(max(1, unit * 6 // 10), unit * 16 // 10)
 
+    def _new_kv(self) -> SimKV:
+        return SimKV(dedup=self.p.bug != "no_dedup", lossy_snapshot=self.p.bug == "lossy_snapshot")
+
     def _boot(self, node: SimNode) -> None:
         """(Re)create the volatile node from durable storage alone."""
         snap = node.storage.snapshot()
-        node.kv = SimKV(dedup=self.p.bug != "no_dedup")
+        node.kv = self._new_kv()
         node.kv.restore(snap.data, snap.metadata.index)
         node.conf_state = node.storage.initial_state()[1]
         cfg = Config(
@@ -724,12 +728,43 @@ class Simulation:
         return None
 
     def _finished(self) -> bool:
-        return all(c.final_op_done for c in self.clients) and self._leader() is not None
+        """Liveness reached: every client finished, a leader leads, and every member of its
+        configuration has applied everything the leader committed."""
+        if not all(c.final_op_done for c in self.clients):
+            return False
+        leader = self._leader()
+        if leader is None or leader.raft is None:
+            return False
+        target = leader.raft.commit_index
+        return all(self.nodes[i].kv.applied >= target for i in self._members(leader))
+
+    def _members(self, leader: SimNode) -> list[int]:
+        assert leader.raft is not None
+        cs = leader.raft.status().conf_state
+        return sorted(set(cs.voters) | set(cs.voters_outgoing) | set(cs.learners))
+
+    def _check_replicas_agree(self) -> None:
+        """At the end, replicas that applied the same prefix must hold the same state:
+        this catches a wrong snapshot install or restore, which per-entry checks cannot."""
+        leader = self._leader()
+        assert leader is not None
+        by_index: dict[int, tuple[int, bytes]] = {}
+        for nid in self._members(leader):
+            kv = self.nodes[nid].kv
+            state = kv.snapshot()
+            first = by_index.setdefault(kv.applied, (nid, state))
+            if first[1] != state:
+                raise InvariantViolation(
+                    "replica agreement",
+                    f"nodes {first[0]} and {nid} applied up to {kv.applied} but hold different "
+                    f"states: {self.nodes[first[0]].kv.kv} vs {kv.kv}",
+                )
 
     def _liveness_problem(self) -> str:
         busy = [f"c{c.id} seq {c.seq} {c.kind.value}({c.key})" for c in self.clients if c.busy]
         status = ", ".join(
-            f"n{n.id}: {n.raft.role.name} term {n.raft.term} commit {n.raft.commit_index}"
+            f"n{n.id}: {n.raft.role.name} term {n.raft.term} commit {n.raft.commit_index} "
+            f"applied {n.kv.applied}"
             if n.raft is not None
             else f"n{n.id}: down"
             for n in self.nodes.values()

@@ -98,6 +98,16 @@ def test_state_machine_without_dedup_is_caught():
 
 
 @pytest.mark.sim
+def test_snapshots_that_lose_a_key_are_caught():
+    # Nodes that restore from a snapshot (restart or InstallSnapshot) forget a key.
+    params = SimParams(bug="lossy_snapshot")
+    for seed in range(40):
+        if not run_seed(seed, params).ok:
+            return
+    pytest.fail("40 seeds of lossy snapshots went unnoticed")
+
+
+@pytest.mark.sim
 def test_liveness_failure_is_reported_with_the_seed():
     result = run_seed(3, SimParams(liveness_time=1))
     assert not result.ok and result.failure.startswith("liveness")
