@@ -56,7 +56,7 @@ from coordinator.transport import (
 DEFAULT_TIMEOUT_S = 10.0
 MAX_ATTEMPT_TIMEOUT_S = 1.0  # one request to one node; a stalled node is abandoned after it
 BACKOFF_INITIAL_S = 0.005
-BACKOFF_MAX_S = 0.1
+BACKOFF_MAX_S = 0.02  # while electing: poll often, a new leader is usually ~200 ms away
 MAX_INFLIGHT_WRITES = 256  # per AsyncClient; must stay below the server's answer cache (1024)
 
 
