@@ -96,6 +96,10 @@ class SimParams:
     compact_every: int = 25  # applied entries between snapshots (0 = never compact)
     faults: bool = True
     membership: bool = True  # spare nodes join and voters leave during the safety phase
+    # Healing also brings the clocks back within +-15% of nominal. Without it, a node ticking
+    # 2.6x faster than the rest and holding a stale log can starve elections forever when
+    # PreVote is off (its VOTE requests bump everyone's term and reset their timers).
+    heal_clocks: bool = True
     codec: bool = True  # send every message through the msgpack codec
     trace_lines: int = 300
     max_queue: int = 200_000  # events; a run that exceeds it is a bug in the simulator
@@ -195,6 +199,20 @@ class Simulation:
             node.kv = self._new_kv()
             self.nodes[nid] = node
         self.clients = [SimClient(100 + i) for i in range(self.p.clients)]
+        self.raft_knobs = self._draw_raft_knobs()
+
+    def _draw_raft_knobs(self) -> dict[str, Any]:
+        """Per-seed core settings, so that seeds also cover the less common configurations:
+        PreVote or CheckQuorum off, tiny messages, a window of one message in flight, a
+        limit on uncommitted bytes (proposals then get refused)."""
+        rng = self.rng
+        return {
+            "pre_vote": rng.random() < 0.8,
+            "check_quorum": rng.random() < 0.8,
+            "max_size_per_msg": rng.choice((64, 1024, 1 << 20)),
+            "max_inflight_msgs": rng.choice((1, 4, 16, 256)),
+            "max_uncommitted_entries_size": rng.choice((0, 0, 512)),
+        }
 
     # ---- the event loop ------------------------------------------------------------------------
 
@@ -246,7 +264,7 @@ class Simulation:
         voters = self.nodes[1].storage.initial_state()[1].voters
         self.log(
             f"start: voters {list(voters)}, spares {[i for i in self.ids if i not in voters]}, "
-            f"{len(self.clients)} clients, bug={self.p.bug}"
+            f"{len(self.clients)} clients, bug={self.p.bug}, raft {self.raft_knobs}"
         )
         for node in self.nodes.values():
             self._boot(node)
@@ -298,8 +316,7 @@ class Simulation:
             election_tick=self.p.election_tick,
             heartbeat_tick=self.p.heartbeat_tick,
             applied=snap.metadata.index,
-            max_size_per_msg=4096,
-            max_inflight_msgs=16,
+            **self.raft_knobs,
         )
         node.raft = RaftNode(cfg, node.storage, random.Random(self.rng.getrandbits(64)))
         node.epoch += 1
@@ -714,6 +731,9 @@ class Simulation:
         self.log("HEAL: liveness phase starts")
         for node in self.nodes.values():
             node.crash_point = None
+            if self.p.heal_clocks:
+                unit = self.p.tick_unit
+                node.period = self.rng.randint(unit * 85 // 100, unit * 115 // 100)
             if not node.alive:
                 self.log(f"n{node.id} RESTART from storage")
                 self._boot(node)
