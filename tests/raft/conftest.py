@@ -36,6 +36,10 @@ class Cluster:
         self.queue: list[Message] = []
         self.drop: Callable[[Message], bool] = lambda m: False
         self.on_ready: Callable[[int, Ready, MemoryStorage], None] | None = None
+        # safety bookkeeping, checked on every Ready: what was applied at each index (by
+        # anyone) and who led each term
+        self.applied_at: dict[int, tuple[int, bytes]] = {}
+        self.leader_of_term: dict[int, int] = {}
         for i in ids:
             self.storage[i] = MemoryStorage(ConfState(voters=self.voters))
             self.start(i)
@@ -73,7 +77,11 @@ class Cluster:
         if rd.hard_state is not None:
             st.set_hard_state(rd.hard_state)
         self.queue.extend(rd.messages)
+        if n.role is Role.LEADER:
+            assert self.leader_of_term.setdefault(n.term, i) == i, f"two leaders in term {n.term}"
         for e in rd.committed_entries:
+            seen = self.applied_at.setdefault(e.index, (e.term, e.data))
+            assert seen == (e.term, e.data), f"node {i} applied {e} but {seen} was applied before"
             if e.type is EntryType.CONF_CHANGE:
                 n.apply_conf_change(decode_conf_change(e.data))
             elif e.data:
