@@ -68,6 +68,9 @@ NORMAL = EntryType.NORMAL
 #: Context of a VOTE caused by leadership transfer: it bypasses the leader lease.
 TRANSFER_CONTEXT = b"transfer-leader"
 _LEADER_TRAFFIC = frozenset({MT.APPEND, MT.HEARTBEAT, MT.SNAPSHOT})
+#: Accepted even from a node outside our configuration: our configuration may be older than
+#: the sender's (a lagging node must still follow a new leader and vote for a new member).
+_FROM_ANYONE = _LEADER_TRAFFIC | {MT.VOTE, MT.PRE_VOTE, MT.TIMEOUT_NOW, MT.READ_INDEX_RESP}
 _LOCAL_ONLY = frozenset({MT.HUP, MT.PROPOSE})
 _INDEX = attrgetter("index")
 _TERM = attrgetter("term")
@@ -359,9 +362,8 @@ class RaftNode:
             return "local_only_type"
         if m.term <= 0:
             return "malformed_term"
-        if m.frm not in self.trk.progress and m.type not in _LEADER_TRAFFIC:
-            # A leader's config may be newer than ours, so its traffic is accepted; anything
-            # else from a node outside our configuration is ignored.
+        if m.frm not in self.trk.progress and m.type not in _FROM_ANYONE:
+            # Responses and requests only a leader handles: from a non-member they are noise.
             return "unknown_sender"
         if m.type is MT.APPEND:
             return self._validate_append(m)
