@@ -328,7 +328,8 @@ class _RayNode:
                 started.set()
                 return
             started.set()
-            loop.run_until_complete(self._server.wait_stopped())
+            loop.run_forever()  # until stop() has stopped the server and then the loop
+            loop.close()
 
         self._thread = threading.Thread(target=run, name=f"coordinator-{self.node_id}", daemon=True)
         self._thread.start()
@@ -343,6 +344,7 @@ class _RayNode:
         if self._server is not None and self._loop is not None:
             fut = asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop)
             fut.result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
