@@ -247,7 +247,7 @@ class Simulation:
             failure = f"invariant violated: {e}"
         except LivenessFailure as e:
             failure = f"liveness: {e}"
-        except (RaftError, StorageError, AssertionError) as e:
+        except (RaftError, StorageError) as e:
             failure = f"the node or its storage raised {type(e).__name__}: {e}"
         except Exception as e:  # a crash inside the core (or the simulator) is a finding too
             where = "".join(traceback.format_exception(e)[-6:])
