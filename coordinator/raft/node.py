@@ -46,7 +46,7 @@ from .messages import (
     MessageType,
     encode_conf_change,
 )
-from .progress import ProgressState, ProgressTracker
+from .progress import Progress, ProgressState, ProgressTracker
 from .readonly import ReadOnly
 from .storage import Compacted, Unavailable
 from .types import (
@@ -164,12 +164,12 @@ class RaftNode:
         self.lead_transferee = 0
         self.trk.reset_votes()
         last = self.log.last_index()
-        for i, pr in self.trk.progress.items():
-            learner = pr.is_learner
-            pr.__init__(last + 1, self.trk.max_inflight, learner)
+        prs = self.trk.progress
+        for i, pr in list(prs.items()):
+            fresh = prs[i] = Progress(last + 1, self.trk.max_inflight, pr.is_learner)
             if i == self.id:
-                pr.match = min(self.log.persisted, last)
-                pr.recent_active = True
+                fresh.match = min(self.log.persisted, last)
+                fresh.recent_active = True
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self._abandon_reads()
@@ -617,6 +617,11 @@ class RaftNode:
                 if pr.next <= log.last_index() else []
         except Compacted:
             return self._send_snapshot(to, pr)
+        except Unavailable:  # cannot happen if progress is consistent; recover by probing
+            self.dropped["progress_beyond_log"] += 1
+            pr.become_probe()
+            pr.next = min(pr.next, log.last_index() + 1)
+            return False
         if not ents and not send_if_empty:
             return False
         self.msgs.append(Message(MT.APPEND, to, self.id, self.term, prev_term, prev,

@@ -169,7 +169,7 @@ class InteractionEnv:
         for _ in range(n):
             i = max(self.peers, default=0) + 1
             cs = ConfState(voters=voters, learners=learners) if voters else None
-            cfg = Config(id=i, **{k: _value(v) for k, v in opts.items()})
+            cfg = Config(id=i, **{k: _value(v) for k, v in opts.items()})  # type: ignore[arg-type]
             st = MemoryStorage(cs)
             self.peers[i] = _Peer(st, cfg, None)
             self._start(i)
@@ -227,7 +227,8 @@ class InteractionEnv:
 
     def deliver(self, only: set[int] | None, drop: set[int]) -> int:
         """Deliver (or drop) queued messages to ``only`` (default: all). Returns the count."""
-        keep, todo = [], []
+        keep: list[Message] = []
+        todo: list[Message] = []
         for m in self.queue:
             (todo if only is None or m.to in only else keep).append(m)
         self.queue = keep
