@@ -311,7 +311,8 @@ class _RayNode:
 
         from coordinator.server import CoordinatorServer, ServerConfig
 
-        config = ServerConfig(node_id=self.node_id, peers={int(k): tuple(v) for k, v in peers.items()},
+        config = ServerConfig(node_id=self.node_id,
+                              peers={int(k): (str(v[0]), int(v[1])) for k, v in peers.items()},
                               data_dir=pathlib.Path(self.data_dir), token=token,
                               listen=(self._bind, self.port), tick_s=tick_s)
         started = threading.Event()
@@ -379,7 +380,8 @@ class RayCluster:
         if not ray.is_initialized():
             ray.init()
         multi = len([n for n in ray.nodes() if n.get("Alive")]) > 1
-        actor_cls = ray.remote(num_cpus=self.num_cpus_per_node, max_concurrency=4)(_RayNode)
+        actor_cls = ray.remote(num_cpus=self.num_cpus_per_node,  # type: ignore[call-overload]
+                               max_concurrency=4)(_RayNode)
         for i in self.node_ids:
             self.actors[i] = actor_cls.options(scheduling_strategy="SPREAD").remote(i)
         addrs = ray.get([self.actors[i].reserve.remote(multi) for i in self.node_ids])

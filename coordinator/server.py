@@ -132,6 +132,8 @@ class CoordinatorServer:
         self._reads_by_ctx: dict[bytes, list[tuple[bytes, asyncio.Future]]] = {}
         self._reads_waiting: deque[tuple[int, bytes, asyncio.Future]] = deque()
         self._read_ctx_counter = 0
+        # (deadline, write key or None for a read, future), in deadline order.
+        self._deadlines: deque[tuple[float, tuple | None, asyncio.Future]] = deque()
         self._drive_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task | None = None
@@ -189,6 +191,7 @@ class CoordinatorServer:
             if time.monotonic() - next_at > 10 * period:  # we were paused: do not burst ticks
                 next_at = time.monotonic()
             self.node.tick()
+            self._expire_requests()
             self._schedule_drive()
 
     # ------------------------------------------------------------ raft I/O
@@ -449,7 +452,8 @@ class CoordinatorServer:
         fut = asyncio.get_running_loop().create_future()
         self._reads_unissued.append((key, fut))
         self._schedule_drive()
-        return await self._await(fut, maybe_applied=False)
+        self._deadlines.append((time.monotonic() + self.config.request_timeout_s, None, fut))
+        return await fut
 
     async def _write(self, op: str, body: dict) -> dict:
         if self.role != Role.LEADER:
@@ -467,28 +471,36 @@ class CoordinatorServer:
             data = encode_command("register", 0, 0, 0, ts_ms, args[0])
         else:
             session, seq, ack = body.get("session"), body.get("seq"), body.get("ack", 0)
-            if not all(isinstance(x, int) and x >= 0 for x in (session, seq, ack)):
+            if not (isinstance(session, int) and isinstance(seq, int) and isinstance(ack, int)
+                    and min(session, seq, ack) >= 0):
                 return {"ok": False, "error": "bad_request", "detail": "session/seq/ack"}
             key = (session, seq)
             data = encode_command(op, session, seq, ack, ts_ms, *args)
         fut = asyncio.get_running_loop().create_future()
         self._proposals.append((data, key, fut))
         self._schedule_drive()
-        answer = await self._await(fut, maybe_applied=True)
-        waiters = self._pending_writes.get(key)
-        if fut.cancelled() and waiters is not None and fut in waiters:  # timed out: forget it
-            waiters.remove(fut)
-            if not waiters:
-                del self._pending_writes[key]
-        return answer
+        self._deadlines.append((time.monotonic() + self.config.request_timeout_s, key, fut))
+        return await fut
 
-    async def _await(self, fut: asyncio.Future, *, maybe_applied: bool) -> dict:
-        try:
-            return await asyncio.wait_for(fut, self.config.request_timeout_s)
-        except asyncio.TimeoutError:
+    def _expire_requests(self) -> None:
+        """Answer requests older than ``request_timeout_s`` with ``timeout`` (called per tick).
+
+        One deque sorted by deadline (all requests get the same timeout) instead of a timer
+        per request: the hot path stays cheap.
+        """
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key, fut = self._deadlines.popleft()
+            if fut.done():
+                continue
             answer = self._redirect("timeout")
-            answer["maybe_applied"] = maybe_applied
-            return answer
+            answer["maybe_applied"] = key is not None  # a write may still commit
+            fut.set_result(answer)
+            waiters = self._pending_writes.get(key) if key is not None else None
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._pending_writes[key]
 
     def _partition(self, block: Any) -> dict:
         ids = [int(i) for i in block if int(i) != self.id]
