@@ -112,6 +112,8 @@ class RaftNode:
         self.lead_transferee = 0
         self.pending_conf_index = 0
         self.uncommitted_size = 0
+        self.leaving = False  # a leader removed from the config, handing over (see below)
+        self._leaving_elapsed = 0
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = config.election_tick
@@ -172,6 +174,8 @@ class RaftNode:
                 fresh.recent_active = True
         self.pending_conf_index = 0
         self.uncommitted_size = 0
+        self.leaving = False
+        self._leaving_elapsed = 0
         self._abandon_reads()
 
     def _abandon_reads(self) -> None:
@@ -229,6 +233,11 @@ class RaftNode:
                 self._hup(transfer=False)
 
     def _tick_leader(self) -> None:
+        if self.leaving:
+            self._leaving_elapsed += 1
+            self._maybe_finish_leaving()
+            if self.role is not Role.LEADER:
+                return
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
         if self.election_elapsed >= self.cfg.election_tick:
@@ -556,6 +565,7 @@ class RaftNode:
             pass
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self._send(Message(MT.TIMEOUT_NOW, m.frm, self.id, self.term))
+        self._maybe_finish_leaving()
 
     def _handle_heartbeat_response(self, m: Message) -> None:
         pr = self.trk.progress[m.frm]
@@ -665,6 +675,9 @@ class RaftNode:
         if self.lead_transferee:
             raise ProposalDropped(f"leadership is being transferred to {self.lead_transferee}",
                                   self.lead_transferee)
+        if self.leaving:
+            raise ProposalDropped(f"node {self.id} was removed from the configuration and is "
+                                  "handing over leadership", 0)
 
     def propose(self, data: bytes) -> None:
         """Append ``data`` as a NORMAL entry (leader only; otherwise ProposalDropped)."""
@@ -744,15 +757,27 @@ class RaftNode:
         self.trk.set_config(new.voters, new.voters_outgoing, new.learners, new.learners_next,
                             new.auto_leave, self.log.last_index() + 1)
         if self.role is Role.LEADER:
+            if self.lead_transferee and not self.trk.is_voter(self.lead_transferee):
+                self.lead_transferee = 0
             if not self.trk.is_voter(self.id):
-                self._become_follower(self.term, 0)  # removed (or demoted): step down
-            else:
-                if self.lead_transferee and self.lead_transferee not in self.trk.progress:
-                    self.lead_transferee = 0
-                if self._maybe_commit():
-                    pass
-                self._bcast_append()
+                # Removed or demoted: stop taking proposals but keep leading until the new
+                # voters hold our whole log (else none of them may be electable: the most
+                # up-to-date log would sit on a node that can no longer campaign).
+                self.leaving = True
+            self._maybe_commit()
+            self._bcast_append()
+            self._maybe_finish_leaving()
         return self.trk.conf_state()
+
+    def _maybe_finish_leaving(self) -> None:
+        """Step down once every new voter has our last entry, or after an election timeout."""
+        if not self.leaving:
+            return
+        last = self.log.last_index()
+        prs = self.trk.progress
+        caught_up = all(prs[i].match >= last for i in self.trk.all_voters() if i in prs)
+        if caught_up or self._leaving_elapsed >= self.cfg.election_tick:
+            self._become_follower(self.term, 0)
 
     # ------------------------------------------------------------------------------------
     # reads and leadership transfer
