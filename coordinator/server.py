@@ -36,6 +36,7 @@ retry). A partition for the fault tests is a pair of transport block lists set b
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -87,6 +88,7 @@ class ServerConfig:
     keep_entries_after_snapshot: int = 2_000
     request_timeout_s: float = 5.0
     max_pending_requests: int = 20_000
+    persist_in_thread: bool = True  # fsync off the event loop (see CoordinatorServer._drive)
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -119,7 +121,9 @@ class CoordinatorServer:
         self._snapshot_index = snap.metadata.index
         hard_state = self.storage.initial_state()[0]
         self._saved_term_vote = (hard_state.term, hard_state.vote)
-        self._unsaved_hs: Any = None  # a commit-only HardState not yet written (see _persist)
+        self._unsaved_hs: Any = None  # a commit-only HardState not yet written
+        self._persisting: asyncio.Future | None = None  # the save in flight (persist_in_thread)
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"wal-{self.id}")
         rng = random.Random(config.seed if config.seed is not None else os.urandom(8))
         self.node = RaftNode(
             Config(id=self.id, election_tick=config.election_tick,
@@ -175,6 +179,9 @@ class CoordinatorServer:
         self._fail_pending_reads("shutting_down")
         await self.transport_server.close()
         await self.peer_transport.close()
+        if self._persisting is not None:
+            await asyncio.gather(self._persisting, return_exceptions=True)
+        self._disk.shutdown(wait=True)
         self._flush_hard_state()
         self.storage.close()
         log.info("node %d stopped", self.id)
@@ -222,9 +229,16 @@ class CoordinatorServer:
             self.node.report_unreachable(peer)
 
     def _drive(self) -> None:
-        """Run every pending Ready through persist -> send -> apply -> advance."""
+        """Run every pending Ready through persist -> send -> apply -> advance.
+
+        With ``persist_in_thread`` the fsync runs in a worker thread while the loop keeps
+        accepting client requests and peer messages (the core takes inputs between ``ready``
+        and ``advance``, as etcd's RawNode does); they all land in the next Ready, so batches
+        grow with load instead of the loop stalling on the disk. Nothing is sent before the
+        save returns.
+        """
         self._drive_scheduled = False
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._persisting is not None:
             return
         self._issue_proposals()
         self._issue_reads()
@@ -233,24 +247,50 @@ class CoordinatorServer:
             self.stats["readies"] += 1
             if rd.soft_state is not None:
                 self._on_role(rd.soft_state.role)
-            self._persist(rd)
-            if rd.snapshot is not None:
-                self._restore(rd.snapshot.data, rd.snapshot.metadata.index)
-                self.conf_state = rd.snapshot.metadata.conf_state
-                self._snapshot_index = rd.snapshot.metadata.index
-            self._send(rd.messages)
-            for entry in rd.committed_entries:
-                self._apply(entry)
-            for rs in rd.read_states:
-                self._on_read_state(rs.index, rs.context)
-            for ctx in rd.dropped_reads:
-                self._answer_reads(self._reads_by_ctx.pop(ctx, ()), self._redirect("not_leader"))
-            self.node.advance(rd)
-            self._release_reads()
+            save = self._what_to_save(rd)
+            if save is not None and self.config.persist_in_thread:
+                assert self._loop is not None
+                fut = self._loop.run_in_executor(self._disk, self._save, save)
+                self._persisting = fut
+                fut.add_done_callback(lambda f, rd=rd: self._persisted(rd, f))
+                return
+            if save is not None:
+                self._save(save)
+            self._finish(rd)
         self._maybe_snapshot()
 
-    def _persist(self, rd: Any) -> None:
-        """Make the Ready durable with one ``save`` (one fsync) before anything is sent.
+    def _persisted(self, rd: Any, fut: asyncio.Future) -> None:
+        self._persisting = None
+        if fut.cancelled() or self._stopped.is_set():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            # The log is in an unknown state on disk: continuing could acknowledge what is
+            # not durable. Stop serving; a restart recovers from what the WAL holds.
+            log.critical("node %d: saving to the WAL failed (%r); shutting down", self.id, exc)
+            asyncio.ensure_future(self.stop())
+            return
+        self._finish(rd)
+        self._schedule_drive()
+
+    def _finish(self, rd: Any) -> None:
+        """Everything after the Ready is durable: install, send, apply, answer, advance."""
+        if rd.snapshot is not None:
+            self._restore(rd.snapshot.data, rd.snapshot.metadata.index)
+            self.conf_state = rd.snapshot.metadata.conf_state
+            self._snapshot_index = rd.snapshot.metadata.index
+        self._send(rd.messages)
+        for entry in rd.committed_entries:
+            self._apply(entry)
+        for rs in rd.read_states:
+            self._on_read_state(rs.index, rs.context)
+        for ctx in rd.dropped_reads:
+            self._answer_reads(self._reads_by_ctx.pop(ctx, ()), self._redirect("not_leader"))
+        self.node.advance(rd)
+        self._release_reads()
+
+    def _what_to_save(self, rd: Any) -> tuple | None:
+        """What of this Ready must be durable before its messages go out (None: nothing).
 
         As in etcd (``MustSync``), a hard state that only moved the commit index is not worth
         an fsync of its own: no message depends on the commit index being durable (it is
@@ -260,12 +300,16 @@ class CoordinatorServer:
         hs = rd.hard_state if rd.hard_state is not None else self._unsaved_hs
         term_or_vote = hs is not None and (hs.term, hs.vote) != self._saved_term_vote
         if rd.entries or rd.snapshot is not None or term_or_vote:
-            self.storage.save(hs, list(rd.entries), rd.snapshot)
             self._unsaved_hs = None
             if hs is not None:
                 self._saved_term_vote = (hs.term, hs.vote)
-        elif hs is not None:
+            return hs, list(rd.entries), rd.snapshot
+        if hs is not None:
             self._unsaved_hs = hs
+        return None
+
+    def _save(self, save: tuple) -> None:
+        self.storage.save(*save)  # one WAL fsync (group commit)
 
     def _flush_hard_state(self) -> None:
         if self._unsaved_hs is not None:
