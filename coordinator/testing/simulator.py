@@ -73,7 +73,7 @@ __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 
 # Event kinds (ints keep the heap entries cheap and comparable).
 TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT = range(6)
-CRASH_POINTS = ("before_persist", "after_persist", "after_send")
+CRASH_POINTS = ("before_persist", "torn_persist", "after_persist", "after_send")
 BUGS = ("stale_reads", "no_dedup", "lossy_snapshot")
 
 
@@ -377,6 +377,9 @@ class Simulation:
             rd = raft.ready()
             if node.crash_point == "before_persist":
                 return self._crash(node, "before persisting a ready")
+            if node.crash_point == "torn_persist":
+                self._persist_torn(node, rd)
+                return self._crash(node, "in the middle of persisting a ready")
             self._persist(node, rd)
             if node.crash_point == "after_persist":
                 return self._crash(node, "after persisting, before sending")
@@ -410,6 +413,18 @@ class Simulation:
         if rd.hard_state is not None:
             self.checker.on_hard_state(node.id, st.initial_state()[0], rd.hard_state)
             st.set_hard_state(rd.hard_state)
+
+    def _persist_torn(self, node: SimNode, rd: Ready) -> None:
+        """A crash during the write: the disk keeps a prefix of [snapshot, entries...,
+        hard state], as a write-ahead log with torn-tail recovery would."""
+        writes: list[Any] = ([rd.snapshot] if rd.snapshot is not None else []) + list(rd.entries)
+        kept = writes[: self.rng.randint(0, len(writes))]
+        if kept and kept[0] is rd.snapshot:
+            node.storage.apply_snapshot(kept.pop(0))
+        if kept:
+            node.storage.append(kept)
+            self.checker.on_persisted(node.id, node.storage, kept)
+        self.log(f"n{node.id} torn write: {len(kept)} of {len(rd.entries)} entries reached disk")
 
     def _send(self, node: SimNode, messages: list[Message]) -> None:
         for m in messages:
