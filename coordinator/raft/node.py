@@ -233,7 +233,7 @@ class RaftNode:
                 self._hup(transfer=False)
 
     def _tick_leader(self) -> None:
-        if self.leaving:
+        if self.leaving and not self.trk.is_voter(self.id):
             self._leaving_elapsed += 1
             self._maybe_finish_leaving()
             if self.role is not Role.LEADER:
@@ -676,8 +676,8 @@ class RaftNode:
             raise ProposalDropped(f"leadership is being transferred to {self.lead_transferee}",
                                   self.lead_transferee)
         if self.leaving:
-            raise ProposalDropped(f"node {self.id} was removed from the configuration and is "
-                                  "handing over leadership", 0)
+            raise ProposalDropped(f"node {self.id} is leaving the configuration and hands over "
+                                  "leadership", 0)
 
     def propose(self, data: bytes) -> None:
         """Append ``data`` as a NORMAL entry (leader only; otherwise ProposalDropped)."""
@@ -717,10 +717,14 @@ class RaftNode:
             raise ProposalDropped("the leader has not committed an entry of its term yet",
                                   self.id)
         try:
-            apply_change(self._member_config(), cc)
+            new = apply_change(self._member_config(), cc)
         except ConfChangeError as exc:
             raise LocalProtocolError(f"invalid configuration change {cc}: {exc}") from None
         self._append_conf_change(cc)
+        if self.id not in new.voters:
+            # We are leaving: append nothing after this change, so that once it applies our
+            # log is no longer than that of the new voters holding it (they stay electable).
+            self.leaving = True
 
     def _append_conf_change(self, cc: ConfChange) -> None:
         idx = self.log.last_index() + 1
@@ -760,9 +764,9 @@ class RaftNode:
             if self.lead_transferee and not self.trk.is_voter(self.lead_transferee):
                 self.lead_transferee = 0
             if not self.trk.is_voter(self.id):
-                # Removed or demoted: stop taking proposals but keep leading until the new
-                # voters hold our whole log (else none of them may be electable: the most
-                # up-to-date log would sit on a node that can no longer campaign).
+                # Removed or demoted: keep leading (taking no proposals) until the new voters
+                # hold our whole log -- else the most up-to-date log could sit on a node that
+                # can no longer campaign, and no election would succeed.
                 self.leaving = True
             self._maybe_commit()
             self._bcast_append()
@@ -770,8 +774,9 @@ class RaftNode:
         return self.trk.conf_state()
 
     def _maybe_finish_leaving(self) -> None:
-        """Step down once every new voter has our last entry, or after an election timeout."""
-        if not self.leaving:
+        """Once our removal is applied: step down when every new voter has our last entry,
+        or after an election timeout (safe then: nothing follows the removal in our log)."""
+        if not self.leaving or self.trk.is_voter(self.id):
             return
         last = self.log.last_index()
         prs = self.trk.progress

@@ -101,8 +101,12 @@ def test_removed_leader_steps_down_and_rest_elects(cluster):
     c = cluster(3)
     c.elect(1)
     c[1].propose_conf_change(cc((R, 1)))
+    # nothing may follow our own removal in the log (keeps the new voters electable)
+    with pytest.raises(ProposalDropped, match="leaving"):
+        c[1].propose(b"late")
     c.stabilize()
     assert c[1].role is Role.FOLLOWER and not c[1].promotable()
+    assert c[2].log.last_index() == c[1].log.last_index()  # handed over a complete log
     c.tick(25, only=(2, 3))
     leaders = c.leaders()
     assert len(leaders) == 1 and leaders[0] in (2, 3)
