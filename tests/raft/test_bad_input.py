@@ -1,6 +1,7 @@
 """Bad input: every kind of wrong remote input has a defined rule (dropped and counted,
 refused with a clear error, or redirected) and never crashes the node or breaks an
-invariant. Ends with Hypothesis fuzzing of ``step`` by random message sequences."""
+invariant (Raft paper §5.1: stale terms are rejected, newer terms adopted). Ends with
+Hypothesis fuzzing of ``step`` by random message sequences."""
 
 import random
 

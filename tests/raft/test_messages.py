@@ -1,4 +1,5 @@
-"""The wire codec: every value round-trips; anything malformed raises DecodeError only."""
+"""The wire codec (the RPCs of Raft paper Figure 2 and §7, as frozen dataclasses): every value
+round-trips; anything malformed raises DecodeError and nothing else; never pickle."""
 
 import msgpack
 import pytest

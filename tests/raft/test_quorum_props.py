@@ -1,5 +1,6 @@
 """Property tests of the quorum math against naive references (like etcd's
-quorum/quick_test.go): commit index and vote outcome, majority and joint configs."""
+quorum/quick_test.go): commit index (Raft paper §5.3-§5.4: an entry is committed once a
+majority stores it) and vote outcome (§5.2), for majority and joint configs (§6)."""
 
 import itertools
 
