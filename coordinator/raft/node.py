@@ -44,6 +44,7 @@ from .messages import (
     HardState,
     Message,
     MessageType,
+    decode_conf_change,
     encode_conf_change,
 )
 from .progress import Progress, ProgressState, ProgressTracker
@@ -216,6 +217,7 @@ class RaftNode:
         me.become_replicate()
         # Conservative: a conf change may be anywhere in the uncommitted tail.
         self.pending_conf_index = self.log.last_index()
+        self.leaving = self._tail_removes_self()
         # §5.4.2 / §8: commit an entry of the new term promptly, which commits the tail.
         self._append_entries([Entry(self.term, self.log.last_index() + 1)])
 
@@ -772,6 +774,24 @@ class RaftNode:
             self._bcast_append()
             self._maybe_finish_leaving()
         return self.trk.conf_state()
+
+    def _tail_removes_self(self) -> bool:
+        """Does a not-yet-applied conf change in our log remove us from the voters? (Then a
+        new leader must take no proposals either; see propose_conf_change.)"""
+        log = self.log
+        lo = max(log.applied + 1, log.first_index())
+        try:
+            tail = log.slice(lo, log.last_index() + 1)
+        except (Compacted, Unavailable):
+            return False
+        cfg = self._member_config()
+        for e in tail:
+            if e.type is EntryType.CONF_CHANGE:
+                try:
+                    cfg = apply_change(cfg, decode_conf_change(e.data))
+                except (ConfChangeError, ValueError):
+                    continue
+        return self.id not in cfg.voters
 
     def _maybe_finish_leaving(self) -> None:
         """Once our removal is applied: step down when every new voter has our last entry,
