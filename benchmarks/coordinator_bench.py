@@ -76,7 +76,7 @@ def wait_until(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
 # ----------------------------------------------------------------------------- setup
 def setup(systems: list[str]) -> None:
     """Install etcd (Debian etcd-server) and PySyncObj if they are missing."""
-    if "etcd" in systems and shutil.which("etcd") is None:
+    if "etcd" in systems and shutil.which("etcd") is None:  # Debian's etcd-server package
         print("[setup] installing etcd-server with apt-get", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
@@ -106,12 +106,15 @@ class System:
 
 
 class CoordinatorSystem(System):
+    """synctrain's coordinator with its defaults (the leader persists before it sends)."""
+
     name = "coordinator"
+    extra_args: list[str] = []
 
     def __init__(self) -> None:
         from coordinator import LocalCluster
 
-        self.cluster = LocalCluster(nodes=3, fsync=True)
+        self.cluster = LocalCluster(nodes=3, fsync=True, extra_args=self.extra_args)
 
     def start(self) -> None:
         self.cluster.start()
@@ -134,6 +137,14 @@ class CoordinatorSystem(System):
         if node is not None:  # put the wanted node first; the client follows redirects
             eps = [self.cluster.endpoint(node)] + [e for e in eps if e != self.cluster.endpoint(node)]
         return {"kind": "coordinator", "endpoints": eps, "token": self.cluster.token}
+
+
+class CoordinatorParallelSystem(CoordinatorSystem):
+    """The same with ``--leader-parallel-persist``: a steady leader sends appends while its
+    own fsync runs (Raft thesis §10.2.1, as etcd does)."""
+
+    name = "coordinator-parallel"
+    extra_args = ["--leader-parallel-persist"]
 
 
 class EtcdSystem(System):
@@ -537,7 +548,8 @@ def bench_system(system: System, args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def markdown(results: dict) -> str:
-    systems = [s for s in ("coordinator", "etcd", "pysyncobj") if s in results["systems"]]
+    order = ("coordinator", "coordinator-parallel", "etcd", "pysyncobj")
+    systems = [s for s in order if s in results["systems"]]
     rows = [("sequential put p50 (ms)", lambda r: r["put_sequential"]["p50_ms"]),
             ("sequential put p99 (ms)", lambda r: r["put_sequential"]["p99_ms"]),
             ("linearizable get p50 (ms)", lambda r: r.get("get_linearizable", {}).get("p50_ms", "n/a")),
@@ -571,7 +583,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--systems", default="coordinator,etcd,pysyncobj")
+    parser.add_argument("--systems", default="coordinator,coordinator-parallel,etcd,pysyncobj")
     parser.add_argument("--sequential", type=int, default=1000, help="ops per latency series")
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput point")
@@ -584,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         args.sequential, args.duration, args.failover_trials = 200, 2.0, 5
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     setup(systems)
-    makers = {"coordinator": CoordinatorSystem, "etcd": EtcdSystem, "pysyncobj": PySyncObjSystem}
+    makers = {"coordinator": CoordinatorSystem, "coordinator-parallel": CoordinatorParallelSystem,
+              "etcd": EtcdSystem, "pysyncobj": PySyncObjSystem}
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "config": {"sequential": args.sequential, "clients": args.clients,

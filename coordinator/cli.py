@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-tick", type=int, default=1)
     serve.add_argument("--snapshot-every", type=int, default=10_000)
     serve.add_argument("--no-fsync", action="store_true", help="unsafe: skip fsync (tests only)")
+    serve.add_argument("--leader-parallel-persist", action="store_true",
+                       help="a steady leader sends appends while its own fsync runs "
+                            "(Raft thesis 10.2.1; off: persist strictly before sending)")
     serve.add_argument("--persist-inline", action="store_true",
                        help="fsync on the event loop instead of a worker thread (for comparison)")
     serve.add_argument("--ready-file", type=pathlib.Path, help=argparse.SUPPRESS)
@@ -130,7 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
             token=load_token(args.token_file), listen=args.listen,
             tick_s=args.tick_ms / 1000.0, election_tick=args.election_tick,
             heartbeat_tick=args.heartbeat_tick, fsync=not args.no_fsync,
-            snapshot_every=args.snapshot_every, persist_in_thread=not args.persist_inline)
+            snapshot_every=args.snapshot_every, persist_in_thread=not args.persist_inline,
+            leader_parallel_persist=args.leader_parallel_persist)
         asyncio.run(serve(config, ready_file=args.ready_file))
     except (ValueError, OSError) as exc:
         print(f"coordinator serve: {exc}", file=sys.stderr)

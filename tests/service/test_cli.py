@@ -75,3 +75,10 @@ def test_serve_refuses_a_data_dir_in_use(tmp_path) -> None:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert result.returncode == 1 and "lock" in result.stderr.lower(), result.stderr
         assert time.monotonic() - started < 60
+
+
+def test_sim_subcommand_runs_the_simulator() -> None:
+    result = subprocess.run(_coordinator() + ["sim", "--seeds", "1"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "failed: 0" in result.stdout + result.stderr
