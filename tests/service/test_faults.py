@@ -20,8 +20,10 @@ def _role(cluster, node_id: int) -> str | None:
     return None if status is None else status["role"]
 
 
-def test_kill_leader(make_cluster, Workload) -> None:
-    cluster = make_cluster()
+@pytest.mark.parametrize("extra_args", [[], ["--leader-parallel-persist"]],
+                         ids=["persist-then-send", "leader-parallel-persist"])
+def test_kill_leader(make_cluster, Workload, extra_args) -> None:
+    cluster = make_cluster(extra_args=extra_args)
     with Workload(cluster) as load:
         load.wait_completed(LOAD_OPS)
         old = cluster.leader()
