@@ -20,6 +20,10 @@ keeps a little global knowledge to compare nodes with one another:
   persisted commit never decreases across lives.
 * Durable term and vote: the persisted term never decreases and a persisted vote is never
   changed within a term (a node that forgot its vote could vote twice).
+* Persist before send, checked on every message as it leaves: its term is durable (PreVote
+  traffic excepted: it carries a term not yet adopted), a granted vote is durable, and an
+  acknowledged log index is durable. A crash right after the send must not be able to take
+  back what the message promised.
 
 Violations raise :class:`InvariantViolation`; the simulator turns it into a report with the
 seed and the event trace.
@@ -30,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.raft.messages import Entry, HardState
+from coordinator.raft.messages import Entry, HardState, Message, MessageType
 
 __all__ = ["InvariantChecker", "InvariantViolation"]
 
@@ -92,6 +96,30 @@ class InvariantChecker:
                     f"{prev}, type {int(e.type)}, data {e.data[:40]!r}; another node has previous "
                     f"term {seen[0]}, type {seen[1]}, data {seen[2][:40]!r}",
                 )
+
+    def on_send(self, node_id: int, storage: Any, m: Message) -> None:
+        """Called as the driver sends ``m``: what it promises must already be durable."""
+        if m.type in (MessageType.PRE_VOTE, MessageType.PRE_VOTE_RESP):
+            return
+        hs = storage.initial_state()[0]
+        if m.term > hs.term:
+            raise InvariantViolation(
+                "persist before send",
+                f"node {node_id} sends {m.type.name} to {m.to} in term {m.term} but has "
+                f"only term {hs.term} on disk",
+            )
+        if m.type is MessageType.VOTE_RESP and not m.reject and hs.vote != m.to:
+            raise InvariantViolation(
+                "persist before send",
+                f"node {node_id} grants its term-{m.term} vote to {m.to} but its disk "
+                f"records a vote for {hs.vote}",
+            )
+        if m.type is MessageType.APPEND_RESP and not m.reject and storage.last_index() < m.index:
+            raise InvariantViolation(
+                "persist before send",
+                f"node {node_id} acknowledges index {m.index} to {m.to} but its disk ends "
+                f"at {storage.last_index()}",
+            )
 
     def on_apply(self, node_id: int, e: Entry) -> bool:
         """Called as a node applies ``e``; returns True if no node had applied index e.index."""

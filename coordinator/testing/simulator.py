@@ -72,9 +72,9 @@ from .workload import ClientReply, ClientRequest, SimClient, choose_operation
 __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 
 # Event kinds (ints keep the heap entries cheap and comparable).
-TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT = range(6)
+TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT, RESTART = range(7)
 CRASH_POINTS = ("before_persist", "torn_persist", "after_persist", "after_send")
-BUGS = ("stale_reads", "no_dedup", "lossy_snapshot")
+BUGS = ("stale_reads", "no_dedup", "lossy_snapshot", "send_before_persist", "volatile_vote")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ class SimNode:
     epoch: int = 0  # bumped by every crash and restart
     conf_state: ConfState | None = None
     crash_point: str | None = None
+    crash_trigger: MessageType | None = None  # crash only at a ready that sends this, granted
+    restart_after: int | None = None  # units from a crash to the restart that follows it
     pending_writes: dict[tuple[int, int], int] = field(default_factory=dict)  # -> attempt
     pending_reads: dict[bytes, ClientRequest] = field(default_factory=dict)
     waiting_reads: list[tuple[int, ClientRequest]] = field(default_factory=list)
@@ -281,6 +283,7 @@ class Simulation:
             self._on_reply,
             self._on_client_timer,
             self._on_fault,
+            self._on_restart,
         )
         while self.queue and self.queue[0][0] <= end:
             at, _, kind, a, b = heapq.heappop(self.queue)
@@ -320,7 +323,7 @@ class Simulation:
         )
         node.raft = RaftNode(cfg, node.storage, random.Random(self.rng.getrandbits(64)))
         node.epoch += 1
-        node.crash_point = None
+        node.crash_point, node.crash_trigger, node.restart_after = None, None, None
         self.checker.on_restart(node.id)
         self._push(self.now + self.rng.randint(1, node.period), TICK, node.id, node.epoch)
         self._drain(node)
@@ -330,10 +333,20 @@ class Simulation:
         self.stats["crashes"] += 1
         node.raft = None
         node.epoch += 1
-        node.crash_point = None
+        node.crash_point, node.crash_trigger = None, None
+        if node.restart_after is not None:
+            self._push(self.now + node.restart_after, RESTART, node.id, node.epoch)
+            node.restart_after = None
         node.pending_writes.clear()
         node.pending_reads.clear()
         node.waiting_reads.clear()
+
+    def _on_restart(self, nid: int, epoch: int) -> None:
+        node = self.nodes[nid]
+        if node.raft is None and node.epoch == epoch and not self.liveness:
+            self.log(f"n{nid} RESTART from storage (right after its crash)")
+            self.stats["restarts"] += 1
+            self._boot(node)
 
     def _on_tick(self, nid: int, epoch: int) -> None:
         node = self.nodes[nid]
@@ -375,16 +388,23 @@ class Simulation:
         while node.raft is not None and node.raft.has_ready():
             raft = node.raft
             rd = raft.ready()
-            if node.crash_point == "before_persist":
+            point = self._crash_point_for(node, rd)
+            if point == "before_persist":
                 return self._crash(node, "before persisting a ready")
-            if node.crash_point == "torn_persist":
+            if point == "torn_persist":
                 self._persist_torn(node, rd)
                 return self._crash(node, "in the middle of persisting a ready")
-            self._persist(node, rd)
-            if node.crash_point == "after_persist":
-                return self._crash(node, "after persisting, before sending")
-            self._send(node, rd.messages)
-            if node.crash_point == "after_send":
+            if self.p.bug == "send_before_persist":  # BUG on purpose: acks may outlive a crash
+                self._send(node, rd.messages)
+                if point is not None:
+                    return self._crash(node, "after sending, before persisting (bug)")
+                self._persist(node, rd)
+            else:
+                self._persist(node, rd)
+                if point == "after_persist":
+                    return self._crash(node, "after persisting, before sending")
+                self._send(node, rd.messages)
+            if point == "after_send":
                 return self._crash(node, "after sending, before applying")
             if rd.soft_state is not None:
                 self.log(
@@ -399,6 +419,14 @@ class Simulation:
             self._maybe_compact(node)
         return None
 
+    @staticmethod
+    def _crash_point_for(node: SimNode, rd: Ready) -> str | None:
+        """Where this ready is cut short by a crash, if the node is armed for it."""
+        if node.crash_point is None or node.crash_trigger is None:
+            return node.crash_point
+        sends = any(m.type == node.crash_trigger and not m.reject for m in rd.messages)
+        return node.crash_point if sends else None
+
     def _persist(self, node: SimNode, rd: Ready) -> None:
         st = node.storage
         if rd.snapshot is not None:
@@ -411,8 +439,11 @@ class Simulation:
             st.append(rd.entries)
             self.checker.on_persisted(node.id, st, rd.entries)
         if rd.hard_state is not None:
-            self.checker.on_hard_state(node.id, st.initial_state()[0], rd.hard_state)
-            st.set_hard_state(rd.hard_state)
+            hs = rd.hard_state
+            if self.p.bug == "volatile_vote":  # BUG on purpose: the vote never reaches disk
+                hs = replace(hs, vote=0)
+            self.checker.on_hard_state(node.id, st.initial_state()[0], hs)
+            st.set_hard_state(hs)
 
     def _persist_torn(self, node: SimNode, rd: Ready) -> None:
         """A crash during the write: the disk keeps a prefix of [snapshot, entries...,
@@ -428,6 +459,7 @@ class Simulation:
 
     def _send(self, node: SimNode, messages: list[Message]) -> None:
         for m in messages:
+            self.checker.on_send(node.id, node.storage, m)
             if self.p.codec:
                 m = decode_message(encode_message(m))
             dst = self.nodes.get(m.to)
@@ -629,6 +661,7 @@ class Simulation:
             (14, self._fault_heal_links),
             (16, self._network_weather),
             (8, self._fault_clock),
+            (8, self._fault_crash_after_reply),
             (6, self._transfer_leadership),
             (10 if self.p.membership else 0, self._change_membership),
         )
@@ -649,8 +682,23 @@ class Simulation:
         if self.rng.random() < 0.5:
             self._crash(node, "fault schedule")
         else:
-            node.crash_point = self.rng.choice(CRASH_POINTS)
+            node.crash_point, node.crash_trigger = self.rng.choice(CRASH_POINTS), None
             self.log(f"n{node.id} will crash at its next ready ({node.crash_point})")
+
+    def _fault_crash_after_reply(self) -> None:
+        """Arm a node to crash right after it grants a vote or acknowledges entries, and to
+        come back a moment later: the window where anything not durable would be forgotten
+        (a second vote in one term, an acknowledged entry lost)."""
+        alive = [n for n in self.nodes.values() if n.alive]
+        if not alive:
+            return
+        node = self.rng.choice(alive)
+        node.crash_trigger = self.rng.choice(
+            (MessageType.VOTE_RESP, MessageType.APPEND_RESP, MessageType.PRE_VOTE_RESP)
+        )
+        node.crash_point = "after_send"
+        node.restart_after = self.rng.randint(1, 3 * self.p.tick_unit)
+        self.log(f"n{node.id} will crash after its next granted {node.crash_trigger.name}")
 
     def _fault_restart(self) -> None:
         dead = [n for n in self.nodes.values() if not n.alive]
@@ -745,7 +793,7 @@ class Simulation:
         self.net.faults.heal()
         self.log("HEAL: liveness phase starts")
         for node in self.nodes.values():
-            node.crash_point = None
+            node.crash_point, node.crash_trigger, node.restart_after = None, None, None
             if self.p.heal_clocks:
                 unit = self.p.tick_unit
                 node.period = self.rng.randint(unit * 85 // 100, unit * 115 // 100)

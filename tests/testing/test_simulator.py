@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from coordinator.raft.messages import ConfState, Entry, EntryType, HardState
+from coordinator.raft.messages import ConfState, Entry, EntryType, HardState, Message, MessageType
 from coordinator.raft.storage import MemoryStorage
 from coordinator.raft.types import Role
 from coordinator.testing.invariants import InvariantChecker, InvariantViolation
@@ -140,6 +140,21 @@ def test_snapshots_that_lose_a_key_are_caught():
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize(
+    ("bug", "symptom"),
+    [
+        ("send_before_persist", "sends VOTE"),  # messages leave before the disk write
+        ("volatile_vote", "grants its term-"),  # the vote never reaches the disk (#202 class)
+    ],
+)
+def test_a_driver_that_sends_before_persisting_is_caught(bug, symptom):
+    results = [run_seed(seed, SimParams(bug=bug)) for seed in range(3)]
+    caught = [r for r in results if not r.ok]
+    assert caught, f"3 seeds with bug {bug} went unnoticed"
+    assert "persist before send" in caught[0].failure and symptom in caught[0].failure
+
+
+@pytest.mark.sim
 def test_liveness_failure_is_reported_with_the_seed():
     result = run_seed(3, SimParams(liveness_time=1))
     assert not result.ok and result.failure.startswith("liveness")
@@ -210,6 +225,27 @@ def test_log_matching_violation_is_caught():
     b = _storage_with([1, 2, 2])  # same (3, term 2) but a different predecessor
     with pytest.raises(InvariantViolation, match="log matching"):
         chk.on_persisted(2, b, [Entry(1, 1), Entry(2, 2), Entry(2, 3)])
+
+
+def test_messages_promising_what_is_not_durable_are_caught():
+    chk = InvariantChecker()
+    st = _storage_with([1, 1])
+    st.set_hard_state(HardState(term=2, vote=3, commit=1))
+    ok = [
+        Message(MessageType.VOTE_RESP, 3, 1, 2),
+        Message(MessageType.APPEND_RESP, 3, 1, 2, index=2),
+        Message(MessageType.PRE_VOTE, 2, 1, 3),  # PreVote carries the next term, not durable
+    ]
+    for m in ok:
+        chk.on_send(1, st, m)
+    bad = {
+        "in term 3": Message(MessageType.APPEND_RESP, 3, 1, 3, index=1),
+        "vote for 3": Message(MessageType.VOTE_RESP, 2, 1, 2),
+        "acknowledges index 5": Message(MessageType.APPEND_RESP, 3, 1, 2, index=5),
+    }
+    for text, m in bad.items():
+        with pytest.raises(InvariantViolation, match=text):
+            chk.on_send(1, st, m)
 
 
 def test_different_entries_applied_at_one_index_are_caught():
