@@ -902,6 +902,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=SimParams.safety_time,
         help="time units of the faulty phase per seed",
     )
+    ap.add_argument("--clients", type=int, default=SimParams.clients, help="concurrent clients")
+    ap.add_argument("--keys", type=int, default=SimParams.keys, help="keys the clients share")
     ap.add_argument("--no-faults", action="store_true", help="a perfect network, no crashes")
     ap.add_argument(
         "--bug", choices=BUGS, default=None, help="inject a known bug, to see the checkers catch it"
@@ -915,6 +917,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.start < 0:
         ap.error("--seeds must be >= 1 and --start >= 0")
+    if not 1 <= args.clients <= 100 or not 1 <= args.keys <= 100:
+        ap.error("--clients and --keys must be between 1 and 100")
     return args
 
 
@@ -928,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
     params = replace(
         SimParams(),
         nodes=args.nodes,
+        clients=args.clients,
+        keys=args.keys,
         safety_time=args.safety_time,
         faults=not args.no_faults,
         bug=args.bug,
