@@ -15,18 +15,25 @@ the simulator drains ``ready()``: persist snapshot, entries and hard state into 
 ``MemoryStorage`` (its "disk"), only then send the messages, apply the committed entries to
 the node's :class:`SimKV`, serve reads, ``advance``. A crash throws the ``RaftNode`` and the
 ``SimKV`` away and rebuilds both from the storage alone; a crash can also strike in the middle
-of that drain (before persisting, after persisting but before sending, after sending but
-before applying), which loses exactly what a real process would lose.
+of that drain (before persisting, halfway through the write, after persisting but before
+sending, after sending but before applying), which loses exactly what a real process would
+lose. A targeted crash hits a node right after it grants a vote or acknowledges entries and
+restarts it a moment later, the window in which anything not durable would be forgotten.
 
 A run has two phases. The *safety phase* injects faults: message loss, duplication,
 reordering and delay; symmetric and one-way partitions; crashes and restarts; clock skew;
-leadership transfers; and log compaction with snapshots throughout. The *liveness phase*
-heals the network, restarts every node, and requires that within ``liveness_time`` units a
-leader exists and every client has finished its pending operation plus one more.
+leadership transfers; membership changes (spare nodes join as learners or voters, voters
+leave, single-server and joint); log compaction with snapshots throughout; and per-seed core
+settings (PreVote or CheckQuorum off, tiny messages, a window of one message). The *liveness
+phase* heals the network and the clocks and restarts every node, and requires that within
+``liveness_time`` units a leader exists, every client has finished its pending operation plus
+one more, and every member has applied all that the leader committed.
 
-After every event :class:`~.invariants.InvariantChecker` checks Raft's safety properties; at
-the end the client history must be linearizable (:mod:`.linearizability`, per key). A failure
-prints ``SEED=<n>``, what broke and the trace.
+After every event :class:`~.invariants.InvariantChecker` checks Raft's safety properties and
+persist-before-send on every outgoing message; at the end replicas at one applied index must
+hold one state and the client history must be linearizable (:mod:`.linearizability`, per
+key). A failure prints ``SEED=<n>``, what broke and the trace. ``SimParams(bug=...)`` injects
+a known bug (see ``BUGS``) to show that the checks catch it.
 
 ``python -m coordinator.testing.simulator --seeds N --start S [--verbose]`` runs many seeds.
 """
