@@ -278,6 +278,60 @@ def test_histories_from_a_sequential_register_are_linearizable(ops):
     assert report.result is CheckResult.OK, report.explanation
 
 
+def _brute_force_linearizable(ops: list[Operation]) -> bool:
+    """Reference: try every order of every subset of the unknown operations (the rest never
+    happened) that respects real time (a before b when a returned strictly before b's call)."""
+    model = RegisterModel()
+    unknown_ops = [o for o in ops if o.unknown and o.kind is not R]  # unknown reads: no-ops
+    sure = [o for o in ops if not o.unknown]
+
+    def ret(o: Operation) -> float:
+        return float("inf") if o.unknown else o.ret
+
+    for mask in range(1 << len(unknown_ops)):
+        chosen = sure + [o for i, o in enumerate(unknown_ops) if mask >> i & 1]
+        for order in itertools.permutations(chosen):
+            if any(ret(b) < a.call for i, a in enumerate(order) for b in order[i + 1 :]):
+                continue
+            state, ok = model.init, True
+            for o in order:
+                ok, state = model.step(state, o)
+                if not ok:
+                    break
+            if ok:
+                return True
+    return False
+
+
+@st.composite
+def random_small_histories(draw):
+    """Random operations with random outputs: a mix of legal and illegal histories."""
+    n = draw(st.integers(min_value=1, max_value=6))
+    values = st.sampled_from([None, 0, 1, 2])
+    ops, unknowns = [], 0
+    for i in range(n):
+        call = draw(st.integers(min_value=0, max_value=12))
+        ret = call + draw(st.integers(min_value=0, max_value=8))
+        kind = draw(st.sampled_from([R, W, C]))
+        unknown = unknowns < 2 and draw(st.integers(min_value=0, max_value=4)) == 0
+        unknowns += unknown
+        if kind is R:
+            inp, out = None, draw(values)
+        elif kind is W:
+            inp, out = draw(st.sampled_from([0, 1, 2])), None
+        else:
+            inp, out = (draw(values), draw(st.sampled_from([0, 1, 2]))), draw(st.booleans())
+        ops.append(Operation(i, i, "x", kind, inp, None if unknown else out, call, ret, unknown))
+    return ops
+
+
+@settings(max_examples=400, deadline=None)
+@given(random_small_histories())
+def test_checker_agrees_with_brute_force_on_small_random_histories(ops):
+    expected = CheckResult.OK if _brute_force_linearizable(ops) else CheckResult.ILLEGAL
+    assert check_history(ops).result is expected
+
+
 # ---------------------------------------------------------------------------- bound
 
 
