@@ -24,6 +24,14 @@ over nodes when there are several). They start empty: only the workers know the 
   ``staleness=0`` (average of all workers' gradients for a clock, one optimizer step),
   on arrival otherwise (each push one step of ``gradient / num_workers`` with
   ``update_rule="mean"``, or of the raw gradient with ``update_rule="sum"``, Downpour-style).
+* Pipelining (``pipeline=True``, default, when staleness != 0): ``step()`` returns as soon as
+  the push is sent and collects its reply at the next ``step()``, so the shards work while the
+  worker computes its next gradient. Each push then asks for ``c + 2 - s`` so the parameters
+  loaded one step later still meet the bound; the price is that a worker sees its own latest
+  update one step late. ``staleness=0`` is never pipelined.
+* ``pull_every=n`` (default 1): fetch parameters on every n-th push only (DistBelief's
+  n_fetch), and always when the held ones would otherwise break the staleness bound. A push
+  that fetches nothing is answered at once with an acknowledgement.
 * A changed learning rate (an LR scheduler on the worker) travels with the next push.
 * When the loop ends the worker ``leave``s, so its final clock holds nobody back.
 
@@ -34,7 +42,8 @@ version lag (optimizer steps applied since the pusher's last pull) per worker.
 Knobs (``Trainer(..., mode="async", ...)``): ``staleness`` (None or int >= 0, default None),
 ``num_ps_shards`` (default 1), ``update_rule`` ("mean" or "sum"), ``skip_nonfinite`` (drop a
 step whose gradient has NaN/Inf instead of failing), ``wait_timeout_s`` (bound of every wait;
-default the Trainer's ``collective_timeout_s``), ``shard_num_cpus`` (default 0).
+default the Trainer's ``collective_timeout_s``), ``shard_num_cpus`` (default 0), ``pipeline``
+and ``pull_every`` (above).
 
 Not synchronised: buffers (e.g. BatchNorm running stats) stay per worker. ``all_reduce``,
 ``broadcast`` and ``barrier`` run through shard 0 (numpy arrays via Ray, for small tensors).
@@ -68,7 +77,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "skip_nonfinite": False,
     "wait_timeout_s": None,
     "shard_num_cpus": 0.0,
+    "pipeline": True,
+    "pull_every": 1,
 }
+#: Gradient slices at least this big go through ray.put (the object store); smaller ones inline.
+INLINE_BYTES = 100 * 1024
 #: Extra seconds a worker's ray.get allows beyond the shard-side wait bound.
 RPC_MARGIN_S = 60.0
 #: Latency samples kept per worker for the percentiles (a ring buffer).
@@ -101,8 +114,12 @@ class ParameterServerStrategy(Strategy):
             raise ValueError(f"num_ps_shards must be an integer in 1..{MAX_SHARDS}, got {k!r}")
         if merged["update_rule"] not in ("mean", "sum"):
             raise ValueError(f"update_rule must be 'mean' or 'sum', got {merged['update_rule']!r}")
-        if not isinstance(merged["skip_nonfinite"], bool):
-            raise ValueError(f"skip_nonfinite must be True or False, got {merged['skip_nonfinite']!r}")
+        for flag in ("skip_nonfinite", "pipeline"):
+            if not isinstance(merged[flag], bool):
+                raise ValueError(f"{flag} must be True or False, got {merged[flag]!r}")
+        n = merged["pull_every"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"pull_every must be an integer >= 1, got {n!r}")
         t = merged["wait_timeout_s"]
         if t is not None and not (isinstance(t, (int, float)) and t > 0):
             raise ValueError(f"wait_timeout_s must be a number of seconds > 0, got {t!r}")
@@ -163,6 +180,9 @@ class ParameterServerStrategy(Strategy):
         self._grad_host: torch.Tensor | None = None
         self._lrs: tuple[float, ...] = ()
         self._collective_seq = 0
+        self.pipelined = self.options["pipeline"] and self.staleness != 0
+        self._inflight: list[Any] | None = None  # ObjectRefs of the push awaiting its reply
+        self._steps_since_pull = 0
         self._lag_hist = [0] * LAG_BUCKETS
         self._push_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self._wait_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -172,6 +192,7 @@ class ParameterServerStrategy(Strategy):
 
     def on_shutdown(self) -> None:
         job, rank = self.spec.job_id, self.context.rank
+        self._collect()  # the last pipelined push: surface its errors before leaving
         try:
             ray.get([s.leave.remote(job, rank) for s in self.shards], timeout=30)
         except Exception:  # noqa: BLE001, S110 - shards may already be gone when the job fails
@@ -242,33 +263,68 @@ class ParameterServerStrategy(Strategy):
 
     # ---- worker side: the step ---------------------------------------------------------
     def push_and_pull(self, optimizer: torch.optim.Optimizer) -> None:
-        """Push this step's gradients to every shard; load parameters within the bound."""
+        """Push this step's gradients to every shard; hold parameters within the bound on return.
+
+        Pipelined (the default when staleness != 0), the push's reply is collected at the next
+        step, so the shards' work overlaps this worker's next forward/backward; each push then
+        asks for one clock more than the bound needs, so the parameters loaded from it still
+        satisfy the bound one step later.
+        """
         grads_ok = self._gather_grads()
-        lag = self.clock - self.included
-        self._lag_hist[min(lag, LAG_BUCKETS - 1)] += 1
+        self._lag_hist[min(self.clock - self.included, LAG_BUCKETS - 1)] += 1
+        self._collect()  # the previous push's reply (pipelined), before sending the next
         lrs = tuple(float(g["lr"]) for g in optimizer.param_groups)
         changed_lrs = lrs if lrs != self._lrs else None
         self._lrs = lrs
-        min_clock = 0 if self.staleness is None else self.clock + 1 - self.staleness
-        started = time.monotonic()
+        want_params, min_clock = self._pull_plan()
         assert self._grad_host is not None
         grad_np = self._grad_host.numpy()
-        refs = [ray.put(grad_np[a:b]) if grads_ok else None for a, b in self.bounds]
-        calls = [s.push.remote(self.spec.job_id, self.context.rank, self.clock, ref, min_clock,
-                               self.versions[i], changed_lrs)
-                 for i, (s, ref) in enumerate(zip(self.shards, refs, strict=True))]
-        replies: list[PushReply] = _get(calls, self.wait_timeout_s + RPC_MARGIN_S,
-                                        f"pushing clock {self.clock}")
-        round_trip_s = time.monotonic() - started
-        wait_s = max(r.wait_s for r in replies)
-        self._push_ms.append(1e3 * (round_trip_s - wait_s))
-        self._wait_ms.append(1e3 * wait_s)
+        # One copy of each shard's slice into the object store (Ray passes arrays under
+        # 100 KB inline instead); the shard reads it in place.
+        slices = [grad_np[a:b] if grads_ok else None for a, b in self.bounds]
+        args = [ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x for x in slices]
+        self._inflight = [s.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
+                                        self.versions[i], changed_lrs, want_params)
+                          for i, (s, arg) in enumerate(zip(self.shards, args, strict=True))]
         self.bytes_pushed += grad_np.nbytes if grads_ok else 0
         self.clock += 1
-        self._load(replies)
+        if not self.pipelined:
+            self._collect()
         session = _context.current_session()
         if session is not None:
             session.optimizer_steps += 1
+
+    def _pull_plan(self) -> tuple[bool, int]:
+        """(does this push fetch parameters, the clock they must include).
+
+        Parameters are fetched every ``pull_every`` steps, and whenever the ones held would
+        break the staleness bound by the time they are next replaced (Downpour's n_fetch,
+        bounded by SSP as in Ho et al.'s worker cache).
+        """
+        self._steps_since_pull += 1
+        if self.staleness is None:
+            needed = 0
+        else:
+            needed = self.clock + 1 - self.staleness + (1 if self.pipelined else 0)
+        if self._steps_since_pull >= self.options["pull_every"] or self.included < needed:
+            self._steps_since_pull = 0
+            return True, needed
+        return False, 0
+
+    def _collect(self) -> None:
+        """Wait for the in-flight push's replies (if any) and load their parameters."""
+        if self._inflight is None:
+            return
+        calls, self._inflight = self._inflight, None
+        started = time.monotonic()
+        replies: list[PushReply] = _get(calls, self.wait_timeout_s + RPC_MARGIN_S,
+                                        f"pushing clock {self.clock - 1}")
+        blocked_s = time.monotonic() - started
+        wait_s = max(r.wait_s for r in replies)
+        self._push_ms.append(1e3 * max(blocked_s - wait_s, 0.0))
+        self._wait_ms.append(1e3 * min(wait_s, blocked_s))
+        if replies[0].params is not None:
+            self._load(replies)
 
     def _gather_grads(self) -> bool:
         """Copy gradients into the flat host buffer (zeros where None); False to skip the step."""
@@ -279,7 +335,9 @@ class ParameterServerStrategy(Strategy):
                 buf[offset:offset + n].zero_()
             else:
                 buf[offset:offset + n].copy_(p.grad.reshape(-1))
-        if bool(torch.isfinite(buf).all()):
+        if bool(torch.isfinite(buf.sum())):  # one reduction; a NaN/Inf anywhere makes it non-finite
+            return True
+        if bool(torch.isfinite(buf).all()):  # the sum overflowed on large finite values
             return True
         if self.options["skip_nonfinite"]:
             self.nonfinite_skipped += 1
@@ -296,8 +354,11 @@ class ParameterServerStrategy(Strategy):
         assert self._host is not None and self._flat is not None
         started = time.monotonic()
         host = self._host.numpy()
-        for i, ((a, b), reply) in enumerate(zip(self.bounds, replies, strict=True)):
-            np.copyto(host[a:b], reply.params)
+        refs = [r.params for r in replies if isinstance(r.params, ray.ObjectRef)]
+        fetched = iter(ray.get(refs, timeout=self.wait_timeout_s + RPC_MARGIN_S) if refs else [])
+        arrays = [next(fetched) if isinstance(r.params, ray.ObjectRef) else r.params for r in replies]
+        for i, ((a, b), reply, array) in enumerate(zip(self.bounds, replies, arrays, strict=True)):
+            np.copyto(host[a:b], array)  # the only copy: object store -> the model's buffer
             self.versions[i] = reply.version
         if self._flat is not self._host:
             self._flat.copy_(self._host, non_blocking=False)

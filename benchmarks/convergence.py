@@ -1,0 +1,208 @@
+"""Convergence on digits: single process vs sync vs async (staleness 0, 2, 8, None).
+
+    python benchmarks/convergence.py [--epochs 12] [--quick] [--out DIR]
+
+Every distributed run has 2 workers with batch 32 (global batch 64), SGD with momentum 0.9
+and lr 0.05; the single process uses batch 64 and the same optimizer (the computation sync
+mode distributes). Async uses the default ``update_rule="mean"``: each push moves the
+parameters by half its gradient, so a sample moves the model as much as in sync mode and the
+comparison is about consistency, not about a larger step size.
+
+Each distributed configuration runs twice: without and with a straggler. The straggler is
+rank 1 sleeping after each step for as long as that configuration's median step took without
+a straggler, so it runs about 2x slower than its peer in the same mode. Rank 0 evaluates the
+test accuracy of the parameters it holds every few steps and records the wall time since its
+loop started and the samples those parameters have seen (sync: steps x 64; async: pushes the
+shards had applied, x 32).
+
+Writes benchmarks/results/convergence.{json,md,png}: accuracy against wall time and against
+samples seen, and a table with time-to-95%-accuracy (with --quick: a few steps, into a temp
+directory unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+import synctrain  # noqa: E402
+from digits import DigitsNet, evaluate, load_digits_split  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TARGET_ACC = 0.95
+BATCH = 32
+LR = 0.05
+
+
+def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Train digits; rank 0 records (wall_s, samples, test_acc) every ``eval_every`` steps."""
+    ctx = synctrain.get_context()
+    train_x, train_y, test_x, test_y = load_digits_split()
+    torch.manual_seed(0)
+    model = synctrain.prepare_model(DigitsNet())
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
+    batch = config["batch"]
+    loader = synctrain.prepare_data_loader(
+        DataLoader(TensorDataset(train_x, train_y), batch_size=batch, shuffle=True))
+    slow_s = config["slow_s"] if config.get("slow_rank") == ctx.rank else 0.0
+    curve: list[tuple[float, int, float]] = []
+    step_s: list[float] = []
+    started = time.monotonic()
+    steps = 0
+    for _ in range(config["epochs"]):
+        for x, y in loader:
+            t0 = time.monotonic()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step_s.append(time.monotonic() - t0)
+            if slow_s:
+                time.sleep(slow_s)  # the straggler
+            steps += 1
+            if ctx.rank == 0 and steps % config["eval_every"] == 0:
+                curve.append((time.monotonic() - started, _samples(ctx, steps, batch),
+                              evaluate(model, test_x, test_y)))
+    if ctx.rank == 0:
+        curve.append((time.monotonic() - started, _samples(ctx, steps, batch), evaluate(model, test_x, test_y)))
+    return {"curve": curve, "median_step_s": statistics.median(step_s), "steps": steps}
+
+
+def _samples(ctx: synctrain.TrainContext, steps: int, batch: int) -> int:
+    """Samples the parameters held now have seen (all workers together)."""
+    if ctx.mode == "async":
+        return int(synctrain.strategy_metrics()["server_pushes_applied"]) * batch
+    return steps * batch * ctx.world_size
+
+
+def run(name: str, mode: str | None, config: dict[str, Any], **options: Any) -> dict[str, Any]:
+    print(f"-- {name}", flush=True)
+    if mode is None:  # one plain process: the helpers are no-ops
+        out = bench_loop(config)
+        elapsed = out["curve"][-1][0]
+        outputs, info = [out], {}
+    else:
+        result = synctrain.Trainer(bench_loop, num_workers=2, mode=mode, use_gpu=False, progress=False,
+                                   config=config, **options).fit()
+        outputs, info, elapsed = result.outputs, result.strategy_info, result.elapsed_s
+    curve = outputs[0]["curve"]
+    hit = next(((t, n) for t, n, acc in curve if acc >= TARGET_ACC), (None, None))
+    return {"name": name, "mode": mode or "single", "options": options,
+            "straggler": bool(config.get("slow_rank") is not None), "slow_s": config.get("slow_s", 0.0),
+            "curve": curve, "final_acc": curve[-1][2], "time_to_95_s": hit[0], "samples_to_95": hit[1],
+            "median_step_s": [o["median_step_s"] for o in outputs], "steps": [o["steps"] for o in outputs],
+            "fit_s": elapsed, "pushes": info.get("pushes_received")}
+
+
+def configurations(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    runs = [("sync", "sync", {})]
+    for s in ((2,) if quick else (0, 2, 8, None)):
+        runs.append((f"async s={s}", "async", {"staleness": s}))
+    return runs
+
+
+def run_all(epochs: int, eval_every: int, quick: bool) -> list[dict[str, Any]]:
+    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH}
+    rows = [run("single process", None, {**base, "batch": 2 * BATCH})]
+    for name, mode, options in configurations(quick):
+        plain = run(name, mode, base, **options)
+        slow_s = max(plain["median_step_s"])  # the straggler runs ~2x slower than its peer
+        strag = run(f"{name} + straggler", mode, {**base, "slow_rank": 1, "slow_s": slow_s}, **options)
+        rows += [plain, strag]
+    return rows
+
+
+def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
+            "lr": LR, "target_acc": TARGET_ACC, "cpus": os.cpu_count(), "machine": platform.platform(),
+            "torch": torch.__version__, "ray": ray.__version__, "load_avg_1m": os.getloadavg()[0],
+            "command": " ".join(sys.argv)}
+    with open(os.path.join(out_dir, "convergence.json"), "w") as f:
+        json.dump({"meta": meta, "runs": rows}, f, indent=2)
+    sync_strag = next(r for r in rows if r["name"] == "sync + straggler")["time_to_95_s"]
+    lines = ["# Convergence on digits", "",
+             f"2 workers x batch {BATCH} (single process: batch {2 * BATCH}), SGD momentum 0.9, lr {LR}, "
+             f"{args.epochs} epochs per worker, rank 0 evaluates every {args.eval_every} steps. "
+             f"{meta['cpus']} CPUs (shared), load average {meta['load_avg_1m']:.1f} at the end. "
+             f"Command: `{meta['command']}`.", "",
+             "| run | straggler sleep ms | time to 95% (s) | vs sync+straggler | samples to 95% | "
+             "final acc | median step ms (r0, r1) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        t = r["time_to_95_s"]
+        ratio = f"{t / sync_strag:.2f}x" if t is not None and sync_strag and r["straggler"] else ""
+        steps_ms = ", ".join(f"{1e3 * s:.1f}" for s in r["median_step_s"])
+        lines.append(f"| {r['name']} | {1e3 * r['slow_s']:.1f} | {'-' if t is None else f'{t:.2f}'} | {ratio} | "
+                     f"{'-' if r['samples_to_95'] is None else r['samples_to_95']} | {r['final_acc']:.3f} | "
+                     f"{steps_ms} |")
+    with open(os.path.join(out_dir, "convergence.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, os.path.join(out_dir, "convergence.png"))
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=True)
+    for col, straggler in enumerate((False, True)):
+        for r in rows:
+            if r["straggler"] != straggler and r["mode"] != "single":
+                continue
+            t, n, acc = zip(*r["curve"], strict=True)
+            style = "--" if r["mode"] == "single" else "-"
+            axes[0][col].plot(t, acc, style, label=r["name"])
+            axes[1][col].plot(n, acc, style, label=r["name"])
+        title = "with a straggler (rank 1 ~2x slower)" if straggler else "no straggler"
+        axes[0][col].set(title=title, xlabel="wall time (s)", ylabel="test accuracy")
+        axes[1][col].set(xlabel="samples seen by the evaluated parameters", ylabel="test accuracy")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.axhline(TARGET_ACC, color="grey", lw=0.8, ls=":")
+            ax.set_ylim(0.5, 1.0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("digits, 2 workers: sync vs async (staleness 0, 2, 8, None)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, sync and s=2 only")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.eval_every = 1, 10
+    out_dir = args.out or (tempfile.mkdtemp(prefix="convergence_") if args.quick else RESULTS)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    import digits
+
+    ray.cloudpickle.register_pickle_by_value(digits)  # the workers cannot import examples/
+    rows = run_all(args.epochs, args.eval_every, args.quick)
+    write(rows, out_dir, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

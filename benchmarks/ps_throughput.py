@@ -1,0 +1,195 @@
+"""Parameter-server throughput: synctrain's async mode vs the naive Ray parameter server.
+
+    python benchmarks/ps_throughput.py [--steps 60] [--shards 1,2,3,4] [--quick]
+
+A ~1M-parameter MLP (784-1024-256-10, 1,068,810 float32 parameters: 4.3 MB of gradient per
+push), 2 workers, each pushing gradients of random batches as fast as it can. Measured side
+by side in one run (same Ray instance, same machine):
+
+* ``naive``: the parameter server of Ray's documentation: one actor holding the model and an
+  SGD optimizer; each worker step is one ``ray.get(ps.apply_gradients.remote(grads))`` with the
+  gradients as a list of numpy arrays, answered with the new weights (a state_dict).
+* ``synctrain``: ``Trainer(mode="async", staleness=None, num_ps_shards=k, pull_every=n)`` for
+  each k and n: n=1 fetches the parameters with every push, like the naive server; n=4
+  fetches them every 4th push (DistBelief's n_fetch), the others are acknowledged at once.
+
+Both use plain SGD and the same compute per step, so the difference is the parameter
+server. Reported: pushes/s (all workers together, after warm-up) and gradient GB/s ingested
+by the server(s). Writes benchmarks/results/ps_throughput.{json,md} (with --quick: to a temp
+directory unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import synctrain
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+WARMUP_STEPS = 5
+BATCH = 32
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(),
+                         nn.Linear(256, 10))
+
+
+def _batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
+
+
+# ---- synctrain ---------------------------------------------------------------------------
+def synctrain_loop(config: dict[str, Any]) -> dict[str, float]:
+    """Push as fast as possible; time the steps after warm-up."""
+    ctx = synctrain.get_context()
+    model = synctrain.prepare_model(make_model())
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.01))
+    gen = torch.Generator().manual_seed(ctx.rank)
+    started = 0.0
+    for step in range(WARMUP_STEPS + config["steps"]):
+        if step == WARMUP_STEPS:
+            started = time.monotonic()
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {"steps": config["steps"], "elapsed_s": time.monotonic() - started,
+            "push_ms_p50": synctrain.strategy_metrics()["push_latency_ms_p50"]}
+
+
+def run_synctrain(shards: int, steps: int, pull_every: int) -> dict[str, Any]:
+    result = synctrain.Trainer(synctrain_loop, num_workers=2, mode="async", staleness=None,
+                               num_ps_shards=shards, pull_every=pull_every, use_gpu=False,
+                               progress=False, config={"steps": steps}).fit()
+    return summarize(f"synctrain async, pull_every={pull_every}", result.outputs,
+                     extra={"shards": shards, "pull_every": pull_every,
+                            "push_ms_p50": float(np.mean([o["push_ms_p50"] for o in result.outputs])),
+                            "updates_applied": result.strategy_info["updates_applied"],
+                            "pushes_received": result.strategy_info["pushes_received"]})
+
+
+# ---- the naive parameter server of Ray's documentation -----------------------------------
+class NaiveParameterServer:
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self.model = make_model()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
+
+    def apply_gradients(self, *gradients: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        summed = [np.stack(g).sum(axis=0) for g in zip(*gradients, strict=True)]
+        self.optimizer.zero_grad()
+        for p, g in zip(self.model.parameters(), summed, strict=True):
+            p.grad = torch.from_numpy(g)
+        self.optimizer.step()
+        return self.get_weights()
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.model.state_dict().items()}
+
+
+class NaiveWorker:
+    def __init__(self, rank: int) -> None:
+        torch.set_num_threads(1)
+        self.model = make_model()
+        self.gen = torch.Generator().manual_seed(rank)
+
+    def run(self, ps: Any, steps: int) -> dict[str, float]:
+        weights = ray.get(ps.get_weights.remote())
+        started = 0.0
+        for step in range(WARMUP_STEPS + steps):
+            if step == WARMUP_STEPS:
+                started = time.monotonic()
+            self.model.load_state_dict(weights)
+            x, y = _batch(self.gen)
+            self.model.zero_grad()
+            F.cross_entropy(self.model(x), y).backward()
+            grads = [p.grad.data.cpu().numpy() for p in self.model.parameters()]
+            weights = ray.get(ps.apply_gradients.remote(grads))  # one ray.get per step
+        return {"steps": steps, "elapsed_s": time.monotonic() - started}
+
+
+def run_naive(steps: int) -> dict[str, Any]:
+    ps = ray.remote(NaiveParameterServer).options(num_cpus=0).remote()
+    workers = [ray.remote(NaiveWorker).options(num_cpus=1).remote(r) for r in range(2)]
+    try:
+        outputs = ray.get([w.run.remote(ps, steps) for w in workers], timeout=1800)
+    finally:
+        for actor in (ps, *workers):
+            ray.kill(actor)
+    return summarize("naive Ray PS (docs)", outputs, extra={"shards": 1, "pull_every": 1})
+
+
+# ---- reporting ---------------------------------------------------------------------------
+GRAD_BYTES = sum(p.numel() for p in make_model().parameters()) * 4
+
+
+def summarize(name: str, outputs: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
+    pushes_per_s = sum(o["steps"] / o["elapsed_s"] for o in outputs)
+    return {"name": name, "workers": len(outputs), "pushes_per_s": pushes_per_s,
+            "grad_gb_per_s": pushes_per_s * GRAD_BYTES / 1e9, **extra}
+
+
+def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
+    naive = next(r for r in rows if r["name"].startswith("naive"))
+    for r in rows:
+        r["speedup_vs_naive"] = r["pushes_per_s"] / naive["pushes_per_s"]
+    meta = {"parameters": GRAD_BYTES // 4, "grad_mb": GRAD_BYTES / 1e6, "workers": 2, "batch": BATCH,
+            "steps_per_worker": args.steps, "cpus": os.cpu_count(), "machine": platform.platform(),
+            "torch": torch.__version__, "ray": ray.__version__,
+            "load_avg_1m": os.getloadavg()[0], "command": " ".join(sys.argv)}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "ps_throughput.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    lines = ["# Parameter-server throughput", "",
+             f"{meta['parameters']:,}-parameter MLP ({meta['grad_mb']:.1f} MB of float32 gradient per "
+             f"push), 2 workers, batch {BATCH}, {args.steps} timed steps per worker after "
+             f"{WARMUP_STEPS} warm-up steps; {meta['cpus']} CPUs, load average "
+             f"{meta['load_avg_1m']:.1f} at the end. Command: `{meta['command']}`.", "",
+             "| server | shards | pushes/s | gradient GB/s | vs naive |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['shards']} | {r['pushes_per_s']:.1f} | "
+                     f"{r['grad_gb_per_s']:.3f} | {r['speedup_vs_naive']:.2f}x |")
+    with open(os.path.join(out_dir, "ps_throughput.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per worker")
+    parser.add_argument("--shards", default="1,2,3,4", help="comma-separated shard counts")
+    parser.add_argument("--pull-every", default="1,4", help="comma-separated pull_every values")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5 steps, 1-2 shards")
+    parser.add_argument("--out", default=None, help="results directory")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.shards, args.pull_every = 5, "1,2", "1"
+    out_dir = args.out or (tempfile.mkdtemp(prefix="ps_throughput_") if args.quick else RESULTS)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    rows = [run_naive(args.steps)]
+    for n in (int(v) for v in args.pull_every.split(",")):
+        for k in (int(v) for v in args.shards.split(",")):
+            rows.append(run_synctrain(k, args.steps, n))
+    write(rows, out_dir, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
