@@ -327,8 +327,10 @@ class Client:
             addr = att.endpoints[att.current]
             try:
                 answer = self._conn(addr).request(body, timeout_s=att.attempt_timeout(now))
-                step = att.on_answer(answer) if follow else _Next.DONE
-                att.answer = answer if not follow else att.answer
+                if follow:
+                    step = att.on_answer(answer)
+                else:  # any answer will do (status, stale reads)
+                    att.answer, step = answer, _Next.DONE
             except TransportError as exc:
                 self._drop(addr)
                 step = att.on_transport_error(exc)
@@ -459,8 +461,10 @@ class AsyncClient:
             try:
                 conn = await self._conn(addr)
                 answer = await conn.request(body, timeout_s=att.attempt_timeout(now))
-                step = att.on_answer(answer) if follow else _Next.DONE
-                att.answer = answer if not follow else att.answer
+                if follow:
+                    step = att.on_answer(answer)
+                else:  # any answer will do (status, stale reads)
+                    att.answer, step = answer, _Next.DONE
             except TransportError as exc:
                 await self._drop(addr)
                 step = att.on_transport_error(exc)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -260,7 +261,7 @@ class CoordinatorServer:
                 assert self._loop is not None
                 fut = self._loop.run_in_executor(self._disk, self._save, save)
                 self._persisting = fut
-                fut.add_done_callback(lambda f, rd=rd, sent=sent: self._persisted(rd, sent, f))
+                fut.add_done_callback(functools.partial(self._persisted, rd, sent))
                 return
             if save is not None:
                 self._save(save)
@@ -565,7 +566,9 @@ class CoordinatorServer:
             answer = self._redirect("timeout")
             answer["maybe_applied"] = key is not None  # a write may still commit
             fut.set_result(answer)
-            waiters = self._pending_writes.get(key) if key is not None else None
+            if key is None:
+                continue
+            waiters = self._pending_writes.get(key)
             if waiters is not None and fut in waiters:
                 waiters.remove(fut)
                 if not waiters:
