@@ -115,6 +115,7 @@ class RaftNode:
         self.uncommitted_size = 0
         self.leaving = False  # a leader removed from the config, handing over (see below)
         self._leaving_elapsed = 0
+        self._replicate_pending = False  # new entries not yet offered to followers
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = config.election_tick
@@ -177,6 +178,7 @@ class RaftNode:
         self.uncommitted_size = 0
         self.leaving = False
         self._leaving_elapsed = 0
+        self._replicate_pending = False
         self._abandon_reads()
 
     def _abandon_reads(self) -> None:
@@ -702,7 +704,15 @@ class RaftNode:
 
     def _append_entries(self, ents: list[Entry]) -> None:
         self.log.append(ents)
-        # Our own match advances only when the Ready carrying ents is persisted (advance()).
+        # Replication is sent when the driver next asks for a Ready, so that many propose()
+        # calls in a row share APPEND messages. Our own match advances only once the Ready
+        # carrying ``ents`` is persisted (advance()).
+        self._replicate_pending = True
+
+    def _flush_replication(self) -> None:
+        self._replicate_pending = False
+        if self.role is not Role.LEADER:
+            return
         for i in self.trk.progress:
             if i != self.id:
                 while self._send_append(i, send_if_empty=False):
@@ -917,6 +927,8 @@ class RaftNode:
         """The work to do now. Call ``advance(ready)`` before the next ``ready()``."""
         if self._outstanding is not None:
             raise LocalProtocolError("ready() called again before advance() of the previous Ready")
+        if self._replicate_pending:
+            self._flush_replication()
         ss = SoftState(self.leader_id, self.role)
         hs = HardState(self.term, self.vote, self.log.committed)
         rd = Ready(
