@@ -145,6 +145,9 @@ def _serve(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"coordinator serve: cannot open the data dir: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except RuntimeError as exc:
+        print(f"coordinator serve: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 
