@@ -179,8 +179,13 @@ class _Workload:
         assert len(ops) > 20, f"too little load reached the cluster ({len(ops)} operations)"
         print(f"history: {len(ops)} operations ({self.unknown} unknown), {len(self.acked)} "
               f"acknowledged unique writes, checker explored {report.states_explored} states")
-        missing = {k: v for k, v in self.acked.items() if client.get(k) != v}
-        assert not missing, f"acknowledged writes lost: {sorted(missing)[:10]}"
+        records = {k: client.get_record(k) for k in self.acked}
+        missing = sorted(k for k, v in self.acked.items() if records[k]["value"] != v)
+        assert not missing, f"acknowledged writes lost: {missing[:10]}"
+        # Each unique key was put once (retries reuse the sequence number): version 1 means
+        # the put was applied exactly once, however often the client had to resend it.
+        twice = sorted(k for k, r in records.items() if r["version"] != 1)
+        assert not twice, f"writes applied more than once: {twice[:10]}"
 
 
 @pytest.fixture
