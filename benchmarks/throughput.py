@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.rounds = 5, 1
     sizes = [1] if args.quick else [1, 16, 64]
-    if not ray.is_initialized():
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+    else:
         ray.init(num_cpus=max(os.cpu_count() or 1, args.workers), include_dashboard=False,
                  logging_level=logging.WARNING)
 

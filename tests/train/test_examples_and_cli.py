@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,9 +55,12 @@ def test_cli_run_refuses_a_missing_script(capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_throughput_benchmark_quick_mode_writes_results(tmp_path):
+def test_throughput_benchmark_quick_mode_writes_results(ray_session, tmp_path):
+    # joins the session's Ray instead of starting a second one
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert set(data["models"]) == {"mlp", "convnet"}
