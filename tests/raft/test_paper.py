@@ -307,3 +307,35 @@ def test_uncommitted_size_limit_drops_proposals():
     n.propose(b"x" * 60)
     with pytest.raises(ProposalDropped):
         n.propose(b"y" * 60)
+
+
+# Flow-control recovery (etcd's lessons) ---------------------------------------------------
+
+def test_replication_recovers_when_every_inflight_append_was_lost(cluster):
+    c = cluster(3, max_inflight_msgs=2, max_size_per_msg=1)
+    c.elect(1)
+    c.drop = lambda m: m.type is MT.APPEND and m.to == 3  # 3 loses every APPEND for a while
+    for k in range(6):
+        c[1].propose(b"%d" % k)
+        c.stabilize()
+    assert c[1].trk.progress[3].inflights.full()
+    c.drop = lambda m: False
+    c.tick(3)  # heartbeat responses free a window slot; the gap is detected and repaired
+    assert c[3].log.last_index() == c[1].log.last_index()
+
+
+def test_lost_snapshot_without_report_is_retried(cluster):
+    c = cluster(3)
+    c.elect(1)
+    c.drop = lambda m: m.to == 3 or m.frm == 3
+    for k in range(5):
+        c[1].propose(b"%d" % k)
+        c.stabilize()
+    st = c.storage[1]
+    st.create_snapshot(c[1].log.applied, c[1].conf_state(), b"")
+    st.compact(c[1].log.applied)
+    snaps = []
+    c.drop = lambda m: m.type is MT.SNAPSHOT and (snaps.append(m) or len(snaps) == 1)
+    c.tick(30)  # the first snapshot is lost and never reported
+    assert len(snaps) >= 2 and c[1].status().dropped["snapshot_presumed_lost"] == 1
+    assert c[3].commit_index == c[1].commit_index
