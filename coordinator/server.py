@@ -91,7 +91,7 @@ class ServerConfig:
     keep_entries_after_snapshot: int = 2_000
     request_timeout_s: float = 5.0
     max_pending_requests: int = 20_000
-    persist_in_thread: bool = True  # fsync off the event loop (see CoordinatorServer._drive)
+    persist_in_thread: bool = True  # leader's fsync off the event loop (CoordinatorServer._drive)
     # Off by default: the issue asks to persist before sending. On, a steady leader sends its
     # appends while its own fsync runs (see CoordinatorServer._leader_may_send_first).
     leader_parallel_persist: bool = False
@@ -238,11 +238,13 @@ class CoordinatorServer:
     def _drive(self) -> None:
         """Run every pending Ready through persist -> send -> apply -> advance.
 
-        With ``persist_in_thread`` the fsync runs in a worker thread while the loop keeps
-        accepting client requests and peer messages (the core takes inputs between ``ready``
-        and ``advance``, as etcd's RawNode does); they all land in the next Ready, so batches
-        grow with load instead of the loop stalling on the disk. Nothing is sent before the
-        save returns.
+        With ``persist_in_thread`` a leader's fsync runs in a worker thread while the loop
+        keeps accepting client requests and peer messages (the core takes inputs between
+        ``ready`` and ``advance``, as etcd's RawNode does); they all land in the next Ready, so
+        batches grow with load instead of the loop stalling on the disk. A follower saves
+        inline: it has nothing to overlap (its next append waits for this save anyway) and the
+        thread hand-off would only add latency. Nothing is sent before the save returns
+        (unless ``leader_parallel_persist``, see :meth:`_leader_may_send_first`).
         """
         self._drive_scheduled = False
         if self._stopped.is_set() or self._persisting is not None:
@@ -269,7 +271,7 @@ class CoordinatorServer:
             if sent:
                 self._send(rd.messages)
             save = self._what_to_save(rd)
-            if save is not None and self.config.persist_in_thread:
+            if save is not None and self.config.persist_in_thread and self.role == Role.LEADER:
                 assert self._loop is not None
                 fut = self._loop.run_in_executor(self._disk, self._save, save)
                 self._persisting = fut
