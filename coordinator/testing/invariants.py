@@ -13,9 +13,13 @@ keeps a little global knowledge to compare nodes with one another:
   over indexes, two logs that agree on an (index, term) agree on everything before it.
 * State machine safety: ``applied[index]`` is the first entry applied there; any node that
   applies another entry at that index violates it.
-* Leader completeness (§5.4): an entry applied anywhere is committed. When a node becomes
-  leader, and whenever a new entry is first applied, every leader of a later term must hold
-  that entry (or a snapshot covering it) in its durable log.
+* Leader completeness (§5.4): an entry committed in term C is in the log of every leader of
+  a term after C. The checker learns that index i is committed when it first sees a node
+  with commit index >= i, and notes that node's current term: an upper bound of C (a leader
+  commits in its own term; a follower learns the commit from a leader of its current term),
+  so the check never blames a stale leader of a term <= C, which may legally lack the
+  entry. When a node becomes leader, and whenever indexes become committed, every leader of
+  a later term must hold those entries (or a snapshot covering them) in its durable log.
 * Monotonic commit: a node's commit index never decreases during one life, and its
   persisted commit never decreases across lives.
 * Durable term and vote: the persisted term never decreases and a persisted vote is never
@@ -59,7 +63,9 @@ class InvariantChecker:
     leaders: dict[int, int] = field(default_factory=dict)  # term -> leader id
     log_pairs: dict[tuple[int, int], tuple[int, int, bytes]] = field(default_factory=dict)
     applied: dict[int, tuple[int, int, bytes, int]] = field(default_factory=dict)
-    max_applied: int = 0
+    # index -> (term of the entry, or None if unseen; upper bound of the term it was committed in)
+    committed: dict[int, tuple[int | None, int]] = field(default_factory=dict)
+    max_committed: int = 0
     views: dict[int, _NodeView] = field(default_factory=dict)
     checks: int = 0
 
@@ -131,20 +137,25 @@ class InvariantChecker:
                 f"node {node_id} applied term {e.term} data {e.data[:40]!r} at index {e.index}; "
                 f"node {seen[3]} applied term {seen[0]} data {seen[2][:40]!r} there",
             )
-        if seen is mine:
-            self.max_applied = max(self.max_applied, e.index)
-            return True
-        return False
+        known = self.committed.get(e.index, (None, 0))[0]
+        if known is not None and known != e.term:
+            raise InvariantViolation(
+                "state machine safety",
+                f"node {node_id} applied term {e.term} at index {e.index}, but the entry "
+                f"committed there has term {known}",
+            )
+        return seen is mine
 
     def on_restart(self, node_id: int) -> None:
         self.views[node_id] = _NodeView()
 
     def after_event(self, nodes: dict[int, Any], storages: dict[int, Any]) -> None:
-        """Election safety, monotonic commit and leader completeness over the live nodes.
+        """Monotonic commit, election safety and leader completeness over the live nodes.
 
         ``nodes`` maps id -> live RaftNode (crashed nodes absent); ``storages`` id -> storage.
         """
         self.checks += 1
+        newly_committed = self.max_committed + 1
         for nid, node in nodes.items():
             view = self.views.setdefault(nid, _NodeView())
             commit = node.commit_index
@@ -154,9 +165,12 @@ class InvariantChecker:
                     f"node {nid} commit index went from {view.commit} to {commit}",
                 )
             view.commit = commit
+            if commit > self.max_committed:
+                self._record_commits(node, storages[nid], commit)
+        for nid, node in nodes.items():
             if node.role.name != "LEADER":
                 continue
-            term = node.term
+            term, view = node.term, self.views[nid]
             first = self.leaders.setdefault(term, nid)
             if first != nid:
                 raise InvariantViolation(
@@ -164,32 +178,34 @@ class InvariantChecker:
                 )
             if view.checked_leader_term != term:
                 view.checked_leader_term = term
-                self.check_holds_committed(nid, term, storages[nid], 1, self.max_applied)
+                self.check_holds_committed(nid, term, storages[nid], 1)
+            elif self.max_committed >= newly_committed:
+                self.check_holds_committed(nid, term, storages[nid], newly_committed)
 
-    def on_newly_applied(self, index: int, nodes: dict[int, Any], storages: dict[int, Any]) -> None:
-        """A first application at ``index``: every leader of a later term must hold it."""
-        term = self.applied[index][0]
-        for nid, node in nodes.items():
-            if node.role.name == "LEADER" and node.term > term:
-                self.check_holds_committed(nid, node.term, storages[nid], index, index)
+    def _record_commits(self, node: Any, storage: Any, commit: int) -> None:
+        lo, last = storage.first_index() - 1, storage.last_index()
+        for i in range(self.max_committed + 1, commit + 1):
+            entry_term = storage.term(i) if lo <= i <= last else None
+            self.committed[i] = (entry_term, node.term)
+        self.max_committed = commit
 
-    def check_holds_committed(self, nid: int, term: int, storage: Any, lo: int, hi: int) -> None:
-        """Leader completeness for applied indexes ``[lo, hi]`` on leader ``nid``."""
-        if hi < lo:
-            return
-        last = storage.last_index()
-        if last < hi:
-            raise InvariantViolation(
-                "leader completeness",
-                f"node {nid}, leader of term {term}, has a log ending at {last} but index {hi} "
-                "is committed",
-            )
-        start = max(lo, storage.first_index())
-        for i in range(start, hi + 1):
-            entry = self.applied.get(i)
-            if entry is not None and storage.term(i) != entry[0]:
+    def check_holds_committed(self, nid: int, term: int, storage: Any, lo: int) -> None:
+        """Leader completeness on leader ``nid`` of ``term`` for committed indexes >= ``lo``."""
+        first, last = storage.first_index() - 1, storage.last_index()
+        for i in range(lo, self.max_committed + 1):
+            entry_term, commit_term = self.committed[i]
+            if commit_term >= term:
+                continue  # possibly committed in this term or later: not required yet
+            if i > last:
                 raise InvariantViolation(
                     "leader completeness",
-                    f"node {nid}, leader of term {term}, holds term {storage.term(i)} at index {i}, "
-                    f"but the committed entry there has term {entry[0]}",
+                    f"node {nid}, leader of term {term}, has a log ending at {last} but index "
+                    f"{i} was committed by term {commit_term}",
+                )
+            if i >= first and entry_term is not None and storage.term(i) != entry_term:
+                raise InvariantViolation(
+                    "leader completeness",
+                    f"node {nid}, leader of term {term}, holds term {storage.term(i)} at index "
+                    f"{i}, but the entry committed there by term {commit_term} has term "
+                    f"{entry_term}",
                 )

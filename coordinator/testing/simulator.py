@@ -482,18 +482,13 @@ class Simulation:
         if rd.snapshot is not None and rd.snapshot.metadata.index > node.kv.applied:
             node.kv.restore(rd.snapshot.data, rd.snapshot.metadata.index)
             node.conf_state = rd.snapshot.metadata.conf_state
-        live = {nid: n.raft for nid, n in self.nodes.items() if n.raft is not None}
         for e in rd.committed_entries:
             if e.index <= node.kv.applied:
                 continue  # covered by a snapshot installed in this same ready
-            first = self.checker.on_apply(node.id, e)
+            self.checker.on_apply(node.id, e)
             out = node.kv.apply(e.index, e.data)
             if e.type == EntryType.CONF_CHANGE:
                 node.conf_state = node.raft.apply_conf_change(decode_conf_change(e.data))
-            if first:
-                self.checker.on_newly_applied(
-                    e.index, live, {nid: n.storage for nid, n in self.nodes.items()}
-                )
             if out is not None:
                 client, seq, result = out
                 attempt = node.pending_writes.pop((client, seq), None)
