@@ -12,8 +12,9 @@ directory (so it recovers from its WAL and snapshot), and ``partition`` asks the
 transports to drop every frame between the cut-off node and the rest (an authenticated
 ``admin_partition`` request; network namespaces need privileges we cannot assume).
 
-``RayCluster`` hosts each node in a Ray actor (``scheduling_strategy="SPREAD"``, so with
-several Ray nodes no machine holds a majority when there are enough machines); each actor
+``RayCluster`` hosts each node in a Ray actor: with at least as many Ray nodes as coordinator
+nodes, a STRICT_SPREAD placement group puts each on its own machine (so losing one machine
+loses one node); with fewer, actors are spread best-effort (``"SPREAD"``). Each actor
 reserves a port on its own node's IP first, then all of them start with the full peer map.
 """
 
@@ -366,6 +367,7 @@ class RayCluster:
         self.num_cpus_per_node = num_cpus_per_node
         self.actors: dict[int, Any] = {}
         self.endpoints: list[str] = []
+        self._pg: Any = None  # the STRICT_SPREAD placement group, when there is one
 
     def __enter__(self) -> RayCluster:
         self.start()
@@ -379,15 +381,34 @@ class RayCluster:
 
         if not ray.is_initialized():
             ray.init()
-        multi = len([n for n in ray.nodes() if n.get("Alive")]) > 1
+        alive = len([n for n in ray.nodes() if n.get("Alive")])
+        multi = alive > 1
         actor_cls = ray.remote(num_cpus=self.num_cpus_per_node,  # type: ignore[call-overload]
                                max_concurrency=4)(_RayNode)
-        for i in self.node_ids:
-            self.actors[i] = actor_cls.options(scheduling_strategy="SPREAD").remote(i)
+        strategies = self._placement(alive)
+        for k, i in enumerate(self.node_ids):
+            self.actors[i] = actor_cls.options(scheduling_strategy=strategies[k]).remote(i)
         addrs = ray.get([self.actors[i].reserve.remote(multi) for i in self.node_ids])
         peers = {i: tuple(a) for i, a in zip(self.node_ids, addrs, strict=True)}
         self.endpoints = ray.get([self.actors[i].start.remote(peers, self.token, self.tick_s)
                                   for i in self.node_ids])
+
+    def _placement(self, alive_ray_nodes: int) -> list[Any]:
+        """One scheduling strategy per coordinator node: with at least as many Ray nodes as
+        coordinator nodes, a STRICT_SPREAD placement group puts each on its own machine;
+        otherwise best-effort SPREAD (one machine then holds several nodes)."""
+        if alive_ray_nodes < len(self.node_ids):
+            return ["SPREAD"] * len(self.node_ids)
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundles = [{"CPU": self.num_cpus_per_node} for _ in self.node_ids]
+        self._pg = placement_group(bundles, strategy="STRICT_SPREAD")
+        ray.get(self._pg.ready(), timeout=120)
+        return [PlacementGroupSchedulingStrategy(placement_group=self._pg,
+                                                 placement_group_bundle_index=k)
+                for k in range(len(self.node_ids))]
 
     def node_ips(self) -> dict[int, str]:
         import ray
@@ -413,6 +434,12 @@ class RayCluster:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
         self.actors.clear()
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(self._pg)
+            self._pg = None
 
 
 def state_file_path() -> pathlib.Path:
