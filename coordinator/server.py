@@ -321,10 +321,15 @@ class CoordinatorServer:
             self._restore(rd.snapshot.data, rd.snapshot.metadata.index)
             self.conf_state = rd.snapshot.metadata.conf_state
             self._snapshot_index = rd.snapshot.metadata.index
-        if not sent:
+        # A follower sends first (its append answers gate the leader's commit); a leader
+        # applies first, so its clients' answers are queued ahead of the commit notices.
+        send_first = not sent and self.role != Role.LEADER
+        if send_first:
             self._send(rd.messages)
         for entry in rd.committed_entries:
             self._apply(entry)
+        if not sent and not send_first:
+            self._send(rd.messages)
         for rs in rd.read_states:
             self._on_read_state(rs.index, rs.context)
         for ctx in rd.dropped_reads:
