@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
-import synctrain  # noqa: E402
 from digits import DigitsNet, evaluate, load_digits_split  # noqa: E402
+
+import synctrain  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_ACC = 0.95
@@ -91,8 +92,13 @@ def _samples(ctx: synctrain.TrainContext, steps: int, batch: int) -> int:
 
 def run(name: str, mode: str | None, config: dict[str, Any], **options: Any) -> dict[str, Any]:
     print(f"-- {name}", flush=True)
-    if mode is None:  # one plain process: the helpers are no-ops
-        out = bench_loop(config)
+    if mode is None:  # one plain process: the helpers are no-ops; one thread, like a worker
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out = bench_loop(config)
+        finally:
+            torch.set_num_threads(threads)
         elapsed = out["curve"][-1][0]
         outputs, info = [out], {}
     else:

@@ -15,8 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import synctrain  # noqa: E402
 from digits import train_loop  # noqa: E402
+
+import synctrain  # noqa: E402
 
 
 def staleness_arg(text: str) -> int | None:

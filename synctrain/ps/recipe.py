@@ -9,6 +9,7 @@ on a shard's slice is exactly the slice of the step a single process would take.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ class OptimizerRecipe:
     group_of: tuple[int | None, ...]  # param-group index of each layout parameter
 
     @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> OptimizerRecipe:
+    def of(cls, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> OptimizerRecipe:
         """Read ``optimizer``, whose parameters must all be among ``params`` (layout order)."""
         kind = type(optimizer).__name__
         if type(optimizer) is not SUPPORTED.get(kind):
@@ -72,7 +73,8 @@ class OptimizerRecipe:
             param_groups.append({"params": tensors, **settings})
         if not param_groups:
             return None
-        return SUPPORTED[self.kind](param_groups)
+        cls: Any = SUPPORTED[self.kind]  # each takes (params, **defaults)
+        return cls(param_groups)
 
     def lrs(self) -> tuple[float, ...]:
         return tuple(float(dict(g)["lr"]) for g in self.groups)

@@ -320,8 +320,8 @@ class ParameterShard:
 
     def _reply(self, wait_s: float) -> PushReply:
         assert self._flat is not None
-        snapshot = self._flat.numpy()
-        snapshot = ray.put(snapshot) if self.config.reply_by_reference else snapshot.copy()
+        live = self._flat.numpy()
+        snapshot: Any = ray.put(live) if self.config.reply_by_reference else live.copy()
         return PushReply(params=snapshot, version=self.version,
                          min_clock=self.min_clock(), clocks=tuple(self.clocks), wait_s=wait_s)
 

@@ -111,6 +111,18 @@ def test_fully_async_applies_each_push_on_arrival():
     run(scenario())
 
 
+def test_a_push_that_asks_for_no_parameters_is_acknowledged_at_once():
+    async def scenario():
+        shard = await make_shard(1)
+        await push(shard, 0, 0, [1, 1, 1, 1])
+        # clock 1 -> 2 would wait for worker 1, but this push only delivers its gradient
+        ack = await shard.push(JOB, 0, 1, np.ones(N, dtype=np.float32), 5, 0, None, False)
+        assert ack.params is None and ack.clocks == (2, 0) and ack.wait_s == 0.0
+        np.testing.assert_array_equal(shard.params(), np.arange(N) - 1.0)  # 2 pushes x 0.5
+
+    run(scenario())
+
+
 def test_a_leaving_worker_no_longer_holds_the_others_back():
     async def scenario():
         shard = await make_shard(0)
