@@ -15,6 +15,7 @@ from torch import nn
 
 import synctrain
 from synctrain import TrainingFailedError
+from synctrain import context as session_context
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 40
@@ -43,7 +44,14 @@ def small_loop(config):
             time.sleep(config.get("slow_s", 0.0))  # a deliberate straggler, not synchronisation
     synctrain.report({"done": 1, **{k: v for k, v in synctrain.strategy_metrics().items()
                                     if isinstance(v, (int, float))}})
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+    if config.get("collectives"):  # all_reduce, broadcast and barrier work in async mode too
+        mean = synctrain.all_reduce(torch.tensor([float(ctx.rank), 1.0]))
+        synctrain.barrier()
+        from_zero = torch.tensor([float(ctx.rank + 7)])
+        session_context.current_session().strategy.broadcast(from_zero, src=0)  # no public helper yet
+        return {"params": flat, "mean": mean.tolist(), "broadcast": from_zero.item()}
+    return flat
 
 
 def fit(mode, config, **options):
@@ -76,7 +84,9 @@ def test_observed_lag_never_exceeds_the_bound_with_a_straggler(ray_session, stal
 
 
 def test_fully_async_loses_no_update(ray_session):
-    result = fit("async", {"steps": 30}, staleness=None, num_ps_shards=2)
+    result = fit("async", {"steps": 30, "collectives": True}, staleness=None, num_ps_shards=2)
+    for out in result.outputs:
+        assert out["mean"] == [0.5, 1.0] and out["broadcast"] == 7.0
     shards = result.strategy_info["shards"]
     assert len(shards) == 2
     for s in shards:
