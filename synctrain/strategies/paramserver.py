@@ -237,7 +237,7 @@ class ParameterServerStrategy(Strategy):
                 flat[offset:offset + n].copy_(p.reshape(-1))
                 p.data = flat[offset:offset + n].view_as(p)
         self._flat = flat
-        self._host = flat if device.type == "cpu" else torch.empty(layout.total, dtype=flat.dtype)
+        self._host = flat if device.type == "cpu" else flat.detach().to("cpu")  # rank 0 sends it
         self._grad_host = torch.zeros(layout.total, dtype=layout.torch_dtype)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
