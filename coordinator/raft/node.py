@@ -416,6 +416,14 @@ class RaftNode:
         if m.type is MT.PRE_VOTE_RESP and not m.reject:
             return True  # a granted pre-vote carries the future term we asked for
         lead = m.frm if m.type in _LEADER_TRAFFIC else 0
+        if m.type is MT.VOTE:
+            # Figure 2: only a *granted* vote resets the election timer. Adopting the term of a
+            # vote request we may reject must not, or a fast-ticking node with a stale log keeps
+            # everyone's timers reset and starves elections (simulator seed 175, PreVote off).
+            elapsed = self.election_elapsed
+            self._become_follower(m.term, lead)
+            self.election_elapsed = elapsed
+            return True
         self._become_follower(m.term, lead)
         return True
 

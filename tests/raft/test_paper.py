@@ -339,3 +339,19 @@ def test_lost_snapshot_without_report_is_retried(cluster):
     c.tick(30)  # the first snapshot is lost and never reported
     assert len(snaps) >= 2 and c[1].status().dropped["snapshot_presumed_lost"] == 1
     assert c[3].commit_index == c[1].commit_index
+
+
+def test_a_rejected_higher_term_vote_does_not_reset_the_election_timer():
+    """§5.2 / Figure 2: a follower restarts its election timer only on leader traffic or when it
+    *grants* a vote. Adopting the term of a vote it rejects (the candidate's log is behind) must
+    keep the timer running, or a fast-ticking node with a stale log starves elections
+    (found by the simulator, seed 175 with PreVote off and clock skew)."""
+    n, _ = node(1, log=(1, 1), pre_vote=False, check_quorum=False)
+    for _ in range(5):
+        n.tick()
+    assert n.election_elapsed == 5
+    n.step(Message(MT.VOTE, 1, 2, term=5, log_term=1, index=1))  # behind us: rejected
+    assert n.term == 5 and n.vote == 0
+    assert n.election_elapsed == 5
+    n.step(Message(MT.VOTE, 1, 3, term=6, log_term=1, index=2))  # up to date: granted
+    assert n.vote == 3 and n.election_elapsed == 0
