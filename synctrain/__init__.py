@@ -7,6 +7,7 @@ same loop runs unchanged in a plain Python process, where the helpers are no-ops
 from synctrain.api import (
     all_reduce,
     barrier,
+    broadcast,
     get_context,
     prepare_data_loader,
     prepare_model,
@@ -23,6 +24,12 @@ from synctrain.errors import (
     TrainingFailedError,
     WorkerDiedError,
 )
+from synctrain.ps.errors import (
+    NonFiniteGradientError,
+    ParameterServerError,
+    StaleJobError,
+    StalenessTimeoutError,
+)
 from synctrain.trainer import Result, Trainer
 
 __version__ = "0.1.0"
@@ -37,6 +44,7 @@ __all__ = [
     "prepare_data_loader",
     "report",
     "all_reduce",
+    "broadcast",
     "barrier",
     "strategy_metrics",
     "SynctrainError",
@@ -45,4 +53,8 @@ __all__ = [
     "TrainingFailedError",
     "WorkerDiedError",
     "ModelMismatchError",
+    "ParameterServerError",
+    "StaleJobError",
+    "StalenessTimeoutError",
+    "NonFiniteGradientError",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "prepare_data_loader",
     "report",
     "all_reduce",
+    "broadcast",
     "barrier",
     "strategy_metrics",
     "TrainContext",
@@ -82,6 +83,14 @@ def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
     if session is None or session.strategy is None or session.context.world_size == 1:
         return tensor
     return session.strategy.all_reduce(tensor, op)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank ``src``'s value; identity outside a Trainer."""
+    session = _context.current_session()
+    if session is None or session.strategy is None or session.context.world_size == 1:
+        return tensor
+    return session.strategy.broadcast(tensor, src)
 
 
 def strategy_metrics() -> dict[str, Any]:

@@ -116,3 +116,20 @@ def test_prepare_data_loader_needs_a_batch_size():
     bad = DataLoader(ds, batch_sampler=[[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="batch_size"):
         shard_data_loader(bad, 2, 0, 0, torch.device("cpu"))
+
+
+def broadcast_loop(config):
+    ctx = synctrain.get_context()
+    t = torch.full((3,), float(ctx.rank + 1))
+    synctrain.broadcast(t, src=1)
+    s = torch.tensor([float(ctx.rank + 1)])
+    synctrain.all_reduce(s, op="sum")
+    return t.tolist(), s.item()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_broadcast_and_all_reduce_helpers_in_both_modes(ray_session, mode):
+    result = synctrain.Trainer(broadcast_loop, num_workers=2, mode=mode, use_gpu=False,
+                               progress=False).fit()
+    assert result.outputs == [([2.0, 2.0, 2.0], 3.0), ([2.0, 2.0, 2.0], 3.0)]
