@@ -271,7 +271,7 @@ class CoordinatorServer:
             if sent:
                 self._send(rd.messages)
             save = self._what_to_save(rd)
-            if save is not None and self.config.persist_in_thread and self.role == Role.LEADER:
+            if save is not None and self._save_in_thread():
                 assert self._loop is not None
                 fut = self._loop.run_in_executor(self._disk, self._save, save)
                 self._persisting = fut
@@ -281,6 +281,12 @@ class CoordinatorServer:
                 self._save(save)
             self._finish(rd, sent)
         self._maybe_snapshot()
+
+    def _save_in_thread(self) -> bool:
+        """A leader with several writes waiting overlaps its fsync with taking more requests;
+        with one (a lone sequential client) the thread hand-off would only add latency."""
+        return (self.config.persist_in_thread and self.role == Role.LEADER
+                and len(self._pending_writes) > 1)
 
     def _leader_may_send_first(self, rd: Any) -> bool:
         """Whether this Ready's messages may leave before its entries are durable here.
