@@ -50,12 +50,35 @@ BATCH = 32
 LR = 0.05
 
 
+class DigitsConvNet(torch.nn.Module):
+    """A compute-heavy, parameter-light convnet for the 8x8 digits (``--model conv``).
+
+    About 48k parameters (190 KB of gradient) but ~30x the FLOPs of the MLP per sample, so a
+    step's compute outweighs its communication, as in most real training.
+    """
+
+    def __init__(self, channels: int = 64) -> None:
+        super().__init__()
+        c = channels
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, c, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(c * 16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.view(-1, 1, 8, 8))
+
+
+def build_model(name: str) -> torch.nn.Module:
+    return DigitsConvNet() if name == "conv" else DigitsNet()
+
+
 def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Train digits; rank 0 records (wall_s, samples, test_acc) every ``eval_every`` steps."""
     ctx = synctrain.get_context()
     train_x, train_y, test_x, test_y = load_digits_split()
     torch.manual_seed(0)
-    model = synctrain.prepare_model(DigitsNet())
+    model = synctrain.prepare_model(build_model(config.get("model", "mlp")))
     opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
     batch = config["batch"]
     loader = synctrain.prepare_data_loader(
@@ -121,12 +144,16 @@ def configurations(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
     return runs
 
 
-def run_all(epochs: int, eval_every: int, quick: bool) -> list[dict[str, Any]]:
-    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH}
+def run_all(epochs: int, eval_every: int, quick: bool, model: str = "mlp",
+            straggler: str = "own-step") -> list[dict[str, Any]]:
+    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH, "model": model}
     rows = [run("single process", None, {**base, "batch": 2 * BATCH})]
+    # "compute": the straggler's machine computes 2x slower: it sleeps one worker-batch of
+    # compute (half the single process's step), the same in every mode.
+    compute_s = rows[0]["median_step_s"][0] / 2
     for name, mode, options in configurations(quick):
         plain = run(name, mode, base, **options)
-        slow_s = max(plain["median_step_s"])  # the straggler runs ~2x slower than its peer
+        slow_s = compute_s if straggler == "compute" else max(plain["median_step_s"])
         strag = run(f"{name} + straggler", mode, {**base, "slow_rank": 1, "slow_s": slow_s}, **options)
         rows += [plain, strag]
     return rows
@@ -134,14 +161,14 @@ def run_all(epochs: int, eval_every: int, quick: bool) -> list[dict[str, Any]]:
 
 def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
+    meta = {"model": args.model, "straggler": args.straggler, "epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
             "lr": LR, "target_acc": TARGET_ACC, "cpus": os.cpu_count(), "machine": platform.platform(),
             "torch": torch.__version__, "ray": ray.__version__, "load_avg_1m": os.getloadavg()[0],
             "command": " ".join(sys.argv)}
-    with open(os.path.join(out_dir, "convergence.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{args.name}.json"), "w") as f:
         json.dump({"meta": meta, "runs": rows}, f, indent=2)
     sync_strag = next(r for r in rows if r["name"] == "sync + straggler")["time_to_95_s"]
-    lines = ["# Convergence on digits", "",
+    lines = [f"# Convergence on digits ({args.model}, straggler sleeps: {args.straggler})", "",
              f"2 workers x batch {BATCH} (single process: batch {2 * BATCH}), SGD momentum 0.9, lr {LR}, "
              f"{args.epochs} epochs per worker, rank 0 evaluates every {args.eval_every} steps. "
              f"{meta['cpus']} CPUs (shared), load average {meta['load_avg_1m']:.1f} at the end. "
@@ -156,10 +183,10 @@ def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) ->
         lines.append(f"| {r['name']} | {1e3 * r['slow_s']:.1f} | {'-' if t is None else f'{t:.2f}'} | {ratio} | "
                      f"{'-' if r['samples_to_95'] is None else r['samples_to_95']} | {r['final_acc']:.3f} | "
                      f"{steps_ms} |")
-    with open(os.path.join(out_dir, "convergence.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, os.path.join(out_dir, "convergence.png"))
+    plot(rows, os.path.join(out_dir, f"{args.name}.png"))
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -196,6 +223,12 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, sync and s=2 only")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--model", choices=("mlp", "conv"), default="mlp",
+                        help="mlp: examples/digits.py's MLP; conv: a compute-heavy convnet")
+    parser.add_argument("--straggler", choices=("own-step", "compute"), default="own-step",
+                        help="own-step: sleep that mode's own median step; compute: sleep one "
+                             "worker-batch of compute (the same in every mode)")
+    parser.add_argument("--name", default="convergence", help="result file name stem")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.eval_every = 1, 10
@@ -205,7 +238,7 @@ def main() -> int:
     import digits
 
     ray.cloudpickle.register_pickle_by_value(digits)  # the workers cannot import examples/
-    rows = run_all(args.epochs, args.eval_every, args.quick)
+    rows = run_all(args.epochs, args.eval_every, args.quick, args.model, args.straggler)
     write(rows, out_dir, args)
     return 0
 
