@@ -126,13 +126,14 @@ def bandwidth_loop(config: dict[str, Any]) -> dict[str, Any]:
         seconds: dict[str, list[float]] = {"synctrain": [], "raw": []}
         for _ in range(2):
             calls["raw"]()  # warm-up
+        iters = max(config["iters"], config["iters"] * 16 // mb)  # small tensors: more calls
         for _ in range(config["blocks"]):
             for name, call in calls.items():
                 synctrain.barrier()
                 started = time.perf_counter()
-                for _ in range(config["iters"]):
+                for _ in range(iters):
                     call()
-                seconds[name].append((time.perf_counter() - started) / config["iters"])
+                seconds[name].append((time.perf_counter() - started) / iters)
         nbytes = t.numel() * 4
         out[mb] = {name: nbytes * 2 * (world - 1) / world / median(s) / 1e9 for name, s in seconds.items()}
     return out
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([model, s, b, s / b])
 
     bw = synctrain.Trainer(bandwidth_loop, num_workers=args.workers, use_gpu=False, progress=False,
-                           config={"sizes_mb": sizes, "blocks": 3 if not args.quick else 1,
+                           config={"sizes_mb": sizes, "blocks": 5 if not args.quick else 1,
                                    "iters": 5 if not args.quick else 2}).fit().outputs[0]
     bw_rows = []
     for mb in sizes:

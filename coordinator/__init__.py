@@ -4,8 +4,42 @@ The pure consensus core lives in :mod:`coordinator.raft`; the networked service 
 (storage, transport, server, client, clusters, CLI) sits beside it.
 """
 
-from coordinator.client import AsyncClient, Client, OutcomeUnknown, RequestRejected, Unavailable
-from coordinator.cluster import LocalCluster, RayCluster
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from coordinator.client import (
+        AsyncClient,
+        Client,
+        OutcomeUnknown,
+        RequestRejected,
+        Unavailable,
+    )
+    from coordinator.cluster import LocalCluster, RayCluster
+
+# Lazy: ``import coordinator.raft`` (the pure core, used by the simulator) must not pull in
+# the service's asyncio/transport/Ray modules.
+_LAZY = {
+    "AsyncClient": "coordinator.client",
+    "Client": "coordinator.client",
+    "OutcomeUnknown": "coordinator.client",
+    "RequestRejected": "coordinator.client",
+    "Unavailable": "coordinator.client",
+    "LocalCluster": "coordinator.cluster",
+    "RayCluster": "coordinator.cluster",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'coordinator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["AsyncClient", "Client", "LocalCluster", "OutcomeUnknown", "RayCluster",
            "RequestRejected", "Unavailable"]
