@@ -42,6 +42,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/ruff check synctrain coordinator tests benchmarks examples
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import runpy
 import subprocess
@@ -55,7 +56,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no Ray cluster named (use --address or RAY_ADDRESS); Trainer would start a local one")
         print(f"local CPUs: {os.cpu_count()}; modes: {', '.join(registered_modes())}")
         return 0
-    ray.init(address=address, logging_level="ERROR")
+    ray.init(address=address, logging_level=logging.ERROR)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
     free = ray.available_resources()

@@ -187,10 +187,11 @@ class Trainer:
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_INTERVAL_S)
-                failures = []
+                failures: list[dict[str, Any]] = []
                 for ref in ready:
                     outcome = _outcome(ref, rank_of[ref])
-                    (failures if not outcome["ok"] else []).append(outcome)
+                    if not outcome["ok"]:
+                        failures.append(outcome)
                     outcomes[rank_of[ref]] = outcome
                 if failures:
                     _raise_root_cause(failures, pending, rank_of)

@@ -34,7 +34,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from synctrain import context as _context
+from synctrain.context import TrainContext
 from synctrain.errors import ModelMismatchError
+from synctrain.spec import JobSpec
 from synctrain.strategies.base import Strategy, register
 from synctrain.strategies.comm_hooks import HOOKS as _COMPRESSION_HOOKS
 
@@ -95,7 +97,7 @@ class AllReduceStrategy(Strategy):
             raise ValueError(f"bucket_cap_mb must be > 0, got {merged['bucket_cap_mb']!r}")
         return merged
 
-    def __init__(self, context, spec, handles) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, context: TrainContext, spec: JobSpec, handles: dict[str, Any]) -> None:
         super().__init__(context, spec, handles)
         self.options = spec.strategy_options
         self._models: list[SyncDistributedDataParallel] = []
