@@ -67,3 +67,24 @@ def test_throughput_benchmark_quick_mode_writes_results(ray_session, tmp_path):
     assert all(v["ratio"] > 0 for v in data["models"].values())
     assert "1MB" in data["allreduce"]
     assert "| model |" in (tmp_path / "throughput.md").read_text()
+
+
+JOIN_SCRIPT = """
+import os, ray, synctrain
+def loop(config):
+    return synctrain.get_context().world_size
+out = synctrain.Trainer(loop, num_workers=2, use_gpu=False, progress=False).fit().outputs
+assert out == [2, 2], out
+print("joined", ray.get_runtime_context().gcs_address)
+"""
+
+
+@pytest.mark.ray
+def test_trainer_joins_the_cluster_named_by_RAY_ADDRESS(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    script = tmp_path / "join.py"
+    script.write_text(JOIN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"joined {address}" in proc.stdout  # the existing cluster, not a new local one
