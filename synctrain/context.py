@@ -8,7 +8,9 @@ locally without Ray.
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,8 @@ class Session:
         self.strategy = strategy
         self.optimizer_steps = 0
         self._lock = threading.Lock()
-        self._reports: list[dict[str, Any]] = []
+        # bounded: when the driver falls behind, the oldest reports go (and are counted)
+        self._reports: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_REPORTS)
         self._first_pending = 0  # global index of self._reports[0]
         self.dropped_reports = 0
         self.report_count = 0
@@ -54,22 +57,21 @@ class Session:
         record = dict(metrics)
         record.setdefault("step", self.optimizer_steps if self.strategy else self.report_count)
         with self._lock:
-            self._reports.append(record)
-            self.report_count += 1
-            if len(self._reports) > MAX_PENDING_REPORTS:
-                self._reports.pop(0)
+            if len(self._reports) == MAX_PENDING_REPORTS:
                 self._first_pending += 1
                 self.dropped_reports += 1
+            self._reports.append(record)  # O(1); the deque drops the oldest when full
+            self.report_count += 1
 
     def drain_reports(self, since: int) -> tuple[list[dict[str, Any]], int]:
         """Reports with global index >= ``since``; frees those before it. Returns (reports, next)."""
         with self._lock:
-            drop = max(0, min(since - self._first_pending, len(self._reports)))
-            del self._reports[:drop]
-            self._first_pending += drop
+            for _ in range(max(0, min(since - self._first_pending, len(self._reports)))):
+                self._reports.popleft()
+                self._first_pending += 1
             start = max(0, since - self._first_pending)
-            out = self._reports[start:]
-            return list(out), self._first_pending + len(self._reports)
+            out = list(itertools.islice(self._reports, start, None))
+            return out, self._first_pending + len(self._reports)
 
 
 _LOCAL = TrainContext()

@@ -133,3 +133,19 @@ def test_broadcast_and_all_reduce_helpers_in_both_modes(ray_session, mode):
     result = synctrain.Trainer(broadcast_loop, num_workers=2, mode=mode, use_gpu=False,
                                progress=False).fit()
     assert result.outputs == [([2.0, 2.0, 2.0], 3.0), ([2.0, 2.0, 2.0], 3.0)]
+
+
+def test_session_reports_are_bounded_and_drained_in_order(monkeypatch):
+    from synctrain import context
+
+    monkeypatch.setattr(context, "MAX_PENDING_REPORTS", 5)
+    session = context.Session(context.TrainContext(), None)
+    for i in range(8):
+        session.add_report({"i": i})
+    reports, nxt = session.drain_reports(0)
+    assert [r["i"] for r in reports] == [3, 4, 5, 6, 7] and nxt == 8
+    assert session.dropped_reports == 3
+    reports, nxt = session.drain_reports(6)  # frees 3..5
+    assert [r["i"] for r in reports] == [6, 7] and nxt == 8
+    session.add_report({"i": 8})
+    assert [r["i"] for r in session.drain_reports(8)[0]] == [8]
