@@ -569,7 +569,7 @@ class RaftNode:
                 pr.become_replicate()
         else:
             pr.inflights.free_le(m.index)
-        if self._maybe_commit():
+        if self._maybe_commit() and self.cfg.commit_broadcast:
             self._bcast_append()
         elif was_paused:
             self._send_append(m.frm)
@@ -980,7 +980,7 @@ class RaftNode:
     def _leader_after_advance(self) -> None:
         pr = self.trk.progress.get(self.id)
         if pr is not None and pr.maybe_update(min(self.log.persisted, self.log.last_index())):
-            if self._maybe_commit():
+            if self._maybe_commit() and self.cfg.commit_broadcast:
                 self._bcast_append()
         t = self.trk
         if t.joint and t.auto_leave and self.pending_conf_index <= self.log.applied \

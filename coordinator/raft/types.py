@@ -23,7 +23,8 @@ class Config:
     """Node settings. Election timeout is randomized in ``[election_tick, 2*election_tick)``.
 
     Additions to the API contract: ``max_committed_size_per_ready`` bounds the bytes of
-    committed entries one Ready hands out; ``max_pending_read_index`` bounds queued reads.
+    committed entries one Ready hands out; ``max_pending_read_index`` bounds queued reads;
+    ``commit_broadcast=False`` lets a new commit index wait for the next APPEND or heartbeat.
     """
 
     id: int
@@ -37,6 +38,10 @@ class Config:
     applied: int = 0
     max_committed_size_per_ready: int = 1 << 26
     max_pending_read_index: int = 4096
+    # False: a commit index that moved is not broadcast in empty APPENDs of its own; it rides
+    # on the next APPEND or heartbeat (followers learn it within a heartbeat). Saves a message
+    # and its answer per follower per commit; etcd's raft broadcasts (the default here).
+    commit_broadcast: bool = True
 
     def validate(self) -> None:
         def need(ok: bool, what: str) -> None:

@@ -213,7 +213,8 @@ class Simulation:
     def _draw_raft_knobs(self) -> dict[str, Any]:
         """Per-seed core settings, so that seeds also cover the less common configurations:
         PreVote or CheckQuorum off, tiny messages, a window of one message in flight, a
-        limit on uncommitted bytes (proposals then get refused)."""
+        limit on uncommitted bytes (proposals then get refused), a commit index that waits for
+        the next append or heartbeat instead of being broadcast (the server's setting)."""
         rng = self.rng
         return {
             "pre_vote": rng.random() < 0.8,
@@ -221,6 +222,8 @@ class Simulation:
             "max_size_per_msg": rng.choice((64, 1024, 1 << 20)),
             "max_inflight_msgs": rng.choice((1, 4, 16, 256)),
             "max_uncommitted_entries_size": rng.choice((0, 0, 512)),
+            # drawn from its own stream, so every other draw of a seed stays what it was
+            "commit_broadcast": random.Random(f"commit_broadcast/{self.seed}").random() < 0.5,
         }
 
     # ---- the event loop ------------------------------------------------------------------------
