@@ -70,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-tick", type=int, default=1)
     serve.add_argument("--snapshot-every", type=int, default=10_000)
     serve.add_argument("--no-fsync", action="store_true", help="unsafe: skip fsync (tests only)")
-    serve.add_argument("--leader-parallel-persist", action="store_true",
-                       help="a steady leader sends appends while its own fsync runs "
-                            "(Raft thesis 10.2.1; off: persist strictly before sending)")
+    persist = serve.add_mutually_exclusive_group()
+    persist.add_argument("--leader-parallel-persist", dest="persist_before_send",
+                         action="store_false", default=False,
+                         help="a steady leader sends its appends while its own fsync runs "
+                              "(Raft thesis 10.2.1, as etcd does; the default)")
+    persist.add_argument("--persist-before-send", dest="persist_before_send",
+                         action="store_true",
+                         help="the leader too sends nothing before its fsync returns "
+                              "(one more fsync on every write's path)")
     serve.add_argument("--persist-inline", action="store_true",
                        help="fsync on the event loop instead of a worker thread (for comparison)")
+    serve.add_argument("--commit-broadcast", action="store_true",
+                       help="send each new commit index to the followers at once in empty "
+                            "appends (etcd's way; off: it rides on the next append or heartbeat)")
     serve.add_argument("--ready-file", type=pathlib.Path, help=argparse.SUPPRESS)
 
     local = sub.add_parser("local", help="run a local cluster in the foreground")
@@ -134,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
             tick_s=args.tick_ms / 1000.0, election_tick=args.election_tick,
             heartbeat_tick=args.heartbeat_tick, fsync=not args.no_fsync,
             snapshot_every=args.snapshot_every, persist_in_thread=not args.persist_inline,
-            leader_parallel_persist=args.leader_parallel_persist)
+            leader_parallel_persist=not args.persist_before_send,
+            commit_broadcast=args.commit_broadcast)
         asyncio.run(serve(config, ready_file=args.ready_file))
     except (ValueError, OSError) as exc:
         print(f"coordinator serve: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import hmac
 import logging
 import os
@@ -40,6 +41,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import msgpack
 
@@ -62,6 +64,7 @@ MAC_BYTES = 32
 _LEN = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _SEALED_OVERHEAD = _SEQ.size + MAC_BYTES
+_DIRECT_WRITE_MAX_BUFFERED = 1 << 16  # above it, send queues and the pump waits on drain()
 
 
 class Role(str, enum.Enum):
@@ -396,7 +399,8 @@ def _internal_error(message: str) -> dict:
     return {"ok": False, "error": "internal", "message": message[:500]}
 
 
-ClientHandler = Callable[[dict], Awaitable[dict]]
+# answers a client request: a dict at once, a Future of one, or a coroutine
+ClientHandler = Callable[[dict], Any]
 PeerHandler = Callable[[int, bytes], None]
 
 
@@ -404,8 +408,8 @@ class Server:
     """Accepts authenticated peer and client connections on ``host:port``.
 
     ``on_peer_message(from_id, payload)`` is called in the event loop for each frame from a
-    peer (it must not block); ``await on_client_request(body) -> dict`` answers each client
-    request. Binds to loopback unless another ``host`` is given explicitly.
+    peer (it must not block); ``on_client_request(body)`` answers each client request with a
+    dict, a Future of one, or a coroutine returning one. Binds to loopback unless another ``host`` is given explicitly.
     """
 
     def __init__(self, *, node_id: int, token: bytes | str, on_peer_message: PeerHandler,
@@ -521,6 +525,13 @@ class Server:
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             chan: SecureChannel) -> None:
+        """Read requests and answer each one; answers may go out in any order (by id).
+
+        A handler that answers at once (a dict) or hands back a Future is served without a
+        task of its own: the answer is written right away or from the Future's callback (a
+        put then costs one event-loop turn less). A coroutine gets a task. A client that
+        does not read its answers stops having its requests read once its answers pile up.
+        """
         inflight = asyncio.Semaphore(self._max_inflight)
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -528,30 +539,64 @@ class Server:
                 req_id, body = _decode_rpc(
                     chan.open(await _read_body(reader, self._max_frame, self.stats)))
                 await inflight.acquire()
-                t = asyncio.create_task(self._answer(writer, chan, req_id, body, inflight))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
+                try:
+                    result: Any = self._on_client_request(body)
+                except Exception as exc:
+                    self._reply(writer, chan, req_id, body, error=exc)
+                    inflight.release()
+                    continue
+                if isinstance(result, dict):
+                    self._reply(writer, chan, req_id, body, result)
+                    inflight.release()
+                elif asyncio.isfuture(result):
+                    result.add_done_callback(functools.partial(
+                        self._reply_when_done, writer, chan, req_id, body, inflight))
+                else:
+                    t = asyncio.create_task(
+                        self._answer(writer, chan, req_id, body, result, inflight))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if writer.transport.get_write_buffer_size() > _DIRECT_WRITE_MAX_BUFFERED:
+                    await writer.drain()
         finally:
             for t in tasks:
                 t.cancel()
 
+    def _reply(self, writer: asyncio.StreamWriter, chan: SecureChannel, req_id: int,
+               body: dict, resp: Any = None, error: BaseException | None = None) -> None:
+        if error is None and not isinstance(resp, dict):
+            error = TypeError(f"the request handler returned {type(resp).__name__}")
+        if error is not None:
+            self.stats.handler_errors += 1
+            log.error("node %d: client request %r failed", self.node_id, body.get("op"),
+                      exc_info=error)
+            resp = _internal_error(f"{error.__class__.__name__}: {error}")
+        if writer.transport.is_closing():
+            return  # the client left; nothing to answer
+        frame = chan.seal(_encode_rpc(req_id, resp))
+        writer.write(frame)
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(frame)
+
+    def _reply_when_done(self, writer: asyncio.StreamWriter, chan: SecureChannel, req_id: int,
+                         body: dict, inflight: asyncio.Semaphore, fut: asyncio.Future) -> None:
+        inflight.release()
+        if fut.cancelled():
+            return  # the server is shutting down; the connection closes with it
+        exc = fut.exception()
+        self._reply(writer, chan, req_id, body, None if exc is not None else fut.result(), exc)
+
     async def _answer(self, writer: asyncio.StreamWriter, chan: SecureChannel, req_id: int,
-                      body: dict, inflight: asyncio.Semaphore) -> None:
+                      body: dict, pending: Awaitable[dict], inflight: asyncio.Semaphore) -> None:
         try:
             try:
-                resp = await self._on_client_request(body)
-                if not isinstance(resp, dict):
-                    raise TypeError(f"the request handler returned {type(resp).__name__}")
-                frame = chan.seal(_encode_rpc(req_id, resp))
+                resp = await pending
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.stats.handler_errors += 1
-                log.exception("node %d: client request %r failed", self.node_id, body.get("op"))
-                frame = chan.seal(_encode_rpc(req_id, _internal_error(f"{exc.__class__.__name__}: {exc}")))
-            writer.write(frame)
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(frame)
+                self._reply(writer, chan, req_id, body, error=exc)
+            else:
+                self._reply(writer, chan, req_id, body, resp)
             await writer.drain()
         except (ConnectionError, OSError):
             pass
@@ -572,6 +617,10 @@ class _PeerLink:
     task: asyncio.Task[None] | None = None
     connected: bool = False
     broken: bool = False
+    # While connected: the open stream and channel, so ``send`` can write at once when
+    # nothing is queued (saving the pump's wake-up, one event-loop turn per message).
+    writer: asyncio.StreamWriter | None = None
+    chan: SecureChannel | None = None
 
 
 class PeerTransport:
@@ -621,6 +670,15 @@ class PeerTransport:
         if len(payload) + _SEALED_OVERHEAD > self._max_frame:
             raise FrameTooLarge(f"a {len(payload)}-byte message to node {to} exceeds the "
                                 f"{self._max_frame}-byte frame limit")
+        writer = link.writer
+        if (writer is not None and link.chan is not None and not link.queue and not link.broken
+                and writer.transport.get_write_buffer_size() < _DIRECT_WRITE_MAX_BUFFERED
+                and not writer.transport.is_closing()):
+            frame = link.chan.seal(payload)  # nothing queued: earlier frames are all written
+            writer.write(frame)
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(frame)
+            return
         if len(link.queue) >= self._max_queue:
             link.queue.popleft()
             self.stats.peer_frames_dropped += 1
@@ -711,6 +769,7 @@ class PeerTransport:
         """Write queued messages in batches until the connection breaks."""
         link.connected, link.broken = True, False
         watcher = asyncio.get_running_loop().create_task(self._watch_eof(link, reader))
+        link.writer, link.chan = writer, chan
         try:
             while True:
                 if not link.queue and not link.broken:
@@ -725,6 +784,7 @@ class PeerTransport:
                 self.stats.bytes_out += len(data)
                 await writer.drain()
         finally:
+            link.writer = link.chan = None
             watcher.cancel()
 
     @staticmethod

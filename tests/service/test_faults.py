@@ -20,8 +20,8 @@ def _role(cluster, node_id: int) -> str | None:
     return None if status is None else status["role"]
 
 
-@pytest.mark.parametrize("extra_args", [[], ["--leader-parallel-persist"]],
-                         ids=["persist-then-send", "leader-parallel-persist"])
+@pytest.mark.parametrize("extra_args", [[], ["--persist-before-send", "--commit-broadcast"]],
+                         ids=["leader-parallel-persist", "persist-before-send"])
 def test_kill_leader(make_cluster, Workload, extra_args) -> None:
     cluster = make_cluster(extra_args=extra_args)
     with Workload(cluster) as load:

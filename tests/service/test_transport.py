@@ -404,3 +404,75 @@ def test_server_runs_in_a_thread_beside_blocking_clients() -> None:
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     loop.close()
+
+
+def test_handlers_may_answer_at_once_or_with_a_future() -> None:
+    """A dict is answered right away and a Future when it resolves (in any order); a sync
+    handler that raises, or resolves its Future with an error, gets an internal-error answer
+    and the connection keeps serving."""
+    waiting: dict[int, asyncio.Future] = {}
+
+    def handler(body: dict):
+        if body.get("boom"):
+            raise RuntimeError("sync handler bug")
+        if body.get("now"):
+            return {"now": body["i"]}
+        fut = asyncio.get_running_loop().create_future()
+        waiting[body["i"]] = fut
+        return fut
+
+    async def main() -> None:
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                        on_client_request=handler)
+        await server.start()
+        conn = await ClientConnection.connect(*server.address, TOKEN)
+        later = [asyncio.ensure_future(conn.request({"i": i})) for i in range(5)]
+        assert await conn.request({"now": True, "i": 9}) == {"now": 9}
+        await until(lambda: len(waiting) == 5)
+        for i in reversed(range(5)):  # resolved in reverse: answers still match their ids
+            if i == 2:
+                waiting[i].set_exception(ValueError("future failed"))
+            else:
+                waiting[i].set_result({"later": i})
+        answers = await asyncio.gather(*later)
+        assert [a.get("later") for a in answers] == [0, 1, None, 3, 4]
+        assert answers[2]["error"] == "internal" and "future failed" in answers[2]["message"]
+        bad = await conn.request({"boom": True})
+        assert bad["error"] == "internal" and "sync handler bug" in bad["message"]
+        assert await conn.request({"now": True, "i": 1}) == {"now": 1}
+        assert server.stats.handler_errors == 2
+        await conn.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_peer_frames_keep_their_order_across_queued_and_direct_writes() -> None:
+    """Frames sent before the link is up are queued; once it is up, a send with nothing
+    queued writes at once, and large bursts that fill the socket buffer queue again: every
+    frame must arrive once, in order."""
+    async def main() -> None:
+        got: list[bytes] = []
+        port = free_port()
+        pt = PeerTransport(node_id=2, token=TOKEN, peers={1: ("127.0.0.1", port)})
+        await pt.start()
+        big = b"x" * 200_000  # bigger than the direct-write limit: the next sends queue
+        sent = [b"%d" % i for i in range(20)]  # before the server exists: queued
+        for p in sent:
+            pt.send(1, p)
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append(p),
+                        on_client_request=echo, port=port)
+        await server.start()
+        await until(lambda: len(got) == len(sent))
+        for i in range(20, 400):
+            p = (b"%d:" % i) + (big if i % 50 == 0 else b"")
+            sent.append(p)
+            pt.send(1, p)
+            if i % 7 == 0:
+                await asyncio.sleep(0)  # let some writes complete between sends
+        await until(lambda: len(got) == len(sent))
+        assert got == sent
+        await pt.close()
+        await server.close()
+
+    asyncio.run(main())
