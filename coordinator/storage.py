@@ -6,8 +6,8 @@ Theory of operation
 :class:`coordinator.raft.storage.MemoryStorage` -- from an in-memory copy of the log since
 the last compaction -- and makes every change durable in ``data_dir`` before ``save``
 returns. The driver calls ``save(ready.hard_state, ready.entries, ready.snapshot)`` once per
-``Ready``: all its records are appended with one ``write`` and made durable with ONE fsync
-(group commit), and only then may the Ready's messages be sent.
+``Ready``: all its records are written with one ``pwrite`` and made durable with ONE
+``fdatasync`` (group commit), and only then may the Ready's messages be sent.
 
 The WAL is a sequence of segment files ``wal-<seq>-<first index>.log``. A record is
 ``length u32 | type u8 | crc32 u32 | msgpack payload`` (the CRC covers type and payload).
@@ -16,15 +16,39 @@ bootstrap membership, snapshot mark, compaction point), so older segments can be
 once a snapshot and a compaction cover their entries. An entry whose index is not past the
 last one overwrites the conflicting suffix; a TRUNCATE record says so explicitly.
 
+Preallocation (etcd's trick). Appending to a file changes its size and allocates blocks on
+every write, so each fsync also commits a filesystem-journal transaction: on ext4 a 120-byte
+append + fsync measured ~0.14 ms against ~0.09 ms for fdatasync into preallocated space, and
+the journal is shared with every other process syncing on the same disk. Instead the
+segment is extended with ``posix_fallocate`` in ``preallocate_bytes`` chunks (4 MiB by
+default when fsyncing: about once per 4 MiB, not per write), records are written with
+``pwrite`` at the segment's *logical* size (the end of its last record, which the storage
+tracks; the descriptor has no ``O_APPEND``), and they are made durable with ``fdatasync``,
+which skips the metadata a later read does not need (timestamps) but still commits a size
+change or newly written blocks. A filesystem without ``fallocate`` support just runs without
+preallocation. A segment that fills up is truncated to its logical size and fdatasync'd
+before the next one is created, so closed segments carry no zero tail. Directory fsyncs and
+snapshot files keep a full ``fsync``.
+
 Snapshots live in ``snap-<index>-<term>.snap`` files written tmp + fsync + rename + dir
 fsync, *then* referenced by a SNAPSHOT record in the WAL; recovery trusts only the snapshot
 the WAL references, so a file from an interrupted write is ignored (and removed).
 
-Recovery replays the segments in order. A bad record at the very end of the last segment
-with nothing valid after it is a torn write (or zero fill, or appended garbage): it is cut
-off with a warning. Any other bad record -- followed by a valid one, or in an older segment --
-means the middle of the log is damaged: :class:`CorruptLogError` names the file and byte
-offset and the node refuses to start rather than silently lose acknowledged data.
+Recovery replays the segments in order. A preallocated segment ends in zero bytes after its
+last record, and no record is all zeros (type 0 does not exist), so the zero-tail rule is:
+if everything after the last valid record up to the end of the file is zero, that is the
+clean end of a preallocated segment -- kept as it is, silently, and the next write goes at
+that offset. This holds in any segment (a segment left untrimmed by a crash during rotation,
+or by an older version); only with preallocation off is a zero tail in the last segment cut
+with a warning like any other tail. A bad record at the very end of the last segment with
+nothing valid after it is a torn write (or zero fill, or appended garbage): it is cut off
+(``ftruncate``; the next write preallocates again) with a warning. Any other bad record --
+followed by a valid one, or in an older segment -- means the middle of the log is damaged:
+:class:`CorruptLogError` names the file and byte offset and the node refuses to start
+rather than silently lose acknowledged data. With fsync on, acknowledged records were
+fdatasync'd, so they never read back as zeros: the zero-tail rule drops nothing that was
+acknowledged, and a record torn by a crash reads as a torn tail unless none of it reached
+the disk (then it is indistinguishable from, and treated as, the clean end).
 
 ``<data_dir>/LOCK`` is held with ``fcntl.flock`` for the storage's lifetime, so two
 servers can never share a data directory.
@@ -33,6 +57,7 @@ servers can never share a data directory.
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import logging
 import os
@@ -75,6 +100,11 @@ _SNAP_MAGIC = b"STSNAP01"
 _SNAP_HEADER = struct.Struct(">8sIQ")  # magic, crc32(payload), payload length
 _SEGMENT_RE = re.compile(r"^wal-(\d{8})-(\d{16})\.log$")
 _SNAP_RE = re.compile(r"^snap-(\d{16})-(\d{16})\.snap$")
+_DEFAULT_PREALLOCATE_BYTES = 4 << 20  # one fallocate (one journal commit) per 4 MiB of WAL
+# posix_fallocate errors that mean "this filesystem cannot do it" (as opposed to ENOSPC)
+_FALLOCATE_UNSUPPORTED = frozenset(
+    e for e in (errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None), errno.EINVAL, errno.ENOSYS,
+                errno.ENODEV) if e is not None)
 
 
 class RecordType(enum.IntEnum):
@@ -130,7 +160,9 @@ class StorageClosed(StorageError):
 
 @dataclass(slots=True)
 class StorageStats:
-    """Counters; ``fsyncs`` counts every fsync (WAL + directory + snapshot files)."""
+    """Counters; ``fsyncs`` counts every sync (WAL + directory + snapshot files), of which
+    ``wal_fsyncs`` are the WAL's ``fdatasync`` calls; ``wal_preallocations`` counts the
+    ``posix_fallocate`` calls that extended a segment."""
 
     saves: int = 0
     fsyncs: int = 0
@@ -142,6 +174,7 @@ class StorageStats:
     segments_created: int = 0
     segments_deleted: int = 0
     torn_tails_cut: int = 0
+    wal_preallocations: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -177,13 +210,23 @@ def _entry_from(v: list[Any]) -> Entry:
     return Entry(term, index, EntryType(etype), data)
 
 
+def _zero_to_end(buf: bytes, off: int) -> bool:
+    """Whether every byte from ``off`` to the end of ``buf`` is zero.
+
+    ``bytes.count`` runs in C (a 64 MiB segment takes milliseconds); ``any(buf[off:])``
+    would copy the tail and then walk it one Python int at a time."""
+    return buf.count(0, off) == len(buf) - off
+
+
 def _parse_at(buf: bytes, off: int, max_record_bytes: int) -> tuple[int, bytes, int] | str:
     """The record at ``off`` as ``(type, payload, next offset)``, or why it is not valid."""
     if len(buf) - off < _HEADER.size:
+        if _zero_to_end(buf, off):  # at most 8 bytes
+            return "zero fill to the end of the file"
         return f"incomplete record header ({len(buf) - off} of {_HEADER.size} bytes)"
     length, rtype, crc = _HEADER.unpack_from(buf, off)
-    if rtype not in _RECORD_TYPES:
-        if not any(buf[off:]):
+    if rtype not in _RECORD_TYPES:  # never true for _next_valid_record's candidates
+        if _zero_to_end(buf, off):
             return "zero fill to the end of the file"
         return f"unknown record type {rtype}"
     if length > max_record_bytes:
@@ -228,7 +271,8 @@ def _next_valid_record(buf: bytes, bad_off: int, max_record_bytes: int) -> int |
 class _Segment:
     path: Path
     seq: int
-    size: int = 0
+    size: int = 0  # logical size: the end of the last record, where the next one goes
+    file_size: int = 0  # the file's length on disk: ``size`` plus any preallocated zeros
     max_entry_index: int = 0  # highest entry index written into it (0 = none)
 
 
@@ -306,6 +350,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 # ---------------------------------------------------------------------------------------
 # snapshot files
 
@@ -346,19 +397,31 @@ class DiskStorage:
     ``conf_state`` bootstraps a fresh ``data_dir`` (None = empty membership, for a node that
     joins by receiving a snapshot) and is ignored when the directory already holds a log.
     ``fsync=False`` keeps the write path but skips every fsync (tests, benchmarks): data
-    then survives a process crash but not a machine crash. Every public method is
-    thread-safe. Entries since the last compaction are kept in memory, so the driver must
-    snapshot and ``compact`` periodically.
+    then survives a process crash but not a machine crash. ``preallocate_bytes`` is the
+    chunk WAL segments are extended by with ``posix_fallocate`` (0 = off; None = 4 MiB with
+    ``fsync=True``, off with ``fsync=False``, whose callers gain nothing from it). Every
+    public method is thread-safe. Entries since the last compaction are kept in memory, so
+    the driver must snapshot and ``compact`` periodically.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *, conf_state: ConfState | None = None,
                  fsync: bool = True, segment_bytes: int = 64 << 20,
-                 max_record_bytes: int = 256 << 20) -> None:
+                 max_record_bytes: int = 256 << 20,
+                 preallocate_bytes: int | None = None) -> None:
         if segment_bytes <= 0 or max_record_bytes <= 0:
             raise ValueError("segment_bytes and max_record_bytes must be positive")
+        if preallocate_bytes is None:
+            preallocate_bytes = _DEFAULT_PREALLOCATE_BYTES if fsync else 0
+        if preallocate_bytes < 0:
+            raise ValueError(f"preallocate_bytes must be >= 0 (0 = off), not "
+                             f"{preallocate_bytes}")
         self.data_dir = Path(data_dir)
         self.stats = StorageStats()
         self._fsync = fsync
+        # Fixed for recovery's zero-tail rule; _prealloc_now drops to 0 if the filesystem
+        # turns out not to support fallocate.
+        self._preallocate = preallocate_bytes
+        self._prealloc_now = preallocate_bytes
         self._segment_bytes = segment_bytes
         self._max_record_bytes = max_record_bytes
         self._mu = threading.RLock()
@@ -554,18 +617,22 @@ class DiskStorage:
                                   "missing and no compaction covers them (deleted segment?)")
         self._snapshot = self._load_snapshot()
         self._segments = segs
-        if segs:
-            self._wal_fd = os.open(segs[-1].path, os.O_WRONLY | os.O_APPEND)
+        if segs:  # no O_APPEND: records go at the logical size, before any preallocated zeros
+            self._wal_fd = os.open(segs[-1].path, os.O_WRONLY)
         if not segs or segs[-1].size == 0:  # fresh, or a new segment torn before its header
             self._commit(self._begin_batch(force_new=not segs))
 
     def _replay_segment(self, seg: _Segment, is_last: bool) -> None:
         buf = seg.path.read_bytes()
+        seg.file_size = len(buf)
         off = 0
         while off < len(buf):
             parsed = _parse_at(buf, off, self._max_record_bytes)
             if isinstance(parsed, str):
+                if (not is_last or self._preallocate) and _zero_to_end(buf, off):
+                    break  # the clean end of a preallocated segment: keep it, write at off
                 self._cut_tail(seg, buf, off, parsed, is_last)
+                seg.file_size = off
                 break
             rtype, payload, end = parsed
             if off == 0 and rtype != RecordType.SEGMENT_HEADER:
@@ -586,9 +653,11 @@ class DiskStorage:
         if following is not None:
             raise CorruptLogError(seg.path, off, f"{why}, yet a valid record follows at "
                                   f"offset {following}")
+        # preallocated space after the torn part (rstrip may reach into the last valid record)
+        zeros = min(len(buf) - len(buf.rstrip(b"\x00")), len(buf) - off)
         log.warning("WAL %s: cutting off a torn tail at byte offset %d (%s; %d bytes "
-                    "dropped): the last write before a crash never completed",
-                    seg.path, off, why, len(buf) - off)
+                    "dropped, %d of them trailing zero fill): the last write before a crash "
+                    "never completed", seg.path, off, why, len(buf) - off, zeros)
         fd = os.open(seg.path, os.O_WRONLY)
         try:
             os.ftruncate(fd, off)
@@ -623,9 +692,14 @@ class DiskStorage:
                                     f"{held}")
 
     def _fsync_fd(self, fd: int, kind: str) -> None:
+        """Make ``fd`` durable: ``fdatasync`` for the WAL (its size and blocks are all a
+        read needs), a full ``fsync`` for directories and snapshot files."""
         if not self._fsync:
             return
-        os.fsync(fd)
+        if kind == "wal":
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
         self.stats.fsyncs += 1
         if kind == "wal":
             self.stats.wal_fsyncs += 1
@@ -648,9 +722,11 @@ class DiskStorage:
         if cur is not None and not force_new and 0 < cur.size < self._segment_bytes:
             return []
         if cur is None or force_new or cur.size >= self._segment_bytes:
+            if cur is not None:
+                self._trim_segment(cur)
             seq = cur.seq + 1 if cur is not None else 1
             path = self.data_dir / f"wal-{seq:08d}-{self._state.last + 1:016d}.log"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             if self._wal_fd >= 0:
                 os.close(self._wal_fd)
             self._wal_fd = fd
@@ -659,20 +735,63 @@ class DiskStorage:
             self._fsync_dir()
         return [_record(RecordType.SEGMENT_HEADER, self._state.header_value())]
 
-    def _commit(self, records: list[bytes]) -> None:
-        """Append ``records`` to the current segment with one write and one fsync.
+    def _trim_segment(self, seg: _Segment) -> None:
+        """Cut a full segment's preallocated zeros before it is closed for good, so closed
+        segments hold exactly their records (recovery would accept the zeros anyway)."""
+        if seg.file_size <= seg.size:
+            return
+        try:
+            os.ftruncate(self._wal_fd, seg.size)
+            self._fsync_fd(self._wal_fd, "wal")
+        except OSError as exc:
+            self._closed = f"trimming a full WAL segment failed ({exc}); restart the node"
+            raise StorageClosed(f"storage {self.data_dir}: {self._closed}") from exc
+        seg.file_size = seg.size
 
-        A failed write or fsync leaves the file in an unknown state (and a failed fsync
+    def _preallocate_for(self, seg: _Segment, end: int) -> None:
+        """Extend ``seg``'s allocation to the next multiple of the preallocation chunk that
+        covers ``end``, so that writing up to ``end`` changes no file size or block map.
+
+        A filesystem that cannot fallocate turns preallocation off for this storage's
+        lifetime. Any other error (ENOSPC, EIO) skips it for this write only: the write
+        then extends the file itself, or fails and closes the storage as any failed write
+        does."""
+        chunk = self._prealloc_now
+        if not chunk or end <= seg.file_size:
+            return
+        target = -(-end // chunk) * chunk
+        try:
+            os.posix_fallocate(self._wal_fd, seg.size, target - seg.size)
+        except OSError as exc:
+            if exc.errno in _FALLOCATE_UNSUPPORTED:
+                self._prealloc_now = 0
+                log.debug("WAL %s: posix_fallocate is not supported here (%s); writing "
+                          "without preallocation", seg.path, exc)
+            else:
+                log.debug("WAL %s: posix_fallocate of %d bytes failed (%s); writing "
+                          "without preallocation", seg.path, target - seg.size, exc)
+            return
+        seg.file_size = target
+        self.stats.wal_preallocations += 1
+
+    def _commit(self, records: list[bytes]) -> None:
+        """Write ``records`` at the current segment's logical end with one pwrite and one
+        fdatasync, preallocating first when the write would pass the allocated end.
+
+        A failed write or sync leaves the file in an unknown state (and a failed fsync
         cannot be retried safely), so the storage refuses further use; restarting runs
         recovery, which cuts whatever partial record was left."""
         data = b"".join(records)
+        seg = self._segments[-1]
+        end = seg.size + len(data)
+        self._preallocate_for(seg, end)
         try:
-            _write_all(self._wal_fd, data)
+            _pwrite_all(self._wal_fd, data, seg.size)
             self._fsync_fd(self._wal_fd, "wal")
         except OSError as exc:
             self._closed = f"a WAL write failed ({exc}); restart the node to recover"
             raise StorageClosed(f"storage {self.data_dir}: {self._closed}") from exc
-        self._segments[-1].size += len(data)
+        seg.size, seg.file_size = end, max(seg.file_size, end)
         self.stats.records_written += len(records)
         self.stats.bytes_written += len(data)
 

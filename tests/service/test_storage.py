@@ -537,6 +537,7 @@ def test_a_failed_fsync_is_never_retried_and_restart_recovers(tmp_path: Path, mo
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("coordinator.storage.os.fsync", broken_fsync)
+    monkeypatch.setattr("coordinator.storage.os.fdatasync", broken_fsync)  # the WAL's sync
     with pytest.raises(StorageClosed, match="restart the node"):
         s.save(HardState(1, 1, 5), ents(6, 6))
     with pytest.raises(StorageClosed):
