@@ -166,7 +166,8 @@ class CoordinatorServer:
         listen = config.listen or config.peers[self.id]
         self.transport_server = Server(
             node_id=self.id, token=config.token, on_peer_message=self._on_peer_message,
-            on_client_request=self._on_client_request, host=listen[0], port=listen[1])
+            on_client_request=self._on_client_request, host=listen[0], port=listen[1],
+            on_peer_connected=self._on_peer_connected)
         self.peer_transport = PeerTransport(
             node_id=self.id, token=config.token,
             peers={i: a for i, a in config.peers.items() if i != self.id},
@@ -242,6 +243,11 @@ class CoordinatorServer:
             return
         self.node.step(msg)
         self._schedule_drive()
+
+    def _on_peer_connected(self, peer: int) -> None:
+        # A peer that dials us is up (restarted, or a partition healed): dial it back now
+        # rather than after our backoff, so it hears heartbeats and vote requests at once.
+        self.peer_transport.redial(peer)
 
     def _on_unreachable(self, peer: int) -> None:
         if not self._stopped.is_set():

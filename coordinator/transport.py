@@ -40,7 +40,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import msgpack
@@ -409,17 +409,22 @@ class Server:
 
     ``on_peer_message(from_id, payload)`` is called in the event loop for each frame from a
     peer (it must not block); ``on_client_request(body)`` answers each client request with a
-    dict, a Future of one, or a coroutine returning one. Binds to loopback unless another ``host`` is given explicitly.
+    dict, a Future of one, or a coroutine returning one; ``on_peer_connected(peer_id)``, if
+    given, hears of each peer that has just connected and authenticated (a node that is back
+    up: see :meth:`PeerTransport.redial`). Binds to loopback unless another ``host`` is given
+    explicitly.
     """
 
     def __init__(self, *, node_id: int, token: bytes | str, on_peer_message: PeerHandler,
                  on_client_request: ClientHandler, host: str = "127.0.0.1", port: int = 0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_connections: int = 1024,
                  max_inflight_per_client: int = 256, handshake_timeout_s: float = 5.0,
-                 stats: TransportStats | None = None) -> None:
+                 stats: TransportStats | None = None,
+                 on_peer_connected: Callable[[int], None] | None = None) -> None:
         self._token = _as_token(token)
         self.node_id = node_id
         self._on_peer_message = on_peer_message
+        self._on_peer_connected = on_peer_connected
         self._on_client_request = on_client_request
         self._host, self._port = host, port
         self._max_frame = max_frame_bytes
@@ -511,6 +516,12 @@ class Server:
 
     async def _serve_peer(self, reader: asyncio.StreamReader, chan: SecureChannel,
                           peer_id: int) -> None:
+        if self._on_peer_connected is not None and peer_id not in self._blocked:
+            try:
+                self._on_peer_connected(peer_id)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("node %d: on_peer_connected(%d) failed", self.node_id, peer_id)
         while True:
             payload = chan.open(await _read_body(reader, self._max_frame, self.stats))
             if peer_id in self._blocked:
@@ -615,6 +626,7 @@ class _PeerLink:
     queue: collections.deque[bytes]
     wakeup: asyncio.Event
     task: asyncio.Task[None] | None = None
+    redial_now: asyncio.Event = field(default_factory=asyncio.Event)  # cuts a backoff short
     connected: bool = False
     broken: bool = False
     # While connected: the open stream and channel, so ``send`` can write at once when
@@ -629,12 +641,14 @@ class PeerTransport:
     ``send`` never blocks: it queues the payload (at most ``max_queue_frames`` per peer; the
     oldest is dropped and counted when full -- Raft retransmits what matters) and the
     peer's sender task writes queued frames in batches. A lost connection is redialled with
-    exponential backoff and jitter, bounded by ``backoff_max_s``. Loop thread only.
+    exponential backoff and jitter, bounded by ``backoff_max_s`` (a fraction of an election
+    timeout: a restarted node must hear its peers' votes soon), and at once when
+    :meth:`redial` says the peer is back. Loop thread only.
     """
 
     def __init__(self, *, node_id: int, token: bytes | str, peers: dict[int, tuple[str, int]],
                  max_queue_frames: int = 4096, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 backoff_initial_s: float = 0.02, backoff_max_s: float = 1.0,
+                 backoff_initial_s: float = 0.02, backoff_max_s: float = 0.1,
                  connect_timeout_s: float = 1.0,
                  on_unreachable: Callable[[int], None] | None = None,
                  rng: random.Random | None = None, stats: TransportStats | None = None) -> None:
@@ -714,6 +728,21 @@ class PeerTransport:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def redial(self, peer_id: int) -> None:
+        """``peer_id`` is reachable again (it just connected to us): if our link to it is
+        waiting out a backoff, dial now. Without this, a node restarted after a crash may not
+        hear its peers' vote requests for a whole backoff period."""
+        link = self._links.get(peer_id)
+        if link is not None and not link.connected:
+            link.redial_now.set()
+
+    async def _backoff(self, link: _PeerLink, delay_s: float) -> None:
+        link.redial_now.clear()
+        try:
+            await asyncio.wait_for(link.redial_now.wait(), delay_s)
+        except asyncio.TimeoutError:
+            pass
+
     def _spawn(self, link: _PeerLink) -> None:
         link.task = asyncio.get_running_loop().create_task(
             self._run_link(link), name=f"peer-link-{self.node_id}-to-{link.peer_id}")
@@ -735,7 +764,7 @@ class PeerTransport:
                 log.debug("node %d: cannot reach node %d at %s: %s", self.node_id,
                           link.peer_id, link.address, exc)
                 self._unreachable(link.peer_id)
-                await asyncio.sleep(backoff / 2 + self._rng.uniform(0, backoff / 2))
+                await self._backoff(link, backoff / 2 + self._rng.uniform(0, backoff / 2))
                 backoff = min(backoff * 2, self._backoff_max_s)
                 continue
             self.stats.reconnects += ever_connected

@@ -476,3 +476,32 @@ def test_peer_frames_keep_their_order_across_queued_and_direct_writes() -> None:
         await server.close()
 
     asyncio.run(main())
+
+
+def test_a_peer_that_connects_to_us_is_redialled_at_once() -> None:
+    """Node 1's link to node 2 waits out a long backoff while 2 is down; when 2 comes back and
+    connects to 1, 1 dials 2 at once (on_peer_connected -> redial), not after the backoff."""
+    async def main() -> None:
+        port2 = free_port()
+        got2: list[bytes] = []
+        p1 = PeerTransport(node_id=1, token=TOKEN, peers={2: ("127.0.0.1", port2)},
+                           backoff_initial_s=60.0, backoff_max_s=60.0)
+        s1 = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: None,
+                    on_client_request=echo, on_peer_connected=p1.redial)
+        await s1.start()
+        await p1.start()
+        p1.send(2, b"hello 2")
+        await until(lambda: p1.stats.connect_failures >= 1)  # 2 is down: 1 backs off (30-60 s)
+        s2 = Server(node_id=2, token=TOKEN, on_peer_message=lambda f, p: got2.append(p),
+                    on_client_request=echo, port=port2)
+        await s2.start()
+        p2 = PeerTransport(node_id=2, token=TOKEN, peers={1: s1.address})
+        await p2.start()
+        p2.send(1, b"I am back")  # 2 dials 1
+        await until(lambda: got2 == [b"hello 2"], timeout_s=10.0)
+        for t in (p1, p2):
+            await t.close()
+        for s in (s1, s2):
+            await s.close()
+
+    asyncio.run(main())
