@@ -411,10 +411,11 @@ class RayCluster:
                 for k in range(len(self.node_ids))]
 
     def node_ips(self) -> dict[int, str]:
+        """Host IP of each live node's actor (a node removed by :meth:`kill` is left out)."""
         import ray
 
-        return dict(zip(self.node_ids, ray.get([a.node_ip.remote() for a in self.actors.values()]),
-                        strict=True))
+        ids = list(self.actors)
+        return dict(zip(ids, ray.get([self.actors[i].node_ip.remote() for i in ids]), strict=True))
 
     def client(self, timeout_s: float = 10.0) -> Client:
         return Client(self.endpoints, token=self.token, timeout_s=timeout_s)

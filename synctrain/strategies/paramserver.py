@@ -55,12 +55,14 @@ from __future__ import annotations
 import collections
 import time
 import types
+import zlib
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from synctrain import context as _context
 from synctrain.errors import ModelMismatchError
@@ -133,12 +135,25 @@ class ParameterServerStrategy(Strategy):
         opts = spec.strategy_options
         k, n = int(opts["num_ps_shards"]), spec.num_workers
         scale = 1.0 / n if opts["update_rule"] == "mean" else 1.0
-        alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        extra: dict[str, Any] = {"scheduling_strategy": "SPREAD"} if alive_nodes > 1 else {}
-        actor_cls = ray.remote(ParameterShard).options(
-            num_cpus=float(opts["shard_num_cpus"]), max_concurrency=max(64, 4 * n + 8),
-            max_restarts=0, **extra)
-        shards = [actor_cls.remote(ShardConfig(
+        alive = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+        cpus = float(opts["shard_num_cpus"])
+        first = zlib.crc32(spec.job_id.encode()) % max(1, len(alive))  # per job: shard 0s of jobs differ
+
+        def placement(i: int) -> dict[str, Any]:
+            if len(alive) <= 1:
+                return {}
+            if cpus > 0:
+                return {"scheduling_strategy": "SPREAD"}
+            # Ray puts an actor that requests no resources on a random node whatever its
+            # strategy (only hard node affinity is honoured), so SPREAD alone can stack the
+            # shards on one node: pin them round-robin over the alive nodes instead.
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+                alive[(first + i) % len(alive)], soft=False)}
+
+        actor_cls = ray.remote(ParameterShard)
+        shards = [actor_cls.options(
+            num_cpus=cpus, max_concurrency=max(64, 4 * n + 8), max_restarts=0, **placement(i),
+        ).remote(ShardConfig(
             job_id=spec.job_id, shard_index=i, num_shards=k, num_workers=n,
             staleness=opts["staleness"], skip_nonfinite=bool(opts["skip_nonfinite"]),
             update_scale=scale, wait_timeout_s=_wait_timeout(spec))) for i in range(k)]
