@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="send each new commit index to the followers at once in empty "
                             "appends (etcd's way; off: it rides on the next append or heartbeat)")
     serve.add_argument("--ready-file", type=pathlib.Path, help=argparse.SUPPRESS)
+    # tests only: a small frame limit makes a small state span several snapshot chunks
+    serve.add_argument("--max-frame-bytes", type=int, help=argparse.SUPPRESS)
 
     local = sub.add_parser("local", help="run a local cluster in the foreground")
     local.add_argument("--nodes", type=int, default=3)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from coordinator.server import ServerConfig, serve
     from coordinator.storage import DataDirLocked, StorageError
-    from coordinator.transport import load_token
+    from coordinator.transport import DEFAULT_MAX_FRAME_BYTES, load_token
 
     logging.getLogger("coordinator").setLevel(min(logging.INFO, logging.root.level))
     try:
@@ -144,7 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
             heartbeat_tick=args.heartbeat_tick, fsync=not args.no_fsync,
             snapshot_every=args.snapshot_every, persist_in_thread=not args.persist_inline,
             leader_parallel_persist=not args.persist_before_send,
-            commit_broadcast=args.commit_broadcast)
+            commit_broadcast=args.commit_broadcast,
+            max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES)
         asyncio.run(serve(config, ready_file=args.ready_file))
     except (ValueError, OSError) as exc:
         print(f"coordinator serve: {exc}", file=sys.stderr)

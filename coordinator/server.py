@@ -28,6 +28,15 @@ empty appends of its own (``commit_broadcast``): it rides on the next append or 
 Every ``snapshot_every`` applied entries the state machine is snapshotted and the log
 compacted.
 
+A follower that fell behind the compaction is sent the snapshot. One whose data fits in a
+chunk (``snapshot_chunk_bytes``, 4 MiB, or half of ``max_frame_bytes`` if less) travels in
+one frame like every other message; a larger one travels as a sequence of chunk frames (a
+distinct frame kind: see :data:`SNAPSHOT_CHUNK_MAGIC`) queued back to back on the same peer
+link, which keeps them in order. The receiver's :class:`SnapshotReassembler` rebuilds it (one
+in flight per sender, a bounded number of bytes buffered, CRC-32 checked) and steps the whole
+SNAPSHOT message into the node as if it had come in one frame. A lost chunk discards the
+partial snapshot; the follower then rejects the leader's next append and is sent it again.
+
 Writes are proposed only on the leader; a follower answers ``not_leader`` with the leader's id
 and endpoint. A write waits for its own entry to be applied: the waiting request is keyed by
 its (session, sequence number), which the command carries, so no log index bookkeeping is
@@ -54,8 +63,11 @@ import pathlib
 import random
 import signal
 import time
+import zlib
 from collections import deque
 from typing import Any
+
+import msgpack
 
 from coordinator.raft import (
     Config,
@@ -67,13 +79,19 @@ from coordinator.raft import (
     ProposalDropped,
     RaftNode,
     Role,
+    Snapshot,
     decode_conf_change,
     decode_message,
     encode_message,
 )
 from coordinator.statemachine import StateMachine, encode_command
 from coordinator.storage import DiskStorage
-from coordinator.transport import FrameTooLarge, PeerTransport, Server
+from coordinator.transport import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameTooLarge,
+    PeerTransport,
+    Server,
+)
 
 log = logging.getLogger("coordinator.server")
 
@@ -107,6 +125,13 @@ class ServerConfig:
     # heartbeat (one tick), not in empty appends of its own; see raft Config.commit_broadcast.
     commit_broadcast: bool = False
     seed: int | None = None
+    # The transport's frame limit (peer and client connections; the same on every node). A
+    # snapshot larger than one chunk travels as a sequence of chunk frames of at most
+    # min(snapshot_chunk_bytes, max_frame_bytes // 2) bytes of data each.
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    snapshot_chunk_bytes: int = 4 << 20
+    # Bytes of incoming snapshot chunks a node buffers, all senders together (refused beyond).
+    max_snapshot_reassembly_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.node_id not in self.peers:
@@ -114,10 +139,247 @@ class ServerConfig:
                              f"{sorted(self.peers)}: --peers must name every member, this one too")
         if self.tick_s <= 0 or self.election_tick <= self.heartbeat_tick:
             raise ValueError("need tick_s > 0 and election_tick > heartbeat_tick")
+        if self.max_frame_bytes < 2 * MIN_SNAPSHOT_CHUNK_BYTES:
+            raise ValueError(f"max_frame_bytes must be at least {2 * MIN_SNAPSHOT_CHUNK_BYTES}")
+        if self.snapshot_chunk_bytes < MIN_SNAPSHOT_CHUNK_BYTES:
+            raise ValueError(f"snapshot_chunk_bytes must be at least {MIN_SNAPSHOT_CHUNK_BYTES}")
+        if self.max_snapshot_reassembly_bytes < 1:
+            raise ValueError("max_snapshot_reassembly_bytes must be positive")
+
+    @property
+    def effective_snapshot_chunk_bytes(self) -> int:
+        """Snapshot data per chunk frame: leaves half a frame for the header and the MAC."""
+        return min(self.snapshot_chunk_bytes, self.max_frame_bytes // 2)
 
 
 def endpoint_str(addr: Address) -> str:
     return f"{addr[0]}:{addr[1]}"
+
+
+# ------------------------------------------------------------------ snapshot chunks
+#: A peer frame starting with these two bytes is a snapshot chunk, not an encoded Raft
+#: message. 0xC1 is the one byte msgpack never uses, so no encoded message (a msgpack array,
+#: first byte 0x9C) can start with it; the second byte is the chunk format version.
+SNAPSHOT_CHUNK_MAGIC = b"\xc1\x01"
+#: Every chunk but the last of a snapshot carries the same number of data bytes, at least this.
+MIN_SNAPSHOT_CHUNK_BYTES = 1024
+_CHUNK_FIELDS = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """One chunk frame: ``magic | msgpack [index, term, seq, total, total_bytes, crc32, data,
+    head]``. ``index``/``term`` are the snapshot's (its metadata), ``crc32`` covers the whole
+    snapshot data, and ``head`` (chunk 0 only; None in the others) is the encoded SNAPSHOT
+    message with empty snapshot data: from, to, the leader's term and the metadata."""
+
+    index: int
+    term: int
+    seq: int
+    total: int
+    total_bytes: int
+    crc32: int
+    data: bytes
+    head: bytes | None
+
+
+def encode_snapshot_chunks(m: Message, chunk_bytes: int) -> list[bytes]:
+    """The chunk frames carrying SNAPSHOT message ``m`` (whose data is not empty)."""
+    snap = m.snapshot
+    if m.type != MessageType.SNAPSHOT or snap is None or not snap.data:
+        raise ValueError("only a SNAPSHOT message with snapshot data is sent in chunks")
+    if chunk_bytes < MIN_SNAPSHOT_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be at least {MIN_SNAPSHOT_CHUNK_BYTES}")
+    data = snap.data
+    md = snap.metadata
+    head = encode_message(dataclasses.replace(m, snapshot=Snapshot(md, b"")))
+    crc = zlib.crc32(data)
+    total = -(-len(data) // chunk_bytes)
+    view = memoryview(data)
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return [SNAPSHOT_CHUNK_MAGIC + pack([md.index, md.term, seq, total, len(data), crc,
+                                         view[seq * chunk_bytes:(seq + 1) * chunk_bytes],
+                                         head if seq == 0 else None])
+            for seq in range(total)]
+
+
+def _chunk_uint(v: Any, what: str, bits: int = 63) -> int:
+    if type(v) is not int or v < 0 or v >= 1 << bits:
+        got = repr(v) if type(v) is int else f"a {type(v).__name__}"
+        raise DecodeError(f"chunk {what} must be an unsigned {bits}-bit integer, got {got:.40}")
+    return v
+
+
+def decode_snapshot_chunk(payload: bytes) -> SnapshotChunk:
+    """Decode and range-check one chunk frame (the magic included); DecodeError only."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected bytes, got {type(payload).__name__}")
+    if bytes(payload[:len(SNAPSHOT_CHUNK_MAGIC)]) != SNAPSHOT_CHUNK_MAGIC:
+        raise DecodeError("not a snapshot chunk (wrong magic or an unknown chunk version)")
+    try:
+        v = msgpack.unpackb(memoryview(payload)[len(SNAPSHOT_CHUNK_MAGIC):], raw=False,
+                            use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types; normalise them
+        raise DecodeError(f"not a valid msgpack value: {exc.__class__.__name__}: {exc}") from None
+    if type(v) is not list or len(v) != _CHUNK_FIELDS:  # (no repr: it may hold megabytes)
+        got = f"an array of {len(v)}" if type(v) is list else f"a {type(v).__name__}"
+        raise DecodeError(f"a chunk must be an array of {_CHUNK_FIELDS}, got {got}")
+    index, term, seq, total, total_bytes, crc, data, head = v
+    index, term = _chunk_uint(index, "index"), _chunk_uint(term, "term")
+    seq, total = _chunk_uint(seq, "seq"), _chunk_uint(total, "total")
+    total_bytes, crc = _chunk_uint(total_bytes, "total_bytes"), _chunk_uint(crc, "crc32", 32)
+    if index == 0 or term == 0:
+        raise DecodeError("chunk of a snapshot at index or term 0")
+    if not seq < total <= total_bytes:
+        raise DecodeError(f"chunk {seq} of {total} ({total_bytes} bytes) is out of range")
+    if type(data) is not bytes or not 0 < len(data) <= total_bytes:
+        raise DecodeError("chunk data must be 1 to total_bytes bytes")
+    if not (type(head) is bytes if seq == 0 else head is None):
+        raise DecodeError("chunk 0, and only chunk 0, carries the message head (bytes)")
+    return SnapshotChunk(index, term, seq, total, total_bytes, crc, data, head)
+
+
+@dataclasses.dataclass(slots=True)
+class _PartialSnapshot:
+    head: Message  # chunk 0's message, snapshot data empty
+    first: SnapshotChunk  # chunk 0, for the fields every later chunk must repeat
+    parts: list[bytes]
+
+
+class SnapshotReassembler:
+    """Rebuilds SNAPSHOT messages from chunk frames, per sender (event-loop thread only).
+
+    At most one snapshot is in flight per sender: a chunk 0 (re)starts it, and a chunk of
+    another snapshot discards the partial one. Chunks must arrive in order (the transport keeps
+    a peer's frames in order; a gap means a frame was lost, and the leader sends the snapshot
+    again when the follower rejects its next append), so a missing, repeated or inconsistent
+    chunk discards the partial snapshot. The declared sizes of all partial snapshots together
+    stay within ``max_bytes``: a snapshot that would exceed it is refused (after discarding
+    other senders' partial snapshots of an older leader term). The result is checked against
+    its CRC-32 before it is handed out. Everything is counted in ``stats``; nothing raises.
+    """
+
+    STATS = ("snapshot_chunks_in", "snapshots_reassembled", "snapshot_chunks_malformed",
+             "snapshot_chunks_out_of_order", "snapshot_reassemblies_discarded",
+             "snapshot_reassemblies_refused", "snapshot_checksum_failures")
+
+    def __init__(self, node_id: int, max_bytes: int, stats: dict[str, int]) -> None:
+        self.node_id = node_id
+        self.max_bytes = max_bytes
+        self.stats = stats
+        for name in self.STATS:
+            stats.setdefault(name, 0)
+        self._partial: dict[int, _PartialSnapshot] = {}
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The declared sizes of the snapshots being reassembled (what the bound counts)."""
+        return sum(p.first.total_bytes for p in self._partial.values())
+
+    def in_flight(self, frm: int) -> tuple[int, int, int] | None:
+        """(index, term, chunks received) of the snapshot being reassembled from ``frm``."""
+        p = self._partial.get(frm)
+        return None if p is None else (p.first.index, p.first.term, len(p.parts))
+
+    def add(self, frm: int, payload: bytes) -> Message | None:
+        """Take one chunk frame from peer ``frm``; the whole SNAPSHOT message once complete."""
+        self.stats["snapshot_chunks_in"] += 1
+        try:
+            c = decode_snapshot_chunk(payload)
+        except DecodeError as exc:
+            self._malformed(frm, str(exc))
+            return None
+        if c.seq == 0:
+            return self._start(frm, c)
+        p = self._partial.get(frm)
+        if p is None or (c.index, c.term) != (p.first.index, p.first.term):
+            # Chunk 0 of this snapshot never arrived (lost, refused, or its snapshot was
+            # discarded already): nothing to extend. A partial older snapshot is superseded.
+            self.stats["snapshot_chunks_out_of_order"] += 1
+            if p is not None:
+                self._discard(frm, f"chunk {c.seq} of snapshot {c.index}/{c.term} arrived")
+            return None
+        f = p.first
+        if (c.total, c.total_bytes, c.crc32) != (f.total, f.total_bytes, f.crc32):
+            self._discard(frm, "chunk fields differ from chunk 0")
+            self._malformed(frm, "total/total_bytes/crc32 differ from chunk 0")
+            return None
+        if c.seq != len(p.parts):
+            self.stats["snapshot_chunks_out_of_order"] += 1
+            self._discard(frm, f"chunk {c.seq} arrived where {len(p.parts)} was due")
+            return None
+        size = len(f.data)
+        want = size if c.seq < f.total - 1 else f.total_bytes - size * (f.total - 1)
+        if len(c.data) != want:
+            self._discard(frm, "chunk of the wrong size")
+            self._malformed(frm, f"chunk {c.seq} has {len(c.data)} bytes, not {want}")
+            return None
+        p.parts.append(c.data)
+        return self._complete(frm) if len(p.parts) == f.total else None
+
+    def _start(self, frm: int, c: SnapshotChunk) -> Message | None:
+        if frm in self._partial:
+            self._discard(frm, f"snapshot {c.index}/{c.term} started")
+        assert c.head is not None  # decode_snapshot_chunk: chunk 0 carries it
+        try:
+            head = decode_message(c.head)
+        except DecodeError as exc:
+            self._malformed(frm, f"chunk 0 head: {exc}")
+            return None
+        snap = head.snapshot
+        if (head.type != MessageType.SNAPSHOT or snap is None or snap.data
+                or (snap.metadata.index, snap.metadata.term) != (c.index, c.term)):
+            self._malformed(frm, "chunk 0 head is not this snapshot's SNAPSHOT message")
+            return None
+        if head.frm != frm or head.to != self.node_id:
+            self._malformed(frm, f"chunk 0 head claims {head.frm}->{head.to}")
+            return None
+        size = len(c.data)
+        if c.total != -(-c.total_bytes // size) or (c.total > 1 and size < MIN_SNAPSHOT_CHUNK_BYTES):
+            self._malformed(frm, f"{c.total} chunks of {size} bytes cannot carry "
+                                 f"{c.total_bytes} bytes")
+            return None
+        if self.buffered_bytes + c.total_bytes > self.max_bytes:
+            # A newer leader's snapshot makes an older leader's partial snapshots useless.
+            for other in [i for i, p in self._partial.items() if p.head.term < head.term]:
+                self._discard(other, f"node {frm} sent a snapshot in term {head.term}")
+        if self.buffered_bytes + c.total_bytes > self.max_bytes:
+            self.stats["snapshot_reassemblies_refused"] += 1
+            log.warning("node %d: refusing a %d-byte snapshot from node %d: %d bytes already "
+                        "buffered, limit %d", self.node_id, c.total_bytes, frm,
+                        self.buffered_bytes, self.max_bytes)
+            return None
+        self._partial[frm] = _PartialSnapshot(head, c, [c.data])
+        return self._complete(frm) if c.total == 1 else None
+
+    def _complete(self, frm: int) -> Message | None:
+        p = self._partial.pop(frm)
+        data = p.parts[0] if len(p.parts) == 1 else b"".join(p.parts)
+        p.parts.clear()
+        if len(data) != p.first.total_bytes or zlib.crc32(data) != p.first.crc32:
+            self.stats["snapshot_checksum_failures"] += 1
+            self.stats["snapshot_reassemblies_discarded"] += 1
+            log.warning("node %d: snapshot %d/%d from node %d fails its checksum; discarded",
+                        self.node_id, p.first.index, p.first.term, frm)
+            return None
+        self.stats["snapshots_reassembled"] += 1
+        snap = p.head.snapshot
+        assert snap is not None
+        return dataclasses.replace(p.head, snapshot=Snapshot(snap.metadata, data))
+
+    def _discard(self, frm: int, why: str) -> None:
+        p = self._partial.pop(frm, None)
+        if p is None:
+            return
+        self.stats["snapshot_reassemblies_discarded"] += 1
+        log.warning("node %d: discarding snapshot %d/%d from node %d after %d of %d chunks: %s",
+                    self.node_id, p.first.index, p.first.term, frm, len(p.parts),
+                    p.first.total, why)
+
+    def _malformed(self, frm: int, why: str) -> None:
+        self.stats["snapshot_chunks_malformed"] += 1
+        log.warning("node %d: dropping a malformed snapshot chunk from node %d: %s",
+                    self.node_id, frm, why)
 
 
 class CoordinatorServer:
@@ -145,7 +407,9 @@ class CoordinatorServer:
         self.node = RaftNode(
             Config(id=self.id, election_tick=config.election_tick,
                    heartbeat_tick=config.heartbeat_tick, applied=snap.metadata.index,
-                   commit_broadcast=config.commit_broadcast),
+                   commit_broadcast=config.commit_broadcast,
+                   # an append must fit a frame (only snapshots are chunked)
+                   max_size_per_msg=min(Config.max_size_per_msg, config.max_frame_bytes // 4)),
             self.storage, rng)
         self.role = Role.FOLLOWER
         self._pending_writes: dict[tuple, list[asyncio.Future]] = {}
@@ -162,16 +426,21 @@ class CoordinatorServer:
         self._stopped = asyncio.Event()
         self.fatal_error: BaseException | None = None  # set when the node stopped on an error
         self.stats = {"peer_messages_in": 0, "peer_messages_dropped": 0, "readies": 0,
-                      "proposals": 0, "reads_issued": 0, "snapshots": 0, "requests": 0}
+                      "proposals": 0, "reads_issued": 0, "snapshots": 0, "requests": 0,
+                      "snapshots_sent_chunked": 0, "snapshot_chunks_out": 0,
+                      "snapshot_send_failures": 0}
+        self._chunk_bytes = config.effective_snapshot_chunk_bytes
+        self._reassembler = SnapshotReassembler(self.id, config.max_snapshot_reassembly_bytes,
+                                                self.stats)
         listen = config.listen or config.peers[self.id]
         self.transport_server = Server(
             node_id=self.id, token=config.token, on_peer_message=self._on_peer_message,
             on_client_request=self._on_client_request, host=listen[0], port=listen[1],
-            on_peer_connected=self._on_peer_connected)
+            on_peer_connected=self._on_peer_connected, max_frame_bytes=config.max_frame_bytes)
         self.peer_transport = PeerTransport(
             node_id=self.id, token=config.token,
             peers={i: a for i, a in config.peers.items() if i != self.id},
-            on_unreachable=self._on_unreachable)
+            on_unreachable=self._on_unreachable, max_frame_bytes=config.max_frame_bytes)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -230,12 +499,18 @@ class CoordinatorServer:
 
     def _on_peer_message(self, frm: int, payload: bytes) -> None:
         self.stats["peer_messages_in"] += 1
-        try:
-            msg = decode_message(payload)
-        except DecodeError as exc:
-            self.stats["peer_messages_dropped"] += 1
-            log.warning("dropping a malformed message from node %d: %s", frm, exc)
-            return
+        if payload[:1] == SNAPSHOT_CHUNK_MAGIC[:1]:  # never the first byte of a Raft message
+            chunked = self._reassembler.add(frm, payload)
+            if chunked is None:  # more chunks to come, or dropped (counted there)
+                return
+            msg = chunked
+        else:
+            try:
+                msg = decode_message(payload)
+            except DecodeError as exc:
+                self.stats["peer_messages_dropped"] += 1
+                log.warning("dropping a malformed message from node %d: %s", frm, exc)
+                return
         if msg.frm != frm or msg.to != self.id:
             self.stats["peer_messages_dropped"] += 1
             log.warning("dropping a message claiming %d->%d on node %d's link to %d",
@@ -393,22 +668,40 @@ class CoordinatorServer:
             if m.to == self.id:  # defensive: the core should not address itself
                 continue
             try:
-                self.peer_transport.send(m.to, encode_message(m))
+                if m.type == MessageType.SNAPSHOT:
+                    self._send_snapshot(m)
+                else:
+                    self.peer_transport.send(m.to, encode_message(m))
             except KeyError:
                 log.warning("no address for node %d; dropping a %s", m.to, m.type.name)
                 continue
             except FrameTooLarge as exc:
-                # Today a snapshot travels in one frame; a state over the frame limit cannot
-                # be shipped (raise max_frame_bytes, or chunk snapshots: not done yet).
                 log.error("node %d: cannot send a %s to node %d: %s", self.id, m.type.name,
                           m.to, exc)
                 if m.type == MessageType.SNAPSHOT:
+                    self.stats["snapshot_send_failures"] += 1
                     self.node.report_snapshot(m.to, False)
                 continue
             if m.type == MessageType.SNAPSHOT:
                 # Queued is all we know; a lost snapshot makes the follower reject the next
                 # append and the leader probes (and resends) from there.
                 self.node.report_snapshot(m.to, True)
+
+    def _send_snapshot(self, m: Message) -> None:
+        """Queue a SNAPSHOT message: in one frame if its data fits one chunk, else as chunk
+        frames (see :class:`SnapshotReassembler`), all through the same per-peer queue, which
+        keeps them in order and ahead of the appends that follow. KeyError, FrameTooLarge."""
+        snap = m.snapshot
+        if snap is None or len(snap.data) <= self._chunk_bytes:
+            self.peer_transport.send(m.to, encode_message(m))
+            return
+        frames = encode_snapshot_chunks(m, self._chunk_bytes)
+        for frame in frames:  # chunk 0 is the largest: a FrameTooLarge comes before any is sent
+            self.peer_transport.send(m.to, frame)
+        self.stats["snapshots_sent_chunked"] += 1
+        self.stats["snapshot_chunks_out"] += len(frames)
+        log.info("node %d: snapshot %d (%d bytes) queued to node %d in %d chunks", self.id,
+                 snap.metadata.index, len(snap.data), m.to, len(frames))
 
     def _on_role(self, role: Role) -> None:
         was_leader = self.role == Role.LEADER
