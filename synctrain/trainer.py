@@ -97,8 +97,11 @@ class Trainer:
             self.strategy_options = get_strategy_class(mode).validate_options(options, num_workers)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        _check_picklable("config", self.config)
-        _check_picklable("train_loop", train_loop)
+        # Pickled here, loaded inside the worker's own error handling: a loop whose module the
+        # workers cannot import then fails as a TrainingFailedError that says so, instead of
+        # Ray failing the call before the worker runs (which looks like a dead worker).
+        self._config_blob = _pickled("config", self.config)
+        self._loop_blob = _pickled("train_loop", train_loop)
 
     @staticmethod
     def _check_resources_arg(resources: dict[str, float] | None) -> dict[str, float]:
@@ -178,7 +181,7 @@ class Trainer:
     def _run(self, workers: list[Any], handles: dict[str, Any]) -> Result:
         infos = _get_or_raise([w.node_info.remote() for w in workers])
         local_ranks = _local_ranks([i["node_id"] for i in infos])
-        refs = [w.run.remote(self.train_loop, self.config, handles, local_ranks[r])
+        refs = [w.run.remote(self._loop_blob, self._config_blob, handles, local_ranks[r])
                 for r, w in enumerate(workers)]
         monitor = _ReportMonitor(workers[0], self.progress)
         outcomes: dict[int, dict[str, Any]] = {}
@@ -294,9 +297,9 @@ def _local_ranks(node_ids: list[str]) -> list[int]:
     return out
 
 
-def _check_picklable(what: str, value: Any) -> None:
+def _pickled(what: str, value: Any) -> bytes:
     try:
-        ray.cloudpickle.dumps(value)
+        return ray.cloudpickle.dumps(value)
     except Exception as exc:
         raise ConfigError(
             f"{what} cannot be pickled, so it cannot be sent to the workers: {type(exc).__name__}: {exc}. "

@@ -57,12 +57,16 @@ class TrainWorker:
 
     def run(
         self,
-        train_fn: Callable[..., Any],
-        config: dict[str, Any],
+        train_fn: Callable[..., Any] | bytes,
+        config: dict[str, Any] | bytes,
         handles: dict[str, Any],
         local_rank: int,
     ) -> dict[str, Any]:
+        """Run the loop; ``train_fn`` and ``config`` may come cloudpickled (the Trainer sends
+        them so), and are then loaded here, where a failure is reported like any other."""
         try:
+            loop: Callable[..., Any] = _load_from_driver(train_fn, "training loop", self.rank)
+            loop_config: dict[str, Any] = _load_from_driver(config, "config", self.rank)
             context = self._make_context(local_rank)
             strategy = get_strategy_class(self.spec.mode)(context, self.spec, handles)
             self.session = Session(context, strategy)
@@ -70,7 +74,7 @@ class TrainWorker:
             self._export_env(context, handles)
             strategy.on_start()
             try:
-                value = _call(train_fn, config)
+                value = _call(loop, loop_config)
             finally:
                 strategy.on_shutdown()
             _check_picklable(value, self.rank)
@@ -98,6 +102,27 @@ class TrainWorker:
         if "rendezvous" in handles:
             addr, port = handles["rendezvous"]
             os.environ.update({"MASTER_ADDR": str(addr), "MASTER_PORT": str(port)})
+
+
+class DriverObjectLoadError(RuntimeError):
+    """The worker could not unpickle the training loop or config the driver sent."""
+
+
+def _load_from_driver(value: Any, what: str, rank: int) -> Any:
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return ray.cloudpickle.loads(value)
+    except ModuleNotFoundError as exc:
+        raise DriverObjectLoadError(
+            f"rank {rank} cannot load the {what}: {exc}. Its module is importable where the "
+            f"driver runs but not in the Ray workers. Define the loop in the script you run, "
+            f"install the module (pip install -e .), or make its directory importable before "
+            f"Ray starts (PYTHONPATH, or ray.init(runtime_env={{'py_modules': [...]}}))") from exc
+    except Exception as exc:
+        raise DriverObjectLoadError(
+            f"rank {rank} cannot load the {what} the driver sent: {type(exc).__name__}: "
+            f"{exc}") from exc
 
 
 def _call(train_fn: Callable[..., Any], config: dict[str, Any]) -> Any:

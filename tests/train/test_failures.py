@@ -140,3 +140,19 @@ def test_a_worker_killed_mid_run_makes_fit_raise(ray_session, tmp_path):
         assert info.value.rank == 1
     # a hang guard, not a performance claim: the job must not wait for a collective timeout
     assert time.monotonic() - started < 120
+
+
+def test_a_loop_whose_module_the_workers_cannot_import_is_named_not_a_dead_worker(
+        ray_session, tmp_path, monkeypatch) -> None:
+    """The driver can import the loop's module but the Ray workers cannot: the error must say
+    so (and how to fix it), not report a worker that died."""
+    (tmp_path / "only_on_the_driver.py").write_text("def loop(config):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module("only_on_the_driver")
+    with pytest.raises(synctrain.TrainingFailedError) as err:
+        synctrain.Trainer(mod.loop, num_workers=2, use_gpu=False, progress=False).fit()
+    msg = str(err.value)
+    assert "No module named 'only_on_the_driver'" in msg and "importable" in msg
+    assert err.value.exc_type == "DriverObjectLoadError"
