@@ -194,6 +194,7 @@ class ParameterServerStrategy(Strategy):
         self._flat: torch.Tensor | None = None  # the model's parameters live here (views)
         self._host: torch.Tensor | None = None  # CPU staging for pulls (is _flat on CPU)
         self._grad_host: torch.Tensor | None = None
+        self._grad_flat: torch.Tensor | None = None  # the .grad of every parameter is a view
         self._lrs: tuple[float, ...] = ()
         self._collective_seq = 0
         self.pipelined = self.options["pipeline"] and self.staleness != 0
@@ -253,7 +254,20 @@ class ParameterServerStrategy(Strategy):
                 p.data = flat[offset:offset + n].view_as(p)
         self._flat = flat
         self._host = flat if device.type == "cpu" else flat.detach().to("cpu")  # rank 0 sends it
-        self._grad_host = torch.zeros(layout.total, dtype=layout.torch_dtype)
+        # Gradients too live in one flat buffer (each .grad a view of it, as DDP's
+        # gradient_as_bucket_view): backward accumulates straight into what is pushed, so a
+        # step copies no gradient on CPU (one device-to-host copy on GPU).
+        self._grad_flat = torch.zeros(layout.total, dtype=layout.torch_dtype, device=device)
+        self._grad_host = self._grad_flat if device.type == "cpu" else torch.zeros(
+            layout.total, dtype=layout.torch_dtype)
+        self._bind_grads()
+
+    def _bind_grads(self) -> None:
+        """Point every parameter's ``.grad`` at its slice of the flat gradient buffer."""
+        assert self.layout is not None and self._grad_flat is not None
+        flat = self._grad_flat
+        for p, offset, n in zip(self._params, self.layout.offsets, self.layout.numels, strict=True):
+            p.grad = flat[offset:offset + n].view_as(p)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if self.layout is None:
@@ -274,7 +288,16 @@ class ParameterServerStrategy(Strategy):
             strategy.push_and_pull(self)
             return loss
 
+        def zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+            # Zeroed in place, never set to None: the .grad views of the flat buffer stay, so
+            # the next backward accumulates into it (a parameter that gets no gradient pushes
+            # zeros either way).
+            assert strategy._grad_flat is not None
+            strategy._grad_flat.zero_()
+            strategy._bind_grads()
+
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+        optimizer.zero_grad = types.MethodType(zero_grad, optimizer)  # type: ignore[method-assign]
         return optimizer
 
     # ---- worker side: the step ---------------------------------------------------------
@@ -343,14 +366,26 @@ class ParameterServerStrategy(Strategy):
             self._load(replies)
 
     def _gather_grads(self) -> bool:
-        """Copy gradients into the flat host buffer (zeros where None); False to skip the step."""
+        """Have this step's gradients in the flat host buffer (zeros where None); False to
+        skip the step. Gradients that are still views of the flat buffer are there already;
+        one replaced (``model.zero_grad()`` sets them to None) is copied in and re-bound."""
         assert self.layout is not None and self._grad_host is not None
-        buf = self._grad_host
+        flat = self._grad_flat
+        assert flat is not None
+        base, size = flat.data_ptr(), flat.element_size()
         for p, offset, n in zip(self._params, self.layout.offsets, self.layout.numels, strict=True):
-            if p.grad is None:
-                buf[offset:offset + n].zero_()
+            g = p.grad
+            if g is not None and g.data_ptr() == base + offset * size and g.is_contiguous():
+                continue
+            view = flat[offset:offset + n]
+            if g is None:
+                view.zero_()
             else:
-                buf[offset:offset + n].copy_(p.grad.reshape(-1))
+                view.copy_(g.reshape(-1))
+            p.grad = view.view_as(p)
+        buf = self._grad_host
+        if buf is not flat:
+            buf.copy_(flat)
         if bool(torch.isfinite(buf.sum())):  # one reduction; a NaN/Inf anywhere makes it non-finite
             return True
         if bool(torch.isfinite(buf).all()):  # the sum overflowed on large finite values

@@ -34,7 +34,10 @@ def small_loop(config):
     gen = torch.Generator().manual_seed(100 + ctx.rank)
     for step in range(config.get("steps", STEPS)):
         x = torch.randn(16, 8, generator=gen)
-        opt.zero_grad()
+        if config.get("zero") == "model":
+            model.zero_grad()  # sets every .grad to None: the strategy must cope
+        else:
+            opt.zero_grad()
         loss = F.mse_loss(model(x), x.sum(1, keepdim=True))
         if step == config.get("nan_step") and ctx.rank == config.get("nan_rank"):
             loss = loss * float("nan")
@@ -45,6 +48,9 @@ def small_loop(config):
     synctrain.report({"done": 1, **{k: v for k, v in synctrain.strategy_metrics().items()
                                     if isinstance(v, (int, float))}})
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+    if config.get("grad_storages"):  # how many buffers hold the gradients (1: all are views)
+        return {"params": flat, "grad_storages": len({p.grad.untyped_storage().data_ptr()
+                                                      for p in model.parameters()})}
     if config.get("collectives"):  # all_reduce, broadcast and barrier work in async mode too
         mean = synctrain.all_reduce(torch.tensor([float(ctx.rank), 1.0]))
         synctrain.barrier()
@@ -69,6 +75,19 @@ def test_staleness_zero_holds_the_parameters_of_sync_mode(ray_session, opt):
         assert diff <= 1e-5, f"rank {rank}: max abs diff {diff} after {STEPS} steps"
     assert bsp.worker_metrics[0]["staleness_max"] == 0
     assert bsp.strategy_info["updates_applied"] == 2 * STEPS  # one per clock, per shard
+
+
+def test_gradients_are_views_of_one_buffer_and_model_zero_grad_still_works(ray_session):
+    """backward accumulates straight into the flat buffer that is pushed (no copy per step);
+    model.zero_grad(), which replaces every .grad with None, still pushes the right gradient."""
+    sync = fit("sync", {})
+    reference = torch.tensor(sync.outputs[0])
+    views = fit("async", {"grad_storages": True}, staleness=0)
+    assert [o["grad_storages"] for o in views.outputs] == [1, 1]
+    replaced = fit("async", {"zero": "model", "grad_storages": True}, staleness=0)
+    for out in views.outputs + replaced.outputs:
+        assert (torch.tensor(out["params"]) - reference).abs().max().item() <= 1e-5
+    assert [o["grad_storages"] for o in replaced.outputs] == [1, 1]  # re-bound after the copy
 
 
 @pytest.mark.parametrize(("staleness", "pull_every", "pipeline"), [(1, 1, False), (3, 2, True)])
