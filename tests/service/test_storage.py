@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -356,38 +355,12 @@ def test_second_server_process_on_the_same_dir_is_refused(tmp_path: Path) -> Non
 
 # ---- kill -9 in the middle of saving ------------------------------------------------------
 
-_WRITER = textwrap.dedent("""
-    import sys
-    from coordinator.raft.messages import ConfState, Entry, HardState
-    from coordinator.storage import DiskStorage
-    s = DiskStorage(sys.argv[1], conf_state=ConfState(voters=(1,)), segment_bytes=4096)
-    i = s.last_index()
-    while True:
-        batch = [Entry(1, i + k, data=(b"%d;" % (i + k)) * 20) for k in range(1, 4)]
-        s.save(HardState(1, 1, i), batch)
-        i += 3
-        print(i, flush=True)  # acknowledged: durable before this line is written
-""")
-
 
 @pytest.mark.fault
 @pytest.mark.slow
 def test_kill_9_during_saves_recovers_a_prefix_with_every_acknowledged_entry(
-        tmp_path: Path) -> None:
-    for round_ in range(4):
-        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
-                                  stdout=subprocess.PIPE, text=True)
-        acked = 0
-        for _ in range(30 + 17 * round_):  # kill at a different point each round
-            acked = int(writer.stdout.readline())
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-        with DiskStorage(tmp_path, fsync=False) as s:
-            last = s.last_index()
-            assert last >= acked, f"round {round_}: acknowledged {acked}, recovered {last}"
-            got = s.entries(1, last + 1)
-            assert got == [Entry(1, i, data=(b"%d;" % i) * 20) for i in range(1, last + 1)]
-            assert s.initial_state()[0].commit >= acked - 3
+        tmp_path: Path, kill9_rounds) -> None:
+    kill9_rounds(tmp_path, "segment_bytes=4096", rounds=4, spacing=17)
 
 
 @pytest.mark.fault

@@ -11,10 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import msgpack
@@ -386,40 +382,13 @@ def test_a_failed_fallocate_for_lack_of_space_skips_only_that_write(tmp_path: Pa
 
 # ---- kill -9 in the middle of saving, with preallocation --------------------------------
 
-_WRITER = textwrap.dedent("""
-    import sys
-    from coordinator.raft.messages import ConfState, Entry, HardState
-    from coordinator.storage import DiskStorage
-    s = DiskStorage(sys.argv[1], conf_state=ConfState(voters=(1,)), segment_bytes=16384,
-                    preallocate_bytes=4096)  # fsync=True: pwrite + fdatasync
-    i = s.last_index()
-    while True:
-        batch = [Entry(1, i + k, data=(b"%d;" % (i + k)) * 20) for k in range(1, 4)]
-        s.save(HardState(1, 1, i), batch)
-        i += 3
-        print(i, flush=True)  # acknowledged: durable before this line is written
-""")
-
-
 @pytest.mark.fault
 @pytest.mark.slow
 def test_kill_9_during_preallocated_saves_recovers_every_acknowledged_entry(
-        tmp_path: Path) -> None:
-    for round_ in range(5):
-        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
-                                  stdout=subprocess.PIPE, text=True)
-        acked = 0
-        for _ in range(30 + 23 * round_):  # kill at a different point each round
-            acked = int(writer.stdout.readline())
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-        with DiskStorage(tmp_path, fsync=False, segment_bytes=16384,
-                         preallocate_bytes=4096) as s:
-            last = s.last_index()
-            assert last >= acked, f"round {round_}: acknowledged {acked}, recovered {last}"
-            got = s.entries(1, last + 1)
-            assert got == [Entry(1, i, data=(b"%d;" % i) * 20) for i in range(1, last + 1)]
-            assert s.initial_state()[0].commit >= acked - 3
+        tmp_path: Path, kill9_rounds) -> None:
+    # fsync=True in the writer: pwrite + fdatasync into 4 KiB chunks, 16 KiB segments
+    kill9_rounds(tmp_path, "segment_bytes=16384, preallocate_bytes=4096", rounds=5, spacing=23,
+                 segment_bytes=16384, preallocate_bytes=4096)
     segs = segments(tmp_path)
     assert len(segs) > 2  # the writers rotated, growing and trimming segments on the way
     for closed in segs[:-1]:
