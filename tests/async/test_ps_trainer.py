@@ -79,15 +79,14 @@ def test_staleness_zero_holds_the_parameters_of_sync_mode(ray_session, opt):
 
 def test_gradients_are_views_of_one_buffer_and_model_zero_grad_still_works(ray_session):
     """backward accumulates straight into the flat buffer that is pushed (no copy per step);
-    model.zero_grad(), which replaces every .grad with None, still pushes the right gradient."""
-    sync = fit("sync", {})
-    reference = torch.tensor(sync.outputs[0])
+    model.zero_grad(), which replaces every .grad with None, pushes the same gradients (the
+    run with opt.zero_grad is checked against sync mode above)."""
     views = fit("async", {"grad_storages": True}, staleness=0)
-    assert [o["grad_storages"] for o in views.outputs] == [1, 1]
     replaced = fit("async", {"zero": "model", "grad_storages": True}, staleness=0)
-    for out in views.outputs + replaced.outputs:
-        assert (torch.tensor(out["params"]) - reference).abs().max().item() <= 1e-5
+    assert [o["grad_storages"] for o in views.outputs] == [1, 1]
     assert [o["grad_storages"] for o in replaced.outputs] == [1, 1]  # re-bound after the copy
+    for a, b in zip(views.outputs, replaced.outputs, strict=True):
+        assert (torch.tensor(a["params"]) - torch.tensor(b["params"])).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize(("staleness", "pull_every", "pipeline"), [(1, 1, False), (3, 2, True)])
