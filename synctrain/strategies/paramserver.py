@@ -296,8 +296,19 @@ class ParameterServerStrategy(Strategy):
             strategy._grad_flat.zero_()
             strategy._bind_grads()
 
+        def no_local_state(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            # The worker's optimizer never steps (the shards do), so its state_dict would be
+            # empty: a checkpoint from it would silently drop momentum and Adam moments.
+            raise NotImplementedError(
+                "in mode='async' the optimizer's state (momentum, Adam moments) lives on the "
+                "parameter-server shards, and saving or loading it is not supported yet. Save "
+                "model.state_dict() (the parameters this worker holds) and accept a fresh "
+                "optimizer on resume, or use mode='sync' for exact checkpoints")
+
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         optimizer.zero_grad = types.MethodType(zero_grad, optimizer)  # type: ignore[method-assign]
+        optimizer.state_dict = types.MethodType(no_local_state, optimizer)  # type: ignore[method-assign]
+        optimizer.load_state_dict = types.MethodType(no_local_state, optimizer)  # type: ignore[method-assign]
         return optimizer
 
     # ---- worker side: the step ---------------------------------------------------------

@@ -136,3 +136,26 @@ def test_more_shards_than_parameters_is_a_clear_error(ray_session):
     with pytest.raises(TrainingFailedError, match=r"num_ps_shards=3 is larger than the model's 2 parameter"):
         synctrain.Trainer(tiny_loop, num_workers=2, mode="async", use_gpu=False, progress=False,
                           num_ps_shards=3).fit()
+
+
+def test_optimizer_state_dict_is_refused_not_silently_empty(ray_session):
+    """The worker's optimizer never steps in async mode (the shards do): its state_dict would
+    be empty and a checkpoint from it would silently drop momentum."""
+    def loop(config):
+        model = synctrain.prepare_model(nn.Linear(4, 2))
+        opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        opt.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        errors = []
+        for call in (opt.state_dict, lambda: opt.load_state_dict({})):
+            try:
+                call()
+            except NotImplementedError as exc:
+                errors.append(str(exc))
+        return errors
+
+    result = synctrain.Trainer(loop, num_workers=2, mode="async", use_gpu=False,
+                               progress=False).fit()
+    for errors in result.outputs:
+        assert len(errors) == 2 and all("parameter-server shards" in e for e in errors)
