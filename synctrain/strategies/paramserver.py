@@ -262,12 +262,27 @@ class ParameterServerStrategy(Strategy):
             layout.total, dtype=layout.torch_dtype)
         self._bind_grads()
 
-    def _bind_grads(self) -> None:
-        """Point every parameter's ``.grad`` at its slice of the flat gradient buffer."""
+    def _bind_grads(self, keep_values: bool = False) -> None:
+        """Make every parameter's ``.grad`` a view of its slice of the flat gradient buffer.
+
+        Gradients that are views already are left alone (the common case: a cheap pointer
+        check); one that is None or was replaced (``model.zero_grad()`` sets None, and the next
+        backward makes a new tensor) is re-bound, its values first copied in when
+        ``keep_values``, else its slice is left as it is (zeroed by the caller)."""
         assert self.layout is not None and self._grad_flat is not None
         flat = self._grad_flat
+        base, size = flat.data_ptr(), flat.element_size()
         for p, offset, n in zip(self._params, self.layout.offsets, self.layout.numels, strict=True):
-            p.grad = flat[offset:offset + n].view_as(p)
+            g = p.grad
+            if g is not None and g.data_ptr() == base + offset * size and g.is_contiguous():
+                continue
+            view = flat[offset:offset + n]
+            if keep_values:
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g.reshape(-1))
+            p.grad = view.view_as(p)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if self.layout is None:
@@ -381,19 +396,9 @@ class ParameterServerStrategy(Strategy):
         skip the step. Gradients that are still views of the flat buffer are there already;
         one replaced (``model.zero_grad()`` sets them to None) is copied in and re-bound."""
         assert self.layout is not None and self._grad_host is not None
+        assert self._grad_flat is not None
+        self._bind_grads(keep_values=True)
         flat = self._grad_flat
-        assert flat is not None
-        base, size = flat.data_ptr(), flat.element_size()
-        for p, offset, n in zip(self._params, self.layout.offsets, self.layout.numels, strict=True):
-            g = p.grad
-            if g is not None and g.data_ptr() == base + offset * size and g.is_contiguous():
-                continue
-            view = flat[offset:offset + n]
-            if g is None:
-                view.zero_()
-            else:
-                view.copy_(g.reshape(-1))
-            p.grad = view.view_as(p)
         buf = self._grad_host
         if buf is not flat:
             buf.copy_(flat)
