@@ -181,6 +181,7 @@ class Trainer:
     def _run(self, workers: list[Any], handles: dict[str, Any]) -> Result:
         infos = _get_or_raise([w.node_info.remote() for w in workers])
         local_ranks = _local_ranks([i["node_id"] for i in infos])
+        handles = {**handles, "gpus_shared": _gpus_shared(infos)}
         refs = [w.run.remote(self._loop_blob, self._config_blob, handles, local_ranks[r])
                 for r, w in enumerate(workers)]
         monitor = _ReportMonitor(workers[0], self.progress)
@@ -286,6 +287,17 @@ def _get_or_raise(refs: list[Any]) -> list[Any]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _gpus_shared(infos: list[dict[str, Any]]) -> bool:
+    """True when two ranks were given the same GPU (fractional ``resources_per_worker``)."""
+    seen = set()
+    for info in infos:
+        for gpu in info.get("gpu_ids", ()):
+            if (info["node_id"], gpu) in seen:
+                return True
+            seen.add((info["node_id"], gpu))
+    return False
 
 
 def _local_ranks(node_ids: list[str]) -> list[int]:

@@ -43,7 +43,8 @@ class TrainWorker:
 
     def node_info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Address and a free port on this worker's node for the process-group store."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import types
 from typing import Any
 
@@ -39,6 +40,8 @@ from synctrain.errors import ModelMismatchError
 from synctrain.spec import JobSpec
 from synctrain.strategies.base import Strategy, register
 from synctrain.strategies.comm_hooks import HOOKS as _COMPRESSION_HOOKS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "grad_accum_steps": 1,
@@ -107,6 +110,13 @@ class AllReduceStrategy(Strategy):
     def on_start(self) -> None:
         addr, port = self.handles["rendezvous"]
         backend = "nccl" if self.context.device.type == "cuda" else "gloo"
+        if backend == "nccl" and self.handles.get("gpus_shared"):
+            # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"); gloo all-reduces
+            # CUDA tensors through host memory, slower but correct.
+            backend = "gloo"
+            if self.context.rank == 0:
+                log.warning("ranks share a GPU (fractional 'GPU' in resources_per_worker): sync mode "
+                            "uses the gloo backend instead of NCCL, which needs one GPU per rank")
         dist.init_process_group(
             backend,
             init_method=f"tcp://{addr}:{port}",
@@ -177,7 +187,7 @@ class AllReduceStrategy(Strategy):
         return tensor
 
     def barrier(self) -> None:
-        if self.context.device.type == "cuda":
+        if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[self.context.device.index])
         else:
             dist.barrier()
