@@ -47,7 +47,8 @@ import synctrain  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_ACC = 0.95
 BATCH = 32
-LR = 0.05
+LR = 0.05  # SGD, momentum 0.9
+ADAM_LR = 0.002
 
 
 class DigitsConvNet(torch.nn.Module):
@@ -79,7 +80,10 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     train_x, train_y, test_x, test_y = load_digits_split()
     torch.manual_seed(0)
     model = synctrain.prepare_model(build_model(config.get("model", "mlp")))
-    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
+    if config.get("optimizer", "sgd") == "adam":
+        opt = synctrain.prepare_optimizer(torch.optim.Adam(model.parameters(), lr=ADAM_LR))
+    else:
+        opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
     batch = config["batch"]
     loader = synctrain.prepare_data_loader(
         DataLoader(TensorDataset(train_x, train_y), batch_size=batch, shuffle=True))
@@ -145,8 +149,8 @@ def configurations(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def run_all(epochs: int, eval_every: int, quick: bool, model: str = "mlp",
-            straggler: str = "own-step") -> list[dict[str, Any]]:
-    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH, "model": model}
+            straggler: str = "own-step", optimizer: str = "sgd") -> list[dict[str, Any]]:
+    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH, "model": model, "optimizer": optimizer}
     rows = [run("single process", None, {**base, "batch": 2 * BATCH})]
     # "compute": the straggler's machine computes 2x slower: it sleeps one worker-batch of
     # compute (half the single process's step), the same in every mode.
@@ -161,15 +165,16 @@ def run_all(epochs: int, eval_every: int, quick: bool, model: str = "mlp",
 
 def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"model": args.model, "straggler": args.straggler, "epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
+    meta = {"model": args.model, "straggler": args.straggler, "optimizer": args.optimizer, "epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
             "lr": LR, "target_acc": TARGET_ACC, "cpus": os.cpu_count(), "machine": platform.platform(),
             "torch": torch.__version__, "ray": ray.__version__, "load_avg_1m": os.getloadavg()[0],
             "command": " ".join(sys.argv)}
     with open(os.path.join(out_dir, f"{args.name}.json"), "w") as f:
         json.dump({"meta": meta, "runs": rows}, f, indent=2)
     sync_strag = next(r for r in rows if r["name"] == "sync + straggler")["time_to_95_s"]
-    lines = [f"# Convergence on digits ({args.model}, straggler sleeps: {args.straggler})", "",
-             f"2 workers x batch {BATCH} (single process: batch {2 * BATCH}), SGD momentum 0.9, lr {LR}, "
+    opt = f"SGD momentum 0.9, lr {LR}" if args.optimizer == "sgd" else f"Adam, lr {ADAM_LR}"
+    lines = [f"# Convergence on digits ({args.model}, {args.optimizer}, straggler sleeps: {args.straggler})", "",
+             f"2 workers x batch {BATCH} (single process: batch {2 * BATCH}), {opt}, "
              f"{args.epochs} epochs per worker, rank 0 evaluates every {args.eval_every} steps. "
              f"{meta['cpus']} CPUs (shared), load average {meta['load_avg_1m']:.1f} at the end. "
              f"Command: `{meta['command']}`.", "",
@@ -228,17 +233,20 @@ def main() -> int:
     parser.add_argument("--straggler", choices=("own-step", "compute"), default="own-step",
                         help="own-step: sleep that mode's own median step; compute: sleep one "
                              "worker-batch of compute (the same in every mode)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                        help=f"sgd: momentum 0.9, lr {LR}; adam: lr {ADAM_LR}")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--name", default="convergence", help="result file name stem")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.eval_every = 1, 10
     out_dir = args.out or (tempfile.mkdtemp(prefix="convergence_") if args.quick else RESULTS)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     import digits
 
     ray.cloudpickle.register_pickle_by_value(digits)  # the workers cannot import examples/
-    rows = run_all(args.epochs, args.eval_every, args.quick, args.model, args.straggler)
+    rows = run_all(args.epochs, args.eval_every, args.quick, args.model, args.straggler, args.optimizer)
     write(rows, out_dir, args)
     return 0
 

@@ -184,12 +184,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per worker")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 5 steps, 2 variants")
     parser.add_argument("--out", default=None, help="results directory")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     args = parser.parse_args()
     if args.quick:
         args.steps = 5
     out_dir = args.out or (tempfile.mkdtemp(prefix="ps_throughput_") if args.quick else RESULTS)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     rows = [run_naive(args.steps)]
     for shards, pull_every, pipeline in (VARIANTS[:1] + VARIANTS[-1:]) if args.quick else VARIANTS:
         rows.append(run_synctrain(shards, args.steps, pull_every, pipeline))

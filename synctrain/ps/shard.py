@@ -33,6 +33,7 @@ the parameters untouched. Everything that grows is bounded: one accumulator, his
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,6 +210,28 @@ class ParameterShard:
         await self._wait(lambda: self.min_clock() >= min_clock, worker,
                          f"every worker's clock to reach {min_clock}")
         return self._reply(time.monotonic() - started)
+
+    async def push_chunked(self, job_id: str, worker: int, clock: int, min_clock: int,
+                           based_on_version: int, lrs: tuple[float, ...] | None, want_params: bool,
+                           reply_chunks: int, *grad_chunks: np.ndarray) -> tuple[Any, ...]:
+        """``push`` for a range of a few hundred KB, in pieces small enough to travel inline.
+
+        Ray passes an argument or a return value under 100 KB inside the call itself and
+        anything bigger through the object store, which costs a put, a seal and a fetch each
+        way: for a 190 KB range measured at 4.3 ms per round trip, against 2.4 ms for the
+        same bytes in 3 inline pieces. The gradient arrives as ``grad_chunks`` (none: a
+        skipped step) and the answer is ``(reply, *pieces)`` with ``reply_chunks`` pieces of
+        the parameters (the caller asks for ``1 + reply_chunks`` returns); pieces are None
+        when no parameters were asked for. Everything else is ``push``.
+        """
+        if reply_chunks < 1:
+            raise ParameterServerError(f"reply_chunks must be >= 1, got {reply_chunks}")
+        grads = np.concatenate(grad_chunks) if grad_chunks else None
+        reply = await self.push(job_id, worker, clock, grads, min_clock, based_on_version, lrs, want_params)
+        if not isinstance(reply.params, np.ndarray):
+            return (reply, *([None] * reply_chunks))
+        pieces = np.array_split(reply.params, reply_chunks)
+        return (dataclasses.replace(reply, params=None), *pieces)
 
     async def leave(self, job_id: str, worker: int) -> None:
         """Worker's loop ended: stop counting it in the staleness bound and the quorum."""

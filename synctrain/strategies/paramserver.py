@@ -53,6 +53,7 @@ Not synchronised: buffers (e.g. BatchNorm running stats) stay per worker. ``all_
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import types
 import zlib
@@ -85,6 +86,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 }
 #: Gradient slices at least this big go through ray.put (the object store); smaller ones inline.
 INLINE_BYTES = 100 * 1024
+#: Shard ranges between INLINE_BYTES and this travel as inline pieces of at most
+#: INLINE_PIECE_BYTES, both ways (measured: the object store wins above ~300 KB on 2 cores).
+CHUNKED_MAX_BYTES = 384 * 1024
+INLINE_PIECE_BYTES = 96 * 1024
 #: Extra seconds a worker's ray.get allows beyond the shard-side wait bound.
 RPC_MARGIN_S = 60.0
 #: Latency samples kept per worker for the percentiles (a ring buffer).
@@ -191,6 +196,7 @@ class ParameterServerStrategy(Strategy):
         self.versions = [0] * len(self.shards)  # per shard: version our parameters came from
         self.server_pushes_applied = 0
         self._params: list[torch.nn.Parameter] = []
+        self._pieces: tuple[int, ...] = ()  # per shard: inline pieces a push travels in (1: whole)
         self._flat: torch.Tensor | None = None  # the model's parameters live here (views)
         self._host: torch.Tensor | None = None  # CPU staging for pulls (is _flat on CPU)
         self._grad_host: torch.Tensor | None = None
@@ -226,6 +232,8 @@ class ParameterServerStrategy(Strategy):
         self.bounds = layout.shard_bounds(len(self.shards))
         self.layout, self.model = layout, model
         self._params = list(model.parameters())
+        itemsize = torch.empty(0, dtype=layout.torch_dtype).element_size()
+        self._pieces = tuple(_inline_pieces((b - a) * itemsize) for a, b in self.bounds)
         self._make_flat(layout)
         if self.context.rank == 0:
             assert self._host is not None
@@ -346,11 +354,20 @@ class ParameterServerStrategy(Strategy):
         grad_np = self._grad_host.numpy()
         # One copy of each shard's slice into the object store (Ray passes arrays under
         # 100 KB inline instead); the shard reads it in place.
-        slices = [grad_np[a:b] if grads_ok else None for a, b in self.bounds]
-        args = [ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x for x in slices]
-        self._inflight = [s.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
-                                        self.versions[i], changed_lrs, want_params)
-                          for i, (s, arg) in enumerate(zip(self.shards, args, strict=True))]
+        calls: list[Any] = []
+        for i, (shard, (a, b), pieces) in enumerate(zip(self.shards, self.bounds, self._pieces, strict=True)):
+            x = grad_np[a:b] if grads_ok else None
+            if pieces > 1:  # a few hundred KB: inline pieces both ways (see ParameterShard.push_chunked)
+                grad_pieces = np.array_split(x, pieces) if x is not None else ()
+                calls.append(shard.push_chunked.options(num_returns=1 + pieces).remote(
+                    self.spec.job_id, self.context.rank, self.clock, min_clock, self.versions[i],
+                    changed_lrs, want_params, pieces, *grad_pieces))
+                continue
+            # Bigger: one copy into the object store, which the shard reads in place.
+            arg = ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x
+            calls.append(shard.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
+                                           self.versions[i], changed_lrs, want_params))
+        self._inflight = calls
         self.bytes_pushed += grad_np.nbytes if grads_ok else 0
         self.clock += 1
         if not self.pipelined:
@@ -382,8 +399,16 @@ class ParameterServerStrategy(Strategy):
             return
         calls, self._inflight = self._inflight, None
         started = time.monotonic()
-        replies: list[PushReply] = _get(calls, self.wait_timeout_s + RPC_MARGIN_S,
-                                        f"pushing clock {self.clock - 1}")
+        flat_refs = [ref for call in calls for ref in (call if isinstance(call, list) else [call])]
+        got = iter(_get(flat_refs, self.wait_timeout_s + RPC_MARGIN_S, f"pushing clock {self.clock - 1}"))
+        replies: list[PushReply] = []
+        for call in calls:
+            reply = next(got)
+            if isinstance(call, list):  # push_chunked: the reply, then the parameters in pieces
+                pieces = [next(got) for _ in call[1:]]
+                if pieces[0] is not None:
+                    reply = dataclasses.replace(reply, params=pieces)
+            replies.append(reply)
         blocked_s = time.monotonic() - started
         wait_s = max(r.wait_s for r in replies)
         self._push_ms.append(1e3 * max(blocked_s - wait_s, 0.0))
@@ -425,7 +450,15 @@ class ParameterServerStrategy(Strategy):
         fetched = iter(ray.get(refs, timeout=self.wait_timeout_s + RPC_MARGIN_S) if refs else [])
         arrays = [next(fetched) if isinstance(r.params, ray.ObjectRef) else r.params for r in replies]
         for i, ((a, b), reply, array) in enumerate(zip(self.bounds, replies, arrays, strict=True)):
-            np.copyto(host[a:b], array)  # the only copy: object store -> the model's buffer
+            if isinstance(array, list):  # pieces of push_chunked, in order
+                for piece in array:
+                    np.copyto(host[a:a + piece.size], piece)
+                    a += piece.size
+                if a != b:
+                    raise ParameterServerError(f"shard {i} answered {a - self.bounds[i][0]} parameters, "
+                                               f"expected {b - self.bounds[i][0]}")
+            else:
+                np.copyto(host[a:b], array)  # the only copy: object store -> the model's buffer
             self.versions[i] = reply.version
         if self._flat is not self._host:
             self._flat.copy_(self._host, non_blocking=False)
@@ -482,7 +515,15 @@ class ParameterServerStrategy(Strategy):
             "server_pushes_applied": self.server_pushes_applied,
             "nonfinite_skipped": self.nonfinite_skipped,
             "bytes_pushed": self.bytes_pushed,
+            "push_pieces": list(self._pieces),  # per shard: inline pieces (1: sent whole)
         }
+
+
+def _inline_pieces(nbytes: int) -> int:
+    """How many inline pieces a shard range of ``nbytes`` travels in (1: sent whole)."""
+    if nbytes < INLINE_BYTES or nbytes > CHUNKED_MAX_BYTES:
+        return 1
+    return -(-nbytes // INLINE_PIECE_BYTES)
 
 
 def _wait_timeout(spec: Any) -> float:

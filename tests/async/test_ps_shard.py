@@ -241,3 +241,30 @@ def test_actor_loses_no_update_under_concurrent_pushes_and_errors_cross_ray(ray_
         ray.get(push(shard, 0, 40, [0, 0, 0, 0], job="job-old"))
     np.testing.assert_array_equal(ray.get(shard.params.remote()), [0 - 40, 1, 2, 3 - 80])
     ray.kill(shard)
+
+
+def test_push_chunked_is_push_in_pieces():
+    async def main():
+        whole, pieces = await make_shard(None), await make_shard(None)
+        g = np.array([1, 2, 3, 4], dtype=np.float32)
+        expected = await whole.push(JOB, 0, 0, g, 0, 0)
+        meta, *parts = await pieces.push_chunked(JOB, 0, 0, 0, 0, None, True, 3, g[:1], g[1:3], g[3:])
+        assert meta.params is None and len(parts) == 3
+        assert np.array_equal(np.concatenate(parts), expected.params)
+        assert (meta.version, meta.clocks, meta.min_clock) == (expected.version, expected.clocks,
+                                                               expected.min_clock)
+        # No parameters asked for: the pieces are None, the push still counts.
+        meta, *parts = await pieces.push_chunked(JOB, 1, 0, 0, 0, None, False, 2, g[:2], g[2:])
+        assert parts == [None, None] and meta.clocks == (1, 1)
+        # No gradient pieces: a skipped step, the clock advances, the parameters do not move.
+        before = pieces.params().copy()
+        meta, *parts = await pieces.push_chunked(JOB, 0, 1, 0, 0, None, True, 2)
+        assert meta.clocks == (2, 1) and np.array_equal(np.concatenate(parts), before)
+        # A wrong total length is the same clear error as for push, nothing applied.
+        with pytest.raises(GradientShapeError):
+            await pieces.push_chunked(JOB, 1, 1, 0, 0, None, True, 2, g[:2], g[:1])
+        assert np.array_equal(pieces.params(), before)
+        with pytest.raises(ParameterServerError, match="reply_chunks"):
+            await pieces.push_chunked(JOB, 1, 1, 0, 0, None, True, 0, g)
+
+    run(main())

@@ -25,7 +25,8 @@ def small_loop(config):
     """40 steps of regression; rank r draws its own batches. Returns the flat parameters."""
     ctx = synctrain.get_context()
     torch.manual_seed(0)
-    model = synctrain.prepare_model(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
+    width = config.get("width", 16)
+    model = synctrain.prepare_model(nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 1)))
     if config.get("opt", "sgd") == "sgd":
         base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
     else:
@@ -75,6 +76,23 @@ def test_staleness_zero_holds_the_parameters_of_sync_mode(ray_session, opt):
         assert diff <= 1e-5, f"rank {rank}: max abs diff {diff} after {STEPS} steps"
     assert bsp.worker_metrics[0]["staleness_max"] == 0
     assert bsp.strategy_info["updates_applied"] == 2 * STEPS  # one per clock, per shard
+
+
+@pytest.mark.parametrize("staleness", [0, None])
+def test_mid_sized_shards_travel_in_inline_pieces_with_the_same_result(ray_session, staleness):
+    # width 7500: 75,001 parameters = 150 KB per shard with 2 shards, over Ray's 100 KB inline
+    # limit, so each push and each reply goes in 2 pieces (push_chunked) instead of the object store.
+    config = {"opt": "adam", "width": 7500, "steps": 12}
+    out = fit("async", config, staleness=staleness, num_ps_shards=2)
+    assert out.worker_metrics[0]["push_pieces"] == [2, 2]
+    assert out.strategy_info["pushes_received"] == 2 * 2 * 12
+    if staleness == 0:
+        sync = torch.tensor(fit("sync", config).outputs[0])
+        for rank in range(2):
+            assert (torch.tensor(out.outputs[rank]) - sync).abs().max().item() <= 1e-5
+    else:
+        assert out.strategy_info["updates_applied"] == out.strategy_info["pushes_received"]
+        assert all(torch.isfinite(torch.tensor(o)).all() for o in out.outputs)
 
 
 def test_gradients_are_views_of_one_buffer_and_model_zero_grad_still_works(ray_session):
