@@ -43,11 +43,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
+    import torch
 
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True,
+        # GPUs counted by torch, not left to Ray's detection (which reads NVML and may find none
+        # in a container where CUDA works).
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ray.init(num_cpus=RAY_NUM_CPUS, num_gpus=gpus, include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
         started = True
     yield ray
