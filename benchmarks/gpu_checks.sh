@@ -5,6 +5,8 @@
 #   2. the async benchmarks on that machine's CPUs (more cores than a laptop or CI box):
 #      ps_throughput.py and convergence.py (conv model, compute straggler; Adam and SGD).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (needs torch with CUDA, ray, pytest on the path)
+#   GPU_CHECKS_STEPS="gpu_tests conv_adam"  run only these steps
+#   GPU_CHECKS_DEADLINE_S=540               the whole script's time; later steps get what is left
 # Every step writes into OUT_DIR and a tarball of it is refreshed after each step, so a run
 # cut short still leaves what it finished.
 set -u
@@ -17,6 +19,7 @@ save() { tar czf "$out/results.tgz" -C "$res" . ; }
 deadline=${GPU_CHECKS_DEADLINE_S:-100000}  # seconds for the whole script: later steps get what is left
 step() {  # step NAME TIMEOUT_S COMMAND...
     local name=$1 limit=$2; shift 2
+    if [[ -n ${GPU_CHECKS_STEPS:-} && " $GPU_CHECKS_STEPS " != *" $name "* ]]; then return; fi
     local left=$((deadline - SECONDS - 5))
     if (( left < limit )); then limit=$left; fi
     if (( limit < 20 )); then echo "== $name skipped: ${left}s left"; return; fi
