@@ -142,21 +142,29 @@ def run(name: str, mode: str | None, config: dict[str, Any], **options: Any) -> 
             "fit_s": elapsed, "pushes": info.get("pushes_received")}
 
 
-def configurations(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
+def configurations(quick: bool, only: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """sync, async with staleness 0, 2, 8, None, and the pipelined variants of 2 and None
+    (the push's reply collected at the next step, overlapping the shard with compute)."""
     runs = [("sync", "sync", {})]
     for s in ((2,) if quick else (0, 2, 8, None)):
         runs.append((f"async s={s}", "async", {"staleness": s}))
+    for s in (() if quick else (2, None)):
+        runs.append((f"async s={s} pipelined", "async", {"staleness": s, "pipeline": True}))
+    if only:
+        wanted = [w.strip() for w in only.split(",")]
+        runs = [r for r in runs if r[0] in wanted]
     return runs
 
 
 def run_all(epochs: int, eval_every: int, quick: bool, model: str = "mlp",
-            straggler: str = "own-step", optimizer: str = "sgd", repeats: int = 1) -> list[dict[str, Any]]:
+            straggler: str = "own-step", optimizer: str = "sgd", repeats: int = 1,
+            only: str | None = None) -> list[dict[str, Any]]:
     base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH, "model": model, "optimizer": optimizer}
     rows = [run("single process", None, {**base, "batch": 2 * BATCH})]
     # "compute": the straggler's machine computes 2x slower: it sleeps one worker-batch of
     # compute (half the single process's step), the same in every mode.
     compute_s = rows[0]["median_step_s"][0] / 2
-    for name, mode, options in configurations(quick):
+    for name, mode, options in configurations(quick, only):
         plain = repeated(repeats, name, mode, base, **options)
         slow_s = compute_s if straggler == "compute" else max(plain["median_step_s"])
         strag = repeated(repeats, f"{name} + straggler", mode, {**base, "slow_rank": 1, "slow_s": slow_s},
@@ -253,6 +261,8 @@ def main() -> int:
                         help=f"sgd: momentum 0.9, lr {LR}; adam: lr {ADAM_LR}")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per configuration; the table shows the one with the median time to 95%%")
+    parser.add_argument("--only", default=None,
+                        help='comma-separated configurations to run (e.g. "sync,async s=None"); sync is needed for the ratio')
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--name", default="convergence", help="result file name stem")
     args = parser.parse_args()
@@ -265,7 +275,7 @@ def main() -> int:
 
     ray.cloudpickle.register_pickle_by_value(digits)  # the workers cannot import examples/
     rows = run_all(args.epochs, args.eval_every, args.quick, args.model, args.straggler, args.optimizer,
-                   args.repeats)
+                   args.repeats, args.only)
     write(rows, out_dir, args)
     return 0
 

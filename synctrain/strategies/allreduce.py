@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import logging
 import types
 from typing import Any
@@ -42,6 +43,10 @@ from synctrain.strategies.base import Strategy, register
 from synctrain.strategies.comm_hooks import HOOKS as _COMPRESSION_HOOKS
 
 log = logging.getLogger(__name__)
+#: torch >= 2.13 names DDP's buffer broadcast ``forward_sync_buffers``; older ones only
+#: know ``broadcast_buffers`` (2.11 on a GPU machine refused the new name).
+_BUFFER_SYNC_KWARG = ("forward_sync_buffers" if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "grad_accum_steps": 1,
@@ -137,7 +142,7 @@ class AllReduceStrategy(Strategy):
             model,
             device_ids=[self.context.device.index] if self.context.device.type == "cuda" else None,
             bucket_cap_mb=float(self.options["bucket_cap_mb"]),
-            forward_sync_buffers=bool(self.options["broadcast_buffers"]),
+            **{_BUFFER_SYNC_KWARG: bool(self.options["broadcast_buffers"])},
             find_unused_parameters=bool(self.options["find_unused_parameters"]),
         )
         ddp._synctrain_accum = _AccumulationState(int(self.options["grad_accum_steps"]))
