@@ -71,8 +71,8 @@ class DigitsConvNet(torch.nn.Module):
         return self.body(x.view(-1, 1, 8, 8))
 
 
-def build_model(name: str) -> torch.nn.Module:
-    return DigitsConvNet() if name == "conv" else DigitsNet()
+def build_model(name: str, channels: int = 64) -> torch.nn.Module:
+    return DigitsConvNet(channels) if name == "conv" else DigitsNet()
 
 
 def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     ctx = synctrain.get_context()
     train_x, train_y, test_x, test_y = load_digits_split()
     torch.manual_seed(0)
-    model = synctrain.prepare_model(build_model(config.get("model", "mlp")))
+    model = synctrain.prepare_model(build_model(config.get("model", "mlp"), config.get("channels", 64)))
     if config.get("optimizer", "sgd") == "adam":
         opt = synctrain.prepare_optimizer(torch.optim.Adam(model.parameters(), lr=ADAM_LR))
     else:
@@ -158,8 +158,9 @@ def configurations(quick: bool, only: str | None = None) -> list[tuple[str, str,
 
 def run_all(epochs: int, eval_every: int, quick: bool, model: str = "mlp",
             straggler: str = "own-step", optimizer: str = "sgd", repeats: int = 1,
-            only: str | None = None) -> list[dict[str, Any]]:
-    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH, "model": model, "optimizer": optimizer}
+            only: str | None = None, channels: int = 64) -> list[dict[str, Any]]:
+    base = {"epochs": epochs, "eval_every": eval_every, "batch": BATCH, "model": model, "optimizer": optimizer,
+            "channels": channels}
     rows = [run("single process", None, {**base, "batch": 2 * BATCH})]
     # "compute": the straggler's machine computes 2x slower: it sleeps one worker-batch of
     # compute (half the single process's step), the same in every mode.
@@ -185,7 +186,7 @@ def repeated(repeats: int, name: str, mode: str | None, config: dict[str, Any], 
 
 def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"repeats": args.repeats, "model": args.model, "straggler": args.straggler, "optimizer": args.optimizer, "epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
+    meta = {"repeats": args.repeats, "model": args.model, "channels": args.channels, "straggler": args.straggler, "optimizer": args.optimizer, "epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
             "lr": LR, "target_acc": TARGET_ACC, "cpus": os.cpu_count(), "machine": platform.platform(),
             "torch": torch.__version__, "ray": ray.__version__, "load_avg_1m": os.getloadavg()[0],
             "command": " ".join(sys.argv)}
@@ -193,7 +194,8 @@ def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) ->
         json.dump({"meta": meta, "runs": rows}, f, indent=2)
     sync_strag = next(r for r in rows if r["name"] == "sync + straggler")["time_to_95_s"]
     opt = f"SGD momentum 0.9, lr {LR}" if args.optimizer == "sgd" else f"Adam, lr {ADAM_LR}"
-    lines = [f"# Convergence on digits ({args.model}, {args.optimizer}, straggler sleeps: {args.straggler})", "",
+    model = f"conv, {args.channels} channels" if args.model == "conv" else args.model
+    lines = [f"# Convergence on digits ({model}, {args.optimizer}, straggler sleeps: {args.straggler})", "",
              f"2 workers x batch {BATCH} (single process: batch {2 * BATCH}), {opt}, "
              f"{args.epochs} epochs per worker, rank 0 evaluates every {args.eval_every} steps"
              + (f"; each configuration ran {args.repeats} times, the row is the median run (all "
@@ -257,6 +259,8 @@ def main() -> int:
     parser.add_argument("--straggler", choices=("own-step", "compute"), default="own-step",
                         help="own-step: sleep that mode's own median step; compute: sleep one "
                              "worker-batch of compute (the same in every mode)")
+    parser.add_argument("--channels", type=int, default=64,
+                        help="--model conv: channels per conv layer (compute grows with the square)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                         help=f"sgd: momentum 0.9, lr {LR}; adam: lr {ADAM_LR}")
     parser.add_argument("--repeats", type=int, default=1,
@@ -275,7 +279,7 @@ def main() -> int:
 
     ray.cloudpickle.register_pickle_by_value(digits)  # the workers cannot import examples/
     rows = run_all(args.epochs, args.eval_every, args.quick, args.model, args.straggler, args.optimizer,
-                   args.repeats, args.only)
+                   args.repeats, args.only, args.channels)
     write(rows, out_dir, args)
     return 0
 

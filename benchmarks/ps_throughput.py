@@ -17,7 +17,9 @@ by side in one run (same Ray instance, same machine):
 
 Both use plain SGD and the same compute per step, so the difference is the parameter
 server. Reported: pushes/s (all workers together, after warm-up) and gradient GB/s ingested
-by the server(s). Writes benchmarks/results/ps_throughput.{json,md} (with --quick: to a temp
+by the server(s), and the CPU cost of a push: busy CPU seconds of the whole machine (all
+processes, from /proc/stat) over rank 0's timed window, per push made in it. Once every core is
+busy, throughput is cores / CPU per push, whatever the design. Writes benchmarks/results/ps_throughput.{json,md} (with --quick: to a temp
 directory unless --out is given).
 """
 
@@ -46,6 +48,20 @@ WARMUP_STEPS = 5
 BATCH = 32
 
 
+def busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine spent busy so far (all processes: workers, shards, Ray's
+    own daemons), from /proc/stat; None where there is no /proc. Sampled by rank 0 around its
+    timed steps, it gives the CPU cost of a push, which is what caps throughput once every
+    core is busy."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(),
@@ -63,16 +79,21 @@ def synctrain_loop(config: dict[str, Any]) -> dict[str, float]:
     model = synctrain.prepare_model(make_model())
     opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.01))
     gen = torch.Generator().manual_seed(ctx.rank)
-    started = 0.0
+    started, cpu0 = 0.0, None
     for step in range(WARMUP_STEPS + config["steps"]):
         if step == WARMUP_STEPS:
-            started = time.monotonic()
+            started, cpu0 = time.monotonic(), busy_cpu_s()
         x, y = _batch(gen)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return {"steps": config["steps"], "elapsed_s": time.monotonic() - started,
+    return {"steps": config["steps"], "elapsed_s": time.monotonic() - started, **_cpu(cpu0),
             "push_ms_p50": synctrain.strategy_metrics()["push_latency_ms_p50"]}
+
+
+def _cpu(cpu0: float | None) -> dict[str, float]:
+    cpu1 = busy_cpu_s()
+    return {} if cpu0 is None or cpu1 is None else {"busy_cpu_s": cpu1 - cpu0}
 
 
 #: (shards, pull_every, pipeline) measured for synctrain; the first four are the defaults.
@@ -120,17 +141,17 @@ class NaiveWorker:
 
     def run(self, ps: Any, steps: int) -> dict[str, float]:
         weights = ray.get(ps.get_weights.remote())
-        started = 0.0
+        started, cpu0 = 0.0, None
         for step in range(WARMUP_STEPS + steps):
             if step == WARMUP_STEPS:
-                started = time.monotonic()
+                started, cpu0 = time.monotonic(), busy_cpu_s()
             self.model.load_state_dict(weights)
             x, y = _batch(self.gen)
             self.model.zero_grad()
             F.cross_entropy(self.model(x), y).backward()
             grads = [p.grad.data.cpu().numpy() for p in self.model.parameters()]
             weights = ray.get(ps.apply_gradients.remote(grads))  # one ray.get per step
-        return {"steps": steps, "elapsed_s": time.monotonic() - started}
+        return {"steps": steps, "elapsed_s": time.monotonic() - started, **_cpu(cpu0)}
 
 
 def run_naive(steps: int) -> dict[str, Any]:
@@ -150,8 +171,12 @@ GRAD_BYTES = sum(p.numel() for p in make_model().parameters()) * 4
 
 def summarize(name: str, outputs: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
     pushes_per_s = sum(o["steps"] / o["elapsed_s"] for o in outputs)
+    # Machine-wide busy CPU over rank 0's window, per push made in that window by everyone.
+    first = outputs[0]
+    cpu_ms = (1e3 * first["busy_cpu_s"] / (pushes_per_s * first["elapsed_s"])
+              if "busy_cpu_s" in first else None)
     return {"name": name, "workers": len(outputs), "pushes_per_s": pushes_per_s,
-            "grad_gb_per_s": pushes_per_s * GRAD_BYTES / 1e9, **extra}
+            "grad_gb_per_s": pushes_per_s * GRAD_BYTES / 1e9, "cpu_ms_per_push": cpu_ms, **extra}
 
 
 def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
@@ -170,10 +195,12 @@ def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) ->
              f"push), 2 workers, batch {BATCH}, {args.steps} timed steps per worker after "
              f"{WARMUP_STEPS} warm-up steps; {meta['cpus']} CPUs, load average "
              f"{meta['load_avg_1m']:.1f} at the end. Command: `{meta['command']}`.", "",
-             "| server | shards | pushes/s | gradient GB/s | vs naive |", "|---|---:|---:|---:|---:|"]
+             "| server | shards | pushes/s | gradient GB/s | vs naive | CPU ms per push |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        cpu = "-" if r.get("cpu_ms_per_push") is None else f"{r['cpu_ms_per_push']:.1f}"
         lines.append(f"| {r['name']} | {r['shards']} | {r['pushes_per_s']:.1f} | "
-                     f"{r['grad_gb_per_s']:.3f} | {r['speedup_vs_naive']:.2f}x |")
+                     f"{r['grad_gb_per_s']:.3f} | {r['speedup_vs_naive']:.2f}x | {cpu} |")
     with open(os.path.join(out_dir, "ps_throughput.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

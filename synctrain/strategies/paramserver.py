@@ -15,7 +15,10 @@ over nodes when there are several). They start empty: only the workers know the 
   the user's optimizer with ``step`` replaced (it stays a ``torch.optim.Optimizer``).
 * ``step()`` copies the gradients into one flat host buffer, ``ray.put``s each shard's slice
   once (one copy into the object store, each shard reads only its bytes, also across nodes)
-  and calls every shard's ``push`` in parallel. A push carries the worker's clock c (its
+  and calls every shard's ``push`` in parallel. A shard range of 100-384 KB instead travels
+  as inline pieces both ways (``push_chunked``): Ray passes values under 100 KB inside the
+  call, and for such sizes that beats the object store's put, seal and fetch (measured 2.4 vs
+  4.3 ms per round trip for 190 KB). A push carries the worker's clock c (its
   step count) and the staleness bound: the shard answers with its parameters once every
   active worker's clock is at least ``c + 1 - s``. So when ``step()`` returns, the model holds
   every worker's updates up to clock ``c + 1 - s``; with ``s = 0`` that is every update of
