@@ -82,3 +82,19 @@ def test_async_options_are_validated_before_anything_starts():
         synctrain.Trainer(loop, mode="async", warp=1)
     t = synctrain.Trainer(loop, mode="async", staleness=3, num_ps_shards=2)
     assert t.strategy_options["staleness"] == 3 and t.strategy_options["update_rule"] == "mean"
+
+
+def test_inline_pieces_only_for_ranges_between_the_inline_limit_and_the_chunked_maximum():
+    from synctrain.strategies.paramserver import (
+        CHUNKED_MAX_BYTES,
+        INLINE_BYTES,
+        INLINE_PIECE_BYTES,
+        _inline_pieces,
+    )
+
+    assert _inline_pieces(INLINE_BYTES - 1) == 1  # inline already, whole
+    assert _inline_pieces(CHUNKED_MAX_BYTES + 1) == 1  # big: the object store wins
+    for nbytes in (INLINE_BYTES, 150_000, 200_000, CHUNKED_MAX_BYTES):
+        pieces = _inline_pieces(nbytes)
+        assert pieces >= 2
+        assert -(-nbytes // pieces) <= INLINE_PIECE_BYTES < INLINE_BYTES  # each piece travels inline
