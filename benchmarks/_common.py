@@ -46,3 +46,18 @@ def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path 
     (out / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (out / f"{name}.md").write_text(markdown)
     return out
+
+
+def init_ray(num_cpus: int) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` when set (the test suite's own Ray, a real cluster),
+    else start a local Ray with ``num_cpus`` logical CPUs."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)

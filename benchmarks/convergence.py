@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from typing import Any
 import ray
 import torch
 import torch.nn.functional as F
+from _common import init_ray
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -273,8 +273,7 @@ def main() -> int:
     if args.quick:
         args.epochs, args.eval_every = 1, 10
     out_dir = args.out or (tempfile.mkdtemp(prefix="convergence_") if args.quick else RESULTS)
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(args.num_cpus)
     import digits
 
     ray.cloudpickle.register_pickle_by_value(digits)  # the workers cannot import examples/

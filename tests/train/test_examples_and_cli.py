@@ -69,6 +69,26 @@ def test_throughput_benchmark_quick_mode_writes_results(ray_session, tmp_path):
     assert "| model |" in (tmp_path / "throughput.md").read_text()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    for script, args in (("ps_throughput.py", ["--rounds", "2"]),
+                         ("convergence.py", ["--model", "conv", "--optimizer", "adam", "--repeats", "2"])):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out",
+                               str(tmp_path), *args], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ps = json.loads((tmp_path / "ps_throughput.json").read_text())
+    assert [r["name"] for r in ps["rows"]][0].startswith("naive")
+    assert all(len(r["pushes_per_s_rounds"]) == 2 and r["pushes_per_s"] > 0 for r in ps["rows"])
+    assert "CPU ms per push" in (tmp_path / "ps_throughput.md").read_text()
+    conv = json.loads((tmp_path / "convergence.json").read_text())
+    assert conv["meta"]["optimizer"] == "adam" and conv["meta"]["repeats"] == 2
+    assert {r["name"] for r in conv["runs"]} >= {"sync + straggler", "async s=2 + straggler"}
+    assert all(len(r["times_to_95_s"]) == 2 for r in conv["runs"] if r["mode"] != "single")
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
 JOIN_SCRIPT = """
 import os, ray, synctrain
 def loop(config):
