@@ -1,6 +1,6 @@
 """Parameter-server throughput: synctrain's async mode vs the naive Ray parameter server.
 
-    python benchmarks/ps_throughput.py [--steps 60] [--quick]
+    python benchmarks/ps_throughput.py [--steps 60] [--rounds 1] [--quick] [--num-cpus 4]
 
 A ~1M-parameter MLP (784-1024-256-10, 1,068,810 float32 parameters: 4.3 MB of gradient per
 push), 2 workers, each pushing gradients of random batches as fast as it can. Measured side
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
+from _common import init_ray
 from torch import nn
 
 import synctrain
@@ -179,11 +179,25 @@ def summarize(name: str, outputs: list[dict[str, float]], extra: dict[str, Any])
             "grad_gb_per_s": pushes_per_s * GRAD_BYTES / 1e9, "cpu_ms_per_push": cpu_ms, **extra}
 
 
+def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per variant, the round with the median pushes/s, every round's figure kept beside it."""
+    rows = []
+    for runs in zip(*rounds, strict=True):
+        ordered = sorted(runs, key=lambda r: r["pushes_per_s"])
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["pushes_per_s_rounds"] = [r["pushes_per_s"] for r in runs]
+        row["cpu_ms_per_push_rounds"] = [r["cpu_ms_per_push"] for r in runs]
+        rows.append(row)
+    return rows
+
+
 def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
     naive = next(r for r in rows if r["name"].startswith("naive"))
     for r in rows:
         r["speedup_vs_naive"] = r["pushes_per_s"] / naive["pushes_per_s"]
-    meta = {"parameters": GRAD_BYTES // 4, "grad_mb": GRAD_BYTES / 1e6, "workers": 2, "batch": BATCH,
+        r["speedup_rounds"] = [a / b for a, b in zip(r["pushes_per_s_rounds"], naive["pushes_per_s_rounds"],
+                                                     strict=True)]
+    meta = {"rounds": args.rounds, "parameters": GRAD_BYTES // 4, "grad_mb": GRAD_BYTES / 1e6, "workers": 2, "batch": BATCH,
             "steps_per_worker": args.steps, "cpus": os.cpu_count(), "machine": platform.platform(),
             "torch": torch.__version__, "ray": ray.__version__,
             "load_avg_1m": os.getloadavg()[0], "command": " ".join(sys.argv)}
@@ -193,17 +207,22 @@ def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) ->
     lines = ["# Parameter-server throughput", "",
              f"{meta['parameters']:,}-parameter MLP ({meta['grad_mb']:.1f} MB of float32 gradient per "
              f"push), 2 workers, batch {BATCH}, {args.steps} timed steps per worker after "
-             f"{WARMUP_STEPS} warm-up steps; {meta['cpus']} CPUs, load average "
+             f"{WARMUP_STEPS} warm-up steps, {args.rounds} interleaved round(s) (median round shown; "
+             f"each round's ratio in brackets); {meta['cpus']} CPUs, load average "
              f"{meta['load_avg_1m']:.1f} at the end. Command: `{meta['command']}`.", "",
              "| server | shards | pushes/s | gradient GB/s | vs naive | CPU ms per push |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         cpu = "-" if r.get("cpu_ms_per_push") is None else f"{r['cpu_ms_per_push']:.1f}"
         lines.append(f"| {r['name']} | {r['shards']} | {r['pushes_per_s']:.1f} | "
-                     f"{r['grad_gb_per_s']:.3f} | {r['speedup_vs_naive']:.2f}x | {cpu} |")
+                     f"{r['grad_gb_per_s']:.3f} | {r['speedup_vs_naive']:.2f}x{_each(r['speedup_rounds'])} | {cpu} |")
     with open(os.path.join(out_dir, "ps_throughput.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _each(values: list[float]) -> str:
+    return " (" + " / ".join(f"{v:.2f}" for v in values) + ")" if len(values) > 1 else ""
 
 
 def main() -> int:
@@ -211,17 +230,21 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per worker")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 5 steps, 2 variants")
     parser.add_argument("--out", default=None, help="results directory")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure everything this many times, interleaved; report the median of each")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     args = parser.parse_args()
     if args.quick:
         args.steps = 5
     out_dir = args.out or (tempfile.mkdtemp(prefix="ps_throughput_") if args.quick else RESULTS)
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    rows = [run_naive(args.steps)]
-    for shards, pull_every, pipeline in (VARIANTS[:1] + VARIANTS[-1:]) if args.quick else VARIANTS:
-        rows.append(run_synctrain(shards, args.steps, pull_every, pipeline))
-    write(rows, out_dir, args)
+    init_ray(args.num_cpus)
+    variants = (VARIANTS[:1] + VARIANTS[-1:]) if args.quick else VARIANTS
+    rounds: list[list[dict[str, Any]]] = []
+    for i in range(args.rounds):  # naive, then every variant; again: drift hits all alike
+        print(f"-- round {i + 1}/{args.rounds}", flush=True)
+        rounds.append([run_naive(args.steps)] + [run_synctrain(shards, args.steps, pull_every, pipeline)
+                                                 for shards, pull_every, pipeline in variants])
+    write(median_rows(rounds), out_dir, args)
     return 0
 
 
