@@ -138,12 +138,13 @@ class AllReduceStrategy(Strategy):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.context.device)
         check_same_model(model, self.context.rank, self.context.world_size)
+        buffer_sync: dict[str, Any] = {_BUFFER_SYNC_KWARG: bool(self.options["broadcast_buffers"])}
         ddp = SyncDistributedDataParallel(
             model,
             device_ids=[self.context.device.index] if self.context.device.type == "cuda" else None,
             bucket_cap_mb=float(self.options["bucket_cap_mb"]),
-            **{_BUFFER_SYNC_KWARG: bool(self.options["broadcast_buffers"])},
             find_unused_parameters=bool(self.options["find_unused_parameters"]),
+            **buffer_sync,
         )
         ddp._synctrain_accum = _AccumulationState(int(self.options["grad_accum_steps"]))
         compression = self.options["grad_compression"]

@@ -355,8 +355,6 @@ class ParameterServerStrategy(Strategy):
         want_params, min_clock = self._pull_plan()
         assert self._grad_host is not None
         grad_np = self._grad_host.numpy()
-        # One copy of each shard's slice into the object store (Ray passes arrays under
-        # 100 KB inline instead); the shard reads it in place.
         calls: list[Any] = []
         for i, (shard, (a, b), pieces) in enumerate(zip(self.shards, self.bounds, self._pieces, strict=True)):
             x = grad_np[a:b] if grads_ok else None
@@ -366,7 +364,8 @@ class ParameterServerStrategy(Strategy):
                     self.spec.job_id, self.context.rank, self.clock, min_clock, self.versions[i],
                     changed_lrs, want_params, pieces, *grad_pieces))
                 continue
-            # Bigger: one copy into the object store, which the shard reads in place.
+            # Bigger: one copy into the object store, which the shard reads in place (under
+            # 100 KB Ray passes the array inline by itself).
             arg = ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x
             calls.append(shard.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
                                            self.versions[i], changed_lrs, want_params))
