@@ -4,14 +4,16 @@
         [--straggler own-step|compute] [--optimizer sgd|adam] [--repeats N] [--num-cpus N]
 
 Every distributed run has 2 workers with batch 32 (global batch 64), SGD with momentum 0.9
-and lr 0.05; the single process uses batch 64 and the same optimizer (the computation sync
-mode distributes). Async uses the default ``update_rule="mean"``: each push moves the
+and lr 0.05 (``--optimizer adam``: Adam, lr 0.002); the single process uses batch 64 and the
+same optimizer (the computation sync mode distributes). Async uses the default ``update_rule="mean"``: each push moves the
 parameters by half its gradient, so a sample moves the model as much as in sync mode and the
 comparison is about consistency, not about a larger step size.
 
 Each distributed configuration runs twice: without and with a straggler. The straggler is
 rank 1 sleeping after each step for as long as that configuration's median step took without
-a straggler, so it runs about 2x slower than its peer in the same mode. Rank 0 evaluates the
+a straggler, so it runs about 2x slower than its peer in the same mode (``--straggler
+compute``: it sleeps one worker-batch of compute, the same in every mode). ``--repeats N``
+runs every configuration N times and keeps the median run. Rank 0 evaluates the
 test accuracy of the parameters it holds every few steps and records the wall time since its
 loop started and the samples those parameters have seen (sync: steps x 64; async: pushes the
 shards had applied, x 32).
@@ -152,6 +154,11 @@ def configurations(quick: bool, only: str | None = None) -> list[tuple[str, str,
         runs.append((f"async s={s} pipelined", "async", {"staleness": s, "pipeline": True}))
     if only:
         wanted = [w.strip() for w in only.split(",")]
+        names = [r[0] for r in runs]
+        unknown = [w for w in wanted if w not in names]
+        if unknown or "sync" not in wanted:
+            raise SystemExit(f"--only: {', '.join(unknown) or 'sync missing'}; choose from {', '.join(names)} "
+                             "(sync is needed: every ratio is against it)")
         runs = [r for r in runs if r[0] in wanted]
     return runs
 
@@ -187,7 +194,7 @@ def repeated(repeats: int, name: str, mode: str | None, config: dict[str, Any], 
 def write(rows: list[dict[str, Any]], out_dir: str, args: argparse.Namespace) -> None:
     os.makedirs(out_dir, exist_ok=True)
     meta = {"repeats": args.repeats, "model": args.model, "channels": args.channels, "straggler": args.straggler, "optimizer": args.optimizer, "epochs_per_worker": args.epochs, "eval_every": args.eval_every, "batch_per_worker": BATCH,
-            "lr": LR, "target_acc": TARGET_ACC, "cpus": os.cpu_count(), "machine": platform.platform(),
+            "lr": ADAM_LR if args.optimizer == "adam" else LR, "target_acc": TARGET_ACC, "cpus": os.cpu_count(), "machine": platform.platform(),
             "torch": torch.__version__, "ray": ray.__version__, "load_avg_1m": os.getloadavg()[0],
             "command": " ".join(sys.argv)}
     with open(os.path.join(out_dir, f"{args.name}.json"), "w") as f:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, markdown_table, median, write_results  # noqa: E402
+from _common import init_ray, machine, markdown_table, median, write_results  # noqa: E402
 
 import synctrain  # noqa: E402
 
@@ -151,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.rounds = 5, 1
     sizes = [1] if args.quick else [1, 16, 64]
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.workers), include_dashboard=False,
-                 logging_level=logging.WARNING)
+    init_ray(max(os.cpu_count() or 1, args.workers))
 
     rows, data = [], {"machine": machine(), "workers": args.workers, "batch_per_worker": args.batch,
                       "steps": args.steps, "rounds": args.rounds, "models": {}, "allreduce": {}}
