@@ -51,6 +51,7 @@ from synctrain.ps.errors import (
 )
 from synctrain.ps.layout import Segment
 from synctrain.ps.recipe import OptimizerRecipe
+from synctrain.ps.shm import Channel
 
 #: Histogram buckets for version lag: 0 .. LAG_BUCKETS-2, and one overflow bucket.
 LAG_BUCKETS = 65
@@ -126,6 +127,7 @@ class ParameterShard:
         self._acc_arrived: set[int] = set()
         self._acc_contributors = 0
         self._collectives: dict[int, dict[str, Any]] = {}
+        self._channels: dict[int, Channel] = {}  # worker -> shared-memory channel (same machine)
 
     # ---- setup -------------------------------------------------------------------------
     async def init_params(self, job_id: str, digest: str, params: np.ndarray) -> int:
@@ -181,6 +183,30 @@ class ParameterShard:
         self._group_pos = {g: i for i, g in enumerate(sorted(by_group))}
         self._recipe = recipe
 
+    async def attach_channel(self, job_id: str, worker: int, path: str, token: bytes) -> bool:
+        """Map worker's shared-memory channel (:mod:`synctrain.ps.shm`) for ``push_shm``.
+
+        False when the file is not on this machine (the worker then pushes through Ray).
+        """
+        self._fence(job_id)
+        if not 0 <= worker < self.config.num_workers:
+            raise ParameterServerError(f"channel of worker {worker}, but the job has "
+                                       f"{self.config.num_workers} workers")
+        if self._flat is None:
+            raise ParameterServerError("attach_channel before the shard holds parameters (init_params)")
+        channel = Channel.attach(path, token, job_id, self._flat.numel(), self._flat.numpy().dtype)
+        if channel is None:
+            return False
+        old = self._channels.pop(worker, None)
+        if old is not None:
+            old.close()
+        self._channels[worker] = channel
+        return True
+
+    def node_id(self) -> str:
+        """The Ray node this shard runs on (workers on it may attach a shared-memory channel)."""
+        return str(ray.get_runtime_context().get_node_id())
+
     # ---- the data plane ----------------------------------------------------------------
     async def push(self, job_id: str, worker: int, clock: int, grads: np.ndarray | None,
                    min_clock: int, based_on_version: int,
@@ -191,6 +217,39 @@ class ParameterShard:
         the clock advances, nothing is applied. ``want_params=False``: answer at once, without
         parameters (the worker's cached ones still meet its bound).
         """
+        wait_s = await self._serve(job_id, worker, clock, grads, min_clock, based_on_version, lrs, want_params)
+        return self._ack() if wait_s is None else self._reply(wait_s)
+
+    async def push_shm(self, job_id: str, worker: int, clock: int, has_grads: bool, min_clock: int,
+                       based_on_version: int, lrs: tuple[float, ...] | None = None,
+                       want_params: bool = True) -> PushReply:
+        """``push`` through the worker's shared-memory channel (:mod:`synctrain.ps.shm`).
+
+        The gradient is read in place from the channel (``has_grads=False``: a skipped step)
+        and, when asked for, the parameters are written into it: the reply itself carries no
+        array. Nothing awaits between the end of the wait and that write, so the worker gets
+        an atomic snapshot, as from ``push``.
+        """
+        self._fence(job_id)
+        channel = self._channels.get(worker)
+        if channel is None:
+            raise ParameterServerError(
+                f"worker {worker} pushed through shared memory, but shard {self.config.shard_index} has no "
+                "channel of that worker (attach_channel first)")
+        grads = channel.grad if has_grads else None
+        wait_s = await self._serve(job_id, worker, clock, grads, min_clock, based_on_version, lrs, want_params)
+        if wait_s is None:
+            return self._ack()
+        assert self._flat is not None
+        np.copyto(channel.params, self._flat.numpy())
+        return dataclasses.replace(self._ack(), wait_s=wait_s)
+
+    async def _serve(self, job_id: str, worker: int, clock: int, grads: np.ndarray | None,
+                     min_clock: int, based_on_version: int, lrs: tuple[float, ...] | None,
+                     want_params: bool) -> float | None:
+        """The work of every push: check, apply or accumulate, then wait for the bound when
+        parameters are wanted. Returns the seconds waited (None: no parameters wanted). The
+        gradient is consumed before the first await, so the caller's buffer is free after."""
         self._check_push(job_id, worker, clock, grads)
         grads = self._screen_nonfinite(worker, clock, grads)
         self._record_push(worker, grads, based_on_version)
@@ -204,12 +263,11 @@ class ParameterShard:
         async with self._cond:
             self._cond.notify_all()
         if not want_params:
-            return PushReply(params=None, version=self.version, min_clock=self.min_clock(),
-                             clocks=tuple(self.clocks), wait_s=0.0)
+            return None
         started = time.monotonic()
         await self._wait(lambda: self.min_clock() >= min_clock, worker,
                          f"every worker's clock to reach {min_clock}")
-        return self._reply(time.monotonic() - started)
+        return time.monotonic() - started
 
     async def push_chunked(self, job_id: str, worker: int, clock: int, min_clock: int,
                            based_on_version: int, lrs: tuple[float, ...] | None, want_params: bool,
@@ -237,6 +295,9 @@ class ParameterShard:
         """Worker's loop ended: stop counting it in the staleness bound and the quorum."""
         self._fence(job_id)
         self.active.discard(worker)
+        channel = self._channels.pop(worker, None)
+        if channel is not None:
+            channel.close()
         if self.config.staleness == 0 and self._acc_arrived and self._acc_arrived >= self.active:
             self._apply_accumulated()
         async with self._cond:
@@ -340,6 +401,11 @@ class ParameterShard:
             self._optimizer.step()
         self.version += 1
         self.stats_.updates_applied += 1
+
+    def _ack(self) -> PushReply:
+        """An answer without parameters (the clocks and version as of now)."""
+        return PushReply(params=None, version=self.version, min_clock=self.min_clock(),
+                         clocks=tuple(self.clocks), wait_s=0.0)
 
     def _reply(self, wait_s: float) -> PushReply:
         assert self._flat is not None

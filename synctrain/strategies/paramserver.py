@@ -70,6 +70,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from synctrain import context as _context
 from synctrain.errors import ModelMismatchError
+from synctrain.ps import shm
 from synctrain.ps.errors import NonFiniteGradientError, ParameterServerError, StalenessTimeoutError
 from synctrain.ps.layout import FlatLayout
 from synctrain.ps.recipe import OptimizerRecipe
@@ -86,7 +87,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "shard_num_cpus": 0.0,
     "pipeline": False,
     "pull_every": 1,
+    "transport": "auto",
 }
+#: ``transport`` values: "auto" pushes through shared memory to every shard on the worker's
+#: machine and through Ray to the others; "ray" always goes through Ray.
+TRANSPORTS = ("auto", "ray")
 #: Gradient slices at least this big go through ray.put (the object store); smaller ones inline.
 INLINE_BYTES = 100 * 1024
 #: Shard ranges between INLINE_BYTES and this travel as inline pieces of at most
@@ -131,6 +136,8 @@ class ParameterServerStrategy(Strategy):
         n = merged["pull_every"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"pull_every must be an integer >= 1, got {n!r}")
+        if merged["transport"] not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {merged['transport']!r}")
         t = merged["wait_timeout_s"]
         if t is not None and not (isinstance(t, (int, float)) and t > 0):
             raise ValueError(f"wait_timeout_s must be a number of seconds > 0, got {t!r}")
@@ -177,6 +184,7 @@ class ParameterServerStrategy(Strategy):
         finally:
             for s in shards:
                 ray.kill(s, no_restart=True)
+        shm.remove_leftovers(spec.job_id)  # channel files of a worker killed while creating them
         good = [s for s in stats if "error" not in s]
         return {"mode": "async", "staleness": spec.strategy_options["staleness"],
                 "num_ps_shards": len(shards), "shards": stats,
@@ -208,6 +216,8 @@ class ParameterServerStrategy(Strategy):
         self._collective_seq = 0
         self.pipelined = self.options["pipeline"] and self.staleness != 0
         self._inflight: list[Any] | None = None  # ObjectRefs of the push awaiting its reply
+        self._inflight_wants = False  # whether that push asked for parameters
+        self._channels: list[shm.Channel | None] = []  # per shard: shared memory (same machine)
         self._steps_since_pull = 0
         self._lag_hist = [0] * LAG_BUCKETS
         self._push_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -253,7 +263,41 @@ class ParameterServerStrategy(Strategy):
                     raise ModelMismatchError(str(exc)) from None
                 raise
             self._load(replies)
+        self._channels = self._open_channels()
         return model
+
+    def _open_channels(self) -> list[shm.Channel | None]:
+        """A shared-memory channel to every shard on this machine (``transport="auto"``).
+
+        Only where the shard's Ray node is this worker's; the shard attaches to the file and
+        checks its token, and the name is unlinked right after, so nothing outlives the two
+        processes. A shard that could not attach (or /dev/shm too full) is reached through Ray.
+        """
+        channels: list[shm.Channel | None] = [None] * len(self.shards)
+        if self.options["transport"] != "auto" or not shm.available():
+            return channels
+        assert self._host is not None
+        job, rank, timeout = self.spec.job_id, self.context.rank, self.wait_timeout_s + RPC_MARGIN_S
+        here = ray.get_runtime_context().get_node_id()
+        nodes = _get([s.node_id.remote() for s in self.shards], timeout, "locating the shards")
+        created: dict[int, shm.Channel] = {}
+        for i, ((a, b), node) in enumerate(zip(self.bounds, nodes, strict=True)):
+            if node == here:
+                channel = shm.Channel.create(job, rank, i, b - a, self._host.numpy().dtype)
+                if channel is not None:
+                    created[i] = channel
+        try:
+            attached = _get([self.shards[i].attach_channel.remote(job, rank, c.path, c.token)
+                             for i, c in created.items()], timeout, "attaching shared memory")
+        finally:
+            for channel in created.values():
+                channel.unlink()
+        for (i, channel), ok in zip(created.items(), attached, strict=True):
+            if ok:
+                channels[i] = channel
+            else:
+                channel.close()
+        return channels
 
     def _make_flat(self, layout: FlatLayout) -> None:
         """Move the parameters into one flat buffer; each parameter becomes a view of it."""
@@ -356,8 +400,16 @@ class ParameterServerStrategy(Strategy):
         assert self._grad_host is not None
         grad_np = self._grad_host.numpy()
         calls: list[Any] = []
+        assert self._inflight is None  # a channel's regions are only touched with no push in flight
         for i, (shard, (a, b), pieces) in enumerate(zip(self.shards, self.bounds, self._pieces, strict=True)):
             x = grad_np[a:b] if grads_ok else None
+            channel = self._channels[i] if self._channels else None
+            if channel is not None:  # same machine: the bytes go through shared memory
+                if x is not None:
+                    np.copyto(channel.grad, x)
+                calls.append(shard.push_shm.remote(self.spec.job_id, self.context.rank, self.clock, x is not None,
+                                                   min_clock, self.versions[i], changed_lrs, want_params))
+                continue
             if pieces > 1:  # a few hundred KB: inline pieces both ways (see ParameterShard.push_chunked)
                 grad_pieces = np.array_split(x, pieces) if x is not None else ()
                 calls.append(shard.push_chunked.options(num_returns=1 + pieces).remote(
@@ -369,7 +421,7 @@ class ParameterServerStrategy(Strategy):
             arg = ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x
             calls.append(shard.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
                                            self.versions[i], changed_lrs, want_params))
-        self._inflight = calls
+        self._inflight, self._inflight_wants = calls, want_params
         self.bytes_pushed += grad_np.nbytes if grads_ok else 0
         self.clock += 1
         if not self.pipelined:
@@ -415,8 +467,8 @@ class ParameterServerStrategy(Strategy):
         wait_s = max(r.wait_s for r in replies)
         self._push_ms.append(1e3 * max(blocked_s - wait_s, 0.0))
         self._wait_ms.append(1e3 * min(wait_s, blocked_s))
-        if replies[0].params is not None:
-            self._load(replies)
+        if self._inflight_wants:
+            self._load(replies, from_channels=True)
 
     def _gather_grads(self) -> bool:
         """Have this step's gradients in the flat host buffer (zeros where None); False to
@@ -443,14 +495,17 @@ class ParameterServerStrategy(Strategy):
             f"{', '.join(bad[:5])}); nothing was pushed and the parameters are unchanged. Lower the "
             "learning rate, clip gradients, or pass skip_nonfinite=True to drop such steps")
 
-    def _load(self, replies: list[PushReply]) -> None:
-        """Copy the shards' parameters into the model (one copy per shard on CPU)."""
+    def _load(self, replies: list[PushReply], from_channels: bool = False) -> None:
+        """Copy the shards' parameters into the model (one copy per shard on CPU): from the
+        replies, or (``from_channels``) from the shared-memory channel of a shard that has one."""
         assert self._host is not None and self._flat is not None
         started = time.monotonic()
         host = self._host.numpy()
+        channels = self._channels if from_channels and self._channels else [None] * len(replies)
         refs = [r.params for r in replies if isinstance(r.params, ray.ObjectRef)]
         fetched = iter(ray.get(refs, timeout=self.wait_timeout_s + RPC_MARGIN_S) if refs else [])
-        arrays = [next(fetched) if isinstance(r.params, ray.ObjectRef) else r.params for r in replies]
+        arrays = [c.params if c is not None else next(fetched) if isinstance(r.params, ray.ObjectRef) else r.params
+                  for r, c in zip(replies, channels, strict=True)]
         for i, ((a, b), reply, array) in enumerate(zip(self.bounds, replies, arrays, strict=True)):
             if isinstance(array, list):  # pieces of push_chunked, in order
                 for piece in array:
@@ -518,7 +573,15 @@ class ParameterServerStrategy(Strategy):
             "nonfinite_skipped": self.nonfinite_skipped,
             "bytes_pushed": self.bytes_pushed,
             "push_pieces": list(self._pieces),  # per shard: inline pieces (1: sent whole)
+            "push_transport": [_transport_name(c, p) for c, p in
+                               zip(self._channels or [None] * len(self._pieces), self._pieces, strict=True)],
         }
+
+
+def _transport_name(channel: Any, pieces: int) -> str:
+    if channel is not None:
+        return "shared_memory"
+    return "inline_pieces" if pieces > 1 else "ray"
 
 
 def _inline_pieces(nbytes: int) -> int:

@@ -6,6 +6,9 @@ bit-for-bit-ish with sync mode and to watch the staleness bound hold under a str
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -14,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import synctrain
-from synctrain import TrainingFailedError
+from synctrain import TrainingFailedError, WorkerDiedError
 from synctrain import context as session_context
+from synctrain.ps import shm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 40
@@ -81,10 +85,12 @@ def test_staleness_zero_holds_the_parameters_of_sync_mode(ray_session, opt):
 @pytest.mark.parametrize("staleness", [0, None])
 def test_mid_sized_shards_travel_in_inline_pieces_with_the_same_result(ray_session, staleness):
     # width 7500: 75,001 parameters = 150 KB per shard with 2 shards, over Ray's 100 KB inline
-    # limit, so each push and each reply goes in 2 pieces (push_chunked) instead of the object store.
+    # limit, so each push and each reply goes in 2 pieces (push_chunked) instead of the object store
+    # (with transport="ray"; by default shards on the worker's machine use shared memory).
     config = {"opt": "adam", "width": 7500, "steps": 12}
-    out = fit("async", config, staleness=staleness, num_ps_shards=2)
+    out = fit("async", config, staleness=staleness, num_ps_shards=2, transport="ray")
     assert out.worker_metrics[0]["push_pieces"] == [2, 2]
+    assert out.worker_metrics[0]["push_transport"] == ["inline_pieces", "inline_pieces"]
     assert out.strategy_info["pushes_received"] == 2 * 2 * 12
     if staleness == 0:
         sync = torch.tensor(fit("sync", config).outputs[0])
@@ -93,6 +99,61 @@ def test_mid_sized_shards_travel_in_inline_pieces_with_the_same_result(ray_sessi
     else:
         assert out.strategy_info["updates_applied"] == out.strategy_info["pushes_received"]
         assert all(torch.isfinite(torch.tensor(o)).all() for o in out.outputs)
+
+
+def shm_leftovers():
+    return [f for f in os.listdir(shm.SHM_DIR) if f.startswith(shm.PREFIX)] if shm.available() else []
+
+
+@pytest.mark.skipif(not shm.available(), reason="this machine has no writable /dev/shm")
+@pytest.mark.parametrize("staleness", [0, None])
+def test_shared_memory_and_ray_transports_give_the_same_training(ray_session, staleness):
+    """On one machine every push goes through shared memory by default; transport="ray" sends
+    the same bytes through Ray. Same data, same order: the same parameters (bulk-synchronous),
+    and with staleness=None every push applied once either way."""
+    config = {"opt": "adam", "steps": 20, "width": 64}
+    auto = fit("async", config, staleness=staleness, num_ps_shards=2)
+    via_ray = fit("async", config, staleness=staleness, num_ps_shards=2, transport="ray")
+    assert auto.worker_metrics[0]["push_transport"] == ["shared_memory"] * 2
+    assert via_ray.worker_metrics[0]["push_transport"] == ["ray"] * 2
+    if staleness == 0:
+        for a, b in zip(auto.outputs, via_ray.outputs, strict=True):
+            assert (torch.tensor(a) - torch.tensor(b)).abs().max().item() <= 1e-6
+    for result in (auto, via_ray):
+        for s in result.strategy_info["shards"]:
+            assert s["pushes_received"] == 40 and s["gradients_applied"] == 40
+    assert shm_leftovers() == []  # every channel file was unlinked once both sides had it
+
+
+@pytest.mark.fault
+def test_a_worker_killed_mid_run_leaves_no_shared_memory_behind(ray_session, tmp_path):
+    pid_file = tmp_path / "rank1.pid"
+
+    def loop(config):
+        ctx = synctrain.get_context()
+        model = synctrain.prepare_model(nn.Linear(64, 64))
+        opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.01))
+        for step in range(100_000):  # trains until rank 1 is killed
+            opt.zero_grad()
+            model(torch.randn(4, 64)).sum().backward()
+            opt.step()
+            if step == 3:
+                (tmp_path / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
+
+    def kill_rank1_when_training():
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank1_when_training, daemon=True)
+    killer.start()
+    with pytest.raises((WorkerDiedError, TrainingFailedError)):
+        synctrain.Trainer(loop, num_workers=2, mode="async", staleness=None, use_gpu=False,
+                          progress=False, wait_timeout_s=30).fit()
+    killer.join(5)
+    assert pid_file.exists()  # it was killed while pushing through shared memory
+    assert shm_leftovers() == []
 
 
 def test_gradients_are_views_of_one_buffer_and_model_zero_grad_still_works(ray_session):

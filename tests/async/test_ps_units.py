@@ -80,8 +80,11 @@ def test_async_options_are_validated_before_anything_starts():
         synctrain.Trainer(loop, mode="async", num_ps_shards=0)
     with pytest.raises(ConfigError, match="does not take"):
         synctrain.Trainer(loop, mode="async", warp=1)
+    with pytest.raises(ConfigError, match=r"transport must be one of \['auto', 'ray'\]"):
+        synctrain.Trainer(loop, mode="async", transport="tcp")
     t = synctrain.Trainer(loop, mode="async", staleness=3, num_ps_shards=2)
     assert t.strategy_options["staleness"] == 3 and t.strategy_options["update_rule"] == "mean"
+    assert t.strategy_options["transport"] == "auto"
 
 
 def test_inline_pieces_only_for_ranges_between_the_inline_limit_and_the_chunked_maximum():
