@@ -14,6 +14,9 @@ by side in one run (same Ray instance, same machine):
   throughput knobs: ``pipeline=True`` (the reply is collected at the next step, overlapping
   the server with compute) and ``pull_every=4`` (parameters fetched every 4th push only,
   DistBelief's n_fetch; the other pushes are acknowledged at once).
+  The workers and the shards share this machine, so by default every push goes through a
+  shared-memory channel (``transport="auto"``); the rows marked ``via Ray`` use
+  ``transport="ray"`` (Ray's object store, as between machines) to show what that buys.
 
 Both use plain SGD and the same compute per step, so the difference is the parameter
 server. Reported: pushes/s (all workers together, after warm-up) and gradient GB/s ingested
@@ -96,19 +99,24 @@ def _cpu(cpu0: float | None) -> dict[str, float]:
     return {} if cpu0 is None or cpu1 is None else {"busy_cpu_s": cpu1 - cpu0}
 
 
-#: (shards, pull_every, pipeline) measured for synctrain; the first four are the defaults.
-VARIANTS = [(1, 1, False), (2, 1, False), (3, 1, False), (4, 1, False),
-            (1, 1, True), (2, 1, True), (1, 4, True), (2, 4, True)]
+#: (shards, pull_every, pipeline, transport) measured for synctrain; the first four are the
+#: defaults.
+VARIANTS = [(1, 1, False, "auto"), (2, 1, False, "auto"), (3, 1, False, "auto"), (4, 1, False, "auto"),
+            (1, 1, True, "auto"), (2, 1, True, "auto"), (1, 4, True, "auto"), (2, 4, True, "auto"),
+            (1, 1, False, "ray"), (1, 4, True, "ray")]
 
 
-def run_synctrain(shards: int, steps: int, pull_every: int, pipeline: bool) -> dict[str, Any]:
+def run_synctrain(shards: int, steps: int, pull_every: int, pipeline: bool, transport: str) -> dict[str, Any]:
     result = synctrain.Trainer(synctrain_loop, num_workers=2, mode="async", staleness=None,
                                num_ps_shards=shards, pull_every=pull_every, pipeline=pipeline,
-                               use_gpu=False, progress=False, config={"steps": steps}).fit()
+                               transport=transport, use_gpu=False, progress=False,
+                               config={"steps": steps}).fit()
     name = "synctrain async" + (", pipeline" if pipeline else "") + (
-        f", pull_every={pull_every}" if pull_every > 1 else "")
+        f", pull_every={pull_every}" if pull_every > 1 else "") + (", via Ray" if transport == "ray" else "")
     return summarize(name, result.outputs,
                      extra={"shards": shards, "pull_every": pull_every, "pipeline": pipeline,
+                            "transport": transport,
+                            "push_transport": result.worker_metrics[0]["push_transport"],
                             "push_ms_p50": float(np.mean([o["push_ms_p50"] for o in result.outputs])),
                             "updates_applied": result.strategy_info["updates_applied"],
                             "pushes_received": result.strategy_info["pushes_received"]})
@@ -242,8 +250,9 @@ def main() -> int:
     rounds: list[list[dict[str, Any]]] = []
     for i in range(args.rounds):  # naive, then every variant; again: drift hits all alike
         print(f"-- round {i + 1}/{args.rounds}", flush=True)
-        rounds.append([run_naive(args.steps)] + [run_synctrain(shards, args.steps, pull_every, pipeline)
-                                                 for shards, pull_every, pipeline in variants])
+        rounds.append([run_naive(args.steps)] + [
+            run_synctrain(shards, args.steps, pull_every, pipeline, transport)
+            for shards, pull_every, pipeline, transport in variants])
     write(median_rows(rounds), out_dir, args)
     return 0
 

@@ -17,6 +17,9 @@ Two update rules, chosen by the job's staleness:
 * otherwise (SSP, or fully asynchronous with ``staleness=None``): each push is applied on
   arrival as one optimizer step of ``scale * gradient`` and only the sender's clock advances.
 
+A push arrives as ``push`` (the gradient through Ray), ``push_chunked`` (in inline pieces)
+or ``push_shm`` (read in place from the worker's shared-memory channel, the parameters
+written back into it; :mod:`synctrain.ps.shm`); all three share ``_serve``.
 A push answers with a snapshot of the parameters once ``min(active clocks) >= min_clock``,
 the worker's staleness bound. Waiting is an ``asyncio.Condition`` bounded by
 ``wait_timeout_s``; a timeout is a :class:`StalenessTimeoutError` naming the slowest worker.

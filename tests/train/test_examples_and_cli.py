@@ -82,6 +82,8 @@ def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
     assert [r["name"] for r in ps["rows"]][0].startswith("naive")
     assert all(len(r["pushes_per_s_rounds"]) == 2 and r["pushes_per_s"] > 0 for r in ps["rows"])
     assert "CPU ms per push" in (tmp_path / "ps_throughput.md").read_text()
+    # The quick run measures both transports: shared memory (same machine) and Ray.
+    assert [r["push_transport"] for r in ps["rows"][1:]] == [["shared_memory"], ["ray"]]
     conv = json.loads((tmp_path / "convergence.json").read_text())
     assert conv["meta"]["optimizer"] == "adam" and conv["meta"]["repeats"] == 2
     assert {r["name"] for r in conv["runs"]} >= {"sync + straggler", "async s=2 + straggler"}
