@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,7 @@ import numpy as np
 import ray
 import torch
 
+from synctrain.ps import ipc
 from synctrain.ps.errors import (
     GradientShapeError,
     NonFiniteGradientError,
@@ -54,12 +57,14 @@ from synctrain.ps.errors import (
 )
 from synctrain.ps.layout import Segment
 from synctrain.ps.recipe import OptimizerRecipe
-from synctrain.ps.shm import Channel
+from synctrain.ps.shm import PREFIX, Channel
 
 #: Histogram buckets for version lag: 0 .. LAG_BUCKETS-2, and one overflow bucket.
 LAG_BUCKETS = 65
 #: Collectives (all_reduce/barrier/broadcast) that may be open at once on shard 0.
 MAX_OPEN_COLLECTIVES = 64
+#: Seconds a new same-machine connection has to present its hello.
+HELLO_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,8 @@ class ParameterShard:
         self._acc_contributors = 0
         self._collectives: dict[int, dict[str, Any]] = {}
         self._channels: dict[int, Channel] = {}  # worker -> shared-memory channel (same machine)
+        self._server: asyncio.Server | None = None  # the Unix socket pushes ring on (same machine)
+        self._address: str | None = None
 
     # ---- setup -------------------------------------------------------------------------
     async def init_params(self, job_id: str, digest: str, params: np.ndarray) -> int:
@@ -186,10 +193,12 @@ class ParameterShard:
         self._group_pos = {g: i for i, g in enumerate(sorted(by_group))}
         self._recipe = recipe
 
-    async def attach_channel(self, job_id: str, worker: int, path: str, token: bytes) -> bool:
+    async def attach_channel(self, job_id: str, worker: int, path: str, token: bytes) -> str | None:
         """Map worker's shared-memory channel (:mod:`synctrain.ps.shm`) for ``push_shm``.
 
-        False when the file is not on this machine (the worker then pushes through Ray).
+        Returns the address of the shard's Unix socket (:mod:`synctrain.ps.ipc`), on which the
+        worker then rings for each push; None when the file is not on this machine (the
+        worker then pushes through Ray).
         """
         self._fence(job_id)
         if not 0 <= worker < self.config.num_workers:
@@ -197,14 +206,62 @@ class ParameterShard:
                                        f"{self.config.num_workers} workers")
         if self._flat is None:
             raise ParameterServerError("attach_channel before the shard holds parameters (init_params)")
+        if not ipc.available():
+            return None
         channel = Channel.attach(path, token, job_id, self._flat.numel(), self._flat.numpy().dtype)
         if channel is None:
-            return False
+            return None
         old = self._channels.pop(worker, None)
         if old is not None:
             old.close()
         self._channels[worker] = channel
-        return True
+        return await self._listen()
+
+    async def _listen(self) -> str:
+        """Start the shard's Unix socket (once); its address (abstract: no file)."""
+        if self._address is None:
+            address = f"\0{PREFIX}{self.config.job_id}-s{self.config.shard_index}-{secrets.token_hex(8)}"
+            self._server = await asyncio.start_unix_server(self._serve_link, path=address)
+            self._address = address
+        return self._address
+
+    async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One worker's connection: ``hello`` with its channel token, then one push per frame."""
+        try:
+            worker = await self._greet(reader)
+            if worker is None:
+                writer.write(ipc.encode({"error": "ParameterServerError",
+                                         "message": "connection refused: not a worker of this job"}))
+                return
+            writer.write(ipc.encode({"ok": True}))
+            while (request := await ipc.read_frame(reader)) is not None:
+                try:
+                    lrs = request.get("lrs")
+                    reply = await self.push_shm(
+                        self.config.job_id, worker, int(request["clock"]), bool(request["has"]),
+                        int(request["min"]), int(request["ver"]),
+                        None if lrs is None else tuple(float(x) for x in lrs), bool(request["want"]))
+                    frame: dict[str, Any] = {"version": reply.version, "min_clock": reply.min_clock,
+                                             "clocks": list(reply.clocks), "wait_s": reply.wait_s}
+                except Exception as exc:  # noqa: BLE001 - every failure goes back to the worker
+                    frame = ipc.error_frame(exc)
+                writer.write(ipc.encode(frame))
+                await writer.drain()
+        except (ParameterServerError, ConnectionError, ValueError, TimeoutError):
+            pass  # a malformed or oversized frame, or the worker went away: drop the connection
+        finally:
+            writer.close()
+
+    async def _greet(self, reader: asyncio.StreamReader) -> int | None:
+        """The worker a connection's hello authenticates (its channel's token), or None."""
+        hello = await asyncio.wait_for(ipc.read_frame(reader), HELLO_TIMEOUT_S)
+        if not hello or hello.get("hello") != self.config.job_id:
+            return None
+        worker, token = hello.get("worker"), hello.get("token")
+        channel = self._channels.get(worker) if isinstance(worker, int) else None
+        if channel is None or not isinstance(token, bytes) or not hmac.compare_digest(token, channel.token):
+            return None
+        return int(worker)  # type: ignore[arg-type]
 
     def node_id(self) -> str:
         """The Ray node this shard runs on (workers on it may attach a shared-memory channel)."""

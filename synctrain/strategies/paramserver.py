@@ -76,7 +76,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from synctrain import context as _context
 from synctrain.errors import ModelMismatchError
-from synctrain.ps import shm
+from synctrain.ps import ipc, shm
 from synctrain.ps.errors import NonFiniteGradientError, ParameterServerError, StalenessTimeoutError
 from synctrain.ps.layout import FlatLayout
 from synctrain.ps.recipe import OptimizerRecipe
@@ -224,6 +224,7 @@ class ParameterServerStrategy(Strategy):
         self._inflight: list[Any] | None = None  # ObjectRefs of the push awaiting its reply
         self._inflight_wants = False  # whether that push asked for parameters
         self._channels: list[shm.Channel | None] = []  # per shard: shared memory (same machine)
+        self._links: list[ipc.ShardLink | None] = []  # per shard: the socket its pushes ring on
         self._steps_since_pull = 0
         self._lag_hist = [0] * LAG_BUCKETS
         self._push_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -239,6 +240,13 @@ class ParameterServerStrategy(Strategy):
             ray.get([s.leave.remote(job, rank) for s in self.shards], timeout=30)
         except Exception:  # noqa: BLE001, S110 - shards may already be gone when the job fails
             pass
+        self._close_links()
+
+    def _close_links(self) -> None:
+        """Close every same-machine socket; a later push through one is a clear error."""
+        for link in self._links:
+            if link is not None:
+                link.close()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.model is not None:
@@ -269,19 +277,22 @@ class ParameterServerStrategy(Strategy):
                     raise ModelMismatchError(str(exc)) from None
                 raise
             self._load(replies)
-        self._channels = self._open_channels()
+        self._open_channels()
         return model
 
-    def _open_channels(self) -> list[shm.Channel | None]:
-        """A shared-memory channel to every shard on this machine (``transport="auto"``).
+    def _open_channels(self) -> None:
+        """A shared-memory channel and a socket to every shard on this machine (``transport="auto"``).
 
         Only where the shard's Ray node is this worker's; the shard attaches to the file and
         checks its token, and the name is unlinked right after, so nothing outlives the two
-        processes. A shard that could not attach (or /dev/shm too full) is reached through Ray.
+        processes; then the worker connects to the shard's socket with that token. A shard
+        that could not attach (or /dev/shm too full) is reached through Ray.
         """
         channels: list[shm.Channel | None] = [None] * len(self.shards)
-        if self.options["transport"] != "auto" or not shm.available():
-            return channels
+        links: list[ipc.ShardLink | None] = [None] * len(self.shards)
+        self._channels, self._links = channels, links
+        if self.options["transport"] != "auto" or not shm.available() or not ipc.available():
+            return
         assert self._host is not None
         job, rank, timeout = self.spec.job_id, self.context.rank, self.wait_timeout_s + RPC_MARGIN_S
         here = ray.get_runtime_context().get_node_id()
@@ -298,12 +309,12 @@ class ParameterServerStrategy(Strategy):
         finally:
             for channel in created.values():
                 channel.unlink()
-        for (i, channel), ok in zip(created.items(), attached, strict=True):
-            if ok:
-                channels[i] = channel
-            else:
+        for (i, channel), address in zip(created.items(), attached, strict=True):
+            if address is None:
                 channel.close()
-        return channels
+                continue
+            links[i] = ipc.ShardLink.connect(i, address, job, rank, channel.token, timeout)
+            channels[i] = channel
 
     def _make_flat(self, layout: FlatLayout) -> None:
         """Move the parameters into one flat buffer; each parameter becomes a view of it."""
@@ -407,26 +418,31 @@ class ParameterServerStrategy(Strategy):
         grad_np = self._grad_host.numpy()
         calls: list[Any] = []
         assert self._inflight is None  # a channel's regions are only touched with no push in flight
-        for i, (shard, (a, b), pieces) in enumerate(zip(self.shards, self.bounds, self._pieces, strict=True)):
-            x = grad_np[a:b] if grads_ok else None
-            channel = self._channels[i] if self._channels else None
-            if channel is not None:  # same machine: the bytes go through shared memory
-                if x is not None:
-                    np.copyto(channel.grad, x)
-                calls.append(shard.push_shm.remote(self.spec.job_id, self.context.rank, self.clock, x is not None,
-                                                   min_clock, self.versions[i], changed_lrs, want_params))
-                continue
-            if pieces > 1:  # a few hundred KB: inline pieces both ways (see ParameterShard.push_chunked)
-                grad_pieces = np.array_split(x, pieces) if x is not None else ()
-                calls.append(shard.push_chunked.options(num_returns=1 + pieces).remote(
-                    self.spec.job_id, self.context.rank, self.clock, min_clock, self.versions[i],
-                    changed_lrs, want_params, pieces, *grad_pieces))
-                continue
-            # Bigger: one copy into the object store, which the shard reads in place (under
-            # 100 KB Ray passes the array inline by itself).
-            arg = ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x
-            calls.append(shard.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
-                                           self.versions[i], changed_lrs, want_params))
+        try:  # a shard that got this push while a later one failed must not answer into the next
+            for i, (shard, (a, b), pieces) in enumerate(zip(self.shards, self.bounds, self._pieces, strict=True)):
+                x = grad_np[a:b] if grads_ok else None
+                channel, link = (self._channels[i], self._links[i]) if self._channels else (None, None)
+                if channel is not None and link is not None:  # same machine: shared memory, a socket
+                    if x is not None:
+                        np.copyto(channel.grad, x)
+                    link.send({"clock": self.clock, "has": x is not None, "min": min_clock,
+                               "ver": self.versions[i], "lrs": changed_lrs, "want": want_params})
+                    calls.append(link)
+                    continue
+                if pieces > 1:  # a few hundred KB: inline pieces both ways (see ParameterShard.push_chunked)
+                    grad_pieces = np.array_split(x, pieces) if x is not None else ()
+                    calls.append(shard.push_chunked.options(num_returns=1 + pieces).remote(
+                        self.spec.job_id, self.context.rank, self.clock, min_clock, self.versions[i],
+                        changed_lrs, want_params, pieces, *grad_pieces))
+                    continue
+                # Bigger: one copy into the object store, which the shard reads in place (under
+                # 100 KB Ray passes the array inline by itself).
+                arg = ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x
+                calls.append(shard.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
+                                               self.versions[i], changed_lrs, want_params))
+        except BaseException:
+            self._close_links()
+            raise
         self._inflight, self._inflight_wants = calls, want_params
         self.bytes_pushed += grad_np.nbytes if grads_ok else 0
         self.clock += 1
@@ -459,22 +475,38 @@ class ParameterServerStrategy(Strategy):
             return
         calls, self._inflight = self._inflight, None
         started = time.monotonic()
-        flat_refs = [ref for call in calls for ref in (call if isinstance(call, list) else [call])]
-        got = iter(_get(flat_refs, self.wait_timeout_s + RPC_MARGIN_S, f"pushing clock {self.clock - 1}"))
-        replies: list[PushReply] = []
-        for call in calls:
-            reply = next(got)
-            if isinstance(call, list):  # push_chunked: the reply, then the parameters in pieces
-                pieces = [next(got) for _ in call[1:]]
-                if pieces[0] is not None:
-                    reply = dataclasses.replace(reply, params=pieces)
-            replies.append(reply)
+        try:
+            replies = self._replies(calls)
+        except BaseException:
+            self._close_links()  # an answer may still be on its way: never read it as the next
+            raise
         blocked_s = time.monotonic() - started
         wait_s = max(r.wait_s for r in replies)
         self._push_ms.append(1e3 * max(blocked_s - wait_s, 0.0))
         self._wait_ms.append(1e3 * min(wait_s, blocked_s))
         if self._inflight_wants:
             self._load(replies, from_channels=True)
+
+    def _replies(self, calls: list[Any]) -> list[PushReply]:
+        """Every shard's answer to the push in flight, in shard order."""
+        flat_refs = [ref for call in calls if not isinstance(call, ipc.ShardLink)
+                     for ref in (call if isinstance(call, list) else [call])]
+        got = iter(_get(flat_refs, self.wait_timeout_s + RPC_MARGIN_S, f"pushing clock {self.clock - 1}")
+                   if flat_refs else [])
+        replies: list[PushReply] = []
+        for call in calls:
+            if isinstance(call, ipc.ShardLink):  # the parameters, if any, are in the channel
+                m = call.receive()
+                replies.append(PushReply(params=None, version=int(m["version"]), min_clock=int(m["min_clock"]),
+                                         clocks=tuple(m["clocks"]), wait_s=float(m["wait_s"])))
+                continue
+            reply = next(got)
+            if isinstance(call, list):  # push_chunked: the reply, then the parameters in pieces
+                pieces = [next(got) for _ in call[1:]]
+                if pieces[0] is not None:
+                    reply = dataclasses.replace(reply, params=pieces)
+            replies.append(reply)
+        return replies
 
     def _gather_grads(self) -> bool:
         """Have this step's gradients in the flat host buffer (zeros where None); False to

@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
+import ray
 import torch
 from torch import nn
 
-from synctrain.ps import OptimizerRecipe, ParameterServerError, shm
+from synctrain.ps import NonFiniteGradientError, OptimizerRecipe, ParameterServerError, ipc, shm
 from synctrain.ps.layout import Segment
 from synctrain.ps.shard import ParameterShard, ShardConfig
 
@@ -190,3 +194,154 @@ def test_attach_before_the_parameters_is_refused():
             await shard.attach_channel(JOB, 0, "/dev/shm/x", b"0" * 16)
 
     asyncio.run(main())
+
+
+# ---- the doorbell: a Unix socket per shard (synctrain.ps.ipc) -----------------------------
+class LoopThread:
+    """An asyncio loop in a thread, as a Ray async actor runs its methods; the test's own
+    thread plays the worker with a blocking ShardLink."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, shard) -> None:
+        async def shutdown():  # close the server and end its connections' tasks, then stop
+            if shard._server is not None:
+                shard._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def served():
+    """An in-process shard on its loop thread, a channel of worker 0 attached to it."""
+    loop = LoopThread()
+
+    async def make():
+        shard = ParameterShard(config(None))
+        await setup(shard)
+        return shard
+
+    shard = loop.run(make())
+    channel = shm.Channel.create(JOB, 0, 0, N, np.float32)
+    assert channel is not None
+    try:
+        address = loop.run(shard.attach_channel(JOB, 0, channel.path, channel.token))
+    finally:
+        channel.unlink()
+    assert address is not None and address.startswith("\0")  # abstract: no file to leak
+    yield shard, channel, address, loop
+    loop.stop(shard)
+
+
+def request(clock, *, has=True, min_clock=0, want=True, lrs=None):
+    return {"clock": clock, "has": has, "min": min_clock, "ver": 0, "lrs": lrs, "want": want}
+
+
+def test_a_push_rung_on_the_socket_is_a_push_through_shared_memory(served):
+    shard, channel, address, loop = served
+    reference = ParameterShard(config(None))
+    expected = loop.run(_setup_and_push(reference, np.array([1, 2, 3, 4], dtype=np.float32)))
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    channel.grad[:] = [1, 2, 3, 4]
+    link.send(request(0))
+    answer = link.receive()
+    assert np.array_equal(channel.params, expected.params)
+    assert (answer["version"], tuple(answer["clocks"])) == (expected.version, expected.clocks)
+    # A new learning rate travels with the push (as through Ray).
+    link.send(request(1, lrs=[0.0]))
+    link.receive()
+    assert np.array_equal(channel.params, expected.params)  # lr 0: nothing moved
+    link.close()
+
+
+async def _setup_and_push(shard, grads):
+    await setup(shard)
+    return await shard.push(JOB, 0, 0, grads, 0, 0)
+
+
+def test_the_shards_errors_arrive_as_themselves_and_the_link_stays_usable(served):
+    shard, channel, address, _ = served
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    before = shard.params()
+    channel.grad[:] = [np.inf, 0, 0, 0]
+    link.send(request(0))
+    with pytest.raises(NonFiniteGradientError, match="worker 0 pushed a gradient with 1 NaN/Inf"):
+        link.receive()
+    assert np.array_equal(shard.params(), before)
+    link.send(request(5))  # out of order
+    with pytest.raises(ParameterServerError, match="expected clock 0"):
+        link.receive()
+    link.send({"clock": 0})  # malformed: named, not a hang
+    with pytest.raises(ParameterServerError, match="KeyError on the shard"):
+        link.receive()
+    channel.grad[:] = [1, 1, 1, 1]
+    link.send(request(0))
+    assert link.receive()["clocks"] == [1, 0]
+    link.close()
+
+
+def test_a_connection_without_the_workers_token_is_refused(served):
+    _, channel, address, _ = served
+    for job, worker, token in ((JOB, 0, b"\0" * 16), ("another-job", 0, channel.token),
+                               (JOB, 1, channel.token), (JOB, "0", channel.token)):
+        with pytest.raises(ParameterServerError, match="connection refused"):
+            ipc.ShardLink.connect(0, address, job, worker, token, 10)
+
+
+@pytest.mark.parametrize("garbage", [
+    struct.pack("<I", ipc.MAX_FRAME_BYTES + 1),  # an oversized frame announced
+    struct.pack("<I", 3) + b"\xc1\xc1\xc1",  # not msgpack
+    struct.pack("<I", 1) + b"\x01",  # msgpack, but not a map
+])
+def test_bad_frames_close_the_connection_and_leave_the_shard_serving(served, garbage):
+    shard, channel, address, _ = served
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    raw.connect(address)
+    raw.sendall(garbage)
+    assert raw.recv(100) == b""  # the shard hung up
+    raw.close()
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)  # and still serves
+    channel.grad[:] = 0
+    link.send(request(0, want=False))
+    assert link.receive()["clocks"] == [1, 0]
+    link.close()
+
+
+def test_frames_are_bounded_on_the_way_out():
+    with pytest.raises(ParameterServerError, match="over the"):
+        ipc.encode({"lrs": [0.5] * (ipc.MAX_FRAME_BYTES // 8)})
+
+
+@pytest.mark.ray
+@pytest.mark.fault
+def test_a_shard_killed_mid_push_is_reported_at_once_not_after_the_timeout(ray_session):
+    actor = ray.remote(ParameterShard).options(num_cpus=0).remote(config(0))
+    p = nn.Parameter(torch.zeros(N))
+    ray.get(actor.init_params.remote(JOB, "digest", np.arange(N, dtype=np.float32)))
+    ray.get(actor.set_optimizer.remote(JOB, 0, OptimizerRecipe.of(torch.optim.SGD([p], lr=1.0), [p]),
+                                       (Segment(0, N, 0),)))
+    channel = shm.Channel.create(JOB, 0, 0, N, np.float32)
+    assert channel is not None
+    address = ray.get(actor.attach_channel.remote(JOB, 0, channel.path, channel.token))
+    channel.unlink()
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 600)
+    channel.grad[:] = 1
+    link.send(request(0, min_clock=1))  # waits for worker 1's clock 0, which never comes
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ParameterServerError, match="closed the connection"):
+        link.receive()  # end of file at once; the 600 s timeout would fail the test's own limit
