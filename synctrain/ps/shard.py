@@ -19,7 +19,9 @@ Two update rules, chosen by the job's staleness:
 
 A push arrives as ``push`` (the gradient through Ray), ``push_chunked`` (in inline pieces)
 or ``push_shm`` (read in place from the worker's shared-memory channel, the parameters
-written back into it; :mod:`synctrain.ps.shm`); all three share ``_serve``.
+written back into it; :mod:`synctrain.ps.shm`), which a worker on the shard's machine rings
+over the shard's Unix socket rather than through Ray (:mod:`synctrain.ps.ipc`; served by
+``_serve_link`` on the same event loop); all of them share ``_serve``.
 A push answers with a snapshot of the parameters once ``min(active clocks) >= min_clock``,
 the worker's staleness bound. Waiting is an ``asyncio.Condition`` bounded by
 ``wait_timeout_s``; a timeout is a :class:`StalenessTimeoutError` naming the slowest worker.

@@ -6,8 +6,9 @@ per round trip for 4.3 MB on 2 cores, and about 3 ms of raylet CPU per push). Wh
 worker and the shard run on one machine, the bytes need not travel at all: a
 :class:`Channel` is one file in ``/dev/shm`` that both map, laid out as a header, a
 gradient region and a parameter region, each the shard range's size. A push writes the
-gradient into its region and makes a small inline Ray call; the shard reads the gradient in
-place and, when asked, writes its parameters into the parameter region before it answers.
+gradient into its region and rings the shard over a Unix socket (:mod:`synctrain.ps.ipc`);
+the shard reads the gradient in place and, when asked, writes its parameters into the
+parameter region before it answers.
 
 Who touches what, when (no locks needed): the worker writes the gradient region only while
 no push of its own is in flight, and reads the parameter region only after the reply came;

@@ -16,9 +16,11 @@ over nodes when there are several). They start empty: only the workers know the 
 * ``step()`` has the gradients in one flat host buffer and pushes each shard its slice, to
   all shards in parallel. A shard on the worker's machine (``transport="auto"``, the
   default) gets it through a shared-memory channel (:mod:`synctrain.ps.shm`): one copy into
-  a /dev/shm region the shard reads in place and a small inline call (``push_shm``); the
-  parameters come back the same way. That skips the object store's put, seal and fetch each
-  way and the raylet's bookkeeping: CPU per push of a 4.3 MB gradient fell from 21 to 10 ms.
+  a /dev/shm region the shard reads in place, and a few numbers over the shard's Unix socket
+  (:mod:`synctrain.ps.ipc`) instead of a Ray call; the parameters come back through the
+  channel. That skips the object store's put, seal and fetch each way, the raylet's
+  bookkeeping and Ray's ~1.5 ms of CPU per actor call: the machine's CPU per push of a
+  4.3 MB gradient fell from ~21 to ~7 ms on 2 cores.
   Other shards (other nodes, or ``transport="ray"``): the slice is ``ray.put`` once (one
   copy into the object store, the shard reads only its bytes) and sent to ``push``. A shard
   range of 100-384 KB instead travels
