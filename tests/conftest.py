@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -57,3 +60,27 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def sigkill_when_written():
+    """``start(pid_file)``: a thread that waits (polling, up to 120 s) for a worker to write its
+    pid into ``pid_file`` and then kills that process with SIGKILL. Yields ``start``; joins the
+    threads at the end."""
+    threads: list[threading.Thread] = []
+
+    def start(pid_file: os.PathLike[str] | str) -> None:
+        def kill() -> None:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(pid_file) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with open(pid_file) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+
+        thread = threading.Thread(target=kill, daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    yield start
+    for thread in threads:
+        thread.join(5)

@@ -315,7 +315,11 @@ class ParameterServerStrategy(Strategy):
             if address is None:
                 channel.close()
                 continue
-            links[i] = ipc.ShardLink.connect(i, address, job, rank, channel.token, timeout)
+            try:
+                links[i] = ipc.ShardLink.connect(i, address, job, rank, channel.token, timeout)
+            except OSError:  # no reaching the socket (a sandbox may forbid it): through Ray
+                channel.close()
+                continue
             channels[i] = channel
 
     def _make_flat(self, layout: FlatLayout) -> None:

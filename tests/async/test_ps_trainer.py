@@ -7,8 +7,6 @@ bit-for-bit-ish with sync mode and to watch the staleness bound hold under a str
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 
 import pytest
@@ -126,7 +124,7 @@ def test_shared_memory_and_ray_transports_give_the_same_training(ray_session, st
 
 
 @pytest.mark.fault
-def test_a_worker_killed_mid_run_leaves_no_shared_memory_behind(ray_session, tmp_path):
+def test_a_worker_killed_mid_run_leaves_no_shared_memory_behind(ray_session, tmp_path, sigkill_when_written):
     pid_file = tmp_path / "rank1.pid"
 
     def loop(config):
@@ -140,18 +138,10 @@ def test_a_worker_killed_mid_run_leaves_no_shared_memory_behind(ray_session, tmp
             if step == 3:
                 (tmp_path / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
 
-    def kill_rank1_when_training():
-        deadline = time.monotonic() + 120
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_rank1_when_training, daemon=True)
-    killer.start()
+    sigkill_when_written(pid_file)
     with pytest.raises((WorkerDiedError, TrainingFailedError)):
         synctrain.Trainer(loop, num_workers=2, mode="async", staleness=None, use_gpu=False,
                           progress=False, wait_timeout_s=30).fit()
-    killer.join(5)
     assert pid_file.exists()  # it was killed while pushing through shared memory
     assert shm_leftovers() == []
 

@@ -7,7 +7,6 @@ dead worker makes ``fit()`` raise promptly, naming the rank, never hang.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -118,22 +117,12 @@ def forever_loop(config):
 
 @pytest.mark.ray
 @pytest.mark.fault
-def test_a_worker_killed_mid_run_makes_fit_raise(ray_session, tmp_path):
-    pid_file = tmp_path / "rank1.pid"
-
-    def kill_rank1_when_training():
-        deadline = time.monotonic() + 120
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_rank1_when_training, daemon=True)
-    killer.start()
+def test_a_worker_killed_mid_run_makes_fit_raise(ray_session, tmp_path, sigkill_when_written):
+    sigkill_when_written(tmp_path / "rank1.pid")
     started = time.monotonic()
     with pytest.raises((WorkerDiedError, TrainingFailedError)) as info:
         synctrain.Trainer(forever_loop, num_workers=2, progress=False,
                           config={"pid_dir": str(tmp_path)}).fit()
-    killer.join(5)
     # Rank 1 died; whichever rank's failure reached the driver first is named.
     assert "rank" in str(info.value)
     if isinstance(info.value, WorkerDiedError):
