@@ -15,7 +15,7 @@ by side in one run (same Ray instance, same machine):
   the server with compute) and ``pull_every=4`` (parameters fetched every 4th push only,
   DistBelief's n_fetch; the other pushes are acknowledged at once).
   The workers and the shards share this machine, so by default every push goes through a
-  shared-memory channel (``transport="auto"``); the rows marked ``via Ray`` use
+  shared-memory channel rung over a Unix socket (``transport="auto"``); the rows marked ``via Ray`` use
   ``transport="ray"`` (Ray's object store, as between machines) to show what that buys.
 
 Both use plain SGD and the same compute per step, so the difference is the parameter
