@@ -90,9 +90,8 @@ def error_frame(exc: BaseException) -> dict[str, Any]:
 class ShardLink:
     """The worker's end: a connected, authenticated socket to one shard."""
 
-    def __init__(self, shard_index: int, address: str, timeout_s: float) -> None:
+    def __init__(self, shard_index: int, timeout_s: float) -> None:
         self.shard_index = shard_index
-        self.address = address
         self.timeout_s = timeout_s
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
@@ -100,7 +99,7 @@ class ShardLink:
     @classmethod
     def connect(cls, shard_index: int, address: str, job_id: str, worker: int, token: bytes,
                 timeout_s: float) -> ShardLink:
-        link = cls(shard_index, address, timeout_s)
+        link = cls(shard_index, timeout_s)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout_s)
         try:
@@ -137,7 +136,6 @@ class ShardLink:
         return message
 
     def _read(self, n: int) -> bytes:
-        assert self._sock is not None or n == 0
         while len(self._buffer) < n:
             if self._sock is None:
                 raise ParameterServerError(f"the link to shard {self.shard_index} was closed after an error")

@@ -68,7 +68,7 @@ import dataclasses
 import time
 import types
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -225,8 +225,9 @@ class ParameterServerStrategy(Strategy):
         self.pipelined = self.options["pipeline"] and self.staleness != 0
         self._inflight: list[Any] | None = None  # ObjectRefs of the push awaiting its reply
         self._inflight_wants = False  # whether that push asked for parameters
-        self._channels: list[shm.Channel | None] = []  # per shard: shared memory (same machine)
-        self._links: list[ipc.ShardLink | None] = []  # per shard: the socket its pushes ring on
+        # Per shard on this machine: the shared memory its pushes travel through and the
+        # socket they ring on (None: through Ray). Set by prepare_model.
+        self._local: list[_Local | None] = []
         self._steps_since_pull = 0
         self._lag_hist = [0] * LAG_BUCKETS
         self._push_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -246,9 +247,9 @@ class ParameterServerStrategy(Strategy):
 
     def _close_links(self) -> None:
         """Close every same-machine socket; a later push through one is a clear error."""
-        for link in self._links:
-            if link is not None:
-                link.close()
+        for local in self._local:
+            if local is not None:
+                local.link.close()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.model is not None:
@@ -290,9 +291,7 @@ class ParameterServerStrategy(Strategy):
         processes; then the worker connects to the shard's socket with that token. A shard
         that could not attach (or /dev/shm too full) is reached through Ray.
         """
-        channels: list[shm.Channel | None] = [None] * len(self.shards)
-        links: list[ipc.ShardLink | None] = [None] * len(self.shards)
-        self._channels, self._links = channels, links
+        self._local = [None] * len(self.shards)
         if self.options["transport"] != "auto" or not shm.available() or not ipc.available():
             return
         assert self._host is not None
@@ -316,11 +315,11 @@ class ParameterServerStrategy(Strategy):
                 channel.close()
                 continue
             try:
-                links[i] = ipc.ShardLink.connect(i, address, job, rank, channel.token, timeout)
+                link = ipc.ShardLink.connect(i, address, job, rank, channel.token, timeout)
             except OSError:  # no reaching the socket (a sandbox may forbid it): through Ray
                 channel.close()
                 continue
-            channels[i] = channel
+            self._local[i] = _Local(channel, link)
 
     def _make_flat(self, layout: FlatLayout) -> None:
         """Move the parameters into one flat buffer; each parameter becomes a view of it."""
@@ -427,13 +426,13 @@ class ParameterServerStrategy(Strategy):
         try:  # a shard that got this push while a later one failed must not answer into the next
             for i, (shard, (a, b), pieces) in enumerate(zip(self.shards, self.bounds, self._pieces, strict=True)):
                 x = grad_np[a:b] if grads_ok else None
-                channel, link = (self._channels[i], self._links[i]) if self._channels else (None, None)
-                if channel is not None and link is not None:  # same machine: shared memory, a socket
+                local = self._local[i]
+                if local is not None:  # same machine: shared memory, a socket
                     if x is not None:
-                        np.copyto(channel.grad, x)
-                    link.send({"clock": self.clock, "has": x is not None, "min": min_clock,
-                               "ver": self.versions[i], "lrs": changed_lrs, "want": want_params})
-                    calls.append(link)
+                        np.copyto(local.channel.grad, x)
+                    local.link.send({"clock": self.clock, "has": x is not None, "min": min_clock,
+                                     "ver": self.versions[i], "lrs": changed_lrs, "want": want_params})
+                    calls.append(local.link)
                     continue
                 if pieces > 1:  # a few hundred KB: inline pieces both ways (see ParameterShard.push_chunked)
                     grad_pieces = np.array_split(x, pieces) if x is not None else ()
@@ -545,11 +544,11 @@ class ParameterServerStrategy(Strategy):
         assert self._host is not None and self._flat is not None
         started = time.monotonic()
         host = self._host.numpy()
-        channels = self._channels if from_channels and self._channels else [None] * len(replies)
+        local = self._local if from_channels else [None] * len(replies)
         refs = [r.params for r in replies if isinstance(r.params, ray.ObjectRef)]
         fetched = iter(ray.get(refs, timeout=self.wait_timeout_s + RPC_MARGIN_S) if refs else [])
-        arrays = [c.params if c is not None else next(fetched) if isinstance(r.params, ray.ObjectRef) else r.params
-                  for r, c in zip(replies, channels, strict=True)]
+        arrays = [c.channel.params if c is not None else next(fetched) if isinstance(r.params, ray.ObjectRef)
+                  else r.params for r, c in zip(replies, local, strict=True)]
         for i, ((a, b), reply, array) in enumerate(zip(self.bounds, replies, arrays, strict=True)):
             if isinstance(array, list):  # pieces of push_chunked, in order
                 for piece in array:
@@ -618,12 +617,19 @@ class ParameterServerStrategy(Strategy):
             "bytes_pushed": self.bytes_pushed,
             "push_pieces": list(self._pieces),  # per shard: inline pieces (1: sent whole)
             "push_transport": [_transport_name(c, p) for c, p in
-                               zip(self._channels or [None] * len(self._pieces), self._pieces, strict=True)],
+                               zip(self._local or [None] * len(self._pieces), self._pieces, strict=True)],
         }
 
 
-def _transport_name(channel: Any, pieces: int) -> str:
-    if channel is not None:
+class _Local(NamedTuple):
+    """How a worker reaches a shard on its own machine."""
+
+    channel: shm.Channel
+    link: ipc.ShardLink
+
+
+def _transport_name(local: _Local | None, pieces: int) -> str:
+    if local is not None:
         return "shared_memory"
     return "inline_pieces" if pieces > 1 else "ray"
 
