@@ -20,6 +20,13 @@ The pure pieces -- :class:`InitiatorHandshake`, :class:`AcceptorHandshake` and
 them. Any bad input closes only the connection it came on and bumps a
 :class:`TransportStats` counter; a server task never lets an exception escape.
 
+Connection limits keep strangers from locking out members. A connection that has not
+finished its handshake (2 s at most) waits in a :class:`HandshakePool` of its own, apart
+from the authenticated connections' slots; when the pool is full a newcomer evicts the
+oldest stranger that has not even sent its hello (a real client sends it at once), and each
+non-loopback address has a smaller cap of its own. An idle flood, even from the host the
+real clients run on, therefore only evicts itself (``tests/service/test_preauth_flood.py``).
+
 Connections carry a role. ``peer``: Raft traffic, one direction only -- every node dials
 each peer for its own outgoing messages, so the dialler's node id (authenticated by the
 handshake) tags each inbound message. ``client``: request/response, ``[id, dict]`` frames,
@@ -33,24 +40,25 @@ import collections
 import enum
 import functools
 import hmac
+import ipaddress
 import logging
 import os
 import random
 import secrets
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
 __all__ = [
     "Role", "TransportStats", "TransportError", "ConnectError", "AuthenticationError",
     "ConnectionClosed", "RequestTimeout", "FrameTooLarge", "RemoteProtocolError",
-    "SecureChannel", "InitiatorHandshake", "AcceptorHandshake", "Server", "PeerTransport",
-    "ClientConnection", "BlockingClientConnection", "load_token", "generate_token",
-    "DEFAULT_MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "MIN_TOKEN_BYTES",
+    "SecureChannel", "InitiatorHandshake", "AcceptorHandshake", "HandshakePool", "Server",
+    "PeerTransport", "ClientConnection", "BlockingClientConnection", "load_token",
+    "generate_token", "DEFAULT_MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "MIN_TOKEN_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,9 @@ PROTOCOL = b"synctrain-transport-v1"
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
 MAX_HANDSHAKE_FRAME_BYTES = 4096
 MIN_TOKEN_BYTES = 16
+DEFAULT_HANDSHAKE_TIMEOUT_S = 2.0
+DEFAULT_MAX_HANDSHAKES = 256  # unauthenticated connections at once (a pool of their own)
+DEFAULT_MAX_HANDSHAKES_PER_ADDRESS = 16  # from one non-loopback address
 NONCE_BYTES = 32
 MAC_BYTES = 32
 _LEN = struct.Struct(">I")
@@ -123,8 +134,9 @@ class TransportStats:
     """Counters for one node's transport (a Server and a PeerTransport may share one)."""
 
     connections_accepted: int = 0
-    connections_rejected: int = 0  # over max_connections
+    connections_rejected: int = 0  # authenticated, but all max_connections slots were taken
     handshake_timeouts: int = 0
+    handshakes_evicted: int = 0  # unauthenticated, pushed out of a full handshake pool
     auth_failures: int = 0  # bad proof or MAC, or an unauthenticated first frame
     oversize_frames: int = 0
     malformed_frames: int = 0
@@ -244,6 +256,8 @@ def _decode_handshake(body: bytes, want: dict[str, type], *, first: bool = False
         raise RemoteProtocolError("malformed_frames", f"handshake frame is not msgpack "
                                   f"({exc.__class__.__name__})") from None
     if refusal_ok and isinstance(msg, dict) and isinstance(msg.get("error"), str):
+        if msg.get("retry") is True:  # busy, not a wrong token: another try may succeed
+            raise ConnectError(f"the other side turned the connection away: {msg['error']:.200}")
         raise AuthenticationError(f"the other side refused the handshake: {msg['error']:.200}")
     ok = isinstance(msg, dict) and all(type(msg.get(k)) is t for k, t in want.items())
     if not ok:
@@ -388,6 +402,15 @@ async def _initiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         raise ConnectError(f"handshake failed: {exc}") from exc
 
 
+async def _write_quietly(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Best effort: a last word before closing (the connection may already be gone)."""
+    writer.write(data)
+    try:
+        await writer.drain()
+    except ConnectionError:
+        pass
+
+
 def _close_quietly(writer: asyncio.StreamWriter) -> None:
     try:
         writer.close()
@@ -403,6 +426,81 @@ def _internal_error(message: str) -> dict:
 ClientHandler = Callable[[dict], Any]
 PeerHandler = Callable[[int, bytes], None]
 
+K = TypeVar("K", bound=Hashable)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+class HandshakePool(Generic[K]):
+    """Which unauthenticated connections a Server keeps: pure bookkeeping, no I/O.
+
+    Connections still in their handshake live in this pool, apart from the authenticated
+    ones, so however many strangers connect they never take an authenticated slot. At most
+    ``max_total`` are admitted at once, and at most ``max_per_address`` from one non-loopback
+    address (loopback is exempt: every local cluster and benchmark lives there, so the cap
+    would only hurt them). Admitting one over a limit evicts an older one: first the oldest
+    that has not sent its hello yet (an idle socket -- a real client sends its hello at
+    once), else the oldest of all. So a flood of idle sockets only ever evicts itself, and a
+    newcomer can only be pushed out once ``max_total`` newer connections arrived during
+    its own handshake.
+    """
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        if max_total < 1 or max_per_address < 1:
+            raise ValueError("need max_total >= 1 and max_per_address >= 1")
+        self.max_total, self.max_per_address = max_total, max_per_address
+        self._silent: collections.OrderedDict[K, str] = collections.OrderedDict()
+        self._heard: collections.OrderedDict[K, str] = collections.OrderedDict()
+        self._by_remote: dict[str, collections.OrderedDict[K, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._silent) + len(self._heard)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._silent or key in self._heard
+
+    def admit(self, key: K, host: str) -> list[K]:
+        """Add a new connection from ``host``; returns the older ones to evict (and forgets
+        them). The newcomer itself is never among them."""
+        assert key not in self, "a connection is admitted once"
+        evict: list[K] = []
+        if not _is_loopback(host):
+            same = self._by_remote.setdefault(host, collections.OrderedDict())
+            if len(same) >= self.max_per_address:
+                evict.append(next((k for k in same if k in self._silent), next(iter(same))))
+                self.discard(evict[-1])
+            self._by_remote.setdefault(host, collections.OrderedDict())[key] = None
+        if len(self) >= self.max_total:
+            evict.append(next(iter(self._silent or self._heard)))
+            self.discard(evict[-1])
+        self._silent[key] = host
+        return evict
+
+    def heard_hello(self, key: K) -> None:
+        """``key`` sent a valid hello: it is a real handshake in progress, evicted last."""
+        host = self._silent.pop(key, None)
+        if host is not None:
+            self._heard[key] = host
+
+    def discard(self, key: K) -> None:
+        """``key`` finished its handshake, failed it, or was evicted (unknown keys: no-op)."""
+        host = self._silent.pop(key, None)
+        if host is None:
+            host = self._heard.pop(key, None)
+        same = self._by_remote.get(host) if host is not None else None
+        if same is not None:
+            same.pop(key, None)
+            if not same:
+                del self._by_remote[host]  # type: ignore[arg-type]
+
 
 class Server:
     """Accepts authenticated peer and client connections on ``host:port``.
@@ -413,12 +511,20 @@ class Server:
     given, hears of each peer that has just connected and authenticated (a node that is back
     up: see :meth:`PeerTransport.redial`). Binds to loopback unless another ``host`` is given
     explicitly.
+
+    Limits: at most ``max_connections`` authenticated connections; connections still in
+    their handshake (at most ``handshake_timeout_s`` each) wait in a :class:`HandshakePool`
+    of their own (``max_handshakes``, ``max_handshakes_per_address`` for each non-loopback
+    address), where a newcomer evicts an idle stranger rather than being turned away.
     """
 
     def __init__(self, *, node_id: int, token: bytes | str, on_peer_message: PeerHandler,
                  on_client_request: ClientHandler, host: str = "127.0.0.1", port: int = 0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_connections: int = 1024,
-                 max_inflight_per_client: int = 256, handshake_timeout_s: float = 5.0,
+                 max_inflight_per_client: int = 256,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+                 max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+                 max_handshakes_per_address: int = DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
                  stats: TransportStats | None = None,
                  on_peer_connected: Callable[[int], None] | None = None) -> None:
         self._token = _as_token(token)
@@ -435,10 +541,18 @@ class Server:
         self.address: tuple[str, int] = (host, port)
         self._server: asyncio.AbstractServer | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._authenticated: set[asyncio.Task[None]] = set()
+        self._handshakes: HandshakePool[asyncio.Task[None]] = HandshakePool(
+            max_handshakes, max_handshakes_per_address)
+        self._handshake_writers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._blocked: frozenset[int] = frozenset()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._on_connection, self._host, self._port)
+        # A listen backlog as deep as the handshake pool: under a burst of connects the
+        # kernel queues a real client's SYN instead of dropping it (a 1 s retransmit).
+        self._server = await asyncio.start_server(
+            self._on_connection, self._host, self._port,
+            backlog=max(128, self._handshakes.max_total))
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
 
@@ -459,17 +573,17 @@ class Server:
 
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        if len(self._conn_tasks) >= self._max_connections:
-            self.stats.connections_rejected += 1
-            _close_quietly(writer)
-            return
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        for victim in self._handshakes.admit(task, host):
+            self._evict(victim)
+        self._handshake_writers[task] = writer
         self._conn_tasks.add(task)
         self.stats.connections_accepted += 1
-        peer = writer.get_extra_info("peername")
         try:
-            await self._serve_connection(reader, writer)
+            await self._serve_connection(reader, writer, task)
         except RemoteProtocolError as exc:
             self.stats.count(exc.kind)
             log.info("node %d: closing connection from %s: %s", self.node_id, peer, exc)
@@ -484,32 +598,54 @@ class Server:
             self.stats.handler_errors += 1
             log.exception("node %d: unexpected error on connection from %s", self.node_id, peer)
         finally:
+            self._forget_handshake(task)
+            self._authenticated.discard(task)
             self._conn_tasks.discard(task)
             _close_quietly(writer)
 
+    def _forget_handshake(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        self._handshake_writers.pop(task, None)
+
+    def _evict(self, task: asyncio.Task[None]) -> None:
+        """Drop an unauthenticated connection the pool chose: free its socket now."""
+        writer = self._handshake_writers.pop(task, None)
+        if writer is not None:
+            writer.transport.abort()
+        task.cancel()
+        self.stats.handshakes_evicted += 1
+
     async def _serve_connection(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+                                writer: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
         hs = AcceptorHandshake(self._token, self.node_id, max_frame_bytes=self._max_frame)
-        chan = await asyncio.wait_for(self._accept(reader, writer, hs), self._handshake_timeout_s)
+        chan = await asyncio.wait_for(self._accept(reader, writer, hs, task),
+                                      self._handshake_timeout_s)
         if hs.role is Role.PEER:
             await self._serve_peer(reader, chan, hs.peer_id)
         else:
             await self._serve_client(reader, writer, chan)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      hs: AcceptorHandshake) -> SecureChannel:
+                      hs: AcceptorHandshake, task: asyncio.Task[None]) -> SecureChannel:
         writer.write(hs.on_hello(await _read_body(reader, MAX_HANDSHAKE_FRAME_BYTES, self.stats)))
+        self._handshakes.heard_hello(task)
         body = await _read_body(reader, MAX_HANDSHAKE_FRAME_BYTES, self.stats)
         try:
             verdict, chan = hs.on_proof(body)
         except RemoteProtocolError as exc:
             if exc.kind == "auth_failures":  # tell an honest misconfiguration what is wrong
-                writer.write(_REFUSAL)
-                try:
-                    await writer.drain()
-                except ConnectionError:
-                    pass  # the failure is counted either way
+                await _write_quietly(writer, _REFUSAL)
             raise
+        self._forget_handshake(task)  # authenticated: out of the pool, into a slot
+        if len(self._authenticated) >= self._max_connections:
+            self.stats.connections_rejected += 1
+            log.warning("node %d: refusing an authenticated %s connection: all %d connection "
+                        "slots are taken", self.node_id, hs.role.value, self._max_connections)
+            await _write_quietly(writer, _frame(msgpack.packb({
+                "error": f"node {self.node_id} is at its limit of {self._max_connections} "
+                         "connections; try another node or later", "retry": True})))
+            raise ConnectionClosed("connection limit reached", request_sent=False)
+        self._authenticated.add(task)
         writer.write(verdict)
         await writer.drain()
         return chan

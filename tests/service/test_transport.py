@@ -325,11 +325,12 @@ def test_connection_limit_rejects_extra_connections() -> None:
         await server.start()
         c1 = await ClientConnection.connect(*server.address, TOKEN)
         c2 = await ClientConnection.connect(*server.address, TOKEN)
-        with pytest.raises(ConnectError):
+        with pytest.raises(ConnectError, match="limit of 2 connections") as busy:
             await ClientConnection.connect(*server.address, TOKEN, timeout_s=2)
+        assert not isinstance(busy.value, AuthenticationError)  # busy, not a wrong token
         assert server.stats.connections_rejected == 1
         await c1.close()
-        await until(lambda: server.stats.connections_accepted == 2 and len(server._conn_tasks) == 1)
+        await until(lambda: server.stats.connections_accepted == 3 and len(server._conn_tasks) == 1)
         c3 = await ClientConnection.connect(*server.address, TOKEN)
         assert (await c3.request({"x": 1}))["ok"]
         for c in (c2, c3):
