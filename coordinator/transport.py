@@ -58,7 +58,7 @@ __all__ = [
     "ConnectionClosed", "RequestTimeout", "FrameTooLarge", "RemoteProtocolError",
     "SecureChannel", "InitiatorHandshake", "AcceptorHandshake", "HandshakePool", "Server",
     "PeerTransport", "ClientConnection", "BlockingClientConnection", "load_token",
-    "generate_token", "DEFAULT_MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "MIN_TOKEN_BYTES",
+    "generate_token", "check_token", "DEFAULT_MAX_FRAME_BYTES", "MAX_HANDSHAKE_FRAME_BYTES", "MIN_TOKEN_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ log = logging.getLogger(__name__)
 PROTOCOL = b"synctrain-transport-v1"
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
 MAX_HANDSHAKE_FRAME_BYTES = 4096
-MIN_TOKEN_BYTES = 16
+# A fake endpoint sees the client's proof (an HMAC keyed by the token) and could test
+# guesses against it offline: a token must be long enough that guessing is hopeless.
+MIN_TOKEN_BYTES = 32
 DEFAULT_HANDSHAKE_TIMEOUT_S = 2.0
 DEFAULT_MAX_HANDSHAKES = 256  # unauthenticated connections at once (a pool of their own)
 DEFAULT_MAX_HANDSHAKES_PER_ADDRESS = 16  # from one non-loopback address
@@ -163,12 +165,16 @@ class TransportStats:
 # tokens
 
 
-def _as_token(token: bytes | str) -> bytes:
+HOW_TO_GENERATE_TOKEN = ("generate one with `coordinator token --out FILE` (or `python -c "
+                         "'import secrets; print(secrets.token_hex(32))'`)")
+
+
+def check_token(token: bytes | str, where: str = "the cluster token") -> bytes:
+    """``token`` as bytes; ValueError, saying how to make a good one, if it is too short."""
     raw = token.encode() if isinstance(token, str) else bytes(token)
     if len(raw) < MIN_TOKEN_BYTES:
-        raise ValueError(f"the cluster token must be at least {MIN_TOKEN_BYTES} bytes (got "
-                         f"{len(raw)}); generate one with `python -c 'import coordinator."
-                         "transport as t; print(t.generate_token())'`")
+        raise ValueError(f"{where} is {len(raw)} characters long; a cluster token needs at "
+                         f"least {MIN_TOKEN_BYTES}: {HOW_TO_GENERATE_TOKEN}")
     return raw
 
 
@@ -176,10 +182,7 @@ def load_token(path: str | os.PathLike[str]) -> bytes:
     """Read a token file (surrounding whitespace stripped); ValueError if it is too short."""
     with open(path, "rb") as f:
         token = f.read(4096).strip()
-    if len(token) < MIN_TOKEN_BYTES:
-        raise ValueError(f"token file {os.fspath(path)!r} holds {len(token)} bytes; a cluster "
-                         f"token needs at least {MIN_TOKEN_BYTES}")
-    return token
+    return check_token(token, f"the token in {os.fspath(path)!r}")
 
 
 def generate_token() -> str:
@@ -527,7 +530,7 @@ class Server:
                  max_handshakes_per_address: int = DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
                  stats: TransportStats | None = None,
                  on_peer_connected: Callable[[int], None] | None = None) -> None:
-        self._token = _as_token(token)
+        self._token = check_token(token)
         self.node_id = node_id
         self._on_peer_message = on_peer_message
         self._on_peer_connected = on_peer_connected
@@ -791,7 +794,7 @@ class PeerTransport:
         if max_queue_frames < 1 or not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError("need max_queue_frames >= 1 and 0 < backoff_initial_s <= "
                              "backoff_max_s")
-        self._token = _as_token(token)
+        self._token = check_token(token)
         self.node_id = node_id
         self._max_queue = max_queue_frames
         self._max_frame = max_frame_bytes
@@ -993,7 +996,7 @@ class ClientConnection:
     async def connect(cls, host: str, port: int, token: bytes | str, *, timeout_s: float = 5.0,
                       max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                       max_inflight: int = 1024) -> ClientConnection:
-        tok = _as_token(token)
+        tok = check_token(token)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                     timeout_s)
@@ -1086,7 +1089,7 @@ class BlockingClientConnection:
 
     def __init__(self, host: str, port: int, token: bytes | str, *, timeout_s: float = 5.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        tok = _as_token(token)
+        tok = check_token(token)
         self.address = (host, port)
         self.closed = False
         self._max = max_frame_bytes

@@ -308,3 +308,15 @@ def test_random_bytes_never_crash_the_server(srv: RunningServer, blob: bytes,
     sock.shutdown(socket.SHUT_WR)
     assert closed_by_server(sock)
     srv.assert_serving()
+
+
+def test_server_config_repr_keeps_the_token_out_and_short_tokens_are_refused(tmp_path) -> None:
+    from coordinator.server import ServerConfig
+
+    config = ServerConfig(node_id=1, peers={1: ("127.0.0.1", 1)}, data_dir=tmp_path,
+                          token=TOKEN)
+    assert TOKEN.decode() not in repr(config) and str(TOKEN) not in repr(config)
+    assert "node_id=1" in repr(config)
+    with pytest.raises(ValueError, match="at least 32.*coordinator token"):
+        ServerConfig(node_id=1, peers={1: ("127.0.0.1", 1)}, data_dir=tmp_path,
+                     token=b"sixteen-byte-tok")

@@ -24,6 +24,7 @@ from coordinator.transport import (
     PeerTransport,
     RequestTimeout,
     Server,
+    check_token,
     generate_token,
     load_token,
 )
@@ -346,7 +347,8 @@ def test_wrong_token_on_the_client_side_is_an_authentication_error() -> None:
                         on_client_request=echo)
         await server.start()
         with pytest.raises(AuthenticationError, match="token"):
-            await ClientConnection.connect(*server.address, b"another-cluster-token-000000")
+            await ClientConnection.connect(*server.address,
+                                           b"another-cluster-token-0123456789abcdef")
         await server.close()
 
     asyncio.run(main())
@@ -363,6 +365,19 @@ def test_tokens(tmp_path) -> None:
     with pytest.raises(ValueError, match="at least"):
         Server(node_id=1, token=b"short", on_peer_message=lambda f, p: None,
                on_client_request=echo)
+
+
+def test_a_token_needs_32_characters_and_the_error_says_how_to_make_one(tmp_path) -> None:
+    """A fake endpoint can test guesses offline against a client's proof: 16-byte user
+    tokens (the old minimum) are refused, with the way to generate a good one."""
+    (tmp_path / "token").write_text("x" * 31 + "\n")
+    for attempt in (lambda: load_token(tmp_path / "token"),
+                    lambda: check_token("correct-horse-battery-staple"),
+                    lambda: BlockingClientConnection("127.0.0.1", 1, b"y" * 16),
+                    lambda: PeerTransport(node_id=2, token="z" * 24, peers={})):
+        with pytest.raises(ValueError, match=r"at least 32.*coordinator token.*token_hex\(32\)"):
+            attempt()
+    assert check_token("x" * 32) == b"x" * 32
 
 
 def test_request_over_the_frame_limit_is_refused_locally() -> None:
