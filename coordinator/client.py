@@ -44,10 +44,13 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from coordinator.statemachine import MAX_VALUE_BYTES
 from coordinator.transport import (
+    AuthenticationError,
     BlockingClientConnection,
     ClientConnection,
     ConnectionClosed,
+    FrameTooLarge,
     RequestTimeout,
     TransportError,
     load_token,
@@ -80,6 +83,29 @@ class RequestRejected(CoordinatorError):
         self.code = code
 
 
+class AuthenticationFailed(Unavailable):
+    """A node refused the handshake: the client's token is not the cluster's. Raised at
+    once (every node would refuse it alike); nothing was sent."""
+
+
+def _refused(exc: TransportError, addr: tuple[str, int], token_source: str) -> CoordinatorError:
+    """The error for a failure no retry can mend: a refused handshake, or a request too large
+    for any frame. Both surface at once instead of after the whole timeout."""
+    if isinstance(exc, FrameTooLarge):
+        return RequestRejected("too_large", f"{exc}; nothing was sent (a value is limited to "
+                                            f"{MAX_VALUE_BYTES} bytes, 1 MiB)")
+    return AuthenticationFailed(
+        f"{addr[0]}:{addr[1]} refused the handshake: {token_source} is not this cluster's "
+        f"token ({exc}). Use the token file the cluster was started with (--token-file or "
+        "COORDINATOR_TOKEN_FILE; `coordinator local` prints it)")
+
+
+def _token_source(token_file: str | os.PathLike | None) -> str:
+    if token_file is not None:
+        return f"the token in {os.fspath(token_file)!r}"
+    return "the token passed to the client"
+
+
 def parse_endpoints(endpoints: str | Iterable[str | tuple[str, int]]) -> list[tuple[str, int]]:
     """``"h:p,h:p"`` or a list of ``"h:p"`` / ``(h, p)`` -> list of (host, port)."""
     items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
@@ -110,7 +136,12 @@ def _key_bytes(key: str | bytes) -> bytes:
 
 
 def _value_bytes(value: str | bytes | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
+    raw = value.encode() if isinstance(value, str) else value
+    if raw is not None and len(raw) > MAX_VALUE_BYTES:  # refused here: no round trip
+        raise RequestRejected("bad_value", f"the value is {len(raw)} bytes; a value is limited "
+                                           f"to {MAX_VALUE_BYTES} bytes (1 MiB): store large "
+                                           "data elsewhere and keep its name here")
+    return raw
 
 
 class _Next(enum.Enum):
@@ -240,6 +271,7 @@ class Client:
                  token_file: str | os.PathLike | None = None) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.token = _token_bytes(token, token_file)
+        self.token_source = _token_source(token_file)  # names the token in a refusal
         self.timeout_s = timeout_s
         self._leader = 0
         self._conns: dict[tuple[str, int], BlockingClientConnection] = {}
@@ -331,6 +363,8 @@ class Client:
                     step = att.on_answer(answer)
                 else:  # any answer will do (status, stale reads)
                     att.answer, step = answer, _Next.DONE
+            except (AuthenticationError, FrameTooLarge) as exc:
+                raise _refused(exc, addr, self.token_source) from exc
             except TransportError as exc:
                 self._drop(addr)
                 step = att.on_transport_error(exc)
@@ -347,6 +381,8 @@ class Client:
         try:
             with self._lock:
                 return self._conn(addr).request(body, timeout_s=self.timeout_s)
+        except (AuthenticationError, FrameTooLarge) as exc:
+            raise _refused(exc, addr, self.token_source) from exc
         except TransportError as exc:
             self._drop(addr)
             raise Unavailable(f"{body['op']} on {addr[0]}:{addr[1]} failed: {exc}") from exc
@@ -376,6 +412,7 @@ class AsyncClient:
                  token_file: str | os.PathLike | None = None) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.token = _token_bytes(token, token_file)
+        self.token_source = _token_source(token_file)  # names the token in a refusal
         self.timeout_s = timeout_s
         self._leader = 0
         self._conns: dict[tuple[str, int], ClientConnection] = {}
@@ -424,6 +461,8 @@ class AsyncClient:
             try:
                 conn = await self._conn(addr)
                 return await conn.request({"op": "status"}, timeout_s=self.timeout_s)
+            except (AuthenticationError, FrameTooLarge) as exc:
+                raise _refused(exc, addr, self.token_source) from exc
             except TransportError as exc:
                 await self._drop(addr)
                 raise Unavailable(f"status of {addr[0]}:{addr[1]} failed: {exc}") from exc
@@ -465,6 +504,8 @@ class AsyncClient:
                     step = att.on_answer(answer)
                 else:  # any answer will do (status, stale reads)
                     att.answer, step = answer, _Next.DONE
+            except (AuthenticationError, FrameTooLarge) as exc:
+                raise _refused(exc, addr, self.token_source) from exc
             except TransportError as exc:
                 await self._drop(addr)
                 step = att.on_transport_error(exc)
