@@ -24,6 +24,11 @@ Errors say whether a write may have happened:
 - :class:`RequestRejected` — the cluster refused the request itself (a bad key, a value over
   the limit); nothing changed.
 
+Beside the key-value ops, ``command(name, *args)`` proposes any registered session command
+by name (the step log's ``steplog.*`` ops, :mod:`coordinator.steplog`) with the same
+exactly-once retries as ``put``, and ``query(ext, name, *args)`` asks a state-machine
+extension a read-only question with the same consistency choice as ``get``.
+
 Reads are idempotent: ``get`` retries freely and fails with :class:`Unavailable` only.
 ``consistency="linearizable"`` (default) goes to the leader, which confirms its leadership
 with a ReadIndex round before answering; ``consistency="stale"`` is answered from the local
@@ -76,11 +81,15 @@ class OutcomeUnknown(CoordinatorError):
 
 
 class RequestRejected(CoordinatorError):
-    """The cluster refused the request (bad key/value, quota); nothing changed."""
+    """The cluster refused the request (bad key/value, quota, a fenced or out-of-order step
+    log write); nothing changed. ``code`` is the stable error name, ``answer`` the whole
+    answer (e.g. a step log ``gap`` carries the expected ``last_step`` and ``report_seq``)."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, answer: dict | None = None) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
+        self.answer = answer if answer is not None else {"ok": False, "error": code,
+                                                         "detail": detail}
 
 
 class AuthenticationFailed(Unavailable):
@@ -226,7 +235,7 @@ def _rejected_or(answer: dict) -> dict:
         return answer
     if answer.get("error") == "outcome_unknown":
         raise OutcomeUnknown(answer.get("detail", ""))
-    raise RequestRejected(answer.get("error", "unknown"), answer.get("detail", ""))
+    raise RequestRejected(answer.get("error", "unknown"), answer.get("detail", ""), answer)
 
 
 class _SessionState:
@@ -258,8 +267,19 @@ class _SessionState:
             self.session = session
 
 
-def _write_body(op: str, session: _SessionState, seq: int, args: list) -> dict:
-    return {"op": op, "session": session.session, "seq": seq, "ack": session.ack(), "args": args}
+def _write_body(op: str, session: _SessionState, seq: int, args: list,
+                name: str | None = None) -> dict:
+    body = {"op": op, "session": session.session, "seq": seq, "ack": session.ack(), "args": args}
+    if name is not None:  # op "command": the registered command to run
+        body["name"] = name
+    return body
+
+
+def _query_body(ext: str, name: str, args: tuple, consistency: str) -> dict:
+    if consistency not in ("linearizable", "stale"):
+        raise ValueError("consistency must be 'linearizable' or 'stale'")
+    return {"op": "query", "ext": ext, "name": name, "args": list(args),
+            "consistency": consistency}
 
 
 class Client:
@@ -317,6 +337,19 @@ class Client:
         return _rejected_or(self._call(body, is_write=False, what="get",
                                        follow=consistency == "linearizable"))
 
+    def command(self, name: str, *args: Any) -> dict:
+        """Run the registered session command ``name`` (e.g. ``"steplog.steps"``) with
+        ``args`` (msgpack values) exactly once; returns its answer. RequestRejected if the
+        answer is not ok (``.code``, ``.answer``), OutcomeUnknown / Unavailable as for put."""
+        return self._write("command", list(args), name=name)
+
+    def query(self, ext: str, name: str, *args: Any, consistency: str = "linearizable") -> dict:
+        """Ask extension ``ext`` (e.g. ``"steplog"``) the read-only query ``name(*args)``;
+        ``consistency`` as for :meth:`get`. RequestRejected if the answer is not ok."""
+        body = _query_body(ext, name, args, consistency)
+        return _rejected_or(self._call(body, is_write=False, what=f"query {ext}.{name}",
+                                       follow=consistency == "linearizable"))
+
     def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         """Status of one node: ``endpoint``, or the first node that answers."""
         if endpoint is not None:
@@ -329,14 +362,14 @@ class Client:
                               {"op": "admin_partition", "block": list(block)})
 
     # ------------------------------------------------------------ internals
-    def _write(self, op: str, args: list) -> dict:
+    def _write(self, op: str, args: list, name: str | None = None) -> dict:
         if not self._session.session:
             self._register()
         seq, _ = self._session.begin()
         try:
             while True:
-                body = _write_body(op, self._session, seq, args)
-                answer = self._call(body, is_write=True, what=op)
+                body = _write_body(op, self._session, seq, args, name)
+                answer = self._call(body, is_write=True, what=name or op)
                 if answer.get("error") != "session_expired":
                     return _rejected_or(answer)
                 self._register()  # not applied: the command was refused by the session check
@@ -455,6 +488,17 @@ class AsyncClient:
         return _rejected_or(await self._call(body, is_write=False, what="get",
                                              follow=consistency == "linearizable"))
 
+    async def command(self, name: str, *args: Any) -> dict:
+        """See :meth:`Client.command`."""
+        return await self._write("command", list(args), name=name)
+
+    async def query(self, ext: str, name: str, *args: Any,
+                    consistency: str = "linearizable") -> dict:
+        """See :meth:`Client.query`."""
+        body = _query_body(ext, name, args, consistency)
+        return _rejected_or(await self._call(body, is_write=False, what=f"query {ext}.{name}",
+                                             follow=consistency == "linearizable"))
+
     async def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         if endpoint is not None:
             addr = parse_endpoints([endpoint])[0]
@@ -468,7 +512,7 @@ class AsyncClient:
                 raise Unavailable(f"status of {addr[0]}:{addr[1]} failed: {exc}") from exc
         return await self._call({"op": "status"}, is_write=False, what="status", follow=False)
 
-    async def _write(self, op: str, args: list) -> dict:
+    async def _write(self, op: str, args: list, name: str | None = None) -> dict:
         async with self._write_slots:
             if not self._session.session:
                 await self._register(0)
@@ -476,8 +520,8 @@ class AsyncClient:
             try:
                 while True:
                     session = self._session.session
-                    body = _write_body(op, self._session, seq, args)
-                    answer = await self._call(body, is_write=True, what=op)
+                    body = _write_body(op, self._session, seq, args, name)
+                    answer = await self._call(body, is_write=True, what=name or op)
                     if answer.get("error") != "session_expired":
                         return _rejected_or(answer)
                     await self._register(session)

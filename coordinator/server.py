@@ -9,7 +9,8 @@ thread-safe) is only ever touched from the loop:
   the core randomizes the election timeout in [150, 300) ms);
 - the transport calls :meth:`CoordinatorServer._on_peer_message` for each authenticated peer
   frame, which is decoded (never unpickled) and stepped into the node;
-- client requests (put/get/cas/delete/register/status) arrive as msgpack dicts.
+- client requests (put/get/cas/delete/register/status, and the generic ``command`` and
+  ``query`` that carry the step log's ops, :mod:`coordinator.steplog`) arrive as msgpack dicts.
 
 Each of these only *schedules* one run of :meth:`_drive` (``loop.call_soon``), so everything
 that arrived in the same loop iteration lands in one ``Ready``: one group commit. ``_drive``
@@ -42,7 +43,9 @@ and endpoint. A write waits for its own entry to be applied: the waiting request
 its (session, sequence number), which the command carries, so no log index bookkeeping is
 needed and a retry of the same command simply waits for the same key. Linearizable reads are
 batched into one ``read_index`` per drive and answered once the applied index reaches the
-ReadState's index (Raft thesis §6.4). Stale reads answer from local state immediately.
+ReadState's index (Raft thesis §6.4): a queued read is a function that produces its answer
+from the state machine then (a key's record for ``get``, an extension's answer for
+``query``). Stale reads answer from local state immediately.
 
 When the node stops being leader, every waiting write is answered ``leader_changed`` (its entry
 may still commit under the new leader, so the client retries with the same sequence number and
@@ -65,10 +68,12 @@ import signal
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
+from coordinator import steplog  # noqa: F401 - registers the step log's commands and extension
 from coordinator.raft import (
     Config,
     ConfState,
@@ -84,7 +89,7 @@ from coordinator.raft import (
     decode_message,
     encode_message,
 )
-from coordinator.statemachine import StateMachine, encode_command
+from coordinator.statemachine import StateMachine, encode_command, is_session_command
 from coordinator.storage import DiskStorage
 from coordinator.transport import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -97,6 +102,7 @@ from coordinator.transport import (
 log = logging.getLogger("coordinator.server")
 
 Address = tuple[str, int]
+_ReadAnswer = Callable[[], dict]  # produces a read's answer from the applied state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,9 +422,10 @@ class CoordinatorServer:
         self.role = Role.FOLLOWER
         self._pending_writes: dict[tuple, list[asyncio.Future]] = {}
         self._proposals: list[tuple[bytes, tuple, asyncio.Future]] = []
-        self._reads_unissued: list[tuple[bytes, asyncio.Future]] = []
-        self._reads_by_ctx: dict[bytes, list[tuple[bytes, asyncio.Future]]] = {}
-        self._reads_waiting: deque[tuple[int, bytes, asyncio.Future]] = deque()
+        # A linearizable read is (the function producing its answer once applied, future).
+        self._reads_unissued: list[tuple[_ReadAnswer, asyncio.Future]] = []
+        self._reads_by_ctx: dict[bytes, list[tuple[_ReadAnswer, asyncio.Future]]] = {}
+        self._reads_waiting: deque[tuple[int, _ReadAnswer, asyncio.Future]] = deque()
         self._read_ctx_counter = 0
         # (deadline, write key or None for a read, future), in deadline order.
         self._deadlines: deque[tuple[float, tuple | None, asyncio.Future]] = deque()
@@ -798,15 +805,15 @@ class CoordinatorServer:
                 fut.set_result(answer)
 
     def _on_read_state(self, index: int, ctx: bytes) -> None:
-        for key, fut in self._reads_by_ctx.pop(ctx, ()):
-            self._reads_waiting.append((index, key, fut))
+        for produce, fut in self._reads_by_ctx.pop(ctx, ()):
+            self._reads_waiting.append((index, produce, fut))
 
     def _release_reads(self) -> None:
         applied = self.sm.applied_index
         while self._reads_waiting and self._reads_waiting[0][0] <= applied:
-            _, key, fut = self._reads_waiting.popleft()
+            _, produce, fut = self._reads_waiting.popleft()
             if not fut.done():
-                fut.set_result(self.sm.read_answer(key))
+                fut.set_result(produce())
         # Read states come back in issue order, so the deque stays sorted by index.
 
     def _fail_pending_reads(self, error: str) -> None:
@@ -848,8 +855,10 @@ class CoordinatorServer:
         op = body.get("op")
         if op == "get":
             return self._get(body)
-        if op in ("put", "delete", "cas", "register"):
+        if op in ("put", "delete", "cas", "register", "command"):
             return self._write(op, body)
+        if op == "query":
+            return self._query(body)
         if op == "status":
             return self.status()
         if op == "admin_partition":
@@ -860,8 +869,29 @@ class CoordinatorServer:
         key = body.get("key")
         if not isinstance(key, bytes):
             return {"ok": False, "error": "bad_key", "detail": "key must be bytes"}
-        if body.get("consistency", "linearizable") == "stale":
-            answer = self.sm.read_answer(key)
+        return self._read(functools.partial(self.sm.read_answer, key), body)
+
+    def _query(self, body: dict) -> dict | asyncio.Future:
+        """``{"op": "query", "ext", "name", "args", "consistency"}``: an extension's read-only
+        query (:meth:`StateMachine.query`), answered like a ``get``."""
+        ext, name, args = body.get("ext"), body.get("name"), body.get("args", [])
+        if not isinstance(ext, str) or not isinstance(name, str) or not isinstance(args, list):
+            return {"ok": False, "error": "bad_request",
+                    "detail": "a query needs ext (str), name (str) and args (a list)"}
+        if ext not in self.sm.extensions:
+            return {"ok": False, "error": "unknown_extension",
+                    "detail": f"no extension {ext!r} on this server "
+                              f"(known: {sorted(self.sm.extensions)})"}
+        return self._read(functools.partial(self.sm.query, ext, name, tuple(args)), body)
+
+    def _read(self, produce: _ReadAnswer, body: dict) -> dict | asyncio.Future:
+        """Answer ``produce()`` now (stale) or once a ReadIndex round confirms it (default)."""
+        consistency = body.get("consistency", "linearizable")
+        if consistency not in ("linearizable", "stale"):
+            return {"ok": False, "error": "bad_request",
+                    "detail": "consistency must be 'linearizable' or 'stale'"}
+        if consistency == "stale":
+            answer = produce()
             answer["stale"] = True
             answer["node"] = self.id
             return answer
@@ -871,7 +901,7 @@ class CoordinatorServer:
             return {"ok": False, "error": "overloaded", "detail": "too many reads waiting"}
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._reads_unissued.append((key, fut))
+        self._reads_unissued.append((produce, fut))
         self._schedule_drive()
         self._deadlines.append((time.monotonic() + self.config.request_timeout_s, None, fut))
         return fut
@@ -882,7 +912,16 @@ class CoordinatorServer:
         if len(self._pending_writes) >= self.config.max_pending_requests:
             return {"ok": False, "error": "overloaded", "detail": "too many writes waiting"}
         args = body.get("args", [])
-        if not isinstance(args, list) or not all(a is None or isinstance(a, bytes) for a in args):
+        if op == "command":  # a registered session command by name; args any msgpack values
+            name = body.get("name")
+            if not isinstance(name, str) or not is_session_command(name) or not isinstance(
+                    args, list):
+                return {"ok": False, "error": "bad_request",
+                        "detail": f"command {name!r:.80} is not a registered session command "
+                                  "(or args is not a list)"}
+            op = name
+        elif not isinstance(args, list) or not all(a is None or isinstance(a, bytes)
+                                                   for a in args):
             return {"ok": False, "error": "bad_request", "detail": "args must be bytes or None"}
         ts_ms = int(time.time() * 1000)
         if op == "register":
@@ -897,6 +936,10 @@ class CoordinatorServer:
                 return {"ok": False, "error": "bad_request", "detail": "session/seq/ack"}
             key = (session, seq)
             data = encode_command(op, session, seq, ack, ts_ms, *args)
+            if len(data) > self.config.max_frame_bytes // 4:  # must fit one append message
+                return {"ok": False, "error": "too_large",
+                        "detail": f"the {op} command is {len(data)} bytes encoded, more than "
+                                  f"{self.config.max_frame_bytes // 4}; send it in parts"}
         assert self._loop is not None
         fut = self._loop.create_future()
         self._proposals.append((data, key, fut))

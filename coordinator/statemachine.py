@@ -10,8 +10,8 @@ A *command* is one msgpack array ``[op, session, seq, ack, ts_ms, *args]`` carri
 of a NORMAL log entry (see :func:`encode_command`):
 
 - ``op`` names a handler in a registry (:func:`register_command`). The key-value ops live here;
-  the training step log (a later issue) registers its own ops the same way without touching
-  the apply loop.
+  the training step log (:mod:`coordinator.steplog`) registers its own ops the same way
+  without touching the apply loop.
 - ``session``/``seq``/``ack`` give exactly-once application of retried commands (Raft thesis
   §6.3). A client first commits a ``register`` command; the log index of that entry becomes its
   session id. Each write then carries a fresh sequence number ``seq`` and ``ack``, the lowest
@@ -34,8 +34,16 @@ Answers are small msgpack-able dicts, e.g. ``{"ok": True, "revision": 7}`` or
 ``{"ok": False, "error": "session_expired", "detail": "..."}``: the server sends them to the
 client verbatim.
 
+Other command families keep their state in *extensions* (:func:`register_extension`): every
+``StateMachine`` holds one fresh instance per registered factory in ``extensions[name]``. An
+extension object has ``snapshot_state()`` (a msgpack-able document), ``restore_state(doc)`` and
+``query(name, args) -> answer`` (read-only; :meth:`StateMachine.query` routes client queries
+to it). Its commands are ordinary session commands, so they are exactly-once too.
+
 Snapshots are a msgpack document of the whole state (:meth:`StateMachine.snapshot`), restored
 with :meth:`StateMachine.restore`; both are deterministic (keys and sessions in sorted order).
+Restoring (or resetting with :meth:`StateMachine.restore_empty`) starts every extension from a
+fresh instance, so nothing from before the snapshot survives it.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -96,12 +104,40 @@ class Command:
     args: tuple[Any, ...]
 
 
+class Extension(Protocol):
+    """The state of one command family beside the key-value store (see the module doc)."""
+
+    def snapshot_state(self) -> Any: ...
+
+    def restore_state(self, state: Any) -> None: ...
+
+    def query(self, name: str, args: tuple[Any, ...]) -> dict[str, Any]: ...
+
+
 # A handler applies one command's args to the state machine and returns its answer. Handlers
 # must be deterministic and must validate their arguments (returning an error answer).
 Handler = Callable[["StateMachine", Command, int], Answer]
 _COMMANDS: dict[str, Handler] = {}
 # Ops that do not need a session (registration itself, and the leader's internal ops).
 _SESSIONLESS: set[str] = set()
+
+
+# Extension name -> factory of a fresh, empty instance (see register_extension).
+_EXTENSIONS: dict[str, Callable[[], Extension]] = {}
+
+
+def register_extension(name: str, factory: Callable[[], Extension]) -> None:
+    """Give every :class:`StateMachine` an ``extensions[name] = factory()`` (a fresh one on
+    creation, restore and reset). Register at import time, before state machines are made."""
+    if name in _EXTENSIONS:
+        raise ValueError(f"extension {name!r} is already registered")
+    _EXTENSIONS[name] = factory
+
+
+def is_session_command(op: str) -> bool:
+    """Whether ``op`` is a registered command that runs in a client session (exactly-once);
+    the ops a client may propose by name."""
+    return op in _COMMANDS and op not in _SESSIONLESS
 
 
 def register_command(op: str, *, sessionless: bool = False) -> Callable[[Handler], Handler]:
@@ -162,8 +198,12 @@ class StateMachine:
         # Least recently active first; the order is a function of the log only.
         self.sessions: OrderedDict[int, Session] = OrderedDict()
         # Extension state for other command families (e.g. the step log): name -> object
-        # exposing snapshot_state() / restore_state(obj). Registered by those modules.
-        self.extensions: dict[str, Any] = {}
+        # exposing snapshot_state() / restore_state(obj) / query(). See register_extension.
+        self.extensions: dict[str, Extension] = {}
+        self._reset_extensions()
+
+    def _reset_extensions(self) -> None:
+        self.extensions = {name: factory() for name, factory in sorted(_EXTENSIONS.items())}
 
     # ----------------------------------------------------------------- apply
     def apply(self, index: int, data: bytes) -> Answer | None:
@@ -251,6 +291,21 @@ class StateMachine:
                 "mod_revision": rec.mod_revision, "create_revision": rec.create_revision,
                 "version": rec.version, "applied": self.applied_index}
 
+    def query(self, ext: str, name: str, args: tuple[Any, ...]) -> Answer:
+        """The answer to a client query ``name(*args)`` of extension ``ext`` (local state; the
+        caller decides on consistency). Never raises: a bad query is an error answer."""
+        extension = self.extensions.get(ext) if isinstance(ext, str) else None
+        if extension is None:
+            return error("unknown_extension", f"no extension {ext!r} is registered on this "
+                         f"server (known: {sorted(self.extensions)})")
+        if not isinstance(name, str) or not isinstance(args, tuple):
+            return error("bad_query", "a query is a name (str) and a tuple of arguments")
+        try:
+            answer = extension.query(name, args)
+        except Exception as exc:  # a bug in the extension; reads change nothing, so report it
+            return error("query_failed", f"{ext}.{name} raised {type(exc).__name__}: {exc}")
+        return dict(answer, applied=self.applied_index)
+
     # ------------------------------------------------------------- mutations
     def _put(self, key: bytes, value: bytes) -> int:
         self.revision += 1
@@ -309,6 +364,7 @@ class StateMachine:
             (sid, Session(floor, active, {seq: ans for seq, ans in answers}))
             for sid, floor, active, answers in doc["sessions"]
         )
+        self._reset_extensions()
         for name, state in doc.get("extensions", {}).items():
             if name in self.extensions:
                 self.extensions[name].restore_state(state)
@@ -320,6 +376,7 @@ class StateMachine:
         self.clock_ms = 0
         self.kv = {}
         self.sessions = OrderedDict()
+        self._reset_extensions()
 
 
 # ------------------------------------------------------------------ key-value ops

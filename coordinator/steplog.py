@@ -1,0 +1,652 @@
+"""The training step log: the replicated record of what each training job has committed.
+
+Theory of operation
+-------------------
+The step log is a state-machine extension (``"steplog"``, see
+:func:`coordinator.statemachine.register_extension`) with its own session commands
+(``steplog.create``, ``steplog.generation``, ``steplog.steps``, ``steplog.checkpoint``,
+``steplog.failure``, ``steplog.annotate_failure``, ``steplog.end``) and read-only queries
+(``job``, ``records``, ``jobs``). Like every command, each one is a pure function of the
+committed log: the caller supplies the wall-clock ``time`` it wants recorded, a replica never
+reads its own clock, and a bad argument is an error answer, never an exception (one that
+raised on every replica would stop the whole cluster). Commands run in client sessions, so a
+retried command is applied once.
+
+Records kept, per job (a name of 1..200 characters of ``[A-Za-z0-9._-]``):
+
+- ``spec`` (the dict given at creation), ``state`` (running | finished | failed |
+  interrupted), the current ``generation`` (0 until the first one starts), ``last_step`` (the
+  number of the last step record) and ``report_seq`` (the next report's sequence number).
+- ``generations``: one record per generation of workers: members, rendezvous, where it
+  started (``start_step``, ``start_report``), why, when.
+- ``steps``: one record per optimizer step, written by rank 0: ``{step, generation, time,
+  ps_clock}``. ``reports``: metrics a job reported, numbered by ``seq`` from 0, each tied to
+  the step it followed. Other ranks only report their progress (``progress[rank]``, the
+  highest step they wrote in the current generation).
+- ``checkpoints``: ``{step, generation, path, size, sha256, time}``; ``failures``: what
+  failed and how the job recovered; ``fenced``: writes refused by the fencing rule.
+
+The fencing rule: a write from a worker (``steps``, ``checkpoint``) names the generation it
+belongs to and is refused (``error "fenced"``, recorded in ``fenced``) unless that is the
+current generation. A generation is started only as ``current + 1``, so once the driver has
+started generation G + 1, nothing a worker of generation G still sends can change the log:
+a replaced worker that was merely slow (paused, partitioned) cannot write over its successor.
+
+Superseding: a new generation resumes from ``start_step`` (the checkpoint it restored) and
+``start_report``. Everything the log holds beyond that point belongs to a history that will
+be redone, so every step record with ``step > start_step``, report with ``seq >=
+start_report`` and checkpoint with ``step > start_step`` is marked ``superseded`` (and
+``superseded_by`` the new generation); nothing is deleted. A survivor may be *ahead* of the
+committed log (its steps were in flight when the others died): the steps between
+``last_step`` and ``start_step`` are then filled with placeholders marked ``lost``. Either
+way ``last_step = start_step`` and ``report_seq = start_report`` afterwards, so the live
+(non-superseded) step records always run 1, 2, ..., ``last_step`` in list order.
+
+Rank 0's step batches are checked whole before anything is applied: a record whose step is
+at most ``last_step`` is a duplicate (a retried batch) and skipped, a record at ``last_step``
+may carry reports only (made after that step, before the next), the next step must be
+``last_step + 1``, and reports must continue at ``report_seq`` (lower: duplicate, skipped;
+higher: a gap). A gap refuses the whole batch with ``error "gap"`` and the expected numbers.
+
+Two checkpoints stay live (not superseded, not pruned); committing a third prunes the oldest
+and answers its path so the writer can delete the file (never a path a live checkpoint
+still uses).
+
+Bounds (:data:`MAX_JOBS` and the other ``MAX_*`` below) are refused with error answers, except
+the fenced-refusal list, which keeps the newest :data:`MAX_FENCED_KEPT` and counts the rest.
+Step and report lists grow with the job by design; each entry is small and validated. Query
+answers are paged (``start``/``limit``) and cut at :data:`MAX_QUERY_ANSWER_BYTES`.
+
+Safety notes (each has a test in ``tests/service/test_steplog.py``):
+
+* A write of an older generation changes nothing but the ``fenced`` list
+  (``test_write_from_an_older_generation_is_fenced_and_changes_nothing``).
+* A batch with a gap applies nothing (``test_gap_refuses_the_whole_batch``); a retried batch
+  applies once (``test_retried_batch_applies_once``).
+* Superseding marks exactly what lies beyond the restart point
+  (``test_new_generation_supersedes_what_lies_beyond_its_start``).
+* Snapshot and restore round-trip every record, byte for byte
+  (``test_snapshot_restore_round_trip``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from coordinator.statemachine import (
+    Answer,
+    Command,
+    StateMachine,
+    error,
+    register_command,
+    register_extension,
+)
+
+EXTENSION = "steplog"
+SNAPSHOT_FORMAT = 1
+
+# Bounds. Breaking one is refused with an error answer (except MAX_FENCED_KEPT: oldest dropped).
+MAX_JOBS = 1_000
+MAX_SPEC_BYTES = 64 << 10  # a job's spec, msgpack-encoded
+MAX_GENERATIONS = 10_000  # per job
+MAX_MEMBERS = 4_096  # per generation
+MAX_RANK = 1 << 20
+MAX_RECORDS_PER_BATCH = 4_096  # step records in one steplog.steps
+MAX_REPORTS_PER_BATCH = 4_096  # reports in one steplog.steps, all records together
+MAX_METRICS_PER_REPORT = 64
+MAX_METRIC_KEY_CHARS = 128
+MAX_METRIC_STR_CHARS = 1_024
+MAX_LOST_STEPS = 100_000  # placeholders one generation may add (a survivor far ahead)
+MAX_CHECKPOINTS = 100_000  # per job, pruned ones included
+MAX_FAILURES = 10_000  # per job
+MAX_FENCED_KEPT = 1_000  # per job; older refusals are dropped and counted
+MAX_TEXT_CHARS = 4_096  # paths, reasons, details, rendezvous
+MAX_NAME_CHARS = 256  # node ids, failure kinds, recovery names, checksums
+MAX_QUERY_ITEMS = 2_000
+MAX_QUERY_ANSWER_BYTES = 512 << 10  # well under a transport frame
+LIVE_CHECKPOINTS = 2
+
+JOB_STATES = ("running", "finished", "failed", "interrupted")
+END_STATES = ("finished", "failed", "interrupted")
+RECORD_KINDS = ("steps", "reports", "generations", "checkpoints", "failures", "fenced")
+FAILURE_FIELDS = ("generation", "rank", "kind", "step", "time", "recovery", "recovery_s")
+FAILURE_OPTIONAL = ("detail",)
+ANNOTATABLE = ("recovery", "recovery_s", "detail")
+
+_JOB_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+class BadArgument(Exception):
+    """An argument failed validation; becomes a ``bad_argument`` answer."""
+
+
+# ------------------------------------------------------------------ validation
+def _int(v: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise BadArgument(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.60}")
+    return v
+
+
+def _opt_int(v: Any, what: str) -> int | None:
+    return None if v is None else _int(v, what, -(1 << 62))
+
+
+def _time(v: Any, what: str = "time") -> float:
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise BadArgument(f"{what} must be a finite number (unix seconds), got {v!r:.60}")
+    return float(v)
+
+
+def _opt_number(v: Any, what: str) -> float | None:
+    return None if v is None else _time(v, what)
+
+
+def _text(v: Any, what: str, max_chars: int = MAX_TEXT_CHARS, empty: bool = True) -> str:
+    if not isinstance(v, str) or len(v) > max_chars or (not empty and not v):
+        raise BadArgument(f"{what} must be a string of {0 if empty else 1}..{max_chars} "
+                          f"characters, got {v!r:.60}")
+    return v
+
+
+def _opt_text(v: Any, what: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
+    return None if v is None else _text(v, what, max_chars)
+
+
+def _seq(v: Any, what: str, max_len: int) -> list[Any]:
+    if not isinstance(v, (list, tuple)) or len(v) > max_len:
+        raise BadArgument(f"{what} must be a list of at most {max_len} items")
+    return list(v)
+
+
+def _job_name(v: Any) -> str:
+    if not isinstance(v, str) or not _JOB_NAME.fullmatch(v):
+        raise BadArgument(f"a job name is 1..200 characters of [A-Za-z0-9._-], got {v!r:.60}")
+    return v
+
+
+def _plain(v: Any, depth: int = 0) -> Any:
+    """``v`` as plain msgpack types (tuples become lists); str keys only."""
+    if depth > 32:
+        raise BadArgument("a value is nested more than 32 levels deep")
+    if v is None or type(v) in (bool, int, float, str, bytes):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, depth + 1) for x in v]
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise BadArgument("map keys must be strings")
+        return {k: _plain(x, depth + 1) for k, x in v.items()}
+    raise BadArgument(f"a value of type {type(v).__name__} is not plain msgpack")
+
+
+def _metrics(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict) or len(v) > MAX_METRICS_PER_REPORT:
+        raise BadArgument(f"metrics must be a map of at most {MAX_METRICS_PER_REPORT} keys")
+    for key, value in v.items():
+        _text(key, "a metric key", MAX_METRIC_KEY_CHARS, empty=False)
+        if isinstance(value, str):
+            _text(value, f"metric {key!r}", MAX_METRIC_STR_CHARS)
+        elif value is not None and type(value) not in (bool, int, float):
+            raise BadArgument(f"metric {key!r} must be a number, bool, string or None, "
+                              f"got {type(value).__name__}")
+    return dict(v)
+
+
+def _members(v: Any) -> list[dict[str, Any]]:
+    items = _seq(v, "members", MAX_MEMBERS)
+    if not items:
+        raise BadArgument("a generation needs at least one member")
+    out, ranks = [], set()
+    for m in items:
+        if not isinstance(m, dict) or set(m) != {"rank", "node_id"}:
+            raise BadArgument('each member must be a map {"rank": int, "node_id": str}')
+        rank = _int(m["rank"], "a member's rank", 0, MAX_RANK - 1)
+        if rank in ranks:
+            raise BadArgument(f"rank {rank} appears twice in the members")
+        ranks.add(rank)
+        out.append({"rank": rank, "node_id": _text(m["node_id"], "node_id", MAX_NAME_CHARS)})
+    return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Record:
+    """One validated record of a ``steplog.steps`` batch."""
+
+    step: int
+    time: float
+    reports: tuple[tuple[int, dict[str, Any]], ...]
+    ps_clock: int | None
+
+
+def _records(v: Any) -> list[_Record]:
+    items = _seq(v, "records", MAX_RECORDS_PER_BATCH)
+    out, reports_total = [], 0
+    for r in items:
+        if not isinstance(r, dict) or not {"step", "time"} <= set(r) or not set(r) <= {
+                "step", "time", "reports", "ps_clock"}:
+            raise BadArgument('a record is a map {"step", "time"[, "reports", "ps_clock"]}')
+        reports = _seq(r.get("reports", ()), "reports", MAX_REPORTS_PER_BATCH)
+        reports_total += len(reports)
+        if reports_total > MAX_REPORTS_PER_BATCH:
+            raise BadArgument(f"a batch carries at most {MAX_REPORTS_PER_BATCH} reports")
+        parsed = []
+        for rep in reports:
+            if not isinstance(rep, dict) or set(rep) != {"seq", "metrics"}:
+                raise BadArgument('a report is a map {"seq": int, "metrics": map}')
+            parsed.append((_int(rep["seq"], "a report seq"), _metrics(rep["metrics"])))
+        out.append(_Record(_int(r["step"], "step"), _time(r["time"]), tuple(parsed),
+                           _opt_int(r.get("ps_clock"), "ps_clock")))
+    return out
+
+
+# ------------------------------------------------------------------ the log
+@dataclasses.dataclass(slots=True)
+class Job:
+    """Everything the log holds about one job; every field is plain msgpack data."""
+
+    name: str
+    spec: dict[str, Any]
+    state: str = "running"
+    generation: int = 0
+    last_step: int = 0
+    report_seq: int = 0
+    generations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fenced: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fenced_dropped: int = 0
+    progress: dict[str, int] = dataclasses.field(default_factory=dict)
+    end: dict[str, Any] | None = None
+
+    def live_checkpoints(self) -> list[dict[str, Any]]:
+        return [c for c in self.checkpoints if not c.get("superseded") and not c.get("pruned")]
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec, "state": self.state,
+                "generation": self.generation, "last_step": self.last_step,
+                "report_seq": self.report_seq, "steps": len(self.steps),
+                "reports": len(self.reports),
+                "checkpoints": [dict(c) for c in self.live_checkpoints()],
+                "failures": len(self.failures),
+                "fenced": len(self.fenced) + self.fenced_dropped,
+                "fenced_dropped": self.fenced_dropped, "progress": dict(self.progress),
+                "end": None if self.end is None else dict(self.end)}
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+
+
+class StepLog:
+    """The ``steplog`` extension: all jobs. Command methods return answers (never raise
+    :class:`BadArgument` to the apply loop: :func:`_handler` turns it into an answer)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+
+    # ------------------------------------------------------------ snapshot
+    def snapshot_state(self) -> dict[str, Any]:
+        """Deterministic: jobs sorted by name, fields in declaration order."""
+        return {"format": SNAPSHOT_FORMAT,
+                "jobs": [[getattr(self.jobs[n], f) for f in _JOB_FIELDS]
+                         for n in sorted(self.jobs)]}
+
+    def restore_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unsupported steplog snapshot format {state.get('format')!r}"
+                             if isinstance(state, dict) else "steplog snapshot is not a map")
+        self.jobs = {}
+        for values in state["jobs"]:
+            job = Job(**dict(zip(_JOB_FIELDS, values, strict=True)))
+            self.jobs[job.name] = job
+
+    def _job(self, name: Any) -> Job:
+        job = self.jobs.get(_job_name(name))
+        if job is None:
+            raise _Refused("no_such_job", f"there is no job {name!r}; create it with "
+                           "steplog.create first")
+        return job
+
+    # ------------------------------------------------------------ commands
+    def create(self, name: Any, spec: Any, resume: Any) -> Answer:
+        name = _job_name(name)
+        if not isinstance(spec, dict):
+            raise BadArgument("spec must be a map")
+        spec = _plain(spec)
+        if len(msgpack.packb(spec, use_bin_type=True)) > MAX_SPEC_BYTES:
+            raise BadArgument(f"spec is larger than {MAX_SPEC_BYTES} bytes encoded")
+        if type(resume) is not bool:
+            raise BadArgument("resume must be a bool")
+        job = self.jobs.get(name)
+        if job is None:
+            if len(self.jobs) >= MAX_JOBS:
+                return error("quota_exceeded", f"the step log holds its limit of {MAX_JOBS} "
+                             "jobs; no more can be created")
+            self.jobs[name] = Job(name, spec)
+            return {"ok": True, "created": True}
+        if not resume:
+            return error("job_exists", f"job {name!r} already exists (state {job.state}); "
+                         "pick another name, or pass resume=True to continue it")
+        if job.state == "finished":
+            return error("job_finished", f"job {name!r} has finished; it cannot be resumed")
+        old, job.state, job.end = job.state, "running", None
+        return {"ok": True, "created": False, "state": old, "spec": job.spec}
+
+    def generation(self, name: Any, generation: Any, members: Any, rendezvous: Any,
+                   start_step: Any, start_report: Any, reason: Any, time: Any) -> Answer:
+        job = self._job(name)
+        generation = _int(generation, "generation", 1)
+        record = {"generation": generation, "members": _members(members),
+                  "rendezvous": _opt_text(rendezvous, "rendezvous"),
+                  "start_step": _int(start_step, "start_step"),
+                  "start_report": _int(start_report, "start_report"),
+                  "reason": _text(reason, "reason"), "time": _time(time)}
+        if generation != job.generation + 1:
+            return error("fenced", f"generation {generation} cannot start: job {job.name!r} is "
+                         f"at generation {job.generation}, the next is {job.generation + 1} "
+                         "(another driver started one meanwhile?)")
+        if job.state != "running":
+            return error("job_not_running", f"job {job.name!r} is {job.state}; resume it with "
+                         "steplog.create(..., resume=True) before starting a generation")
+        if len(job.generations) >= MAX_GENERATIONS:
+            return error("quota_exceeded", f"job {job.name!r} has had {MAX_GENERATIONS} "
+                         "generations, the limit")
+        if record["start_step"] - job.last_step > MAX_LOST_STEPS:
+            raise BadArgument(f"start_step {record['start_step']} is more than "
+                              f"{MAX_LOST_STEPS} steps ahead of the log ({job.last_step})")
+        self._supersede(job, generation, record["start_step"], record["start_report"])
+        for step in range(job.last_step + 1, record["start_step"] + 1):
+            job.steps.append({"step": step, "generation": job.generation,
+                              "time": record["time"], "ps_clock": None, "lost": True})
+        job.generation = generation
+        job.last_step, job.report_seq = record["start_step"], record["start_report"]
+        job.progress = {}  # progress is per generation
+        job.generations.append(record)
+        return {"ok": True}
+
+    @staticmethod
+    def _supersede(job: Job, generation: int, start_step: int, start_report: int) -> None:
+        """Mark what lies beyond the restart point. Live steps (and reports) are in increasing
+        order in their lists, so a backward scan stops at the first live one kept."""
+        for items, key, first_gone in ((job.steps, "step", start_step + 1),
+                                       (job.reports, "seq", start_report)):
+            for rec in reversed(items):
+                if rec.get("superseded"):
+                    continue
+                if rec[key] < first_gone:
+                    break
+                rec["superseded"], rec["superseded_by"] = True, generation
+        for ckpt in job.checkpoints:
+            if not ckpt.get("superseded") and ckpt["step"] > start_step:
+                ckpt["superseded"], ckpt["superseded_by"] = True, generation
+
+    def steps(self, name: Any, generation: Any, rank: Any, records: Any) -> Answer:
+        job = self._job(name)
+        generation = _int(generation, "generation")
+        rank = _int(rank, "rank", 0, MAX_RANK - 1)
+        if generation != job.generation or generation == 0:
+            first, last = _peek(records)
+            return self._fence(job, "steps", generation, rank, first, last)
+        batch = _records(records)
+        if rank != 0:
+            if batch:
+                key = str(rank)
+                job.progress[key] = max(job.progress.get(key, 0), max(r.step for r in batch))
+            return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
+        new_steps, new_reports = self._plan(job, batch)
+        job.steps.extend(new_steps)
+        job.reports.extend(new_reports)
+        job.last_step += len(new_steps)
+        job.report_seq += len(new_reports)
+        return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
+
+    @staticmethod
+    def _plan(job: Job, batch: list[_Record]) -> tuple[list[dict], list[dict]]:
+        """The records a rank-0 batch adds (duplicates skipped); _Refused on a gap."""
+        step_at, seq_at, g = job.last_step, job.report_seq, job.generation
+        new_steps: list[dict] = []
+        new_reports: list[dict] = []
+        for rec in batch:
+            if rec.step > step_at + 1:
+                raise _gap(job, f"step {rec.step} arrived where step {step_at + 1} was due")
+            if rec.step == step_at + 1:
+                new_steps.append({"step": rec.step, "generation": g, "time": rec.time,
+                                  "ps_clock": rec.ps_clock})
+                step_at = rec.step
+            for seq, metrics in rec.reports:
+                if seq > seq_at:
+                    raise _gap(job, f"report {seq} arrived where report {seq_at} was due")
+                if seq == seq_at:
+                    new_reports.append({"seq": seq, "step": rec.step, "generation": g,
+                                        "metrics": metrics})
+                    seq_at += 1
+        return new_steps, new_reports
+
+    def _fence(self, job: Job, what: str, generation: int, rank: int | None,
+               step: int | None, time: float) -> Answer:
+        if generation == 0 and job.generation == 0:
+            return error("no_generation", f"job {job.name!r} has no generation yet; the "
+                         "driver starts one with steplog.generation before workers write")
+        job.fenced.append({"generation": generation, "rank": rank, "step": step, "time": time,
+                           "current": job.generation, "what": what})
+        if len(job.fenced) > MAX_FENCED_KEPT:
+            del job.fenced[0]
+            job.fenced_dropped += 1
+        answer = error("fenced", f"generation {generation} is not the current generation "
+                       f"{job.generation} of job {job.name!r}; this worker was replaced by a "
+                       "newer generation: stop writing and exit, do not retry")
+        answer["current"] = job.generation
+        return answer
+
+    def checkpoint(self, name: Any, generation: Any, step: Any, path: Any, size: Any,
+                   sha256: Any, time: Any) -> Answer:
+        job = self._job(name)
+        generation = _int(generation, "generation")
+        if generation != job.generation or generation == 0:
+            first = step if type(step) is int else None
+            return self._fence(job, "checkpoint", generation, None, first,
+                               float(time) if type(time) in (int, float) else 0.0)
+        record = {"step": _int(step, "step"), "generation": generation,
+                  "path": _text(path, "path", empty=False), "size": _int(size, "size"),
+                  "sha256": _text(sha256, "sha256", MAX_NAME_CHARS), "time": _time(time)}
+        if len(job.checkpoints) >= MAX_CHECKPOINTS:
+            return error("quota_exceeded", f"job {job.name!r} has recorded {MAX_CHECKPOINTS} "
+                         "checkpoints, the limit")
+        job.checkpoints.append(record)
+        live: list[dict] = []
+        for ckpt in reversed(job.checkpoints):  # at most LIVE_CHECKPOINTS + 1 live ones
+            if not ckpt.get("superseded") and not ckpt.get("pruned"):
+                live.append(ckpt)
+                if len(live) > LIVE_CHECKPOINTS:
+                    break
+        pruned = live[LIVE_CHECKPOINTS:]
+        for ckpt in pruned:
+            ckpt["pruned"] = True
+        kept = {c["path"] for c in live[:LIVE_CHECKPOINTS]}
+        return {"ok": True, "prune": [c["path"] for c in pruned if c["path"] not in kept]}
+
+    def failure(self, name: Any, record: Any) -> Answer:
+        job = self._job(name)
+        if not isinstance(record, dict):
+            raise BadArgument("a failure record must be a map")
+        missing = [k for k in FAILURE_FIELDS if k not in record]
+        unknown = sorted(k for k in record if k not in FAILURE_FIELDS + FAILURE_OPTIONAL)
+        if missing or unknown:
+            raise BadArgument(f"a failure record has keys {list(FAILURE_FIELDS)} (and optional "
+                              f"{list(FAILURE_OPTIONAL)}); missing {missing}, unknown {unknown}")
+        stored = {"generation": _int(record["generation"], "generation"),
+                  "rank": _opt_int(record["rank"], "rank"),
+                  "kind": _text(record["kind"], "kind", MAX_NAME_CHARS, empty=False),
+                  "step": _opt_int(record["step"], "step"), "time": _time(record["time"])}
+        stored.update(_failure_fields(record, ANNOTATABLE))
+        if len(job.failures) >= MAX_FAILURES:
+            return error("quota_exceeded", f"job {job.name!r} has recorded {MAX_FAILURES} "
+                         "failures, the limit")
+        job.failures.append(stored)
+        return {"ok": True, "index": len(job.failures) - 1}
+
+    def annotate_failure(self, name: Any, index: Any, fields: Any) -> Answer:
+        job = self._job(name)
+        if not job.failures:
+            raise BadArgument(f"job {job.name!r} has no failures to annotate")
+        index = _int(index, "index", 0, len(job.failures) - 1)
+        if not isinstance(fields, dict) or not set(fields) <= set(ANNOTATABLE):
+            raise BadArgument(f"only {list(ANNOTATABLE)} of a failure can be annotated")
+        job.failures[index].update(_failure_fields(fields, ANNOTATABLE))
+        return {"ok": True}
+
+    def end(self, name: Any, state: Any, reason: Any, time: Any) -> Answer:
+        job = self._job(name)
+        if state not in END_STATES:
+            raise BadArgument(f"a job ends as one of {list(END_STATES)}, not {state!r:.40}")
+        record = {"state": state, "reason": _text(reason, "reason"), "time": _time(time),
+                  "generation": job.generation, "last_step": job.last_step}
+        if job.state == "finished" and state != "finished":
+            return error("job_finished", f"job {job.name!r} has already finished")
+        job.state, job.end = state, record
+        return {"ok": True}
+
+    # ------------------------------------------------------------ queries
+    def query(self, name: str, args: tuple[Any, ...]) -> Answer:
+        entry = _QUERIES.get(name)
+        if entry is None:
+            return error("unknown_query", f"steplog has no query {name!r} "
+                         f"(known: {sorted(_QUERIES)})")
+        method, params, required = entry
+        if not required <= len(args) <= len(params):
+            return error("bad_query", f"steplog query {name} takes ({', '.join(params)}); "
+                         f"the last {len(params) - required} are optional")
+        try:
+            return method(self, *args)
+        except BadArgument as exc:
+            return error("bad_argument", str(exc))
+        except _Refused as exc:
+            return exc.answer
+
+    def _q_job(self, name: Any) -> Answer:
+        return {"ok": True, "job": self._job(name).summary()}
+
+    def _q_records(self, name: Any, kind: Any, start: Any = 0,
+                   limit: Any = MAX_QUERY_ITEMS) -> Answer:
+        job = self._job(name)
+        if kind not in RECORD_KINDS:
+            raise BadArgument(f"kind must be one of {list(RECORD_KINDS)}, not {kind!r:.40}")
+        items_all: list[dict] = getattr(job, kind)
+        start = _int(start, "start")
+        limit = min(_int(limit, "limit", 1), MAX_QUERY_ITEMS)
+        items = _budgeted(items_all[start:start + limit])
+        return {"ok": True, "items": items, "next": start + len(items), "total": len(items_all)}
+
+    def _q_jobs(self, start: Any = 0, limit: Any = MAX_QUERY_ITEMS) -> Answer:
+        names = sorted(self.jobs)
+        start = _int(start, "start")
+        limit = min(_int(limit, "limit", 1), MAX_QUERY_ITEMS)
+        rows = [{"name": j.name, "state": j.state, "generation": j.generation,
+                 "last_step": j.last_step, "spec": j.spec}
+                for j in (self.jobs[n] for n in names[start:start + limit])]
+        rows = _budgeted(rows)
+        return {"ok": True, "jobs": rows, "next": start + len(rows), "total": len(names)}
+
+
+class _Refused(Exception):
+    """A refusal with a specific error answer, raised from deep inside a command."""
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.answer = dict(error(code, detail), **extra)
+
+
+def _gap(job: Job, what: str) -> _Refused:
+    return _Refused("gap", f"job {job.name!r}: {what}; nothing of this batch was applied — "
+                    f"resend from step {job.last_step + 1} and report {job.report_seq}",
+                    last_step=job.last_step, report_seq=job.report_seq)
+
+
+def _peek(records: Any) -> tuple[int | None, float]:
+    """First step and last time of a batch that will not be parsed (it is fenced)."""
+    if not isinstance(records, (list, tuple)) or not records:
+        return None, 0.0
+    first, last = records[0], records[-1]
+    step: Any = first.get("step") if isinstance(first, dict) else None
+    t: Any = last.get("time") if isinstance(last, dict) else None
+    return (step if type(step) is int else None,
+            float(t) if type(t) in (int, float) and math.isfinite(t) else 0.0)
+
+
+def _failure_fields(record: dict, keys: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "recovery" in keys and "recovery" in record:
+        out["recovery"] = _opt_text(record["recovery"], "recovery", MAX_NAME_CHARS)
+    if "recovery_s" in keys and "recovery_s" in record:
+        out["recovery_s"] = _opt_number(record["recovery_s"], "recovery_s")
+    if "detail" in keys and "detail" in record:
+        out["detail"] = _opt_text(record["detail"], "detail")
+    return out
+
+
+def _budgeted(items: list[dict]) -> list[dict]:
+    """A prefix of ``items`` (at least one) whose encoding fits MAX_QUERY_ANSWER_BYTES."""
+    out: list[dict] = []
+    size = 0
+    for item in items:
+        size += len(msgpack.packb(item, use_bin_type=True))
+        if out and size > MAX_QUERY_ANSWER_BYTES:
+            break
+        out.append(dict(item))
+    return out
+
+
+# name -> (method, parameter names, how many are required)
+_QUERIES: dict[str, tuple[Callable[..., Answer], tuple[str, ...], int]] = {
+    "job": (StepLog._q_job, ("job",), 1),
+    "records": (StepLog._q_records, ("job", "kind", "start", "limit"), 2),
+    "jobs": (StepLog._q_jobs, ("start", "limit"), 0),
+}
+
+
+# ------------------------------------------------------------------ registration
+def _handler(method: Callable[..., Answer], op: str, params: tuple[str, ...]) -> Any:
+    def handle(sm: StateMachine, cmd: Command, index: int) -> Answer:
+        log = sm.extensions.get(EXTENSION)
+        if not isinstance(log, StepLog):
+            return error("unknown_command", "this state machine has no step log")
+        if len(cmd.args) != len(params):
+            return error("bad_command", f"{op} takes ({', '.join(params)})")
+        try:
+            return method(log, *cmd.args)
+        except BadArgument as exc:
+            return error("bad_argument", f"{op}: {exc}")
+        except _Refused as exc:
+            return exc.answer
+        except Exception as exc:  # a bug: answer it rather than stop every replica
+            return error("internal_error", f"{op} raised {type(exc).__name__}: {exc}")
+
+    handle.__name__ = f"_apply_{op.replace('.', '_')}"
+    return handle
+
+
+COMMANDS: dict[str, tuple[Callable[..., Answer], tuple[str, ...]]] = {
+    "steplog.create": (StepLog.create, ("job", "spec", "resume")),
+    "steplog.generation": (StepLog.generation, ("job", "generation", "members", "rendezvous",
+                                                "start_step", "start_report", "reason",
+                                                "time")),
+    "steplog.steps": (StepLog.steps, ("job", "generation", "rank", "records")),
+    "steplog.checkpoint": (StepLog.checkpoint, ("job", "generation", "step", "path", "size",
+                                                "sha256", "time")),
+    "steplog.failure": (StepLog.failure, ("job", "record")),
+    "steplog.annotate_failure": (StepLog.annotate_failure, ("job", "index", "fields")),
+    "steplog.end": (StepLog.end, ("job", "state", "reason", "time")),
+}
+
+register_extension(EXTENSION, StepLog)
+for _op, (_method, _params) in COMMANDS.items():
+    register_command(_op)(_handler(_method, _op, _params))
+
+__all__ = ["COMMANDS", "EXTENSION", "Job", "StepLog"]
