@@ -2,26 +2,36 @@
 
     coordinator local --nodes 3                  # a local cluster in the foreground (Ctrl-C stops)
     coordinator put KEY VALUE                    # in another terminal: finds the local cluster
+    coordinator put KEY - < file                 # the value from stdin (or --file PATH)
     coordinator get KEY [--stale]
     coordinator cas KEY EXPECTED NEW [--absent]  # --absent: expect the key to be missing
     coordinator delete KEY
     coordinator status [--all]
+    coordinator token --out FILE                 # a fresh cluster token (mode 0600)
     coordinator serve --id 1 --listen 127.0.0.1:7001 \\
         --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \\
         --data-dir /var/lib/coordinator/1 --token-file /etc/coordinator/token
     coordinator sim ...                          # the deterministic simulator
 
-Client commands find the cluster from ``--endpoints``/``--token-file``, else the environment
-(``COORDINATOR_ENDPOINTS``, ``COORDINATOR_TOKEN_FILE``), else the state file that a running
-``coordinator local`` writes (``COORDINATOR_STATE_FILE`` or ``~/.cache/synctrain/...``).
-Exit status: 0 success, 1 failure (unavailable/rejected), 2 usage error, 3 cas not swapped or
-key not found, 4 outcome unknown.
+Client commands find the cluster from ``--endpoints``/``--token-file`` (given before or after
+the command), else the environment (``COORDINATOR_ENDPOINTS``, ``COORDINATOR_TOKEN_FILE``),
+else the state file that a running ``coordinator local`` writes (``--state-file``,
+``COORDINATOR_STATE_FILE`` or ``~/.cache/synctrain/...``). Values are at most 1 MiB.
+Exit status: 0 success, 1 failure (unavailable/rejected; for ``status --all``: no healthy
+majority), 2 usage error, 3 cas not swapped or key not found, 4 outcome unknown.
+
+``coordinator local`` supervises its nodes: a node that dies is reported (its log is kept)
+and started again after a short delay, growing while it keeps dying (``--no-restart``
+keeps it down); the others keep serving meanwhile. The restart decision is a pure policy
+(:class:`RestartPolicy`); only :class:`_Supervisor` starts processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -29,7 +39,8 @@ import pathlib
 import signal
 import sys
 import threading
-from typing import Any
+import time
+from typing import Any, TextIO
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 
@@ -55,8 +66,70 @@ def _parse_addr(text: str) -> tuple[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    _connection_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
 
+    local = sub.add_parser("local", help="run a local cluster in the foreground")
+    local.add_argument("--nodes", type=int, default=3)
+    local.add_argument("--data-dir", type=pathlib.Path,
+                       help="keep the nodes' data here (default: a temporary dir, removed on "
+                            "exit unless a node died)")
+    local.add_argument("--state-file", type=pathlib.Path, default=argparse.SUPPRESS,
+                       help="where to record endpoints + token file for other commands (one "
+                            "running cluster per state file)")
+    local.add_argument("--no-restart", action="store_true",
+                       help="leave a node that dies down (default: start it again)")
+    local.add_argument("--restart-delay", type=float, default=2.0, metavar="SECONDS",
+                       help="wait before restarting a dead node (default 2; doubles while it "
+                            "keeps dying)")
+
+    token = sub.add_parser("token", help="print a fresh cluster token, or write it to --out")
+    token.add_argument("--out", type=pathlib.Path,
+                       help="create this file (mode 0600) holding the token; never overwrites")
+
+    for name, extra in (("status", []), ("put", ["key", "value"]), ("get", ["key"]),
+                        ("delete", ["key"]), ("cas", ["key", "expected", "new"])):
+        p = sub.add_parser(name, help=f"{name} " + " ".join(x.upper() for x in extra))
+        for arg in extra:
+            if arg in ("value", "new"):  # "-": stdin; or --file PATH
+                p.add_argument(arg, nargs="?", help="the value; - reads it from stdin")
+            else:
+                p.add_argument(arg)
+        _connection_flags(p, top=False)
+        if name in ("put", "cas"):
+            p.add_argument("--file", type=pathlib.Path,
+                           help=f"read the {'value' if name == 'put' else 'NEW value'} from "
+                                "this file (at most 1 MiB)")
+        if name == "get":
+            p.add_argument("--stale", action="store_true",
+                           help="read the answering node's local state (may lag)")
+        if name == "cas":
+            p.add_argument("--absent", action="store_true",
+                           help="expect the key to be absent (EXPECTED is ignored)")
+        if name == "status":
+            p.add_argument("--all", action="store_true",
+                           help="every node, the unreachable ones marked; exit 1 without a "
+                                "healthy majority")
+    sub.add_parser("sim", help="the deterministic simulator (see coordinator sim --help)",
+                   add_help=False)
+    return parser
+
+
+def _connection_flags(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """The flags that say which cluster to talk to, accepted before the subcommand (``top``:
+    with the real defaults) and after it (SUPPRESS: when absent there, the value given
+    before the subcommand stands)."""
+    default: Any = None if top else argparse.SUPPRESS
+    p.add_argument("--endpoints", default=default, help="HOST:PORT,HOST:PORT,...")
+    p.add_argument("--token-file", type=pathlib.Path, default=default)
+    p.add_argument("--timeout", type=float, default=10.0 if top else default,
+                   help="seconds (default 10)")
+    p.add_argument("--state-file", type=pathlib.Path, default=default,
+                   help="the state file of the `coordinator local` to use (or to start)")
+
+
+def _add_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run one node of a cluster")
     serve.add_argument("--id", type=int, required=True, help="this node's id (1, 2, ...)")
     serve.add_argument("--listen", type=_parse_addr, help="HOST:PORT (default: its --peers entry)")
@@ -64,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every member, this one too: 1=HOST:PORT,2=HOST:PORT,...")
     serve.add_argument("--data-dir", type=pathlib.Path, required=True)
     serve.add_argument("--token-file", type=pathlib.Path, required=True,
-                       help="file holding the cluster's shared secret (>= 16 bytes)")
+                       help="file holding the cluster's shared secret (>= 32 characters; "
+                            "`coordinator token --out FILE` makes one)")
     serve.add_argument("--tick-ms", type=float, default=15.0)
     serve.add_argument("--election-tick", type=int, default=10)
     serve.add_argument("--heartbeat-tick", type=int, default=1)
@@ -88,33 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     # tests only: a small frame limit makes a small state span several snapshot chunks
     serve.add_argument("--max-frame-bytes", type=int, help=argparse.SUPPRESS)
 
-    local = sub.add_parser("local", help="run a local cluster in the foreground")
-    local.add_argument("--nodes", type=int, default=3)
-    local.add_argument("--data-dir", type=pathlib.Path,
-                       help="keep the nodes' data here (default: a temporary dir, removed)")
-    local.add_argument("--state-file", type=pathlib.Path,
-                       help="where to record endpoints + token file for other commands")
-
-    for name, extra in (("status", []), ("put", ["key", "value"]), ("get", ["key"]),
-                        ("delete", ["key"]), ("cas", ["key", "expected", "new"])):
-        p = sub.add_parser(name, help=f"{name} " + " ".join(x.upper() for x in extra))
-        for arg in extra:
-            p.add_argument(arg)
-        p.add_argument("--endpoints", help="HOST:PORT,HOST:PORT,...")
-        p.add_argument("--token-file", type=pathlib.Path)
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-        if name == "get":
-            p.add_argument("--stale", action="store_true",
-                           help="read the answering node's local state (may lag)")
-        if name == "cas":
-            p.add_argument("--absent", action="store_true",
-                           help="expect the key to be absent (EXPECTED is ignored)")
-        if name == "status":
-            p.add_argument("--all", action="store_true", help="every node, not just one")
-    sub.add_parser("sim", help="the deterministic simulator (see coordinator sim --help)",
-                   add_help=False)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -129,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "local":
         return _local(args)
+    if args.command == "token":
+        return _token(args)
     return _client_command(args)
 
 
@@ -164,49 +213,234 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _local(args: argparse.Namespace) -> int:
-    from coordinator.cluster import LocalCluster, state_file_path, write_state_file
+def _token(args: argparse.Namespace) -> int:
+    from coordinator.cluster import write_token_file
+    from coordinator.transport import generate_token
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    state_file = args.state_file or state_file_path()
-    with LocalCluster(nodes=args.nodes, data_dir=args.data_dir) as cluster:
-        write_state_file(cluster, state_file)
-        leader = cluster.leader()
-        print(f"coordinator: local cluster of {args.nodes} nodes is up (leader: node {leader})")
-        print(f"  endpoints:  {','.join(cluster.endpoints)}")
-        print(f"  token file: {cluster.token_file}")
-        print(f"  data dir:   {cluster.data_dir}")
-        print(f"  state file: {state_file}")
-        print("In another terminal:  coordinator put hello world && coordinator get hello")
-        print("Ctrl-C stops the cluster.", flush=True)
-        try:
-            while not stop.wait(0.5):
-                for i in cluster.node_ids:
-                    if not cluster.is_running(i):
-                        print(f"coordinator: node {i} exited; see {cluster.log_path(i)}",
-                              file=sys.stderr, flush=True)
-                        return EXIT_FAIL
-        finally:
-            state_file.unlink(missing_ok=True)
-            print("coordinator: stopping the local cluster", flush=True)
+    if args.out is None:
+        print(generate_token())
+        return EXIT_OK
+    try:
+        write_token_file(args.out)
+    except FileExistsError:
+        print(f"coordinator token: {args.out} exists; not overwriting it (a running cluster may "
+              "use it): remove it first or choose another path", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        print(f"coordinator token: cannot create {args.out}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"wrote a fresh cluster token to {args.out} (mode 0600)")
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- coordinator local
+
+
+@dataclasses.dataclass
+class RestartPolicy:
+    """When to start a dead node again. Pure: the caller passes the clock.
+
+    The first restart comes ``delay_s`` after the death; a node that dies again within
+    ``stable_s`` of its restart waits twice as long as last time, up to ``max_delay_s`` (a
+    crash loop costs little); one that ran ``stable_s`` is back to ``delay_s``.
+    ``restart=False`` keeps dead nodes down (None)."""
+
+    restart: bool = True
+    delay_s: float = 2.0
+    max_delay_s: float = 60.0
+    stable_s: float = 30.0
+    _delay_s: dict[int, float] = dataclasses.field(default_factory=dict)
+    _started_at: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def restart_at(self, node_id: int, died_at: float) -> float | None:
+        """When to start ``node_id``, which died at ``died_at`` (None: never)."""
+        if not self.restart:
+            return None
+        last = self._delay_s.get(node_id)
+        started = self._started_at.get(node_id)
+        crash_loop = last is not None and started is not None and died_at - started < self.stable_s
+        delay = min(self.max_delay_s, 2 * last) if crash_loop and last else self.delay_s
+        self._delay_s[node_id] = delay
+        return died_at + delay
+
+    def started(self, node_id: int, at: float) -> None:
+        self._started_at[node_id] = at
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class _Supervisor:
+    """The controller of ``coordinator local``: reports every node that dies, starts it
+    again when the policy says so, reports it back up, and keeps the state file's pids
+    current. Called with the clock on every tick of the foreground loop."""
+
+    def __init__(self, cluster: Any, policy: RestartPolicy, state_file: pathlib.Path) -> None:
+        self.cluster, self.policy, self.state_file = cluster, policy, state_file
+        self.due: dict[int, float] = {}  # node id -> when to start it again
+        self.coming_up: set[int] = set()
+        self.kept_down: set[int] = set()
+        self.any_died = False
+
+    def tick(self, now: float) -> None:
+        for i in self.cluster.node_ids:
+            if i in self.kept_down:
+                continue
+            if i in self.due:
+                if now >= self.due[i]:
+                    self._start(i, now)
+            elif not self.cluster.is_running(i):
+                self._died(i, now)
+            elif i in self.coming_up and self.cluster.is_serving(i):
+                self.coming_up.discard(i)
+                self._say(f"node {i} is serving again (pid {self.cluster.pid(i)})")
+                self._record()
+
+    def _died(self, i: int, now: float) -> None:
+        self.any_died = True
+        self.coming_up.discard(i)
+        n = len(self.cluster.node_ids)
+        alive = sum(self.cluster.is_running(j) for j in self.cluster.node_ids)
+        quorum = n // 2 + 1
+        health = (f"the other nodes keep serving ({alive} of {n} running)" if alive >= quorum
+                  else f"only {alive} of {n} run: writes wait until {quorum} do")
+        self._say(f"node {i} exited ({_exit_reason(self.cluster.exit_code(i))}); its log is "
+                  f"kept: {self.cluster.log_path(i)}; {health}")
+        at = self.policy.restart_at(i, now)
+        if at is None:
+            self.kept_down.add(i)
+            self._say(f"node {i} stays down (--no-restart)")
+        else:
+            self.due[i] = at
+            self._say(f"restarting node {i} in {at - now:.1f} s (--no-restart keeps dead nodes "
+                      "down)")
+
+    def _start(self, i: int, now: float) -> None:
+        del self.due[i]
+        self.policy.started(i, now)
+        try:
+            self.cluster.start_node(i)
+        except OSError as exc:
+            self._say(f"cannot start node {i}: {exc}")
+            self._died(i, now)
+            return
+        self.coming_up.add(i)
+        self._say(f"node {i} restarted (pid {self.cluster.pid(i)}), recovering from its data")
+
+    def _record(self) -> None:
+        from coordinator.cluster import write_state_file
+
+        write_state_file(self.cluster, self.state_file)
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"coordinator: {text}", flush=True)
+
+
+def _lock_state_file(path: pathlib.Path) -> TextIO | None:
+    """Hold an exclusive lock beside ``path`` for this process's lifetime (the kernel drops
+    it when the process dies, however it dies); None if another process holds it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def _refuse_second_local(state_file: pathlib.Path) -> int:
+    from coordinator.cluster import read_state_file
+
+    state = read_state_file(state_file) or {}
+    what = (f" (coordinator local pid {state.get('owner_pid')}, endpoints "
+            f"{','.join(map(str, state.get('endpoints', [])))})" if state else "")
+    print(f"coordinator local: a cluster recorded in {state_file} is still running{what}. "
+          "Stop it first (Ctrl-C in its terminal), or start a second cluster with a state "
+          "file of its own: `coordinator local --state-file OTHER.json` (clients then pass "
+          "`--state-file OTHER.json` or set COORDINATOR_STATE_FILE)", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _local(args: argparse.Namespace) -> int:
+    from coordinator.cluster import LocalCluster, state_file_path, write_state_file
+
+    state_file = args.state_file or state_file_path()
+    lock = _lock_state_file(state_file)
+    if lock is None:
+        return _refuse_second_local(state_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(nodes=args.nodes, data_dir=args.data_dir)
+    try:
+        try:
+            cluster.start()
+        except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
+            cluster.keep_data = True  # the nodes' logs say why
+            print(f"coordinator local: cannot start the cluster: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        write_state_file(cluster, state_file)
+        _print_banner(cluster, args.nodes, state_file)
+        policy = RestartPolicy(restart=not args.no_restart, delay_s=max(0.1, args.restart_delay))
+        supervisor = _Supervisor(cluster, policy, state_file)
+        while not stop.wait(0.2):
+            supervisor.tick(time.monotonic())
+        cluster.keep_data = supervisor.any_died  # keep the logs of the nodes that died
+    finally:
+        state_file.unlink(missing_ok=True)
+        print("coordinator: stopping the local cluster", flush=True)
+        cluster.stop()
+        if cluster.keep_data and cluster.data_dir.exists():
+            print(f"coordinator: kept {cluster.data_dir} (the nodes' data and logs)", flush=True)
+        lock.close()
+    return EXIT_OK
+
+
+def _print_banner(cluster: Any, nodes: int, state_file: pathlib.Path) -> None:
+    leader = cluster.leader()
+    print(f"coordinator: local cluster of {nodes} nodes is up (leader: node {leader})")
+    print(f"  endpoints:  {','.join(cluster.endpoints)}")
+    print(f"  token file: {cluster.token_file}")
+    print(f"  data dir:   {cluster.data_dir}")
+    print(f"  state file: {state_file}")
+    print("In another terminal:  coordinator put hello world && coordinator get hello")
+    print("A node that dies is restarted. Ctrl-C stops the cluster.", flush=True)
+
+
+# ---------------------------------------------------------------- client commands
+
+
+class _UsageError(Exception):
+    """A command line that cannot be run as given (exit status 2)."""
+
+
 def _resolve_cluster(args: argparse.Namespace) -> tuple[str, pathlib.Path]:
-    from coordinator.cluster import state_file_path
+    from coordinator.cluster import read_state_file, state_file_owner_alive, state_file_path
 
     endpoints = args.endpoints or os.environ.get("COORDINATOR_ENDPOINTS")
     token_file = args.token_file or os.environ.get("COORDINATOR_TOKEN_FILE")
     if not endpoints or not token_file:
-        path = state_file_path()
-        if not path.exists():
+        path = args.state_file or state_file_path()
+        state = read_state_file(path)
+        if state is None:
             raise LookupError(
                 "no cluster given: pass --endpoints and --token-file, set COORDINATOR_ENDPOINTS "
                 "and COORDINATOR_TOKEN_FILE, or start one with `coordinator local --nodes 3` "
                 f"(it records itself in {path})")
-        state = json.loads(path.read_text())
+        if not state_file_owner_alive(state):
+            raise LookupError(
+                f"the cluster recorded in {path} is gone (its `coordinator local`, pid "
+                f"{state.get('owner_pid')}, has exited): start one with `coordinator local`")
         endpoints = endpoints or ",".join(state["endpoints"])
         token_file = token_file or state["token_file"]
     return endpoints, pathlib.Path(token_file)
@@ -219,7 +453,7 @@ def _client_command(args: argparse.Namespace) -> int:
         endpoints, token_file = _resolve_cluster(args)
         with Client(endpoints, token_file=token_file, timeout_s=args.timeout) as client:
             return _run_client(client, args)
-    except LookupError as exc:
+    except (LookupError, _UsageError) as exc:
         print(f"coordinator {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OutcomeUnknown as exc:
@@ -230,9 +464,33 @@ def _client_command(args: argparse.Namespace) -> int:
         return EXIT_FAIL
 
 
+def _value_arg(args: argparse.Namespace, positional: str | None, what: str) -> bytes:
+    """The value from the command line: the argument itself, ``-`` for stdin, or --file.
+    Reads at most one byte over the limit, so a huge input is refused without being held."""
+    from coordinator.client import RequestRejected
+    from coordinator.statemachine import MAX_VALUE_BYTES
+
+    if (positional is None) == (args.file is None):
+        raise _UsageError(f"give {what} as an argument, - (read stdin) or --file PATH "
+                          "(exactly one of them)")
+    if args.file is not None:
+        with open(args.file, "rb") as f:
+            data, source = f.read(MAX_VALUE_BYTES + 1), str(args.file)
+    elif positional == "-":
+        data, source = sys.stdin.buffer.read(MAX_VALUE_BYTES + 1), "stdin"
+    else:
+        assert positional is not None
+        return os.fsencode(positional)  # as typed, undecodable bytes included
+    if len(data) > MAX_VALUE_BYTES:
+        raise RequestRejected("bad_value", f"the value from {source} is over the limit of "
+                                           f"{MAX_VALUE_BYTES} bytes (1 MiB)")
+    return data
+
+
 def _run_client(client: Any, args: argparse.Namespace) -> int:
     if args.command == "put":
-        print(f"OK revision={client.put(args.key, args.value)}")
+        value = _value_arg(args, args.value, "VALUE")
+        print(f"OK revision={client.put(args.key, value)}")
     elif args.command == "get":
         record = client.get_record(args.key, "stale" if args.stale else "linearizable")
         if record["value"] is None:
@@ -240,21 +498,52 @@ def _run_client(client: Any, args: argparse.Namespace) -> int:
             return EXIT_NO
         sys.stdout.write(record["value"].decode("utf-8", errors="replace") + "\n")
     elif args.command == "delete":
-        print("deleted" if client.delete(args.key) else "not found")
+        if not client.delete(args.key):
+            print(f"(key {args.key!r} not found)", file=sys.stderr)
+            return EXIT_NO
+        print("deleted")
     elif args.command == "cas":
         expected = None if args.absent else args.expected
-        if not client.cas(args.key, expected, args.new):
+        if not client.cas(args.key, expected, _value_arg(args, args.new, "NEW")):
             print("not swapped: the current value differs from EXPECTED", file=sys.stderr)
             return EXIT_NO
         print("swapped")
     elif args.command == "status":
-        nodes = client.endpoints if args.all else [None]
-        for endpoint in nodes:
-            st = client.status(endpoint)
-            keep = ("id", "role", "term", "leader", "commit", "applied", "log_size",
-                    "snapshot_index", "peers", "endpoint")
-            print(json.dumps({k: st.get(k) for k in keep}, default=str))
+        return _status(client, args)
     return EXIT_OK
+
+
+_STATUS_KEYS = ("id", "role", "term", "leader", "commit", "applied", "log_size",
+                "snapshot_index", "peers", "endpoint")
+
+
+def _status(client: Any, args: argparse.Namespace) -> int:
+    """One node's status; with --all every node's, an unreachable one marked ``down``. Exit
+    0 while a majority answers, 1 otherwise."""
+    from coordinator.client import AuthenticationFailed, Client, CoordinatorError
+
+    if not args.all:
+        st = client.status()
+        print(json.dumps({k: st.get(k) for k in _STATUS_KEYS}, default=str))
+        return EXIT_OK
+    answered = 0
+    for host, port in list(client.endpoints):
+        endpoint = f"{host}:{port}"
+        try:
+            with Client([endpoint], token=client.token, timeout_s=min(args.timeout, 2.0)) as one:
+                st = one.status(endpoint)
+        except AuthenticationFailed:
+            raise
+        except CoordinatorError as exc:
+            print(json.dumps({"endpoint": endpoint, "role": "down", "error": str(exc)[:300]}))
+            continue
+        answered += 1
+        print(json.dumps({k: st.get(k) for k in _STATUS_KEYS}, default=str))
+    n, quorum = len(client.endpoints), len(client.endpoints) // 2 + 1
+    verdict = ("a majority is healthy" if answered >= quorum
+               else f"no majority (needs {quorum}): writes and linearizable reads wait")
+    print(f"{answered} of {n} nodes answer: {verdict}", file=sys.stderr)
+    return EXIT_OK if answered >= quorum else EXIT_FAIL
 
 
 if __name__ == "__main__":

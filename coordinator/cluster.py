@@ -5,7 +5,9 @@ Theory of operation
 -------------------
 ``LocalCluster`` starts every node as its own ``python -m coordinator.cli serve`` process on a
 loopback port picked up front, all sharing one token file (mode 0600) and each with its own
-data directory and log file under ``data_dir``. A node writes ``node-<id>.ready`` once it
+data directory and log file under ``data_dir`` (mode 0700; log files 0600). A token file
+already there is used only if this user owns it and nobody else can read it: a token file
+someone else planted in a shared directory would otherwise make the cluster theirs. A node writes ``node-<id>.ready`` once it
 serves, which is how ``start``/``restart`` know it is up. Faults are real: ``kill`` is SIGKILL,
 ``pause``/``resume`` are SIGSTOP/SIGCONT, ``restart`` starts a new process on the same data
 directory (so it recovers from its WAL and snapshot), and ``partition`` asks the nodes'
@@ -27,6 +29,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,7 @@ import time
 from typing import Any
 
 from coordinator.client import Client, Unavailable
-from coordinator.transport import generate_token
+from coordinator.transport import check_token, generate_token
 
 DEFAULT_STARTUP_TIMEOUT_S = 60.0
 
@@ -47,12 +50,45 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def write_token_file(path: pathlib.Path) -> bytes:
-    """Create ``path`` (mode 0600) holding a fresh cluster token; returns the token bytes."""
+    """Create ``path`` (mode 0600) holding a fresh cluster token; returns the token bytes.
+    Never writes through an existing file or symlink (FileExistsError): one planted there
+    would keep its owner's access to the token."""
     token = generate_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token.encode()
+
+
+def read_own_token_file(path: pathlib.Path) -> bytes:
+    """The token in ``path``, which must be a regular file of this user that nobody else
+    can read or write (PermissionError otherwise, saying what to do)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: no hang
+    except OSError as exc:
+        raise PermissionError(f"cannot open the token file {str(path)!r} ({exc.strerror}); "
+                              "a symlink is refused: remove it to have a fresh one made") from exc
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.getuid() or st.st_mode & 0o077 or not stat.S_ISREG(st.st_mode):
+            raise PermissionError(
+                f"refusing the token file {str(path)!r}: owned by uid {st.st_uid} (you are "
+                f"{os.getuid()}) with mode {stat.S_IMODE(st.st_mode):04o}; a token file must be "
+                "yours and readable by you alone (someone else may know this token). Remove it "
+                "to have a fresh one made, or `chmod 600` it if it is yours")
+        return check_token(f.read(4096).strip(), f"the token in {str(path)!r}")
+
+
+def _own_private_dir(path: pathlib.Path) -> None:
+    """Create ``path`` (mode 0700), or check that an existing one is this user's and make it
+    private; PermissionError for another user's directory."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"the data directory {str(path)!r} belongs to uid {st.st_uid}, "
+                              f"not to you ({os.getuid()}): choose a directory of your own")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        path.chmod(0o700)
 
 
 def _wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
@@ -88,6 +124,7 @@ class LocalCluster:
         self.procs: dict[int, subprocess.Popen] = {}
         self.token_file = self.data_dir / "token"
         self.token = b""
+        self.keep_data = False  # True: stop() keeps even a temporary data_dir (logs to read)
         self._started = False
 
     # ------------------------------------------------------------ lifecycle
@@ -100,9 +137,9 @@ class LocalCluster:
 
     def start(self) -> None:
         """Pick ports, write the token file, start every node and wait until all serve."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.token_file.exists():
-            self.token = self.token_file.read_text().strip().encode()
+        _own_private_dir(self.data_dir)
+        if os.path.lexists(self.token_file):
+            self.token = read_own_token_file(self.token_file)
         else:
             self.token = write_token_file(self.token_file)
         if not self.addresses:
@@ -128,7 +165,7 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
-        if self._own_dir and self._started:
+        if self._own_dir and self._started and not self.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         self._started = False
 
@@ -153,6 +190,22 @@ class LocalCluster:
     def is_running(self, node_id: int) -> bool:
         proc = self.procs.get(node_id)
         return proc is not None and proc.poll() is None
+
+    def is_serving(self, node_id: int) -> bool:
+        """Running and past its start (it wrote its ready file)."""
+        return self.is_running(node_id) and self._ready_file(node_id).exists()
+
+    def exit_code(self, node_id: int) -> int | None:
+        """The node process's exit status, or None while it runs."""
+        proc = self.procs.get(node_id)
+        return None if proc is None else proc.poll()
+
+    def start_node(self, node_id: int) -> None:
+        """Start a node that is not running again on its data directory and port, without
+        waiting (see :meth:`is_serving`; :meth:`restart` waits)."""
+        if self.is_running(node_id):
+            raise RuntimeError(f"node {node_id} is running (pid {self.procs[node_id].pid})")
+        self._spawn(node_id)
 
     def client(self, timeout_s: float = 10.0, endpoints: list[str] | None = None) -> Client:
         return Client(endpoints or self.endpoints, token=self.token, timeout_s=timeout_s)
@@ -253,7 +306,9 @@ class LocalCluster:
 
     def _spawn(self, node_id: int) -> None:
         self._ready_file(node_id).unlink(missing_ok=True)
-        log = open(self.log_path(node_id), "ab")  # noqa: SIM115 - owned by the child
+        fd = os.open(self.log_path(node_id),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        log = os.fdopen(fd, "ab")  # owned by the child
         try:
             self.procs[node_id] = subprocess.Popen(
                 self._command(node_id), stdout=log, stderr=subprocess.STDOUT,
@@ -453,9 +508,37 @@ def state_file_path() -> pathlib.Path:
 
 
 def write_state_file(cluster: LocalCluster, path: pathlib.Path | None = None) -> pathlib.Path:
+    """Record ``cluster`` (endpoints, token file, pids, this process as its owner) in
+    ``path`` for the client commands; written whole (a reader never sees half of it)."""
     path = path or state_file_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(cluster.describe(), owner_pid=os.getpid()), indent=2))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(dict(cluster.describe(), owner_pid=os.getpid()), indent=2))
     os.replace(tmp, path)
     return path
+
+
+def read_state_file(path: pathlib.Path) -> dict | None:
+    """What a state file records, or None if there is none or it cannot be read."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def state_file_owner_alive(state: dict) -> bool:
+    """Whether the ``coordinator local`` that wrote ``state`` still runs (a reused pid may
+    pass for it: a stale file is then only found when its endpoints do not answer)."""
+    pid = state.get("owner_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
