@@ -336,30 +336,60 @@ class LocalCluster:
 
 # ---------------------------------------------------------------------------- Ray
 class _RayNode:
-    """Body of the Ray actor hosting one coordinator node in a background thread."""
+    """Body of the Ray actor hosting one coordinator node in a background thread.
 
-    def __init__(self, node_id: int) -> None:
+    ``data_dir`` None: the actor makes a temporary directory on its own host (removed by
+    :meth:`stop` with ``remove_dir``); otherwise the given directory (created mode 0700) is
+    used and never removed. A restarted node is a new actor given the same directory and
+    address.
+    """
+
+    def __init__(self, node_id: int, data_dir: str | None = None) -> None:
         self.node_id = node_id
         self.host = "127.0.0.1"
         self.port = 0
+        self._bind = "127.0.0.1"
         self._thread: Any = None
         self._loop: Any = None
         self._server: Any = None
-        self.data_dir = tempfile.mkdtemp(prefix=f"coordinator-ray-{node_id}-")
+        self._owns_dir = data_dir is None
+        if data_dir is None:
+            self.data_dir = tempfile.mkdtemp(prefix=f"coordinator-ray-{node_id}-")
+        else:
+            path = pathlib.Path(data_dir)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path.stat().st_uid == os.getuid():
+                path.chmod(0o700)
+            self.data_dir = str(path)
 
-    def reserve(self, bind_all: bool) -> tuple[str, int]:
+    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
+        return f"_RayNode(node {self.node_id})"
+
+    def reserve(self, bind_all: bool, port: int = 0) -> tuple[str, int]:
+        """Pick this node's address: its host's IP (``bind_all``) or loopback, and ``port``
+        (0: a free one)."""
         import ray
 
-        ip = ray.util.get_node_ip_address() if bind_all else "127.0.0.1"
-        self.host = ip
-        self.port = free_port("0.0.0.0" if bind_all else "127.0.0.1")
+        self.host = ray.util.get_node_ip_address() if bind_all else "127.0.0.1"
         self._bind = "0.0.0.0" if bind_all else "127.0.0.1"
-        return ip, self.port
+        self.port = port or free_port(self._bind)
+        return self.host, self.port
+
+    def where(self) -> dict[str, Any]:
+        """Ray node id, host IP, process id and data directory of this actor."""
+        import ray
+
+        return {"ray_node_id": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "data_dir": self.data_dir}
 
     def node_ip(self) -> str:
         import ray
 
         return ray.util.get_node_ip_address()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float) -> str:
         import asyncio
@@ -390,12 +420,16 @@ class _RayNode:
 
         self._thread = threading.Thread(target=run, name=f"coordinator-{self.node_id}", daemon=True)
         self._thread.start()
-        started.wait(60)
+        if not started.wait(DEFAULT_STARTUP_TIMEOUT_S):
+            raise TimeoutError(f"coordinator node {self.node_id} did not start serving within "
+                               f"{DEFAULT_STARTUP_TIMEOUT_S:.0f} s")
         if errors:
             raise errors[0]
         return f"{self.host}:{self.port}"
 
-    def stop(self) -> None:
+    def stop(self, remove_dir: bool = True) -> None:
+        """Stop the server (releasing its data directory); remove the directory only if this
+        actor made it (a temporary one) and ``remove_dir``."""
         import asyncio
 
         if self._server is not None and self._loop is not None:
@@ -403,7 +437,9 @@ class _RayNode:
             fut.result(30)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+            self._server = None
+        if remove_dir and self._owns_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 class RayCluster:
@@ -412,17 +448,44 @@ class RayCluster:
     Requires ``ray.init`` to have been called (or calls it with defaults). With one Ray node
     everything binds to loopback; with several, nodes bind on all interfaces of their host
     and advertise its IP. A context manager like :class:`LocalCluster`.
+
+    Placement: by default a node reserves no CPU (``num_cpus_per_node=0``: the coordinator
+    is mostly idle, and training workers must not wait for CPUs it holds). Ray puts an actor
+    that requests nothing on any node whatever its strategy, so 0-CPU nodes are pinned
+    round-robin over the alive Ray nodes (hard node affinity). With CPUs reserved and at
+    least as many Ray nodes as coordinator nodes, a STRICT_SPREAD placement group puts each
+    on its own machine; with fewer, Ray spreads them best-effort (``"SPREAD"``).
+
+    ``data_dir``: node ``i`` keeps its WAL and snapshots in ``data_dir/node-<i>`` (created
+    0700, on the host the node runs on, never deleted by :meth:`stop`); without it each node
+    uses a temporary directory that :meth:`stop` removes. :meth:`restart` starts a fresh
+    actor for a node on the same Ray node, directory and address, so it recovers from its
+    WAL and its peers need no new address.
     """
 
     def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
-                 num_cpus_per_node: float = 0.1) -> None:
+                 num_cpus_per_node: float = 0.0,
+                 data_dir: str | os.PathLike | None = None) -> None:
+        if not 1 <= nodes <= 9:
+            raise ValueError("a Ray-hosted cluster has 1..9 nodes")
+        if num_cpus_per_node < 0:
+            raise ValueError("num_cpus_per_node must be >= 0")
         self.node_ids = list(range(1, nodes + 1))
         self.token = token or generate_token().encode()
         self.tick_s = tick_ms / 1000.0
         self.num_cpus_per_node = num_cpus_per_node
+        self.data_dir = None if data_dir is None else pathlib.Path(data_dir)
         self.actors: dict[int, Any] = {}
         self.endpoints: list[str] = []
+        self.addresses: dict[int, tuple[str, int]] = {}
+        # Per node, where its first actor ran: Ray node id, data dir, scheduling strategy.
+        self._placed: dict[int, dict[str, Any]] = {}
+        self._multi_host = False
         self._pg: Any = None  # the STRICT_SPREAD placement group, when there is one
+
+    def __repr__(self) -> str:  # never the token or the endpoints
+        return (f"RayCluster(nodes={len(self.node_ids)}, running={sorted(self.actors)}, "
+                f"num_cpus_per_node={self.num_cpus_per_node})")
 
     def __enter__(self) -> RayCluster:
         self.start()
@@ -432,38 +495,64 @@ class RayCluster:
         self.stop()
 
     def start(self) -> None:
+        """Place and start every node; returns once all of them serve."""
         import ray
 
         if not ray.is_initialized():
             ray.init()
-        alive = len([n for n in ray.nodes() if n.get("Alive")])
-        multi = alive > 1
-        actor_cls = ray.remote(num_cpus=self.num_cpus_per_node,  # type: ignore[call-overload]
-                               max_concurrency=4)(_RayNode)
+        alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        self._multi_host = len(alive) > 1
         strategies = self._placement(alive)
         for k, i in enumerate(self.node_ids):
-            self.actors[i] = actor_cls.options(scheduling_strategy=strategies[k]).remote(i)
-        addrs = ray.get([self.actors[i].reserve.remote(multi) for i in self.node_ids])
-        peers = {i: tuple(a) for i, a in zip(self.node_ids, addrs, strict=True)}
-        self.endpoints = ray.get([self.actors[i].start.remote(peers, self.token, self.tick_s)
-                                  for i in self.node_ids])
+            self.actors[i] = self._new_actor(i, strategies[k], self._node_dir(i))
+        timeout_s = DEFAULT_STARTUP_TIMEOUT_S
+        addrs = ray.get([self.actors[i].reserve.remote(self._multi_host) for i in self.node_ids],
+                        timeout=timeout_s)
+        self.addresses = {i: (str(a[0]), int(a[1])) for i, a in zip(self.node_ids, addrs, strict=True)}
+        places = ray.get([self.actors[i].where.remote() for i in self.node_ids], timeout=timeout_s)
+        for k, (i, where) in enumerate(zip(self.node_ids, places, strict=True)):
+            self._placed[i] = dict(where, strategy=strategies[k])
+        self.endpoints = ray.get([self.actors[i].start.remote(self.addresses, self.token,
+                                                              self.tick_s)
+                                  for i in self.node_ids], timeout=timeout_s)
 
-    def _placement(self, alive_ray_nodes: int) -> list[Any]:
-        """One scheduling strategy per coordinator node: with at least as many Ray nodes as
-        coordinator nodes, a STRICT_SPREAD placement group puts each on its own machine;
-        otherwise best-effort SPREAD (one machine then holds several nodes)."""
-        if alive_ray_nodes < len(self.node_ids):
-            return ["SPREAD"] * len(self.node_ids)
+    def _node_dir(self, node_id: int) -> str | None:
+        return None if self.data_dir is None else str(self.data_dir / f"node-{node_id}")
+
+    def _new_actor(self, node_id: int, strategy: Any, data_dir: str | None) -> Any:
         import ray
+
+        actor_cls = ray.remote(_RayNode)
+        return actor_cls.options(
+            num_cpus=self.num_cpus_per_node, max_concurrency=4, max_restarts=0,
+            scheduling_strategy=strategy).remote(node_id, data_dir)
+
+    def _placement(self, alive: list[str]) -> list[Any]:
+        """One scheduling strategy per coordinator node (see the class docstring)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        n = len(self.node_ids)
+        if self.num_cpus_per_node == 0:
+            # A placement-group bundle cannot be all zeros, and a 0-CPU actor lands anywhere:
+            # pin each node to a Ray node, round-robin.
+            return [NodeAffinitySchedulingStrategy(alive[k % len(alive)], soft=False)
+                    for k in range(n)]
+        if len(alive) < n:
+            return ["SPREAD"] * n
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundles = [{"CPU": self.num_cpus_per_node} for _ in self.node_ids]
-        self._pg = placement_group(bundles, strategy="STRICT_SPREAD")
+        self._pg = placement_group([{"CPU": self.num_cpus_per_node}] * n, strategy="STRICT_SPREAD")
         ray.get(self._pg.ready(), timeout=120)
         return [PlacementGroupSchedulingStrategy(placement_group=self._pg,
                                                  placement_group_bundle_index=k)
-                for k in range(len(self.node_ids))]
+                for k in range(n)]
+
+    # ------------------------------------------------------------ queries
+    def endpoint(self, node_id: int) -> str:
+        host, port = self.addresses[node_id]
+        return f"{host}:{port}"
 
     def node_ips(self) -> dict[int, str]:
         """Host IP of each live node's actor (a node removed by :meth:`kill` is left out)."""
@@ -472,16 +561,90 @@ class RayCluster:
         ids = list(self.actors)
         return dict(zip(ids, ray.get([self.actors[i].node_ip.remote() for i in ids]), strict=True))
 
-    def client(self, timeout_s: float = 10.0) -> Client:
-        return Client(self.endpoints, token=self.token, timeout_s=timeout_s)
+    def actor_pid(self, node_id: int) -> int:
+        """The process id of the node's actor (to kill it for real: ``os.kill(pid, 9)``)."""
+        import ray
 
+        return int(ray.get(self.actors[node_id].pid.remote(), timeout=30))
+
+    def is_running(self, node_id: int, timeout_s: float = 2.0) -> bool:
+        """Whether the node's actor is alive (answers Ray within ``timeout_s``)."""
+        import ray
+
+        actor = self.actors.get(node_id)
+        if actor is None:
+            return False
+        try:
+            ray.get(actor.pid.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - RayActorError, GetTimeoutError: not running
+            return False
+        return True
+
+    def client(self, timeout_s: float = 10.0, endpoints: list[str] | None = None) -> Client:
+        return Client(endpoints or self.endpoints, token=self.token, timeout_s=timeout_s)
+
+    def status(self, node_id: int, timeout_s: float = 2.0) -> dict | None:
+        """The node's status, or None if it does not answer within ``timeout_s``."""
+        endpoint = self.endpoint(node_id)
+        try:
+            with Client([endpoint], token=self.token, timeout_s=timeout_s) as c:
+                return c.status(endpoint)
+        except Unavailable:
+            return None
+
+    def leader(self, timeout_s: float = 30.0, exclude: tuple[int, ...] = ()) -> int:
+        """Wait until a node (not in ``exclude``) is leader of the highest term any node
+        that answers reports; return its id."""
+
+        def find() -> int | None:
+            best: tuple[int, int] | None = None
+            terms = []
+            for i in self.node_ids:
+                st = self.status(i, timeout_s=0.5)
+                if st is None:
+                    continue
+                terms.append(st["term"])
+                if st["role"] == "leader" and i not in exclude and (
+                        best is None or st["term"] > best[0]):
+                    best = (st["term"], i)
+            return best[1] if best is not None and best[0] >= max(terms) else None
+
+        return _wait_until(find, timeout_s, "a leader to be elected", interval_s=0.05)
+
+    # ------------------------------------------------------------ faults
     def kill(self, node_id: int) -> None:
         """``ray.kill`` the node's actor (its process dies as with SIGKILL)."""
         import ray
 
         ray.kill(self.actors.pop(node_id))
 
+    def restart(self, node_id: int, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
+        """Start a fresh actor for ``node_id`` on the same Ray node, data directory and
+        address (stopping a live one first), and wait until it serves. Works after
+        :meth:`kill` and after the actor's process was killed from outside."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        placed = self._placed[node_id]
+        old = self.actors.pop(node_id, None)
+        if old is not None:
+            with contextlib.suppress(Exception):  # already dead: nothing to stop
+                ray.get(old.stop.remote(remove_dir=False), timeout=30)
+            with contextlib.suppress(Exception):
+                ray.kill(old)
+        strategy = placed["strategy"]
+        if not hasattr(strategy, "placement_group"):  # the WAL is on that host's disk
+            strategy = NodeAffinitySchedulingStrategy(placed["ray_node_id"], soft=False)
+        actor = self._new_actor(node_id, strategy, placed["data_dir"])
+        self.actors[node_id] = actor
+        host, port = self.addresses[node_id]
+        ray.get(actor.reserve.remote(self._multi_host, port), timeout=timeout_s)
+        ray.get(actor.start.remote(self.addresses, self.token, self.tick_s), timeout=timeout_s)
+        _wait_until(lambda: self.status(node_id) is not None, timeout_s,
+                    f"node {node_id} to serve again")
+
     def stop(self) -> None:
+        """Stop every node (removing temporary data directories, never a given data_dir)."""
         import ray
 
         for actor in self.actors.values():
@@ -489,6 +652,11 @@ class RayCluster:
                 ray.get(actor.stop.remote(), timeout=30)
             with contextlib.suppress(Exception):
                 ray.kill(actor)
+        if self.data_dir is None:  # temporary dirs of killed nodes, when on this host
+            here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            for i, placed in self._placed.items():
+                if i not in self.actors and placed["ray_node_id"] == here:
+                    shutil.rmtree(placed["data_dir"], ignore_errors=True)
         self.actors.clear()
         if self._pg is not None:
             from ray.util.placement_group import remove_placement_group

@@ -1,5 +1,6 @@
-"""A coordinator cluster hosted in Ray actors (SPREAD placement) keeps serving when one of
-its actors is killed."""
+"""A coordinator cluster hosted in Ray actors keeps serving when one of its actors is killed
+(ray.kill, or kill -9 of its process), a killed node restarts on its WAL in data_dir and
+catches up, and 0-CPU nodes start while every CPU of the Ray cluster is taken."""
 
 from __future__ import annotations
 
@@ -19,3 +20,62 @@ def test_ray_hosted_cluster_survives_losing_an_actor(ray_session) -> None:
             cluster.kill(1)  # leader or not: two of three remain, a majority
             client.put("k2", b"v2")
             assert client.get("k2") == b"v2" and client.get("k") == b"v"
+
+
+def test_killed_actor_restarts_from_its_wal_in_data_dir(ray_session, tmp_path, wait_for) -> None:
+    """kill -9 of the leader's actor process: a new leader serves; the restarted node finds
+    its WAL in data_dir/node-<i> and catches up with the leader."""
+    import os
+    import signal
+
+    data_dir = tmp_path / "ray-coordinator"
+    with RayCluster(nodes=3, data_dir=data_dir) as cluster:
+        text = repr(cluster)
+        assert cluster.token.decode() not in text and cluster.endpoints[0] not in text
+        with cluster.client(timeout_s=30) as client:
+            client.put("before", b"1")
+            leader = cluster.leader()
+            wal = data_dir / f"node-{leader}"
+            assert oct(wal.stat().st_mode & 0o777) == "0o700"
+            assert any(p.name.startswith("wal-") for p in wal.iterdir())
+            os.kill(cluster.actor_pid(leader), signal.SIGKILL)
+            wait_for(lambda: not cluster.is_running(leader), "the killed actor to be gone")
+            new_leader = cluster.leader(exclude=(leader,))
+            assert new_leader != leader
+            client.put("after", b"2")  # served by the new leader
+            cluster.restart(leader)
+            assert cluster.is_running(leader)
+
+            def caught_up() -> bool:
+                mine, theirs = cluster.status(leader), cluster.status(new_leader)
+                return bool(mine and theirs and mine["applied"] >= theirs["applied"] > 0)
+
+            wait_for(caught_up, "the restarted node to catch up")
+            with cluster.client(timeout_s=30, endpoints=[cluster.endpoint(leader)]) as local:
+                assert local.get("before", consistency="stale") == b"1"
+                assert local.get("after", consistency="stale") == b"2"
+            client.put("later", b"3")
+            assert client.get("later") == b"3"
+    assert (data_dir / f"node-{leader}").is_dir(), "stop() deleted a caller-given data_dir"
+
+
+def test_zero_cpu_cluster_starts_while_every_cpu_is_taken(ray_session) -> None:
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Busy:
+        def ping(self) -> bool:
+            return True
+
+    free_cpus = int(ray.available_resources().get("CPU", 0))
+    blockers = [Busy.remote() for _ in range(free_cpus)]
+    try:
+        ray.get([b.ping.remote() for b in blockers], timeout=120)
+        assert ray.available_resources().get("CPU", 0) < 1
+        with RayCluster(nodes=3) as cluster:  # num_cpus_per_node=0 by default
+            with cluster.client(timeout_s=30) as client:
+                client.put("k", b"v")
+                assert client.get("k") == b"v"
+    finally:
+        for b in blockers:
+            ray.kill(b)
