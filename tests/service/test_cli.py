@@ -246,3 +246,19 @@ def test_sim_subcommand_runs_the_simulator() -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "failed: 0" in result.stdout + result.stderr
+
+
+def test_restart_policy_backs_off_in_a_crash_loop_and_resets_once_stable() -> None:
+    from coordinator.cli import RestartPolicy
+
+    policy = RestartPolicy(delay_s=2.0, max_delay_s=10.0, stable_s=30.0)
+    assert policy.restart_at(1, died_at=100.0) == 102.0
+    for started, died, due in ((102.0, 103.0, 107.0),  # died 1 s after its restart: 4 s
+                               (107.0, 108.0, 116.0),  # 8 s
+                               (116.0, 117.0, 127.0)):  # capped at 10 s
+        policy.started(1, started)
+        assert policy.restart_at(1, died) == due
+    policy.started(1, 127.0)
+    assert policy.restart_at(1, 200.0) == 202.0  # it ran 73 s: back to the short delay
+    assert policy.restart_at(2, 0.0) == 2.0  # each node has its own history
+    assert RestartPolicy(restart=False).restart_at(1, 5.0) is None  # --no-restart
