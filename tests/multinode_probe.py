@@ -137,7 +137,9 @@ def probe_raycluster() -> dict[str, Any]:
     from coordinator import RayCluster
 
     facts: dict[str, Any] = {}
-    with RayCluster(nodes=3) as cluster:
+    # CPUs reserved: the STRICT_SPREAD placement-group path (0-CPU nodes, the default, are
+    # pinned by node affinity instead).
+    with RayCluster(nodes=3, num_cpus_per_node=0.1) as cluster:
         facts["endpoints"] = list(cluster.endpoints)
         facts["node_ips"] = {str(i): ip for i, ip in cluster.node_ips().items()}
         facts["actors"] = {str(i): ray.get(a.__ray_call__.remote(_coordinator_facts), timeout=60)
