@@ -31,6 +31,14 @@ belongs to and is refused (``error "fenced"``, recorded in ``fenced``) unless th
 current generation. A generation is started only as ``current + 1``, so once the driver has
 started generation G + 1, nothing a worker of generation G still sends can change the log:
 a replaced worker that was merely slow (paused, partitioned) cannot write over its successor.
+A write that names a generation *above* the current one is answered ``"not_yet"`` (and not
+recorded): the driver tells surviving workers the new number before it starts the generation,
+so they retry until it is current instead of being fenced.
+
+A "continue" generation (``start_step == -1``; async mode, where survivors never stop) rolls
+nothing back: ``start_step``/``start_report`` are recorded as the log's current position, and
+rank 0's next step may jump ahead (a replacement rank 0 resumes at its parameter-server clock),
+the skipped steps filled with ``lost`` placeholders.
 
 Superseding: a new generation resumes from ``start_step`` (the checkpoint it restored) and
 ``start_report``. Everything the log holds beyond that point belongs to a history that will
@@ -265,6 +273,9 @@ class Job:
     fenced_dropped: int = 0
     progress: dict[str, int] = dataclasses.field(default_factory=dict)
     end: dict[str, Any] | None = None
+    # After a "continue" generation (start_step -1): rank 0's next step may jump ahead (a
+    # replacement rank 0 resumes at its parameter-server clock); the skipped steps are lost.
+    allow_jump: bool = False
 
     def live_checkpoints(self) -> list[dict[str, Any]]:
         return [c for c in self.checkpoints if not c.get("superseded") and not c.get("pruned")]
@@ -343,10 +354,12 @@ class StepLog:
                    start_step: Any, start_report: Any, reason: Any, time: Any) -> Answer:
         job = self._job(name)
         generation = _int(generation, "generation", 1)
+        keep_going = start_step == -1  # "continue": nothing is rolled back (async survivors)
         record = {"generation": generation, "members": _members(members),
                   "rendezvous": _opt_text(rendezvous, "rendezvous"),
-                  "start_step": _int(start_step, "start_step"),
-                  "start_report": _int(start_report, "start_report"),
+                  "start_step": job.last_step if keep_going else _int(start_step, "start_step"),
+                  "start_report": (job.report_seq if keep_going and start_report == -1
+                                   else _int(start_report, "start_report")),
                   "reason": _text(reason, "reason"), "time": _time(time)}
         if generation != job.generation + 1:
             return error("fenced", f"generation {generation} cannot start: job {job.name!r} is "
@@ -361,7 +374,10 @@ class StepLog:
         if record["start_step"] - job.last_step > MAX_LOST_STEPS:
             raise BadArgument(f"start_step {record['start_step']} is more than "
                               f"{MAX_LOST_STEPS} steps ahead of the log ({job.last_step})")
-        self._supersede(job, generation, record["start_step"], record["start_report"])
+        record["continue"] = keep_going
+        job.allow_jump = keep_going
+        if not keep_going:
+            self._supersede(job, generation, record["start_step"], record["start_report"])
         for step in range(job.last_step + 1, record["start_step"] + 1):
             job.steps.append({"step": step, "generation": job.generation,
                               "time": record["time"], "ps_clock": None, "lost": True})
@@ -403,6 +419,8 @@ class StepLog:
         new_steps, new_reports = self._plan(job, batch)
         job.steps.extend(new_steps)
         job.reports.extend(new_reports)
+        if new_steps:
+            job.allow_jump = False
         job.last_step += len(new_steps)
         job.report_seq += len(new_reports)
         return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
@@ -414,6 +432,11 @@ class StepLog:
         new_steps: list[dict] = []
         new_reports: list[dict] = []
         for rec in batch:
+            if rec.step > step_at + 1 and job.allow_jump and rec.step - step_at <= MAX_LOST_STEPS:
+                for lost in range(step_at + 1, rec.step):  # a replacement rank 0 resumed ahead
+                    new_steps.append({"step": lost, "generation": g, "time": rec.time,
+                                      "ps_clock": None, "lost": True})
+                step_at = rec.step - 1
             if rec.step > step_at + 1:
                 raise _gap(job, f"step {rec.step} arrived where step {step_at + 1} was due")
             if rec.step == step_at + 1:
@@ -434,6 +457,9 @@ class StepLog:
         if generation == 0 and job.generation == 0:
             return error("no_generation", f"job {job.name!r} has no generation yet; the "
                          "driver starts one with steplog.generation before workers write")
+        if generation > job.generation:  # told of the next generation before it was started
+            return error("not_yet", f"generation {generation} of job {job.name!r} has not started "
+                         f"yet (current: {job.generation}); retry shortly")
         job.fenced.append({"generation": generation, "rank": rank, "step": step, "time": time,
                            "current": job.generation, "what": what})
         if len(job.fenced) > MAX_FENCED_KEPT:

@@ -4,6 +4,7 @@ through the wire on a real 3-node cluster with a leader killed in between."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import msgpack
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator import RequestRejected
+from coordinator import AsyncClient, RequestRejected
 from coordinator import steplog as sl
 from coordinator.statemachine import StateMachine, encode_command
 
@@ -101,7 +102,23 @@ def test_write_from_an_older_generation_is_fenced_and_changes_nothing() -> None:
          "what": "checkpoint"}]
     assert log.generation(2)["error"] == "fenced", "a generation starts only as current + 1"
     assert log.generation(4)["error"] == "fenced"
-    assert log.steps(3, rec(3))["error"] == "fenced", "a future generation is fenced too"
+    n = len(log.items("fenced"))
+    assert log.steps(3, rec(3))["error"] == "not_yet", "a future generation waits, is not fenced"
+    assert len(log.items("fenced")) == n, "a not-yet write is not recorded as fenced"
+
+
+def test_continue_generation_rolls_nothing_back_and_lets_rank0_jump() -> None:
+    log = started()
+    assert log.steps(1, rec(1, 0), rec(2, 1))["ok"]
+    assert log.generation(2, start_step=-1, start_report=-1)["ok"]
+    assert not any(s.get("superseded") for s in log.items("steps"))
+    assert log.items("generations")[-1]["start_step"] == 2
+    assert log.items("generations")[-1]["continue"] is True
+    assert log.steps(2, rec(5, 2))["ok"], "a replacement rank 0 resumes at its clock"
+    steps = log.items("steps")
+    assert [(s["step"], bool(s.get("lost"))) for s in steps] == [
+        (1, False), (2, False), (3, True), (4, True), (5, False)]
+    assert log.steps(2, rec(7))["error"] == "gap", "only the first step after it may jump"
 
 
 def test_new_generation_supersedes_what_lies_beyond_its_start() -> None:
@@ -281,7 +298,7 @@ def test_bounds_are_refused_with_error_answers(monkeypatch) -> None:
     assert log.cmd("create", "big", {"blob": "x" * sl.MAX_SPEC_BYTES}, False)["error"] == (
         "bad_argument")
     for _ in range(sl.MAX_FENCED_KEPT + 5):  # fenced refusals: the newest kept, the rest counted
-        assert log.steps(9, rec(1))["error"] == "fenced"
+        assert log.steps(0, rec(1))["error"] == "fenced"
     job = log.job()
     assert job["fenced"] == sl.MAX_FENCED_KEPT + 5 and job["fenced_dropped"] == 5
     assert log.query("records", "j", "fenced")["total"] == sl.MAX_FENCED_KEPT
@@ -435,6 +452,19 @@ def test_step_log_over_the_wire_survives_a_leader_kill(make_cluster, wait_for) -
     assert stale["stale"] is True and stale["node"] == follower
     cluster.restart(leader)  # it recovers the step log from its WAL and catches up
     wait_for(lambda: _stale_job_at(cluster, leader, "wire", 3), "the restarted node to catch up")
+
+    async def through_async_client() -> None:
+        async with AsyncClient(cluster.endpoints, token=cluster.token, timeout_s=30) as ac:
+            answer = await ac.command("steplog.steps", "wire", 1, 0, [rec(4, 2)])
+            assert answer == {"ok": True, "last_step": 4, "report_seq": 3}
+            job = (await ac.query("steplog", "job", "wire"))["job"]
+            assert job["last_step"] == 4
+            with pytest.raises(RequestRejected, match="fenced"):
+                await ac.command("steplog.steps", "wire", 0, 0, [rec(5)])
+            page = await ac.query("steplog", "records", "wire", "steps", consistency="stale")
+            assert page["stale"] is True and page["total"] >= 3
+
+    asyncio.run(through_async_client())
 
 
 def _stale_job_at(cluster, node_id: int, job: str, last_step: int) -> dict | None:
