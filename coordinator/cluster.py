@@ -340,11 +340,12 @@ class _RayNode:
 
     ``data_dir`` None: the actor makes a temporary directory on its own host (removed by
     :meth:`stop` with ``remove_dir``); otherwise the given directory (created mode 0700) is
-    used and never removed. A restarted node is a new actor given the same directory and
-    address.
+    used, and removed by :meth:`stop` only if ``temporary`` (a restarted node's temporary
+    directory). A restarted node is a new actor given the same directory and address.
     """
 
-    def __init__(self, node_id: int, data_dir: str | None = None) -> None:
+    def __init__(self, node_id: int, data_dir: str | None = None,
+                 temporary: bool = False) -> None:
         self.node_id = node_id
         self.host = "127.0.0.1"
         self.port = 0
@@ -352,7 +353,7 @@ class _RayNode:
         self._thread: Any = None
         self._loop: Any = None
         self._server: Any = None
-        self._owns_dir = data_dir is None
+        self._owns_dir = data_dir is None or temporary
         if data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix=f"coordinator-ray-{node_id}-")
         else:
@@ -484,7 +485,7 @@ class RayCluster:
         self._pg: Any = None  # the STRICT_SPREAD placement group, when there is one
 
     def __repr__(self) -> str:  # never the token or the endpoints
-        return (f"RayCluster(nodes={len(self.node_ids)}, running={sorted(self.actors)}, "
+        return (f"RayCluster(nodes={len(self.node_ids)}, actors={sorted(self.actors)}, "
                 f"num_cpus_per_node={self.num_cpus_per_node})")
 
     def __enter__(self) -> RayCluster:
@@ -504,7 +505,7 @@ class RayCluster:
         self._multi_host = len(alive) > 1
         strategies = self._placement(alive)
         for k, i in enumerate(self.node_ids):
-            self.actors[i] = self._new_actor(i, strategies[k], self._node_dir(i))
+            self.actors[i] = self._new_actor(i, strategies[k], self._node_dir(i), False)
         timeout_s = DEFAULT_STARTUP_TIMEOUT_S
         addrs = ray.get([self.actors[i].reserve.remote(self._multi_host) for i in self.node_ids],
                         timeout=timeout_s)
@@ -519,13 +520,14 @@ class RayCluster:
     def _node_dir(self, node_id: int) -> str | None:
         return None if self.data_dir is None else str(self.data_dir / f"node-{node_id}")
 
-    def _new_actor(self, node_id: int, strategy: Any, data_dir: str | None) -> Any:
+    def _new_actor(self, node_id: int, strategy: Any, data_dir: str | None,
+                   temporary: bool) -> Any:
         import ray
 
         actor_cls = ray.remote(_RayNode)
         return actor_cls.options(
             num_cpus=self.num_cpus_per_node, max_concurrency=4, max_restarts=0,
-            scheduling_strategy=strategy).remote(node_id, data_dir)
+            scheduling_strategy=strategy).remote(node_id, data_dir, temporary)
 
     def _placement(self, alive: list[str]) -> list[Any]:
         """One scheduling strategy per coordinator node (see the class docstring)."""
@@ -635,7 +637,7 @@ class RayCluster:
         strategy = placed["strategy"]
         if not hasattr(strategy, "placement_group"):  # the WAL is on that host's disk
             strategy = NodeAffinitySchedulingStrategy(placed["ray_node_id"], soft=False)
-        actor = self._new_actor(node_id, strategy, placed["data_dir"])
+        actor = self._new_actor(node_id, strategy, placed["data_dir"], self.data_dir is None)
         self.actors[node_id] = actor
         host, port = self.addresses[node_id]
         ray.get(actor.reserve.remote(self._multi_host, port), timeout=timeout_s)

@@ -11,7 +11,9 @@ from coordinator import RayCluster
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_ray_hosted_cluster_survives_losing_an_actor(ray_session) -> None:
+def test_ray_hosted_cluster_survives_losing_an_actor(ray_session, wait_for) -> None:
+    import pathlib
+
     with RayCluster(nodes=3) as cluster:
         assert len(cluster.endpoints) == 3
         with cluster.client(timeout_s=30) as client:
@@ -20,6 +22,12 @@ def test_ray_hosted_cluster_survives_losing_an_actor(ray_session) -> None:
             cluster.kill(1)  # leader or not: two of three remain, a majority
             client.put("k2", b"v2")
             assert client.get("k2") == b"v2" and client.get("k") == b"v"
+            temp_dir = pathlib.Path(cluster._placed[1]["data_dir"])
+            assert temp_dir.is_dir(), "a killed node keeps its temporary WAL for a restart"
+            cluster.restart(1)  # no data_dir: the same temporary directory, same address
+            wait_for(lambda: (cluster.status(1) or {}).get("applied", 0) >= (
+                cluster.status(cluster.leader()) or {}).get("commit", 1), "node 1 to catch up")
+    assert not temp_dir.exists(), "stop() left a temporary data directory behind"
 
 
 def test_killed_actor_restarts_from_its_wal_in_data_dir(ray_session, tmp_path, wait_for) -> None:
