@@ -21,6 +21,8 @@ __all__ = [
     "broadcast",
     "barrier",
     "strategy_metrics",
+    "register_state",
+    "heartbeat",
     "TrainContext",
 ]
 
@@ -35,7 +37,9 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     session = _context.current_session()
     if session is None or session.strategy is None:
         return model
-    return session.strategy.prepare_model(model)
+    prepared = session.strategy.prepare_model(model)
+    session.add_model(prepared)  # loads restored state when the job resumes
+    return prepared
 
 
 def prepare_optimizer(optimizer: torch.optim.Optimizer) -> Any:
@@ -45,7 +49,9 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> Any:
     session = _context.current_session()
     if session is None or session.strategy is None:
         return optimizer
-    return session.strategy.prepare_optimizer(optimizer)
+    prepared = session.strategy.prepare_optimizer(optimizer)
+    session.add_optimizer(prepared)  # loads restored state when the job resumes
+    return prepared
 
 
 def prepare_data_loader(loader: torch.utils.data.DataLoader) -> Any:
@@ -58,7 +64,27 @@ def prepare_data_loader(loader: torch.utils.data.DataLoader) -> Any:
     if session is None:
         return loader
     ctx = session.context
-    return shard_data_loader(loader, ctx.world_size, ctx.rank, ctx.seed, ctx.device)
+    sharded = shard_data_loader(loader, ctx.world_size, ctx.rank, ctx.seed, ctx.device)
+    session.add_sampler(sharded.batch_sampler)  # positions for checkpoints; resumes when restored
+    return sharded
+
+
+def register_state(name: str, obj: Any) -> Any:
+    """Checkpoint ``obj`` (anything with ``state_dict``/``load_state_dict``: an LR scheduler, a
+    GradScaler, an EMA) with the job, under ``name``; when the job resumes, its state is loaded
+    here. Returns ``obj``. A no-op outside a Trainer."""
+    session = _context.current_session()
+    if session is not None:
+        session.register(name, obj)
+    return obj
+
+
+def heartbeat() -> None:
+    """Tell the driver this worker is alive though it takes no optimizer step for a while (a
+    long evaluation, say), so it is not taken for a stalled worker. A no-op outside a Trainer."""
+    session = _context.current_session()
+    if session is not None:
+        session.touch()
 
 
 def report(metrics: dict[str, Any]) -> None:

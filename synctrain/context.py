@@ -4,12 +4,27 @@ Inside a synctrain worker, :func:`synctrain.get_context` returns the worker's
 :class:`TrainContext`; in a plain Python process (no Trainer) it returns a single-process
 context, and every ``prepare_*`` helper becomes a no-op, so a training loop can be debugged
 locally without Ray.
+
+The :class:`Session` is one run of the loop in one worker (one *generation* of the job). It
+holds everything the step boundary needs: the objects the loop prepared or registered (so a
+checkpoint can capture them and a restart can load them), the data loaders' positions, the
+reports, and — when the job keeps a step log — the :class:`~synctrain.worker.step.StepBoundary`
+that records steps, writes checkpoints and holds the worker within K uncommitted steps.
+
+Restoring. A session may start with a *restore document* (a checkpoint, or a live peer's
+state): the loop then runs again from its first line and the helpers put it back where that
+state left off — ``prepare_model``/``prepare_optimizer``/``register_state`` load their part,
+the prepared loaders skip what was done (see :mod:`synctrain.data`), and the RNG states are
+put back exactly where the first batch after the restored step is drawn. Until every restored
+loader has reached its resume point the loop is *replaying* finished work, and its reports are
+dropped: they were committed by the run that did that work.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,15 +32,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from synctrain.data import ShardedBatchSampler
     from synctrain.strategies.base import Strategy
+    from synctrain.worker.step import StepBoundary
 
 #: Reports a worker keeps before the driver collects them; older ones are dropped (and counted).
 MAX_PENDING_REPORTS = 100_000
+#: Objects one loop may register with ``register_state``.
+MAX_REGISTERED = 256
 
 
 @dataclass(frozen=True)
 class TrainContext:
-    """Where this copy of the training loop runs. ``mode`` is "sync", "async" or "local"."""
+    """Where this copy of the training loop runs. ``mode`` is "sync", "async" or "local".
+
+    ``generation`` counts the job's membership changes (1 for the first run); ``resumed`` is
+    True when this run continues from restored state, ``start_step`` and ``start_epoch`` say
+    where (optimizer steps done, and the data epoch the loader continues in).
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -33,27 +57,55 @@ class TrainContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mode: str = "local"
     seed: int = 0
+    generation: int = 0
+    resumed: bool = False
+    start_step: int = 0
+    start_epoch: int = 0
 
 
 class Session:
-    """A running worker's state: its context, strategy, reports and step counter.
+    """A running worker's state: its context, strategy, reports, step counter and the
+    objects it prepared. ``report`` is called from the training thread while the driver
+    drains reports through the actor's second thread, hence the lock."""
 
-    ``report`` is called from the training thread while the driver drains reports through
-    the actor's second thread, hence the lock.
-    """
-
-    def __init__(self, context: TrainContext, strategy: Strategy | None) -> None:
+    def __init__(self, context: TrainContext, strategy: Strategy | None,
+                 restore: dict[str, Any] | None = None) -> None:
         self.context = context
         self.strategy = strategy
-        self.optimizer_steps = 0
+        self.restore = restore
+        self.optimizer_steps = int(restore["step"]) if restore else 0
         self._lock = threading.Lock()
         # bounded: when the driver falls behind, the oldest reports go (and are counted)
         self._reports: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_REPORTS)
         self._first_pending = 0  # global index of self._reports[0]
         self.dropped_reports = 0
         self.report_count = 0
+        self.report_seq = int(restore.get("report_seq", 0)) if restore else 0  # job-wide index
+        self.replayed_reports = 0
+        self.models: list[torch.nn.Module] = []
+        self.optimizers: list[Any] = []
+        self.samplers: list[ShardedBatchSampler] = []
+        self.registered: dict[str, Any] = {}
+        self.stepper: StepBoundary | None = None
+        self.last_activity = time.monotonic()
+        self.in_step = False  # inside an optimizer step: state may be half-updated
+        self._replay_waiting = 0  # restored loaders that have not reached their resume point
+        self._rng_pending = restore.get("rng") if restore else None
+        # The state as of the last step boundary (what a peer heal hands on): data positions
+        # and the report count then; reports and batches after it are redone.
+        self.step_positions: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("loaders", [])]
+        self.step_report_seq = self.report_seq
+
+    # ---- reports -----------------------------------------------------------------------
+    @property
+    def replaying(self) -> bool:
+        return self._replay_waiting > 0
 
     def add_report(self, metrics: dict[str, Any]) -> None:
+        self.touch()
+        if self.replaying:
+            self.replayed_reports += 1  # committed by the run that did this work
+            return
         record = dict(metrics)
         record.setdefault("step", self.optimizer_steps if self.strategy else self.report_count)
         with self._lock:
@@ -62,6 +114,10 @@ class Session:
                 self.dropped_reports += 1
             self._reports.append(record)  # O(1); the deque drops the oldest when full
             self.report_count += 1
+            seq = self.report_seq
+            self.report_seq += 1
+        if self.stepper is not None:
+            self.stepper.on_report(seq, self.optimizer_steps, record)
 
     def drain_reports(self, since: int) -> tuple[list[dict[str, Any]], int]:
         """Reports with global index >= ``since``; frees those before it. Returns (reports, next)."""
@@ -72,6 +128,93 @@ class Session:
             start = max(0, since - self._first_pending)
             out = list(itertools.islice(self._reports, start, None))
             return out, self._first_pending + len(self._reports)
+
+    # ---- progress ----------------------------------------------------------------------
+    def touch(self) -> None:
+        """Record that the loop is alive (a step, a report, ``synctrain.heartbeat()``)."""
+        self.last_activity = time.monotonic()
+
+    def on_optimizer_step(self) -> None:
+        """The one step boundary: both strategies call it after each real optimizer step."""
+        self.optimizer_steps += 1
+        self.touch()
+        self.step_positions = self.loader_positions()
+        self.step_report_seq = self.report_seq
+        if self.stepper is not None:
+            self.stepper.after_step(self)
+
+    def progress(self) -> dict[str, Any]:
+        return {"step": self.optimizer_steps, "idle_s": time.monotonic() - self.last_activity,
+                "reports": self.report_count, "in_step": self.in_step}
+
+    # ---- prepared objects and restore --------------------------------------------------
+    def add_model(self, prepared: torch.nn.Module) -> None:
+        index = len(self.models)
+        self.models.append(prepared)
+        if self.restore and self.context.mode != "async":  # async: the shards hold parameters
+            states = self.restore.get("models", [])
+            if index < len(states):
+                _module(prepared).load_state_dict(states[index])
+
+    def add_optimizer(self, optimizer: Any) -> None:
+        index = len(self.optimizers)
+        self.optimizers.append(optimizer)
+        if self.restore and self.context.mode != "async":  # async: the shards hold its state
+            states = self.restore.get("optimizers", [])
+            if index < len(states):
+                optimizer.load_state_dict(states[index])
+
+    def add_sampler(self, sampler: ShardedBatchSampler) -> None:
+        index = len(self.samplers)
+        self.samplers.append(sampler)
+        sampler.on_first_batch = self._restore_rng_once
+        if not self.restore:
+            return
+        positions = self.restore.get("loaders", [])
+        if self.restore.get("derive_positions") and index == 0:  # async: from the worker's clock
+            positions = [divmod(int(self.restore["step"]), max(1, len(sampler)))]
+        if index < len(positions):
+            epoch, done = positions[index]
+            if epoch >= 0:
+                self._replay_waiting += 1
+                sampler.on_resume_point = self._one_loader_resumed
+            sampler.resume_at(int(epoch), int(done))
+
+    def _one_loader_resumed(self) -> None:
+        self._replay_waiting = max(0, self._replay_waiting - 1)
+
+    def _restore_rng_once(self) -> None:
+        if self._rng_pending is not None and not self.replaying:
+            from synctrain.checkpoint import restore_rng
+
+            state, self._rng_pending = self._rng_pending, None
+            restore_rng(state)
+
+    def register(self, name: str, obj: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"register_state needs a non-empty name, got {name!r}")
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"register_state({name!r}, ...) needs an object with state_dict() and "
+                            f"load_state_dict(), got {type(obj).__name__}")
+        if name in self.registered and self.registered[name] is not obj:
+            raise ValueError(f"register_state: the name {name!r} is already registered for another object")
+        if len(self.registered) >= MAX_REGISTERED and name not in self.registered:
+            raise ValueError(f"register_state: at most {MAX_REGISTERED} objects per training loop")
+        self.registered[name] = obj
+        if self.restore and name in self.restore.get("registered", {}):
+            obj.load_state_dict(self.restore["registered"][name])
+
+    def loader_positions(self) -> list[tuple[int, int]]:
+        return [s.position() for s in self.samplers]
+
+    def start_epoch(self) -> int:
+        positions = (self.restore or {}).get("loaders", [])
+        return int(positions[0][0]) if positions and positions[0][0] >= 0 else 0
+
+
+def _module(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside a wrapper (DDP's ``.module``)."""
+    return getattr(model, "module", model)
 
 
 _LOCAL = TrainContext()

@@ -13,11 +13,20 @@ and gives rank r the r-th slice of each. So:
 
 The epoch advances by itself each time iteration starts (``set_epoch`` pins it), so a loop
 that forgets ``sampler.set_epoch`` still reshuffles every epoch.
+
+Resuming. The prepared loader counts the batches it has handed to the loop in the current
+epoch; ``position()`` is that (epoch, batches) pair, recorded at every optimizer step and
+saved in checkpoints. ``resume_at(epoch, done)`` makes a fresh sampler continue there: a loop
+that runs again from its first line sees *nothing* for the epochs before ``epoch`` (each
+``for batch in loader`` is empty), only the batches after the first ``done`` of ``epoch`` (in
+the same order as before: the permutation is a function of seed and epoch), and everything
+of later epochs. Iteration epochs are counted the same way whether the loop calls
+``set_epoch(epoch)`` or not, so both styles land on the same batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -55,6 +64,26 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self._pinned = False
         self._started = False
+        self._resume: tuple[int, int] | None = None  # (epoch, global batches already done in it)
+        self.on_resume_point: Callable[[], None] | None = None  # called when the resume epoch starts
+        # called before each iteration's first batch is handed out (or at its end, if empty)
+        self.on_first_batch: Callable[[], None] | None = None
+        self.iter_epoch = -1  # epoch of the current (or last) iteration; -1: never iterated
+        self.delivered = 0  # batches of iter_epoch handed to the loop, resumed ones included
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches done in it) of the latest iteration; (-1, 0) before the first."""
+        return self.iter_epoch, self.delivered
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Continue from ``position() == (epoch, done)`` of an earlier run (see module doc)."""
+        if epoch < 0:
+            self._fire_resume_point()
+            return
+        if not 0 <= done <= len(self):
+            raise ValueError(f"cannot resume at batch {done} of an epoch of {len(self)} batches: the "
+                             "dataset, batch size or worker count changed since the checkpoint")
+        self._resume = (epoch, done)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next iteration (and count on from it)."""
@@ -72,19 +101,37 @@ class ShardedBatchSampler(Sampler[list[int]]):
             bounds[-1] = (bounds[-1][0], last_hi)
         return bounds
 
-    def _order(self) -> list[int]:
+    def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.num_samples))
         g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        g.manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=g).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
+        # Not a generator: the epoch is decided when iteration starts, not at the first batch.
         if self._started and not self._pinned:
             self.epoch += 1
         self._started, self._pinned = True, False
-        order = self._order()
-        for lo, hi in self._global_batches():
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, done = self._resume
+            if self.epoch < resume_epoch:
+                return iter(())  # an epoch the restored state has already finished
+            skip = done if self.epoch == resume_epoch else 0
+            self._resume = None
+            self._fire_resume_point()
+        self.iter_epoch, self.delivered = self.epoch, skip
+        return self._batches(self.epoch, skip)
+
+    def _fire_resume_point(self) -> None:
+        callback, self.on_resume_point = self.on_resume_point, None
+        if callback is not None:
+            callback()
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[list[int]]:
+        order = self._order(epoch)
+        for lo, hi in self._global_batches()[skip:]:
             chunk = order[lo:hi]
             # split as evenly as possible: the first (len % world) ranks get one more
             base, extra = divmod(len(chunk), self.world_size)
@@ -93,6 +140,29 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._global_batches())
+
+
+class ShardedDataLoader(DataLoader):
+    """A DataLoader over a :class:`ShardedBatchSampler` that counts the batches it hands out
+    (with worker processes the sampler runs ahead of the loop, so the sampler cannot count)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.batch_sampler
+        assert isinstance(sampler, ShardedBatchSampler)
+        inner = super().__iter__()
+        return _counting(inner, sampler)
+
+
+def _counting(inner: Iterator[Any], sampler: ShardedBatchSampler) -> Iterator[Any]:
+    first = True
+    for batch in inner:
+        if first and sampler.on_first_batch is not None:
+            sampler.on_first_batch()
+        first = False
+        sampler.delivered += 1
+        yield batch
+    if first and sampler.on_first_batch is not None:
+        sampler.on_first_batch()
 
 
 class _DeviceLoader:
@@ -147,7 +217,7 @@ def shard_data_loader(
         seed=seed,
         drop_last=loader.drop_last,
     )
-    sharded = DataLoader(
+    sharded = ShardedDataLoader(
         loader.dataset,
         batch_sampler=sampler,
         num_workers=loader.num_workers,

@@ -11,32 +11,38 @@ class ConfigError(SynctrainError, ValueError):
     """The Trainer was given arguments it cannot run with; nothing was started."""
 
 
+class JobExistsError(ConfigError):
+    """``job_name`` names a job that already exists under ``storage_path``; nothing was touched."""
+
+
 class ResourcesError(SynctrainError):
     """The cluster cannot provide what the job asks for; nothing was started."""
 
 
 class TrainingFailedError(SynctrainError):
-    """A rank's training loop raised. ``rank`` names it; ``remote_traceback`` is its traceback."""
+    """The job failed. ``rank`` names the rank whose failure ended it; for a loop that raised,
+    ``remote_traceback`` is its traceback. ``failures``: every failure of the job, as in
+    ``Result.failures`` (one dict each: generation, rank, kind, step, time, recovery, recovery_s)."""
 
-    def __init__(self, rank: int, remote_traceback: str, exc_type: str) -> None:
+    def __init__(self, rank: int | None, remote_traceback: str, exc_type: str, *,
+                 failures: list[dict] | None = None, message: str | None = None) -> None:
         self.rank = rank
         self.remote_traceback = remote_traceback
         self.exc_type = exc_type
-        super().__init__(
+        self.failures = list(failures or [])
+        super().__init__(message or (
             f"the training loop raised {exc_type} on rank {rank}; the other workers were stopped.\n"
             f"Traceback from rank {rank}:\n{remote_traceback}"
-        )
+        ))
 
 
-class WorkerDiedError(SynctrainError):
-    """A worker process went away (killed, crashed, out of memory) while the job ran."""
+class WorkerDiedError(TrainingFailedError):
+    """A worker process went away (killed, crashed, out of memory, or stalled and killed)."""
 
-    def __init__(self, rank: int, detail: str) -> None:
-        self.rank = rank
-        super().__init__(
+    def __init__(self, rank: int | None, detail: str, *, failures: list[dict] | None = None) -> None:
+        super().__init__(rank, "", "WorkerDied", failures=failures, message=(
             f"worker of rank {rank} died while training ({detail}); the other workers were "
-            "stopped. Check the worker's logs (ray logs) for the cause, e.g. out-of-memory."
-        )
+            "stopped. Check the worker's logs (ray logs) for the cause, e.g. out-of-memory."))
 
 
 class ModelMismatchError(SynctrainError, RuntimeError):

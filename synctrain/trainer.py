@@ -1,11 +1,16 @@
 """The driver: validate, connect to Ray, start the workers, supervise them, gather results.
 
 Everything that can be checked is checked before any worker starts: the worker count, the
-mode and its options, that the loop and its config pickle, and that the cluster has the CPUs
-and GPUs asked for. Then ``fit`` starts one actor per rank, gives them a rendezvous address,
-runs the loop, and watches: the first rank that fails (its loop raised, or its process died)
-stops the whole job at once and ``fit`` raises an error naming that rank. It never waits on a
-dead worker.
+mode and its options, that the loop and its config pickle, the storage path, the coordinator
+and the job name, and that the cluster has the CPUs and GPUs asked for.
+
+With a step log (the default), ``fit`` creates the job directory, starts the embedded
+coordinator (or checks the external one), records the job in the step log and hands the run
+to :class:`synctrain.driver.shell.JobShell`, which survives worker, shard and coordinator-node
+failures per :mod:`synctrain.driver.policy`; the result then comes from the committed log.
+With ``step_log=False`` it runs as before the step log existed: one actor per rank, and the
+first rank that fails (its loop raised, or its process died) stops the whole job at once and
+``fit`` raises an error naming that rank. It never waits on a dead worker.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError
 
+from synctrain.driver import jobdir as _jobdir
 from synctrain.errors import (
     ConfigError,
     ResourcesError,
@@ -31,11 +37,15 @@ from synctrain.errors import (
 from synctrain.spec import JobSpec
 from synctrain.strategies.base import get_strategy_class, registered_modes
 from synctrain.worker import TrainWorker
+from synctrain.worker.step import StepLogConfig
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
 ROOT_CAUSE_GRACE_S = 2.0  # after a failure, how long to wait for the other ranks' outcomes
+#: K: how many optimizer steps a worker may run ahead of its committed step records
+#: (benchmarks/steplog_overhead.py measured the overhead of the choices).
+DEFAULT_MAX_UNCOMMITTED_STEPS = 32
 
 
 @dataclass
@@ -47,6 +57,14 @@ class Result:
     worker_metrics: list[dict[str, Any]] = field(default_factory=list)  # strategy counters, by rank
     strategy_info: dict[str, Any] = field(default_factory=dict)  # driver-side strategy results
     elapsed_s: float = 0.0
+    # From the committed step log (empty with step_log=False):
+    job_name: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)  # one per optimizer step
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    redone_steps: int = 0  # committed steps that a recovery rolled back and trained again
+    checkpoint: str | None = None  # path of the last committed checkpoint
+    fenced: list[dict[str, Any]] = field(default_factory=list)  # refused writes of replaced workers
 
 
 class Trainer:
@@ -72,6 +90,18 @@ class Trainer:
         progress: bool = True,
         collective_timeout_s: float = 300.0,
         strategy_options: dict[str, Any] | None = None,
+        job_name: str | None = None,
+        storage_path: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 100,
+        checkpoint_every_s: float | None = None,
+        max_failures: int = 3,
+        stall_timeout_s: float = 60.0,
+        max_uncommitted_steps: int = DEFAULT_MAX_UNCOMMITTED_STEPS,
+        recovery: str = "auto",
+        step_log: bool = True,
+        coordinator: str | None = None,
+        coordinator_token: str | bytes | None = None,
+        _fault_hooks: dict[str, Any] | None = None,
         **mode_options: Any,
     ) -> None:
         if not callable(train_loop):
@@ -102,6 +132,49 @@ class Trainer:
         # Ray failing the call before the worker runs (which looks like a dead worker).
         self._config_blob = _pickled("config", self.config)
         self._loop_blob = _pickled("train_loop", train_loop)
+        self._check_fault_options(checkpoint_every, checkpoint_every_s, max_failures, stall_timeout_s,
+                                  max_uncommitted_steps, recovery, step_log)
+        self.step_log = step_log
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every_s = checkpoint_every_s
+        self.max_failures = max_failures
+        self.stall_timeout_s = float(stall_timeout_s)
+        self.max_uncommitted_steps = max_uncommitted_steps
+        self.recovery = recovery
+        self.fault_hooks = dict(_fault_hooks or {})
+        self.job_name = _jobdir.check_name(job_name) if job_name is not None else \
+            _jobdir.default_job_name(getattr(train_loop, "__name__", "job"))
+        self.storage_path = storage_path if storage_path is not None else _jobdir.default_storage()
+        self.coordinator = coordinator
+        self._coordinator_token = _token(coordinator, coordinator_token)
+        if step_log:
+            self._storage = _jobdir.check_storage(self.storage_path)
+            status = _jobdir.JobDir(self._storage, self.job_name).read_status()
+            if status is not None or (self._storage / self.job_name).exists():
+                _jobdir.JobDir(self._storage, self.job_name).create({})  # raises JobExistsError
+
+    def __repr__(self) -> str:  # no token, no endpoints
+        return (f"Trainer(mode={self.mode!r}, num_workers={self.num_workers}, "
+                f"job_name={self.job_name!r}, step_log={self.step_log})")
+
+    @staticmethod
+    def _check_fault_options(every: Any, every_s: Any, max_failures: Any, stall_s: Any, k: Any,
+                             recovery: Any, step_log: Any) -> None:
+        def whole(name: str, value: Any, lo: int) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+        whole("checkpoint_every", every, 0)
+        whole("max_failures", max_failures, 0)
+        whole("max_uncommitted_steps", k, 0)
+        if every_s is not None and not (isinstance(every_s, (int, float)) and every_s > 0):
+            raise ConfigError(f"checkpoint_every_s must be None or a number of seconds > 0, got {every_s!r}")
+        if not (isinstance(stall_s, (int, float)) and stall_s > 0):
+            raise ConfigError(f"stall_timeout_s must be a number of seconds > 0, got {stall_s!r}")
+        if recovery not in ("auto", "checkpoint"):
+            raise ConfigError(f"recovery must be 'auto' or 'checkpoint', got {recovery!r}")
+        if not isinstance(step_log, bool):
+            raise ConfigError(f"step_log must be True or False, got {step_log!r}")
 
     @staticmethod
     def _check_resources_arg(resources: dict[str, float] | None) -> dict[str, float]:
@@ -114,6 +187,19 @@ class Trainer:
 
     # ---- fit ---------------------------------------------------------------------------
     def fit(self) -> Result:
+        if self.step_log:
+            from synctrain.driver.run import fit_with_step_log
+
+            return fit_with_step_log(self)
+        return self._fit_plain()
+
+    def _actor_class(self, spec: JobSpec) -> Any:
+        custom = {k: v for k, v in self.resources.items() if k not in ("CPU", "GPU")}
+        return ray.remote(TrainWorker).options(
+            num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
+            resources=custom or None, max_concurrency=2, max_restarts=0)
+
+    def _fit_plain(self) -> Result:
         started = time.monotonic()
         self._connect_ray()
         spec = self._make_spec()
@@ -172,10 +258,7 @@ class Trainer:
                        collective_timeout_s=self.collective_timeout_s)
 
     def _start_workers(self, spec: JobSpec) -> list[Any]:
-        custom = {k: v for k, v in self.resources.items() if k not in ("CPU", "GPU")}
-        actor_cls = ray.remote(TrainWorker).options(
-            num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
-            resources=custom or None, max_concurrency=2, max_restarts=0)
+        actor_cls = self._actor_class(spec)
         return [actor_cls.remote(rank, spec) for rank in range(spec.num_workers)]
 
     def _run(self, workers: list[Any], handles: dict[str, Any]) -> Result:
@@ -307,6 +390,19 @@ def _local_ranks(node_ids: list[str]) -> list[int]:
         out.append(seen.get(node, 0))
         seen[node] = out[-1] + 1
     return out
+
+
+def _token(coordinator: Any, token: str | bytes | None) -> bytes:
+    """The external coordinator's token (argument, else SYNCTRAIN_COORDINATOR_TOKEN)."""
+    if coordinator is None:
+        return b""
+    if not isinstance(coordinator, str) or not coordinator.strip():
+        raise ConfigError(f"coordinator must be None (embedded) or 'host:port,host:port,...', got {coordinator!r}")
+    token = token if token is not None else os.environ.get("SYNCTRAIN_COORDINATOR_TOKEN")
+    if not token:
+        raise ConfigError("coordinator= names an external coordinator cluster but no token was given: pass "
+                          "coordinator_token= or set SYNCTRAIN_COORDINATOR_TOKEN (the cluster's token file)")
+    return token.encode() if isinstance(token, str) else bytes(token)
 
 
 def _pickled(what: str, value: Any) -> bytes:

@@ -21,6 +21,14 @@ import pytest
 RAY_NUM_CPUS = 4  # logical CPUs: 2-4 small workers (+ 0-CPU helper actors) on a 2-core machine
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _job_storage(tmp_path_factory):
+    """Jobs a test runs without storage_path= go to a temporary directory, not ~/synctrain_results."""
+    if not os.environ.get("SYNCTRAIN_STORAGE_PATH"):
+        os.environ["SYNCTRAIN_STORAGE_PATH"] = str(tmp_path_factory.mktemp("synctrain_results"))
+    yield
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     try:
         import ray.cloudpickle as cp

@@ -235,10 +235,13 @@ def _patch_optimizer(optimizer: torch.optim.Optimizer, accum: _AccumulationState
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.div_(k)
-        out = original_step() if closure is None else original_step(closure)
         session = _context.current_session()
         if session is not None:
-            session.optimizer_steps += 1
+            session.in_step = True  # a failure inside may leave this rank's state half-updated
+        out = original_step() if closure is None else original_step(closure)
+        if session is not None:
+            session.in_step = False
+            session.on_optimizer_step()
         return out
 
     def zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:

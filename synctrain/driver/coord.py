@@ -1,0 +1,119 @@
+"""The job's coordinator: embedded (a 3-node Raft cluster on the job's Ray cluster, WALs in the
+job directory) or external (a running ``coordinator serve`` cluster named by address).
+
+The token and endpoints never appear in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from coordinator.client import Client, CoordinatorError
+from synctrain.errors import ConfigError
+
+EMBEDDED_NODES = 3
+#: A node's ping that fails this many times in a row means the node is gone.
+PING_TIMEOUT_S = 5.0
+
+
+class EmbeddedCoordinator:
+    """A :class:`coordinator.cluster.RayCluster` whose nodes reserve no CPU."""
+
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        self.data_dir = data_dir
+        self.cluster: Any = None
+        self._pings: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"EmbeddedCoordinator(data_dir={str(self.data_dir)!r})"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self.cluster.endpoints)
+
+    @property
+    def token(self) -> bytes:
+        return bytes(self.cluster.token)
+
+    def start(self) -> None:
+        from coordinator.cluster import RayCluster
+
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.cluster = RayCluster(nodes=EMBEDDED_NODES, num_cpus_per_node=0.0, data_dir=self.data_dir)
+        self.cluster.start()
+        fd = os.open(self.data_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.token + b"\n")
+
+    def dead_nodes(self) -> list[int]:
+        """Nodes whose actor is gone (a ping answered with an actor error)."""
+        dead = []
+        for node, actor in list(self.cluster.actors.items()):
+            ref = self._pings.get(node)
+            if ref is None:
+                self._pings[node] = actor.node_ip.remote()
+                continue
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                continue
+            self._pings.pop(node, None)
+            try:
+                ray.get(ref)
+            except RayError:
+                dead.append(node)
+        return dead
+
+    def restart(self, node: int) -> None:
+        self._pings.pop(node, None)
+        self.cluster.restart(node)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+class ExternalCoordinator:
+    """A coordinator cluster someone else runs (``Trainer(coordinator="h:p,h:p,...")``)."""
+
+    def __init__(self, endpoints: str, token: bytes) -> None:
+        self._endpoints = endpoints
+        self._token = token
+
+    def __repr__(self) -> str:
+        return "ExternalCoordinator()"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e.strip() for e in self._endpoints.split(",") if e.strip()]
+
+    @property
+    def token(self) -> bytes:
+        return self._token
+
+    def start(self) -> None:
+        """Check that the cluster answers with this token, before anything else starts."""
+        try:
+            with Client(self.endpoints, token=self._token, timeout_s=5.0) as client:
+                client.query("steplog", "jobs", consistency="stale")
+        except CoordinatorError as exc:
+            raise ConfigError(
+                f"cannot use the coordinator at {len(self.endpoints)} endpoint(s) given in coordinator=: "
+                f"{type(exc).__name__}: {exc}. Check the addresses (host:port,host:port,...), that the "
+                "cluster runs (coordinator status --all), and its token (coordinator_token= or "
+                "SYNCTRAIN_COORDINATOR_TOKEN)") from None
+        except ValueError as exc:
+            raise ConfigError(f"coordinator= is not a list of host:port endpoints: {exc}") from None
+
+    def dead_nodes(self) -> list[int]:
+        return []  # its operator restarts its nodes
+
+    def restart(self, node: int) -> None:  # pragma: no cover - never called (no dead nodes)
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass

@@ -1,0 +1,163 @@
+"""``Trainer.fit`` for a step-logged job: wiring, in order, and the result from the log.
+
+1. connect to Ray and check resources (as without a step log);
+2. create the job directory (a name already used is a :class:`JobExistsError`);
+3. start the embedded coordinator (WALs in ``job_dir/coordinator``), or check the external one;
+4. record the job (``steplog.create``), start the strategy's shared actors;
+5. run the :class:`~synctrain.driver.shell.JobShell` until every rank's loop has returned;
+6. read ``Result.metrics``, ``steps``, ``generations``, ``failures`` back from the committed
+   log, record the job's end, stop everything (the coordinator's WALs and the checkpoints stay
+   in the job directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from synctrain.driver.coord import EmbeddedCoordinator, ExternalCoordinator
+from synctrain.driver.jobdir import JobDir
+from synctrain.driver.policy import RecoveryPolicy
+from synctrain.driver.shell import JobShell
+from synctrain.errors import ConfigError
+from synctrain.steplog import StepLog
+from synctrain.strategies.base import get_strategy_class
+from synctrain.worker.step import StepLogConfig
+
+log = logging.getLogger(__name__)
+
+
+class _Progress:
+    """Rank 0's reports as a progress bar (total and ETA when the loop's length is known)."""
+
+    def __init__(self, enabled: bool, job_name: str) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(desc=job_name, unit="step", dynamic_ncols=True)
+
+    def show(self, reports: list[dict[str, Any]]) -> None:
+        if self._bar is None or not reports:
+            return
+        last = reports[-1]
+        self._bar.n = int(last.get("step", self._bar.n))
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k != "step"}
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def fit_with_step_log(trainer: Any) -> Any:
+    from synctrain.trainer import Result
+
+    started = time.monotonic()
+    trainer._connect_ray()
+    spec = trainer._make_spec()
+    job = JobDir(trainer._storage, trainer.job_name)
+    coordinator: Any = (ExternalCoordinator(trainer.coordinator, trainer._coordinator_token)
+                        if trainer.coordinator else EmbeddedCoordinator(job.coordinator_dir))
+    if trainer.coordinator:
+        coordinator.start()  # a ConfigError before anything of the job exists
+    job.create({"mode": spec.mode, "num_workers": spec.num_workers, "job_id": spec.job_id,
+                "coordinator": "external" if trainer.coordinator else "embedded"})
+    if trainer.progress:
+        print(f"synctrain: job {trainer.job_name!r} in {job.path}", flush=True)
+    strategy_cls = get_strategy_class(spec.mode)
+    handles: dict[str, Any] = {}
+    steplog = shell = None
+    monitor = _Progress(trainer.progress, trainer.job_name)
+    state, reason, ok = "failed", "", False
+    try:
+        if not trainer.coordinator:
+            coordinator.start()
+        steplog = StepLog(coordinator.endpoints, coordinator.token, trainer.job_name)
+        try:
+            steplog.create(_spec_doc(trainer, spec), False)
+        except Exception as exc:
+            raise ConfigError(f"the coordinator refused job {trainer.job_name!r}: {exc}") from None
+        handles = strategy_cls.on_driver_start(spec)
+        cfg = StepLogConfig(endpoints=tuple(coordinator.endpoints), token=coordinator.token,
+                            job=trainer.job_name, job_dir=str(job.path),
+                            max_uncommitted_steps=trainer.max_uncommitted_steps,
+                            checkpoint_every=trainer.checkpoint_every,
+                            checkpoint_every_s=trainer.checkpoint_every_s,
+                            shard_optimizer=bool(spec.strategy_options.get("shard_optimizer")))
+        policy = RecoveryPolicy(spec.mode, max_failures=trainer.max_failures, recovery=trainer.recovery,
+                                sharded_state=cfg.shard_optimizer)
+        shell = JobShell(spec=spec, trainer=trainer, steplog=steplog, steplog_cfg=cfg,
+                         coordinator=coordinator, handles=handles, strategy_cls=strategy_cls,
+                         policy=policy, monitor=monitor, hooks=trainer.fault_hooks)
+        outcomes = shell.run()
+        handles = shell.handles
+        result = Result(outputs=[o.get("value") for o in outcomes], metrics=[],
+                        worker_metrics=[o.get("metrics", {}) for o in outcomes])
+        _fill_from_log(result, steplog, trainer.job_name)
+        state, ok = "finished", True
+        return result
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        raise
+    finally:
+        monitor.close()
+        if shell is not None:
+            handles = shell.handles
+            shell.shutdown()
+        info = _finish(strategy_cls, spec, handles, ok)
+        if steplog is not None:
+            try:
+                steplog.end(state, reason)
+            except Exception as exc:  # noqa: BLE001 - the job's own outcome matters more
+                log.warning("could not record the job's end in the step log: %s", exc)
+            steplog.close()
+        coordinator.stop()
+        job.update_status(state=state, reason=reason, elapsed_s=round(time.monotonic() - started, 3))
+        if ok:
+            result.strategy_info = info
+            result.elapsed_s = time.monotonic() - started
+
+
+def _finish(strategy_cls: Any, spec: Any, handles: dict[str, Any], ok: bool) -> dict[str, Any]:
+    try:
+        return strategy_cls.on_driver_finish(spec, handles, ok)
+    except Exception as exc:  # noqa: BLE001 - never lose a result over cleanup
+        log.warning("strategy cleanup failed: %s", exc)
+        return {}
+
+
+def _spec_doc(trainer: Any, spec: Any) -> dict[str, Any]:
+    plain = {k: v for k, v in spec.strategy_options.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {"mode": spec.mode, "num_workers": spec.num_workers, "use_gpu": spec.use_gpu,
+            "seed": spec.seed, "options": plain, "checkpoint_every": trainer.checkpoint_every,
+            "max_uncommitted_steps": trainer.max_uncommitted_steps, "recovery": trainer.recovery}
+
+
+def _fill_from_log(result: Any, steplog: StepLog, job_name: str) -> None:
+    """Result fields from the committed log: each report and step once, superseded ones left out."""
+    reports = [r for r in steplog.records("reports") if not r.get("superseded")]
+    result.metrics = [dict(r["metrics"]) for r in sorted(reports, key=lambda r: r["seq"])]
+    steps = steplog.records("steps")
+    result.steps = [_step(s) for s in steps if not s.get("superseded")]
+    result.redone_steps = sum(1 for s in steps if s.get("superseded"))
+    result.generations = [{"generation": g["generation"], "members": g["members"],
+                           "start_step": g["start_step"], "reason": g["reason"]}
+                          for g in steplog.records("generations")]
+    result.failures = steplog.records("failures")
+    result.fenced = steplog.records("fenced")
+    live = [c for c in steplog.records("checkpoints") if not c.get("superseded") and not c.get("pruned")]
+    result.checkpoint = live[-1]["path"] if live else None
+    result.job_name = job_name
+
+
+def _step(s: dict[str, Any]) -> dict[str, Any]:
+    out = {"step": s["step"], "generation": s["generation"], "time": s["time"]}
+    if s.get("lost"):
+        out["lost"] = True
+    if s.get("ps_clock") is not None:
+        out["ps_clock"] = s["ps_clock"]
+    return out

@@ -1,0 +1,517 @@
+"""The driver's shell for a step-logged job: it observes Ray and carries out the policy.
+
+Theory of operation. :class:`JobShell` owns the job's actors (one :class:`TrainWorker` per
+rank, the strategy's shards) and its coordinator. It runs the job as a sequence of
+*generations*; each is committed to the step log (members, rendezvous, the step and report
+number it starts from) before any worker of it runs, so a worker's records carry their
+generation and the log can refuse a replaced worker's (fencing).
+
+Watching (:meth:`JobShell._watch`), every ``POLL_INTERVAL_S``:
+
+* ``ray.wait`` on every rank's ``run``: a returned failure or a dead actor is a fault;
+* a ``poll`` per rank (one outstanding at a time): a rank whose loop made no progress — no
+  step, report or ``heartbeat()`` — for ``stall_timeout_s``, or whose poll got no answer for
+  that long (a stopped process), is stalled; among several stalled ranks the ones that stopped
+  answering (else the ones furthest behind) are blamed, since the others are waiting on them;
+* a ping of every parameter-server shard and coordinator node.
+
+A fault goes to the pure :class:`~synctrain.driver.policy.RecoveryPolicy`; the shell carries
+out its decision: kill the failed workers, wait for the others' runs to end (sync mode: their
+collectives break), start replacements, hand on the state (a survivor's via the object store,
+or the last committed checkpoint that passes its checksum), commit the new generation, run.
+A coordinator node that died is restarted from its WAL in the background while training goes
+on. Only this module waits, polls and kills; it decides nothing itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from synctrain import checkpoint as ckpt
+from synctrain.driver.policy import Action, Decision, Failure, RecoveryPolicy, Survivor, blame_stalled
+from synctrain.errors import TrainingFailedError, WorkerDiedError
+from synctrain.steplog import StepLog
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2
+#: How long a sync survivor's run may take to end after a peer failed (its collective breaks).
+SURVIVOR_STOP_S = 60.0
+#: Loop errors that would fail again on a retry: raised at once.
+FATAL_EXC_TYPES = ("ConfigError", "ModelMismatchError", "DriverObjectLoadError", "JobExistsError")
+
+
+@dataclass
+class _Rank:
+    actor: Any
+    run: Any = None  # ObjectRef of the running ``run`` (None: not running)
+    poll: Any = None  # outstanding ``poll`` ObjectRef
+    poll_sent: float = 0.0
+    last_activity: float = field(default_factory=time.monotonic)
+    answered: bool = True
+    step: int | None = None
+    outcome: dict[str, Any] | None = None  # the run's successful outcome
+
+
+class JobShell:
+    """Runs one step-logged job to its end; see the module doc."""
+
+    def __init__(self, *, spec: Any, trainer: Any, steplog: StepLog, steplog_cfg: Any,
+                 coordinator: Any, handles: dict[str, Any], strategy_cls: Any,
+                 policy: RecoveryPolicy, monitor: Any, hooks: dict[str, Any] | None = None) -> None:
+        self.spec = spec
+        self.trainer = trainer
+        self.log = steplog
+        self.steplog_cfg = steplog_cfg
+        self.coordinator = coordinator
+        self.handles = handles
+        self.strategy_cls = strategy_cls
+        self.policy = policy
+        self.monitor = monitor
+        self.hooks = dict(hooks or {})
+        self.ranks: dict[int, _Rank] = {}
+        self.generation = 0
+        self.failure_log: list[dict[str, Any]] = []
+        self._awaiting: list[tuple[int, float, int, int | None]] = []  # failure idx, t, start, rank
+        self._restarting: set[int] = set()
+        self._next_report = 0
+        self.zombies: list[Any] = []
+
+    # ---- the job -----------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Run until every rank's loop returned; return their outcomes by rank."""
+        for rank in range(self.spec.num_workers):
+            self.ranks[rank] = _Rank(self._new_actor(rank))
+        self._start_generation("start", start_step=0, start_report=0,
+                               restore={r: None for r in self.ranks}, run_ranks=list(self.ranks))
+        while True:
+            failures = self._watch()
+            if failures is None:
+                return [self.ranks[r].outcome or {} for r in sorted(self.ranks)]
+            self._recover(failures)
+
+    def _recover(self, failures: list[Failure]) -> None:
+        survivors: list[Survivor] = []
+        stop_all = self.spec.mode == "sync" or any(f.kind == "shard_died" for f in failures)
+        self._kill_ranks([f.rank for f in failures if f.rank is not None])
+        if stop_all:
+            survivors, more = self._stop_survivors({f.rank for f in failures})
+            failures = failures + more
+        decision = self.policy.decide(failures, survivors)
+        log.warning("generation %d: %s -> %s (%s)", self.generation,
+                    ", ".join(f"{f.kind} rank {f.rank}" for f in failures), decision.action.value,
+                    decision.reason)
+        indices = [self._record_failure(f, decision) for f in failures]
+        if decision.action is Action.GIVE_UP:
+            self._give_up(failures, decision)
+        if decision.action is Action.CONTINUE and all(f.kind == "coordinator_node_died" for f in failures):
+            return
+        start = self._carry_out(decision, failures)
+        for i in indices:
+            self._awaiting.append((i, time.time(), start, None))
+
+    # ---- watching ----------------------------------------------------------------------
+    def _watch(self) -> list[Failure] | None:
+        next_ping = 0.0
+        while True:
+            running = {r.run: rank for rank, r in self.ranks.items() if r.run is not None}
+            if not running:
+                return None
+            ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_INTERVAL_S)
+            failures: list[Failure] = []
+            for ref in ready:
+                rank = running[ref]
+                outcome = _outcome(ref, rank)
+                self.ranks[rank].run = None
+                if outcome["ok"]:
+                    self.ranks[rank].outcome = outcome
+                else:
+                    failures.append(_classify(outcome))
+            self._poll()
+            failures += self._stalls({f.rank for f in failures})
+            if time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + 1.0
+                failures += self._dead_shards()
+                self._check_coordinator()
+                self._note_recoveries()
+            if failures:
+                return failures
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        for rank, r in self.ranks.items():
+            if r.run is None:
+                continue
+            if r.poll is None:
+                r.poll, r.poll_sent = r.actor.poll.remote(self._next_report if rank == 0 else 1 << 62), now
+                continue
+            done, _ = ray.wait([r.poll], timeout=0)
+            if not done:  # a live process answers within milliseconds; a stopped one never
+                r.answered = now - r.poll_sent < min(5.0, self.trainer.stall_timeout_s / 2)
+                continue
+            try:
+                info = ray.get(r.poll)
+            except RayError:
+                r.poll = None
+                continue
+            r.poll, r.answered = None, True
+            if info.get("step") is not None:
+                r.last_activity = min(now, now - float(info.get("idle_s", 0.0)))
+                r.step = info["step"]
+            if rank == 0:
+                self._next_report = info.get("next", self._next_report)
+                self.monitor.show(info.get("reports", []))
+
+    def _stalls(self, already: set[int | None]) -> list[Failure]:
+        now = time.monotonic()
+        stalled = [(rank, r.answered, r.step) for rank, r in self.ranks.items()
+                   if r.run is not None and rank not in already
+                   and now - r.last_activity > self.trainer.stall_timeout_s]
+        return [Failure("stalled", rank, self.ranks[rank].step,
+                        detail=f"no progress for {self.trainer.stall_timeout_s:g} s")
+                for rank in blame_stalled(stalled)]
+
+    def _dead_shards(self) -> list[Failure]:
+        shards = self.handles.get("ps_shards") or []
+        if not shards:
+            return []
+        refs = [s.node_id.remote() for s in shards]
+        dead = []
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        for i, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except RayError:
+                    dead.append(i)
+        return [Failure("shard_died", None, None, detail=f"parameter-server shard {i} died") for i in dead]
+
+    def _check_coordinator(self) -> None:
+        """Restart a dead coordinator node in the background; training goes on meanwhile."""
+        if self.coordinator is None:
+            return
+        for node in self.coordinator.dead_nodes():
+            if node in self._restarting:
+                continue
+            self._restarting.add(node)
+            decision = self.policy.decide([Failure("coordinator_node_died")], [])
+            if decision.action is Action.GIVE_UP:
+                self._give_up([Failure("coordinator_node_died")], decision)
+            index = self._record_failure(Failure("coordinator_node_died", None, None,
+                                                 detail=f"coordinator node {node}"), decision)
+            threading.Thread(target=self._restart_node, args=(node, index, time.time()),
+                             daemon=True).start()
+
+    def _restart_node(self, node: int, index: int, t0: float) -> None:
+        try:
+            self.coordinator.restart(node)
+            self._annotate(index, time.time() - t0)
+        except Exception as exc:  # noqa: BLE001 - logged; the next ping tries again
+            log.warning("restarting coordinator node %d failed: %s", node, exc)
+        finally:
+            self._restarting.discard(node)
+
+    # ---- carrying out ------------------------------------------------------------------
+    def _kill_ranks(self, ranks: list[int]) -> None:
+        skip = set(self.hooks.get("no_kill_ranks", ()))  # test hook: a kill that did not take
+        for rank in ranks:
+            r = self.ranks[rank]
+            if rank in skip:
+                self.zombies.append(r.actor)
+            else:
+                _kill(r.actor)
+            r.run, r.poll = None, None
+            r.actor = None
+
+    def _stop_survivors(self, failed: set[int | None]) -> tuple[list[Survivor], list[Failure]]:
+        """Wait for the other ranks' runs to end (their collectives break), bounded."""
+        survivors: list[Survivor] = []
+        more: list[Failure] = []
+        deadline = time.monotonic() + SURVIVOR_STOP_S
+        for rank, r in self.ranks.items():
+            if rank in failed or r.actor is None:
+                continue
+            outcome = r.outcome
+            if r.run is not None:
+                try:
+                    outcome = ray.get(r.run, timeout=max(0.1, deadline - time.monotonic()))
+                except GetTimeoutError:
+                    outcome = None
+                except RayError as exc:
+                    outcome = {"ok": False, "rank": rank, "died": True, "detail": _first_line(exc)}
+                r.run = None
+            if outcome is None:  # never ended: it cannot be trusted to hand on state
+                _kill(r.actor)
+                r.actor = None
+                more.append(Failure("stalled", rank, r.step, detail="did not stop after a peer failed"))
+            elif outcome.get("died"):
+                r.actor = None
+                more.append(_classify(outcome))
+            elif outcome["ok"]:
+                survivors.append(Survivor(rank, outcome.get("step"), True))
+            elif _is_secondary(outcome) or outcome.get("exc_type") == "WorkerFencedError":
+                survivors.append(Survivor(rank, outcome.get("step"), bool(outcome.get("consistent"))))
+            else:
+                _kill(r.actor)
+                r.actor = None
+                more.append(_classify(outcome))
+            r.outcome = None
+        return survivors, more
+
+    def _carry_out(self, decision: Decision, failures: list[Failure]) -> int:
+        reason = "; ".join(f"{f.kind} rank {f.rank}" if f.rank is not None else f.detail or f.kind
+                           for f in failures)
+        for rank in decision.replace:
+            if self.ranks[rank].actor is None:
+                self.ranks[rank].actor = self._new_actor(rank)
+        for rank, r in self.ranks.items():  # ranks lost while stopping (not in the decision)
+            if r.actor is None:
+                r.actor = self._new_actor(rank)
+        if decision.action is Action.HEAL_FROM_PEER:
+            return self._heal(decision, reason)
+        if decision.action is Action.RESTORE_CHECKPOINT:
+            return self._restore_checkpoint(reason)
+        return self._continue_async(decision, reason)
+
+    def _heal(self, decision: Decision, reason: str) -> int:
+        source = decision.source_rank
+        assert source is not None
+        state = self.ranks[source].actor.export_state.remote()
+        header = ckpt.decode(ray.get(state))  # step and report count of the state handed on
+        restore = {r: ("self" if r == source else state) for r in self.ranks}
+        self._start_generation(reason, start_step=int(header["step"]),
+                               start_report=int(header["report_seq"]), restore=restore,
+                               run_ranks=list(self.ranks))
+        return int(header["step"])
+
+    def _restore_checkpoint(self, reason: str) -> int:
+        doc, ref = self._last_good_checkpoint()
+        if self.spec.mode == "async":
+            self._new_shards(doc)
+        if doc is None:
+            restore: dict[int, Any] = {r: None for r in self.ranks}
+            start_step, start_report = 0, 0
+        else:
+            start_step, start_report = int(doc["step"]), int(doc["report_seq"])
+            restore = {r: {"checkpoint": ref} for r in self.ranks}
+            if self.spec.mode == "async":  # other ranks continue from their restored clocks
+                for r in self.ranks:
+                    if r != 0:
+                        restore[r] = {"step": 0, "derive_positions": True, "report_seq": 0}
+        self._start_generation(reason, start_step=start_step, start_report=start_report,
+                               restore=restore, run_ranks=list(self.ranks))
+        return start_step
+
+    def _continue_async(self, decision: Decision, reason: str) -> int:
+        job = self.spec.job_id
+        shards = self.handles.get("ps_shards") or []
+        for rank in decision.replace:
+            _wait_all([s.leave.remote(job, rank) for s in shards])
+        info = self.log.job_info()
+        restore = {r: {"step": 0, "derive_positions": True, "report_seq": int(info["report_seq"])}
+                   for r in decision.replace}
+        self.handles = {**self.handles, "ps_initialised": True}
+        self._start_generation(reason, start_step=-1, start_report=-1, restore=restore,
+                               run_ranks=list(decision.replace))
+        return int(info["last_step"])
+
+    def _last_good_checkpoint(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The newest committed checkpoint whose file matches its checksum (older on mismatch)."""
+        for ref in reversed(self.log.job_info()["checkpoints"]):
+            try:
+                return ckpt.read_verified(ref), ref
+            except ckpt.CheckpointCorruptError as exc:
+                log.warning("skipping checkpoint of step %s: %s", ref.get("step"), exc)
+                self.failure_log.append({"kind": "checkpoint_corrupt", "step": ref.get("step"),
+                                         "detail": str(exc)})
+        return None, None
+
+    def _new_shards(self, doc: dict[str, Any] | None) -> None:
+        from synctrain.strategies.paramserver import restore_shards
+
+        for s in self.handles.get("ps_shards") or []:
+            _kill(s)
+        fresh = self.strategy_cls.on_driver_start(self.spec)
+        self.handles = {**self.handles, **fresh, "ps_initialised": doc is not None}
+        if doc is not None:
+            restore_shards(self.handles["ps_shards"], self.spec.job_id, doc["strategy"],
+                           self.spec.collective_timeout_s)
+
+    def _start_generation(self, reason: str, *, start_step: int, start_report: int,
+                          restore: dict[int, Any], run_ranks: list[int]) -> None:
+        generation = self.generation + 1
+        infos = _get_all({rank: self.ranks[rank].actor.node_info.remote() for rank in self.ranks})
+        members = [{"rank": rank, "node_id": infos[rank]["node_id"]} for rank in sorted(infos)]
+        handles = dict(self.handles)
+        rendezvous = None
+        if self.spec.mode == "sync":
+            rendezvous = ray.get(self.ranks[0].actor.rendezvous_address.remote())
+            handles["rendezvous"] = rendezvous
+        handles["gpus_shared"] = _gpus_shared(list(infos.values()))
+        survivors = [rank for rank in self.ranks if rank not in run_ranks]
+        # Survivors first learn the new number (their writes wait until it is current), then
+        # the log makes it current: no window in which a survivor's write could be fenced.
+        _wait_all([self.ranks[rank].actor.set_generation.remote(generation) for rank in survivors])
+        self.log.generation(generation, members, f"{rendezvous[0]}:{rendezvous[1]}" if rendezvous else None,
+                            start_step, start_report, reason)
+        self.generation = generation
+        local_ranks = _local_ranks([infos[rank]["node_id"] for rank in sorted(infos)])
+        committed = self.log.job_info()["last_step"] if start_step < 0 else start_step
+        for rank in run_ranks:
+            r = self.ranks[rank]
+            gen = {"generation": generation, "restore": restore.get(rank), "committed_step": committed}
+            r.run = r.actor.run.remote(self.trainer._loop_blob, self.trainer._config_blob, handles,
+                                       local_ranks[rank], gen)
+            r.outcome, r.poll, r.answered = None, None, True
+            r.last_activity = time.monotonic()
+        if 0 in run_ranks:
+            self._next_report = 0
+
+    def _new_actor(self, rank: int) -> Any:
+        return self.trainer._actor_class(self.spec).remote(rank, self.spec, self.steplog_cfg)
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def _record_failure(self, f: Failure, decision: Decision) -> int:
+        record = {"generation": self.generation, "rank": f.rank, "kind": f.kind, "step": f.step,
+                  "time": time.time(), "recovery": decision.recovery, "recovery_s": None,
+                  "detail": f.detail[:500]}
+        self.failure_log.append(record)
+        try:
+            return self.log.failure(record)
+        except Exception as exc:  # noqa: BLE001 - the record is also kept driver-side
+            log.warning("could not record a failure in the step log: %s", exc)
+            return -1
+
+    def _annotate(self, index: int, recovery_s: float) -> None:
+        if index >= 0:
+            try:
+                self.log.annotate_failure(index, {"recovery_s": round(recovery_s, 3)})
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not annotate failure %d: %s", index, exc)
+
+    def _note_recoveries(self) -> None:
+        """A recovery is over when the new generation has committed a step past its start."""
+        if not self._awaiting:
+            return
+        try:
+            last = self.log.job_info(consistency="stale")["last_step"]
+        except Exception:  # noqa: BLE001
+            return
+        keep = []
+        for index, t0, start, rank in self._awaiting:
+            if last > start:
+                self._annotate(index, time.time() - t0)
+            else:
+                keep.append((index, t0, start, rank))
+        self._awaiting = keep
+
+    def _give_up(self, failures: list[Failure], decision: Decision) -> None:
+        history = self.history()
+        root = next((f for f in failures if f.kind != "coordinator_node_died"), failures[0])
+        if root.kind in ("died", "stalled"):
+            raise WorkerDiedError(root.rank, f"{root.kind}: {root.detail}; {decision.reason}",
+                                  failures=history)
+        tb = root.detail if root.kind == "raised" else f"{root.kind}: {root.detail}"
+        exc_type = getattr(root, "exc_type", None) or _exc_type_of(root)
+        raise TrainingFailedError(root.rank, tb, exc_type, failures=history,
+                                  message=None if self.policy.max_failures == 0 and root.kind == "raised"
+                                  else f"the job failed ({decision.reason}); last failure: {root.kind} on "
+                                       f"rank {root.rank}.\n{tb}")
+
+    def history(self) -> list[dict[str, Any]]:
+        try:
+            return self.log.records("failures")
+        except Exception:  # noqa: BLE001 - the driver's own copy
+            return [f for f in self.failure_log if f.get("kind") != "checkpoint_corrupt"]
+
+    def shutdown(self) -> None:
+        for r in self.ranks.values():
+            if r.actor is not None:
+                _kill(r.actor)
+        for z in self.zombies:
+            _kill(z)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _exc_type_of(f: Failure) -> str:
+    return f.detail.split(":", 1)[0] if f.kind == "raised" else f.kind
+
+
+def _classify(outcome: dict[str, Any]) -> Failure:
+    rank = outcome.get("rank")
+    if outcome.get("died"):
+        return Failure("died", rank, outcome.get("step"), detail=outcome.get("detail", ""))
+    exc_type = outcome.get("exc_type", "")
+    fatal = exc_type in FATAL_EXC_TYPES
+    return Failure("raised", rank, outcome.get("step"), fatal=fatal,
+                   detail=f"{exc_type}: {outcome.get('traceback', '')}")
+
+
+def _outcome(ref: Any, rank: int) -> dict[str, Any]:
+    try:
+        return ray.get(ref)
+    except RayError as exc:
+        return {"ok": False, "rank": rank, "died": True, "detail": _first_line(exc)}
+
+
+def _is_secondary(failure: dict[str, Any]) -> bool:
+    """A collective that broke because *another* rank failed (its peer closed the connection)."""
+    if failure.get("died"):
+        return False
+    tb = failure.get("traceback", "")
+    return failure.get("exc_type") in ("RuntimeError", "DistBackendError", "DistNetworkError") and (
+        "torch/distributed" in tb or "gloo" in tb.lower() or "nccl" in tb.lower())
+
+
+def _kill(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001, S110 - already gone
+        pass
+
+
+def _wait_all(refs: list[Any], timeout_s: float = 30.0) -> None:
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+
+def _get_all(refs: dict[int, Any]) -> dict[int, Any]:
+    out = {}
+    for rank, ref in refs.items():
+        try:
+            out[rank] = ray.get(ref, timeout=120)
+        except RayError as exc:
+            raise WorkerDiedError(rank, _first_line(exc)) from None
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _gpus_shared(infos: list[dict[str, Any]]) -> bool:
+    """True when two ranks were given the same GPU (fractional ``resources_per_worker``)."""
+    seen = set()
+    for info in infos:
+        for gpu in info.get("gpu_ids", ()):
+            if (info["node_id"], gpu) in seen:
+                return True
+            seen.add((info["node_id"], gpu))
+    return False
+
+
+def _local_ranks(node_ids: list[str]) -> list[int]:
+    seen: dict[str, int] = {}
+    out = []
+    for node in node_ids:
+        out.append(seen.get(node, 0))
+        seen[node] = out[-1] + 1
+    return out

@@ -1,0 +1,331 @@
+"""The step boundary: what happens in a worker after every optimizer step of a step-logged job.
+
+Theory of operation. Both strategies call ``Session.on_optimizer_step`` once per real
+optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`), which
+
+1. queues the step's record (rank 0: the job's step record, carrying rank 0's reports made
+   since the last step and, in async mode, the parameter-server clock; other ranks: their
+   progress only) for the :class:`_Writer` thread, which commits queued records to the
+   coordinator in batches — one Raft commit carries many steps, so the log costs little even
+   for fast steps;
+2. every ``checkpoint_every`` steps (or ``checkpoint_every_s`` seconds) on rank 0, captures a
+   checkpoint document (copies of every tensor, so training can go on at once) which the
+   writer encodes, writes durably and only then commits to the log (ordered after the
+   records of the steps it covers); the log answers which old checkpoints to delete;
+3. holds the worker while it is more than K = ``max_uncommitted_steps`` steps ahead of its
+   committed records (K = 0: every step waits for its own commit), so a coordinator that lost
+   its majority stops training after at most K steps and nothing runs ahead of the log;
+4. raises :class:`WorkerFencedError` once the log has refused this worker's records because a
+   newer generation replaced it (a *zombie*): it can never commit, and it stops.
+
+Records are idempotent in the log (a step or report number already there is skipped), so the
+writer simply re-sends a batch after a timeout or an unavailable cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from synctrain import checkpoint as ckpt
+from synctrain.steplog import Fenced, StepLog
+
+if TYPE_CHECKING:  # pragma: no cover
+    from synctrain.context import Session
+
+log = logging.getLogger(__name__)
+
+#: Shortest pause between two commits of the writer while nothing waits on it (K > 0).
+MIN_FLUSH_INTERVAL_S = 0.05
+#: Pause after a failed commit before the writer tries again.
+RETRY_BACKOFF_S = 0.2
+#: Records the writer keeps queued at most; beyond, the step boundary waits (K bounds it first).
+MAX_QUEUED = 100_000
+
+
+class WorkerFencedError(RuntimeError):
+    """This worker belongs to a generation the job has replaced; it must stop."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLogConfig:
+    """What a worker needs to write the job's step log (the token never appears in a repr)."""
+
+    endpoints: tuple[str, ...]
+    token: bytes = dataclasses.field(repr=False)
+    job: str = ""
+    job_dir: str = ""
+    max_uncommitted_steps: int = 16
+    checkpoint_every: int = 100
+    checkpoint_every_s: float | None = None
+    shard_optimizer: bool = False
+
+
+class StepBoundary:
+    """Per worker and generation; see the module doc."""
+
+    def __init__(self, cfg: StepLogConfig, rank: int, generation: int, mode: str) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.generation = generation
+        self.mode = mode
+        self.committed_step = -1  # unknown until the first commit; set by the driver's start step
+        self.last_checkpoint_t = time.monotonic()
+        self.last_positions: list[tuple[int, int]] = []
+        self.writer = _Writer(self)
+        self.writer.start()
+
+    def start_at(self, step: int) -> None:
+        self.committed_step = step
+
+    # ---- called by the session ---------------------------------------------------------
+    def on_report(self, seq: int, step: int, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.writer.put(("report", step, seq, record))
+
+    def after_step(self, session: Session) -> None:
+        step = session.optimizer_steps
+        self.last_positions = session.loader_positions()
+        ps_clock = getattr(session.strategy, "clock", None) if self.mode == "async" else None
+        self.writer.put(("step", step, time.time(), ps_clock))
+        if self._checkpoint_due(step):
+            self._checkpoint(session, step)
+        self._hold(session, step)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint_every
+        if every and step % every == 0:
+            return True
+        if self.cfg.checkpoint_every_s is None or self.cfg.shard_optimizer or self.rank != 0:
+            return False
+        return time.monotonic() - self.last_checkpoint_t >= self.cfg.checkpoint_every_s
+
+    def _checkpoint(self, session: Session, step: int) -> None:
+        if self.cfg.shard_optimizer:  # ZeRO-1: every rank sends its shard to rank 0 (a collective)
+            for opt in session.optimizers:
+                opt.consolidate_state_dict(to=0)
+        if self.rank != 0:
+            return
+        self.last_checkpoint_t = time.monotonic()
+        self.writer.put(("checkpoint", step, capture(session, self.generation)))
+
+    def _hold(self, session: Session, step: int) -> None:
+        """Wait while more than K steps are uncommitted; raise if this worker was fenced."""
+        k = self.cfg.max_uncommitted_steps
+        if step - self.committed_step > k:
+            self.writer.urge()
+            with self.writer.cond:
+                while step - self.committed_step > k and not self.writer.fenced:
+                    self.writer.cond.wait(0.5)
+                    session.touch()  # waiting on the log is not a stall of the loop
+        if self.writer.fenced:
+            raise WorkerFencedError(
+                f"rank {self.rank} of generation {self.generation} was replaced by a newer "
+                f"generation (the step log refused its records: {self.writer.fenced}); stopping")
+
+    # ---- called by the actor -----------------------------------------------------------
+    def set_generation(self, generation: int) -> None:
+        with self.writer.cond:
+            self.generation = generation
+            self.writer.cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Commit everything queued; True when done within ``timeout_s``."""
+        return self.writer.flush(timeout_s)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.writer.stop(timeout_s)
+
+
+def capture(session: Session, generation: int) -> dict[str, Any]:
+    """A checkpoint document of ``session`` as of its last step boundary (every tensor copied).
+
+    Called right after a step (a checkpoint) or after a failed run (a peer heal), when the
+    models and optimizers still hold the state of that boundary."""
+    strategy = session.strategy
+    doc: dict[str, Any] = {
+        "step": session.optimizer_steps,
+        "generation": generation,
+        "mode": session.context.mode,
+        "report_seq": session.step_report_seq,
+        "loaders": [list(p) for p in session.step_positions],
+        "rng": ckpt.capture_rng(),
+        "registered": {name: _clone(obj.state_dict()) for name, obj in session.registered.items()},
+        "models": [_clone(getattr(m, "module", m).state_dict()) for m in session.models],
+        "optimizers": [],
+        "strategy": {},
+    }
+    if session.context.mode != "async":
+        doc["optimizers"] = [_clone(opt.state_dict()) for opt in session.optimizers]
+    elif strategy is not None:
+        doc["strategy"] = _clone(strategy.state_dict())
+    return doc
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+class _Writer(threading.Thread):
+    """Commits queued step records and checkpoints, in order, in batches (see module doc)."""
+
+    def __init__(self, boundary: StepBoundary) -> None:
+        super().__init__(name=f"steplog-writer-{boundary.rank}", daemon=True)
+        self.b = boundary
+        self.cond = threading.Condition()
+        self.queue: deque[tuple] = deque()
+        self.inflight = 0
+        self.fenced: str | None = None
+        self.urgent = False
+        self.stopping = False
+        self.failed_commits = 0
+        self.commits = 0
+        self.steplog = StepLog(list(boundary.cfg.endpoints), boundary.cfg.token, boundary.cfg.job)
+
+    def put(self, item: tuple) -> None:
+        with self.cond:
+            while len(self.queue) >= MAX_QUEUED and not self.fenced:
+                self.urgent = True
+                self.cond.wait(0.5)
+            self.queue.append(item)
+            if self.b.cfg.max_uncommitted_steps == 0:
+                self.urgent = True
+            self.cond.notify_all()
+
+    def urge(self) -> None:
+        with self.cond:
+            self.urgent = True
+            self.cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            self.urgent = True
+            self.cond.notify_all()
+            while (self.queue or self.inflight) and not self.fenced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.5))
+                self.urgent = True
+        return not self.fenced
+
+    def stop(self, timeout_s: float) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.join(timeout_s)
+        self.steplog.close()
+
+    def run(self) -> None:
+        last_flush = 0.0
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait(0.5)
+                if self.stopping and not self.queue:
+                    return
+                if self.fenced:
+                    self.queue.clear()
+                    self.cond.notify_all()
+                    if self.stopping:
+                        return
+                    continue
+                wait_s = MIN_FLUSH_INTERVAL_S - (time.monotonic() - last_flush)
+                if not self.urgent and not self.stopping and wait_s > 0:
+                    self.cond.wait(wait_s)
+                batch = list(self.queue)
+                self.queue.clear()
+                self.inflight = len(batch)
+                self.urgent = False
+                generation = self.b.generation
+            last_flush = time.monotonic()
+            ok = self._commit(batch, generation)
+            with self.cond:
+                self.inflight = 0
+                if not ok and not self.fenced:
+                    self.queue.extendleft(reversed(batch))  # idempotent: re-sent as is
+                self.cond.notify_all()
+            if not ok and not self.fenced:
+                time.sleep(RETRY_BACKOFF_S)
+
+    def _commit(self, batch: list[tuple], generation: int) -> bool:
+        try:
+            pending: list[tuple] = []
+            for item in batch:
+                if item[0] == "checkpoint":
+                    self._send_records(pending, generation)
+                    pending = []
+                    self._send_checkpoint(item, generation)
+                else:
+                    pending.append(item)
+            self._send_records(pending, generation)
+            self.commits += 1
+            return True
+        except Fenced as exc:
+            with self.cond:
+                if self.b.generation != generation:  # told of a newer generation meanwhile
+                    return False
+                self.fenced = str(exc) or "fenced"
+            log.warning("rank %d: the step log fenced this worker off: %s", self.b.rank, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - unavailable cluster, timeouts: retry
+            self.failed_commits += 1
+            log.info("rank %d: step-log commit failed (%s: %s); retrying", self.b.rank,
+                     type(exc).__name__, exc)
+            return False
+
+    def _send_records(self, items: list[tuple], generation: int) -> None:
+        if not items:
+            return
+        records = _records(items) if self.b.rank == 0 else _progress(items)
+        if not records:
+            return
+        self.steplog.steps(generation, self.b.rank, records)
+        last = max(r["step"] for r in records)
+        with self.cond:
+            self.b.committed_step = max(self.b.committed_step, last)
+
+    def _send_checkpoint(self, item: tuple, generation: int) -> None:
+        _, step, doc = item
+        directory = pathlib.Path(self.b.cfg.job_dir)
+        name = ckpt.checkpoint_name(step, generation)
+        ref = ckpt.write(directory, name, ckpt.encode(doc))
+        for path in self.steplog.checkpoint(generation, step, ref):
+            ckpt.remove(path)
+
+
+def _records(items: list[tuple]) -> list[dict[str, Any]]:
+    """Rank 0's queued steps and reports as step-log records (reports ride on their step)."""
+    records: list[dict[str, Any]] = []
+    for item in items:
+        if item[0] == "step":
+            _, step, t, ps_clock = item
+            records.append({"step": step, "time": t, "reports": [], "ps_clock": ps_clock})
+        else:
+            _, step, seq, metrics = item
+            if not records or records[-1]["step"] != step:
+                records.append({"step": step, "time": time.time(), "reports": []})
+            records[-1]["reports"].append({"seq": seq, "metrics": metrics})
+    return records
+
+
+def _progress(items: list[tuple]) -> list[dict[str, Any]]:
+    steps = [(item[1], item[2]) for item in items if item[0] == "step"]
+    if not steps:
+        return []
+    step, t = steps[-1]
+    return [{"step": step, "time": t}]

@@ -1,0 +1,89 @@
+"""The recovery policy, driven by scripts of faults (tests/train/testdata/policy.txt), and the
+stall-blame rule. Pure: no Ray. ``REWRITE=1`` regenerates the expected decisions."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from synctrain.driver.policy import Action, Failure, RecoveryPolicy, Survivor, blame_stalled
+
+SCRIPT = pathlib.Path(__file__).parent / "testdata" / "policy.txt"
+
+
+def _kv(words: list[str]) -> dict[str, str]:
+    return dict(w.split("=", 1) if "=" in w else (w, "1") for w in words)
+
+
+def _render(decision) -> str:
+    out = [decision.action.value, f"recovery={decision.recovery}"]
+    if decision.action is not Action.GIVE_UP:
+        out.append(f"replace={decision.replace}")
+    if decision.action is Action.HEAL_FROM_PEER:
+        out += [f"source={decision.source_rank}", f"start={decision.start_step}"]
+    if decision.action is Action.GIVE_UP:
+        out.append(f"reason={decision.reason}")
+    return " ".join(out)
+
+
+def _run_script(text: str) -> str:
+    """Run every block; return the script with the decisions filled in."""
+    out: list[str] = []
+    policy = None
+    failures: list[Failure] = []
+    survivors: list[Survivor] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        words = line.split()
+        i += 1
+        if not words or words[0].startswith("#"):
+            continue
+        cmd, args = words[0], _kv(words[1:])
+        if cmd == "policy":
+            mode = words[1]
+            policy = RecoveryPolicy(mode, max_failures=int(args.get("max_failures", 3)),
+                                    recovery=args.get("recovery", "auto"), sharded_state="sharded" in args)
+        elif cmd == "fail":
+            failures.append(Failure(words[1], int(args["rank"]) if "rank" in args else None,
+                                    int(args["step"]) if "step" in args else None, fatal="fatal" in args,
+                                    detail=words[1]))
+        elif cmd == "survivor":
+            survivors.append(Survivor(int(words[1]), int(args["step"]), "torn" not in args))
+        elif cmd == "decide":
+            assert policy is not None
+            decision = policy.decide(failures, survivors)
+            failures, survivors = [], []
+            assert lines[i] == "----", f"line {i + 1}: expected ---- after decide"
+            out.append("----")
+            out.append(_render(decision))
+            i += 2  # skip the old expectation
+    return "\n".join(out) + "\n"
+
+
+def test_policy_scripts():
+    text = SCRIPT.read_text()
+    got = _run_script(text)
+    if os.environ.get("REWRITE"):
+        SCRIPT.write_text(got)
+    assert got == text
+
+
+@pytest.mark.parametrize("stalled, blamed", [
+    ([(1, False, 10), (0, True, 10), (2, True, 10)], [1]),  # the stopped process
+    ([(0, True, 10), (1, True, 7), (2, True, 9)], [1]),  # the one the others wait for
+    ([(0, True, 10), (1, True, 10)], [0, 1]),  # level: no way to tell, all of them
+    ([], []),
+])
+def test_blame_stalled(stalled, blamed):
+    assert blame_stalled(stalled) == blamed
+
+
+def test_decide_counts_every_failure_towards_the_limit():
+    policy = RecoveryPolicy("async", max_failures=2)
+    assert policy.decide([Failure("died", 0), Failure("died", 1)], []).action is Action.CONTINUE
+    assert policy.decide([Failure("died", 0)], []).action is Action.GIVE_UP

@@ -1,0 +1,119 @@
+"""Resuming without Ray: sampler positions, report replay, checkpoint files, RNG states."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from synctrain import checkpoint as ckpt
+from synctrain.context import Session, TrainContext
+from synctrain.data import ShardedBatchSampler, shard_data_loader
+
+
+def _epochs(sampler: ShardedBatchSampler, n: int, pinned: bool = False) -> list[list[list[int]]]:
+    out = []
+    for e in range(n):
+        if pinned:
+            sampler.set_epoch(e)
+        out.append(list(iter(sampler)))
+    return out
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+@pytest.mark.parametrize("epoch, done", [(0, 0), (0, 3), (1, 5), (2, 0), (1, 7)])
+def test_resumed_sampler_yields_exactly_what_remained(pinned, epoch, done):
+    full = _epochs(ShardedBatchSampler(70, 2, 1, 5, seed=3), 3)  # 7 batches per epoch
+    resumed = ShardedBatchSampler(70, 2, 1, 5, seed=3)
+    resumed.resume_at(epoch, done)
+    got = _epochs(resumed, 3, pinned)
+    for e in range(3):
+        expect = [] if e < epoch else full[e][done:] if e == epoch else full[e]
+        assert got[e] == expect, (e, epoch, done)
+
+
+def test_resume_past_the_epoch_length_is_a_clear_error():
+    s = ShardedBatchSampler(70, 2, 0, 5)
+    with pytest.raises(ValueError, match="worker count changed"):
+        s.resume_at(0, 8)
+
+
+def test_loader_counts_batches_handed_out():
+    ds = TensorDataset(torch.arange(40.0))
+    loader = shard_data_loader(DataLoader(ds, batch_size=4, shuffle=True), 2, 0, 0, torch.device("cpu"))
+    it = iter(loader)
+    next(it), next(it)
+    assert loader.batch_sampler.position() == (0, 2)
+    list(it)
+    assert loader.batch_sampler.position() == (0, 5)
+
+
+def test_replayed_reports_are_dropped_until_the_loader_reaches_its_resume_point():
+    ctx = TrainContext(mode="sync")
+    session = Session(ctx, strategy=None, restore={"step": 12, "report_seq": 2, "loaders": [[2, 3]]})
+    sampler = ShardedBatchSampler(40, 1, 0, 4)  # 10 batches per epoch
+    session.add_sampler(sampler)
+    for epoch in range(4):
+        batches = list(iter(sampler))
+        session.add_report({"epoch": epoch, "n": len(batches)})
+    # epochs 0 and 1 were finished before the checkpoint: their reports were committed then
+    assert session.replayed_reports == 2
+    reports, _ = session.drain_reports(0)
+    assert [r["epoch"] for r in reports] == [2, 3]
+    assert [r["n"] for r in reports] == [7, 10]
+    assert session.report_seq == 4  # job-wide numbering continues from the restored 2
+
+
+def test_rng_is_restored_right_before_the_first_batch_after_the_resume_point():
+    torch.manual_seed(5)
+    state = ckpt.capture_rng()
+    expect = torch.rand(3)
+    session = Session(TrainContext(mode="sync"), None,
+                      restore={"step": 1, "report_seq": 0, "loaders": [[0, 1]], "rng": state})
+    ds = TensorDataset(torch.arange(8.0))
+    loader = shard_data_loader(DataLoader(ds, batch_size=2), 1, 0, 0, torch.device("cpu"))
+    session.add_sampler(loader.batch_sampler)
+    torch.rand(10)  # the loop's model init draws from the RNG: must not matter
+    for _ in loader:
+        assert torch.equal(torch.rand(3), expect)
+        break
+
+
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    torch.manual_seed(0)
+    np.random.seed(1)
+    random.seed(2)
+    doc = {"step": 7, "report_seq": 1, "models": [{"w": torch.randn(3)}], "rng": ckpt.capture_rng(),
+           "loaders": [[0, 7]], "registered": {"sched": {"last_epoch": 3}}}
+    ref = ckpt.write(tmp_path, ckpt.checkpoint_name(7, 1), ckpt.encode(doc))
+    back = ckpt.read_verified(ref)
+    assert torch.equal(back["models"][0]["w"], doc["models"][0]["w"]) and back["step"] == 7
+    a = (torch.rand(2), np.random.rand(), random.random())
+    ckpt.restore_rng(back["rng"])
+    b = (torch.rand(2), np.random.rand(), random.random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    data = bytearray(open(ref["path"], "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(ref["path"], "wb").write(bytes(data))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="checksum"):
+        ckpt.read_verified(ref)
+
+
+def test_a_checkpoint_file_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    import hashlib
+    import io
+    buf = io.BytesIO()
+    torch.save({"format": ckpt.FORMAT_VERSION, "x": Evil()}, buf)
+    data = buf.getvalue()
+    path = tmp_path / "evil.pt"
+    path.write_bytes(data)
+    ref = {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with pytest.raises(ckpt.CheckpointCorruptError, match="cannot be decoded"):
+        ckpt.read_verified(ref)
