@@ -193,16 +193,25 @@ def _plain(v: Any, depth: int = 0) -> Any:
     raise BadArgument(f"a value of type {type(v).__name__} is not plain msgpack")
 
 
+_METRIC_SCALARS = (bool, int, float, type(None))
+
+
 def _metrics(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict) or len(v) > MAX_METRICS_PER_REPORT:
+    # On the apply path of every step batch: checks inlined (a batch holds thousands).
+    if type(v) is not dict or len(v) > MAX_METRICS_PER_REPORT:
         raise BadArgument(f"metrics must be a map of at most {MAX_METRICS_PER_REPORT} keys")
     for key, value in v.items():
-        _text(key, "a metric key", MAX_METRIC_KEY_CHARS, empty=False)
-        if isinstance(value, str):
-            _text(value, f"metric {key!r}", MAX_METRIC_STR_CHARS)
-        elif value is not None and type(value) not in (bool, int, float):
+        if type(key) is not str or not 0 < len(key) <= MAX_METRIC_KEY_CHARS:
+            raise BadArgument(f"a metric key must be 1..{MAX_METRIC_KEY_CHARS} characters, "
+                              f"got {key!r:.60}")
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_METRIC_STR_CHARS:
+                raise BadArgument(f"metric {key!r} is longer than {MAX_METRIC_STR_CHARS} "
+                                  "characters")
+        elif kind not in _METRIC_SCALARS:
             raise BadArgument(f"metric {key!r} must be a number, bool, string or None, "
-                              f"got {type(value).__name__}")
+                              f"got {kind.__name__}")
     return dict(v)
 
 
@@ -232,25 +241,33 @@ class _Record:
     ps_clock: int | None
 
 
+_RECORD_KEYS = frozenset({"step", "time", "reports", "ps_clock"})
+
+
 def _records(v: Any) -> list[_Record]:
     items = _seq(v, "records", MAX_RECORDS_PER_BATCH)
     out, reports_total = [], 0
     for r in items:
-        if not isinstance(r, dict) or not {"step", "time"} <= set(r) or not set(r) <= {
-                "step", "time", "reports", "ps_clock"}:
+        if type(r) is not dict or "step" not in r or "time" not in r or not (
+                _RECORD_KEYS.issuperset(r)):
             raise BadArgument('a record is a map {"step", "time"[, "reports", "ps_clock"]}')
-        reports = _seq(r.get("reports", ()), "reports", MAX_REPORTS_PER_BATCH)
-        reports_total += len(reports)
-        if reports_total > MAX_REPORTS_PER_BATCH:
-            raise BadArgument(f"a batch carries at most {MAX_REPORTS_PER_BATCH} reports")
-        parsed = []
-        for rep in reports:
-            if not isinstance(rep, dict) or set(rep) != {"seq", "metrics"}:
-                raise BadArgument('a report is a map {"seq": int, "metrics": map}')
-            parsed.append((_int(rep["seq"], "a report seq"), _metrics(rep["metrics"])))
-        out.append(_Record(_int(r["step"], "step"), _time(r["time"]), tuple(parsed),
-                           _opt_int(r.get("ps_clock"), "ps_clock")))
+        parsed: tuple[tuple[int, dict[str, Any]], ...] = ()
+        if r.get("reports"):
+            reports = _seq(r["reports"], "reports", MAX_REPORTS_PER_BATCH)
+            reports_total += len(reports)
+            if reports_total > MAX_REPORTS_PER_BATCH:
+                raise BadArgument(f"a batch carries at most {MAX_REPORTS_PER_BATCH} reports")
+            parsed = tuple(_report(rep) for rep in reports)
+        ps_clock = r.get("ps_clock")
+        out.append(_Record(_int(r["step"], "step"), _time(r["time"]), parsed,
+                           None if ps_clock is None else _int(ps_clock, "ps_clock", -(1 << 62))))
     return out
+
+
+def _report(rep: Any) -> tuple[int, dict[str, Any]]:
+    if type(rep) is not dict or len(rep) != 2 or "seq" not in rep or "metrics" not in rep:
+        raise BadArgument('a report is a map {"seq": int, "metrics": map}')
+    return _int(rep["seq"], "a report seq"), _metrics(rep["metrics"])
 
 
 # ------------------------------------------------------------------ the log
