@@ -23,7 +23,22 @@ Safety notes (each has a test):
   reported committed before it has been in ``Ready.entries``.
 * Vote and term changes are in the same Ready as the response that depends on them, and
   the driver persists before sending (PySyncObj #202).
-* ``commit`` and each peer's ``match`` never move back (PySyncObj #166, #167).
+* ``commit`` and each peer's ``match`` never move back (PySyncObj #166, #167) -- except
+  that a leader forgets the ``match`` of a follower that, answering a probe at exactly that
+  index, proves it no longer holds it (a lost disk; ``Progress.regress``). Lowering a match is
+  always safe (a commit index never moves back); keeping it would re-send one entry forever
+  (tests/raft/testdata/lost_disk.txt).
+* A node started with ``Config.recovering`` (it lost its disk) may have voted in a term it
+  forgot and held entries counted toward a commit, so it grants no vote or pre-vote and never
+  campaigns until it has accepted a leader's APPEND or SNAPSHOT of its current term and
+  committed up to the highest commit index that leader sent it (``_maybe_finish_recovery``;
+  tests/raft/test_recovering.py, testdata/recovering.txt). This is protocol-aware recovery
+  (Alagappan et al., FAST 2018) as far as a node can do it alone: if the repairing leader's
+  term is below the forgotten vote's, a second vote in that term stays possible; a leader
+  that no longer has a quorum behind it steps down within an election timeout (CheckQuorum),
+  which keeps that window short.
+* A follower never installs a snapshot whose ConfState leaves it out (etcd's ``restore``),
+  and a leader never sends one (it waits for a snapshot that includes the follower).
 """
 
 from __future__ import annotations
@@ -77,6 +92,13 @@ _INDEX = attrgetter("index")
 _TERM = attrgetter("term")
 #: Heartbeat responses (x election_tick) after which an unacknowledged snapshot is presumed lost.
 _SNAPSHOT_WAIT_HEARTBEATS = 2
+#: Notices one Ready carries at most (more are counted as ``notices_suppressed``).
+_MAX_NOTICES = 32
+
+
+def _in_conf_state(cs: ConfState, node_id: int) -> bool:
+    return (node_id in cs.voters or node_id in cs.learners or node_id in cs.voters_outgoing
+            or node_id in cs.learners_next)
 
 
 class RaftNode:
@@ -107,9 +129,21 @@ class RaftNode:
         self.msgs: list[Message] = []
         self.read_states: list[ReadState] = []
         self._dropped_reads: list[bytes] = []
+        self._notices: list[str] = []
         self.dropped: Counter[str] = Counter()
+        # Lost-disk recovery (see the module docstring): the term of the leader repairing us
+        # and the highest commit index it sent in an APPEND/SNAPSHOT we accepted.
+        self.recovering = config.recovering
+        self._recover_term = 0
+        self._recover_commit = 0
+        self._lost_log_noticed_term = 0
+        if self.recovering and self.trk.is_singleton() and self.trk.is_voter(self.id):
+            raise LocalProtocolError(
+                f"node {self.id} is the only voter: there is no leader to repair it, so it "
+                "cannot start with recovering=True; restore its data directory from a backup")
         self.read_only = ReadOnly(config.max_pending_read_index)
         self._deferred_reads: list[tuple[bytes, int]] = []
+        self._excluded_snapshot_noticed: dict[int, int] = {}  # peer -> snapshot index noticed
         self.lead_transferee = 0
         self.pending_conf_index = 0
         self.uncommitted_size = 0
@@ -151,7 +185,15 @@ class RaftNode:
                    for i, p in sorted(self.trk.progress.items())}
         return Status(self.id, self.role, self.term, self.vote, self.leader_id, self.log.committed,
                       self.log.applied, self.log.last_index(), self.trk.conf_state(), prs,
-                      dict(self.dropped), self.lead_transferee)
+                      dict(self.dropped), self.lead_transferee, self.recovering)
+
+    def _notice(self, key: str, text: str) -> None:
+        """Count ``key`` and hand ``text`` to the driver in the next Ready (bounded)."""
+        self.dropped[key] += 1
+        if len(self._notices) < _MAX_NOTICES:
+            self._notices.append(f"node {self.id}: {text}")
+        else:
+            self.dropped["notices_suppressed"] += 1
 
     # ------------------------------------------------------------------------------------
     # role transitions
@@ -166,6 +208,7 @@ class RaftNode:
         self.randomized_election_timeout = (
             self.cfg.election_tick + self._rng.randrange(self.cfg.election_tick))
         self.lead_transferee = 0
+        self._excluded_snapshot_noticed.clear()
         self.trk.reset_votes()
         last = self.log.last_index()
         prs = self.trk.progress
@@ -270,6 +313,9 @@ class RaftNode:
     def _hup(self, transfer: bool) -> None:
         if self.role is Role.LEADER:
             return
+        if self.recovering:
+            self.dropped["campaign_refused_recovering"] += 1
+            return
         if not self.promotable():
             self.dropped["campaign_not_promotable"] += 1
             return
@@ -311,6 +357,11 @@ class RaftNode:
     def _handle_vote_request(self, m: Message) -> None:
         """§5.2 / §5.4.1: grant if we have not voted otherwise and the log is up to date."""
         resp = MT.PRE_VOTE_RESP if m.type is MT.PRE_VOTE else MT.VOTE_RESP
+        if self.recovering:
+            # We may have voted in this term before our disk was lost: vote for nobody.
+            self.dropped["vote_refused_recovering"] += 1
+            self._send(Message(resp, m.frm, self.id, self.term, reject=True))
+            return
         can_vote = (self.vote == m.frm
                     or (self.vote == 0 and self.leader_id == 0)
                     or (m.type is MT.PRE_VOTE and m.term > self.term))
@@ -486,15 +537,58 @@ class RaftNode:
         if m.type is MT.APPEND:
             self._handle_append(m)
         elif m.type is MT.HEARTBEAT:
-            self.log.commit_to(min(m.commit, self.log.last_index()))
+            last = self.log.last_index()
+            self.log.commit_to(min(m.commit, last))
             self._send(Message(MT.HEARTBEAT_RESP, m.frm, self.id, self.term, context=m.context))
+            if m.commit > last:
+                self._report_lost_entries(m, last)
+            self._maybe_finish_recovery()
         else:
             self._handle_snapshot(m)
+
+    def _report_lost_entries(self, m: Message, last: int) -> None:
+        """A heartbeat's commit is ``min(our match, leader's commit)``: one beyond our log means
+        we lost entries we acknowledged (a wiped or restored disk). etcd panics here; we tell the
+        leader with a rejection at that index, which makes it probe and repair us."""
+        if self._lost_log_noticed_term != self.term:
+            self._lost_log_noticed_term = self.term
+            what = "repair expected" if self.recovering else (
+                "this node lost acknowledged entries: was its data directory wiped or restored "
+                "from an old copy? It should have been started with recovering=True")
+            self._notice("log_behind_leader_record",
+                         f"leader {m.frm} (term {self.term}) records that we hold index "
+                         f"{m.commit} but our log ends at {last}; {what}")
+        else:
+            self.dropped["log_behind_leader_record"] += 1
+        self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=m.commit, reject=True,
+                           reject_hint=last, log_term=self.log.term_or_zero(last)))
+
+    def _note_leader_commit(self, commit: int) -> None:
+        """While recovering: remember the highest commit index the current term's leader sent
+        us in a message we accepted (the repair target)."""
+        if not self.recovering:
+            return
+        if self._recover_term != self.term:
+            self._recover_term, self._recover_commit = self.term, 0
+        self._recover_commit = max(self._recover_commit, commit)
+
+    def _maybe_finish_recovery(self) -> None:
+        if not self.recovering or self._recover_term != self.term:
+            return
+        if self.log.committed < self._recover_commit:
+            return
+        self.recovering = False
+        self._notice("recovered",
+                     f"repaired by leader {self.leader_id} in term {self.term}: committed up to "
+                     f"{self.log.committed} (the leader's commit index was {self._recover_commit});"
+                     " voting and campaigning again once this Ready is durable")
 
     def _handle_append(self, m: Message) -> None:
         log = self.log
         if m.index < log.committed:
             self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=log.committed))
+            self._note_leader_commit(m.commit)
+            self._maybe_finish_recovery()
             return
         try:
             last_new = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
@@ -503,6 +597,8 @@ class RaftNode:
             return
         if last_new is not None:
             self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=last_new))
+            self._note_leader_commit(m.commit)
+            self._maybe_finish_recovery()
             return
         # Fast back-off (§5.3): point the leader at the last index whose term could match.
         hint = log.find_conflict_by_term(min(m.index, log.last_index()), m.log_term)
@@ -513,17 +609,29 @@ class RaftNode:
         snap = m.snapshot
         assert snap is not None
         idx, term = snap.metadata.index, snap.metadata.term
-        if idx <= self.log.committed:
+        cs = snap.metadata.conf_state
+        if idx > self.log.committed and not _in_conf_state(cs, self.id):
+            # etcd's restore: a configuration without us would leave us with no progress entry
+            # and no say. Refuse, answering with our own position; the leader waits for a
+            # snapshot that includes us (see _send_snapshot).
+            self.dropped["snapshot_excludes_self"] += 1
             self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.committed))
             return
-        if self.log.match_term(idx, term):
+        if idx <= self.log.committed:
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.committed))
+        elif self.log.match_term(idx, term):
             # We already hold the entries: just fast-forward commit.
             self.log.commit_to(idx)
             self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.committed))
-            return
-        self.log.restore(snap)
-        self._install_conf_state(snap.metadata.conf_state)
-        self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.last_index()))
+        else:
+            self.log.restore(snap)
+            self._install_conf_state(cs)
+            self._send(Message(MT.APPEND_RESP, m.frm, self.id, self.term,
+                               index=self.log.last_index()))
+        # A leader's SNAPSHOT carries its commit index (``commit``), which may exceed the
+        # snapshot's: a recovering node must reach that, not only the snapshot.
+        self._note_leader_commit(max(m.commit, idx))
+        self._maybe_finish_recovery()
 
     # ------------------------------------------------------------------------------------
     # the leader
@@ -550,16 +658,14 @@ class RaftNode:
             self.dropped["malformed_append_resp"] += 1
             return
         if m.reject:
-            probe = m.reject_hint
-            if m.log_term > 0:
-                probe = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
-            if pr.maybe_decr_to(m.index, probe):
-                if pr.state is ProgressState.REPLICATE:
-                    pr.become_probe()
-                self._send_append(m.frm)
+            self._handle_append_rejection(m, pr)
             return
         was_paused = pr.is_paused()
-        if not pr.maybe_update(m.index):
+        if not pr.maybe_update(m.index) and not (
+                pr.state is ProgressState.PROBE and pr.match == m.index):
+            # (A probe answered at exactly ``match`` -- e.g. the empty APPEND a heartbeat
+            # response sends to a caught-up follower in PROBE -- goes on: it restores
+            # REPLICATE, as in etcd-io/raft #52.)
             return
         if pr.state is ProgressState.PROBE:
             pr.become_replicate()
@@ -579,6 +685,37 @@ class RaftNode:
             self._send(Message(MT.TIMEOUT_NOW, m.frm, self.id, self.term))
         self._maybe_finish_leaving()
 
+    def _handle_append_rejection(self, m: Message, pr: Progress) -> None:
+        probe = m.reject_hint
+        if m.log_term > 0:
+            probe = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+        if m.index <= pr.match and pr.state is not ProgressState.SNAPSHOT:
+            self._follower_below_match(m, pr, probe)
+            return
+        if pr.maybe_decr_to(m.index, probe):
+            if pr.state is ProgressState.REPLICATE:
+                pr.become_probe()
+            self._send_append(m.frm)
+
+    def _follower_below_match(self, m: Message, pr: Progress, probe: int) -> None:
+        """A rejection at or below what the follower acknowledged: a stale message, or a
+        follower that lost its disk. One probe at ``match`` tells them apart (issue 17)."""
+        if pr.state is ProgressState.REPLICATE:
+            self.dropped["append_rejected_below_match"] += 1
+            pr.become_probe()
+            self._send_append(m.frm)
+            return
+        if m.index != pr.next - 1:
+            return  # not an answer to the probe we are waiting for: stale
+        old_match = pr.match
+        pr.regress(m.index, probe)
+        self._notice("follower_log_behind_match",
+                     f"follower {m.frm} rejected index {m.index}, which it had acknowledged; "
+                     f"its log ends at or before {m.reject_hint}: it lost entries (wiped or "
+                     f"restored disk?) or this was a stale rejection. Its match {old_match} is "
+                     f"forgotten; repairing it from index {pr.next} (a snapshot if compacted)")
+        self._send_append(m.frm)
+
     def _handle_heartbeat_response(self, m: Message) -> None:
         pr = self.trk.progress[m.frm]
         pr.recent_active = True
@@ -595,7 +732,9 @@ class RaftNode:
                 self.dropped["snapshot_presumed_lost"] += 1
                 pr.pending_snapshot = 0
                 pr.become_probe()
-        if pr.match < self.log.last_index():
+        if pr.match < self.log.last_index() or pr.state is ProgressState.PROBE:
+            # In PROBE even a caught-up follower gets an (empty) APPEND: its answer moves it
+            # back to REPLICATE (etcd-io/raft #52) instead of waiting for the next proposal.
             self._send_append(m.frm)
         if not m.context:
             return
@@ -661,7 +800,21 @@ class RaftNode:
             return False  # storage is building one; retry on the next heartbeat
         if snap.metadata.index == 0:
             return False
-        self._send(Message(MT.SNAPSHOT, to, self.id, self.term, snapshot=snap))
+        if not _in_conf_state(snap.metadata.conf_state, to):
+            # It would refuse it (it predates the change that added it): wait, probing on each
+            # heartbeat, for the driver's next snapshot, which must include it.
+            if self._excluded_snapshot_noticed.get(to) == snap.metadata.index:
+                self.dropped["snapshot_excludes_peer"] += 1
+            else:
+                self._excluded_snapshot_noticed[to] = snap.metadata.index
+                self._notice("snapshot_excludes_peer",
+                             f"node {to} needs a snapshot, but the latest one (index "
+                             f"{snap.metadata.index}) predates its addition and it would refuse "
+                             "it: take a new snapshot (a driver that compacts its log must "
+                             "snapshot after applying a change that adds a member)")
+            return False
+        self._send(Message(MT.SNAPSHOT, to, self.id, self.term, snapshot=snap,
+                           commit=self.log.committed))
         pr.become_snapshot(snap.metadata.index)
         return True
 
@@ -919,7 +1072,7 @@ class RaftNode:
     # Ready / advance
 
     def has_ready(self) -> bool:
-        if self.msgs or self.read_states or self._dropped_reads:
+        if self.msgs or self.read_states or self._dropped_reads or self._notices:
             return True
         u = self.log.unstable
         if u.entries or u.snapshot is not None:
@@ -948,8 +1101,9 @@ class RaftNode:
             messages=self.msgs,
             read_states=self.read_states,
             dropped_reads=self._dropped_reads,
+            notices=self._notices,
         )
-        self.msgs, self.read_states, self._dropped_reads = [], [], []
+        self.msgs, self.read_states, self._dropped_reads, self._notices = [], [], [], []
         self._prev_ss = ss
         self._outstanding = rd
         return rd
@@ -998,6 +1152,8 @@ class RaftNode:
         assert (self.role is Role.LEADER) == (self.leader_id == self.id), (self.role, self.leader_id)
         if self.role in (Role.LEADER, Role.CANDIDATE):
             assert self.vote == self.id, (self.role, self.vote)
+        if self.recovering:
+            assert self.role is Role.FOLLOWER, ("a recovering node campaigned", self.role)
         if self.role is Role.LEADER:
             for i, pr in self.trk.progress.items():
                 assert pr.match <= log.last_index(), (i, pr)

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 For every peer the leader keeps a :class:`Progress`: ``match`` (highest index known
-replicated there; it only moves forward -- PySyncObj #167) and ``next`` (the next index to
-send). Flow control is a small state machine (etcd's design):
+replicated there; it only moves forward -- PySyncObj #167 -- with one exception, below) and
+``next`` (the next index to send). Flow control is a small state machine (etcd's design):
 
 * ``PROBE``     -- we don't know where the follower's log ends: send one APPEND per
                    heartbeat interval and wait for the answer (``probe_sent``), backing off
@@ -14,6 +14,13 @@ send). Flow control is a small state machine (etcd's design):
                    flight, freed by acknowledgements).
 * ``SNAPSHOT``  -- the entries it needs are compacted: a snapshot is on its way; pause
                    until it is acknowledged or reported failed.
+
+A follower that lost its disk and came back under the same id no longer holds what it
+acknowledged. A probe at ``match`` that it rejects proves that (or is a stale duplicate,
+which costs one more round trip): :meth:`Progress.regress` then forgets ``match``, so that
+``next`` can go below it and the leader repairs the follower from its log or a snapshot.
+Without it ``next >= match + 1`` would hold forever and the leader would re-send the same
+entry forever (issue 17).
 
 :class:`ProgressTracker` holds the configuration (incoming/outgoing voters for joint
 consensus, learners), the progress map, and the votes of the current election.
@@ -143,6 +150,14 @@ class Progress:
         self.next = max(min(rejected, match_hint + 1), self.match + 1, 1)
         self.probe_sent = False
         return True
+
+    def regress(self, rejected: int, match_hint: int) -> None:
+        """The follower rejected our probe at ``rejected == match``: its log ends below what
+        it acknowledged. Forget ``match`` and probe from the follower's hint."""
+        assert self.state is ProgressState.PROBE and rejected == self.match, (self, rejected)
+        self._reset_state(ProgressState.PROBE)
+        self.match = 0
+        self.next = max(min(rejected, match_hint + 1), 1)
 
     def is_paused(self) -> bool:
         if self.state is ProgressState.PROBE:

@@ -24,7 +24,8 @@ class Config:
 
     Additions to the API contract: ``max_committed_size_per_ready`` bounds the bytes of
     committed entries one Ready hands out; ``max_pending_read_index`` bounds queued reads;
-    ``commit_broadcast=False`` lets a new commit index wait for the next APPEND or heartbeat.
+    ``commit_broadcast=False`` lets a new commit index wait for the next APPEND or heartbeat;
+    ``recovering=True`` starts a node that lost its disk (see the field's comment).
     """
 
     id: int
@@ -42,6 +43,13 @@ class Config:
     # on the next APPEND or heartbeat (followers learn it within a heartbeat). Saves a message
     # and its answer per follower per commit; etcd's raft broadcasts (the default here).
     commit_broadcast: bool = True
+    # True: this node lost its durable state (an empty or replaced disk) and restarts under an
+    # id the cluster knows. It may have voted in a term it no longer remembers and held
+    # entries that were counted toward a commit, so it neither votes, pre-votes nor campaigns
+    # until a leader has repaired it (protocol-aware recovery, Alagappan et al., FAST 2018):
+    # see RaftNode.recovering. The driver must keep passing True across restarts until the
+    # node reports the repair finished (Status.recovering False, after the Ready is durable).
+    recovering: bool = False
 
     def validate(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -80,7 +88,10 @@ class Ready:
     first; only then send ``messages``; apply ``committed_entries`` in order; then
     ``node.advance(ready)``. ``dropped_reads`` (an addition to the contract) lists the contexts
     of this node's ReadIndex requests that were abandoned (e.g. the leader was deposed): the
-    client should retry them elsewhere."""
+    client should retry them elsewhere. ``notices`` (an addition too) are one-line reports of
+    events an operator must see -- a follower that lost entries it had acknowledged, a repair
+    that finished -- which the core, having no I/O, cannot log itself: log each at WARNING.
+    Each is also counted in ``Status.dropped`` under a stable key."""
 
     soft_state: SoftState | None = None
     hard_state: HardState | None = None
@@ -90,6 +101,7 @@ class Ready:
     messages: list[Message] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     dropped_reads: list[bytes] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
 
     def must_sync(self) -> bool:
         """True when something must be made durable before the messages may go out."""
@@ -119,6 +131,7 @@ class Status:
     progress: dict[int, PeerStatus]  # only filled on a leader
     dropped: dict[str, int]  # messages/requests dropped by a defined rule, by reason
     lead_transferee: int = 0
+    recovering: bool = False  # started with Config.recovering and not yet repaired
 
 
 class RaftError(Exception):

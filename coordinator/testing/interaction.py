@@ -9,6 +9,11 @@ replays every command against an :class:`InteractionEnv` -- a handful of ``RaftN
 the expected one. With ``REWRITE=1`` in the environment the file is rewritten with the
 actual traces instead (review the diff, then commit it).
 
+``restart ID wipe=true recovering=true`` brings a crashed node back with an empty disk (its
+bootstrap configuration only) in the core's recovering mode; the environment keeps passing
+``recovering`` on restarts until a Ready in which the node reports itself repaired has been
+persisted, as a server's marker file would.
+
 The environment is a faithful, fully manual driver: ``process-ready`` persists a node's
 Ready (entries, hard state, snapshot) *before* its messages join the network queue, then
 applies committed entries and calls ``advance``; ``deliver-msgs`` hands queued messages to
@@ -22,12 +27,13 @@ Commands (``ID`` is a node id; ``(a,b)`` lists take no spaces)::
     propose ID DATA | propose-batch ID D1 D2 ... | propose-conf-change ID v4 l5 r2
     read-index ID CTX | transfer-leadership from=ID to=ID
     process-ready [ID...] | deliver-msgs [ID...] [drop=(ID,...)] | stabilize [ID...]
-    partition ID... | heal | crash ID | restart ID | compact ID INDEX
+    partition ID... | heal | crash ID | restart ID [wipe=true] [recovering=true] | compact ID INDEX
     raft-state | raft-log ID | status ID | report-unreachable ID PEER | drop-stats ID
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -125,6 +131,7 @@ class _Peer:
     config: Config
     node: RaftNode | None
     applied: list[bytes] = field(default_factory=list)
+    bootstrap: ConfState | None = None  # what a wiped disk starts from
 
 
 class InteractionEnv:
@@ -171,7 +178,7 @@ class InteractionEnv:
             cs = ConfState(voters=voters, learners=learners) if voters else None
             cfg = Config(id=i, **{k: _value(v) for k, v in opts.items()})  # type: ignore[arg-type]
             st = MemoryStorage(cs)
-            self.peers[i] = _Peer(st, cfg, None)
+            self.peers[i] = _Peer(st, cfg, None, bootstrap=cs)
             self._start(i)
             self._p(f"INFO node {i} added: {format_conf_state(cs) if cs else 'blank (joins via leader)'}")
 
@@ -207,6 +214,9 @@ class InteractionEnv:
                 p.applied.append(e.data)
         n.advance(rd)
         n.check_invariants()
+        if p.config.recovering and not n.recovering:
+            p.config = dataclasses.replace(p.config, recovering=False)
+            self._p(f"  INFO {i} repaired: it votes and campaigns again")
         return True
 
     def _print_ready(self, rd: Ready) -> None:
@@ -224,6 +234,7 @@ class InteractionEnv:
         _section(self._p, "ReadStates", [f"index={r.index} ctx={r.context.decode()!r}"
                                          for r in rd.read_states])
         _section(self._p, "DroppedReads", [repr(c.decode()) for c in rd.dropped_reads])
+        _section(self._p, "Notices", rd.notices)
 
     def deliver(self, only: set[int] | None, drop: set[int]) -> int:
         """Deliver (or drop) queued messages to ``only`` (default: all). Returns the count."""
@@ -273,7 +284,8 @@ class InteractionEnv:
             voter = "Voter" if n.trk.is_voter(i) else (
                 "Learner" if i in n.trk.progress else "NonMember")
             self._p(f"{i}: {n.role.name} ({voter}) Term:{n.term} Lead:{n.leader_id} "
-                    f"Commit:{n.commit_index} Applied:{n.log.applied} Last:{n.log.last_index()}")
+                    f"Commit:{n.commit_index} Applied:{n.log.applied} Last:{n.log.last_index()}"
+                    + (" Recovering" if n.recovering else ""))
 
     def raft_log(self, i: int) -> None:
         n = self.node(i)
@@ -347,10 +359,19 @@ def _cmd_crash(env: InteractionEnv, pos: list[str], kw: dict[str, str]) -> None:
 
 def _cmd_restart(env: InteractionEnv, pos: list[str], kw: dict[str, str]) -> None:
     i = int(pos[0])
+    p = env.peers[i]
+    if p.node is not None:
+        raise KeyError(f"node {i} is running: crash it first")
+    if kw.get("wipe") == "true":
+        p.storage = MemoryStorage(p.bootstrap)
+        p.applied = []
+    if kw.get("recovering") == "true":
+        p.config = dataclasses.replace(p.config, recovering=True)
     env._start(i)
     n = env.node(i)
-    env._p(f"INFO node {i} restarted from storage: Term:{n.term} Vote:{n.vote} "
-           f"Commit:{n.commit_index} Last:{n.log.last_index()}")
+    env._p(f"INFO node {i} restarted from {'an empty disk' if 'wipe' in kw else 'storage'}: "
+           f"Term:{n.term} Vote:{n.vote} Commit:{n.commit_index} Last:{n.log.last_index()}"
+           + (" (recovering)" if n.recovering else ""))
 
 
 def _cmd_compact(env: InteractionEnv, pos: list[str], kw: dict[str, str]) -> None:

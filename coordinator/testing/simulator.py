@@ -19,9 +19,16 @@ of that drain (before persisting, halfway through the write, after persisting bu
 sending, after sending but before applying), which loses exactly what a real process would
 lose. A targeted crash hits a node right after it grants a vote or acknowledges entries and
 restarts it a moment later, the window in which anything not durable would be forgotten.
+A share of the fault schedule's restarts (``wipe_fraction``, drawn from a stream of its own so
+the rest of a seed's schedule is unchanged) replaces the node's storage with an empty one
+holding only the bootstrap configuration, and starts it with ``Config.recovering``; like a real
+server's marker file, ``SimNode.recovering`` survives crashes until the core reports the
+repair finished in a Ready that was then made durable. One node at a time: two lost disks
+can lose a committed entry, which no protocol can prevent.
 
 A run has two phases. The *safety phase* injects faults: message loss, duplication,
-reordering and delay; symmetric and one-way partitions; crashes and restarts; clock skew;
+reordering and delay; symmetric and one-way partitions; crashes and restarts (some with an
+empty disk, see below); clock skew;
 leadership transfers; membership changes (spare nodes join as learners or voters, voters
 leave, single-server and joint); log compaction with snapshots throughout; and per-seed core
 settings (PreVote or CheckQuorum off, tiny messages, a window of one message). The *liveness
@@ -81,7 +88,8 @@ __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 # Event kinds (ints keep the heap entries cheap and comparable).
 TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT, RESTART = range(7)
 CRASH_POINTS = ("before_persist", "torn_persist", "after_persist", "after_send")
-BUGS = ("stale_reads", "no_dedup", "lossy_snapshot", "send_before_persist", "volatile_vote")
+BUGS = ("stale_reads", "no_dedup", "lossy_snapshot", "send_before_persist", "volatile_vote",
+        "wiped_node_votes")
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ class SimParams:
     fault_every: int = 120  # mean units between fault decisions
     compact_every: int = 25  # applied entries between snapshots (0 = never compact)
     faults: bool = True
+    wipe_fraction: float = 0.25  # share of fault restarts that come back with an empty disk
     membership: bool = True  # spare nodes join and voters leave during the safety phase
     # Healing also brings the clocks back within +-15% of nominal. Without it, a node ticking
     # 2.6x faster than the rest and holding a stale log can starve elections forever when
@@ -155,6 +164,7 @@ class SimNode:
     crash_point: str | None = None
     crash_trigger: MessageType | None = None  # crash only at a ready that sends this, granted
     restart_after: int | None = None  # units from a crash to the restart that follows it
+    recovering: bool = False  # lost its disk and not yet repaired (a durable marker)
     pending_writes: dict[tuple[int, int], int] = field(default_factory=dict)  # -> attempt
     pending_reads: dict[bytes, ClientRequest] = field(default_factory=dict)
     waiting_reads: list[tuple[int, ClientRequest]] = field(default_factory=list)
@@ -199,8 +209,12 @@ class Simulation:
             "transfers": 0,
             "conf_changes": 0,
             "redirects": 0,
+            "wipes": 0,
+            "recoveries": 0,
         }
         voters = ConfState(voters=tuple(range(1, n + 1)))
+        self.bootstrap_conf = voters
+        self._wipe_rng = random.Random(f"wipe/{seed}")
         self.nodes: dict[int, SimNode] = {}
         for nid in self.ids:
             period = self._random_period()
@@ -329,6 +343,7 @@ class Simulation:
             election_tick=self.p.election_tick,
             heartbeat_tick=self.p.heartbeat_tick,
             applied=snap.metadata.index,
+            recovering=node.recovering,
             **self.raft_knobs,
         )
         node.raft = RaftNode(cfg, node.storage, random.Random(self.rng.getrandbits(64)))
@@ -423,8 +438,14 @@ class Simulation:
                 )
                 if rd.soft_state.role is Role.LEADER:
                     self.stats["elections"] += 1
+            for text in rd.notices:
+                self.log(f"NOTICE {text}")
             self._apply(node, rd)
             raft.advance(rd)
+            if node.recovering and not raft.recovering:
+                node.recovering = False  # the Ready that completed the repair is durable
+                self.stats["recoveries"] += 1
+                self.log(f"n{node.id} repaired: votes again")
             self._serve_waiting_reads(node)
             self._maybe_compact(node)
         return None
@@ -525,9 +546,16 @@ class Simulation:
     def _maybe_compact(self, node: SimNode) -> None:
         """Snapshot the KV and compact the log every ``compact_every`` applied entries,
         keeping a random short tail so that some followers catch up from the log and
-        others need InstallSnapshot."""
+        others need InstallSnapshot. Also right after a membership change is applied: the
+        core neither sends nor installs a snapshot whose configuration leaves the receiver
+        out, so a member added after the last snapshot needs a newer one (etcd's server
+        builds a fresh snapshot for every send instead)."""
         every, st, applied = self.p.compact_every, node.storage, node.kv.applied
-        if not every or applied - st.first_index() < every:
+        if not every:
+            return
+        held = st.snapshot().metadata
+        conf_moved = node.conf_state != held.conf_state and applied > held.index
+        if applied - st.first_index() < every and not conf_moved:
             return
         st.create_snapshot(applied, node.conf_state, node.kv.snapshot())
         keep = self.rng.randint(0, every // 2)
@@ -709,9 +737,21 @@ class Simulation:
         dead = [n for n in self.nodes.values() if not n.alive]
         if dead:
             node = self.rng.choice(dead)
+            wipe = self._wipe_rng.random() < self.p.wipe_fraction
+            if wipe and not any(n.recovering for n in self.nodes.values() if n is not node):
+                self._wipe(node)
             self.log(f"n{node.id} RESTART from storage")
             self.stats["restarts"] += 1
             self._boot(node)
+
+    def _wipe(self, node: SimNode) -> None:
+        """The node's disk is lost: it comes back with an empty one (the bootstrap
+        configuration only) and in recovering mode until a leader has repaired it."""
+        node.storage = MemoryStorage(conf_state=self.bootstrap_conf)
+        # BUG on purpose with "wiped_node_votes": it votes at once, possibly a second time
+        node.recovering = self.p.bug != "wiped_node_votes"
+        self.stats["wipes"] += 1
+        self.log(f"n{node.id} LOST ITS DISK: restarts empty, recovering")
 
     def _fault_partition(self) -> None:
         side = set(self.rng.sample(self.ids, self.rng.randint(1, len(self.ids) // 2)))

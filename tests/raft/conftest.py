@@ -83,7 +83,12 @@ class Cluster:
             seen = self.applied_at.setdefault(e.index, (e.term, e.data))
             assert seen == (e.term, e.data), f"node {i} applied {e} but {seen} was applied before"
             if e.type is EntryType.CONF_CHANGE:
-                n.apply_conf_change(decode_conf_change(e.data))
+                cs = n.apply_conf_change(decode_conf_change(e.data))
+                if st.first_index() > 1 and e.index > st.snapshot().metadata.index:
+                    # A driver that compacts must offer a snapshot that includes a member it
+                    # adds: the core neither sends nor installs one that leaves the receiver out.
+                    st.create_snapshot(e.index, cs, b"")
+                    st.compact(e.index)
             elif e.data:
                 self.applied[i].append(e.data)
         n.advance(rd)

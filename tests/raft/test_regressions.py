@@ -7,6 +7,8 @@
 * PySyncObj #202 -- a vote was sent before the new term/vote was durable.
 * etcd #14370 -- a single-node cluster reported an entry committed before it was persisted,
   and lost an acknowledged write on crash.
+* etcd's ``restore`` -- a snapshot whose ConfState leaves the receiver out is refused ("not in
+  ConfState"), answered with the receiver's own position (issue 15, point 10).
 """
 
 import random
@@ -21,6 +23,8 @@ from coordinator.raft import (
     MessageType,
     RaftNode,
     Role,
+    Snapshot,
+    SnapshotMetadata,
 )
 
 MT = MessageType
@@ -208,3 +212,27 @@ def test_single_node_keeps_acknowledged_write_across_crash():
         kept = [e.data for e in st.entries(1, st.last_index() + 1) if e.data]
         assert kept[:len(acked)] == acked
         assert n.commit_index == st.last_index()
+
+
+def test_snapshot_that_leaves_the_receiver_out_is_refused(cluster):
+    """etcd's restore: node 2 is sent a snapshot (index 10) whose voters are (1, 3). It keeps
+    its log and configuration and answers with its own commit index, not the snapshot's."""
+    c = cluster(3)
+    c.elect(1)
+    c[1].propose(b"x")
+    c.stabilize()
+    f = c[2]
+    before = (f.log.last_index(), f.commit_index, f.conf_state())
+    snap = Snapshot(SnapshotMetadata(10, 1, ConfState(voters=(1, 3))), b"state")
+    f.step(Message(MT.SNAPSHOT, 2, 1, f.term, snapshot=snap, commit=10))
+    rd = f.ready()
+    assert rd.snapshot is None, "a snapshot that leaves the receiver out was installed"
+    assert (f.log.last_index(), f.commit_index, f.conf_state()) == before
+    answers = [m for m in rd.messages if m.type is MT.APPEND_RESP]
+    assert [(m.index, m.reject) for m in answers] == [(before[1], False)]
+    assert f.status().dropped["snapshot_excludes_self"] == 1
+    f.advance(rd)
+    # The same snapshot with the receiver among its learners is installed.
+    ok = Snapshot(SnapshotMetadata(10, 1, ConfState(voters=(1, 3), learners=(2,))), b"state")
+    f.step(Message(MT.SNAPSHOT, 2, 1, f.term, snapshot=ok, commit=10))
+    assert f.ready().snapshot == ok
