@@ -13,6 +13,11 @@ Frames are a 4-byte little-endian length and a msgpack map, at most :data:`MAX_F
 nothing is unpickled. A connection is authenticated by its first frame, ``hello``, which
 names the job and the worker and carries the worker's channel token (128 random bits that
 only the worker and the shard know, compared in constant time); anything else closes it.
+An abstract socket has no file permissions and its name is listed in ``/proc/net/unix`` for
+every local user, so before the hello the shard checks the peer's uid (``SO_PEERCRED``,
+:func:`peer_uid`), bounds how many connections it serves, and reads a hello of at most
+:data:`MAX_HELLO_BYTES` within a short deadline: a stranger can make it hold neither memory
+nor a connection slot for long.
 
 Requests on one connection are answered in order; a worker has at most one in flight per
 shard. An error on the shard comes back as a frame naming one of the parameter server's
@@ -36,7 +41,10 @@ from synctrain.ps.errors import ParameterServerError, StalenessTimeoutError
 
 #: Requests and answers are a few numbers (and a learning rate per param group).
 MAX_FRAME_BYTES = 1 << 20
+#: A hello is the job id, a worker index and a 16-byte token: a few dozen bytes.
+MAX_HELLO_BYTES = 512
 _LENGTH = struct.Struct("<I")
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 #: Error classes a shard may name in an error frame; anything else arrives as the base class.
 ERRORS: dict[str, type[ParameterServerError]] = {
     cls.__name__: cls for cls in (
@@ -65,18 +73,29 @@ def decode(body: bytes) -> dict[str, Any]:
     return message
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next frame, or None at end of file. A frame over the limit is an error."""
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any] | None:
+    """The next frame, or None at end of file. A frame over ``max_bytes`` is an error, raised
+    before any of its body is read."""
     try:
         (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
     except asyncio.IncompleteReadError:
         return None
-    if length > MAX_FRAME_BYTES:
-        raise ParameterServerError(f"a frame of {length} bytes announced; the limit is {MAX_FRAME_BYTES}")
+    if length > max_bytes:
+        raise ParameterServerError(f"a frame of {length} bytes announced; the limit is {max_bytes}")
     try:
         return decode(await reader.readexactly(length))
     except asyncio.IncompleteReadError:
         return None
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The uid of the process at the other end of a connected Unix socket (None: unknown)."""
+    try:
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = _PEER_CREDENTIALS.unpack(credentials)
+    return int(uid)
 
 
 def error_frame(exc: BaseException) -> dict[str, Any]:
@@ -108,8 +127,12 @@ class ShardLink:
             sock.close()
             raise
         link._sock = sock
-        link.send({"hello": job_id, "worker": worker, "token": token})
-        link.receive()  # the shard's "ok" (or its refusal, raised)
+        try:
+            link.send({"hello": job_id, "worker": worker, "token": token})
+            link.receive()  # the shard's "ok" (or its refusal, raised)
+        except BaseException:
+            link.close()
+            raise
         return link
 
     def send(self, message: dict[str, Any]) -> None:

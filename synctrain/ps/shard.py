@@ -30,16 +30,35 @@ is left out of the minimum and of the bulk-synchronous quorum.
 
 Every request carries the job id; another id is refused (:class:`StaleJobError`), which
 fences off workers of an older job. Pushes must arrive in clock order per worker; a wrong
-shape, NaN/Inf (unless ``skip_nonfinite``) or a push before initialisation is refused with
-the parameters untouched. Everything that grows is bounded: one accumulator, histograms of
-``LAG_BUCKETS`` buckets, at most ``MAX_OPEN_COLLECTIVES`` collectives in flight.
+shape, NaN/Inf (unless ``skip_nonfinite``), a push before initialisation or from a worker
+that left is refused with the parameters untouched. Everything that grows is bounded: one
+accumulator, histograms of ``LAG_BUCKETS`` buckets, at most ``MAX_OPEN_COLLECTIVES``
+collectives in flight, at most ``CONNECTIONS_PER_WORKER`` per worker (plus
+``CONNECTION_SLACK``) connections on the socket, whose peers must run as the shard's user
+and say hello in at most ``ipc.MAX_HELLO_BYTES`` within ``HELLO_TIMEOUT_S``.
+
+Recovery. ``export_state`` is an atomic snapshot (taken with no await inside): parameters,
+the optimizer's state, clocks, version, all as torch tensors and plain values, so that
+``torch.save``/``torch.load(weights_only=True)`` round-trips it; a bulk-synchronous round
+still being collected is left out (none of its pushes has been answered; they are pushed
+again after a restore). ``import_state`` loads one into a fresh shard, which then counts as
+initialised; the optimizer's state waits for ``set_optimizer`` to rebuild the optimizer.
+``join`` lets a replacement take over a worker's slot: it is active again at the clock
+``max(its own, the other active workers' minimum)``, so it neither holds the others back nor
+waits for them. A push from the replaced process (a zombie) no longer matches the clock the
+shard expects and is refused, naming the join; one from a worker that left and has not
+joined again is refused outright, and the socket connection of a replaced process is cut at
+its next push (its channel is no longer the worker's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import hmac
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -65,8 +84,12 @@ from synctrain.ps.shm import PREFIX, Channel
 LAG_BUCKETS = 65
 #: Collectives (all_reduce/barrier/broadcast) that may be open at once on shard 0.
 MAX_OPEN_COLLECTIVES = 64
-#: Seconds a new same-machine connection has to present its hello.
-HELLO_TIMEOUT_S = 30.0
+#: Seconds a new same-machine connection has to present its hello (a worker sends it at once).
+HELLO_TIMEOUT_S = 2.0
+#: Socket connections a shard serves at once: a worker holds one per shard, a replacement one
+#: more while the old one drains; the slack covers joins. Any connection beyond is refused.
+CONNECTIONS_PER_WORKER = 4
+CONNECTION_SLACK = 8
 
 
 @dataclass(frozen=True)
@@ -121,7 +144,7 @@ class ParameterShard:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         n = config.num_workers
-        self.clocks = [0] * n  # pushes of each worker reflected in the parameters
+        self.worker_clocks = [0] * n  # pushes of each worker reflected in the parameters (clocks())
         self.received = [0] * n  # pushes received from each worker (the next expected clock)
         self.active = set(range(n))
         self.version = 0
@@ -140,6 +163,13 @@ class ParameterShard:
         self._channels: dict[int, Channel] = {}  # worker -> shared-memory channel (same machine)
         self._server: asyncio.Server | None = None  # the Unix socket pushes ring on (same machine)
         self._address: str | None = None
+        self._connections = 0  # open on the socket (bounded by _max_connections)
+        # Recovery: an imported optimizer state waiting for set_optimizer, the digest of the
+        # state last loaded (every rank loads the same checkpoint: only the first applies),
+        # and the clock each replaced worker joined at (names a zombie's push in the error).
+        self._pending_optimizer_state: dict[str, Any] | None = None
+        self._loaded_optimizer_digest: str | None = None
+        self._joined_at: dict[int, int] = {}
 
     # ---- setup -------------------------------------------------------------------------
     async def init_params(self, job_id: str, digest: str, params: np.ndarray) -> int:
@@ -191,9 +221,14 @@ class ParameterShard:
             view = self._flat[seg.start:seg.end]
             view.grad = self._grad[seg.start:seg.end]
             by_group.setdefault(seg.group, []).append(view)
-        self._optimizer = recipe.build(by_group)
+        optimizer = recipe.build(by_group)
+        pending = self._pending_optimizer_state
+        if pending is not None:  # imported from a checkpoint before the optimizer existed
+            self._load_optimizer(optimizer, pending)  # raises before anything is kept
+        self._optimizer = optimizer
         self._group_pos = {g: i for i, g in enumerate(sorted(by_group))}
         self._recipe = recipe
+        self._pending_optimizer_state = None
 
     async def attach_channel(self, job_id: str, worker: int, path: str, token: bytes) -> str | None:
         """Map worker's shared-memory channel (:mod:`synctrain.ps.shm`) for ``push_shm``.
@@ -228,42 +263,79 @@ class ParameterShard:
         return self._address
 
     async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One worker's connection: ``hello`` with its channel token, then one push per frame."""
+        """One connection: admitted (same user, under the bound), then served until it closes."""
+        refusal = self._admit(writer)
+        if refusal is not None:
+            with contextlib.suppress(OSError):
+                writer.write(ipc.encode({"error": "ParameterServerError", "message": f"connection refused: {refusal}"}))
+            writer.close()
+            return
+        self._connections += 1
         try:
-            worker = await self._greet(reader)
-            if worker is None:
-                writer.write(ipc.encode({"error": "ParameterServerError",
-                                         "message": "connection refused: not a worker of this job"}))
-                return
-            writer.write(ipc.encode({"ok": True}))
-            while (request := await ipc.read_frame(reader)) is not None:
-                try:
-                    lrs = request.get("lrs")
-                    reply = await self.push_shm(
-                        self.config.job_id, worker, int(request["clock"]), bool(request["has"]),
-                        int(request["min"]), int(request["ver"]),
-                        None if lrs is None else tuple(float(x) for x in lrs), bool(request["want"]))
-                    frame: dict[str, Any] = {"version": reply.version, "min_clock": reply.min_clock,
-                                             "clocks": list(reply.clocks), "wait_s": reply.wait_s}
-                except Exception as exc:  # noqa: BLE001 - every failure goes back to the worker
-                    frame = ipc.error_frame(exc)
-                writer.write(ipc.encode(frame))
-                await writer.drain()
+            await self._serve_worker(reader, writer)
         except (ParameterServerError, ConnectionError, ValueError, TimeoutError):
-            pass  # a malformed or oversized frame, or the worker went away: drop the connection
+            pass  # a malformed or oversized frame, a slow hello, or the worker went away: drop it
         finally:
+            self._connections -= 1
             writer.close()
 
-    async def _greet(self, reader: asyncio.StreamReader) -> int | None:
-        """The worker a connection's hello authenticates (its channel's token), or None."""
-        hello = await asyncio.wait_for(ipc.read_frame(reader), HELLO_TIMEOUT_S)
+    def _admit(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why a new connection is refused before it may send a byte, or None to admit it.
+
+        The socket is abstract, so any local user can connect: only the shard's own user may
+        (``SO_PEERCRED``), and never more than ``_max_connections`` at once."""
+        uid = ipc.peer_uid(writer.get_extra_info("socket"))
+        if uid != os.getuid():
+            return f"the peer runs as uid {uid}, the shard as uid {os.getuid()}"
+        limit = self._max_connections()
+        if self._connections >= limit:
+            return (f"shard {self.config.shard_index} serves {limit} connections already "
+                    f"({CONNECTIONS_PER_WORKER} per worker + {CONNECTION_SLACK})")
+        return None
+
+    def _max_connections(self) -> int:
+        return CONNECTIONS_PER_WORKER * self.config.num_workers + CONNECTION_SLACK
+
+    async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``hello`` with the worker's channel token, then one push per frame while the
+        channel the hello named is still the worker's (a replacement's attach ends it)."""
+        greeted = await self._greet(reader)
+        if greeted is None:
+            writer.write(ipc.encode({"error": "ParameterServerError",
+                                     "message": "connection refused: not a worker of this job"}))
+            return
+        worker, channel = greeted
+        writer.write(ipc.encode({"ok": True}))
+        while (request := await ipc.read_frame(reader)) is not None:
+            if self._channels.get(worker) is not channel:
+                writer.write(ipc.encode(ipc.error_frame(ParameterServerError(
+                    f"worker {worker} was replaced (a new process joined in its place) or left: this "
+                    "connection of its old process is closed and its push refused; stop that process"))))
+                return
+            try:
+                lrs = request.get("lrs")
+                reply = await self.push_shm(
+                    self.config.job_id, worker, int(request["clock"]), bool(request["has"]),
+                    int(request["min"]), int(request["ver"]),
+                    None if lrs is None else tuple(float(x) for x in lrs), bool(request["want"]))
+                frame: dict[str, Any] = {"version": reply.version, "min_clock": reply.min_clock,
+                                         "clocks": list(reply.clocks), "wait_s": reply.wait_s}
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to the worker
+                frame = ipc.error_frame(exc)
+            writer.write(ipc.encode(frame))
+            await writer.drain()
+
+    async def _greet(self, reader: asyncio.StreamReader) -> tuple[int, Channel] | None:
+        """The worker (and its channel) a connection's hello authenticates, or None. The hello
+        is a few dozen bytes: a longer one, or one slower than HELLO_TIMEOUT_S, ends it."""
+        hello = await asyncio.wait_for(ipc.read_frame(reader, ipc.MAX_HELLO_BYTES), HELLO_TIMEOUT_S)
         if not hello or hello.get("hello") != self.config.job_id:
             return None
         worker, token = hello.get("worker"), hello.get("token")
         channel = self._channels.get(worker) if isinstance(worker, int) else None
         if channel is None or not isinstance(token, bytes) or not hmac.compare_digest(token, channel.token):
             return None
-        return int(worker)  # type: ignore[arg-type]
+        return int(worker), channel  # type: ignore[arg-type]
 
     def node_id(self) -> str:
         """The Ray node this shard runs on (workers on it may attach a shared-memory channel)."""
@@ -354,7 +426,9 @@ class ParameterShard:
         return (dataclasses.replace(reply, params=None), *pieces)
 
     async def leave(self, job_id: str, worker: int) -> None:
-        """Worker's loop ended: stop counting it in the staleness bound and the quorum."""
+        """Worker's loop ended, or it died (the driver calls this for a dead rank): stop
+        counting it in the staleness bound and the quorum, so its clock holds nobody back and
+        any later push from it is refused until a replacement ``join``s."""
         self._fence(job_id)
         self.active.discard(worker)
         channel = self._channels.pop(worker, None)
@@ -368,24 +442,160 @@ class ParameterShard:
     def min_clock(self) -> int:
         """The clock every active worker has reached (a left worker holds nobody back)."""
         if not self.active:
-            return max(self.clocks)
-        return min(self.clocks[w] for w in self.active)
+            return max(self.worker_clocks)
+        return min(self.worker_clocks[w] for w in self.active)
+
+    # ---- recovery: snapshots, restore, replacement workers ----------------------------
+    async def export_state(self, job_id: str) -> dict[str, Any]:
+        """An atomic snapshot of the shard (nothing awaits inside) for a checkpoint.
+
+        Only torch CPU tensors and plain values: ``torch.load(weights_only=True)`` reads it
+        back. A bulk-synchronous round still being collected is left out: its pushes were
+        answered to nobody, so ``received`` is ``clocks`` for the workers that sent one.
+        """
+        self._fence(job_id)
+        if self._flat is None or self._digest is None:
+            raise ParameterServerError(f"shard {self.config.shard_index} holds no parameters yet, so there "
+                                       "is nothing to export: call it after prepare_model")
+        received = list(self.received)
+        for w in self._acc_arrived:
+            received[w] = self.worker_clocks[w]
+        return {"shard_index": self.config.shard_index, "num_shards": self.config.num_shards,
+                "params": self._flat.detach().clone(), "optimizer": self._optimizer_state(),
+                "clocks": list(self.worker_clocks), "received": received, "active": sorted(self.active),
+                "version": self.version, "digest": self._digest}
+
+    async def import_state(self, job_id: str, state: dict[str, Any]) -> None:
+        """Load ``export_state``'s snapshot into this fresh shard (restore from a checkpoint).
+
+        The shard then counts as initialised (``get_params`` answers at once; rank 0 must not
+        ``init_params``), every worker is active again (each ``join``s), and the optimizer's
+        state is loaded when ``set_optimizer`` builds the optimizer.
+        """
+        self._fence(job_id)
+        if self._flat is not None:
+            raise ParameterServerError(
+                f"import_state on shard {self.config.shard_index}, which already holds parameters: a "
+                "checkpoint is imported only into fresh shards, created for the restore")
+        params = _check_state(state, self.config)
+        self._flat = params.detach().to("cpu").contiguous().clone()
+        self._grad = torch.zeros_like(self._flat)
+        self._digest = str(state["digest"])
+        self.worker_clocks = [int(c) for c in state["clocks"]]
+        self.received = [int(r) for r in state["received"]]
+        self.active = set(range(self.config.num_workers))
+        self.version = int(state["version"])
+        self._pending_optimizer_state = _copy_tree(state["optimizer"])
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def optimizer_state(self, job_id: str) -> dict[str, Any] | None:
+        """The shard optimizer's ``state_dict`` (tensors copied); None without one."""
+        self._fence(job_id)
+        return self._optimizer_state()
+
+    async def load_optimizer_state(self, job_id: str, state: dict[str, Any] | None) -> None:
+        """Replace the optimizer's state with ``optimizer_state``'s output (a checkpoint).
+
+        Every rank loads the same checkpoint, at its own pace: only the first load of a given
+        state applies, so a rank that loads late does not undo the steps others took since.
+        Before ``set_optimizer`` the state waits for it.
+        """
+        self._fence(job_id)
+        if self._recipe is None:
+            self._pending_optimizer_state = _copy_tree(state)
+            return
+        digest = _tree_digest(state)
+        if digest == self._loaded_optimizer_digest:
+            return
+        self._load_optimizer(self._optimizer, state)
+
+    async def join(self, job_id: str, worker: int) -> int:
+        """A replacement takes over ``worker``'s slot; returns the clock it must push next.
+
+        The clock is ``max(the worker's own, the other active workers' minimum)``: under a
+        finite staleness bound the replacement neither holds the others back nor waits for
+        them. The replaced process's channel is dropped. A bulk-synchronous round that
+        holds a push of the replaced process is awaited first (the replacement's first push
+        belongs to the next round).
+        """
+        self._fence(job_id)
+        self._check_worker(worker, "join")
+        if self._flat is None:
+            raise ParameterServerError(f"worker {worker} joined shard {self.config.shard_index} before it "
+                                       "holds parameters (init_params or import_state first)")
+        others = [self.worker_clocks[w] for w in self.active if w != worker]
+        clock = max(self.received[worker], min(others, default=self.worker_clocks[worker]))
+        pending = self.config.staleness == 0 and worker in self._acc_arrived
+        if not pending:  # else its round's apply advances clocks[worker] to clock
+            self.worker_clocks[worker] = clock
+        self.received[worker] = clock
+        self.active.add(worker)
+        self._joined_at[worker] = clock
+        channel = self._channels.pop(worker, None)
+        if channel is not None:
+            channel.close()
+        async with self._cond:
+            self._cond.notify_all()
+        if pending:
+            await self._wait(lambda: worker not in self._acc_arrived, worker,
+                             f"the bulk-synchronous round {clock - 1} its predecessor pushed to")
+        return clock
+
+    async def clocks(self, job_id: str) -> list[int]:
+        """Each worker's pushes reflected in the parameters."""
+        self._fence(job_id)
+        return list(self.worker_clocks)
+
+    def _optimizer_state(self) -> dict[str, Any] | None:
+        if self._optimizer is None:
+            return _copy_tree(self._pending_optimizer_state)
+        return _copy_tree(self._optimizer.state_dict())
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer | None, state: dict[str, Any] | None) -> None:
+        """Load ``state`` into ``optimizer`` (this shard's); a mismatch is a clear error and
+        leaves the optimizer as it was."""
+        where = f"shard {self.config.shard_index}"
+        if optimizer is None or state is None:
+            if optimizer is state:  # both None: no parameter of this range is trained
+                return
+            raise ParameterServerError(
+                f"{where} {'has no' if optimizer is None else 'has an'} optimizer but the state to load "
+                f"{'has one' if optimizer is None else 'has none'}: it was saved from another model or "
+                "optimizer (or another num_ps_shards)")
+        _check_optimizer_shapes(optimizer, state, where)
+        try:
+            optimizer.load_state_dict(_copy_tree(state))
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ParameterServerError(f"{where} cannot load this optimizer state ({exc}): it was saved "
+                                       "from another optimizer, model or num_ps_shards") from None
+        self._loaded_optimizer_digest = _tree_digest(state)
 
     # ---- helpers of push ---------------------------------------------------------------
     def _check_push(self, job_id: str, worker: int, clock: int, grads: np.ndarray | None) -> None:
         self._fence(job_id)
-        if not 0 <= worker < self.config.num_workers:
-            raise ParameterServerError(f"push from worker {worker}, but the job has "
-                                       f"{self.config.num_workers} workers")
-        if self._flat is None or self._recipe is None:
+        self._check_worker(worker, "push")
+        # A skipped push (no gradient) needs no optimizer: a joining worker catches up an
+        # imported shard with them before prepare_optimizer.
+        if self._flat is None or (self._recipe is None and grads is not None):
             raise ParameterServerError(
                 f"worker {worker} pushed before the shard was set up: call prepare_model and "
                 "prepare_optimizer before opt.step()")
-        if clock != self.received[worker]:
+        if worker not in self.active:
             self.stats_.pushes_rejected += 1
             raise ParameterServerError(
+                f"worker {worker} pushed clock {clock} to shard {self.config.shard_index} after it left "
+                "(its loop ended, or it was declared dead and has not joined again): refused. A "
+                "process that was replaced must stop")
+        if clock != self.received[worker]:
+            self.stats_.pushes_rejected += 1
+            joined = self._joined_at.get(worker)
+            why = (f"worker {worker} was replaced at clock {joined}: this push comes from its old process "
+                   "(a zombie) and is refused; stop that process" if joined is not None and clock < joined
+                   else "pushes must arrive once each, in order")
+            raise ParameterServerError(
                 f"worker {worker} pushed clock {clock} but shard {self.config.shard_index} expected "
-                f"clock {self.received[worker]}: pushes must arrive once each, in order")
+                f"clock {self.received[worker]}: {why}")
         if grads is not None and (grads.shape != tuple(self._flat.shape)
                                   or grads.dtype != self._flat.numpy().dtype):
             self.stats_.pushes_rejected += 1
@@ -444,7 +654,7 @@ class ParameterShard:
             self._step(self._acc)
             self.stats_.gradients_applied += self._acc_contributors
         for w in self._acc_arrived:
-            self.clocks[w] += 1
+            self.worker_clocks[w] += 1
         self._acc.fill(0)
         self._acc_arrived.clear()
         self._acc_contributors = 0
@@ -453,7 +663,7 @@ class ParameterShard:
         if grads is not None:
             self._step(grads)
             self.stats_.gradients_applied += 1
-        self.clocks[worker] += 1
+        self.worker_clocks[worker] += 1
 
     def _step(self, grads: np.ndarray) -> None:
         """One optimizer step with ``update_scale * grads``; no await inside, so it is atomic."""
@@ -467,16 +677,21 @@ class ParameterShard:
     def _ack(self) -> PushReply:
         """An answer without parameters (the clocks and version as of now)."""
         return PushReply(params=None, version=self.version, min_clock=self.min_clock(),
-                         clocks=tuple(self.clocks), wait_s=0.0)
+                         clocks=tuple(self.worker_clocks), wait_s=0.0)
 
     def _reply(self, wait_s: float) -> PushReply:
         assert self._flat is not None
         live = self._flat.numpy()
         snapshot: Any = ray.put(live) if self.config.reply_by_reference else live.copy()
         return PushReply(params=snapshot, version=self.version,
-                         min_clock=self.min_clock(), clocks=tuple(self.clocks), wait_s=wait_s)
+                         min_clock=self.min_clock(), clocks=tuple(self.worker_clocks), wait_s=wait_s)
 
     # ---- shared helpers ----------------------------------------------------------------
+    def _check_worker(self, worker: int, what: str) -> None:
+        if not (isinstance(worker, int) and 0 <= worker < self.config.num_workers):
+            raise ParameterServerError(f"{what} from worker {worker}, but the job has "
+                                       f"{self.config.num_workers} workers")
+
     def _fence(self, job_id: str) -> None:
         if job_id != self.config.job_id:
             raise StaleJobError(
@@ -527,7 +742,7 @@ class ParameterShard:
             "shard": self.config.shard_index,
             "elements": int(self._flat.numel()) if self._flat is not None else 0,
             "version": self.version,
-            "clocks": list(self.clocks),
+            "clocks": list(self.worker_clocks),
             "pushes_received": s.pushes_received,
             "gradients_applied": s.gradients_applied,
             "updates_applied": s.updates_applied,
@@ -546,3 +761,92 @@ class ParameterShard:
 def _trim(hist: list[int]) -> list[int]:
     last = max((i for i, v in enumerate(hist) if v), default=-1)
     return list(hist[: last + 1])
+
+
+# ---- recovery helpers ----------------------------------------------------------------------
+#: What export_state returns and import_state needs.
+STATE_KEYS = ("shard_index", "num_shards", "params", "optimizer", "clocks", "received", "active",
+              "version", "digest")
+_PARAM_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _check_state(state: Any, config: ShardConfig) -> torch.Tensor:
+    """The parameters of a snapshot that fits this shard; anything else is a clear error."""
+    if not isinstance(state, dict) or set(STATE_KEYS) - set(state):
+        missing = sorted(set(STATE_KEYS) - set(state)) if isinstance(state, dict) else list(STATE_KEYS)
+        raise ParameterServerError(f"not a parameter-server shard snapshot (export_state): missing {missing}")
+    here = f"shard {config.shard_index} of {config.num_shards}"
+    if (state["shard_index"], state["num_shards"]) != (config.shard_index, config.num_shards):
+        raise ParameterServerError(
+            f"the snapshot of shard {state['shard_index']} of {state['num_shards']} was imported into {here}: "
+            "restore with the same num_ps_shards, each shard from its own snapshot")
+    n = config.num_workers
+    clocks, received = state["clocks"], state["received"]
+    if not (isinstance(clocks, list) and isinstance(received, list) and len(clocks) == len(received) == n):
+        raise ParameterServerError(
+            f"the snapshot holds clocks of {len(clocks) if isinstance(clocks, list) else '?'} workers, {here} "
+            f"serves {n}: restore with the same num_workers")
+    if not all(isinstance(c, int) and isinstance(r, int) and 0 <= c <= r for c, r in zip(clocks, received, strict=True)):
+        raise ParameterServerError(f"the snapshot's clocks {clocks} and received {received} are inconsistent "
+                                   "(each clock an int >= 0, at most the pushes received)")
+    params = state["params"]
+    if not (isinstance(params, torch.Tensor) and params.dim() == 1 and params.numel() > 0
+            and params.dtype in _PARAM_DTYPES):
+        raise ParameterServerError(f"the snapshot's parameters must be a non-empty 1-D float tensor, got "
+                                   f"{type(params).__name__} {getattr(params, 'shape', '')}")
+    if not (isinstance(state["version"], int) and state["version"] >= 0 and isinstance(state["digest"], str)):
+        raise ParameterServerError("the snapshot's version (an int >= 0) or digest (a str) is malformed")
+    return params
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, state: dict[str, Any], where: str) -> None:
+    """torch's load_state_dict checks the group sizes, not the tensors' shapes: check those."""
+    pieces = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ParameterServerError(f"{where}: not an optimizer state_dict (no 'state' map)")
+    for index, entry in saved.items():
+        if not (isinstance(index, int) and 0 <= index < len(pieces)) or not isinstance(entry, dict):
+            raise ParameterServerError(f"{where}: the optimizer state names piece {index!r}, but the shard's "
+                                       f"optimizer has {len(pieces)}: saved from another model or num_ps_shards")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != pieces[index].shape:
+                raise ParameterServerError(
+                    f"{where}: the optimizer state's {key!r} of piece {index} has shape {tuple(value.shape)}, "
+                    f"the shard's piece {tuple(pieces[index].shape)}: saved from another model or num_ps_shards")
+
+
+def _copy_tree(obj: Any) -> Any:
+    """A copy of nested dicts, lists and tuples whose tensors are cloned (no shared storage)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tree(v) for v in obj)
+    return obj
+
+
+def _tree_digest(obj: Any) -> str:
+    """A content hash of nested dicts, lists, tuples, tensors and plain values."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    feed(obj)
+    return h.hexdigest()

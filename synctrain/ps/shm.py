@@ -21,7 +21,10 @@ later), the shard attaches (checks the header's token, size and dtype), and the 
 unlinks the name at once: from there on the memory lives exactly as long as the two
 mappings, so a ``kill -9`` of either process leaks nothing. Only a worker killed between
 create and unlink leaves a file behind; the driver removes its job's leftovers at the end
-(:func:`remove_leftovers`).
+(:func:`remove_leftovers`), only files its own user owns, and never raises doing so (it runs
+while ``fit()`` returns a finished job's result). The job id is public (it is in the shard's
+socket name), so a name also carries 64 random bits: nobody can create a channel's name
+ahead of the worker, and the shard maps only a file its own user owns.
 
 The channel carries raw numbers only: nothing in it is unpickled or executed.
 """
@@ -30,15 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import mmap
 import os
 import secrets
+import stat
 import struct
 
 import numpy as np
 
 from synctrain.ps.errors import ParameterServerError
 
+log = logging.getLogger(__name__)
 #: Where the files live: tmpfs on Linux. None of this is used where it does not exist.
 SHM_DIR = "/dev/shm"  # noqa: S108 - shared memory, not a temporary file
 PREFIX = "synctrain-ps-"
@@ -61,7 +67,8 @@ def channel_bytes(elements: int, itemsize: int) -> int:
 
 
 def file_name(job_id: str, worker: int, shard: int) -> str:
-    return f"{PREFIX}{job_id}-w{worker}-s{shard}-{secrets.token_hex(4)}"
+    """A channel file's name: the job, the worker and the shard, and 64 random bits."""
+    return f"{PREFIX}{job_id}-w{worker}-s{shard}-{secrets.token_hex(8)}"
 
 
 def available() -> bool:
@@ -128,9 +135,10 @@ class Channel:
         except FileNotFoundError:
             return None  # the worker is on another machine
         try:
-            size = os.fstat(fd).st_size
-            if size < _HEADER.size:
-                return None
+            info = os.fstat(fd)
+            size = info.st_size
+            if size < _HEADER.size or info.st_uid != os.getuid():
+                return None  # not a worker's channel (the workers run as the shard's user)
             mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -162,10 +170,28 @@ class Channel:
 
 def remove_leftovers(job_id: str) -> int:
     """Unlink this job's channel files still named in /dev/shm (a worker killed between
-    creating one and handing it over). Returns how many were removed."""
+    creating one and handing it over). Returns how many were removed.
+
+    Only regular files owned by this process's user are touched: anyone can create a file
+    named like this job's. Never raises: a failure is logged, since this runs while the
+    driver hands back a finished job's result."""
     removed = 0
-    for path in glob.glob(os.path.join(SHM_DIR, f"{PREFIX}{glob.escape(job_id)}-*")):
-        with contextlib.suppress(FileNotFoundError):
+    try:
+        paths = glob.glob(os.path.join(SHM_DIR, f"{PREFIX}{glob.escape(job_id)}-*"))
+    except OSError as exc:  # pragma: no cover - glob swallows most errors itself
+        log.warning("could not list %s for job %s's leftover channels: %s", SHM_DIR, job_id, exc)
+        return 0
+    for path in paths:
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                log.warning("left %s alone: named like job %s's channel but not a file of uid %d", path,
+                            job_id, os.getuid())
+                continue
             os.unlink(path)
             removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not remove job %s's leftover channel %s: %s", job_id, path, exc)
     return removed

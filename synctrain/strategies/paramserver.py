@@ -46,6 +46,15 @@ over nodes when there are several). They start empty: only the workers know the 
   that fetches nothing is answered at once with an acknowledgement.
 * A changed learning rate (an LR scheduler on the worker) travels with the next push.
 * When the loop ends the worker ``leave``s, so its final clock holds nobody back.
+* Recovery. ``state_dict()`` is every shard's atomic ``export_state`` (parameters, optimizer
+  state, clocks; read in parallel, so another worker's push may be on one shard and not yet
+  on the next) and this worker's clock; the driver restores it into fresh shards with
+  :func:`restore_shards`. When ``handles["ps_initialised"]`` says the shards already hold the
+  parameters (restored, or live while the survivors train on), ``prepare_model`` has every
+  rank, rank 0 included, ``join`` every shard instead of ``init_params``, agree on one start
+  clock (a shard behind gets skipped pushes, which apply nothing, up to the highest), and
+  pull the parameters; ``start_clock`` is that clock. ``opt.state_dict()`` holds the shards'
+  optimizer states, and ``opt.load_state_dict`` sends them back.
 
 Observed staleness: before each push the worker records ``lag = c - m``, where m is the clock
 its current parameters are known to include; SSP guarantees ``lag <= s``. Shards also count
@@ -112,6 +121,11 @@ RPC_MARGIN_S = 60.0
 LATENCY_SAMPLES = 4096
 #: More shards than this is a configuration mistake, not a tuning choice.
 MAX_SHARDS = 256
+#: A joining worker's clock may differ between shards by a push in flight; by more than this
+#: the shards come from different checkpoints, which is refused.
+MAX_CATCH_UP_CLOCKS = 64
+#: Marks (and versions) the dict ``opt.state_dict()`` returns in async mode.
+OPTIMIZER_STATE_FORMAT = 1
 _NUMPY_DTYPES = ("float16", "float32", "float64")
 
 
@@ -211,6 +225,7 @@ class ParameterServerStrategy(Strategy):
         self.layout: FlatLayout | None = None
         self.bounds: tuple[tuple[int, int], ...] = ()
         self.clock = 0  # pushes made
+        self.start_clock = 0  # the clock prepare_model started at (a joined worker: the shards')
         self.included = 0  # every worker's pushes below this clock are in our parameters
         self.versions = [0] * len(self.shards)  # per shard: version our parameters came from
         self.server_pushes_applied = 0
@@ -265,23 +280,53 @@ class ParameterServerStrategy(Strategy):
         itemsize = torch.empty(0, dtype=layout.torch_dtype).element_size()
         self._pieces = tuple(_inline_pieces((b - a) * itemsize) for a, b in self.bounds)
         self._make_flat(layout)
-        if self.context.rank == 0:
+        if self.handles.get("ps_initialised"):  # restored or live shards: take this rank's slot
+            self.clock = self.included = self.start_clock = self._join()
+            self._pull_initial(layout)
+        elif self.context.rank == 0:
             assert self._host is not None
             _get([s.init_params.remote(self.spec.job_id, layout.digest(), self._host[a:b].numpy())
                   for s, (a, b) in zip(self.shards, self.bounds, strict=True)],
                  self.wait_timeout_s + RPC_MARGIN_S, "sending the initial parameters")
         else:
-            try:
-                replies = _get([s.get_params.remote(self.spec.job_id, self.context.rank, layout.digest())
-                                for s in self.shards], self.wait_timeout_s + RPC_MARGIN_S,
-                               "pulling the initial parameters")
-            except ParameterServerError as exc:
-                if "different model" in str(exc):
-                    raise ModelMismatchError(str(exc)) from None
-                raise
-            self._load(replies)
+            self._pull_initial(layout)
         self._open_channels()
         return model
+
+    def _pull_initial(self, layout: FlatLayout) -> None:
+        """Load the shards' parameters into the model, checking it is the model they hold."""
+        try:
+            replies = _get([s.get_params.remote(self.spec.job_id, self.context.rank, layout.digest())
+                            for s in self.shards], self.wait_timeout_s + RPC_MARGIN_S,
+                           "pulling the initial parameters")
+        except ParameterServerError as exc:
+            if "different model" in str(exc):
+                raise ModelMismatchError(str(exc)) from None
+            raise
+        self._load(replies)  # also sets self.included: the clock those parameters include
+
+    def _join(self) -> int:
+        """Take this rank's slot on every shard; the clock its next push carries.
+
+        Each shard answers its own clock for the rank; they may differ by a push in flight
+        (another worker's, or the replaced process's last one reached only some shards). The
+        shards behind get skipped pushes up to the highest, which apply nothing: bulk-
+        synchronously each joins its round and waits for it, so the first real push belongs
+        to the same round everywhere.
+        """
+        job, rank, timeout = self.spec.job_id, self.context.rank, self.wait_timeout_s + RPC_MARGIN_S
+        clocks = _get([s.join.remote(job, rank) for s in self.shards], timeout, "joining the shards")
+        target = max(clocks)
+        if target - min(clocks) > MAX_CATCH_UP_CLOCKS:
+            raise ParameterServerError(
+                f"worker {rank}'s clock differs between the shards by {target - min(clocks)} ({clocks}): "
+                "they hold different points of training; restore every shard from the same checkpoint")
+        bulk = self.staleness == 0
+        for clock in range(min(clocks), target):
+            behind = [s for s, c in zip(self.shards, clocks, strict=True) if c <= clock]
+            _get([s.push.remote(job, rank, clock, None, clock + 1 if bulk else 0, 0, None, bulk)
+                  for s in behind], timeout, f"catching up to clock {target} after joining")
+        return target
 
     def _open_channels(self) -> None:
         """A shared-memory channel and a socket to every shard on this machine (``transport="auto"``).
@@ -316,8 +361,8 @@ class ParameterServerStrategy(Strategy):
                 continue
             try:
                 link = ipc.ShardLink.connect(i, address, job, rank, channel.token, timeout)
-            except OSError:  # no reaching the socket (a sandbox may forbid it): through Ray
-                channel.close()
+            except (OSError, ParameterServerError):  # no reaching the socket (a sandbox may forbid
+                channel.close()  # it) or refused (its connection bound is reached): through Ray
                 continue
             self._local[i] = _Local(channel, link)
 
@@ -388,20 +433,77 @@ class ParameterServerStrategy(Strategy):
             strategy._grad_flat.zero_()
             strategy._bind_grads()
 
-        def no_local_state(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            # The worker's optimizer never steps (the shards do), so its state_dict would be
-            # empty: a checkpoint from it would silently drop momentum and Adam moments.
-            raise NotImplementedError(
-                "in mode='async' the optimizer's state (momentum, Adam moments) lives on the "
-                "parameter-server shards, and saving or loading it is not supported yet. Save "
-                "model.state_dict() (the parameters this worker holds) and accept a fresh "
-                "optimizer on resume, or use mode='sync' for exact checkpoints")
+        # The worker's optimizer never steps (the shards do), so its own state_dict would be
+        # empty: the shards' optimizer states are saved and loaded instead.
+        def state_dict(self: torch.optim.Optimizer) -> dict[str, Any]:
+            return strategy.optimizer_state_dict(self)
+
+        def load_state_dict(self: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+            strategy.load_optimizer_state_dict(self, state_dict)
 
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         optimizer.zero_grad = types.MethodType(zero_grad, optimizer)  # type: ignore[method-assign]
-        optimizer.state_dict = types.MethodType(no_local_state, optimizer)  # type: ignore[method-assign]
-        optimizer.load_state_dict = types.MethodType(no_local_state, optimizer)  # type: ignore[method-assign]
+        optimizer.state_dict = types.MethodType(state_dict, optimizer)  # type: ignore[method-assign]
+        optimizer.load_state_dict = types.MethodType(load_state_dict, optimizer)  # type: ignore[method-assign]
         return optimizer
+
+    # ---- worker side: checkpoints --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"mode": "async", "clock": this worker's clock, "shards": [each shard's
+        export_state]}``: torch tensors and plain values only (``torch.load(weights_only=True)``).
+
+        Each shard's snapshot is atomic; the shards are read in parallel, so another worker's
+        push may be in one and not yet in the next (``join`` reconciles that on restore). This
+        worker's own pipelined push is collected first, so it is in every shard's snapshot.
+        """
+        self._collect()
+        states = _get([s.export_state.remote(self.spec.job_id) for s in self.shards],
+                      self.wait_timeout_s + RPC_MARGIN_S, "exporting the shards' state")
+        return {"mode": "async", "clock": self.clock, "shards": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The driver-side restore path only: load ``state`` into this job's shards, which must
+        be fresh (created for the restore; nothing prepared yet). The workers then start with
+        ``handles["ps_initialised"] = True`` and join. A driver without a strategy instance
+        calls :func:`restore_shards` directly; the shards of a running job cannot be reset."""
+        if self.model is not None:
+            raise RuntimeError("load_state_dict after prepare_model: the shards of a running job cannot be "
+                               "reset; restore a checkpoint into fresh shards (restore_shards, on the driver)")
+        restore_shards(self.shards, self.spec.job_id, state, self.wait_timeout_s + RPC_MARGIN_S)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """What ``opt.state_dict()`` returns in async mode: ``{"synctrain_async": 1, "shards":
+        [each shard optimizer's state_dict], "param_groups": the settings of the user's groups}``."""
+        self._collect()  # this worker's pipelined push is in the state
+        states = _get([s.optimizer_state.remote(self.spec.job_id) for s in self.shards],
+                      self.wait_timeout_s + RPC_MARGIN_S, "reading the shards' optimizer state")
+        groups = [{k: _copy_setting(v) for k, v in group.items() if k != "params"}
+                  for group in optimizer.param_groups]
+        return {"synctrain_async": OPTIMIZER_STATE_FORMAT, "shards": states, "param_groups": groups}
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """``opt.load_state_dict`` in async mode: each shard gets its optimizer state back (the
+        first rank's load applies; the same state from the other ranks is ignored, so a rank
+        that loads late undoes nothing), the user's groups their settings."""
+        if not (isinstance(state, dict) and state.get("synctrain_async") == OPTIMIZER_STATE_FORMAT):
+            raise ValueError("not an async-mode optimizer state_dict: in mode='async' load what "
+                             "opt.state_dict() returned in mode='async' (a plain torch or sync-mode "
+                             "state_dict holds no parameter-server state)")
+        shards, groups = state.get("shards"), state.get("param_groups")
+        if not isinstance(shards, list) or len(shards) != len(self.shards):
+            saved = len(shards) if isinstance(shards, list) else "?"
+            raise ParameterServerError(f"this optimizer state was saved with num_ps_shards={saved}, this job "
+                                       f"has {len(self.shards)}: restore with num_ps_shards={saved}")
+        if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"this optimizer state has {len(groups) if isinstance(groups, list) else '?'} "
+                             f"param groups, the optimizer {len(optimizer.param_groups)}: build the same "
+                             "optimizer as when it was saved")
+        self._collect()
+        _get([s.load_optimizer_state.remote(self.spec.job_id, st) for s, st in zip(self.shards, shards, strict=True)],
+             self.wait_timeout_s + RPC_MARGIN_S, "loading the shards' optimizer state")
+        for group, saved in zip(optimizer.param_groups, groups, strict=True):
+            group.update({k: _copy_setting(v) for k, v in saved.items() if k != "params"})
+        self._lrs = ()  # the next push sends the learning rates, whatever the shards hold
 
     # ---- worker side: the step ---------------------------------------------------------
     def push_and_pull(self, optimizer: torch.optim.Optimizer) -> None:
@@ -412,6 +514,9 @@ class ParameterServerStrategy(Strategy):
         asks for one clock more than the bound needs, so the parameters loaded from it still
         satisfy the bound one step later.
         """
+        session = _context.current_session()
+        if session is not None:
+            session.before_optimizer_step()  # a checkpoint of the previous step, when due
         grads_ok = self._gather_grads()
         self._lag_hist[min(self.clock - self.included, LAG_BUCKETS - 1)] += 1
         self._collect()  # the previous push's reply (pipelined), before sending the next
@@ -639,6 +744,29 @@ def _inline_pieces(nbytes: int) -> int:
     if nbytes < INLINE_BYTES or nbytes > CHUNKED_MAX_BYTES:
         return 1
     return -(-nbytes // INLINE_PIECE_BYTES)
+
+
+def restore_shards(shards: list[Any], job_id: str, state: dict[str, Any], timeout_s: float) -> None:
+    """Driver side: load a ``ParameterServerStrategy.state_dict()`` into fresh shard actors
+    (``on_driver_start``'s, before any worker prepared a model). The workers must then start
+    with ``handles["ps_initialised"] = True`` so that they join instead of sending parameters."""
+    if not (isinstance(state, dict) and state.get("mode") == "async" and isinstance(state.get("shards"), list)):
+        raise ParameterServerError("not an async-mode strategy state (ParameterServerStrategy.state_dict())")
+    saved = state["shards"]
+    if len(saved) != len(shards):
+        raise ParameterServerError(f"the checkpoint holds {len(saved)} parameter-server shards, the job has "
+                                   f"{len(shards)}: restore with num_ps_shards={len(saved)}")
+    _get([s.import_state.remote(job_id, st) for s, st in zip(shards, saved, strict=True)], timeout_s,
+         "restoring the parameter-server shards")
+
+
+def _copy_setting(value: Any) -> Any:
+    """A param-group setting, copied (a tensor learning rate is cloned, not shared)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_setting(v) for v in value)
+    return value
 
 
 def _wait_timeout(spec: Any) -> float:
