@@ -88,6 +88,7 @@ class Session:
         self.registered: dict[str, Any] = {}
         self.stepper: StepBoundary | None = None
         self.last_activity = time.monotonic()
+        self.started = False  # any step, report or heartbeat yet (startup is timed apart)
         self.in_step = False  # inside an optimizer step: state may be half-updated
         self._replay_waiting = 0  # restored loaders that have not reached their resume point
         self._rng_pending = restore.get("rng") if restore else None
@@ -133,6 +134,7 @@ class Session:
     def touch(self) -> None:
         """Record that the loop is alive (a step, a report, ``synctrain.heartbeat()``)."""
         self.last_activity = time.monotonic()
+        self.started = True
 
     def on_optimizer_step(self) -> None:
         """The one step boundary: both strategies call it after each real optimizer step."""
@@ -143,9 +145,14 @@ class Session:
         if self.stepper is not None:
             self.stepper.after_step(self)
 
+    def before_optimizer_step(self) -> None:
+        """Called by both strategies at the start of each real optimizer step."""
+        if self.stepper is not None:
+            self.stepper.before_step(self)
+
     def progress(self) -> dict[str, Any]:
         return {"step": self.optimizer_steps, "idle_s": time.monotonic() - self.last_activity,
-                "reports": self.report_count, "in_step": self.in_step}
+                "reports": self.report_count, "in_step": self.in_step, "started": self.started}
 
     # ---- prepared objects and restore --------------------------------------------------
     def add_model(self, prepared: torch.nn.Module) -> None:

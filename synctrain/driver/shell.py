@@ -42,6 +42,9 @@ from synctrain.steplog import StepLog
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
+#: Extra time a rank has before its first step, report or heartbeat of a generation (starting
+#: a process, importing torch, building the model, forming the process group).
+STARTUP_GRACE_S = 120.0
 #: How long a sync survivor's run may take to end after a peer failed (its collective breaks).
 SURVIVOR_STOP_S = 60.0
 #: Loop errors that would fail again on a retry: raised at once.
@@ -56,6 +59,7 @@ class _Rank:
     poll_sent: float = 0.0
     last_activity: float = field(default_factory=time.monotonic)
     answered: bool = True
+    started: bool = False
     step: int | None = None
     outcome: dict[str, Any] | None = None  # the run's successful outcome
 
@@ -102,12 +106,15 @@ class JobShell:
         stop_all = self.spec.mode == "sync" or any(f.kind == "shard_died" for f in failures)
         self._kill_ranks([f.rank for f in failures if f.rank is not None])
         if stop_all:
-            survivors, more = self._stop_survivors({f.rank for f in failures})
+            survivors, more = self._stop_survivors({f.rank for f in failures},
+                                                   any(f.kind == "shard_died" for f in failures))
             failures = failures + more
         decision = self.policy.decide(failures, survivors)
         log.warning("generation %d: %s -> %s (%s)", self.generation,
                     ", ".join(f"{f.kind} rank {f.rank}" for f in failures), decision.action.value,
                     decision.reason)
+        for f in failures:
+            log.info("failure detail: %s rank %s: %s", f.kind, f.rank, f.detail[-2000:])
         indices = [self._record_failure(f, decision) for f in failures]
         if decision.action is Action.GIVE_UP:
             self._give_up(failures, decision)
@@ -123,19 +130,28 @@ class JobShell:
         while True:
             running = {r.run: rank for rank, r in self.ranks.items() if r.run is not None}
             if not running:
-                return None
+                ended_badly = [_classify(r.outcome) for r in self.ranks.values()
+                               if r.outcome is not None and not r.outcome["ok"]]
+                return ended_badly or None
             ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_INTERVAL_S)
             failures: list[Failure] = []
             for ref in ready:
                 rank = running[ref]
                 outcome = _outcome(ref, rank)
                 self.ranks[rank].run = None
-                if outcome["ok"]:
-                    self.ranks[rank].outcome = outcome
-                else:
+                self.ranks[rank].outcome = outcome
+                if not outcome["ok"] and not _is_secondary(outcome):
                     failures.append(_classify(outcome))
+            if not failures and not any(r.run is not None for r in self.ranks.values()):
+                # every run ended, some only with broken collectives: no other cause was seen
+                failures = [_classify(r.outcome) for r in self.ranks.values()
+                            if r.outcome is not None and not r.outcome["ok"]]
             self._poll()
             failures += self._stalls({f.rank for f in failures})
+            if failures and self.spec.mode == "async":
+                dead = self._dead_shards()  # a shard's death fails every worker that pushes to it
+                if dead:
+                    failures = dead
             if time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + 1.0
                 failures += self._dead_shards()
@@ -162,18 +178,19 @@ class JobShell:
                 r.poll = None
                 continue
             r.poll, r.answered = None, True
-            if info.get("step") is not None:
+            if info.get("step") is not None and info.get("started"):
                 r.last_activity = min(now, now - float(info.get("idle_s", 0.0)))
-                r.step = info["step"]
+                r.step, r.started = info["step"], True
             if rank == 0:
                 self._next_report = info.get("next", self._next_report)
                 self.monitor.show(info.get("reports", []))
 
     def _stalls(self, already: set[int | None]) -> list[Failure]:
         now = time.monotonic()
+        limit = self.trainer.stall_timeout_s
         stalled = [(rank, r.answered, r.step) for rank, r in self.ranks.items()
                    if r.run is not None and rank not in already
-                   and now - r.last_activity > self.trainer.stall_timeout_s]
+                   and now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S)]
         return [Failure("stalled", rank, self.ranks[rank].step,
                         detail=f"no progress for {self.trainer.stall_timeout_s:g} s")
                 for rank in blame_stalled(stalled)]
@@ -230,15 +247,17 @@ class JobShell:
             r.run, r.poll = None, None
             r.actor = None
 
-    def _stop_survivors(self, failed: set[int | None]) -> tuple[list[Survivor], list[Failure]]:
-        """Wait for the other ranks' runs to end (their collectives break), bounded."""
+    def _stop_survivors(self, failed: set[int | None], shard_died: bool = False,
+                        ) -> tuple[list[Survivor], list[Failure]]:
+        """Wait for the other ranks' runs to end (their collectives break, or a shard they push
+        to is gone: ``shard_died``, and then any error is the shard's), bounded."""
         survivors: list[Survivor] = []
         more: list[Failure] = []
         deadline = time.monotonic() + SURVIVOR_STOP_S
         for rank, r in self.ranks.items():
             if rank in failed or r.actor is None:
                 continue
-            outcome = r.outcome
+            outcome = r.outcome  # already ended (secondary failure, or finished)
             if r.run is not None:
                 try:
                     outcome = ray.get(r.run, timeout=max(0.1, deadline - time.monotonic()))
@@ -256,7 +275,7 @@ class JobShell:
                 more.append(_classify(outcome))
             elif outcome["ok"]:
                 survivors.append(Survivor(rank, outcome.get("step"), True))
-            elif _is_secondary(outcome) or outcome.get("exc_type") == "WorkerFencedError":
+            elif shard_died or _is_secondary(outcome) or outcome.get("exc_type") == "WorkerFencedError":
                 survivors.append(Survivor(rank, outcome.get("step"), bool(outcome.get("consistent"))))
             else:
                 _kill(r.actor)
@@ -293,6 +312,11 @@ class JobShell:
 
     def _restore_checkpoint(self, reason: str) -> int:
         doc, ref = self._last_good_checkpoint()
+        skipped = [f for f in self.failure_log if f.get("kind") == "checkpoint_corrupt" and not f.get("told")]
+        for f in skipped:
+            f["told"] = True
+            reason += f"; the checkpoint of step {f['step']} failed its checksum"
+        reason += f"; restored step {doc['step']}" if doc is not None else "; no checkpoint: from the start"
         if self.spec.mode == "async":
             self._new_shards(doc)
         if doc is None:
@@ -369,7 +393,7 @@ class JobShell:
             gen = {"generation": generation, "restore": restore.get(rank), "committed_step": committed}
             r.run = r.actor.run.remote(self.trainer._loop_blob, self.trainer._config_blob, handles,
                                        local_ranks[rank], gen)
-            r.outcome, r.poll, r.answered = None, None, True
+            r.outcome, r.poll, r.answered, r.started = None, None, True, False
             r.last_activity = time.monotonic()
         if 0 in run_ranks:
             self._next_report = 0

@@ -237,6 +237,7 @@ def _patch_optimizer(optimizer: torch.optim.Optimizer, accum: _AccumulationState
                         p.grad.div_(k)
         session = _context.current_session()
         if session is not None:
+            session.before_optimizer_step()  # a checkpoint of the previous step, when due
             session.in_step = True  # a failure inside may leave this rank's state half-updated
         out = original_step() if closure is None else original_step(closure)
         if session is not None:

@@ -560,7 +560,7 @@ class ParameterServerStrategy(Strategy):
             self._collect()
         session = _context.current_session()
         if session is not None:
-            session.optimizer_steps += 1
+            session.on_optimizer_step()
 
     def _pull_plan(self) -> tuple[bool, int]:
         """(does this push fetch parameters, the clock they must include).

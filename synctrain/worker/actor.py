@@ -149,6 +149,8 @@ class TrainWorker:
     def _restore_doc(self, restore: Any) -> dict[str, Any] | None:
         if restore is None:
             return None
+        if isinstance(restore, ray.ObjectRef):  # a peer's exported state, via the object store
+            restore = ray.get(restore)
         if isinstance(restore, str) and restore == "self":
             if self.session is None:
                 raise RuntimeError(f"rank {self.rank} was asked to continue from its own state but has none")

@@ -8,10 +8,13 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
    progress only) for the :class:`_Writer` thread, which commits queued records to the
    coordinator in batches — one Raft commit carries many steps, so the log costs little even
    for fast steps;
-2. every ``checkpoint_every`` steps (or ``checkpoint_every_s`` seconds) on rank 0, captures a
-   checkpoint document (copies of every tensor, so training can go on at once) which the
-   writer encodes, writes durably and only then commits to the log (ordered after the
-   records of the steps it covers); the log answers which old checkpoints to delete;
+2. every ``checkpoint_every`` steps (or ``checkpoint_every_s`` seconds), notes a checkpoint
+   of this step, which rank 0 captures at the start of the next optimizer step
+   (:meth:`StepBoundary.before_step`: the rest of the iteration — an LR scheduler's step, say
+   — belongs to this step's state) as a document of copies of every tensor, so training goes
+   on at once; the writer encodes it, writes it durably and only then commits it to the log
+   (ordered after the records of the steps it covers); the log answers which old checkpoints
+   to delete;
 3. holds the worker while it is more than K = ``max_uncommitted_steps`` steps ahead of its
    committed records (K = 0: every step waits for its own commit), so a coordinator that lost
    its majority stops training after at most K steps and nothing runs ahead of the log;
@@ -79,6 +82,7 @@ class StepBoundary:
         self.committed_step = -1  # unknown until the first commit; set by the driver's start step
         self.last_checkpoint_t = time.monotonic()
         self.last_positions: list[tuple[int, int]] = []
+        self.pending: dict[str, Any] | None = None  # a checkpoint due at the next step's start
         self.writer = _Writer(self)
         self.writer.start()
 
@@ -96,8 +100,29 @@ class StepBoundary:
         ps_clock = getattr(session.strategy, "clock", None) if self.mode == "async" else None
         self.writer.put(("step", step, time.time(), ps_clock))
         if self._checkpoint_due(step):
-            self._checkpoint(session, step)
+            # Taken at the start of the next step: by then the loop has finished this iteration
+            # (an LR scheduler stepped, say) while the parameters are still this step's. What
+            # the rest of the iteration changes is noted now: RNG, data position, report count.
+            self.pending = {"step": step, "rng": ckpt.capture_rng(),
+                            "positions": list(session.step_positions),
+                            "report_seq": session.step_report_seq}
+            self.last_checkpoint_t = time.monotonic()
         self._hold(session, step)
+
+    def before_step(self, session: Session) -> None:
+        """At the start of an optimizer step: take the checkpoint the last step asked for."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending["step"] != session.optimizer_steps:
+            return
+        if self.cfg.shard_optimizer:  # ZeRO-1: every rank sends its shard to rank 0 (a collective)
+            for opt in session.optimizers:
+                opt.consolidate_state_dict(to=0)
+        if self.rank != 0:
+            return
+        doc = capture(session, self.generation)
+        doc.update(rng=pending["rng"], loaders=[list(p) for p in pending["positions"]],
+                   report_seq=pending["report_seq"])
+        self.writer.put(("checkpoint", pending["step"], doc))
 
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpoint_every
@@ -106,15 +131,6 @@ class StepBoundary:
         if self.cfg.checkpoint_every_s is None or self.cfg.shard_optimizer or self.rank != 0:
             return False
         return time.monotonic() - self.last_checkpoint_t >= self.cfg.checkpoint_every_s
-
-    def _checkpoint(self, session: Session, step: int) -> None:
-        if self.cfg.shard_optimizer:  # ZeRO-1: every rank sends its shard to rank 0 (a collective)
-            for opt in session.optimizers:
-                opt.consolidate_state_dict(to=0)
-        if self.rank != 0:
-            return
-        self.last_checkpoint_t = time.monotonic()
-        self.writer.put(("checkpoint", step, capture(session, self.generation)))
 
     def _hold(self, session: Session, step: int) -> None:
         """Wait while more than K steps are uncommitted; raise if this worker was fenced."""

@@ -141,7 +141,7 @@ def test_a_worker_killed_mid_run_leaves_no_shared_memory_behind(ray_session, tmp
     sigkill_when_written(pid_file)
     with pytest.raises((WorkerDiedError, TrainingFailedError)):
         synctrain.Trainer(loop, num_workers=2, mode="async", staleness=None, use_gpu=False,
-                          progress=False, wait_timeout_s=30).fit()
+                          progress=False, wait_timeout_s=30, max_failures=0).fit()
     assert pid_file.exists()  # it was killed while pushing through shared memory
     assert shm_leftovers() == []
 
@@ -184,7 +184,7 @@ def test_fully_async_loses_no_update(ray_session):
 
 def test_nonfinite_gradient_fails_the_job_naming_the_worker(ray_session):
     with pytest.raises(TrainingFailedError, match="NonFiniteGradientError") as info:
-        fit("async", {"steps": 10, "nan_step": 3, "nan_rank": 1}, staleness=None)
+        fit("async", {"steps": 10, "nan_step": 3, "nan_rank": 1}, staleness=None, max_failures=0)
     assert info.value.rank == 1
     assert "worker 1 computed a gradient with NaN/Inf at step 3" in str(info.value)
 
@@ -204,7 +204,7 @@ def test_more_shards_than_parameters_is_a_clear_error(ray_session):
 
     with pytest.raises(TrainingFailedError, match=r"num_ps_shards=3 is larger than the model's 2 parameter"):
         synctrain.Trainer(tiny_loop, num_workers=2, mode="async", use_gpu=False, progress=False,
-                          num_ps_shards=3).fit()
+                          num_ps_shards=3, max_failures=0).fit()
 
 
 def test_optimizer_state_dict_is_the_shards_state_not_silently_empty(ray_session):

@@ -81,7 +81,8 @@ def raising_loop(config):
 @pytest.mark.ray
 def test_a_raising_loop_surfaces_its_traceback_and_rank(ray_session):
     with pytest.raises(TrainingFailedError) as info:
-        synctrain.Trainer(raising_loop, num_workers=2, progress=False, config={"bad_rank": 1}).fit()
+        synctrain.Trainer(raising_loop, num_workers=2, progress=False, config={"bad_rank": 1},
+                          max_failures=0).fit()
     err = info.value
     assert err.rank == 1 and err.exc_type == "ValueError"
     assert "the data file is corrupt at row 17" in str(err)
@@ -121,7 +122,7 @@ def test_a_worker_killed_mid_run_makes_fit_raise(ray_session, tmp_path, sigkill_
     sigkill_when_written(tmp_path / "rank1.pid")
     started = time.monotonic()
     with pytest.raises((WorkerDiedError, TrainingFailedError)) as info:
-        synctrain.Trainer(forever_loop, num_workers=2, progress=False,
+        synctrain.Trainer(forever_loop, num_workers=2, progress=False, max_failures=0,
                           config={"pid_dir": str(tmp_path)}).fit()
     # Rank 1 died; whichever rank's failure reached the driver first is named.
     assert "rank" in str(info.value)
