@@ -9,12 +9,22 @@ returns. The driver calls ``save(ready.hard_state, ready.entries, ready.snapshot
 ``Ready``: all its records are written with one ``pwrite`` and made durable with ONE
 ``fdatasync`` (group commit), and only then may the Ready's messages be sent.
 
-The WAL is a sequence of segment files ``wal-<seq>-<first index>.log``. A record is
-``length u32 | type u8 | crc32 u32 | msgpack payload`` (the CRC covers type and payload).
-Each segment opens with a SEGMENT_HEADER record holding the whole small state (hard state,
-bootstrap membership, snapshot mark, compaction point), so older segments can be deleted
-once a snapshot and a compaction cover their entries. An entry whose index is not past the
-last one overwrites the conflicting suffix; a TRUNCATE record says so explicitly.
+The WAL is a sequence of segment files ``wal-<seq>-<first index>.log`` holding *frames*:
+``length u32 | type u8 | crc32 u32 | payload``. Format 2 (this version's) has two kinds:
+
+* the segment header, at offset 0, written and fdatasync'd on its own when the segment is
+  created: the whole small state (hard state, bootstrap membership, snapshot mark,
+  compaction point) as a msgpack map ``{"format": 2, "state": [...]}``, CRC over type and
+  payload, so older segments can be deleted once a snapshot and a compaction cover them;
+* one BATCH frame per save, holding all its records (``length u32 | type u8 | msgpack``
+  each: ENTRY, HARD_STATE, TRUNCATE, SNAPSHOT, COMPACT). Its CRC covers its type, its own
+  byte offset and its payload, so a copy of a frame anywhere else never checks out.
+
+An entry whose index is not past the last one overwrites the conflicting suffix; a TRUNCATE
+record says so explicitly. Format 1 (earlier versions) had no batches: each record was its
+own frame, with a list as the header. A format 1 directory is still read (by format 1's
+per-record rule below); the first write after opening it goes to a new format 2 segment,
+and a format 1 reader refuses a format 2 header as malformed instead of misreading it.
 
 Preallocation (etcd's trick). Appending to a file changes its size and allocates blocks on
 every write, so each fsync also commits a filesystem-journal transaction: on ext4 a 120-byte
@@ -35,20 +45,33 @@ fsync, *then* referenced by a SNAPSHOT record in the WAL; recovery trusts only t
 the WAL references, so a file from an interrupted write is ignored (and removed).
 
 Recovery replays the segments in order. A preallocated segment ends in zero bytes after its
-last record, and no record is all zeros (type 0 does not exist), so the zero-tail rule is:
-if everything after the last valid record up to the end of the file is zero, that is the
+last frame, and no frame is all zeros (type 0 does not exist), so the zero-tail rule is:
+if everything after the last valid frame up to the end of the file is zero, that is the
 clean end of a preallocated segment -- kept as it is, silently, and the next write goes at
 that offset. This holds in any segment (a segment left untrimmed by a crash during rotation,
 or by an older version); only with preallocation off is a zero tail in the last segment cut
-with a warning like any other tail. A bad record at the very end of the last segment with
-nothing valid after it is a torn write (or zero fill, or appended garbage): it is cut off
-(``ftruncate``; the next write preallocates again) with a warning. Any other bad record --
-followed by a valid one, or in an older segment -- means the middle of the log is damaged:
-:class:`CorruptLogError` names the file and byte offset and the node refuses to start
-rather than silently lose acknowledged data. With fsync on, acknowledged records were
-fdatasync'd, so they never read back as zeros: the zero-tail rule drops nothing that was
-acknowledged, and a record torn by a crash reads as a torn tail unless none of it reached
-the disk (then it is indistinguishable from, and treated as, the clean end).
+with a warning like any other tail.
+
+The torn-tail rule. A save is one pwrite and one fdatasync, and the next save is written
+only after that fdatasync returned. Until it returns the disk may keep any subset of the
+write's pages -- a later page without an earlier one -- so a crash can leave damage
+*anywhere* inside the last save's frame, followed by pieces of it. A bad frame in the last
+segment with no valid frame anywhere after it is therefore that unacknowledged save (or
+zero fill, or appended garbage): it is cut off (``ftruncate``; the next write preallocates
+again) with a warning, and the whole save is gone -- a batch is all or nothing. A bad frame
+*followed by a valid one*, or in an older segment, cannot come from a crash: the damaged
+frame's fdatasync had returned before the later frame was written. That is damage to
+acknowledged data: :class:`CorruptLogError` names the file and byte offset and the node
+refuses to start rather than silently lose it. (Format 1 applies the same rule per record,
+so its last save could still be refused when an earlier page of it was lost.) With fsync
+on, acknowledged frames were fdatasync'd, so they never read back as zeros: the zero-tail
+rule drops nothing that was acknowledged. ``tests/service/test_crash_consistency.py``
+checks all of this against a model of what a power loss can leave on disk.
+
+Files are created 0600 and directories 0700, as etcd does (the log holds every value); a
+new data directory is fsync'd into its parent, and an existing one that other users can
+open is named in a warning. Segment deletions are made durable one at a time, so a crash
+never leaves a gap before a surviving segment.
 
 ``<data_dir>/LOCK`` is held with ``fcntl.flock`` for the storage's lifetime, so two
 servers can never share a data directory.
@@ -56,6 +79,7 @@ servers can never share a data directory.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -95,7 +119,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">IBI")  # payload length, record type, crc32(type + payload)
+_HEADER = struct.Struct(">IBI")  # a frame: payload length, type, crc32 (see _frame_crc)
+_INNER = struct.Struct(">IB")  # a record inside a batch frame: payload length, type
+_FORMAT = 2  # the WAL format this version writes; it reads 1 and 2
+_MAX_BATCH_BYTES = 0xFFFFFFFF  # a frame's length field is a u32
+# etcd's modes: nothing under the data directory is readable by other local users
+_DIR_MODE, _FILE_MODE = 0o700, 0o600
 _SNAP_MAGIC = b"STSNAP01"
 _SNAP_HEADER = struct.Struct(">8sIQ")  # magic, crc32(payload), payload length
 _SEGMENT_RE = re.compile(r"^wal-(\d{8})-(\d{16})\.log$")
@@ -114,9 +143,13 @@ class RecordType(enum.IntEnum):
     TRUNCATE = 4
     SNAPSHOT = 5
     COMPACT = 6
+    BATCH = 7  # format 2: a frame holding all the records of one save
 
 
-_RECORD_TYPES = frozenset(int(t) for t in RecordType)
+# Format 1 frames are single records of these types; format 2 frames after the header are
+# BATCH frames only.
+_RECORD_TYPES = frozenset(int(t) for t in RecordType if t != RecordType.BATCH)
+_V1, _V2 = "v1", "v2"  # how a frame is parsed: a format 1 record, or a format 2 batch
 
 
 class CorruptLogError(StorageError):
@@ -184,10 +217,58 @@ class StorageStats:
 # record and value codecs
 
 
-def _record(rtype: RecordType, value: Any) -> bytes:
+def _v1_record(rtype: RecordType, value: Any) -> bytes:
+    """A format 1 record: ``length u32 | type u8 | crc32(type + payload) u32 | payload``.
+    Format 2 still writes its segment header this way (see :func:`_header_frame`)."""
     payload = msgpack.packb(value, use_bin_type=True)
     tb = bytes((rtype,))
     return _HEADER.pack(len(payload), rtype, zlib.crc32(payload, zlib.crc32(tb))) + payload
+
+
+def _record(rtype: RecordType, value: Any) -> bytes:
+    """One record inside a batch: ``length u32 | type u8 | msgpack payload`` (no CRC of its
+    own: the batch frame's CRC covers it)."""
+    payload = msgpack.packb(value, use_bin_type=True)
+    return _INNER.pack(len(payload), rtype) + payload
+
+
+def _frame_crc(rtype: int, offset: int, payload: bytes | memoryview) -> int:
+    """A batch frame's CRC covers its type, its own byte offset in the segment and its
+    payload: a copy of a frame anywhere else (inside an entry's data, say) never checks out,
+    so recovery's "is anything valid after the damage?" scan cannot be fooled by one."""
+    return zlib.crc32(payload, zlib.crc32(bytes((rtype,)) + offset.to_bytes(8, "big")))
+
+
+def _batch_frame(records: list[bytes], offset: int) -> bytes:
+    """All the records of one save as one frame, to be written at ``offset``."""
+    payload = b"".join(records)
+    assert len(payload) <= _MAX_BATCH_BYTES, "save() checks the size before any I/O"
+    return _HEADER.pack(len(payload), RecordType.BATCH,
+                        _frame_crc(RecordType.BATCH, offset, payload)) + payload
+
+
+def _header_frame(state: _LogState) -> bytes:
+    """A format 2 segment's first frame, written (and synced) on its own before any batch.
+
+    It is a valid format 1 SEGMENT_HEADER record whose payload is a map, not format 1's
+    list: a version that only knows format 1 refuses the segment loudly ("a record with a
+    valid checksum is malformed") instead of cutting the batches after it as a torn tail."""
+    return _v1_record(RecordType.SEGMENT_HEADER,
+                      {"format": _FORMAT, "state": state.header_value()})
+
+
+def _inner_records(payload: memoryview) -> list[tuple[int, Any]]:
+    """Decode a batch frame's records; raises ValueError on a malformed one."""
+    out, off = [], 0
+    while off < len(payload):
+        if len(payload) - off < _INNER.size:
+            raise ValueError(f"{len(payload) - off} stray bytes after the last record")
+        length, rtype = _INNER.unpack_from(payload, off)
+        start, off = off + _INNER.size, off + _INNER.size + length
+        if rtype not in _RECORD_TYPES or rtype == RecordType.SEGMENT_HEADER or off > len(payload):
+            raise ValueError(f"bad record (type {rtype}, {length} bytes) inside a batch")
+        out.append((rtype, msgpack.unpackb(payload[start:off], raw=False)))
+    return out
 
 
 def _hs_list(hs: HardState) -> list[int]:
@@ -218,47 +299,62 @@ def _zero_to_end(buf: bytes, off: int) -> bool:
     return buf.count(0, off) == len(buf) - off
 
 
-def _parse_at(buf: bytes, off: int, max_record_bytes: int) -> tuple[int, bytes, int] | str:
-    """The record at ``off`` as ``(type, payload, next offset)``, or why it is not valid."""
+def _parse_at(buf: bytes, off: int, kind: str,
+              max_record_bytes: int) -> tuple[int, memoryview, int] | str:
+    """The frame at ``off`` as ``(type, payload, next offset)``, or why it is not valid.
+
+    ``kind`` is _V1 (a format 1 record, also every segment's first frame) or _V2 (a format
+    2 batch frame, whose CRC is bound to ``off``)."""
     if len(buf) - off < _HEADER.size:
         if _zero_to_end(buf, off):  # at most 8 bytes
             return "zero fill to the end of the file"
-        return f"incomplete record header ({len(buf) - off} of {_HEADER.size} bytes)"
+        return f"incomplete frame header ({len(buf) - off} of {_HEADER.size} bytes)"
     length, rtype, crc = _HEADER.unpack_from(buf, off)
-    if rtype not in _RECORD_TYPES:  # never true for _next_valid_record's candidates
+    if rtype not in (_RECORD_TYPES if kind == _V1 else (RecordType.BATCH,)):
         if _zero_to_end(buf, off):
             return "zero fill to the end of the file"
-        return f"unknown record type {rtype}"
-    if length > max_record_bytes:
+        return f"unexpected frame type {rtype}"
+    if kind == _V1 and length > max_record_bytes:
         return f"implausible record length {length}"
     end = off + _HEADER.size + length
     if end > len(buf):
-        return f"incomplete record ({len(buf) - off - _HEADER.size} of {length} payload bytes)"
-    payload = buf[off + _HEADER.size:end]
-    if zlib.crc32(payload, zlib.crc32(bytes((rtype,)))) != crc:
-        return "checksum mismatch"
-    return rtype, payload, end
+        return f"incomplete frame ({len(buf) - off - _HEADER.size} of {length} payload bytes)"
+    payload = memoryview(buf)[off + _HEADER.size:end]
+    if kind == _V1:
+        ok = zlib.crc32(payload, zlib.crc32(bytes((rtype,)))) == crc
+    else:
+        ok = _frame_crc(rtype, off, payload) == crc
+    return (rtype, payload, end) if ok else "checksum mismatch"
 
 
-def _next_valid_record(buf: bytes, bad_off: int, max_record_bytes: int) -> int | None:
-    """Offset of a valid record after the bad one at ``bad_off``, if there is any.
+def _next_valid_frame(buf: bytes, bad_off: int, kinds: tuple[str, ...],
+                      max_record_bytes: int) -> int | None:
+    """Offset of a valid frame of one of ``kinds`` after the bad one at ``bad_off``, if any.
 
-    First tries where the bad record's own length says the next one starts (a flipped
-    payload byte), then every offset whose type byte is a known record type (a damaged
-    length field). A random match would need a matching CRC32, so false hits are ~2**-32.
+    First tries where the bad frame's own length says the next one starts (a flipped
+    payload byte), then every offset whose type byte is a possible frame type (a damaged
+    length field). A random match would need a matching CRC32, so false hits are ~2**-32
+    per candidate; a format 2 frame also has to sit at the offset its CRC was bound to.
     """
+    def valid(off: int) -> bool:
+        return any(not isinstance(_parse_at(buf, off, k, max_record_bytes), str)
+                   for k in kinds)
+
     length = _HEADER.unpack_from(buf, bad_off)[0] if len(buf) - bad_off >= _HEADER.size else 0
     natural = bad_off + _HEADER.size + length
-    if natural < len(buf) and not isinstance(_parse_at(buf, natural, max_record_bytes), str):
+    if natural < len(buf) and valid(natural):
         return natural
+    types = set(_RECORD_TYPES) if _V1 in kinds else set()
+    if _V2 in kinds:
+        types.add(RecordType.BATCH)
     candidates: set[int] = set()
-    for t in _RECORD_TYPES:
+    for t in types:
         pos = buf.find(bytes((t,)), bad_off + 5)
         while pos != -1:
             candidates.add(pos - 4)
             pos = buf.find(bytes((t,)), pos + 1)
     for off in sorted(candidates):
-        if not isinstance(_parse_at(buf, off, max_record_bytes), str):
+        if valid(off):
             return off
     return None
 
@@ -274,6 +370,7 @@ class _Segment:
     size: int = 0  # logical size: the end of the last record, where the next one goes
     file_size: int = 0  # the file's length on disk: ``size`` plus any preallocated zeros
     max_entry_index: int = 0  # highest entry index written into it (0 = none)
+    format: int = 0  # 1 or 2, from its header frame; 0 while it has none
 
 
 @dataclass(slots=True)
@@ -430,7 +527,7 @@ class DiskStorage:
         self._segments: list[_Segment] = []
         self._wal_fd = -1
         self._closed: str | None = None
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_data_dir()
         self._lock_fd = self._take_lock()
         try:
             self._recover(conf_state)
@@ -507,9 +604,13 @@ class DiskStorage:
             records.extend(self._entry_record(e) for e in todo)
             if hard_state is not None:
                 records.append(_record(RecordType.HARD_STATE, _hs_list(hard_state)))
+            if sum(map(len, records)) > _MAX_BATCH_BYTES:
+                raise ValueError(f"one save encodes to {sum(map(len, records))} bytes, over "
+                                 f"the {_MAX_BATCH_BYTES}-byte frame limit; save fewer "
+                                 "entries at a time")
             if snapshot is not None:
                 self._write_snapshot_file(snapshot)  # durable before the WAL references it
-            self._commit(self._begin_batch() + records)
+            self._commit(records)
             self.stats.saves += 1
             self._apply_saved(hard_state, todo, snapshot)
 
@@ -538,7 +639,7 @@ class DiskStorage:
             snap = Snapshot(SnapshotMetadata(index, self.term(index), cs), data)
             self._write_snapshot_file(snap)  # durable before the WAL references it
             record = _record(RecordType.SNAPSHOT, [index, snap.metadata.term, False])
-            self._commit(self._begin_batch() + [record])
+            self._commit([record])
             self._state.snap_index, self._state.snap_term = index, snap.metadata.term
             self._snapshot = snap
             self._remove_stale_snapshots()
@@ -559,7 +660,7 @@ class DiskStorage:
                 raise ValueError(f"cannot compact to {index}: the snapshot only covers up to "
                                  f"{st.snap_index}; call create_snapshot first")
             term = self.term(index)
-            self._commit(self._begin_batch() + [_record(RecordType.COMPACT, [index, term])])
+            self._commit([_record(RecordType.COMPACT, [index, term])])
             st.compact_to(index, term)
             self._delete_covered_segments()
 
@@ -583,9 +684,30 @@ class DiskStorage:
 
     # ---- the lock and recovery ----------------------------------------------------------
 
+    def _make_data_dir(self) -> None:
+        """Create ``data_dir`` (and any missing parent) with mode 0700, each new directory
+        made durable in its parent, as etcd does; an existing one open to other users is
+        kept as it is, with a warning."""
+        missing = []
+        d = self.data_dir
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, _DIR_MODE)
+            except FileExistsError:  # another process made it meanwhile
+                continue
+            self._fsync_dir(d.parent)
+        mode = self.data_dir.stat().st_mode & 0o777
+        if not missing and mode & 0o077:
+            log.warning("data directory %s has mode %03o: other local users can read the "
+                        "log and its values. Run chmod 700 %s (new data directories are "
+                        "created 0700)", self.data_dir, mode, self.data_dir)
+
     def _take_lock(self) -> int:
         path = self.data_dir / "LOCK"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -619,15 +741,17 @@ class DiskStorage:
         self._segments = segs
         if segs:  # no O_APPEND: records go at the logical size, before any preallocated zeros
             self._wal_fd = os.open(segs[-1].path, os.O_WRONLY)
-        if not segs or segs[-1].size == 0:  # fresh, or a new segment torn before its header
-            self._commit(self._begin_batch(force_new=not segs))
+        # Fresh, a new segment torn before its header was durable, or a format 1 segment
+        # (closed here: format 2 batches never share a segment with format 1 records).
+        self._ensure_segment(force_new=bool(segs) and segs[-1].format == 1)
 
     def _replay_segment(self, seg: _Segment, is_last: bool) -> None:
         buf = seg.path.read_bytes()
         seg.file_size = len(buf)
         off = 0
         while off < len(buf):
-            parsed = _parse_at(buf, off, self._max_record_bytes)
+            kind = _V2 if off > 0 and seg.format == 2 else _V1
+            parsed = _parse_at(buf, off, kind, self._max_record_bytes)
             if isinstance(parsed, str):
                 if (not is_last or self._preallocate) and _zero_to_end(buf, off):
                     break  # the clean end of a preallocated segment: keep it, write at off
@@ -635,25 +759,56 @@ class DiskStorage:
                 seg.file_size = off
                 break
             rtype, payload, end = parsed
-            if off == 0 and rtype != RecordType.SEGMENT_HEADER:
-                raise CorruptLogError(seg.path, 0, "the segment does not start with a header")
             try:
-                index = self._state.apply(rtype, msgpack.unpackb(payload, raw=False))
+                if off == 0:
+                    self._apply_segment_header(seg, rtype, msgpack.unpackb(payload, raw=False))
+                elif kind == _V2:
+                    for t, v in _inner_records(payload):
+                        index = self._state.apply(t, v)
+                        seg.max_entry_index = max(seg.max_entry_index, index)
+                else:
+                    index = self._state.apply(rtype, msgpack.unpackb(payload, raw=False))
+                    seg.max_entry_index = max(seg.max_entry_index, index)
+            except StorageError:
+                raise
             except Exception as exc:
-                raise CorruptLogError(seg.path, off, f"a record with a valid checksum is "
+                raise CorruptLogError(seg.path, off, f"a frame with a valid checksum is "
                                       f"malformed ({exc.__class__.__name__}: {exc})") from None
-            seg.max_entry_index = max(seg.max_entry_index, index)
             off = end
         seg.size = min(off, len(buf))
 
+    def _apply_segment_header(self, seg: _Segment, rtype: int, value: Any) -> None:
+        """A segment's first frame: format 1's header is the state list itself, format 2's
+        a map ``{"format": 2, "state": [...]}``."""
+        if rtype != RecordType.SEGMENT_HEADER:
+            raise CorruptLogError(seg.path, 0, "the segment does not start with a header")
+        if isinstance(value, dict):
+            fmt = value.get("format")
+            if fmt != _FORMAT:
+                raise StorageError(
+                    f"write-ahead log {seg.path} has format {fmt!r}, and this version reads "
+                    f"formats 1 and {_FORMAT}: it was written by a newer version. Run that "
+                    "version on this data directory, or wipe it and re-add the node.")
+            seg.format, value = 2, value["state"]
+        else:
+            seg.format = 1
+        self._state.apply(RecordType.SEGMENT_HEADER, value)
+
     def _cut_tail(self, seg: _Segment, buf: bytes, off: int, why: str, is_last: bool) -> None:
+        """Cut a damaged tail of the last segment, or refuse when it is not a tail.
+
+        In format 2 the last frame is the last save's whole batch, written with one pwrite
+        and synced with one fdatasync, and no later batch is written before that sync
+        returns: damage anywhere in it, with no valid frame after it, is that save torn by
+        a crash before it was acknowledged. In format 1 the same holds per record."""
         if not is_last:
             raise CorruptLogError(seg.path, off, f"{why}, in a segment that is not the last")
-        following = _next_valid_record(buf, off, self._max_record_bytes)
+        kinds = (_V1, _V2) if off == 0 else ((_V2,) if seg.format == 2 else (_V1,))
+        following = _next_valid_frame(buf, off, kinds, self._max_record_bytes)
         if following is not None:
-            raise CorruptLogError(seg.path, off, f"{why}, yet a valid record follows at "
+            raise CorruptLogError(seg.path, off, f"{why}, yet a valid frame follows at "
                                   f"offset {following}")
-        # preallocated space after the torn part (rstrip may reach into the last valid record)
+        # preallocated space after the torn part (rstrip may reach into the last valid frame)
         zeros = min(len(buf) - len(buf.rstrip(b"\x00")), len(buf) - off)
         log.warning("WAL %s: cutting off a torn tail at byte offset %d (%s; %d bytes "
                     "dropped, %d of them trailing zero fill): the last write before a crash "
@@ -674,7 +829,7 @@ class DiskStorage:
                 if _SNAP_RE.match(p.name) and int(p.name[5:21]) > st.snap_index:
                     log.warning("removing snapshot %s: the WAL never referenced it (a "
                                 "snapshot write was interrupted)", p)
-                p.unlink()
+                os.unlink(p)
         if keep is None:
             return Snapshot(SnapshotMetadata(0, 0, st.bootstrap), b"")
         return _read_snapshot_file(self.data_dir / keep, st.snap_index, st.snap_term)
@@ -708,32 +863,39 @@ class DiskStorage:
         else:
             self.stats.snapshot_fsyncs += 1
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.data_dir, os.O_RDONLY)
+    def _fsync_dir(self, path: Path | None = None) -> None:
+        fd = os.open(self.data_dir if path is None else path, os.O_RDONLY)
         try:
             self._fsync_fd(fd, "dir")
         finally:
             os.close(fd)
 
-    def _begin_batch(self, force_new: bool = False) -> list[bytes]:
-        """Records a batch starts with: a new segment's header when the current one is full
-        (rotation happens only between saves, so a batch never spans two segments)."""
+    def _ensure_segment(self, force_new: bool = False) -> None:
+        """Make sure the current segment can take a batch: start a new one when there is
+        none, it is full, or ``force_new``; give an empty one its header (rotation happens
+        only between saves, so a batch never spans two segments).
+
+        The header is written and synced on its own, before any batch: a format 2 segment
+        always starts with a durable header, so damage at offset 0 is a torn header and
+        never hides a batch."""
         cur = self._segments[-1] if self._segments else None
         if cur is not None and not force_new and 0 < cur.size < self._segment_bytes:
-            return []
+            return
         if cur is None or force_new or cur.size >= self._segment_bytes:
             if cur is not None:
                 self._trim_segment(cur)
             seq = cur.seq + 1 if cur is not None else 1
             path = self.data_dir / f"wal-{seq:08d}-{self._state.last + 1:016d}.log"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
             if self._wal_fd >= 0:
                 os.close(self._wal_fd)
             self._wal_fd = fd
-            self._segments.append(_Segment(path, seq))
+            cur = _Segment(path, seq)
+            self._segments.append(cur)
             self.stats.segments_created += 1
             self._fsync_dir()
-        return [_record(RecordType.SEGMENT_HEADER, self._state.header_value())]
+        self._write_durably(cur, _header_frame(self._state))
+        cur.format = _FORMAT
 
     def _trim_segment(self, seg: _Segment) -> None:
         """Cut a full segment's preallocated zeros before it is closed for good, so closed
@@ -775,14 +937,20 @@ class DiskStorage:
         self.stats.wal_preallocations += 1
 
     def _commit(self, records: list[bytes]) -> None:
-        """Write ``records`` at the current segment's logical end with one pwrite and one
-        fdatasync, preallocating first when the write would pass the allocated end.
+        """Make ``records`` durable as ONE batch frame at the current segment's logical end:
+        one pwrite, one fdatasync. Recovery reads the batch whole or not at all."""
+        self._ensure_segment()
+        seg = self._segments[-1]
+        self._write_durably(seg, _batch_frame(records, seg.size))
+        self.stats.records_written += len(records)
+
+    def _write_durably(self, seg: _Segment, data: bytes) -> None:
+        """Write ``data`` at ``seg``'s logical end with one pwrite and one fdatasync,
+        preallocating first when the write would pass the allocated end.
 
         A failed write or sync leaves the file in an unknown state (and a failed fsync
         cannot be retried safely), so the storage refuses further use; restarting runs
-        recovery, which cuts whatever partial record was left."""
-        data = b"".join(records)
-        seg = self._segments[-1]
+        recovery, which cuts whatever partial frame was left."""
         end = seg.size + len(data)
         self._preallocate_for(seg, end)
         try:
@@ -792,7 +960,6 @@ class DiskStorage:
             self._closed = f"a WAL write failed ({exc}); restart the node to recover"
             raise StorageClosed(f"storage {self.data_dir}: {self._closed}") from exc
         seg.size, seg.file_size = end, max(seg.file_size, end)
-        self.stats.records_written += len(records)
         self.stats.bytes_written += len(data)
 
     def _entries_to_write(self, entries: Sequence[Entry], base: int, last: int) -> list[Entry]:
@@ -808,7 +975,7 @@ class DiskStorage:
 
     def _entry_record(self, e: Entry) -> bytes:
         rec = _record(RecordType.ENTRY, [e.term, e.index, int(e.type), e.data])
-        if len(rec) - _HEADER.size > self._max_record_bytes:
+        if len(rec) - _INNER.size > self._max_record_bytes:
             raise ValueError(f"entry {e.index} encodes to {len(rec)} bytes, over the "
                              f"{self._max_record_bytes}-byte record limit")
         return rec
@@ -838,7 +1005,7 @@ class DiskStorage:
                                 use_bin_type=True)
         final = self.data_dir / _snap_name(md.index, md.term)
         tmp = final.with_name(final.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
         try:
             _write_all(fd, _SNAP_HEADER.pack(_SNAP_MAGIC, zlib.crc32(payload), len(payload)))
             _write_all(fd, payload)
@@ -852,11 +1019,18 @@ class DiskStorage:
         keep = _snap_name(self._state.snap_index, self._state.snap_term)
         for p in self.data_dir.glob("snap-*.snap"):
             if p.name != keep:
-                p.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
 
     def _delete_covered_segments(self) -> None:
         """Delete, oldest first, segments whose entries are all compacted (never the last:
-        its header and records carry the current state)."""
+        its header and records carry the current state).
+
+        Each deletion is made durable (directory fsync) before the next one, so a crash can
+        only ever bring back the *oldest* deleted segment, never leave a gap before one
+        that survived (which recovery would refuse as a missing segment). A segment is
+        64 MiB of log by default, so this costs one directory fsync per 64 MiB."""
         while len(self._segments) > 1 and self._segments[0].max_entry_index <= self._state.base:
-            self._segments.pop(0).path.unlink()
+            os.unlink(self._segments.pop(0).path)
+            self._fsync_dir()
             self.stats.segments_deleted += 1

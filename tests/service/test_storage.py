@@ -6,12 +6,16 @@ checks what came back against what was saved.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import random
+import stat
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import msgpack
@@ -27,6 +31,7 @@ from coordinator.storage import (
     DiskStorage,
     SnapshotOutOfDate,
     StorageClosed,
+    StorageError,
     Unavailable,
 )
 
@@ -43,7 +48,8 @@ def segments(d: Path) -> list[Path]:
 
 
 def record_offsets(blob: bytes) -> list[int]:
-    """Byte offsets of the WAL records in one segment (``length u32 | type u8 | crc u32``)."""
+    """Byte offsets of the WAL frames in one segment (``length u32 | type u8 | crc u32``):
+    the segment header, then one batch frame per save."""
     out, off = [], 0
     while off < len(blob):
         out.append(off)
@@ -200,15 +206,15 @@ def test_torn_tail_mid_record_is_cut_with_a_warning(tmp_path: Path, caplog) -> N
     _write_log(tmp_path)
     (seg,) = segments(tmp_path)
     size = seg.stat().st_size
-    os.truncate(seg, size - 7)  # the last record (a hard state) lost its end
+    os.truncate(seg, size - 7)  # the last save (entry 20 and a hard state) lost its end
     with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
         s = DiskStorage(tmp_path, fsync=False)
     warning = caplog.records[-1].getMessage()
     assert str(seg) in warning and "offset" in warning
     assert s.stats.torn_tails_cut == 1
-    assert s.entries(1, 21) == ents(1, 20)  # the torn record was the final hard state
+    assert s.entries(1, 20) == ents(1, 19) and s.last_index() == 19  # the whole save is gone
     assert s.initial_state()[0] == HardState(1, 1, 18)
-    s.save(HardState(1, 1, 20), ents(21, 21))  # and the log is writable again
+    s.save(HardState(1, 1, 20), ents(20, 21))  # and the log is writable again
     s.close()
     with DiskStorage(tmp_path, fsync=False) as s:
         assert s.last_index() == 21 and s.stats.torn_tails_cut == 0
@@ -259,7 +265,7 @@ def test_damaged_length_field_in_the_middle_is_refused(tmp_path: Path) -> None:
     offsets = record_offsets(blob)
     blob[offsets[len(offsets) // 2]] ^= 0x10  # the length field's high byte: 1 MiB too long
     seg.write_bytes(bytes(blob))
-    with pytest.raises(CorruptLogError, match="valid record follows"):
+    with pytest.raises(CorruptLogError, match="valid frame follows"):
         DiskStorage(tmp_path, fsync=False)
 
 
@@ -315,6 +321,190 @@ def test_unreferenced_snapshot_from_an_interrupted_write_is_removed(tmp_path: Pa
             assert s.snapshot().metadata.index == 0
     assert not orphan.exists() and not list(tmp_path.glob("*.tmp"))
     assert "never referenced" in caplog.text
+
+
+# ---- a save torn in any page order: the last batch is all or nothing -------------------
+
+PAGE = 4096
+
+
+def logical_end(seg: Path) -> int:
+    """Where the frames end and any zero fill begins (a zero type byte ends the records)."""
+    blob, off = seg.read_bytes(), 0
+    while off + 9 <= len(blob) and blob[off + 4] != 0:
+        off += 9 + int.from_bytes(blob[off:off + 4], "big")
+    return off
+
+
+def _write_then_a_big_save(d: Path, **kw) -> tuple[Path, int, int]:
+    """Ten acknowledged saves, then a save of 30 entries spanning three 4 KiB pages; returns
+    the segment and where the last save's bytes begin and end."""
+    with open_storage(d, **kw) as s:
+        for i in range(1, 11):
+            s.save(HardState(1, 1, i - 1), ents(i, i))
+        (seg,) = segments(d)
+        last = logical_end(seg)
+        s.save(HardState(1, 1, 10), ents(11, 40, size=300))
+    end = logical_end(seg)
+    assert end - last > 2 * PAGE
+    return seg, last, end
+
+
+def _lose(seg: Path, lo: int, hi: int) -> None:
+    """What a power loss leaves when the pages ``[lo, hi)`` of an unsynced write never
+    reached the disk: zeros (preallocated or newly extended space)."""
+    blob = bytearray(seg.read_bytes())
+    blob[lo:hi] = bytes(hi - lo)
+    seg.write_bytes(bytes(blob))
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("preallocate", [0, 16384])
+@pytest.mark.parametrize("lost", ["first page", "middle page"])
+def test_a_save_torn_with_an_earlier_page_lost_and_a_later_one_kept_is_a_torn_tail(
+        tmp_path: Path, caplog, preallocate: int, lost: str) -> None:
+    """Issue 15, point 1: before a save's fdatasync returns, the disk may keep a later page
+    of its one pwrite but not an earlier one. That save was never acknowledged, so recovery
+    must drop it whole -- not refuse to start because a valid record follows the zeros."""
+    seg, last, end = _write_then_a_big_save(tmp_path, preallocate_bytes=preallocate)
+    first_boundary = (last // PAGE + 1) * PAGE
+    if lost == "first page":
+        _lose(seg, last, first_boundary)
+    else:
+        _lose(seg, first_boundary, first_boundary + PAGE)
+    with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
+        s = open_storage(tmp_path, preallocate_bytes=preallocate)
+    assert f"offset {last}" in caplog.text
+    assert s.stats.torn_tails_cut == 1
+    assert (s.last_index(), s.initial_state()[0]) == (10, HardState(1, 1, 9))
+    assert s.entries(1, 11) == ents(1, 10)
+    s.save(HardState(1, 1, 10), ents(11, 12))
+    s.close()
+    with open_storage(tmp_path, preallocate_bytes=preallocate) as s:
+        assert s.entries(1, 13) == ents(1, 12) and s.stats.torn_tails_cut == 0
+
+
+@pytest.mark.fault
+def test_a_lost_page_before_the_last_batch_is_still_refused(tmp_path: Path) -> None:
+    """The other half of the rule: the batch before the last was acknowledged (its
+    fdatasync returned before the last one was written), so damage in it is damage."""
+    seg, last, end = _write_then_a_big_save(tmp_path)
+    with open_storage(tmp_path) as s:
+        s.save(HardState(1, 1, 40), ents(41, 41))  # the big save is no longer the last
+    _lose(seg, last + PAGE, last + 2 * PAGE)
+    with pytest.raises(CorruptLogError, match="valid frame follows") as err:
+        open_storage(tmp_path)
+    assert err.value.offset == last
+
+
+# ---- format 1 (written by earlier versions) ---------------------------------------------
+
+FORMAT1 = Path(__file__).parent / "data" / "wal_format1.json"
+
+
+def unpack_format1(name: str, dest: Path) -> dict:
+    """Lay out one of the format 1 data directories an earlier version wrote (see the JSON
+    file); returns what it holds."""
+    spec = json.loads(FORMAT1.read_text())["dirs"][name]
+    dest.mkdir(mode=0o700, exist_ok=True)
+    for fname, b64 in spec["files"].items():
+        (dest / fname).write_bytes(base64.b64decode(b64))
+    return spec["expect"]
+
+
+def format1_view_matches(s: DiskStorage, expect: dict) -> None:
+    first, last = expect["first"], expect["last"]
+    assert (s.first_index(), s.last_index()) == (first, last)
+    assert s.initial_state() == (HardState(*expect["hard_state"]), VOTERS)
+    assert s.entries(first, last + 1) == [
+        Entry(expect["terms"][str(i)], i, data=b"e%d" % i) for i in range(first, last + 1)]
+    index, term, data = expect["snapshot"]
+    assert (s.snapshot().metadata.index, s.snapshot().metadata.term) == (index, term)
+    assert s.snapshot().data == data.encode()
+
+
+@pytest.mark.parametrize("name", ["rotated_snapshot_compacted", "preallocated"])
+def test_a_format_1_directory_is_read_and_continued_in_a_new_format_2_segment(
+        tmp_path: Path, name: str) -> None:
+    expect = unpack_format1(name, tmp_path)
+    before = {p.name: p.read_bytes() for p in segments(tmp_path)}
+    with DiskStorage(tmp_path, fsync=False, preallocate_bytes=4096) as s:
+        format1_view_matches(s, expect)
+        last, hs = expect["last"], HardState(*expect["hard_state"])
+        s.save(hs, [Entry(3, last + 1, data=b"format 2")])
+    segs = segments(tmp_path)
+    assert len(segs) == len(before) + 1  # format 1 and 2 never share a segment
+    for seg in segs[:-1]:  # format 1 records untouched (a zero tail may have been trimmed)
+        old = before[seg.name]
+        assert seg.read_bytes() == old[:seg.stat().st_size] and not any(
+            old[seg.stat().st_size:])
+    header = segs[-1].read_bytes()
+    length = int.from_bytes(header[:4], "big")
+    assert header[4] == 1 and zlib.crc32(header[9:9 + length], zlib.crc32(b"\x01")) == (
+        int.from_bytes(header[5:9], "big"))  # a format 1 reader parses the header frame...
+    assert msgpack.unpackb(header[9:9 + length])["format"] == 2  # ...and refuses the map
+    with DiskStorage(tmp_path, fsync=False) as s:
+        assert s.last_index() == last + 1 and s.entries(last + 1, last + 2) == [
+            Entry(3, last + 1, data=b"format 2")]
+        assert s.entries(expect["first"], last + 1) == [
+            Entry(expect["terms"][str(i)], i, data=b"e%d" % i)
+            for i in range(expect["first"], last + 1)]
+
+
+def test_a_wal_from_a_newer_format_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    with open_storage(tmp_path) as s:
+        s.save(HardState(1, 1, 0), ents(1, 3))
+    (seg,) = segments(tmp_path)
+    blob = seg.read_bytes()
+    length = int.from_bytes(blob[:4], "big")
+    header = msgpack.unpackb(blob[9:9 + length])
+    header["format"] = 3
+    payload = msgpack.packb(header)
+    frame = (len(payload).to_bytes(4, "big") + b"\x01"
+             + zlib.crc32(payload, zlib.crc32(b"\x01")).to_bytes(4, "big") + payload)
+    seg.write_bytes(frame + blob[9 + length:])
+    with pytest.raises(StorageError, match="format 3.*newer version"):
+        open_storage(tmp_path)
+
+
+# ---- file modes -------------------------------------------------------------------------
+
+
+def test_the_data_directory_and_its_files_are_private_to_the_user(tmp_path: Path) -> None:
+    """Issue 15, point 6: directories 0700 and files 0600, as etcd does -- whatever the
+    umask, since the log holds every value."""
+    d = tmp_path / "missing parent" / "data"
+    old_umask = os.umask(0)
+    try:
+        with DiskStorage(d, conf_state=VOTERS, segment_bytes=512) as s:
+            for i in range(1, 41):
+                s.save(HardState(1, 1, i - 1), ents(i, i))
+            s.create_snapshot(20, None, b"a secret value")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(d.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    names = sorted(p.name for p in d.iterdir())
+    assert "LOCK" in names and any(n.endswith(".snap") for n in names)
+    assert sum(n.startswith("wal-") for n in names) >= 2
+    assert {n: stat.S_IMODE((d / n).stat().st_mode) for n in names} == dict.fromkeys(
+        names, 0o600)
+
+
+def test_an_existing_data_directory_open_to_others_is_named_in_a_warning(tmp_path: Path,
+                                                                         caplog) -> None:
+    d = tmp_path / "data"
+    d.mkdir()
+    d.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
+        open_storage(d).close()
+    assert f"{d} has mode 755" in caplog.text and f"chmod 700 {d}" in caplog.text
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755  # the user's directory is left alone
+    d.chmod(0o700)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coordinator.storage"):
+        open_storage(d).close()
+    assert "chmod" not in caplog.text
 
 
 # ---- the lock ---------------------------------------------------------------------------
@@ -535,9 +725,9 @@ def test_a_crash_during_bootstrap_bootstraps_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.fault
-def test_any_flipped_bit_is_refused_unless_it_is_in_the_last_record(tmp_path: Path) -> None:
-    """Flip one random bit anywhere: inside any record but the last, the node must refuse to
-    start (never silently drop acknowledged data); inside the last record it is
+def test_any_flipped_bit_is_refused_unless_it_is_in_the_last_batch(tmp_path: Path) -> None:
+    """Flip one random bit anywhere: inside any frame but the last, the node must refuse to
+    start (never silently drop acknowledged data); inside the last save's batch it is
     indistinguishable from a torn write and is cut with a warning."""
     rng = random.Random(11)
     _write_log(tmp_path, n=12)
@@ -556,4 +746,5 @@ def test_any_flipped_bit_is_refused_unless_it_is_in_the_last_record(tmp_path: Pa
         else:
             with DiskStorage(tmp_path, fsync=False) as s:
                 assert s.stats.torn_tails_cut == 1
-                assert s.entries(1, 13) == ents(1, 12)  # only the final hard state was lost
+                assert s.last_index() == 11  # only the last save (entry 12 + hard state) lost
+                assert s.entries(1, 12) == ents(1, 11)

@@ -20,7 +20,7 @@ from coordinator.raft.messages import ConfState, Entry, HardState
 from coordinator.storage import CorruptLogError, DiskStorage
 
 VOTERS = ConfState(voters=(1, 2, 3))
-ENTRY, SEGMENT_HEADER = 2, 1  # coordinator.storage.RecordType
+ENTRY, SEGMENT_HEADER, BATCH = 2, 1, 7  # coordinator.storage.RecordType
 
 
 def ents(lo: int, hi: int, term: int = 1, size: int = 8) -> list[Entry]:
@@ -34,9 +34,10 @@ def segments(d: Path) -> list[Path]:
 
 
 def records(blob: bytes) -> tuple[list[tuple[int, int, bytes]], int]:
-    """``([(offset, type, payload)], logical end)`` of the records before the zero tail.
+    """``([(offset, type, payload)], logical end)`` of the frames before the zero tail: the
+    segment header, then one BATCH frame per save.
 
-    Every real record has a non-zero type byte, so a zero type byte is where the preallocated
+    Every real frame has a non-zero type byte, so a zero type byte is where the preallocated
     zeros (or the end of the file) begin."""
     out, off = [], 0
     while off + 9 <= len(blob) and blob[off + 4] != 0:
@@ -46,8 +47,19 @@ def records(blob: bytes) -> tuple[list[tuple[int, int, bytes]], int]:
     return out, off
 
 
+def inner_records(payload: bytes) -> list[tuple[int, bytes]]:
+    """The ``(type, payload)`` records inside a batch frame (``length u32 | type u8 | ...``)."""
+    out, off = [], 0
+    while off < len(payload):
+        length = int.from_bytes(payload[off:off + 4], "big")
+        out.append((payload[off + 4], payload[off + 5:off + 5 + length]))
+        off += 5 + length
+    return out
+
+
 def entry_indexes(blob: bytes) -> list[int]:
-    return [msgpack.unpackb(p)[1] for _, t, p in records(blob)[0] if t == ENTRY]
+    return [msgpack.unpackb(p)[1] for _, t, frame in records(blob)[0] if t == BATCH
+            for rtype, p in inner_records(frame) if rtype == ENTRY]
 
 
 def open_storage(d: Path, **kw) -> DiskStorage:
@@ -163,7 +175,7 @@ def test_torn_last_record_followed_by_zeros_is_cut_with_a_warning(tmp_path: Path
     (seg,) = segments(tmp_path)
     blob = bytearray(seg.read_bytes())
     recs, end = records(bytes(blob))
-    last = recs[-1][0]  # the final hard state; only its first 6 bytes reached the disk
+    last = recs[-1][0]  # the last save; only its first 6 bytes reached the disk
     blob[last + 6:end] = bytes(end - last - 6)
     seg.write_bytes(bytes(blob))
     assert seg.stat().st_size == chunk
@@ -173,9 +185,9 @@ def test_torn_last_record_followed_by_zeros_is_cut_with_a_warning(tmp_path: Path
     assert str(seg) in warning and f"offset {last}" in warning
     assert s.stats.torn_tails_cut == 1
     assert seg.stat().st_size == last  # cut; the next write preallocates again
-    assert s.entries(1, 21) == ents(1, 20)
+    assert s.last_index() == 19 and s.entries(1, 20) == ents(1, 19)  # the whole save is gone
     assert s.initial_state()[0] == HardState(1, 1, 18)
-    s.save(HardState(1, 1, 20), ents(21, 21))
+    s.save(HardState(1, 1, 20), ents(20, 21))
     s.close()
     assert seg.stat().st_size == chunk
     with open_storage(tmp_path, preallocate_bytes=chunk) as s:
@@ -198,11 +210,13 @@ def test_a_crash_at_any_byte_of_the_last_records_in_a_preallocated_segment(
     for cut in range(offsets[-6], end):
         seg.write_bytes(full[:cut] + bytes(len(full) - cut))
         with open_storage(tmp_path, preallocate_bytes=chunk) as s:
-            assert s.last_index() <= 6
+            k = max(k for k, o in enumerate(offsets) if o <= cut)  # the save the crash hit
+            start, stop = offsets[k], offsets[k + 1] if k + 1 < len(offsets) else end
+            whole = full.count(0, cut, stop) == stop - cut  # what is missing is zeros anyway
+            assert s.last_index() == k - (not whole), cut  # frame k holds entry k
             assert s.entries(1, s.last_index() + 1) == ents(1, s.last_index())
-            start = max(o for o in offsets if o <= cut)  # the record the crash hit
             torn = full.count(0, start, cut) != cut - start  # any of it non-zero on disk
-            assert s.stats.torn_tails_cut == int(torn), cut
+            assert s.stats.torn_tails_cut == int(torn and not whole), cut
 
 
 @pytest.mark.fault
@@ -254,7 +268,8 @@ def test_rotation_trims_closed_segments_to_their_records(tmp_path: Path) -> None
         for i in range(1, 61):
             s.save(HardState(1, 1, i - 1), ents(i, i))
         syncs = s.stats.wal_fsyncs
-        assert syncs == 60 + s.stats.segments_created  # one per save, one per trim (+1 boot)
+        # one per save, one per segment header, one per trim (all but the open segment)
+        assert syncs == 60 + 2 * s.stats.segments_created - 1
     segs = segments(tmp_path)
     assert len(segs) >= 4
     for closed in segs[:-1]:
