@@ -92,6 +92,7 @@ class Session:
         self.in_step = False  # inside an optimizer step: state may be half-updated
         self._replay_waiting = 0  # restored loaders that have not reached their resume point
         self._rng_pending = restore.get("rng") if restore else None
+        self._derive_waiting: list[ShardedBatchSampler] = []
         # The state as of the last step boundary (what a peer heal hands on): data positions
         # and the report count then; reports and batches after it are redone.
         self.step_positions: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("loaders", [])]
@@ -158,6 +159,14 @@ class Session:
     def add_model(self, prepared: torch.nn.Module) -> None:
         index = len(self.models)
         self.models.append(prepared)
+        if self.restore and self.restore.get("derive_positions") and index == 0:
+            # async, joining live or restored shards: this worker continues at the clock the
+            # shards gave it, and its data where that many batches end
+            clock = int(getattr(self.strategy, "start_clock", self.restore["step"]))
+            self.restore["step"] = self.optimizer_steps = clock
+            waiting, self._derive_waiting = self._derive_waiting, []
+            for sampler in waiting:
+                self._resume_derived(sampler)
         if self.restore and self.context.mode != "async":  # async: the shards hold parameters
             states = self.restore.get("models", [])
             if index < len(states):
@@ -177,15 +186,25 @@ class Session:
         sampler.on_first_batch = self._restore_rng_once
         if not self.restore:
             return
+        if self.restore.get("derive_positions"):
+            if index == 0 and self.models:
+                self._resume_derived(sampler)
+            elif index == 0:
+                self._derive_waiting.append(sampler)  # the clock is known once the model is
+            return
         positions = self.restore.get("loaders", [])
-        if self.restore.get("derive_positions") and index == 0:  # async: from the worker's clock
-            positions = [divmod(int(self.restore["step"]), max(1, len(sampler)))]
         if index < len(positions):
             epoch, done = positions[index]
             if epoch >= 0:
                 self._replay_waiting += 1
                 sampler.on_resume_point = self._one_loader_resumed
             sampler.resume_at(int(epoch), int(done))
+
+    def _resume_derived(self, sampler: ShardedBatchSampler) -> None:
+        epoch, done = divmod(int(self.restore["step"]) if self.restore else 0, max(1, len(sampler)))
+        self._replay_waiting += 1
+        sampler.on_resume_point = self._one_loader_resumed
+        sampler.resume_at(epoch, done)
 
     def _one_loader_resumed(self) -> None:
         self._replay_waiting = max(0, self._replay_waiting - 1)

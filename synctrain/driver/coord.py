@@ -46,19 +46,22 @@ class EmbeddedCoordinator:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.cluster = RayCluster(nodes=EMBEDDED_NODES, num_cpus_per_node=0.0, data_dir=self.data_dir)
         self.cluster.start()
-        fd = os.open(self.data_dir / "token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.token + b"\n")
+        # For tools that read the job later (the token and endpoints stay out of logs and reprs):
+        # both files are readable by this user only.
+        _private_write(self.data_dir / "token", self.token + b"\n")
+        _private_write(self.data_dir / "endpoints", ",".join(self.endpoints).encode() + b"\n")
 
-    def dead_nodes(self) -> list[int]:
-        """Nodes whose actor is gone (a ping answered with an actor error)."""
+    def dead_nodes(self, wait_s: float = 0.0) -> list[int]:
+        """Nodes whose actor is gone (a ping answered with an actor error). With ``wait_s``,
+        ping every node now and wait up to that long for the answers."""
         dead = []
         for node, actor in list(self.cluster.actors.items()):
             ref = self._pings.get(node)
             if ref is None:
-                self._pings[node] = actor.node_ip.remote()
-                continue
-            done, _ = ray.wait([ref], timeout=0)
+                ref = self._pings[node] = actor.node_ip.remote()
+                if not wait_s:
+                    continue
+            done, _ = ray.wait([ref], timeout=wait_s)
             if not done:
                 continue
             self._pings.pop(node, None)
@@ -75,6 +78,19 @@ class EmbeddedCoordinator:
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
+
+
+def _private_write(path: pathlib.Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def read_job_coordinator(job_dir: pathlib.Path) -> tuple[list[str], bytes]:
+    """(endpoints, token) of a job's embedded coordinator, from its job directory."""
+    base = job_dir / "coordinator"
+    endpoints = (base / "endpoints").read_text().strip().split(",")
+    return endpoints, (base / "token").read_bytes().strip()
 
 
 class ExternalCoordinator:
@@ -109,7 +125,7 @@ class ExternalCoordinator:
         except ValueError as exc:
             raise ConfigError(f"coordinator= is not a list of host:port endpoints: {exc}") from None
 
-    def dead_nodes(self) -> list[int]:
+    def dead_nodes(self, wait_s: float = 0.0) -> list[int]:
         return []  # its operator restarts its nodes
 
     def restart(self, node: int) -> None:  # pragma: no cover - never called (no dead nodes)

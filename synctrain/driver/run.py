@@ -29,7 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class _Progress:
-    """Rank 0's reports as a progress bar (total and ETA when the loop's length is known)."""
+    """Rank 0's reports as a progress bar of optimizer steps.
+
+    A total, and so an ETA, is shown once a report carries ``"total_steps"``: only the loop
+    knows how many epochs it runs, so it says so, e.g. once before training:
+    ``synctrain.report({"total_steps": epochs * len(loader) // grad_accum_steps})`` (``len``
+    of a prepared loader is this rank's batches per epoch, one optimizer step each). The
+    latest such value wins; a step that goes back (a recovery redoing steps) moves the bar back.
+    """
 
     def __init__(self, enabled: bool, job_name: str) -> None:
         self._bar = None
@@ -41,15 +48,31 @@ class _Progress:
     def show(self, reports: list[dict[str, Any]]) -> None:
         if self._bar is None or not reports:
             return
+        for report in reports:
+            total = _total_steps(report.get("total_steps"))
+            if total is not None:
+                self._bar.total = total
         last = reports[-1]
-        self._bar.n = int(last.get("step", self._bar.n))
-        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k != "step"}
+        step = int(last.get("step", self._bar.n))
+        if step >= self._bar.n:
+            self._bar.update(step - self._bar.n)  # through update(): the rate, hence the ETA
+        else:
+            self._bar.n = step
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items()
+                 if k not in ("step", "total_steps")}
         self._bar.set_postfix(shown, refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _total_steps(value: Any) -> int | None:
+    """A reported ``total_steps`` as a positive int; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None
+    return int(value) if float(value).is_integer() else None
 
 
 def fit_with_step_log(trainer: Any) -> Any:

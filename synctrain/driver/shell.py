@@ -47,6 +47,8 @@ POLL_INTERVAL_S = 0.2
 STARTUP_GRACE_S = 120.0
 #: How long a sync survivor's run may take to end after a peer failed (its collective breaks).
 SURVIVOR_STOP_S = 60.0
+#: Tries at restarting a dead coordinator node before giving up on it (the others keep serving).
+NODE_RESTART_TRIES = 3
 #: Loop errors that would fail again on a retry: raised at once.
 FATAL_EXC_TYPES = ("ConfigError", "ModelMismatchError", "DriverObjectLoadError", "JobExistsError")
 
@@ -57,7 +59,9 @@ class _Rank:
     run: Any = None  # ObjectRef of the running ``run`` (None: not running)
     poll: Any = None  # outstanding ``poll`` ObjectRef
     poll_sent: float = 0.0
+    last_answer: float = field(default_factory=time.monotonic)  # a poll came back
     last_activity: float = field(default_factory=time.monotonic)
+    pid: int | None = None  # the worker's process, when it runs on the driver's node
     answered: bool = True
     started: bool = False
     step: int | None = None
@@ -85,6 +89,7 @@ class JobShell:
         self.failure_log: list[dict[str, Any]] = []
         self._awaiting: list[tuple[int, float, int, int | None]] = []  # failure idx, t, start, rank
         self._restarting: set[int] = set()
+        self._restart_threads: list[threading.Thread] = []
         self._next_report = 0
         self.zombies: list[Any] = []
 
@@ -98,6 +103,9 @@ class JobShell:
         while True:
             failures = self._watch()
             if failures is None:
+                self._check_coordinator(wait_s=5.0, restart_now=True)  # a node lost near the end
+                for thread in self._restart_threads:  # restarts under way: let them finish
+                    thread.join(120)
                 return [self.ranks[r].outcome or {} for r in sorted(self.ranks)]
             self._recover(failures)
 
@@ -170,14 +178,15 @@ class JobShell:
                 continue
             done, _ = ray.wait([r.poll], timeout=0)
             if not done:  # a live process answers within milliseconds; a stopped one never
-                r.answered = now - r.poll_sent < min(5.0, self.trainer.stall_timeout_s / 2)
+                r.answered = (now - r.last_answer < min(5.0, self.trainer.stall_timeout_s / 2)
+                              and not _stopped(r.pid))
                 continue
             try:
                 info = ray.get(r.poll)
             except RayError:
                 r.poll = None
                 continue
-            r.poll, r.answered = None, True
+            r.poll, r.answered, r.last_answer = None, True, now
             if info.get("step") is not None and info.get("started"):
                 r.last_activity = min(now, now - float(info.get("idle_s", 0.0)))
                 r.step, r.started = info["step"], True
@@ -191,6 +200,9 @@ class JobShell:
         stalled = [(rank, r.answered, r.step) for rank, r in self.ranks.items()
                    if r.run is not None and rank not in already
                    and now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S)]
+        if stalled:
+            log.info("idle ranks (rank, answers polls, step): %s; poll ages %s", stalled,
+                     {rank: round(now - r.poll_sent, 2) for rank, r in self.ranks.items() if r.poll})
         return [Failure("stalled", rank, self.ranks[rank].step,
                         detail=f"no progress for {self.trainer.stall_timeout_s:g} s")
                 for rank in blame_stalled(stalled)]
@@ -210,11 +222,11 @@ class JobShell:
                     dead.append(i)
         return [Failure("shard_died", None, None, detail=f"parameter-server shard {i} died") for i in dead]
 
-    def _check_coordinator(self) -> None:
+    def _check_coordinator(self, wait_s: float = 0.0, restart_now: bool = False) -> None:
         """Restart a dead coordinator node in the background; training goes on meanwhile."""
         if self.coordinator is None:
             return
-        for node in self.coordinator.dead_nodes():
+        for node in self.coordinator.dead_nodes(wait_s):
             if node in self._restarting:
                 continue
             self._restarting.add(node)
@@ -223,15 +235,26 @@ class JobShell:
                 self._give_up([Failure("coordinator_node_died")], decision)
             index = self._record_failure(Failure("coordinator_node_died", None, None,
                                                  detail=f"coordinator node {node}"), decision)
-            threading.Thread(target=self._restart_node, args=(node, index, time.time()),
-                             daemon=True).start()
+            if restart_now:
+                self._restart_node(node, index, time.time())
+                continue
+            thread = threading.Thread(target=self._restart_node, args=(node, index, time.time()),
+                                      daemon=True)
+            thread.start()
+            self._restart_threads.append(thread)
 
     def _restart_node(self, node: int, index: int, t0: float) -> None:
+        """Restart ``node`` from its WAL (a few tries); the failure's recovery_s says when."""
         try:
-            self.coordinator.restart(node)
-            self._annotate(index, time.time() - t0)
-        except Exception as exc:  # noqa: BLE001 - logged; the next ping tries again
-            log.warning("restarting coordinator node %d failed: %s", node, exc)
+            for attempt in range(NODE_RESTART_TRIES):
+                try:
+                    self.coordinator.restart(node)
+                    self._annotate(index, time.time() - t0)
+                    return
+                except Exception as exc:  # noqa: BLE001 - logged, tried again
+                    log.warning("restarting coordinator node %d failed (try %d of %d): %s", node,
+                                attempt + 1, NODE_RESTART_TRIES, exc)
+                    time.sleep(1.0 + attempt)
         finally:
             self._restarting.discard(node)
 
@@ -387,6 +410,7 @@ class JobShell:
                             start_step, start_report, reason)
         self.generation = generation
         local_ranks = _local_ranks([infos[rank]["node_id"] for rank in sorted(infos)])
+        here = ray.get_runtime_context().get_node_id()
         committed = self.log.job_info()["last_step"] if start_step < 0 else start_step
         for rank in run_ranks:
             r = self.ranks[rank]
@@ -394,7 +418,8 @@ class JobShell:
             r.run = r.actor.run.remote(self.trainer._loop_blob, self.trainer._config_blob, handles,
                                        local_ranks[rank], gen)
             r.outcome, r.poll, r.answered, r.started = None, None, True, False
-            r.last_activity = time.monotonic()
+            r.last_activity = r.last_answer = time.monotonic()
+            r.pid = infos[rank]["pid"] if infos[rank]["node_id"] == here else None
         if 0 in run_ranks:
             self._next_report = 0
 
@@ -489,9 +514,23 @@ def _is_secondary(failure: dict[str, Any]) -> bool:
     """A collective that broke because *another* rank failed (its peer closed the connection)."""
     if failure.get("died"):
         return False
+    if failure.get("exc_type") == "CollectiveError":  # the shared-memory path names the vanished peer
+        return True
     tb = failure.get("traceback", "")
     return failure.get("exc_type") in ("RuntimeError", "DistBackendError", "DistNetworkError") and (
         "torch/distributed" in tb or "gloo" in tb.lower() or "nccl" in tb.lower())
+
+
+def _stopped(pid: int | None) -> bool:
+    """Whether a process on this machine is stopped (SIGSTOP): state T in /proc/<pid>/stat."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
 
 
 def _kill(actor: Any) -> None:

@@ -207,6 +207,7 @@ def test_sync_leader_kill_needs_no_new_generation(ray_session, tmp_path, sync_ba
     assert len(result.generations) == 1, "a coordinator failure does not touch the workers"
     [failure] = result.failures
     assert failure["kind"] == "coordinator_node_died" and failure["recovery"] == "continue"
+    assert failure["recovery_s"] is not None, "the node was restarted from its WAL"
 
 
 def test_sync_corrupt_newest_checkpoint_falls_back_to_the_previous(ray_session, tmp_path, sync_baseline):
@@ -287,3 +288,21 @@ def test_async_shard_kill_restores_the_checkpoint(ray_session, tmp_path):
     assert [f["kind"] for f in result.failures] == ["shard_died"]
     assert result.failures[0]["recovery"] == "checkpoint"
     assert result.generations[1]["start_step"] == 40
+
+
+# ---------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_from_a_checkpoint_is_exact(ray_session, tmp_path, optimizer):
+    """A run interrupted by a worker death and restored from its checkpoint ends with the
+    parameters of an uninterrupted run (SGD with momentum; Adam with a registered LR
+    scheduler): model, optimizer, scheduler, data position and RNG all come back."""
+    kw = {"config": {"optimizer": optimizer, "scheduler": optimizer == "adam", "epochs": 4},
+          "recovery": "checkpoint"}
+    clean = run(tmp_path, name=f"clean-{optimizer}", **kw)
+    hurt = run(tmp_path, fault={"kind": "kill", "rank": 1, "step": 50}, name=f"hurt-{optimizer}", **kw)
+    assert [s["step"] for s in hurt.steps] == list(range(1, 4 * steps_per_epoch(2) + 1))
+    assert hurt.failures[0]["recovery"] == "checkpoint"
+    assert hurt.generations[1]["start_step"] == 40 and hurt.redone_steps == 10
+    diff = (hurt.outputs[0]["params"] - clean.outputs[0]["params"]).abs().max().item()
+    assert diff <= 1e-6, diff
+    assert [m["acc"] for m in hurt.metrics] == pytest.approx([m["acc"] for m in clean.metrics], abs=1e-6)

@@ -1,0 +1,109 @@
+"""Bad input for a step-logged job: each a clear ConfigError before any training starts, and
+nothing of an existing job overwritten."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import synctrain
+from synctrain import ConfigError
+from synctrain.errors import JobExistsError
+
+pytestmark = pytest.mark.ray
+
+
+def tiny_loop(config):
+    model = synctrain.prepare_model(nn.Linear(4, 2))
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(config.get("steps", 3)):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        synctrain.report({"x": 1.0})
+    return "done"
+
+
+def never_runs(config):  # a loop that would show it ran
+    raise AssertionError("the loop must not start")
+
+
+def test_unknown_keyword_is_named():
+    with pytest.raises(ConfigError, match="checkpoint_evry"):
+        synctrain.Trainer(tiny_loop, checkpoint_evry=5)
+
+
+@pytest.mark.parametrize("kw, what", [
+    ({"max_failures": -1}, "max_failures"), ({"stall_timeout_s": 0}, "stall_timeout_s"),
+    ({"max_uncommitted_steps": 1.5}, "max_uncommitted_steps"), ({"recovery": "peer"}, "recovery"),
+    ({"job_name": "a/b"}, "job_name"), ({"checkpoint_every_s": -1}, "checkpoint_every_s"),
+    ({"coordinator": "127.0.0.1:1"}, "token"),
+])
+def test_bad_fault_tolerance_options_are_named(kw, what, monkeypatch):
+    monkeypatch.delenv("SYNCTRAIN_COORDINATOR_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=what):
+        synctrain.Trainer(tiny_loop, **kw)
+
+
+def test_storage_path_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="not a writable directory"):
+        synctrain.Trainer(tiny_loop, storage_path=str(blocker / "results"))
+
+
+def test_unreachable_coordinator_fails_before_training(ray_session, tmp_path):
+    token = "x" * 64
+    with pytest.raises(ConfigError, match="cannot use the coordinator"):
+        synctrain.Trainer(never_runs, num_workers=1, use_gpu=False, progress=False,
+                          storage_path=str(tmp_path), job_name="unreach",
+                          coordinator="127.0.0.1:1", coordinator_token=token).fit()
+    assert not (tmp_path / "unreach").exists(), "nothing of the job was created"
+
+
+def test_wrong_token_fails_before_training(ray_session, tmp_path):
+    from coordinator.cluster import LocalCluster
+
+    with LocalCluster(nodes=1, data_dir=tmp_path / "coord") as cluster:
+        with pytest.raises(ConfigError, match="cannot use the coordinator"):
+            synctrain.Trainer(never_runs, num_workers=1, use_gpu=False, progress=False,
+                              storage_path=str(tmp_path), job_name="badtoken",
+                              coordinator=",".join(cluster.endpoints),
+                              coordinator_token="y" * 64).fit()
+    assert not (tmp_path / "badtoken").exists()
+
+
+def test_an_external_coordinator_keeps_the_step_log(ray_session, tmp_path):
+    from coordinator.cluster import LocalCluster
+    from synctrain.steplog import StepLog
+
+    with LocalCluster(nodes=3, data_dir=tmp_path / "coord") as cluster:
+        result = synctrain.Trainer(tiny_loop, num_workers=2, use_gpu=False, progress=False,
+                                   storage_path=str(tmp_path), job_name="external",
+                                   coordinator=",".join(cluster.endpoints),
+                                   coordinator_token=cluster.token).fit()
+        assert [s["step"] for s in result.steps] == [1, 2, 3]
+        log = StepLog(cluster.endpoints, cluster.token, "external")
+        assert log.job_info()["state"] == "finished" and log.job_info()["last_step"] == 3
+        log.close()
+    assert not (tmp_path / "external" / "coordinator").exists(), "no embedded coordinator"
+
+
+def test_a_finished_job_name_is_refused_and_left_alone(ray_session, tmp_path):
+    result = synctrain.Trainer(tiny_loop, num_workers=2, use_gpu=False, progress=False,
+                               storage_path=str(tmp_path), job_name="done-job").fit()
+    assert result.outputs == ["done", "done"] and len(result.metrics) == 3
+    job_dir = tmp_path / "done-job"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in job_dir.rglob("*") if p.is_file()}
+    with pytest.raises(JobExistsError, match="already exists.*finished"):
+        synctrain.Trainer(never_runs, num_workers=2, storage_path=str(tmp_path), job_name="done-job")
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in job_dir.rglob("*") if p.is_file()}
+    assert after == before, "nothing of the finished job was touched"
+    assert isinstance(JobExistsError("x"), ConfigError)
+    assert oct(job_dir.stat().st_mode & 0o777) == "0o700"
+    assert oct((job_dir / "coordinator" / "token").stat().st_mode & 0o777) == "0o600"
+    assert "token" not in repr(synctrain.Trainer(tiny_loop, storage_path=str(tmp_path)))
+    assert os.environ.get("SYNCTRAIN_STORAGE_PATH")  # the suite keeps jobs out of ~
