@@ -11,6 +11,7 @@
     coordinator serve --id 1 --listen 127.0.0.1:7001 \\
         --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \\
         --data-dir /var/lib/coordinator/1 --token-file /etc/coordinator/token
+        [--join]                                 # a member that lost its data directory
     coordinator sim ...                          # the deterministic simulator
 
 Client commands find the cluster from ``--endpoints``/``--token-file`` (given before or after
@@ -142,7 +143,20 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--tick-ms", type=float, default=15.0)
     serve.add_argument("--election-tick", type=int, default=10)
     serve.add_argument("--heartbeat-tick", type=int, default=1)
-    serve.add_argument("--snapshot-every", type=int, default=10_000)
+    serve.add_argument("--snapshot-every", type=int, default=10_000,
+                       help="snapshot after this many applied entries (default 10000)")
+    serve.add_argument("--snapshot-bytes", type=int, default=64 << 20,
+                       help="...or after this many bytes of applied entry data (default 64 MiB)")
+    serve.add_argument("--keep-bytes-after-snapshot", type=int, default=16 << 20,
+                       help="log tail kept after a snapshot, at most (default 16 MiB)")
+    serve.add_argument("--max-retained-log-bytes", type=int, default=256 << 20,
+                       help="writes are refused (overloaded, retryable) while the log held in "
+                            "memory is over this (default 256 MiB)")
+    serve.add_argument("--join", action="store_true",
+                       help="this member of an existing cluster lost its data directory: start "
+                            "it empty and recovering (no votes until the leader repaired it). "
+                            "Needed on an empty --data-dir for a node the cluster knows; "
+                            "ignored when the directory holds state")
     serve.add_argument("--no-fsync", action="store_true", help="unsafe: skip fsync (tests only)")
     persist = serve.add_mutually_exclusive_group()
     persist.add_argument("--leader-parallel-persist", dest="persist_before_send",
@@ -193,7 +207,10 @@ def _serve(args: argparse.Namespace) -> int:
             token=load_token(args.token_file), listen=args.listen,
             tick_s=args.tick_ms / 1000.0, election_tick=args.election_tick,
             heartbeat_tick=args.heartbeat_tick, fsync=not args.no_fsync,
-            snapshot_every=args.snapshot_every, persist_in_thread=not args.persist_inline,
+            snapshot_every=args.snapshot_every, snapshot_bytes=args.snapshot_bytes,
+            keep_bytes_after_snapshot=args.keep_bytes_after_snapshot,
+            max_retained_log_bytes=args.max_retained_log_bytes, join=args.join,
+            persist_in_thread=not args.persist_inline,
             leader_parallel_persist=not args.persist_before_send,
             commit_broadcast=args.commit_broadcast,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES)

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from coordinator.client import Client, Unavailable
+from coordinator.storage import holds_state
 from coordinator.transport import check_token, generate_token
 
 DEFAULT_STARTUP_TIMEOUT_S = 60.0
@@ -202,10 +203,11 @@ class LocalCluster:
 
     def start_node(self, node_id: int) -> None:
         """Start a node that is not running again on its data directory and port, without
-        waiting (see :meth:`is_serving`; :meth:`restart` waits)."""
+        waiting (see :meth:`is_serving`; :meth:`restart` waits). A node whose directory
+        lost its state rejoins with ``--join`` (see :meth:`restart`)."""
         if self.is_running(node_id):
             raise RuntimeError(f"node {node_id} is running (pid {self.procs[node_id].pid})")
-        self._spawn(node_id)
+        self._spawn(node_id, rejoin=True)
 
     def client(self, timeout_s: float = 10.0, endpoints: list[str] | None = None) -> Client:
         return Client(endpoints or self.endpoints, token=self.token, timeout_s=timeout_s)
@@ -256,7 +258,9 @@ class LocalCluster:
 
     def restart(self, node_id: int) -> None:
         """Stop the node if it runs (SIGTERM, then SIGKILL), start it again on the same data
-        directory and port, and wait until it serves."""
+        directory and port, and wait until it serves. If the directory holds no state (the
+        node lost its disk) it is started with ``--join``: it comes back recovering, casts no
+        vote until the leader has repaired it, and then serves as before."""
         proc = self.procs.get(node_id)
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -267,7 +271,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self._spawn(node_id)
+        self._spawn(node_id, rejoin=True)
         self._wait_ready(node_id)
 
     def partition(self, node_id: int) -> None:
@@ -288,7 +292,7 @@ class LocalCluster:
             c.admin_partition(self.endpoint(node_id), block)
 
     # ------------------------------------------------------------ internals
-    def _command(self, node_id: int) -> list[str]:
+    def _command(self, node_id: int, join: bool = False) -> list[str]:
         peers = ",".join(f"{i}={h}:{p}" for i, (h, p) in self.addresses.items())
         cmd = [sys.executable, "-m", "coordinator.cli", "serve", "--id", str(node_id),
                "--listen", self.endpoint(node_id), "--peers", peers,
@@ -299,19 +303,24 @@ class LocalCluster:
             cmd.append("--no-fsync")
         if self.snapshot_every is not None:
             cmd += ["--snapshot-every", str(self.snapshot_every)]
+        if join:
+            cmd.append("--join")
         return cmd + self.extra_args
 
     def _ready_file(self, node_id: int) -> pathlib.Path:
         return self.data_dir / f"node-{node_id}.ready"
 
-    def _spawn(self, node_id: int) -> None:
+    def _spawn(self, node_id: int, rejoin: bool = False) -> None:
+        """Start the node's process; ``rejoin`` (a start after the cluster's first): pass
+        ``--join`` if the node's directory holds no state."""
+        join = rejoin and not holds_state(self.node_dir(node_id))
         self._ready_file(node_id).unlink(missing_ok=True)
         fd = os.open(self.log_path(node_id),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         log = os.fdopen(fd, "ab")  # owned by the child
         try:
             self.procs[node_id] = subprocess.Popen(
-                self._command(node_id), stdout=log, stderr=subprocess.STDOUT,
+                self._command(node_id, join), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log.close()
@@ -392,7 +401,10 @@ class _RayNode:
     def pid(self) -> int:
         return os.getpid()
 
-    def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float) -> str:
+    def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float,
+              rejoin: bool = False) -> str:
+        """Serve; ``rejoin`` (a restart): a directory that lost its state starts with
+        ``join`` (recovering until the leader repaired it; see LocalCluster.restart)."""
         import asyncio
         import threading
 
@@ -401,7 +413,8 @@ class _RayNode:
         config = ServerConfig(node_id=self.node_id,
                               peers={int(k): (str(v[0]), int(v[1])) for k, v in peers.items()},
                               data_dir=pathlib.Path(self.data_dir), token=token,
-                              listen=(self._bind, self.port), tick_s=tick_s)
+                              listen=(self._bind, self.port), tick_s=tick_s,
+                              join=rejoin and not holds_state(self.data_dir))
         started = threading.Event()
         errors: list[BaseException] = []
 
@@ -623,7 +636,8 @@ class RayCluster:
     def restart(self, node_id: int, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
         """Start a fresh actor for ``node_id`` on the same Ray node, data directory and
         address (stopping a live one first), and wait until it serves. Works after
-        :meth:`kill` and after the actor's process was killed from outside."""
+        :meth:`kill` and after the actor's process was killed from outside. A node whose
+        directory lost its state rejoins recovering, as in :meth:`LocalCluster.restart`."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -641,7 +655,8 @@ class RayCluster:
         self.actors[node_id] = actor
         host, port = self.addresses[node_id]
         ray.get(actor.reserve.remote(self._multi_host, port), timeout=timeout_s)
-        ray.get(actor.start.remote(self.addresses, self.token, self.tick_s), timeout=timeout_s)
+        ray.get(actor.start.remote(self.addresses, self.token, self.tick_s, rejoin=True),
+                timeout=timeout_s)
         _wait_until(lambda: self.status(node_id) is not None, timeout_s,
                     f"node {node_id} to serve again")
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -73,7 +74,10 @@ from typing import Any
 
 import msgpack
 
-from coordinator import steplog  # noqa: F401 - registers the step log's commands and extension
+from coordinator import (
+    snapshotting,
+    steplog,  # noqa: F401 - registers the step log's commands and extension
+)
 from coordinator.raft import (
     Config,
     ConfState,
@@ -85,17 +89,35 @@ from coordinator.raft import (
     RaftNode,
     Role,
     Snapshot,
+    SnapshotMetadata,
     decode_conf_change,
     decode_message,
     encode_message,
 )
-from coordinator.statemachine import StateMachine, encode_command, is_session_command
-from coordinator.storage import DiskStorage
+from coordinator.statemachine import (
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
+    StateMachine,
+    encode_command,
+    is_session_command,
+    register_command,
+    register_extension,
+)
+from coordinator.storage import (
+    DiskStorage,
+    SnapshotOutOfDate,
+    StorageClosed,
+    StorageError,
+    holds_state,
+    write_snapshot_file,
+)
 from coordinator.transport import (
     DEFAULT_MAX_FRAME_BYTES,
+    ClientConnection,
     FrameTooLarge,
     PeerTransport,
     Server,
+    TransportError,
     check_token,
 )
 
@@ -119,8 +141,29 @@ class ServerConfig:
     election_tick: int = 10
     heartbeat_tick: int = 1
     fsync: bool = True
+    # A snapshot is taken after snapshot_every applied entries or snapshot_bytes of applied
+    # entry data, whichever comes first, in a forked child (snapshot_in_child; see
+    # coordinator.snapshotting), and the log is then compacted to a tail of at most
+    # keep_entries_after_snapshot entries and keep_bytes_after_snapshot bytes.
     snapshot_every: int = 10_000
+    snapshot_bytes: int = 64 << 20
     keep_entries_after_snapshot: int = 2_000
+    keep_bytes_after_snapshot: int = 16 << 20
+    snapshot_in_child: bool = True
+    # Memory bounds, all in bytes; memory_bounds() and status()["memory"] report them with
+    # what is in use. Writes are answered "overloaded" (retryable) while the log held in
+    # memory (entries since the last compaction) is over max_retained_log_bytes, e.g. while
+    # a snapshot of a large state is still being written under a heavy write load.
+    max_retained_log_bytes: int = 256 << 20
+    # Appends sent to one follower and not yet acknowledged: max_inflight_bytes //
+    # max_append_bytes messages of at most max_append_bytes (plus one command) each.
+    max_inflight_bytes: int = 64 << 20
+    max_append_bytes: int = 1 << 20
+    max_peer_queue_bytes: int = 64 << 20  # queued for one peer's link (oldest dropped beyond)
+    # True: this node lost its data directory and rejoins an existing cluster (`serve
+    # --join`). On an empty data directory a RECOVERING marker is written first; while it
+    # exists the node neither votes nor campaigns until a leader has repaired it.
+    join: bool = False
     request_timeout_s: float = 5.0
     max_pending_requests: int = 20_000
     persist_in_thread: bool = True  # leader's fsync off the event loop (CoordinatorServer._drive)
@@ -139,6 +182,10 @@ class ServerConfig:
     snapshot_chunk_bytes: int = 4 << 20
     # Bytes of incoming snapshot chunks a node buffers, all senders together (refused beyond).
     max_snapshot_reassembly_bytes: int = 1 << 30
+    # A tick later than this logs a warning naming the lag (the loop was blocked or the
+    # process paused); a drive longer than this logs what it did. None: half an election
+    # timeout.
+    loop_stall_warn_s: float | None = None
 
     def __post_init__(self) -> None:
         check_token(self.token)  # ValueError saying how to generate a long enough one
@@ -153,11 +200,60 @@ class ServerConfig:
             raise ValueError(f"snapshot_chunk_bytes must be at least {MIN_SNAPSHOT_CHUNK_BYTES}")
         if self.max_snapshot_reassembly_bytes < 1:
             raise ValueError("max_snapshot_reassembly_bytes must be positive")
+        for name in ("snapshot_every", "snapshot_bytes", "max_retained_log_bytes",
+                     "max_inflight_bytes", "max_append_bytes", "max_peer_queue_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.keep_entries_after_snapshot < 0 or self.keep_bytes_after_snapshot < 0:
+            raise ValueError("keep_entries_after_snapshot and keep_bytes_after_snapshot "
+                             "must be >= 0")
+        if self.max_retained_log_bytes < self.snapshot_bytes + self.keep_bytes_after_snapshot:
+            raise ValueError(f"max_retained_log_bytes ({self.max_retained_log_bytes}) must "
+                             "be at least snapshot_bytes + keep_bytes_after_snapshot, or "
+                             "writes would be refused before a snapshot is even due")
 
     @property
     def effective_snapshot_chunk_bytes(self) -> int:
         """Snapshot data per chunk frame: leaves half a frame for the header and the MAC."""
         return min(self.snapshot_chunk_bytes, self.max_frame_bytes // 2)
+
+    @property
+    def max_command_bytes(self) -> int:
+        """The largest encoded command a client may propose (it must fit one append)."""
+        return self.max_frame_bytes // 4
+
+    @property
+    def append_bytes(self) -> int:
+        """Entry data per append message (at least one entry, so plus one command)."""
+        return min(self.max_append_bytes, self.max_command_bytes)
+
+    @property
+    def max_inflight_msgs(self) -> int:
+        return max(4, self.max_inflight_bytes // self.append_bytes)
+
+    def memory_bounds(self) -> dict[str, int]:
+        """Every byte bound of one node, in one place (status()["memory"] adds the usage)."""
+        chunk = self.effective_snapshot_chunk_bytes
+        return {
+            "retained_log_bytes_max": self.max_retained_log_bytes,
+            "snapshot_threshold_bytes": self.snapshot_bytes,
+            "keep_bytes_after_snapshot": self.keep_bytes_after_snapshot,
+            "inflight_msgs_per_peer": self.max_inflight_msgs,
+            "inflight_bytes_per_peer_max":
+                self.max_inflight_msgs * (self.append_bytes + self.max_command_bytes),
+            "peer_queue_bytes_max": max(self.max_peer_queue_bytes, self.max_frame_bytes),
+            "snapshot_send_bytes_per_peer_max": 3 * chunk,  # 2 queued + 1 being read
+            "snapshot_reassembly_bytes_max": self.max_snapshot_reassembly_bytes,
+            "pending_requests_max": 2 * self.max_pending_requests,
+            "value_bytes_max": MAX_VALUE_BYTES,
+            "key_bytes_max": MAX_KEY_BYTES,
+        }
+
+    @property
+    def stall_warn_s(self) -> float:
+        if self.loop_stall_warn_s is not None:
+            return self.loop_stall_warn_s
+        return max(0.05, self.election_tick * self.tick_s / 2)
 
 
 def endpoint_str(addr: Address) -> str:
@@ -200,15 +296,27 @@ def encode_snapshot_chunks(m: Message, chunk_bytes: int) -> list[bytes]:
         raise ValueError(f"chunk_bytes must be at least {MIN_SNAPSHOT_CHUNK_BYTES}")
     data = snap.data
     md = snap.metadata
-    head = encode_message(dataclasses.replace(m, snapshot=Snapshot(md, b"")))
+    head = snapshot_head(m)
     crc = zlib.crc32(data)
     total = -(-len(data) // chunk_bytes)
     view = memoryview(data)
-    pack = msgpack.Packer(use_bin_type=True).pack
-    return [SNAPSHOT_CHUNK_MAGIC + pack([md.index, md.term, seq, total, len(data), crc,
-                                         view[seq * chunk_bytes:(seq + 1) * chunk_bytes],
-                                         head if seq == 0 else None])
+    return [encode_snapshot_chunk(md, seq, total, len(data), crc,
+                                  view[seq * chunk_bytes:(seq + 1) * chunk_bytes], head)
             for seq in range(total)]
+
+
+def snapshot_head(m: Message) -> bytes:
+    """Chunk 0's ``head``: SNAPSHOT message ``m`` encoded with empty snapshot data."""
+    assert m.snapshot is not None
+    return encode_message(dataclasses.replace(m, snapshot=Snapshot(m.snapshot.metadata, b"")))
+
+
+def encode_snapshot_chunk(md: SnapshotMetadata, seq: int, total: int, total_bytes: int,
+                          crc: int, data: bytes | memoryview, head: bytes) -> bytes:
+    """Chunk frame ``seq`` of ``total`` (``head`` goes into chunk 0 only)."""
+    return SNAPSHOT_CHUNK_MAGIC + msgpack.packb(
+        [md.index, md.term, seq, total, total_bytes, crc, data, head if seq == 0 else None],
+        use_bin_type=True)
 
 
 def _chunk_uint(v: Any, what: str, bits: int = 63) -> int:
@@ -252,6 +360,7 @@ class _PartialSnapshot:
     head: Message  # chunk 0's message, snapshot data empty
     first: SnapshotChunk  # chunk 0, for the fields every later chunk must repeat
     parts: list[bytes]
+    crc: int  # CRC-32 of the parts so far (checked chunk by chunk, not all at the end)
 
 
 class SnapshotReassembler:
@@ -323,6 +432,7 @@ class SnapshotReassembler:
             self._malformed(frm, f"chunk {c.seq} has {len(c.data)} bytes, not {want}")
             return None
         p.parts.append(c.data)
+        p.crc = zlib.crc32(c.data, p.crc)
         return self._complete(frm) if len(p.parts) == f.total else None
 
     def _start(self, frm: int, c: SnapshotChunk) -> Message | None:
@@ -357,14 +467,14 @@ class SnapshotReassembler:
                         "buffered, limit %d", self.node_id, c.total_bytes, frm,
                         self.buffered_bytes, self.max_bytes)
             return None
-        self._partial[frm] = _PartialSnapshot(head, c, [c.data])
+        self._partial[frm] = _PartialSnapshot(head, c, [c.data], zlib.crc32(c.data))
         return self._complete(frm) if c.total == 1 else None
 
     def _complete(self, frm: int) -> Message | None:
         p = self._partial.pop(frm)
         data = p.parts[0] if len(p.parts) == 1 else b"".join(p.parts)
         p.parts.clear()
-        if len(data) != p.first.total_bytes or zlib.crc32(data) != p.first.crc32:
+        if len(data) != p.first.total_bytes or p.crc != p.first.crc32:
             self.stats["snapshot_checksum_failures"] += 1
             self.stats["snapshot_reassemblies_discarded"] += 1
             log.warning("node %d: snapshot %d/%d from node %d fails its checksum; discarded",
@@ -390,6 +500,132 @@ class SnapshotReassembler:
                     self.node_id, frm, why)
 
 
+# ------------------------------------------------------------------ a lost disk
+#: While this file exists in the data directory the node starts with ``recovering=True``.
+RECOVERING_MARKER = "RECOVERING"
+
+
+def _write_durably(path: pathlib.Path, data: bytes) -> None:
+    """tmp + fsync + rename + directory fsync (the directory is created 0700 if missing)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_recovering_marker(data_dir: pathlib.Path) -> None:
+    """Mark ``data_dir`` as a lost disk being rebuilt, durably, before anything else is put
+    in it: a crash before the first repair still restarts recovering."""
+    _write_durably(data_dir / RECOVERING_MARKER,
+                   b"this node lost its state; it does not vote until a leader repaired it\n")
+
+
+class MembersSeen:
+    """State-machine extension ``members``: the ids of the nodes that ever acknowledged a
+    leader's entries. The leader proposes ``members.seen`` for a voter the first time its
+    progress shows a match (:meth:`CoordinatorServer._record_members`), so every replica
+    learns, durably and in log order, which members have taken part; :func:`check_join`
+    asks any one of them."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def snapshot_state(self) -> list[int]:
+        return sorted(self.seen)
+
+    def restore_state(self, state: Any) -> None:
+        self.seen = {int(i) for i in state}
+
+    def query(self, name: str, args: tuple[Any, ...]) -> dict[str, Any]:
+        return {"ok": True, "seen": sorted(self.seen)}
+
+
+register_extension("members", MembersSeen)
+_MAX_MEMBER_ID = 1 << 31
+
+
+@register_command("members.seen", sessionless=True)
+def _members_seen(sm: StateMachine, cmd: Any, index: int) -> dict[str, Any]:
+    ids = [i for i in cmd.args[:64] if type(i) is int and 0 < i < _MAX_MEMBER_ID]
+    ext = sm.extensions["members"]
+    assert isinstance(ext, MembersSeen)
+    ext.seen.update(ids)
+    return {"ok": True}
+
+
+class NeedsJoin(RuntimeError):
+    """``serve`` on an empty data directory for a node the cluster already knows."""
+
+
+async def check_join(config: ServerConfig, timeout_s: float = 1.0) -> None:
+    """Refuse to start a node on an empty data directory, without ``--join``, when a peer
+    that answers within ``timeout_s`` has heard from this node before: it lost its disk,
+    and starting it as new could let it vote twice in one term (NeedsJoin says what to do).
+
+    The cluster replicates which members ever acknowledged a leader's entries
+    (:class:`MembersSeen`) and each node reports them in ``status``. A node of a cluster
+    being created has acknowledged nothing before its first start, so no peer lists it and
+    the check never refuses a new cluster, however its nodes' starts interleave. Peers that
+    are down cannot answer, and a node lost before any leader recorded it is not listed:
+    ``--join`` is the reliable way, this check catches the mistake whenever a peer is up."""
+    if config.join or holds_state(config.data_dir):
+        return
+
+    async def heard_me(addr: Address) -> int | None:
+        try:
+            conn = await ClientConnection.connect(addr[0], addr[1], config.token,
+                                                  timeout_s=timeout_s)
+        except (OSError, asyncio.TimeoutError, TransportError):
+            return None
+        try:
+            answer = await conn.request({"op": "status"}, timeout_s=timeout_s)
+        except (OSError, asyncio.TimeoutError, TransportError):
+            return None
+        finally:
+            await conn.close()
+        heard = answer.get("members_seen") if isinstance(answer, dict) else None
+        return answer.get("id") if isinstance(heard, list) and config.node_id in heard else None
+
+    peers = [a for i, a in config.peers.items() if i != config.node_id]
+    found = [i for i in await asyncio.gather(*map(heard_me, peers)) if i is not None]
+    if found:
+        raise NeedsJoin(
+            f"node {config.node_id}: the data directory {config.data_dir} is empty, but node "
+            f"{found[0]} knows node {config.node_id} as a member that took part before: it lost its "
+            "state (or --data-dir points at the wrong directory). A member that lost its "
+            "disk must rejoin with --join, so that it neither votes nor campaigns until the "
+            "leader has repaired it (voting again after forgetting a vote could elect two "
+            "leaders in one term). Run the same command with --join, or fix --data-dir.")
+
+
+@dataclasses.dataclass(slots=True)
+class _SnapshotJob:
+    """A snapshot being written off the loop (see :mod:`coordinator.snapshotting`)."""
+
+    md: SnapshotMetadata
+    tmp: pathlib.Path
+    pid: int  # the child writing it; 0 when written by a thread (no fork)
+    started: float  # perf_counter
+    fork_ms: float
+    exit_code: int | None = None  # set when the writer finished
+    written_s: float = 0.0
+    adopting: bool = False
+
+
 class CoordinatorServer:
     """Drives one RaftNode; see the module docstring. Use ``await start()`` / ``await stop()``
     or :func:`serve` for a whole process."""
@@ -398,12 +634,18 @@ class CoordinatorServer:
         self.config = config
         self.id = config.node_id
         voters = tuple(sorted(config.peers))
+        self._marker = config.data_dir / RECOVERING_MARKER
+        if config.join and not holds_state(config.data_dir):
+            write_recovering_marker(config.data_dir)  # durable before the storage exists
+        recovering = self._marker.exists()
+        self._marker_cached = recovering
         self.storage = DiskStorage(config.data_dir, conf_state=ConfState(voters=voters),
-                                   fsync=config.fsync)
+                                   fsync=config.fsync, keep_snapshot_data=False)
         self.sm = StateMachine()
         snap = self.storage.snapshot()
+        self.restore_timing: dict[str, float] = {}
         if snap.metadata.index > 0:
-            self._restore(snap.data, snap.metadata.index)
+            self._restore_at_start(snap.metadata.index)
         self.conf_state = self.storage.initial_state()[1]
         self._snapshot_index = snap.metadata.index
         hard_state = self.storage.initial_state()[0]
@@ -411,13 +653,26 @@ class CoordinatorServer:
         self._unsaved_hs: Any = None  # a commit-only HardState not yet written
         self._persisting: asyncio.Future | None = None  # the save in flight (persist_in_thread)
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"wal-{self.id}")
+        # snapshot work: waiting for the snapshot child, reading and checksumming the file
+        self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"snap-{self.id}")
+        self._snap_job: _SnapshotJob | None = None
+        self._snapshot_retry_at = 0.0  # after a failed snapshot, not before this (monotonic)
+        self._stalled = False  # the last tick came late (see _note_lag)
+        self._applied_bytes = 0  # entry data applied since the last snapshot started
+        self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
+        self._members_proposed: set[int] = set()  # members.seen proposed in this term
         rng = random.Random(config.seed if config.seed is not None else os.urandom(8))
+        if recovering:
+            log.warning("node %d starts RECOVERING (%s exists): it lost its data directory "
+                        "and will neither vote nor campaign until a leader has repaired it",
+                        self.id, self._marker)
         self.node = RaftNode(
             Config(id=self.id, election_tick=config.election_tick,
                    heartbeat_tick=config.heartbeat_tick, applied=snap.metadata.index,
                    commit_broadcast=config.commit_broadcast,
                    # an append must fit a frame (only snapshots are chunked)
-                   max_size_per_msg=min(Config.max_size_per_msg, config.max_frame_bytes // 4)),
+                   max_size_per_msg=config.append_bytes,
+                   max_inflight_msgs=config.max_inflight_msgs, recovering=recovering),
             self.storage, rng)
         self.role = Role.FOLLOWER
         self._pending_writes: dict[tuple, list[asyncio.Future]] = {}
@@ -437,7 +692,10 @@ class CoordinatorServer:
         self.stats = {"peer_messages_in": 0, "peer_messages_dropped": 0, "readies": 0,
                       "proposals": 0, "reads_issued": 0, "snapshots": 0, "requests": 0,
                       "snapshots_sent_chunked": 0, "snapshot_chunks_out": 0,
-                      "snapshot_send_failures": 0}
+                      "snapshot_send_failures": 0, "snapshot_failures": 0,
+                      "snapshots_installed": 0, "writes_refused_log_full": 0,
+                      "loop_stalls": 0, "loop_lag_max_ms": 0, "slow_drives": 0,
+                      "notices": 0}
         self._chunk_bytes = config.effective_snapshot_chunk_bytes
         self._reassembler = SnapshotReassembler(self.id, config.max_snapshot_reassembly_bytes,
                                                 self.stats)
@@ -449,7 +707,8 @@ class CoordinatorServer:
         self.peer_transport = PeerTransport(
             node_id=self.id, token=config.token,
             peers={i: a for i, a in config.peers.items() if i != self.id},
-            on_unreachable=self._on_unreachable, max_frame_bytes=config.max_frame_bytes)
+            on_unreachable=self._on_unreachable, max_frame_bytes=config.max_frame_bytes,
+            max_queue_bytes=config.max_peer_queue_bytes)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -475,11 +734,17 @@ class CoordinatorServer:
             self._ticker.cancel()
         self._fail_pending_writes("shutting_down")
         self._fail_pending_reads("shutting_down")
+        self._stop_senders()
+        job = self._snap_job
+        if job is not None and job.pid and job.exit_code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job.pid, signal.SIGKILL)  # its waiter thread then returns
         await self.transport_server.close()
         await self.peer_transport.close()
         if self._persisting is not None:
             await asyncio.gather(self._persisting, return_exceptions=True)
         self._disk.shutdown(wait=True)
+        self._io.shutdown(wait=True)
         self._flush_hard_state()
         self.storage.close()
         log.info("node %d stopped", self.id)
@@ -490,14 +755,38 @@ class CoordinatorServer:
     async def _tick_forever(self) -> None:
         period = self.config.tick_s
         next_at = time.monotonic()
+        ticks = 0
         while True:
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if time.monotonic() - next_at > 10 * period:  # we were paused: do not burst ticks
+            late_s = time.monotonic() - next_at
+            if late_s > period:
+                # Late (the loop was blocked, or the process stopped): drop the missed ticks
+                # instead of firing them back to back (as etcd's ticker does). A burst would
+                # run a follower's election clock ahead before it reads the heartbeats that
+                # arrived meanwhile and are waiting in its sockets.
                 next_at = time.monotonic()
+            self._note_lag(late_s)
             self.node.tick()
             self._expire_requests()
+            ticks += 1
+            if ticks % 32 == 0 and self.role == Role.LEADER:
+                self._record_members()
             self._schedule_drive()
+
+    def _note_lag(self, late_s: float) -> None:
+        """Event-loop lag, as seen by the ticker: a tick that came late by more than half an
+        election timeout means nothing ran here for that long (no votes, no heartbeats, no
+        status answers), so say so: the log is where a stalled node explains itself."""
+        lag_ms = int(late_s * 1e3)
+        self.stats["loop_lag_max_ms"] = max(self.stats["loop_lag_max_ms"], lag_ms)
+        stalled, self._stalled = self._stalled, late_s > self.config.stall_warn_s
+        if self._stalled and not stalled:  # once per stall, not for each tick caught up
+            self.stats["loop_stalls"] += 1
+            log.warning("node %d: the event loop was blocked (or the process stopped) for %d "
+                        "ms: no ticks, votes, heartbeats or answers meanwhile (role %s, term "
+                        "%d, snapshot %s)", self.id, lag_ms, self.role.name.lower(),
+                        self.node.term, "in progress" if self._snap_job else "idle")
 
     # ------------------------------------------------------------ raft I/O
     def _schedule_drive(self) -> None:
@@ -551,10 +840,19 @@ class CoordinatorServer:
         self._drive_scheduled = False
         if self._stopped.is_set() or self._persisting is not None:
             return
+        started, readies, applied = time.perf_counter(), self.stats["readies"], \
+            self.sm.applied_index
         try:
             self._drive_readies()
         except Exception as exc:  # a bug or a disk failure: never limp on with a broken node
             self._fail(exc)
+        took_s = time.perf_counter() - started
+        if took_s > self.config.stall_warn_s:
+            self.stats["slow_drives"] += 1
+            log.warning("node %d: one drive held the event loop for %.0f ms (%d readies, %d "
+                        "entries applied, %d retained log bytes)", self.id, took_s * 1e3,
+                        self.stats["readies"] - readies, self.sm.applied_index - applied,
+                        self.storage.retained_bytes())
 
     def _fail(self, exc: BaseException) -> None:
         log.critical("node %d: fatal error, shutting down: %r", self.id, exc, exc_info=exc)
@@ -573,9 +871,11 @@ class CoordinatorServer:
             if sent:
                 self._send(rd.messages)
             save = self._what_to_save(rd)
-            if save is not None and self._save_in_thread():
+            if save is not None and (rd.snapshot is not None or self._save_in_thread()):
+                # A leader's snapshot to install is written and decoded off the loop too.
+                job = self._save if rd.snapshot is None else self._save_and_decode
                 assert self._loop is not None
-                fut = self._loop.run_in_executor(self._disk, self._save, save)
+                fut = self._loop.run_in_executor(self._disk, job, save)
                 self._persisting = fut
                 fut.add_done_callback(functools.partial(self._persisted, rd, sent))
                 return
@@ -585,10 +885,13 @@ class CoordinatorServer:
         self._maybe_snapshot()
 
     def _save_in_thread(self) -> bool:
-        """A leader with several writes waiting overlaps its fsync with taking more requests;
-        with one (a lone sequential client) the thread hand-off would only add latency."""
-        return (self.config.persist_in_thread and self.role == Role.LEADER
-                and len(self._pending_writes) > 1)
+        """Every fsync runs in the disk thread (unless ``persist_in_thread`` is off): a
+        leader overlaps it with taking more requests, and no node's loop ever waits for
+        the disk. An fsync queued behind a snapshot being written, or another node's, on
+        the same disk took 75-270 ms when leaders and followers saved inline here, enough
+        to miss heartbeats (tests/service/test_snapshot_off_loop.py); the hand-off costs a
+        lone sequential client a few tens of microseconds per write."""
+        return self.config.persist_in_thread
 
     def _leader_may_send_first(self, rd: Any) -> bool:
         """Whether this Ready's messages may leave before its entries are durable here.
@@ -617,18 +920,19 @@ class CoordinatorServer:
             self._fail(save_error)
             return
         try:
-            self._finish(rd, sent)
+            self._finish(rd, sent, fut.result())
         except Exception as exc:
             self._fail(exc)
             return
         self._schedule_drive()
 
-    def _finish(self, rd: Any, sent: bool) -> None:
+    def _finish(self, rd: Any, sent: bool, restored: StateMachine | None = None) -> None:
         """Everything after the Ready is durable: install, send, apply, answer, advance."""
+        for notice in rd.notices:
+            self.stats["notices"] += 1
+            log.warning("%s", notice)
         if rd.snapshot is not None:
-            self._restore(rd.snapshot.data, rd.snapshot.metadata.index)
-            self.conf_state = rd.snapshot.metadata.conf_state
-            self._snapshot_index = rd.snapshot.metadata.index
+            self._install(rd.snapshot, restored)
         # A follower sends first (its append answers gate the leader's commit); a leader
         # applies first, so its clients' answers are queued ahead of the commit notices.
         send_first = not sent and self.role != Role.LEADER
@@ -644,6 +948,8 @@ class CoordinatorServer:
             self._answer_reads(self._reads_by_ctx.pop(ctx, ()), self._redirect("not_leader"))
         self.node.advance(rd)
         self._release_reads()
+        if not self.node.recovering and self._marker_present():
+            self._drop_marker()
 
     def _what_to_save(self, rd: Any) -> tuple | None:
         """What of this Ready must be durable before its messages go out (None: nothing).
@@ -667,6 +973,50 @@ class CoordinatorServer:
     def _save(self, save: tuple) -> None:
         self.storage.save(*save)  # one WAL fsync (group commit)
 
+    def _save_and_decode(self, save: tuple) -> StateMachine:
+        """Worker thread: make a Ready holding a leader's snapshot durable, then decode the
+        snapshot into a fresh state machine (swapped in by :meth:`_install` on the loop)."""
+        self.storage.save(*save)
+        snap = save[2]
+        sm = StateMachine()
+        if snap.data:
+            sm.restore(snap.data)
+        else:
+            sm.restore_empty(snap.metadata.index)
+        return sm
+
+    def _install(self, snap: Snapshot, restored: StateMachine | None) -> None:
+        """Take a leader's snapshot (already durable) as the applied state."""
+        md = snap.metadata
+        if restored is None:  # not decoded in the thread (a Ready with a snapshot always is)
+            restored = StateMachine()
+            if snap.data:
+                restored.restore(snap.data)
+            else:
+                restored.restore_empty(md.index)
+        assert restored.applied_index == md.index, (restored.applied_index, md.index)
+        self.sm.replace_with(restored)
+        self.conf_state = md.conf_state
+        self._snapshot_index = md.index
+        self._applied_bytes = 0
+        self.stats["snapshots_installed"] += 1
+        log.info("node %d installed the leader's snapshot at index %d (%d keys)", self.id,
+                 md.index, len(self.sm.kv))
+
+    def _marker_present(self) -> bool:
+        return self._marker_cached
+
+    def _drop_marker(self) -> None:
+        """The repair is durable and advanced: this node may vote again (even after a
+        restart), so the RECOVERING marker goes."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._marker)
+            _fsync_dir(self.config.data_dir)
+        self._marker_cached = False
+        log.warning("node %d: repaired by the leader (term %d, applied %d); it votes again "
+                    "(removed %s)", self.id, self.node.term, self.sm.applied_index,
+                    self._marker)
+
     def _flush_hard_state(self) -> None:
         if self._unsaved_hs is not None:
             self.storage.save(self._unsaved_hs, [])
@@ -675,6 +1025,10 @@ class CoordinatorServer:
     def _send(self, messages: list[Message]) -> None:
         for m in messages:
             if m.to == self.id:  # defensive: the core should not address itself
+                continue
+            if m.type == MessageType.SNAPSHOT and m.snapshot is not None \
+                    and not m.snapshot.data and m.snapshot.metadata.index > 0:
+                self._start_stream(m)  # from the snapshot file; reports when done
                 continue
             try:
                 if m.type == MessageType.SNAPSHOT:
@@ -712,15 +1066,126 @@ class CoordinatorServer:
         log.info("node %d: snapshot %d (%d bytes) queued to node %d in %d chunks", self.id,
                  snap.metadata.index, len(snap.data), m.to, len(frames))
 
+    # ------------------------------------------------------------ streaming snapshots
+    def _start_stream(self, m: Message) -> None:
+        """Stream the snapshot file to ``m.to`` (one stream per peer: a resend of the same
+        snapshot while it streams is ignored, a newer one replaces it)."""
+        assert m.snapshot is not None and self._loop is not None
+        key = (m.snapshot.metadata.index, m.snapshot.metadata.term)
+        current = self._senders.get(m.to)
+        if current is not None and not current[1].done():
+            if current[0] == key:
+                return
+            current[1].cancel()
+        task = self._loop.create_task(self._stream_snapshot(m),
+                                      name=f"snapshot-{self.id}-to-{m.to}")
+        self._senders[m.to] = (key, task)
+
+    def _stop_senders(self) -> None:
+        for _, task in self._senders.values():
+            task.cancel()
+        self._senders.clear()
+
+    async def _stream_snapshot(self, m: Message) -> None:
+        ok = False
+        try:
+            ok = await self._stream_chunks(m)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, StorageError, FrameTooLarge, KeyError) as exc:
+            log.warning("node %d: sending the snapshot at %d to node %d failed: %s", self.id,
+                        m.snapshot.metadata.index if m.snapshot else 0, m.to, exc)
+        finally:
+            cur = self._senders.get(m.to)
+            if cur is not None and cur[1] is asyncio.current_task():
+                del self._senders[m.to]
+        if self._stopped.is_set() or self.role != Role.LEADER:
+            return
+        if not ok:
+            self.stats["snapshot_send_failures"] += 1
+        # Queued is all we know; a lost snapshot makes the follower reject the next append
+        # and the leader probes (and resends) from there.
+        self.node.report_snapshot(m.to, ok)
+        self._schedule_drive()
+
+    async def _stream_chunks(self, m: Message) -> bool:
+        """Read the snapshot's data from its file in chunks (worker thread) and queue each
+        chunk frame once the link to the peer has drained to two chunks; False if the
+        snapshot was replaced, the link dropped or this node stopped leading."""
+        assert m.snapshot is not None and self._loop is not None
+        md, to, loop = m.snapshot.metadata, m.to, self._loop
+        path, offset, length, held = self.storage.snapshot_data_span()
+        if (held.index, held.term) != (md.index, md.term):
+            return False  # a newer one replaced it: the core probes and sends that one
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if length == 0:
+                self.peer_transport.send(to, encode_message(m))
+                return True
+            crc = await loop.run_in_executor(self._io, snapshotting.crc_range, fd, offset,
+                                             length)
+            chunk, head = self._chunk_bytes, snapshot_head(m)
+            total = -(-length // chunk)
+            for seq in range(total):
+                if not await self._wait_link(to, 2 * chunk):
+                    return False
+                n = min(chunk, length - seq * chunk)
+                data = await loop.run_in_executor(self._io, snapshotting.read_exactly, fd, n,
+                                                  offset + seq * chunk)
+                self.peer_transport.send(to, encode_snapshot_chunk(md, seq, total, length, crc,
+                                                                   data, head))
+                self.stats["snapshot_chunks_out"] += 1
+        finally:
+            os.close(fd)
+        self.stats["snapshots_sent_chunked"] += 1
+        log.info("node %d: snapshot %d (%d bytes) streamed to node %d in %d chunks", self.id,
+                 md.index, length, to, total)
+        return True
+
+    async def _wait_link(self, to: int, max_backlog: int) -> bool:
+        """Wait (ticking) until at most ``max_backlog`` bytes are queued for peer ``to``;
+        False if the link is down, this node stopped leading, or nothing drained for 10 s."""
+        deadline = time.monotonic() + 10.0
+        while self.peer_transport.backlog_bytes(to) > max_backlog:
+            if (not self.peer_transport.connected(to) or self.role != Role.LEADER
+                    or time.monotonic() > deadline):
+                return False
+            await asyncio.sleep(self.config.tick_s)
+        return self.peer_transport.connected(to) and self.role == Role.LEADER
+
+    def _members_seen(self) -> MembersSeen:
+        ext = self.sm.extensions["members"]
+        assert isinstance(ext, MembersSeen)
+        return ext
+
+    def _record_members(self) -> None:
+        """Leader: propose ``members.seen`` for the voters (this one included) that have
+        acknowledged entries and are not yet recorded (once per term each)."""
+        seen = self._members_seen().seen
+        progress = getattr(self.node.status(), "progress", None) or {}
+        new = sorted(i for i, pr in progress.items()
+                     if (i == self.id or pr.match > 0) and i not in seen
+                     and i not in self._members_proposed)
+        if not new:
+            return
+        data = encode_command("members.seen", 0, 0, 0, int(time.time() * 1000), *new)
+        try:
+            self.node.propose_batch([data])
+        except ProposalDropped:
+            return
+        self._members_proposed.update(new)
+
     def _on_role(self, role: Role) -> None:
         was_leader = self.role == Role.LEADER
         self.role = role
         if was_leader and role != Role.LEADER:
             log.info("node %d stepped down (term %d)", self.id, self.node.term)
+            self._stop_senders()
             self._fail_pending_writes("leader_changed")
             self._fail_pending_reads("not_leader")
         elif role == Role.LEADER and not was_leader:
             log.info("node %d became leader (term %d)", self.id, self.node.term)
+            self._members_proposed.clear()
 
     # ------------------------------------------------------------ apply path
     def _apply(self, entry: Any) -> None:
@@ -729,6 +1194,7 @@ class CoordinatorServer:
             if entry.data:
                 self.conf_state = self.node.apply_conf_change(decode_conf_change(entry.data))
             return
+        self._applied_bytes += len(entry.data)
         cmd, answer = self.sm.apply_entry(entry.index, entry.data)
         if cmd is None or answer is None or not self._pending_writes:
             return
@@ -738,29 +1204,133 @@ class CoordinatorServer:
             if not fut.done():
                 fut.set_result(answer)
 
-    def _restore(self, data: bytes, index: int) -> None:
+    def _restore_at_start(self, index: int) -> None:
+        """Load the snapshot the storage holds (before the loop runs), timing the read and
+        the decode (index rebuild included) for the log and ``status()["restore"]``."""
+        t0 = time.perf_counter()
+        data = self.storage.snapshot_data()
+        t1 = time.perf_counter()
         if data:
             self.sm.restore(data)
             assert self.sm.applied_index == index, (self.sm.applied_index, index)
         else:
             self.sm.restore_empty(index)
+        t2 = time.perf_counter()
+        keys = len(self.sm.kv)
+        self.restore_timing = {"read_ms": round((t1 - t0) * 1e3, 1),
+                               "decode_ms": round((t2 - t1) * 1e3, 1), "keys": keys,
+                               "snapshot_bytes": len(data)}
+        log.info("node %d loaded its snapshot at index %d: %d bytes read in %.0f ms, %d keys "
+                 "decoded in %.0f ms (%.0f ms per 100k keys)", self.id, index, len(data),
+                 (t1 - t0) * 1e3, keys, (t2 - t1) * 1e3,
+                 (t2 - t1) * 1e3 * 100_000 / max(keys, 1))
 
+    # ------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:
-        applied = self.sm.applied_index
-        if applied - self._snapshot_index < self.config.snapshot_every:
+        """Start a snapshot when one is due (entries or bytes applied since the last one),
+        or adopt a finished one; never more than one at a time."""
+        job = self._snap_job
+        if job is not None:
+            if job.exit_code is not None and not job.adopting and self._persisting is None:
+                self._adopt(job)
             return
+        applied = self.sm.applied_index
+        due = (applied - self._snapshot_index >= self.config.snapshot_every
+               or self._applied_bytes >= self.config.snapshot_bytes)
+        if not due or applied <= self._snapshot_index or time.monotonic() < self._snapshot_retry_at:
+            return
+        self._start_snapshot(applied)
+
+    def _start_snapshot(self, applied: int) -> None:
+        """Freeze the applied state at ``applied`` and have it written off the loop: by a
+        forked child (copy-on-write, see coordinator.snapshotting), or, without fork, by a
+        worker thread after serializing here."""
+        md = SnapshotMetadata(applied, self.storage.term(applied), self.conf_state)
+        tmp = self.storage.snapshot_tmp_path(md.index, md.term)
+        loop = self._loop
+        assert loop is not None
         started = time.perf_counter()
+        fut: asyncio.Future
+        if self.config.snapshot_in_child and snapshotting.can_fork():
+            pid = snapshotting.fork_snapshot(self.sm, tmp, md, fsync=self.config.fsync)
+            fut = loop.run_in_executor(self._io, snapshotting.wait_child, pid)
+        else:
+            pid, data = 0, self.sm.snapshot()
+            sync = os.fsync if self.config.fsync else None
+            fut = loop.run_in_executor(self._io, functools.partial(
+                write_snapshot_file, tmp, md, data, sync=sync))
+        job = _SnapshotJob(md, tmp, pid, started, (time.perf_counter() - started) * 1e3)
+        self._snap_job = job
+        self._applied_bytes = 0
+        fut.add_done_callback(functools.partial(self._snapshot_written, job))
+
+    def _snapshot_written(self, job: _SnapshotJob, fut: asyncio.Future) -> None:
+        job.written_s = time.perf_counter() - job.started
+        if fut.cancelled() or fut.exception() is not None:
+            job.exit_code = -1
+            log.error("node %d: writing the snapshot at %d failed: %r", self.id, job.md.index,
+                      None if fut.cancelled() else fut.exception())
+        else:
+            job.exit_code = 0 if job.pid == 0 else fut.result()
+        self._schedule_drive()  # the drive adopts it once no save is in flight
+
+    def _adopt(self, job: _SnapshotJob) -> None:
+        """Reference the written file in the WAL and compact, in the disk thread (queued
+        behind any save, so the log's writes stay in order)."""
+        if job.exit_code != 0:
+            self._snapshot_failed(job, f"its writer exited with {job.exit_code}")
+            return
+        job.adopting = True
         self._flush_hard_state()  # the stored commit must not fall behind the snapshot
-        self.storage.create_snapshot(applied, self.conf_state, self.sm.snapshot())
-        self._snapshot_index = applied
-        # Keep a tail of entries so a briefly lagging follower catches up without a snapshot.
         keep = min(self.config.keep_entries_after_snapshot, self.config.snapshot_every)
-        compact_to = applied - keep
+        assert self._loop is not None
+        fut = self._loop.run_in_executor(self._disk, self._adopt_and_compact, job, keep)
+        fut.add_done_callback(functools.partial(self._adopted, job))
+
+    def _adopt_and_compact(self, job: _SnapshotJob, keep: int) -> int:
+        """Disk thread: adopt the snapshot file, then compact to a tail of at most ``keep``
+        entries and keep_bytes_after_snapshot bytes; returns the compaction point."""
+        self.storage.adopt_snapshot_file(job.tmp, job.md.index, job.md.conf_state)
+        compact_to = self.storage.tail_start(job.md.index, keep,
+                                             self.config.keep_bytes_after_snapshot)
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
+        return compact_to
+
+    def _adopted(self, job: _SnapshotJob, fut: asyncio.Future) -> None:
+        if self._stopped.is_set() or fut.cancelled():
+            return
+        exc = fut.exception()
+        if isinstance(exc, SnapshotOutOfDate):  # a leader's newer snapshot was installed
+            self._snapshot_failed(job, "a newer snapshot was installed meanwhile", quiet=True)
+            return
+        if isinstance(exc, StorageClosed):  # the WAL is in an unknown state: stop
+            self._fail(exc)
+            return
+        if exc is not None:
+            self._snapshot_failed(job, repr(exc))
+            return
+        self._snap_job = None
+        self._snapshot_index = max(self._snapshot_index, job.md.index)
         self.stats["snapshots"] += 1
-        log.info("node %d snapshot at %d in %.1f ms", self.id, applied,
-                 (time.perf_counter() - started) * 1e3)
+        log.info("node %d snapshot at %d: fork %.1f ms, written off the loop in %.0f ms, "
+                 "adopted after %.0f ms; log compacted to %d (%d bytes retained)", self.id,
+                 job.md.index, job.fork_ms, job.written_s * 1e3,
+                 (time.perf_counter() - job.started) * 1e3, fut.result(),
+                 self.storage.retained_bytes())
+        self._schedule_drive()
+
+    def _snapshot_failed(self, job: _SnapshotJob, why: str, quiet: bool = False) -> None:
+        self._snap_job = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(job.tmp)
+        if quiet:
+            log.info("node %d: dropped the snapshot at %d: %s", self.id, job.md.index, why)
+            return
+        self.stats["snapshot_failures"] += 1
+        self._snapshot_retry_at = time.monotonic() + 5.0
+        log.error("node %d: the snapshot at %d failed (%s); retrying in 5 s", self.id,
+                  job.md.index, why)
 
     # ------------------------------------------------------------ proposals and reads
     def _issue_proposals(self) -> None:
@@ -911,6 +1481,13 @@ class CoordinatorServer:
             return self._redirect("not_leader")
         if len(self._pending_writes) >= self.config.max_pending_requests:
             return {"ok": False, "error": "overloaded", "detail": "too many writes waiting"}
+        retained = self.storage.retained_bytes()
+        if retained > self.config.max_retained_log_bytes:
+            self.stats["writes_refused_log_full"] += 1
+            return {"ok": False, "error": "overloaded",
+                    "detail": f"the log held in memory ({retained} bytes) is over its bound "
+                              f"({self.config.max_retained_log_bytes}) until the snapshot in "
+                              "progress lets it be compacted; retry shortly"}
         args = body.get("args", [])
         if op == "command":  # a registered session command by name; args any msgpack values
             name = body.get("name")
@@ -936,10 +1513,10 @@ class CoordinatorServer:
                 return {"ok": False, "error": "bad_request", "detail": "session/seq/ack"}
             key = (session, seq)
             data = encode_command(op, session, seq, ack, ts_ms, *args)
-            if len(data) > self.config.max_frame_bytes // 4:  # must fit one append message
+            if len(data) > self.config.max_command_bytes:  # must fit one append message
                 return {"ok": False, "error": "too_large",
                         "detail": f"the {op} command is {len(data)} bytes encoded, more than "
-                                  f"{self.config.max_frame_bytes // 4}; send it in parts"}
+                                  f"{self.config.max_command_bytes}; send it in parts"}
         assert self._loop is not None
         fut = self._loop.create_future()
         self._proposals.append((data, key, fut))
@@ -992,13 +1569,39 @@ class CoordinatorServer:
             "revision": self.sm.revision, "keys": len(self.sm.kv),
             "sessions": len(self.sm.sessions), "peers": peers,
             "endpoint": endpoint_str(self.address), "pid": os.getpid(),
+            "recovering": bool(self.node.recovering),
+            "members_seen": sorted(self._members_seen().seen),
+            "raft_dropped": {str(k): int(v) for k, v in (getattr(st, "dropped", None)
+                                                         or {}).items()},
+            "memory": self._memory(), "snapshot": self._snapshot_status(),
+            "restore": dict(self.restore_timing),
             "stats": dict(self.stats), "storage": self.storage.stats.as_dict(),
             "transport": self.transport_server.stats.as_dict(),
         }
 
+    def _memory(self) -> dict[str, int]:
+        """The byte bounds (ServerConfig.memory_bounds) and what is in use now."""
+        out = self.config.memory_bounds()
+        out["retained_log_bytes"] = self.storage.retained_bytes()
+        out["snapshot_reassembly_bytes"] = self._reassembler.buffered_bytes
+        out["peer_queue_bytes"] = max((self.peer_transport.backlog_bytes(i)
+                                       for i in self.config.peers if i != self.id), default=0)
+        out["pending_requests"] = len(self._pending_writes) + len(self._deadlines)
+        return out
+
+    def _snapshot_status(self) -> dict[str, Any]:
+        job = self._snap_job
+        return {"index": self._snapshot_index, "in_progress": None if job is None else {
+                    "index": job.md.index, "pid": job.pid, "written": job.exit_code == 0,
+                    "age_ms": int((time.perf_counter() - job.started) * 1e3)},
+                "applied_bytes_since": self._applied_bytes,
+                "streaming_to": sorted(self._senders)}
+
 
 async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None) -> None:
-    """Run one node until SIGTERM/SIGINT, then shut down cleanly (releasing the data dir)."""
+    """Run one node until SIGTERM/SIGINT, then shut down cleanly (releasing the data dir).
+    On an empty data directory without ``join``, :func:`check_join` may refuse (NeedsJoin)."""
+    await check_join(config)
     server = CoordinatorServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -1017,4 +1620,5 @@ async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None)
                            f"{server.fatal_error!r} (see the log above)")
 
 
-__all__ = ["CoordinatorServer", "ServerConfig", "serve", "endpoint_str"]
+__all__ = ["CoordinatorServer", "ServerConfig", "serve", "endpoint_str", "check_join",
+           "NeedsJoin", "RECOVERING_MARKER"]

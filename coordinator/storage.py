@@ -89,7 +89,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,7 @@ _SNAP_HEADER = struct.Struct(">8sIQ")  # magic, crc32(payload), payload length
 _SEGMENT_RE = re.compile(r"^wal-(\d{8})-(\d{16})\.log$")
 _SNAP_RE = re.compile(r"^snap-(\d{16})-(\d{16})\.snap$")
 _DEFAULT_PREALLOCATE_BYTES = 4 << 20  # one fallocate (one journal commit) per 4 MiB of WAL
+SNAPSHOT_SYNC_PIECE_BYTES = 4 << 20  # a snapshot file is synced every 4 MiB as it is written
 # posix_fallocate errors that mean "this filesystem cannot do it" (as opposed to ENOSPC)
 _FALLOCATE_UNSUPPORTED = frozenset(
     e for e in (errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None), errno.EINVAL, errno.ENOSYS,
@@ -384,32 +385,45 @@ class _LogState:
     base: int = 0
     base_term: int | None = 0  # None only mid-replay, after a gap from deleted segments
     entries: list[Entry] = field(default_factory=list)
+    data_bytes: int = 0  # sum of len(e.data) over ``entries``: what the retained log holds
 
     @property
     def last(self) -> int:
         return self.base + len(self.entries)
 
+    def _drop(self, lo: int, hi: int) -> None:
+        """Remove ``entries[lo:hi]``, keeping ``data_bytes`` exact."""
+        gone = self.entries[lo:hi]
+        if gone:
+            self.data_bytes -= sum(len(e.data) for e in gone)
+            del self.entries[lo:hi]
+
     def compact_to(self, index: int, term: int) -> None:
         if index < self.base:
             return
-        keep = index - self.base
-        self.entries = self.entries[keep:]
+        self._drop(0, index - self.base)
         self.base, self.base_term = index, term
 
     def reset_to(self, index: int, term: int) -> None:
-        self.entries, self.base, self.base_term = [], index, term
+        self.entries, self.base, self.base_term, self.data_bytes = [], index, term, 0
 
     def put(self, e: Entry) -> None:
         """Append ``e``, truncating a conflicting suffix; a gap means segments were deleted."""
         if e.index <= self.base:
             return  # already compacted
         if e.index > self.last + 1:
-            self.entries, self.base, self.base_term = [], e.index - 1, None
-        del self.entries[e.index - self.base - 1:]
+            self.entries, self.base, self.base_term, self.data_bytes = [], e.index - 1, None, 0
+        self._drop(e.index - self.base - 1, len(self.entries))
         self.entries.append(e)
+        self.data_bytes += len(e.data)
+
+    def extend(self, todo: list[Entry]) -> None:
+        """Append entries that follow the last one (``save`` truncated first)."""
+        self.entries.extend(todo)
+        self.data_bytes += sum(len(e.data) for e in todo)
 
     def truncate_from(self, index: int) -> None:
-        del self.entries[max(0, index - self.base - 1):]
+        self._drop(max(0, index - self.base - 1), len(self.entries))
 
     def header_value(self) -> list[Any]:
         return [_hs_list(self.hard_state), _cs_list(self.bootstrap), self.snap_index,
@@ -440,7 +454,7 @@ class _LogState:
         return 0
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -460,6 +474,93 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 def _snap_name(index: int, term: int) -> str:
     return f"snap-{index:016d}-{term:016d}.snap"
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's header for a bin value of ``n`` bytes (what ``packb`` writes for bytes)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _snapshot_prefix(md: SnapshotMetadata, data_len: int) -> bytes:
+    """The payload bytes before the data: ``msgpack [index, term, conf state, <bin header>``.
+    The whole payload is ``packb([index, term, conf state, data])``, byte for byte."""
+    head = msgpack.packb([md.index, md.term, _cs_list(md.conf_state), b""], use_bin_type=True)
+    return head[:-len(_bin_header(0))] + _bin_header(data_len)
+
+
+def write_snapshot_file(path: Path, md: SnapshotMetadata, data: bytes | memoryview, *,
+                        sync: Callable[[int], None] | None) -> None:
+    """Write one snapshot file at ``path`` (``magic | crc32 | length | payload``, mode 0600,
+    replacing any file there), its contents made durable by ``sync(fd)`` (e.g. ``os.fsync``;
+    None: not synced); the caller renames it into place and syncs the directory. ``data`` is
+    written as it is, never copied into a payload. Touches no DiskStorage, so a forked
+    snapshot process (see ``coordinator.snapshotting``) may call it.
+
+    When syncing, the file is preallocated and written in pieces of
+    :data:`SNAPSHOT_SYNC_PIECE_BYTES`, each ``fdatasync``'d: the disk never holds more than
+    one piece of it unwritten, so a WAL fsync of any process on the same filesystem (which
+    on ext4 may have to flush other files' dirty data first) waits for one piece, not for a
+    whole snapshot."""
+    prefix = _snapshot_prefix(md, len(data))
+    crc = zlib.crc32(data, zlib.crc32(prefix))
+    head = _SNAP_HEADER.pack(_SNAP_MAGIC, crc, len(prefix) + len(data)) + prefix
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+    try:
+        if sync is not None:
+            with contextlib.suppress(OSError):  # only an optimization (block allocation)
+                os.posix_fallocate(fd, 0, len(head) + len(data))
+        _write_all(fd, head)
+        view = memoryview(data)
+        for start in range(0, len(view), SNAPSHOT_SYNC_PIECE_BYTES):
+            _write_all(fd, view[start:start + SNAPSHOT_SYNC_PIECE_BYTES])
+            if sync is not None and start + SNAPSHOT_SYNC_PIECE_BYTES < len(view):
+                os.fdatasync(fd)
+        if sync is not None:
+            sync(fd)
+    finally:
+        os.close(fd)
+
+
+def holds_state(data_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``data_dir`` holds a node's Raft state (a WAL segment or a snapshot file).
+    An absent or empty directory, or one holding only a LOCK or unrelated files, does not:
+    a node started on it is new, or lost its disk."""
+    try:
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        return False
+    return any(_SEGMENT_RE.match(n) or _SNAP_RE.match(n) for n in names)
+
+
+def _check_snapshot_file(path: Path, index: int, term: int) -> None:
+    """Check a snapshot file's header, checksum and (index, term) without loading it whole
+    (zlib releases the GIL on large pieces); CorruptSnapshotError if anything is off."""
+    with open(path, "rb") as f:
+        head = f.read(_SNAP_HEADER.size)
+        if len(head) < _SNAP_HEADER.size:
+            raise CorruptSnapshotError(path, f"is truncated ({len(head)} bytes)")
+        magic, crc, length = _SNAP_HEADER.unpack(head)
+        got, total, first = 0, 0, b""
+        while piece := f.read(1 << 20):
+            first = first or piece
+            got, total = zlib.crc32(piece, got), total + len(piece)
+    if magic != _SNAP_MAGIC or length != total or got != crc:
+        raise CorruptSnapshotError(path, "fails its header or checksum")
+    try:
+        up = msgpack.Unpacker(raw=False)
+        up.feed(first)
+        if up.read_array_header() != 4:
+            raise ValueError("not an array of 4")
+        s_index, s_term = up.unpack(), up.unpack()
+    except Exception as exc:
+        raise CorruptSnapshotError(path, f"has a malformed payload ({exc})") from None
+    if (s_index, s_term) != (index, term):
+        raise CorruptSnapshotError(path, f"holds index {s_index} term {s_term}, not index "
+                                         f"{index} term {term}")
 
 
 def _read_snapshot_file(path: Path, index: int, term: int) -> Snapshot:
@@ -497,14 +598,22 @@ class DiskStorage:
     then survives a process crash but not a machine crash. ``preallocate_bytes`` is the
     chunk WAL segments are extended by with ``posix_fallocate`` (0 = off; None = 4 MiB with
     ``fsync=True``, off with ``fsync=False``, whose callers gain nothing from it). Every
-    public method is thread-safe. Entries since the last compaction are kept in memory, so
-    the driver must snapshot and ``compact`` periodically.
+    public method is thread-safe, and a reader never waits for a writer's I/O: writers are
+    serialized by one lock held through their writes and fsyncs, and take the lock readers
+    use only to publish what they wrote. Entries since the last compaction are kept in memory, so
+    the driver must snapshot and ``compact`` periodically (:meth:`retained_bytes` says how
+    much they hold).
+
+    ``keep_snapshot_data=False`` keeps no snapshot data in memory: :meth:`snapshot` returns
+    the metadata with empty data, :meth:`snapshot_data` reads (and checks) the file, and
+    :meth:`snapshot_data_span` locates the data in it for streaming. A server uses this;
+    the Raft core never looks at snapshot data, it only hands it to the driver.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *, conf_state: ConfState | None = None,
                  fsync: bool = True, segment_bytes: int = 64 << 20,
                  max_record_bytes: int = 256 << 20,
-                 preallocate_bytes: int | None = None) -> None:
+                 preallocate_bytes: int | None = None, keep_snapshot_data: bool = True) -> None:
         if segment_bytes <= 0 or max_record_bytes <= 0:
             raise ValueError("segment_bytes and max_record_bytes must be positive")
         if preallocate_bytes is None:
@@ -521,9 +630,15 @@ class DiskStorage:
         self._prealloc_now = preallocate_bytes
         self._segment_bytes = segment_bytes
         self._max_record_bytes = max_record_bytes
+        # _wmu serializes writers (saves, snapshots, compaction, close) for the whole of
+        # their I/O; _mu guards the in-memory log and is held only briefly, so a reader (the
+        # Raft core on the event loop, a status request) never waits for a writer's fsync.
+        self._wmu = threading.Lock()
         self._mu = threading.RLock()
         self._state = _LogState()
         self._snapshot = Snapshot(SnapshotMetadata(0, 0, self._state.bootstrap), b"")
+        self._keep_snapshot_data = keep_snapshot_data
+        self._loaded_data: bytes | None = None  # read at recovery, until snapshot_data()
         self._segments: list[_Segment] = []
         self._wal_fd = -1
         self._closed: str | None = None
@@ -576,6 +691,62 @@ class DiskStorage:
         with self._mu:
             return self._snapshot
 
+    def snapshot_data(self) -> bytes:
+        """The current snapshot's data (with ``keep_snapshot_data=False``: read from its file
+        and checked, or handed over once from recovery's read)."""
+        with self._mu:
+            md = self._snapshot.metadata
+            if self._keep_snapshot_data or md.index == 0:
+                return self._snapshot.data
+            data, self._loaded_data = self._loaded_data, None
+            if data is not None:
+                return data
+            return _read_snapshot_file(self.data_dir / _snap_name(md.index, md.term),
+                                       md.index, md.term).data
+
+    def snapshot_data_span(self) -> tuple[Path, int, int, SnapshotMetadata]:
+        """Where the current snapshot's data lies: (file, byte offset, length, metadata), for
+        streaming it without loading it. The file is replaced (unlinked) when a newer snapshot
+        is taken: open it at once; an open descriptor keeps reading the old one."""
+        with self._mu:
+            md = self._snapshot.metadata
+            if md.index == 0:
+                raise Unavailable("there is no snapshot yet")
+            path = self.data_dir / _snap_name(md.index, md.term)
+            payload = path.stat().st_size - _SNAP_HEADER.size
+            before = len(_snapshot_prefix(md, 0)) - len(_bin_header(0))  # without bin header
+            for hdr in (2, 3, 5):  # the data's bin header: 1 marker byte + 1, 2 or 4 length
+                n = payload - before - hdr
+                if n >= 0 and len(_bin_header(n)) == hdr:
+                    return path, _SNAP_HEADER.size + before + hdr, n, md
+            raise CorruptSnapshotError(path, f"has an impossible size ({payload} bytes)")
+
+    def snapshot_tmp_path(self, index: int, term: int) -> Path:
+        """Where a snapshot file for (index, term) is written before :meth:`adopt_snapshot_file`
+        renames it into place (recovery removes such leftovers)."""
+        return self.data_dir / (_snap_name(index, term) + ".tmp")
+
+    def retained_bytes(self) -> int:
+        """Bytes of entry data the storage holds in memory (the log since the compaction).
+        Read without a lock (one integer): callable on every request."""
+        return self._state.data_bytes
+
+    def tail_start(self, upto: int, max_entries: int, max_bytes: int) -> int:
+        """The highest index to compact to that keeps a tail of at most ``max_entries``
+        entries and ``max_bytes`` of data at or below ``upto`` (at least the entry ``upto``
+        itself is dropped from the tail when even one entry is over ``max_bytes``)."""
+        with self._mu:
+            st = self._state
+            upto = min(upto, st.last)
+            lo = max(st.base, upto - max_entries)
+            kept, index = 0, upto
+            while index > lo:
+                kept += len(st.entries[index - st.base - 1].data)
+                if kept > max_bytes:
+                    break
+                index -= 1
+            return index
+
     # ---- durable writes -----------------------------------------------------------------
 
     def save(self, hard_state: HardState | None, entries: Sequence[Entry],
@@ -587,7 +758,7 @@ class DiskStorage:
         already compacted are skipped; a gap raises ``Unavailable``), then ``hard_state``.
         Returns once everything is on disk; only then may dependent messages be sent.
         """
-        with self._mu:
+        with self._wmu:
             self._check_open()
             if hard_state is None and not entries and snapshot is None:
                 return
@@ -629,7 +800,7 @@ class DiskStorage:
                         data: bytes) -> Snapshot:
         """Durably record a snapshot of the applied state at ``index``; the log is kept
         until :meth:`compact`. ``conf_state=None`` keeps the current snapshot's membership."""
-        with self._mu:
+        with self._wmu:
             self._check_open()
             self._check_newer(index, allow_equal=False)
             if index > self._state.last:
@@ -640,16 +811,49 @@ class DiskStorage:
             self._write_snapshot_file(snap)  # durable before the WAL references it
             record = _record(RecordType.SNAPSHOT, [index, snap.metadata.term, False])
             self._commit([record])
-            self._state.snap_index, self._state.snap_term = index, snap.metadata.term
-            self._snapshot = snap
+            with self._mu:
+                self._state.snap_index, self._state.snap_term = index, snap.metadata.term
+                self._snapshot = self._held(snap)
             self._remove_stale_snapshots()
             return snap
+
+    def adopt_snapshot_file(self, tmp: Path, index: int, conf_state: ConfState) -> Snapshot:
+        """Record the snapshot at ``index`` that someone else wrote (and fsync'd) at
+        ``tmp`` = :meth:`snapshot_tmp_path`, as :meth:`create_snapshot` records one: rename
+        into place, sync the directory, then reference it in the WAL. The file is checked
+        against its checksum first. Returns the snapshot (its data empty)."""
+        with self._wmu:
+            self._check_open()
+            self._check_newer(index, allow_equal=False)
+            if index > self._state.last:
+                raise Unavailable(f"snapshot index {index} is beyond the last index "
+                                  f"{self._state.last}")
+            term = self.term(index)
+            if tmp != self.snapshot_tmp_path(index, term):
+                raise ValueError(f"{tmp} is not where the snapshot at {index} (term {term}) "
+                                 "is written")
+            _check_snapshot_file(tmp, index, term)
+            md = SnapshotMetadata(index, term, conf_state)
+            os.replace(tmp, self.data_dir / _snap_name(index, term))
+            self._fsync_dir()
+            self._commit([_record(RecordType.SNAPSHOT, [index, term, False])])
+            with self._mu:
+                self._state.snap_index, self._state.snap_term = index, term
+                self._snapshot = Snapshot(md, b"")
+            self._remove_stale_snapshots()
+            return self._snapshot
+
+    def _held(self, snap: Snapshot) -> Snapshot:
+        """What :meth:`snapshot` keeps of ``snap`` (its data only with keep_snapshot_data)."""
+        if self._keep_snapshot_data or not snap.data:
+            return snap
+        return Snapshot(snap.metadata, b"")
 
     def compact(self, index: int) -> None:
         """Drop entries up to ``index`` (``term(index)`` stays answerable) and delete the WAL
         segments that only hold compacted entries. ``index`` must be covered by the current
         snapshot, or those entries would be lost on restart (``ValueError``)."""
-        with self._mu:
+        with self._wmu:
             self._check_open()
             st = self._state
             if index <= st.base:
@@ -661,12 +865,13 @@ class DiskStorage:
                                  f"{st.snap_index}; call create_snapshot first")
             term = self.term(index)
             self._commit([_record(RecordType.COMPACT, [index, term])])
-            st.compact_to(index, term)
+            with self._mu:
+                st.compact_to(index, term)
             self._delete_covered_segments()
 
     def close(self) -> None:
         """Close the WAL and release the data-dir lock; later calls raise StorageClosed."""
-        with self._mu:
+        with self._wmu, self._mu:
             if self._closed is None:
                 self._closed = "the storage was closed"
             if self._wal_fd >= 0:
@@ -737,7 +942,10 @@ class DiskStorage:
         if self._state.base_term is None:
             raise CorruptLogError(segs[0].path, 0, f"entries up to {self._state.base} are "
                                   "missing and no compaction covers them (deleted segment?)")
-        self._snapshot = self._load_snapshot()
+        snap = self._load_snapshot()
+        self._snapshot = self._held(snap)
+        if not self._keep_snapshot_data and snap.data:
+            self._loaded_data = snap.data
         self._segments = segs
         if segs:  # no O_APPEND: records go at the logical size, before any preallocated zeros
             self._wal_fd = os.open(segs[-1].path, os.O_WRONLY)
@@ -983,36 +1191,31 @@ class DiskStorage:
     def _apply_saved(self, hs: HardState | None, todo: list[Entry],
                      snapshot: Snapshot | None) -> None:
         st = self._state
-        if snapshot is not None:
-            md = snapshot.metadata
-            st.snap_index, st.snap_term = md.index, md.term
-            st.reset_to(md.index, md.term)
-            self._snapshot = snapshot
+        with self._mu:
+            if snapshot is not None:
+                md = snapshot.metadata
+                st.snap_index, st.snap_term = md.index, md.term
+                st.reset_to(md.index, md.term)
+                self._snapshot = self._held(snapshot)
+                self._loaded_data = None
+            if todo:
+                st.truncate_from(todo[0].index)
+                st.extend(todo)
+            if hs is not None:
+                st.hard_state = hs
         if todo:
-            st.truncate_from(todo[0].index)
-            st.entries.extend(todo)
             seg = self._segments[-1]
             seg.max_entry_index = max(seg.max_entry_index, todo[-1].index)
-        if hs is not None:
-            st.hard_state = hs
         if snapshot is not None:
             self._remove_stale_snapshots()
             self._delete_covered_segments()
 
     def _write_snapshot_file(self, snap: Snapshot) -> None:
         md = snap.metadata
-        payload = msgpack.packb([md.index, md.term, _cs_list(md.conf_state), snap.data],
-                                use_bin_type=True)
-        final = self.data_dir / _snap_name(md.index, md.term)
-        tmp = final.with_name(final.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
-        try:
-            _write_all(fd, _SNAP_HEADER.pack(_SNAP_MAGIC, zlib.crc32(payload), len(payload)))
-            _write_all(fd, payload)
-            self._fsync_fd(fd, "snapshot")
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        tmp = self.snapshot_tmp_path(md.index, md.term)
+        write_snapshot_file(tmp, md, snap.data,
+                            sync=lambda fd: self._fsync_fd(fd, "snapshot"))
+        os.replace(tmp, self.data_dir / _snap_name(md.index, md.term))
         self._fsync_dir()
 
     def _remove_stale_snapshots(self) -> None:

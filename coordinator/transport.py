@@ -764,6 +764,7 @@ class _PeerLink:
     address: tuple[str, int]
     queue: collections.deque[bytes]
     wakeup: asyncio.Event
+    queued_bytes: int = 0  # payload bytes in ``queue``
     task: asyncio.Task[None] | None = None
     redial_now: asyncio.Event = field(default_factory=asyncio.Event)  # cuts a backoff short
     connected: bool = False
@@ -777,8 +778,9 @@ class _PeerLink:
 class PeerTransport:
     """One outbound authenticated connection per peer, for this node's Raft messages.
 
-    ``send`` never blocks: it queues the payload (at most ``max_queue_frames`` per peer; the
-    oldest is dropped and counted when full -- Raft retransmits what matters) and the
+    ``send`` never blocks: it queues the payload (at most ``max_queue_frames`` frames and
+    ``max_queue_bytes`` bytes per peer; the oldest are dropped and counted when full -- Raft
+    retransmits what matters; :meth:`backlog_bytes` lets a bulk sender wait instead) and the
     peer's sender task writes queued frames in batches. A lost connection is redialled with
     exponential backoff and jitter, bounded by ``backoff_max_s`` (a fraction of an election
     timeout: a restarted node must hear its peers' votes soon), and at once when
@@ -786,7 +788,8 @@ class PeerTransport:
     """
 
     def __init__(self, *, node_id: int, token: bytes | str, peers: dict[int, tuple[str, int]],
-                 max_queue_frames: int = 4096, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 max_queue_frames: int = 4096, max_queue_bytes: int = 64 << 20,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  backoff_initial_s: float = 0.02, backoff_max_s: float = 0.1,
                  connect_timeout_s: float = 1.0,
                  on_unreachable: Callable[[int], None] | None = None,
@@ -797,6 +800,7 @@ class PeerTransport:
         self._token = check_token(token)
         self.node_id = node_id
         self._max_queue = max_queue_frames
+        self._max_queue_bytes = max(max_queue_bytes, max_frame_bytes)  # one frame always fits
         self._max_frame = max_frame_bytes
         self._backoff_initial_s, self._backoff_max_s = backoff_initial_s, backoff_max_s
         self._connect_timeout_s = connect_timeout_s
@@ -832,11 +836,23 @@ class PeerTransport:
             self.stats.frames_out += 1
             self.stats.bytes_out += len(frame)
             return
-        if len(link.queue) >= self._max_queue:
-            link.queue.popleft()
+        while link.queue and (len(link.queue) >= self._max_queue
+                              or link.queued_bytes + len(payload) > self._max_queue_bytes):
+            link.queued_bytes -= len(link.queue.popleft())
             self.stats.peer_frames_dropped += 1
         link.queue.append(payload)
+        link.queued_bytes += len(payload)
         link.wakeup.set()
+
+    def backlog_bytes(self, to: int) -> int:
+        """Bytes queued for peer ``to`` and not yet handed to the kernel (our queue plus the
+        connection's write buffer); 0 for an unknown peer."""
+        link = self._links.get(to)
+        if link is None:
+            return 0
+        writer = link.writer
+        buffered = writer.transport.get_write_buffer_size() if writer is not None else 0
+        return link.queued_bytes + buffered
 
     def set_peers(self, peers: dict[int, tuple[str, int]]) -> None:
         """Replace the peer set (membership change); a changed address redials."""
@@ -946,6 +962,7 @@ class PeerTransport:
                 if link.broken:
                     raise ConnectionClosed(f"node {link.peer_id} closed the connection", False)
                 frames = [chan.seal(link.queue.popleft()) for _ in range(len(link.queue))]
+                link.queued_bytes = 0
                 data = b"".join(frames)
                 writer.write(data)
                 self.stats.frames_out += len(frames)
