@@ -45,5 +45,11 @@ class WorkerDiedError(TrainingFailedError):
             "stopped. Check the worker's logs (ray logs) for the cause, e.g. out-of-memory."))
 
 
+class CollectiveError(SynctrainError, RuntimeError):
+    """A collective could not complete because a peer rank vanished (its process exited, its
+    loop raised) or did not arrive in time. The message names that rank; its own failure is
+    the cause, and the driver treats this error as secondary to it."""
+
+
 class ModelMismatchError(SynctrainError, RuntimeError):
     """Ranks built models of different shapes; data-parallel training needs the same model."""

@@ -336,6 +336,8 @@ def _is_secondary(failure: dict[str, Any]) -> bool:
     """A collective that broke because *another* rank failed (its peer closed the connection)."""
     if failure.get("died"):
         return False
+    if failure.get("exc_type") == "CollectiveError":  # the shared-memory path names the vanished peer
+        return True
     tb = failure.get("traceback", "")
     return failure.get("exc_type") in ("RuntimeError", "DistBackendError", "DistNetworkError") and (
         "torch/distributed" in tb or "gloo" in tb.lower() or "nccl" in tb.lower())

@@ -20,6 +20,10 @@ Knobs (``Trainer(..., mode="sync", ...)``):
   same computation, so results equal the unsharded run.
 * ``grad_compression="fp16" | "bf16"``: buckets travel in half precision (a DDP comm hook),
   halving the bytes on the wire at a small cost in precision.
+* ``grad_transport="auto" | "shm" | "gloo" | "nccl"``: how buckets (and ``all_reduce``,
+  ``broadcast``, ``barrier``) travel. ``"shm"``: through shared memory among the ranks of a host
+  (a DDP comm hook, :mod:`.shm_hook`), hierarchical with gloo between hosts; ``"auto"`` picks it
+  for CPU ranks and NCCL for GPU ranks. ``strategy_metrics()["grad_transport"]`` says which ran.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from synctrain import context as _context
 from synctrain.context import TrainContext
-from synctrain.errors import ModelMismatchError
+from synctrain.errors import ConfigError, ModelMismatchError
 from synctrain.spec import JobSpec
+from synctrain.strategies import shm_allreduce as _shm
+from synctrain.strategies import shm_hook as _shm_hook
 from synctrain.strategies.base import Strategy, register
 from synctrain.strategies.comm_hooks import HOOKS as _COMPRESSION_HOOKS
 
@@ -55,6 +61,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "bucket_cap_mb": 25.0,
     "broadcast_buffers": True,
     "find_unused_parameters": False,
+    "grad_transport": "auto",
 }
 
 
@@ -79,7 +86,34 @@ class SyncDistributedDataParallel(DistributedDataParallel):
         accum = self._synctrain_accum
         if accum is not None:
             self.require_backward_grad_sync = accum.syncs_this_micro_step()
-        return super().forward(*args, **kwargs)
+        try:
+            return super().forward(*args, **kwargs)
+        except RuntimeError as exc:  # DistBackendError too
+            explained = _explained_forward_timeout(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
+
+
+#: Says why a collective inside the prepared model's forward timed out (issue 15, point 14).
+FORWARD_TIMEOUT_HINT = (
+    "synctrain: this timed out inside the forward of the model prepare_model returned, where DDP "
+    "broadcasts rank 0's buffers (BatchNorm's running statistics, say) to every rank: each forward "
+    "through the prepared model of a model with buffers is a collective that every rank must join. "
+    "The likely cause: evaluating on some ranks only (rank 0's validation, say) through the prepared "
+    "model; the others never join and this rank waits until collective_timeout_s. Evaluate through "
+    "the unwrapped model, model.module(x), or on every rank.")
+
+
+def _explained_forward_timeout(exc: RuntimeError) -> RuntimeError:
+    """``exc`` itself, or for a collective timeout the same error type with the likely cause."""
+    text = str(exc)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return exc
+    try:
+        return type(exc)(f"{text}\n{FORWARD_TIMEOUT_HINT}")
+    except Exception:  # noqa: BLE001 - a type that takes other arguments: a plain RuntimeError
+        return RuntimeError(f"{text}\n{FORWARD_TIMEOUT_HINT}")
 
 
 @register
@@ -103,18 +137,41 @@ class AllReduceStrategy(Strategy):
             )
         if not float(merged["bucket_cap_mb"]) > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {merged['bucket_cap_mb']!r}")
+        if merged["grad_transport"] not in _shm_hook.TRANSPORTS:
+            raise ValueError(f"grad_transport must be one of {', '.join(map(repr, _shm_hook.TRANSPORTS))}, "
+                             f"got {merged['grad_transport']!r}")
         return merged
+
+    @classmethod
+    def on_driver_start(cls, spec: JobSpec) -> dict[str, Any]:
+        transport = spec.strategy_options.get("grad_transport", "auto")
+        if transport == "nccl" and not spec.use_gpu:
+            raise ConfigError("grad_transport='nccl' needs GPU ranks (use_gpu=True); CPU ranks use 'auto', "
+                              "'shm' or 'gloo'")
+        if transport == "shm" and spec.use_gpu:
+            raise ConfigError("grad_transport='shm' moves CPU tensors; GPU ranks use 'auto' or 'nccl' (or "
+                              "'gloo', through host memory)")
+        return {}
+
+    @classmethod
+    def on_driver_finish(cls, spec: JobSpec, handles: dict[str, Any], ok: bool) -> dict[str, Any]:
+        _shm.remove_leftovers(spec.job_id)  # segments of a rank killed before every rank mapped them
+        return {}
 
     def __init__(self, context: TrainContext, spec: JobSpec, handles: dict[str, Any]) -> None:
         super().__init__(context, spec, handles)
         self.options = spec.strategy_options
         self._models: list[SyncDistributedDataParallel] = []
         self._accum_states: list[_AccumulationState] = []
+        self._transport: _shm_hook.ShmTransport | None = None  # None: the process group's backend
+        self.grad_transport = "gloo"  # what carries the gradients: "shm", "shm+gloo", "gloo", "nccl"
 
     # ---- lifecycle ---------------------------------------------------------------------
     def on_start(self) -> None:
         addr, port = self.handles["rendezvous"]
         backend = "nccl" if self.context.device.type == "cuda" else "gloo"
+        if backend == "nccl" and self.options["grad_transport"] == "gloo":
+            backend = "gloo"
         if backend == "nccl" and self.handles.get("gpus_shared"):
             # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"); gloo all-reduces
             # CUDA tensors through host memory, slower but correct.
@@ -129,13 +186,30 @@ class AllReduceStrategy(Strategy):
             world_size=self.context.world_size,
             timeout=datetime.timedelta(seconds=self.spec.collective_timeout_s),
         )
+        if backend == "gloo" and self.context.device.type == "cpu" and self.context.world_size > 1 \
+                and self.options["grad_transport"] in ("auto", "shm"):
+            try:
+                self._transport = _shm_hook.connect(
+                    self.options["grad_transport"], rank=self.context.rank, world_size=self.context.world_size,
+                    job_id=self.spec.job_id, generation=self.context.generation, rendezvous_port=int(port),
+                    timeout_s=self.spec.collective_timeout_s)
+            except BaseException:
+                dist.destroy_process_group()  # on_shutdown does not run when on_start raised
+                raise
+        self.grad_transport = self._transport.name if self._transport is not None else backend
 
     def on_shutdown(self) -> None:
+        if self._transport is not None:
+            self._transport.close()  # a peer still waiting in a collective fails now, not at the timeout
         if dist.is_initialized():
             dist.destroy_process_group()
 
     # ---- the user's objects ------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(model, DistributedDataParallel):
+            raise ConfigError(
+                "prepare_model was given a DistributedDataParallel: prepare_model wraps the model in DDP "
+                "itself, and DDP inside DDP would synchronise twice. Pass the plain model (ddp.module)")
         model = model.to(self.context.device)
         check_same_model(model, self.context.rank, self.context.world_size)
         buffer_sync: dict[str, Any] = {_BUFFER_SYNC_KWARG: bool(self.options["broadcast_buffers"])}
@@ -149,7 +223,9 @@ class AllReduceStrategy(Strategy):
         ddp._synctrain_accum = _AccumulationState(int(self.options["grad_accum_steps"]))
         compression = self.options["grad_compression"]
         if compression is not None:
-            ddp.register_comm_hook(state=None, hook=_COMPRESSION_HOOKS[compression])
+            ddp.register_comm_hook(state=self._transport, hook=_COMPRESSION_HOOKS[compression])
+        elif self._transport is not None:
+            ddp.register_comm_hook(state=self._transport, hook=_shm_hook.shm_allreduce_hook)
         self._models.append(ddp)
         return ddp
 
@@ -183,17 +259,24 @@ class AllReduceStrategy(Strategy):
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         if op not in ("mean", "sum"):
             raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if self._transport is not None and tensor.device.type == "cpu":
+            self._transport.all_reduce_sum_(tensor)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         if op == "mean":
             tensor.div_(self.context.world_size)
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self._transport is not None and tensor.device.type == "cpu":
+            return self._transport.broadcast_(tensor, src)
         dist.broadcast(tensor, src=src)
         return tensor
 
     def barrier(self) -> None:
-        if dist.get_backend() == "nccl":
+        if self._transport is not None:
+            self._transport.barrier()
+        elif dist.get_backend() == "nccl":
             dist.barrier(device_ids=[self.context.device.index])
         else:
             dist.barrier()
@@ -201,7 +284,8 @@ class AllReduceStrategy(Strategy):
     def metrics(self) -> dict[str, Any]:
         session = _context.current_session()
         return {"optimizer_steps": session.optimizer_steps if session else 0,
-                "micro_steps": sum(a.micro_step for a in self._accum_states)}
+                "micro_steps": sum(a.micro_step for a in self._accum_states),
+                "grad_transport": self.grad_transport}
 
 
 def _shard(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
