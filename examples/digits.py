@@ -66,7 +66,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     slow = config.get("slow_rank") == ctx.rank
     samples, started = 0, time.monotonic()
     for epoch in range(config.get("epochs", 10)):
-        for x, y in loader:
+        loss_sum, batches = 0.0, 0  # the epoch's mean loss (a resumed run replays finished
+        for x, y in loader:          # epochs as empty ones: nothing read from a batch after it)
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -74,8 +75,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if slow:
                 time.sleep(config.get("slow_s", 0.0))
             samples += len(x) * ctx.world_size
+            loss_sum, batches = loss_sum + loss.item(), batches + 1
         acc = evaluate(model, test_x.to(ctx.device), test_y.to(ctx.device))
-        synctrain.report({"epoch": epoch, "loss": loss.item(), "test_acc": acc,
+        synctrain.report({"epoch": epoch, "loss": loss_sum / max(1, batches), "test_acc": acc,
                           "samples": samples, "wall_s": time.monotonic() - started})
     return {"test_acc": evaluate(model, test_x.to(ctx.device), test_y.to(ctx.device)), "rank": ctx.rank}
 

@@ -104,7 +104,7 @@ def fsync_dir(directory: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------- RNG states
 def capture_rng() -> dict[str, Any]:
     """Every RNG a training loop may draw from, as checkpointable values."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],

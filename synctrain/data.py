@@ -146,7 +146,7 @@ class ShardedDataLoader(DataLoader):
     """A DataLoader over a :class:`ShardedBatchSampler` that counts the batches it hands out
     (with worker processes the sampler runs ahead of the loop, so the sampler cannot count)."""
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.batch_sampler
         assert isinstance(sampler, ShardedBatchSampler)
         inner = super().__iter__()

@@ -16,7 +16,6 @@ first rank that fails (its loop raised, or its process died) stops the whole job
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
@@ -37,7 +36,6 @@ from synctrain.errors import (
 from synctrain.spec import JobSpec
 from synctrain.strategies.base import get_strategy_class, registered_modes
 from synctrain.worker import TrainWorker
-from synctrain.worker.step import StepLogConfig
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +219,11 @@ class Trainer:
         return result
 
     def _connect_ray(self) -> None:
-        if ray.is_initialized():
-            return
-        address = self.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-            return
-        needed = math.ceil(self.num_workers * self.resources["CPU"])
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
-                 logging_level=logging.WARNING)
+        """Join ``ray_address``/``RAY_ADDRESS``/a running ``ray start`` cluster, or start a local
+        Ray; an address that does not answer is a ConfigError at once (see raycluster.py)."""
+        from synctrain import raycluster
+
+        raycluster.connect(self.ray_address, self.num_workers, self.resources["CPU"], logging.WARNING)
 
     def _make_spec(self) -> JobSpec:
         cluster = ray.cluster_resources()
@@ -292,17 +286,16 @@ class Trainer:
 
 
 class _ReportMonitor:
-    """Drains rank 0's reports while the job runs and shows them as a progress bar."""
+    """Drains rank 0's reports while the job runs and shows them as a progress bar (the
+    step-logged path's, with a total and ETA once the loop reports ``total_steps``)."""
 
     def __init__(self, worker: Any, progress: bool) -> None:
+        from synctrain.driver.run import _Progress
+
         self.worker = worker
         self.metrics: list[dict[str, Any]] = []
         self._next = 0
-        self._bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(desc="training", unit="step", dynamic_ncols=True)
+        self._bar = _Progress(progress, "training")
 
     def poll(self) -> None:
         try:
@@ -312,16 +305,10 @@ class _ReportMonitor:
         if not reports:
             return
         self.metrics.extend(reports)
-        if self._bar is not None:
-            last = reports[-1]
-            self._bar.n = int(last.get("step", len(self.metrics)))
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k != "step"}
-            self._bar.set_postfix(shown, refresh=False)
-            self._bar.refresh()
+        self._bar.show(reports)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._bar.close()
 
 
 def _outcome(ref: Any, rank: int) -> dict[str, Any]:

@@ -35,7 +35,14 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from synctrain import checkpoint as ckpt
-from synctrain.driver.policy import Action, Decision, Failure, RecoveryPolicy, Survivor, blame_stalled
+from synctrain.driver.policy import (
+    Action,
+    Decision,
+    Failure,
+    RecoveryPolicy,
+    Survivor,
+    blame_stalled,
+)
 from synctrain.errors import TrainingFailedError, WorkerDiedError
 from synctrain.steplog import StepLog
 

@@ -55,6 +55,8 @@ def accuracy(model, x, y) -> float:
 def inject(config, ctx, step) -> None:
     """The configured fault, on its rank, at its step, in the first generation only."""
     fault = config.get("fault")
+    if fault and fault["kind"] == "raise_always" and ctx.rank == fault["rank"] and step >= fault["step"]:
+        raise RuntimeError(f"a persistent failure injected at step {step}")
     if ctx.generation > 1 and ctx.rank == 0 and step == ctx.start_step + 3:
         (Path(config["marks"]) / f"generation-{ctx.generation}-running").touch()
     if not fault or ctx.generation != 1 or ctx.rank != fault["rank"] or step != fault["step"]:
@@ -71,6 +73,8 @@ def inject(config, ctx, step) -> None:
         raise RuntimeError(f"a transient failure injected at step {step}")
     elif kind == "kill_leader":
         kill_coordinator_leader()
+    elif kind == "kill_majority":
+        kill_coordinator_leader(also_followers=1)
     elif kind == "kill_shard":
         import ray
 
@@ -89,18 +93,21 @@ def inject(config, ctx, step) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_coordinator_leader() -> None:
-    """SIGKILL the process of the embedded coordinator's leader (found through the log's client)."""
+def kill_coordinator_leader(also_followers: int = 0) -> None:
+    """SIGKILL the process of the embedded coordinator's leader (found through the log's
+    client), and of ``also_followers`` followers."""
     from coordinator.client import Client
 
     stepper = synctrain.context.current_session().stepper
+    statuses = []
     for endpoint in stepper.cfg.endpoints:
         with Client([endpoint], token=stepper.cfg.token, timeout_s=2.0) as client:
-            status = client.status(endpoint)
-        if status["role"] == "leader":
-            os.kill(status["pid"], signal.SIGKILL)
-            return
-    raise AssertionError("no coordinator leader found")
+            statuses.append(client.status(endpoint))
+    leaders = [st for st in statuses if st["role"] == "leader"]
+    assert leaders, "no coordinator leader found"
+    followers = [st for st in statuses if st["role"] != "leader"][:also_followers]
+    for st in leaders[:1] + followers:
+        os.kill(st["pid"], signal.SIGKILL)
 
 
 def ft_loop(config):
@@ -128,6 +135,8 @@ def ft_loop(config):
                 sched.step()
             step += 1
             inject(config, ctx, step)
+            if config.get("report_every_step"):
+                synctrain.report({"step_loss": 1.0})
         synctrain.report({"epoch": epoch, "acc": accuracy(model, vx, vy)})
     params = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     return {"acc": accuracy(model, vx, vy), "params": params, "rank": ctx.rank}
@@ -155,8 +164,11 @@ def check_complete(result, mode, workers=2, epochs=EPOCHS, baseline=None, max_re
     total = epochs * steps_per_epoch(workers)
     steps = [s["step"] for s in result.steps]
     assert steps == list(range(1, total + 1)), "every step exactly once, no gap"
-    assert [m["epoch"] for m in result.metrics] == list(range(epochs)), "each report once"
-    assert [m["step"] for m in result.metrics] == [
+    per_step = [m["step"] for m in result.metrics if "step_loss" in m]
+    assert per_step in ([], list(range(1, total + 1))), "a report each step: every step once"
+    epochs_seen = [m for m in result.metrics if "epoch" in m]
+    assert [m["epoch"] for m in epochs_seen] == list(range(epochs)), "each report once"
+    assert [m["step"] for m in epochs_seen] == [
         (e + 1) * steps_per_epoch(workers) for e in range(epochs)], "reports agree with the steps"
     acc = result.outputs[0]["acc"]
     assert acc >= (0.95 if mode == "sync" else 0.93), acc
@@ -187,7 +199,8 @@ def test_sync_kill_worker_heals_from_a_live_peer(ray_session, tmp_path, sync_bas
 
 
 def test_sync_stopped_worker_is_declared_stalled_and_replaced(ray_session, tmp_path, sync_baseline):
-    result = run(tmp_path, fault={"kind": "stop", "rank": 1, "step": 25}, name="stop1")
+    result = run(tmp_path, fault={"kind": "stop", "rank": 1, "step": 25}, name="stop1",
+                 config={"report_every_step": True})
     check_complete(result, "sync", baseline=sync_baseline, max_redone=1)
     [failure] = result.failures
     assert failure["kind"] == "stalled" and failure["rank"] == 1 and failure["recovery"] == "peer"
@@ -221,6 +234,26 @@ def test_sync_corrupt_newest_checkpoint_falls_back_to_the_previous(ray_session, 
     assert start == 40 and "ckpt-000000060" in corrupted, (start, corrupted)
     assert "checksum" in result.generations[1]["reason"]
     assert result.redone_steps == 65 - 40
+
+
+def test_coordinator_majority_loss_stops_training_then_it_resumes(ray_session, tmp_path):
+    """Two of three coordinator nodes killed: commits stop, workers wait at K uncommitted
+    steps; the driver restarts the nodes from their WALs and the job goes on, nothing lost."""
+    result = run(tmp_path, fault={"kind": "kill_majority", "rank": 0, "step": 30}, name="majority",
+                 max_uncommitted_steps=4)
+    check_complete(result, "sync")
+    assert len(result.generations) == 1
+    assert [f["kind"] for f in result.failures] == ["coordinator_node_died"] * 2
+    assert all(f["recovery_s"] is not None for f in result.failures)
+
+
+def test_the_failure_after_max_failures_raises_with_the_history(ray_session, tmp_path):
+    with pytest.raises(synctrain.TrainingFailedError) as info:
+        run(tmp_path, fault={"kind": "raise_always", "rank": 1, "step": 5}, name="twice",
+            max_failures=1)
+    assert [f["kind"] for f in info.value.failures] == ["raised", "raised"]
+    assert [f["recovery"] for f in info.value.failures] == ["peer", "none"]
+    assert "max_failures=1" in str(info.value) and "persistent failure" in str(info.value)
 
 
 def test_too_many_failures_raise_with_the_history(ray_session, tmp_path):
@@ -291,13 +324,16 @@ def test_async_shard_kill_restores_the_checkpoint(ray_session, tmp_path):
 
 
 # ---------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "sgd-zero1"])
 def test_resume_from_a_checkpoint_is_exact(ray_session, tmp_path, optimizer):
     """A run interrupted by a worker death and restored from its checkpoint ends with the
     parameters of an uninterrupted run (SGD with momentum; Adam with a registered LR
-    scheduler): model, optimizer, scheduler, data position and RNG all come back."""
-    kw = {"config": {"optimizer": optimizer, "scheduler": optimizer == "adam", "epochs": 4},
-          "recovery": "checkpoint"}
+    scheduler; SGD with ZeRO-1, whose checkpoint consolidates the optimizer shards): model,
+    optimizer, scheduler, data position and RNG all come back."""
+    kw = {"config": {"optimizer": optimizer.split("-")[0], "scheduler": optimizer == "adam",
+                     "epochs": 4}, "recovery": "checkpoint"}
+    if optimizer.endswith("zero1"):
+        kw["shard_optimizer"] = True
     clean = run(tmp_path, name=f"clean-{optimizer}", **kw)
     hurt = run(tmp_path, fault={"kind": "kill", "rank": 1, "step": 50}, name=f"hurt-{optimizer}", **kw)
     assert [s["step"] for s in hurt.steps] == list(range(1, 4 * steps_per_epoch(2) + 1))
