@@ -3,8 +3,12 @@
 * ``synctrain run SCRIPT [ARGS...]`` runs a training script (one that calls ``Trainer.fit``)
   with ``RAY_ADDRESS`` set from ``--address`` if given; without it the script starts a local Ray.
 * ``synctrain status [--address ADDR]`` shows the Ray cluster's nodes, CPUs and GPUs, and the
-  modes synctrain offers.
-* ``synctrain bench NAME [ARGS...]`` runs one of the benchmark scripts in ``benchmarks/``.
+  modes synctrain offers; without an address, the cluster a Trainer would use (a running
+  ``ray start`` cluster, else a local Ray it would start). An address that does not answer
+  fails within seconds (exit 1), like ``Trainer.fit`` (see :mod:`synctrain.raycluster`).
+* ``synctrain bench NAME [ARGS...]`` runs ``benchmarks/NAME.py``: NAME is the file's name as
+  the README lists it (``ps_throughput``, ``raft_core``, ...); the short names of earlier
+  versions (``ps``, ``raft``, ``coordinator``) still work.
 """
 
 from __future__ import annotations
@@ -17,17 +21,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = {
-    "throughput": "throughput.py",
-    "convergence": "convergence.py",
-    "ps": "ps_throughput.py",
-    "raft": "raft_core.py",
-    "coordinator": "coordinator_bench.py",
-}
+#: Short names of earlier versions, kept working; the names are the scripts' file names.
+BENCHMARK_ALIASES = {"ps": "ps_throughput", "raft": "raft_core", "coordinator": "coordinator_bench"}
 
 
 def _benchmarks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark_names() -> list[str]:
+    """Every ``benchmarks/NAME.py`` (helpers start with ``_``), so the names match the files."""
+    directory = _benchmarks_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(p.stem for p in directory.glob("*.py") if not p.name.startswith("_"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -49,14 +56,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
+    from synctrain import raycluster
+    from synctrain.errors import ConfigError
     from synctrain.strategies.base import registered_modes
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        print("no Ray cluster named (use --address or RAY_ADDRESS); Trainer would start a local one")
+    try:
+        plan = raycluster.plan(args.address, "--address")
+    except ConfigError as exc:
+        print(f"synctrain status: {exc}", file=sys.stderr)
+        return 1
+    if plan.address is None:
+        print("no Ray cluster named (use --address or RAY_ADDRESS) and none running here (`ray start`): "
+              "Trainer would start a local one")
+        if plan.note:
+            print(plan.note)
         print(f"local CPUs: {os.cpu_count()}; modes: {', '.join(registered_modes())}")
         return 0
-    ray.init(address=address, logging_level=logging.ERROR)
+    address = plan.address
+    if plan.note:
+        print(plan.note)
+    ray.init(address="auto" if plan.recorded else address, logging_level=logging.ERROR)  # see raycluster
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
     free = ray.available_resources()
@@ -71,9 +90,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = _benchmarks_dir() / BENCHMARKS[args.name]
+    name = BENCHMARK_ALIASES.get(args.name, args.name)
+    script = _benchmarks_dir() / f"{name}.py"
     if not script.is_file():
-        print(f"synctrain bench: {script} is not present in this installation", file=sys.stderr)
+        known = ", ".join(benchmark_names()) or "none: benchmarks/ is not present in this installation"
+        print(f"synctrain bench: no benchmark {args.name!r} (benchmarks: {known})", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, str(script), *args.bench_args])
 
@@ -89,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the Ray cluster synctrain would use")
     status.add_argument("--address")
     status.set_defaults(func=cmd_status)
-    bench = sub.add_parser("bench", help="run a benchmark script")
-    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench = sub.add_parser("bench", help="run a benchmark script: benchmarks/NAME.py")
+    bench.add_argument("name", help=f"one of: {', '.join(benchmark_names()) or '(none installed)'}")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
