@@ -105,6 +105,7 @@ from coordinator.statemachine import (
 )
 from coordinator.storage import (
     DiskStorage,
+    SnapshotFileWriter,
     SnapshotOutOfDate,
     StorageClosed,
     StorageError,
@@ -359,8 +360,10 @@ def decode_snapshot_chunk(payload: bytes) -> SnapshotChunk:
 class _PartialSnapshot:
     head: Message  # chunk 0's message, snapshot data empty
     first: SnapshotChunk  # chunk 0, for the fields every later chunk must repeat
-    parts: list[bytes]
-    crc: int  # CRC-32 of the parts so far (checked chunk by chunk, not all at the end)
+    parts: list[bytes]  # the chunks' data (in memory; empty when spooled to a file)
+    crc: int  # CRC-32 of the data so far (checked chunk by chunk, not all at the end)
+    received: int = 1  # chunks received
+    writer: SnapshotFileWriter | None = None  # spooling to a file instead of ``parts``
 
 
 class SnapshotReassembler:
@@ -374,19 +377,43 @@ class SnapshotReassembler:
     stay within ``max_bytes``: a snapshot that would exceed it is refused (after discarding
     other senders' partial snapshots of an older leader term). The result is checked against
     its CRC-32 before it is handed out. Everything is counted in ``stats``; nothing raises.
+
+    With ``spool(frm, metadata)`` (a server's), the data is not kept in memory: it is
+    written as it arrives into that file, in the storage's snapshot file format
+    (:class:`~coordinator.storage.SnapshotFileWriter`), and the message handed out has empty
+    snapshot data; :meth:`take_file` gives the file for the storage to adopt. Memory then
+    holds one chunk, whatever the size of the state; ``max_bytes`` bounds the disk used.
     """
 
     STATS = ("snapshot_chunks_in", "snapshots_reassembled", "snapshot_chunks_malformed",
              "snapshot_chunks_out_of_order", "snapshot_reassemblies_discarded",
              "snapshot_reassemblies_refused", "snapshot_checksum_failures")
 
-    def __init__(self, node_id: int, max_bytes: int, stats: dict[str, int]) -> None:
+    def __init__(self, node_id: int, max_bytes: int, stats: dict[str, int],
+                 spool: Callable[[int, SnapshotMetadata], pathlib.Path] | None = None) -> None:
         self.node_id = node_id
         self.max_bytes = max_bytes
         self.stats = stats
         for name in self.STATS:
             stats.setdefault(name, 0)
         self._partial: dict[int, _PartialSnapshot] = {}
+        self._spool = spool
+        self._files: dict[int, tuple[int, int, pathlib.Path]] = {}  # frm -> completed file
+
+    def take_file(self, index: int, term: int) -> pathlib.Path | None:
+        """The spooled file of a completed snapshot (index, term), handed over once."""
+        for frm, (i, t, path) in list(self._files.items()):
+            if (i, t) == (index, term):
+                del self._files[frm]
+                return path
+        return None
+
+    def discard_files(self) -> None:
+        """Remove completed files nobody took (shutdown)."""
+        for _, _, path in self._files.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._files.clear()
 
     @property
     def buffered_bytes(self) -> int:
@@ -396,7 +423,7 @@ class SnapshotReassembler:
     def in_flight(self, frm: int) -> tuple[int, int, int] | None:
         """(index, term, chunks received) of the snapshot being reassembled from ``frm``."""
         p = self._partial.get(frm)
-        return None if p is None else (p.first.index, p.first.term, len(p.parts))
+        return None if p is None else (p.first.index, p.first.term, p.received)
 
     def add(self, frm: int, payload: bytes) -> Message | None:
         """Take one chunk frame from peer ``frm``; the whole SNAPSHOT message once complete."""
@@ -421,9 +448,9 @@ class SnapshotReassembler:
             self._discard(frm, "chunk fields differ from chunk 0")
             self._malformed(frm, "total/total_bytes/crc32 differ from chunk 0")
             return None
-        if c.seq != len(p.parts):
+        if c.seq != p.received:
             self.stats["snapshot_chunks_out_of_order"] += 1
-            self._discard(frm, f"chunk {c.seq} arrived where {len(p.parts)} was due")
+            self._discard(frm, f"chunk {c.seq} arrived where {p.received} was due")
             return None
         size = len(f.data)
         want = size if c.seq < f.total - 1 else f.total_bytes - size * (f.total - 1)
@@ -431,9 +458,22 @@ class SnapshotReassembler:
             self._discard(frm, "chunk of the wrong size")
             self._malformed(frm, f"chunk {c.seq} has {len(c.data)} bytes, not {want}")
             return None
-        p.parts.append(c.data)
+        if not self._keep(frm, p, c.data):
+            return None
+        p.received += 1
         p.crc = zlib.crc32(c.data, p.crc)
-        return self._complete(frm) if len(p.parts) == f.total else None
+        return self._complete(frm) if p.received == f.total else None
+
+    def _keep(self, frm: int, p: _PartialSnapshot, data: bytes) -> bool:
+        if p.writer is None:
+            p.parts.append(data)
+            return True
+        try:
+            p.writer.write(data)
+        except (OSError, ValueError) as exc:
+            self._discard(frm, f"cannot spool it: {exc}")
+            return False
+        return True
 
     def _start(self, frm: int, c: SnapshotChunk) -> Message | None:
         if frm in self._partial:
@@ -467,19 +507,49 @@ class SnapshotReassembler:
                         "buffered, limit %d", self.node_id, c.total_bytes, frm,
                         self.buffered_bytes, self.max_bytes)
             return None
-        self._partial[frm] = _PartialSnapshot(head, c, [c.data], zlib.crc32(c.data))
+        p = _PartialSnapshot(head, c, [], zlib.crc32(c.data))
+        if self._spool is not None:
+            try:
+                p.writer = SnapshotFileWriter(self._spool(frm, snap.metadata), snap.metadata,
+                                              c.total_bytes, sync=None)
+            except OSError as exc:
+                self.stats["snapshot_reassemblies_refused"] += 1
+                log.warning("node %d: cannot spool a snapshot from node %d: %s", self.node_id,
+                            frm, exc)
+                return None
+        self._partial[frm] = p
+        if not self._keep(frm, p, c.data):
+            return None
         return self._complete(frm) if c.total == 1 else None
 
     def _complete(self, frm: int) -> Message | None:
         p = self._partial.pop(frm)
-        data = p.parts[0] if len(p.parts) == 1 else b"".join(p.parts)
+        data = b"" if p.writer is not None else (
+            p.parts[0] if len(p.parts) == 1 else b"".join(p.parts))
         p.parts.clear()
-        if len(data) != p.first.total_bytes or p.crc != p.first.crc32:
+        size = p.first.total_bytes if p.writer is not None else len(data)
+        if size != p.first.total_bytes or p.crc != p.first.crc32:
             self.stats["snapshot_checksum_failures"] += 1
             self.stats["snapshot_reassemblies_discarded"] += 1
+            if p.writer is not None:
+                p.writer.abort()
             log.warning("node %d: snapshot %d/%d from node %d fails its checksum; discarded",
                         self.node_id, p.first.index, p.first.term, frm)
             return None
+        if p.writer is not None:
+            try:
+                p.writer.finish()
+            except OSError as exc:
+                p.writer.abort()
+                self.stats["snapshot_reassemblies_discarded"] += 1
+                log.warning("node %d: cannot finish spooling snapshot %d/%d: %s",
+                            self.node_id, p.first.index, p.first.term, exc)
+                return None
+            old = self._files.pop(frm, None)
+            if old is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(old[2])
+            self._files[frm] = (p.first.index, p.first.term, p.writer.path)
         self.stats["snapshots_reassembled"] += 1
         snap = p.head.snapshot
         assert snap is not None
@@ -489,9 +559,11 @@ class SnapshotReassembler:
         p = self._partial.pop(frm, None)
         if p is None:
             return
+        if p.writer is not None:
+            p.writer.abort()
         self.stats["snapshot_reassemblies_discarded"] += 1
         log.warning("node %d: discarding snapshot %d/%d from node %d after %d of %d chunks: %s",
-                    self.node_id, p.first.index, p.first.term, frm, len(p.parts),
+                    self.node_id, p.first.index, p.first.term, frm, p.received,
                     p.first.total, why)
 
     def _malformed(self, frm: int, why: str) -> None:
@@ -697,8 +769,10 @@ class CoordinatorServer:
                       "loop_stalls": 0, "loop_lag_max_ms": 0, "slow_drives": 0,
                       "notices": 0}
         self._chunk_bytes = config.effective_snapshot_chunk_bytes
-        self._reassembler = SnapshotReassembler(self.id, config.max_snapshot_reassembly_bytes,
-                                                self.stats)
+        self._reassembler = SnapshotReassembler(
+            self.id, config.max_snapshot_reassembly_bytes, self.stats,
+            spool=lambda frm, md: config.data_dir / (
+                f"snap-{md.index:016d}-{md.term:016d}.from-{frm}.tmp"))
         listen = config.listen or config.peers[self.id]
         self.transport_server = Server(
             node_id=self.id, token=config.token, on_peer_message=self._on_peer_message,
@@ -745,6 +819,7 @@ class CoordinatorServer:
             await asyncio.gather(self._persisting, return_exceptions=True)
         self._disk.shutdown(wait=True)
         self._io.shutdown(wait=True)
+        self._reassembler.discard_files()
         self._flush_hard_state()
         self.storage.close()
         log.info("node %d stopped", self.id)
@@ -873,9 +948,15 @@ class CoordinatorServer:
             save = self._what_to_save(rd)
             if save is not None and (rd.snapshot is not None or self._save_in_thread()):
                 # A leader's snapshot to install is written and decoded off the loop too.
-                job = self._save if rd.snapshot is None else self._save_and_decode
                 assert self._loop is not None
-                fut = self._loop.run_in_executor(self._disk, job, save)
+                fut: asyncio.Future
+                if rd.snapshot is None:
+                    fut = self._loop.run_in_executor(self._disk, self._save, save)
+                else:
+                    md = rd.snapshot.metadata
+                    fut = self._loop.run_in_executor(
+                        self._disk, self._save_and_decode, save,
+                        self._reassembler.take_file(md.index, md.term))
                 self._persisting = fut
                 fut.add_done_callback(functools.partial(self._persisted, rd, sent))
                 return
@@ -973,16 +1054,30 @@ class CoordinatorServer:
     def _save(self, save: tuple) -> None:
         self.storage.save(*save)  # one WAL fsync (group commit)
 
-    def _save_and_decode(self, save: tuple) -> StateMachine:
-        """Worker thread: make a Ready holding a leader's snapshot durable, then decode the
-        snapshot into a fresh state machine (swapped in by :meth:`_install` on the loop)."""
-        self.storage.save(*save)
+    def _save_and_decode(self, save: tuple, received: pathlib.Path | None) -> StateMachine:
+        """Worker thread: make a Ready holding a leader's snapshot durable (its spooled file
+        ``received`` synced and renamed into place, or its data written), then decode it
+        into a fresh state machine (swapped in by :meth:`_install` on the loop), streamed
+        from the file: memory holds one chunk of it at a time."""
         snap = save[2]
-        sm = StateMachine()
-        if snap.data:
-            sm.restore(snap.data)
-        else:
+        if received is None and not snap.data:  # an empty state (nothing was spooled)
+            self.storage.save(*save)
+            sm = StateMachine()
             sm.restore_empty(snap.metadata.index)
+            return sm
+        hard_state, entries, _ = save
+        self.storage.save(hard_state, entries, snap, snapshot_file=received)
+        return self._decode_stored_snapshot()
+
+    def _decode_stored_snapshot(self) -> StateMachine:
+        """The storage's current snapshot decoded into a fresh state machine, streamed from
+        its file (checked by the storage when written or at recovery)."""
+        path, offset, _, md = self.storage.snapshot_data_span()
+        sm = StateMachine()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            sm.restore(f)
+        assert sm.applied_index == md.index, (sm.applied_index, md.index)
         return sm
 
     def _install(self, snap: Snapshot, restored: StateMachine | None) -> None:
@@ -1208,22 +1303,18 @@ class CoordinatorServer:
         """Load the snapshot the storage holds (before the loop runs), timing the read and
         the decode (index rebuild included) for the log and ``status()["restore"]``."""
         t0 = time.perf_counter()
-        data = self.storage.snapshot_data()
-        t1 = time.perf_counter()
-        if data:
-            self.sm.restore(data)
-            assert self.sm.applied_index == index, (self.sm.applied_index, index)
+        _, _, size, _ = self.storage.snapshot_data_span()
+        if size:
+            self.sm.replace_with(self._decode_stored_snapshot())
         else:
             self.sm.restore_empty(index)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         keys = len(self.sm.kv)
-        self.restore_timing = {"read_ms": round((t1 - t0) * 1e3, 1),
-                               "decode_ms": round((t2 - t1) * 1e3, 1), "keys": keys,
-                               "snapshot_bytes": len(data)}
-        log.info("node %d loaded its snapshot at index %d: %d bytes read in %.0f ms, %d keys "
-                 "decoded in %.0f ms (%.0f ms per 100k keys)", self.id, index, len(data),
-                 (t1 - t0) * 1e3, keys, (t2 - t1) * 1e3,
-                 (t2 - t1) * 1e3 * 100_000 / max(keys, 1))
+        self.restore_timing = {"decode_ms": round((t1 - t0) * 1e3, 1), "keys": keys,
+                               "snapshot_bytes": size}
+        log.info("node %d loaded its snapshot at index %d: %d bytes, %d keys, read and decoded "
+                 "in %.0f ms (%.0f ms per 100k keys)", self.id, index, size, keys,
+                 (t1 - t0) * 1e3, (t1 - t0) * 1e3 * 100_000 / max(keys, 1))
 
     # ------------------------------------------------------------ snapshots
     def _maybe_snapshot(self) -> None:

@@ -44,9 +44,11 @@ Snapshots are a msgpack document of the whole state (:meth:`StateMachine.snapsho
 with :meth:`StateMachine.restore`; both are deterministic. Keys are kept in the key-value
 dict's order, which is itself a function of the log (insertion order; a restore rebuilds the
 dict in snapshot order), so no replica sorts anything. Format 2 stores the keys in flat
-chunks of :data:`SNAPSHOT_KV_CHUNK` records, so :meth:`restore` decodes one chunk per msgpack
-call: a server restores in a worker thread, and each chunk is a point where the thread lets
-the event loop run (one ``unpackb`` of a 300k-key document holds the GIL for ~0.3 s). Format 1
+chunks of at most :data:`SNAPSHOT_KV_CHUNK` records and about
+:data:`SNAPSHOT_KV_CHUNK_BYTES`, so :meth:`restore` decodes one chunk per msgpack call, from
+bytes or streamed from a file: a server restores in a worker thread, and each chunk is a
+point where the thread lets the event loop run (one ``unpackb`` of a 300k-key document holds
+the GIL for ~0.3 s), and memory holds one chunk beside the state being built. Format 1
 (one record per key, sorted) is still read. A server builds the restored state in a fresh
 :class:`StateMachine` off its event loop and swaps it in with :meth:`StateMachine.replace_with`.
 Restoring (or resetting with :meth:`StateMachine.restore_empty`) starts every extension from a
@@ -58,12 +60,15 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import msgpack
 
 SNAPSHOT_FORMAT_VERSION = 2  # restore also reads format 1
-SNAPSHOT_KV_CHUNK = 4096  # key records per msgpack array in a format 2 snapshot
+SNAPSHOT_KV_CHUNK = 4096  # key records per msgpack array in a format 2 snapshot, at most...
+SNAPSHOT_KV_CHUNK_BYTES = 4 << 20  # ...and about this many bytes of keys and values
+_RESTORE_READ_BYTES = 1 << 20  # a snapshot restored from a file is read this much at a time
+_RESTORE_MAX_OBJECT_BYTES = 1 << 31  # the largest single msgpack object a restore accepts
 
 # Limits. Everything that can grow is bounded; breaking a bound is refused with an error
 # answer (never an exception that could make replicas diverge).
@@ -344,17 +349,13 @@ class StateMachine:
     # -------------------------------------------------------------- snapshot
     def snapshot(self) -> bytes:
         """The whole state as msgpack bytes (format 2; deterministic, see the module doc)."""
-        items = list(self.kv.items())
-        kv = [[x for k, r in items[i:i + SNAPSHOT_KV_CHUNK]
-               for x in (k, r.value, r.create_revision, r.mod_revision, r.version)]
-              for i in range(0, len(items), SNAPSHOT_KV_CHUNK)]
         doc = {
             "format": SNAPSHOT_FORMAT_VERSION,
             "applied_index": self.applied_index,
             "revision": self.revision,
             "clock_ms": self.clock_ms,
-            "keys": len(items),
-            "kv": kv,
+            "keys": len(self.kv),
+            "kv": self._kv_chunks(),
             # Session order is LRU order, which is part of the replicated state.
             "sessions": [[sid, s.floor, s.last_active_ms, sorted(s.answers.items())]
                          for sid, s in self.sessions.items()],
@@ -363,10 +364,32 @@ class StateMachine:
         }
         return msgpack.packb(doc, use_bin_type=True)
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with a :meth:`snapshot` document (format 1 or 2)."""
-        up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data) + 1)
-        up.feed(data)
+    def _kv_chunks(self) -> list[list[Any]]:
+        """The key records, flat, in chunks bounded in records and bytes (see module doc)."""
+        chunks: list[list[Any]] = []
+        chunk: list[Any] = []
+        size = 0
+        for k, r in self.kv.items():
+            if len(chunk) >= SNAPSHOT_KV_CHUNK * 5 or size >= SNAPSHOT_KV_CHUNK_BYTES:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk += (k, r.value, r.create_revision, r.mod_revision, r.version)
+            size += len(k) + len(r.value)
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+    def restore(self, data: bytes | BinaryIO) -> None:
+        """Replace the whole state with a :meth:`snapshot` document (format 1 or 2), given as
+        bytes or as a binary file positioned at its start (read as it is decoded)."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            up = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                  max_buffer_size=len(data) + 1)
+            up.feed(data)
+        else:
+            up = msgpack.Unpacker(data, raw=False, strict_map_key=False,
+                                  read_size=_RESTORE_READ_BYTES,
+                                  max_buffer_size=_RESTORE_MAX_OBJECT_BYTES)
         doc: dict[str, Any] = {}
         kv: dict[bytes, KeyRecord] = {}
         for _ in range(up.read_map_header()):

@@ -115,6 +115,7 @@ from coordinator.raft.storage import (
 __all__ = [
     "DiskStorage", "StorageStats", "StorageError", "CorruptLogError", "CorruptSnapshotError",
     "DataDirLocked", "StorageClosed", "SnapshotOutOfDate", "Compacted", "Unavailable",
+    "SnapshotFileWriter", "write_snapshot_file", "holds_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -492,37 +493,82 @@ def _snapshot_prefix(md: SnapshotMetadata, data_len: int) -> bytes:
     return head[:-len(_bin_header(0))] + _bin_header(data_len)
 
 
+class SnapshotFileWriter:
+    """Writes one snapshot file piece by piece: ``write`` the data as it comes (a received
+    snapshot's chunks), then ``finish``, which writes the header (its CRC covers everything
+    written) and syncs; ``abort`` removes the file. The caller renames it into place
+    (:meth:`DiskStorage.save` with ``snapshot_file``, or :meth:`DiskStorage.adopt_snapshot_file`)
+    and syncs the directory. Touches no DiskStorage, so a forked snapshot process may use it.
+
+    When syncing, the file is preallocated and ``fdatasync``'d every
+    :data:`SNAPSHOT_SYNC_PIECE_BYTES` as it is written: the disk never holds more than one
+    piece of it unwritten, so a WAL fsync of any process on the same filesystem (which on ext4
+    may have to flush other files' dirty data first) waits for one piece, not a snapshot."""
+
+    def __init__(self, path: Path, md: SnapshotMetadata, data_len: int, *,
+                 sync: Callable[[int], None] | None) -> None:
+        self.path, self.data_len, self._sync = path, data_len, sync
+        prefix = _snapshot_prefix(md, data_len)
+        self._payload_len = len(prefix) + data_len
+        self._crc = zlib.crc32(prefix)
+        self._written = self._unsynced = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        try:
+            if sync is not None:
+                with contextlib.suppress(OSError):  # only an optimization (block allocation)
+                    os.posix_fallocate(self._fd, 0, _SNAP_HEADER.size + self._payload_len)
+            _write_all(self._fd, bytes(_SNAP_HEADER.size) + prefix)  # header comes last
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, piece: bytes | memoryview) -> None:
+        if self._written + len(piece) > self.data_len:
+            raise ValueError(f"snapshot data overflows its declared {self.data_len} bytes")
+        view = memoryview(piece)
+        for start in range(0, len(view), SNAPSHOT_SYNC_PIECE_BYTES):
+            part = view[start:start + SNAPSHOT_SYNC_PIECE_BYTES]
+            _write_all(self._fd, part)
+            self._crc = zlib.crc32(part, self._crc)
+            self._written += len(part)
+            self._unsynced += len(part)
+            if self._sync is not None and self._unsynced >= SNAPSHOT_SYNC_PIECE_BYTES:
+                os.fdatasync(self._fd)
+                self._unsynced = 0
+
+    def finish(self) -> None:
+        """Write the header and sync (``sync(fd)``); the file is then complete."""
+        if self._written != self.data_len:
+            raise ValueError(f"snapshot data is {self._written} bytes, not the declared "
+                             f"{self.data_len}")
+        try:
+            os.pwrite(self._fd, _SNAP_HEADER.pack(_SNAP_MAGIC, self._crc, self._payload_len), 0)
+            if self._sync is not None:
+                self._sync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 def write_snapshot_file(path: Path, md: SnapshotMetadata, data: bytes | memoryview, *,
                         sync: Callable[[int], None] | None) -> None:
-    """Write one snapshot file at ``path`` (``magic | crc32 | length | payload``, mode 0600,
-    replacing any file there), its contents made durable by ``sync(fd)`` (e.g. ``os.fsync``;
-    None: not synced); the caller renames it into place and syncs the directory. ``data`` is
-    written as it is, never copied into a payload. Touches no DiskStorage, so a forked
-    snapshot process (see ``coordinator.snapshotting``) may call it.
-
-    When syncing, the file is preallocated and written in pieces of
-    :data:`SNAPSHOT_SYNC_PIECE_BYTES`, each ``fdatasync``'d: the disk never holds more than
-    one piece of it unwritten, so a WAL fsync of any process on the same filesystem (which
-    on ext4 may have to flush other files' dirty data first) waits for one piece, not for a
-    whole snapshot."""
-    prefix = _snapshot_prefix(md, len(data))
-    crc = zlib.crc32(data, zlib.crc32(prefix))
-    head = _SNAP_HEADER.pack(_SNAP_MAGIC, crc, len(prefix) + len(data)) + prefix
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+    """Write one whole snapshot file at ``path`` (``magic | crc32 | length | payload``, mode
+    0600, replacing any file there) with :class:`SnapshotFileWriter`; ``data`` is written as
+    it is, never copied into a payload."""
+    writer = SnapshotFileWriter(path, md, len(data), sync=sync)
     try:
-        if sync is not None:
-            with contextlib.suppress(OSError):  # only an optimization (block allocation)
-                os.posix_fallocate(fd, 0, len(head) + len(data))
-        _write_all(fd, head)
-        view = memoryview(data)
-        for start in range(0, len(view), SNAPSHOT_SYNC_PIECE_BYTES):
-            _write_all(fd, view[start:start + SNAPSHOT_SYNC_PIECE_BYTES])
-            if sync is not None and start + SNAPSHOT_SYNC_PIECE_BYTES < len(view):
-                os.fdatasync(fd)
-        if sync is not None:
-            sync(fd)
-    finally:
-        os.close(fd)
+        writer.write(data)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def holds_state(data_dir: str | os.PathLike[str]) -> bool:
@@ -536,9 +582,10 @@ def holds_state(data_dir: str | os.PathLike[str]) -> bool:
     return any(_SEGMENT_RE.match(n) or _SNAP_RE.match(n) for n in names)
 
 
-def _check_snapshot_file(path: Path, index: int, term: int) -> None:
+def _check_snapshot_file(path: Path, index: int, term: int) -> ConfState:
     """Check a snapshot file's header, checksum and (index, term) without loading it whole
-    (zlib releases the GIL on large pieces); CorruptSnapshotError if anything is off."""
+    (zlib releases the GIL on large pieces) and return its membership; CorruptSnapshotError
+    if anything is off."""
     with open(path, "rb") as f:
         head = f.read(_SNAP_HEADER.size)
         if len(head) < _SNAP_HEADER.size:
@@ -555,12 +602,13 @@ def _check_snapshot_file(path: Path, index: int, term: int) -> None:
         up.feed(first)
         if up.read_array_header() != 4:
             raise ValueError("not an array of 4")
-        s_index, s_term = up.unpack(), up.unpack()
+        s_index, s_term, cs = up.unpack(), up.unpack(), _cs_from(up.unpack())
     except Exception as exc:
         raise CorruptSnapshotError(path, f"has a malformed payload ({exc})") from None
     if (s_index, s_term) != (index, term):
         raise CorruptSnapshotError(path, f"holds index {s_index} term {s_term}, not index "
                                          f"{index} term {term}")
+    return cs
 
 
 def _read_snapshot_file(path: Path, index: int, term: int) -> Snapshot:
@@ -638,7 +686,6 @@ class DiskStorage:
         self._state = _LogState()
         self._snapshot = Snapshot(SnapshotMetadata(0, 0, self._state.bootstrap), b"")
         self._keep_snapshot_data = keep_snapshot_data
-        self._loaded_data: bytes | None = None  # read at recovery, until snapshot_data()
         self._segments: list[_Segment] = []
         self._wal_fd = -1
         self._closed: str | None = None
@@ -693,14 +740,11 @@ class DiskStorage:
 
     def snapshot_data(self) -> bytes:
         """The current snapshot's data (with ``keep_snapshot_data=False``: read from its file
-        and checked, or handed over once from recovery's read)."""
+        and checked; :meth:`snapshot_data_span` streams it instead)."""
         with self._mu:
             md = self._snapshot.metadata
             if self._keep_snapshot_data or md.index == 0:
                 return self._snapshot.data
-            data, self._loaded_data = self._loaded_data, None
-            if data is not None:
-                return data
             return _read_snapshot_file(self.data_dir / _snap_name(md.index, md.term),
                                        md.index, md.term).data
 
@@ -750,8 +794,12 @@ class DiskStorage:
     # ---- durable writes -----------------------------------------------------------------
 
     def save(self, hard_state: HardState | None, entries: Sequence[Entry],
-             snapshot: Snapshot | None = None) -> None:
+             snapshot: Snapshot | None = None, snapshot_file: Path | None = None) -> None:
         """Make one Ready durable with a single WAL fsync (group commit).
+
+        ``snapshot_file``: the snapshot's file was already written there (complete, not yet
+        synced: a streamed snapshot received by :class:`SnapshotFileWriter`); it is synced and
+        renamed into place instead of writing ``snapshot.data``.
 
         Order: ``snapshot`` (installed: the log restarts after it), then ``entries`` (an
         entry at or below the last index truncates the conflicting suffix first; entries
@@ -779,8 +827,11 @@ class DiskStorage:
                 raise ValueError(f"one save encodes to {sum(map(len, records))} bytes, over "
                                  f"the {_MAX_BATCH_BYTES}-byte frame limit; save fewer "
                                  "entries at a time")
-            if snapshot is not None:
-                self._write_snapshot_file(snapshot)  # durable before the WAL references it
+            if snapshot is not None:  # durable before the WAL references it
+                if snapshot_file is not None:
+                    self._place_snapshot_file(snapshot_file, snapshot.metadata)
+                else:
+                    self._write_snapshot_file(snapshot)
             self._commit(records)
             self.stats.saves += 1
             self._apply_saved(hard_state, todo, snapshot)
@@ -942,10 +993,7 @@ class DiskStorage:
         if self._state.base_term is None:
             raise CorruptLogError(segs[0].path, 0, f"entries up to {self._state.base} are "
                                   "missing and no compaction covers them (deleted segment?)")
-        snap = self._load_snapshot()
-        self._snapshot = self._held(snap)
-        if not self._keep_snapshot_data and snap.data:
-            self._loaded_data = snap.data
+        self._snapshot = self._load_snapshot()
         self._segments = segs
         if segs:  # no O_APPEND: records go at the logical size, before any preallocated zeros
             self._wal_fd = os.open(segs[-1].path, os.O_WRONLY)
@@ -1040,6 +1088,9 @@ class DiskStorage:
                 os.unlink(p)
         if keep is None:
             return Snapshot(SnapshotMetadata(0, 0, st.bootstrap), b"")
+        if not self._keep_snapshot_data:  # checked here, streamed by whoever needs the data
+            cs = _check_snapshot_file(self.data_dir / keep, st.snap_index, st.snap_term)
+            return Snapshot(SnapshotMetadata(st.snap_index, st.snap_term, cs), b"")
         return _read_snapshot_file(self.data_dir / keep, st.snap_index, st.snap_term)
 
     # ---- the write path -----------------------------------------------------------------
@@ -1197,7 +1248,6 @@ class DiskStorage:
                 st.snap_index, st.snap_term = md.index, md.term
                 st.reset_to(md.index, md.term)
                 self._snapshot = self._held(snapshot)
-                self._loaded_data = None
             if todo:
                 st.truncate_from(todo[0].index)
                 st.extend(todo)
@@ -1216,6 +1266,15 @@ class DiskStorage:
         write_snapshot_file(tmp, md, snap.data,
                             sync=lambda fd: self._fsync_fd(fd, "snapshot"))
         os.replace(tmp, self.data_dir / _snap_name(md.index, md.term))
+        self._fsync_dir()
+
+    def _place_snapshot_file(self, path: Path, md: SnapshotMetadata) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._fsync_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        os.replace(path, self.data_dir / _snap_name(md.index, md.term))
         self._fsync_dir()
 
     def _remove_stale_snapshots(self) -> None:

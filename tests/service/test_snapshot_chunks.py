@@ -285,7 +285,15 @@ def test_server_steps_a_reassembled_snapshot_and_survives_garbage(server) -> Non
     for f in frames:
         server._on_peer_message(LEADER, f)
     server._on_peer_message(LEADER, encode_message(Message(MessageType.HEARTBEAT, ME, LEADER, 4)))
-    assert stepped[0] == m and stepped[1].type == MessageType.HEARTBEAT and len(stepped) == 2
+    # The data was spooled to a file in the storage's format (not kept in memory): the
+    # stepped message carries the metadata, and the file the data, for the storage to adopt.
+    md = m.snapshot.metadata
+    assert stepped[0] == dataclasses.replace(m, snapshot=Snapshot(md, b""))
+    assert stepped[1].type == MessageType.HEARTBEAT and len(stepped) == 2
+    spooled = server._reassembler.take_file(md.index, md.term)
+    assert spooled is not None and server._reassembler.take_file(md.index, md.term) is None
+    server.storage.save(None, [], stepped[0].snapshot, snapshot_file=spooled)
+    assert server.storage.snapshot_data() == m.snapshot.data and not spooled.exists()
     st = server.stats
     assert st["snapshots_reassembled"] == 1
     assert st["snapshot_chunks_malformed"] == len(_malformed_frames()) + 1

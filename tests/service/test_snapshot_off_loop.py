@@ -31,7 +31,12 @@ SNAPSHOT_BYTES = 24 << 20  # so each node snapshots every ~24 puts of 1 MB
 
 @pytest.mark.slow
 def test_large_snapshots_under_writes_cause_no_election(make_cluster, wait_for) -> None:
-    cluster = make_cluster(extra_args=["--snapshot-bytes", str(SNAPSHOT_BYTES),
+    # An election timeout of 300-600 ms (twice the default): on a shared 2-core machine with
+    # a load average of 15+ a process alone can wait 150 ms for a core. The code before
+    # this change (one inline snapshot of 40 MB) still elected a new leader in 2 of 2 runs
+    # with it.
+    cluster = make_cluster(election_tick=20,
+                           extra_args=["--snapshot-bytes", str(SNAPSHOT_BYTES),
                                        "--keep-bytes-after-snapshot", str(4 << 20)])
     leader = cluster.leader()
     terms = {i: cluster.status(i)["term"] for i in cluster.node_ids}
