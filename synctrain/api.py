@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numbers
+import types
 from typing import Any
 
 import torch
 
 from synctrain import context as _context
+from synctrain import loopchecks as _checks
 from synctrain.context import TrainContext, get_context
 from synctrain.data import shard_data_loader
 
@@ -32,13 +34,17 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
 
     Sync mode returns a DistributedDataParallel wrapper (the original is ``.module``);
     async mode returns the model with parameter-server pulls wired in. Outside a Trainer the
-    model is returned unchanged.
+    model is returned unchanged. Each model is prepared once (a second time is a ConfigError);
+    several different models may be prepared in sync mode.
     """
     session = _context.current_session()
     if session is None or session.strategy is None:
         return model
+    checks = _checks.for_session(session)
+    checks.before_prepare_model(model)
     prepared = session.strategy.prepare_model(model)
     session.add_model(prepared)  # loads restored state when the job resumes
+    checks.after_prepare_model(model, prepared)
     return prepared
 
 
@@ -49,9 +55,25 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> Any:
     session = _context.current_session()
     if session is None or session.strategy is None:
         return optimizer
+    checks = _checks.for_session(session)
+    checks.before_prepare_optimizer(optimizer)
     prepared = session.strategy.prepare_optimizer(optimizer)
     session.add_optimizer(prepared)  # loads restored state when the job resumes
+    checks.after_prepare_optimizer(optimizer, prepared)
+    _check_before_step(prepared, checks)
     return prepared
+
+
+def _check_before_step(optimizer: Any, checks: _checks.LoopChecks) -> None:
+    """Have ``optimizer.step`` run the loop checks first (they act on the job's first step
+    only). The instance keeps its type; LR schedulers wrap this ``step`` in turn."""
+    inner = optimizer.step
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        checks.before_step()
+        return inner(*args, **kwargs)
+
+    optimizer.step = types.MethodType(step, optimizer)
 
 
 def prepare_data_loader(loader: torch.utils.data.DataLoader) -> Any:
@@ -100,6 +122,8 @@ def report(metrics: dict[str, Any]) -> None:
     if session is None:
         _context.local_reports().append(clean)
         return
+    if session.strategy is not None:
+        _checks.for_session(session).on_report()  # a model trained without a prepared optimizer
     session.add_report(clean)
 
 

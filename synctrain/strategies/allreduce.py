@@ -86,7 +86,34 @@ class SyncDistributedDataParallel(DistributedDataParallel):
         accum = self._synctrain_accum
         if accum is not None:
             self.require_backward_grad_sync = accum.syncs_this_micro_step()
-        return super().forward(*args, **kwargs)
+        try:
+            return super().forward(*args, **kwargs)
+        except RuntimeError as exc:  # DistBackendError too
+            explained = _explained_forward_timeout(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
+
+
+#: Says why a collective inside the prepared model's forward timed out (issue 15, point 14).
+FORWARD_TIMEOUT_HINT = (
+    "synctrain: this timed out inside the forward of the model prepare_model returned, where DDP "
+    "broadcasts rank 0's buffers (BatchNorm's running statistics, say) to every rank: each forward "
+    "through the prepared model of a model with buffers is a collective that every rank must join. "
+    "The likely cause: evaluating on some ranks only (rank 0's validation, say) through the prepared "
+    "model; the others never join and this rank waits until collective_timeout_s. Evaluate through "
+    "the unwrapped model, model.module(x), or on every rank.")
+
+
+def _explained_forward_timeout(exc: RuntimeError) -> RuntimeError:
+    """``exc`` itself, or for a collective timeout the same error type with the likely cause."""
+    text = str(exc)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return exc
+    try:
+        return type(exc)(f"{text}\n{FORWARD_TIMEOUT_HINT}")
+    except Exception:  # noqa: BLE001 - a type that takes other arguments: a plain RuntimeError
+        return RuntimeError(f"{text}\n{FORWARD_TIMEOUT_HINT}")
 
 
 @register
@@ -179,6 +206,10 @@ class AllReduceStrategy(Strategy):
 
     # ---- the user's objects ------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(model, DistributedDataParallel):
+            raise ConfigError(
+                "prepare_model was given a DistributedDataParallel: prepare_model wraps the model in DDP "
+                "itself, and DDP inside DDP would synchronise twice. Pass the plain model (ddp.module)")
         model = model.to(self.context.device)
         check_same_model(model, self.context.rank, self.context.world_size)
         buffer_sync: dict[str, Any] = {_BUFFER_SYNC_KWARG: bool(self.options["broadcast_buffers"])}

@@ -86,7 +86,7 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from synctrain import context as _context
-from synctrain.errors import ModelMismatchError
+from synctrain.errors import ConfigError, ModelMismatchError
 from synctrain.ps import ipc, shm
 from synctrain.ps.errors import NonFiniteGradientError, ParameterServerError, StalenessTimeoutError
 from synctrain.ps.layout import FlatLayout
@@ -268,7 +268,9 @@ class ParameterServerStrategy(Strategy):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.model is not None:
-            raise RuntimeError("prepare_model was called twice; call it once per worker")
+            raise ConfigError("mode='async' trains one model per worker, and prepare_model was called a "
+                              "second time: prepare the model once (to train several models together, "
+                              "such as a GAN's two, use mode='sync')")
         model = model.to(self.context.device)
         layout = FlatLayout.of(model)
         if layout.dtype not in _NUMPY_DTYPES:
@@ -408,7 +410,8 @@ class ParameterServerStrategy(Strategy):
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if self.layout is None:
-            raise RuntimeError("call prepare_model before prepare_optimizer")
+            raise ConfigError("mode='async': call prepare_model before prepare_optimizer (the optimizer is "
+                              "rebuilt on the parameter server over the prepared model's parameters)")
         recipe = OptimizerRecipe.of(optimizer, self._params)
         _get([s.set_optimizer.remote(self.spec.job_id, self.context.rank, recipe,
                                      self.layout.segments(a, b, recipe.group_of))
