@@ -113,7 +113,9 @@ def report(metrics: dict[str, Any]) -> None:
     """Record metrics for this step. Rank 0's reports become ``Result.metrics``.
 
     Values must be plain numbers or strings (tensors of one element are converted). Each
-    record gets ``"step"``: the number of optimizer steps taken so far, unless given.
+    record gets ``"step"``: the number of optimizer steps taken so far, unless given. A
+    ``"total_steps"`` value (the optimizer steps the loop will take, e.g. ``epochs *
+    len(loader)``) gives the driver's progress bar its total and ETA.
     """
     if not isinstance(metrics, dict):
         raise TypeError(f"report takes a dict of metrics, got {type(metrics).__name__}")
