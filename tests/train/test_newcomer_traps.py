@@ -78,6 +78,26 @@ def test_point11_async_without_prepare_optimizer_is_a_configuration_error(ray_se
     assert len(info.value.failures) <= 2  # the first failure gave up (one record per rank at most)
 
 
+def test_point11_a_loop_that_never_reports_is_stopped_at_its_second_backward():
+    from synctrain.context import Session, TrainContext
+    from synctrain.loopchecks import for_session
+
+    session = Session(TrainContext(mode="async", world_size=2), strategy=None)
+    model = nn.Linear(3, 1)
+    for_session(session).after_prepare_model(model, model)
+    model(torch.randn(2, 3)).sum().backward()  # one backward may precede prepare_optimizer
+    with pytest.raises(ConfigError, match="prepare_optimizer"):
+        model(torch.randn(2, 3)).sum().backward()
+    covered = nn.Linear(3, 1)  # with a prepared optimizer over it, nothing is watched
+    checks = for_session(Session(TrainContext(mode="async", world_size=2), strategy=None))
+    checks.after_prepare_model(covered, covered)
+    opt = torch.optim.SGD(covered.parameters(), lr=0.1)
+    checks.after_prepare_optimizer(opt, opt)
+    for _ in range(3):
+        covered(torch.randn(2, 3)).sum().backward()
+    assert checks.watches == [] and not covered.weight._post_accumulate_grad_hooks
+
+
 def sync_without_prepare_optimizer(config):
     torch.manual_seed(synctrain.get_context().rank)
     with warnings.catch_warnings(record=True) as caught:
