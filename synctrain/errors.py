@@ -11,6 +11,10 @@ class ConfigError(SynctrainError, ValueError):
     """The Trainer was given arguments it cannot run with; nothing was started."""
 
 
+class ResultNotPicklableError(ConfigError, TypeError):
+    """The training loop returned a value that cannot be sent back to the driver."""
+
+
 class JobExistsError(ConfigError):
     """``job_name`` names a job that already exists under ``storage_path``; nothing was touched."""
 
@@ -30,6 +34,7 @@ class TrainingFailedError(SynctrainError):
         self.remote_traceback = remote_traceback
         self.exc_type = exc_type
         self.failures = list(failures or [])
+        self.metrics: list[dict] = []  # rank 0's committed reports until the job failed
         super().__init__(message or (
             f"the training loop raised {exc_type} on rank {rank}; the other workers were stopped.\n"
             f"Traceback from rank {rank}:\n{remote_traceback}"

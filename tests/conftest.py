@@ -62,8 +62,10 @@ def ray_session():
         # GPUs counted by torch, not left to Ray's detection (which reads NVML and may find none
         # in a container where CUDA works).
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ray.init(num_cpus=RAY_NUM_CPUS, num_gpus=gpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        # address="local": a private Ray, never a test cluster (ray.cluster_utils) another test
+        # left running or a `ray start` one
+        ray.init(address="local", num_cpus=RAY_NUM_CPUS, num_gpus=gpus, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
         started = True
     yield ray
     if started:

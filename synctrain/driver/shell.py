@@ -57,7 +57,8 @@ SURVIVOR_STOP_S = 60.0
 #: Tries at restarting a dead coordinator node before giving up on it (the others keep serving).
 NODE_RESTART_TRIES = 3
 #: Loop errors that would fail again on a retry: raised at once.
-FATAL_EXC_TYPES = ("ConfigError", "ModelMismatchError", "DriverObjectLoadError", "JobExistsError")
+FATAL_EXC_TYPES = ("ConfigError", "ModelMismatchError", "DriverObjectLoadError", "JobExistsError",
+                   "ResultNotPicklableError")
 
 
 @dataclass
@@ -469,6 +470,20 @@ class JobShell:
         self._awaiting = keep
 
     def _give_up(self, failures: list[Failure], decision: Decision) -> None:
+        try:
+            self._give_up_raise(failures, decision)
+        except TrainingFailedError as exc:
+            exc.metrics = self._committed_metrics()  # what the job reported before it failed
+            raise
+
+    def _committed_metrics(self) -> list[dict[str, Any]]:
+        try:
+            reports = [r for r in self.log.records("reports") if not r.get("superseded")]
+        except Exception:  # noqa: BLE001 - the error itself matters more
+            return []
+        return [dict(r["metrics"]) for r in sorted(reports, key=lambda r: r["seq"])]
+
+    def _give_up_raise(self, failures: list[Failure], decision: Decision) -> None:
         history = self.history()
         root = next((f for f in failures if f.kind != "coordinator_node_died"), failures[0])
         if root.kind in ("died", "stalled"):

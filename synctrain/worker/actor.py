@@ -27,6 +27,7 @@ import torch
 from synctrain import checkpoint as ckpt
 from synctrain import context as _context
 from synctrain.context import Session, TrainContext
+from synctrain.errors import ResultNotPicklableError
 from synctrain.spec import JobSpec
 from synctrain.strategies.base import get_strategy_class
 from synctrain.worker.step import StepBoundary, StepLogConfig, capture
@@ -221,7 +222,7 @@ def _check_picklable(value: Any, rank: int) -> None:
     try:
         ray.cloudpickle.dumps(value)
     except Exception as exc:
-        raise TypeError(
+        raise ResultNotPicklableError(
             f"the training loop on rank {rank} returned a {type(value).__name__} that cannot be "
             f"pickled ({exc}); return plain values (numbers, dicts, tensors, state_dicts)"
         ) from exc

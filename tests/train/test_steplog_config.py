@@ -107,3 +107,19 @@ def test_a_finished_job_name_is_refused_and_left_alone(ray_session, tmp_path):
     assert oct((job_dir / "coordinator" / "token").stat().st_mode & 0o777) == "0o600"
     assert "token" not in repr(synctrain.Trainer(tiny_loop, storage_path=str(tmp_path)))
     assert os.environ.get("SYNCTRAIN_STORAGE_PATH")  # the suite keeps jobs out of ~
+
+
+def unpicklable_result_loop(config):
+    import threading
+
+    tiny_loop(config)
+    return threading.Lock()
+
+
+def test_a_result_that_cannot_be_pickled_fails_at_once_keeping_the_metrics(ray_session, tmp_path):
+    with pytest.raises(synctrain.TrainingFailedError) as info:
+        synctrain.Trainer(unpicklable_result_loop, num_workers=2, use_gpu=False, progress=False,
+                          storage_path=str(tmp_path), job_name="unpicklable").fit()
+    assert info.value.exc_type == "ResultNotPicklableError" and "cannot be pickled" in str(info.value)
+    assert len(info.value.failures) >= 1 and info.value.failures[-1]["recovery"] == "none"
+    assert len(info.value.metrics) == 3, "rank 0's committed reports survive the failure"
