@@ -132,8 +132,10 @@ def run(name: str, mode: str | None, config: dict[str, Any], **options: Any) -> 
         elapsed = out["curve"][-1][0]
         outputs, info = [out], {}
     else:
+        # step_log=False: this compares the consistency modes; the step log's own cost is
+        # benchmarks/steplog_overhead.py's subject
         result = synctrain.Trainer(bench_loop, num_workers=2, mode=mode, use_gpu=False, progress=False,
-                                   config=config, **options).fit()
+                                   config=config, step_log=False, **options).fit()
         outputs, info, elapsed = result.outputs, result.strategy_info, result.elapsed_s
     curve = outputs[0]["curve"]
     hit = next(((t, n) for t, n, acc in curve if acc >= TARGET_ACC), (None, None))

@@ -110,7 +110,7 @@ def run_synctrain(shards: int, steps: int, pull_every: int, pipeline: bool, tran
     result = synctrain.Trainer(synctrain_loop, num_workers=2, mode="async", staleness=None,
                                num_ps_shards=shards, pull_every=pull_every, pipeline=pipeline,
                                transport=transport, use_gpu=False, progress=False,
-                               config={"steps": steps}).fit()
+                               config={"steps": steps}, step_log=False).fit()
     name = "synctrain async" + (", pipeline" if pipeline else "") + (
         f", pull_every={pull_every}" if pull_every > 1 else "") + (", via Ray" if transport == "ray" else "")
     return summarize(name, result.outputs,

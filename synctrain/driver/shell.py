@@ -97,6 +97,8 @@ class JobShell:
         self.failure_log: list[dict[str, Any]] = []
         self._awaiting: list[tuple[int, float, int, int | None]] = []  # failure idx, t, start, rank
         self._restarting: set[int] = set()
+        self.bookkeeper = _FailureBook(StepLog(list(steplog_cfg.endpoints), steplog_cfg.token,
+                                               steplog.job, timeout_s=2.0))
         self._restart_threads: list[threading.Thread] = []
         self._next_report = 0
         self.zombies: list[Any] = []
@@ -114,6 +116,7 @@ class JobShell:
                 self._check_coordinator(wait_s=5.0, restart_now=True)  # a node lost near the end
                 for thread in self._restart_threads:  # restarts under way: let them finish
                     thread.join(120)
+                self.bookkeeper.flush(timeout_s=120.0)
                 return [self.ranks[r].outcome or {} for r in sorted(self.ranks)]
             self._recover(failures)
 
@@ -436,22 +439,16 @@ class JobShell:
 
     # ---- bookkeeping -------------------------------------------------------------------
     def _record_failure(self, f: Failure, decision: Decision) -> int:
+        """Keep the failure and have the bookkeeper commit it (the coordinator may be the
+        thing that failed: the record waits until it can be written). Returns its handle."""
         record = {"generation": self.generation, "rank": f.rank, "kind": f.kind, "step": f.step,
                   "time": time.time(), "recovery": decision.recovery, "recovery_s": None,
                   "detail": f.detail[:500]}
         self.failure_log.append(record)
-        try:
-            return self.log.failure(record)
-        except Exception as exc:  # noqa: BLE001 - the record is also kept driver-side
-            log.warning("could not record a failure in the step log: %s", exc)
-            return -1
+        return self.bookkeeper.add(record)
 
-    def _annotate(self, index: int, recovery_s: float) -> None:
-        if index >= 0:
-            try:
-                self.log.annotate_failure(index, {"recovery_s": round(recovery_s, 3)})
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not annotate failure %d: %s", index, exc)
+    def _annotate(self, handle: int, recovery_s: float) -> None:
+        self.bookkeeper.annotate(handle, round(recovery_s, 3))
 
     def _note_recoveries(self) -> None:
         """A recovery is over when the new generation has committed a step past its start."""
@@ -497,17 +494,93 @@ class JobShell:
                                        f"rank {root.rank}.\n{tb}")
 
     def history(self) -> list[dict[str, Any]]:
-        try:
-            return self.log.records("failures")
-        except Exception:  # noqa: BLE001 - the driver's own copy
-            return [f for f in self.failure_log if f.get("kind") != "checkpoint_corrupt"]
+        self.bookkeeper.flush(timeout_s=10.0)
+        return self.bookkeeper.records()
 
     def shutdown(self) -> None:
+        self.bookkeeper.stop()
         for r in self.ranks.values():
             if r.actor is not None:
                 _kill(r.actor)
         for z in self.zombies:
             _kill(z)
+
+
+class _FailureBook(threading.Thread):
+    """Commits failure records (and their recovery time) to the step log in order, from its
+    own thread and client, retrying while the coordinator cannot commit — so neither a
+    coordinator outage nor a slow commit holds up the driver's watch loop."""
+
+    def __init__(self, steplog: StepLog) -> None:
+        super().__init__(name="failure-book", daemon=True)
+        self.log = steplog
+        self.lock = threading.Condition()
+        self.entries: list[dict[str, Any]] = []  # {"record", "index" (in the log), "dirty"}
+        self.stopping = False
+        self.start()
+
+    def add(self, record: dict[str, Any]) -> int:
+        with self.lock:
+            self.entries.append({"record": dict(record), "index": None, "dirty": False})
+            self.lock.notify_all()
+            return len(self.entries) - 1
+
+    def annotate(self, handle: int, recovery_s: float) -> None:
+        with self.lock:
+            entry = self.entries[handle]
+            entry["record"]["recovery_s"] = recovery_s
+            entry["dirty"] = entry["index"] is not None
+            self.lock.notify_all()
+
+    def records(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(e["record"]) for e in self.entries]
+
+    def pending(self) -> bool:
+        return any(e["index"] is None or e["dirty"] for e in self.entries)
+
+    def flush(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            self.lock.notify_all()
+            while self.pending() and time.monotonic() < deadline:
+                self.lock.wait(0.2)
+            return not self.pending()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        self.join(5)
+        self.log.close()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending() and not self.stopping:
+                    self.lock.wait(0.5)
+                if self.stopping:
+                    return
+                work = [(i, dict(e["record"]), e["index"]) for i, e in enumerate(self.entries)
+                        if e["index"] is None or e["dirty"]]
+            for i, record, index in work:
+                try:
+                    if index is None:
+                        index = self.log.failure(record)
+                    else:
+                        self.log.annotate_failure(index, {"recovery_s": record["recovery_s"]})
+                except Exception as exc:  # noqa: BLE001 - the coordinator may be down: later
+                    log.info("failure record not committed yet (%s); retrying", exc)
+                    time.sleep(0.5)
+                    break
+                with self.lock:
+                    entry = self.entries[i]
+                    written = entry["index"] is None
+                    entry["index"] = index
+                    # annotated while it was being written: one more write
+                    entry["dirty"] = (not written and entry["record"]["recovery_s"] != record["recovery_s"]) \
+                        or (written and entry["record"]["recovery_s"] != record["recovery_s"])
+                    self.lock.notify_all()
 
 
 # ---------------------------------------------------------------------------- helpers
