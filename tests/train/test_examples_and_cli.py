@@ -14,6 +14,7 @@ import ray.cloudpickle
 
 import synctrain
 from synctrain.cli import main as cli_main
+from synctrain.trainer import DEFAULT_MAX_UNCOMMITTED_STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +90,31 @@ def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
     assert {r["name"] for r in conv["runs"]} >= {"sync + straggler", "async s=2 + straggler"}
     assert all(len(r["times_to_95_s"]) == 2 for r in conv["runs"] if r["mode"] != "single")
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_steplog_overhead_benchmark_quick_mode_writes_results(ray_session, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steplog_overhead.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "steplog_overhead.json").read_text())
+    variants = [r["variant"] for r in data["throughput"]]
+    assert variants == ["step_log=False", f"K={DEFAULT_MAX_UNCOMMITTED_STEPS} (default)"]
+    assert all(r["samples_per_s"] > 0 for r in data["throughput"])
+    # The step-logged run committed every optimizer step to the log, the plain one none.
+    runs = {r["variant"]: r for r in data["rounds"][0]}
+    assert runs["step_log=False"]["committed_steps"] == 0
+    logged = runs[variants[1]]
+    assert logged["committed_steps"] == logged["steps"][0] > 0
+    # The leader kill: no new generation, commits resumed (the stall was measured).
+    (leader,) = data["faults"]
+    assert leader["fault"] == "leader kill" and leader["generations"] == 1
+    assert leader["commit_stall_s"] is not None and leader["commit_stall_s"] > 0
+    assert data["verdict"]["overhead_at_default_K"]["met"] in (True, False)
+    assert "| model | mode | variant |" in (tmp_path / "steplog_overhead.md").read_text()
+    assert (tmp_path / "steplog_overhead.png").stat().st_size > 0
 
 
 JOIN_SCRIPT = """

@@ -1,0 +1,553 @@
+"""Step-log overhead and recovery time: training with and without the quorum-committed step log.
+
+    python benchmarks/steplog_overhead.py [--rounds 2] [--quick] [--out DIR] [--num-cpus 4]
+    python benchmarks/steplog_overhead.py --render benchmarks/results/steplog_overhead.json
+
+Three measurements, side by side in one run (one local Ray, started once):
+
+1. *Overhead.* Samples/s of training, 2 workers x batch 32 on digits, for ``step_log=False``
+   (the job runs as before the step log existed), K = ``max_uncommitted_steps`` = 0 (every
+   step waits for its own Raft commit), 8, the default K (``DEFAULT_MAX_UNCOMMITTED_STEPS``)
+   and 128, for the digits MLP (``examples/digits.py``) and the compute-heavy convnet of
+   ``benchmarks/convergence.py`` (``--model conv``), in sync mode and in async mode
+   (``staleness=2``). Step-logged runs keep every other default (``checkpoint_every=100``:
+   the automatic checkpoints are part of what the log costs). Job start-up is left out: each
+   rank times its own loop from its 6th step to its last, and the job's samples/s is the sum
+   over ranks of samples / seconds. The variants run interleaved, in a rotated order each
+   round, so drift on a shared machine hits all alike; each cell is the median of the rounds,
+   and the overhead of a variant is the median over rounds of 1 - samples/s / samples/s
+   without the log *of the same round*.
+2. *Recovery from a worker kill* (sync and async, the MLP): rank 1's loop writes
+   ``time.time()`` to a file and SIGKILLs its own process at a chosen step of generation 1.
+   Reported: kill -> the failure's record (``Result.failures``: detection), kill -> the first
+   committed step record of generation 2 (``Result.steps``; a record's ``time`` is the
+   worker's step time), the driver's own ``recovery_s``, kill -> the replacement worker's
+   first step, and the longest gaps between two increases of the committed step (see 3) and
+   between two committed steps' times after the kill. In async mode the survivors never stop,
+   so commits go on; the new generation is committed once the replacement's process is up.
+3. *Stalled commits on a leader kill* (sync, the MLP): rank 0's loop SIGKILLs the embedded
+   coordinator's leader at a chosen step. A thread of this process polls the job's committed
+   ``last_step`` (linearizable reads) every 10 ms; the stall is the time from the kill until
+   it next increases, and the longest gap between two increases around the kill is reported
+   beside it. With K = 256 the workers never wait on the log during the stall; with the
+   default K they may, which the longest gap between two step records' times shows.
+
+Targets (issue 11): overhead <= 3% at the default K; <= 10 s from a worker kill to the first
+committed step of the new generation; <= 1 s of stalled commits on a leader kill.
+
+The faults run once, after the first round. Writes benchmarks/results/steplog_overhead.{json,
+md,png} after every stage, so a run cut short on a busy machine still leaves its results (the
+JSON's meta says how many rounds were done); ``--render`` writes the markdown and the plot
+again from a stored JSON. ``--quick`` (the smoke test): one round, the MLP in sync mode without
+the log and at the default K, a leader kill, a few epochs, into a temp directory unless
+``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.nn.functional as F
+from _common import init_ray
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+from convergence import build_model  # noqa: E402
+from digits import load_digits_split  # noqa: E402
+
+import synctrain  # noqa: E402
+from synctrain.trainer import DEFAULT_MAX_UNCOMMITTED_STEPS  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BATCH = 32
+LR = 0.05  # SGD, momentum 0.9
+WORKERS = 2
+WARMUP_STEPS = 5  # per rank, left out of the timing (first collectives, first pushes)
+STALENESS = 2
+TARGET_OVERHEAD = 0.03
+TARGET_WORKER_RECOVERY_S = 10.0
+TARGET_LEADER_STALL_S = 1.0
+LEADER_KILL_K = 256  # workers never wait on the log during an election
+POLL_INTERVAL_S = 0.01
+MAX_OBSERVATIONS = 200_000  # committed-step increases the watcher keeps (one per increase)
+#: Epochs per model in a throughput run (23 steps each; the MLP's steps are ~10x shorter):
+#: every run crosses at least one automatic checkpoint (every 100 steps).
+EPOCHS = {"mlp": 20, "conv": 5}
+QUICK_EPOCHS = {"mlp": 2, "conv": 1}
+#: MLP epochs of a fault run (training goes on for seconds after the fault, long enough for
+#: the driver to see a dead coordinator node, and in async mode for rank 0, which never stops,
+#: to be still training when the replacement joins) and the step of generation 1 the fault hits.
+FAULT_EPOCHS, ASYNC_FAULT_EPOCHS, FAULT_STEP = 30, 60, 60
+QUICK_FAULT_EPOCHS, QUICK_FAULT_STEP = 3, 30
+
+
+def variants() -> list[tuple[str, dict[str, Any]]]:
+    """(name, Trainer keywords): without the log, then K = 0, 8, the default, 128."""
+    ks = sorted({0, 8, DEFAULT_MAX_UNCOMMITTED_STEPS, 128})
+    return [("step_log=False", {"step_log": False})] + [
+        (f"K={k}" + (" (default)" if k == DEFAULT_MAX_UNCOMMITTED_STEPS else ""), {"max_uncommitted_steps": k})
+        for k in ks]
+
+
+# ---- the training loop (runs in the workers) ---------------------------------------------
+def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Digits with SGD; each rank times its own steps after warm-up; ``config["fault"]`` injects."""
+    ctx = synctrain.get_context()
+    train_x, train_y, _, _ = load_digits_split()
+    torch.manual_seed(0)
+    model = synctrain.prepare_model(build_model(config["model"]))
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
+    loader = synctrain.prepare_data_loader(
+        DataLoader(TensorDataset(train_x, train_y), batch_size=BATCH, shuffle=True))
+    fault = config.get("fault")
+    step, timed, samples, started = ctx.start_step, 0, 0, time.monotonic()
+    for _ in range(config["epochs"]):
+        for x, y in loader:
+            if timed == WARMUP_STEPS:
+                samples, started = 0, time.monotonic()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step, timed, samples = step + 1, timed + 1, samples + len(x)
+            if fault is not None:
+                inject(fault, ctx, step, first=timed == 1)
+    return {"rank": ctx.rank, "generation": ctx.generation, "steps": step,
+            "samples": samples if timed > WARMUP_STEPS else 0,
+            "elapsed_s": time.monotonic() - started}
+
+
+def inject(fault: dict[str, Any], ctx: synctrain.TrainContext, step: int, first: bool) -> None:
+    """The fault on its rank at its step of generation 1; later generations note their start."""
+    marks = Path(fault["marks"])
+    if first and ctx.generation > 1:
+        _note(marks / f"first-step-g{ctx.generation}-r{ctx.rank}", time.time())
+    if ctx.generation != 1 or ctx.rank != fault["rank"] or step != fault["step"]:
+        return
+    if fault["kind"] == "kill_worker":
+        _note(marks / "kill", time.time())
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault["kind"] == "kill_leader":
+        pid = coordinator_leader_pid()
+        _note(marks / "kill", time.time())
+        os.kill(pid, signal.SIGKILL)
+
+
+def _note(path: Path, t: float) -> None:
+    path.write_text(repr(t))
+
+
+def coordinator_leader_pid() -> int:
+    """The pid of the embedded coordinator's leader, asked of each node in turn."""
+    from coordinator.client import Client
+
+    session = synctrain.context.current_session()
+    assert session is not None and session.stepper is not None, "a step-logged worker only"
+    cfg = session.stepper.cfg
+    for _ in range(100):  # an election may be under way: ask again
+        for endpoint in cfg.endpoints:
+            with Client([endpoint], token=cfg.token, timeout_s=2.0) as client:
+                status = client.status(endpoint)
+            if status.get("role") == "leader":
+                return int(status["pid"])
+        time.sleep(0.05)
+    raise RuntimeError("no coordinator leader found in 5 s")
+
+
+# ---- watching the committed step from the driver -------------------------------------------
+class CommitWatcher(threading.Thread):
+    """Polls the job's committed ``last_step`` every 10 ms; keeps ``(time, last_step)`` at each
+    increase. Starts reading once the job's coordinator files exist (written by ``fit``)."""
+
+    def __init__(self, storage: Path, job_name: str) -> None:
+        super().__init__(name=f"commit-watcher-{job_name}", daemon=True)
+        self.job_dir = storage / job_name
+        self.job_name = job_name
+        self.increases: deque[tuple[float, int]] = deque(maxlen=MAX_OBSERVATIONS)
+        self.failed_reads = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from synctrain.driver.coord import read_job_coordinator
+        from synctrain.steplog import StepLog
+
+        while not self.stopping.is_set():
+            try:
+                if (self.job_dir / "coordinator" / "endpoints").read_text().endswith("\n"):
+                    endpoints, token = read_job_coordinator(self.job_dir)
+                    break
+            except OSError:
+                pass
+            self.stopping.wait(POLL_INTERVAL_S)
+        else:
+            return
+        log = StepLog(endpoints, token, self.job_name, timeout_s=2.0)
+        last = None
+        try:
+            while not self.stopping.wait(POLL_INTERVAL_S):
+                try:
+                    step = int(log.job_info()["last_step"])
+                except Exception:  # noqa: BLE001 - not created yet, an election, the end of the job
+                    self.failed_reads += 1
+                    continue
+                if step != last:
+                    self.increases.append((time.time(), step))
+                    last = step
+        finally:
+            log.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10.0)
+
+
+def commit_stall(increases: list[tuple[float, int]], kill_t: float, window_s: float = 10.0,
+                 ) -> tuple[float | None, float | None]:
+    """(kill -> the next increase of the committed step, the longest gap between two increases
+    that ends after the kill and starts at most ``window_s`` after it). None: none seen."""
+    after = [t for t, _ in increases if t > kill_t]
+    stall = after[0] - kill_t if after else None
+    times = [t for t, _ in increases]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > kill_t and a < kill_t + window_s]
+    return stall, (max(gaps) if gaps else None)
+
+
+# ---- one job -------------------------------------------------------------------------------
+def fit(storage: Path, label: str, model: str, mode: str, epochs: int, options: dict[str, Any],
+        fault: dict[str, Any] | None = None) -> tuple[synctrain.Result, CommitWatcher | None]:
+    name = f"{label}-{uuid.uuid4().hex[:6]}".replace("=", "").replace(" ", "-").replace("(", "").replace(")", "")
+    mode_options: dict[str, Any] = {"staleness": STALENESS} if mode == "async" else {}
+    config: dict[str, Any] = {"model": model, "epochs": epochs}
+    if fault is not None:
+        config["fault"] = fault
+    watcher = CommitWatcher(storage, name) if fault is not None else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        result = synctrain.Trainer(bench_loop, num_workers=WORKERS, mode=mode, use_gpu=False, progress=False,
+                                   storage_path=str(storage), job_name=name, config=config,
+                                   **mode_options, **options).fit()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    return result, watcher
+
+
+def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
+               options: dict[str, Any]) -> dict[str, Any]:
+    print(f"-- {model} {mode} {name}", flush=True)
+    result, _ = fit(storage, f"{model}-{mode}-{name}", model, mode, epochs, options)
+    outs = result.outputs
+    return {"model": model, "mode": mode, "variant": name,
+            "samples_per_s": sum(o["samples"] / o["elapsed_s"] for o in outs),
+            "timed_s": max(o["elapsed_s"] for o in outs), "steps": [o["steps"] for o in outs],
+            "committed_steps": len(result.steps), "fit_s": result.elapsed_s}
+
+
+def worker_kill(storage: Path, mode: str, epochs: int, at_step: int) -> dict[str, Any]:
+    print(f"-- recovery: kill -9 rank 1 in {mode} mode", flush=True)
+    marks = Path(tempfile.mkdtemp(prefix="marks-", dir=storage))
+    fault = {"kind": "kill_worker", "rank": 1, "step": at_step, "marks": str(marks)}
+    result, watcher = fit(storage, f"kill-worker-{mode}", "mlp", mode, epochs, {}, fault)
+    kill_t = float((marks / "kill").read_text())
+    gen2 = [s["time"] for s in result.steps if s["generation"] == 2]
+    died = [f for f in result.failures if f["kind"] == "died"]
+    replacement = marks / "first-step-g2-r1"
+    assert watcher is not None
+    _, gap = commit_stall(list(watcher.increases), kill_t)
+    return {"fault": "worker kill", "mode": mode, "K": DEFAULT_MAX_UNCOMMITTED_STEPS, "at_step": at_step,
+            "first_committed_step_s": min(gen2) - kill_t if gen2 else None,
+            "failure_recorded_s": died[0]["time"] - kill_t if died else None,
+            "driver_recovery_s": died[0].get("recovery_s") if died else None,
+            "replacement_first_step_s": float(replacement.read_text()) - kill_t if replacement.exists() else None,
+            "longest_commit_gap_s": gap, "longest_step_gap_s": step_gap(result, kill_t),
+            "generations": len(result.generations),
+            "failures": [f["kind"] for f in result.failures], "redone_steps": result.redone_steps,
+            "committed_steps": len(result.steps)}
+
+
+def leader_kill(storage: Path, k: int, epochs: int, at_step: int) -> dict[str, Any]:
+    print(f"-- stalled commits: kill -9 the coordinator leader, K={k}", flush=True)
+    marks = Path(tempfile.mkdtemp(prefix="marks-", dir=storage))
+    fault = {"kind": "kill_leader", "rank": 0, "step": at_step, "marks": str(marks)}
+    result, watcher = fit(storage, f"kill-leader-K{k}", "mlp", "sync", epochs,
+                          {"max_uncommitted_steps": k}, fault)
+    kill_t = float((marks / "kill").read_text())
+    assert watcher is not None
+    stall, gap = commit_stall(list(watcher.increases), kill_t)
+    return {"fault": "leader kill", "mode": "sync", "K": k, "at_step": at_step, "commit_stall_s": stall,
+            "longest_commit_gap_s": gap, "longest_step_gap_s": step_gap(result, kill_t),
+            "generations": len(result.generations), "failures": [f["kind"] for f in result.failures],
+            "node_restart_s": next((f.get("recovery_s") for f in result.failures
+                                    if f["kind"] == "coordinator_node_died"), None),
+            "failed_reads": watcher.failed_reads, "committed_steps": len(result.steps)}
+
+
+def step_gap(result: synctrain.Result, kill_t: float, window_s: float = 30.0) -> float | None:
+    """The longest gap between two consecutive committed steps' times (rank 0's step times)
+    that ends after the kill: how long training itself stood still."""
+    times = [s["time"] for s in sorted(result.steps, key=lambda s: s["step"])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > kill_t and a < kill_t + window_s]
+    return max(gaps) if gaps else None
+
+
+# ---- the run -------------------------------------------------------------------------------
+def one_round(i: int, storage: Path, cells: list[tuple[str, str]], epochs: dict[str, int],
+              quick: bool) -> list[dict[str, Any]]:
+    """Every throughput cell with every variant, in an order rotated by the round."""
+    vs = variants()
+    if quick:  # without the log and the default K only
+        vs = [v for v in vs if v[0] == "step_log=False" or "default" in v[0]]
+    shift = i % len(vs)
+    return [throughput(storage, model, mode, epochs[model], name, options)
+            for model, mode in cells for name, options in vs[shift:] + vs[:shift]]
+
+
+def fault_runs(storage: Path, quick: bool) -> list[dict[str, Any]]:
+    """Worker kills (sync, async) and leader kills (K = 256, the default); quick: a leader kill."""
+    epochs, step = (QUICK_FAULT_EPOCHS, QUICK_FAULT_STEP) if quick else (FAULT_EPOCHS, FAULT_STEP)
+    if quick:
+        return [leader_kill(storage, LEADER_KILL_K, epochs, step)]
+    return [worker_kill(storage, "sync", epochs, step), worker_kill(storage, "async", ASYNC_FAULT_EPOCHS, step),
+            leader_kill(storage, LEADER_KILL_K, epochs, step),
+            leader_kill(storage, DEFAULT_MAX_UNCOMMITTED_STEPS, epochs, step)]
+
+
+def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per throughput cell: the median samples/s, and the median over rounds of the overhead
+    against step_log=False of the same round."""
+    table = []
+    for cell in rounds[0]:
+        key = (cell["model"], cell["mode"], cell["variant"])
+        runs = [next(r for r in rnd if (r["model"], r["mode"], r["variant"]) == key) for rnd in rounds]
+        bases = [next(r for r in rnd if (r["model"], r["mode"]) == key[:2] and r["variant"] == "step_log=False")
+                 for rnd in rounds]
+        overheads = [1 - r["samples_per_s"] / b["samples_per_s"] for r, b in zip(runs, bases, strict=True)]
+        table.append({"model": key[0], "mode": key[1], "variant": key[2],
+                      "samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
+                      "samples_per_s_rounds": [r["samples_per_s"] for r in runs],
+                      "overhead": statistics.median(overheads), "overhead_rounds": overheads,
+                      "timed_s": statistics.median(r["timed_s"] for r in runs)})
+    return ordered(table)
+
+
+def ordered(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MLP before convnet, sync before async, the variants in their order."""
+    names = [name for name, _ in variants()]
+    return sorted(table, key=lambda r: (["mlp", "conv"].index(r["model"]), ["sync", "async"].index(r["mode"]),
+                                        names.index(r["variant"])))
+
+
+def verdicts(table: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each target of issue 11 with the worst figure it is judged on; ``met`` is None when the
+    run did not measure it (--quick)."""
+    worst = max((r for r in table if r["variant"].endswith("(default)")), key=lambda r: r["overhead"])
+
+    def judged(values: list[float | None], target: float) -> dict[str, Any]:
+        if not values:
+            return {"worst": None, "target": target, "met": None}
+        bad = max(float("inf") if v is None else v for v in values)  # None: never recovered
+        return {"worst": bad, "target": target, "met": bad <= target}
+
+    return {
+        "overhead_at_default_K": {"worst": worst["overhead"], "where": f"{worst['model']} {worst['mode']}",
+                                  "target": TARGET_OVERHEAD, "met": worst["overhead"] <= TARGET_OVERHEAD},
+        "worker_kill_recovery_s": judged([f["first_committed_step_s"] for f in faults
+                                          if f["fault"] == "worker kill"], TARGET_WORKER_RECOVERY_S),
+        "leader_kill_commit_stall_s": judged([f["commit_stall_s"] for f in faults
+                                              if f["fault"] == "leader kill" and f["K"] == LEADER_KILL_K],
+                                             TARGET_LEADER_STALL_S),
+    }
+
+
+# ---- reporting -----------------------------------------------------------------------------
+def write(table: list[dict[str, Any]], faults: list[dict[str, Any]], rounds: list[list[dict[str, Any]]],
+          out_dir: str, args: argparse.Namespace, epochs: dict[str, int]) -> None:
+    meta = {"rounds": len(rounds), "rounds_asked": args.rounds, "workers": WORKERS, "batch_per_worker": BATCH,
+            "epochs": epochs, "warmup_steps": WARMUP_STEPS, "staleness": STALENESS,
+            "default_K": DEFAULT_MAX_UNCOMMITTED_STEPS, "checkpoint_every": 100, "ray_num_cpus": args.num_cpus,
+            "cpus": os.cpu_count(), "machine": platform.platform(), "torch": torch.__version__,
+            "ray": ray.__version__, "load_avg_start": args.load_avg_start, "load_avg_end": os.getloadavg(),
+            "wall_s": time.monotonic() - args.started, "command": " ".join(sys.argv)}
+    data = {"meta": meta, "verdict": verdicts(table, faults), "throughput": table, "faults": faults,
+            "rounds": rounds}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "steplog_overhead.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    render(data, out_dir, echo=len(rounds) == args.rounds)
+
+
+def render(data: dict[str, Any], out_dir: str, echo: bool = True) -> None:
+    """The markdown table and the plot, from the results (``--render``: from a stored JSON)."""
+    table = ordered(data["throughput"])
+    lines = markdown(table, data["faults"], data["verdict"], data["meta"])
+    with open(os.path.join(out_dir, "steplog_overhead.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if echo:
+        print("\n".join(lines))
+    plot(table, data["faults"], os.path.join(out_dir, "steplog_overhead.png"))
+
+
+def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict: dict[str, Any],
+             meta: dict[str, Any]) -> list[str]:
+    load = ", ".join(f"{x:.1f}" for x in meta["load_avg_start"])
+    load_end = ", ".join(f"{x:.1f}" for x in meta["load_avg_end"])
+    lines = ["# Step-log overhead and recovery time", "",
+             f"{WORKERS} workers x batch {BATCH} on digits, SGD momentum 0.9; async: staleness {STALENESS}. "
+             f"Samples/s of each rank's loop after {WARMUP_STEPS} warm-up steps, summed over ranks; "
+             f"{meta['rounds']} interleaved round(s)"
+             + ("" if meta["rounds"] == meta["rounds_asked"] else f" of the {meta['rounds_asked']} asked (cut short)")
+             + ", in a rotated order (the median of the rounds; each round's overhead against that round's "
+             f"step_log=False run in brackets). Step-logged runs use the defaults otherwise "
+             f"(checkpoint every 100 steps). {meta['cpus']} CPUs shared with other work, Ray given "
+             f"{meta['ray_num_cpus']}; load average (1, 5, 15 min) {load} at the start, {load_end} at the "
+             f"end; {meta['wall_s'] / 60:.1f} minutes in all. Command: `{meta['command']}`.", "",
+             "| model | mode | variant | samples/s | overhead vs step_log=False | timed s |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in table:
+        over = "-" if r["variant"] == "step_log=False" else f"{100 * r['overhead']:+.1f}%" + _each(
+            [100 * x for x in r["overhead_rounds"]], "{:+.1f}")
+        lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['samples_per_s']:,.0f} | {over} | "
+                     f"{r['timed_s']:.1f} |")
+    lines += ["", "On a shared machine samples/s move with other work's load: a negative overhead means the "
+              "machine was less busy during that run than during the step_log=False run it is compared with. "
+              "Trust a trend over K and agreeing rounds more than one cell.",
+              "", "Faults, one run each (the MLP, 2 workers; the fault hits at the step shown, in "
+              "generation 1); seconds after the kill:", "",
+              "| fault | mode | K | at step | failure recorded | first committed step of the new generation | "
+              "driver's recovery_s | replacement's first step | commits stalled | longest gap between "
+              "commits | longest gap between steps | generations |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in faults:
+        lines.append(f"| {f['fault']} | {f['mode']} | {f['K']} | {f['at_step']} | {_s(f.get('failure_recorded_s'))} | "
+                     f"{_s(f.get('first_committed_step_s'))} | "
+                     f"{_s(f.get('driver_recovery_s'))} | {_s(f.get('replacement_first_step_s'))} | "
+                     f"{_s(f.get('commit_stall_s'))} | {_s(f.get('longest_commit_gap_s'))} | "
+                     f"{_s(f.get('longest_step_gap_s'))} | {f['generations']} |")
+    lines += ["", "Failure recorded: the driver has committed the failure. Driver's recovery_s: "
+              "`Result.failures`, timed from when the new generation has started (its replacement "
+              "worker is up) to a commit past its start step, so it leaves the replacement's start-up out. "
+              "Commits stalled: from the kill to the next increase of the committed step (polled every "
+              f"{1e3 * POLL_INTERVAL_S:.0f} ms); longest gaps: between two increases of the committed step, "
+              "and between two committed steps' times (training standing still), ending after the kill."]
+    o, w, stall = (verdict[k] for k in ("overhead_at_default_K", "worker_kill_recovery_s",
+                                        "leader_kill_commit_stall_s"))
+    lines += ["", "Targets (issue 11):", "",
+              f"- overhead at the default K ({DEFAULT_MAX_UNCOMMITTED_STEPS}) <= {100 * TARGET_OVERHEAD:.0f}%: "
+              f"worst {100 * o['worst']:+.1f}% ({o['where']}): {_met(o['met'])}",
+              f"- worker kill -> first committed step of the new generation <= {TARGET_WORKER_RECOVERY_S:g} s: "
+              f"worst {_s(w['worst'])} s: {_met(w['met'])}",
+              f"- commits stalled by a leader kill (K={LEADER_KILL_K}) <= {TARGET_LEADER_STALL_S:g} s: "
+              f"{_s(stall['worst'])} s: {_met(stall['met'])}"]
+    return lines
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _met(met: bool | None) -> str:
+    return "not measured" if met is None else "**met**" if met else "**NOT met**"
+
+
+def _each(values: list[float], fmt: str) -> str:
+    return " (" + " / ".join(fmt.format(v) for v in values) + ")" if len(values) > 1 else ""
+
+
+def plot(table: list[dict[str, Any]], faults: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys((r["model"], r["mode"]) for r in table))
+    names = [v for v in dict.fromkeys(r["variant"] for r in table) if v != "step_log=False"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        values = [100 * next(r["overhead"] for r in table if (r["model"], r["mode"]) == c and r["variant"] == name)
+                  for c in cells]
+        left.bar([i + j * width for i in range(len(cells))], values, width, label=name)
+    left.axhline(100 * TARGET_OVERHEAD, color="red", lw=0.8, ls="--", label="target at the default K")
+    left.axhline(0, color="black", lw=0.5)
+    left.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cells))],
+                    [f"{m} {mode}" for m, mode in cells])
+    left.set(ylabel="samples/s lost vs step_log=False (%)", title="step-log overhead (median of the rounds)")
+    left.legend(fontsize=8)
+    labels, values, targets = [], [], []
+    for f in faults:
+        if f["fault"] == "worker kill":
+            labels.append(f"kill worker\n{f['mode']}")
+            values.append(f["first_committed_step_s"] or 0.0)
+            targets.append(TARGET_WORKER_RECOVERY_S)
+        else:
+            labels.append(f"kill leader\nK={f['K']}")
+            values.append(f["commit_stall_s"] or 0.0)
+            targets.append(TARGET_LEADER_STALL_S)
+    right.bar(labels, values, color=["tab:blue" if t > 1 else "tab:orange" for t in targets])
+    right.scatter(labels, targets, color="red", marker="_", s=400, label="target", zorder=3)
+    right.set(ylabel="seconds after the kill", title="to the first committed step (worker) /\n"
+              "commits stalled (leader)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure everything this many times, interleaved; report the median of each")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one round, the MLP in sync mode, a leader kill, a few epochs")
+    parser.add_argument("--out", default=None, help="results directory")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="measure nothing: write the markdown and the plot again from a stored JSON")
+    args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            render(json.load(f), args.out or os.path.dirname(os.path.abspath(args.render)))
+        return 0
+    args.started, args.load_avg_start = time.monotonic(), os.getloadavg()
+    if args.quick:
+        args.rounds = 1
+    epochs = QUICK_EPOCHS if args.quick else EPOCHS
+    cells = [("mlp", "sync")] if args.quick else [(m, mode) for m in ("mlp", "conv") for mode in ("sync", "async")]
+    out_dir = args.out or (tempfile.mkdtemp(prefix="steplog_overhead_") if args.quick else RESULTS)
+    init_ray(args.num_cpus)
+    import convergence
+    import digits
+
+    for module in (convergence, digits):  # the workers cannot import benchmarks/ or examples/
+        ray.cloudpickle.register_pickle_by_value(module)
+    rounds: list[list[dict[str, Any]]] = []
+    faults: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="steplog_jobs_") as storage:
+        # Round 1, the faults, the other rounds; the results are written after each, so a run
+        # cut short on a busy machine still leaves them (meta says how many rounds were done).
+        for i in range(args.rounds):
+            print(f"-- round {i + 1}/{args.rounds}", flush=True)
+            rounds.append(one_round(i, Path(storage), cells, epochs, args.quick))
+            if i == 0:
+                faults = fault_runs(Path(storage), args.quick)
+            write(summarize(rounds), faults, rounds, out_dir, args, epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
