@@ -911,7 +911,11 @@ class PeerTransport:
 
     async def _run_link(self, link: _PeerLink) -> None:
         backoff, ever_connected = self._backoff_initial_s, False
-        while True:
+        # Not `while True`: on Python 3.11 a cancel() landing while wait_for(open_connection)
+        # completes with a refused connection can surface as that OSError, which the loop
+        # below would swallow and redial forever (a node's stop() then hung for 30 s);
+        # close() clears _started, so the loop ends whatever became of the cancellation.
+        while self._started:
             try:
                 reader, writer, chan = await self._dial(link)
             except (OSError, asyncio.TimeoutError, TransportError) as exc:

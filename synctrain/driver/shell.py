@@ -49,6 +49,8 @@ from synctrain.steplog import StepLog
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
+#: How often each rank is asked for its progress (and rank 0 for its reports).
+PROGRESS_POLL_S = 1.0
 #: Extra time a rank has before its first step, report or heartbeat of a generation (starting
 #: a process, importing torch, building the model, forming the process group).
 STARTUP_GRACE_S = 120.0
@@ -121,6 +123,7 @@ class JobShell:
             self._recover(failures)
 
     def _recover(self, failures: list[Failure]) -> None:
+        detected = time.time()  # recovery_s runs from here to the new generation's first commit
         survivors: list[Survivor] = []
         stop_all = self.spec.mode == "sync" or any(f.kind == "shard_died" for f in failures)
         self._kill_ranks([f.rank for f in failures if f.rank is not None])
@@ -141,7 +144,7 @@ class JobShell:
             return
         start = self._carry_out(decision, failures)
         for i in indices:
-            self._awaiting.append((i, time.time(), start, None))
+            self._awaiting.append((i, detected, start, None))
 
     # ---- watching ----------------------------------------------------------------------
     def _watch(self) -> list[Failure] | None:
@@ -184,12 +187,14 @@ class JobShell:
         for rank, r in self.ranks.items():
             if r.run is None:
                 continue
+            if r.poll is None and now - r.last_answer < PROGRESS_POLL_S:
+                continue  # each poll is an actor call (~1.5 ms of CPU on this machine)
             if r.poll is None:
                 r.poll, r.poll_sent = r.actor.poll.remote(self._next_report if rank == 0 else 1 << 62), now
                 continue
             done, _ = ray.wait([r.poll], timeout=0)
             if not done:  # a live process answers within milliseconds; a stopped one never
-                r.answered = (now - r.last_answer < min(5.0, self.trainer.stall_timeout_s / 2)
+                r.answered = (now - r.last_answer < max(3.0, min(5.0, self.trainer.stall_timeout_s / 2))
                               and not _stopped(r.pid))
                 continue
             try:

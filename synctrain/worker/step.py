@@ -45,8 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: Shortest pause between two commits of the writer while nothing waits on it (K > 0).
-MIN_FLUSH_INTERVAL_S = 0.05
+#: Shortest pause between two commits of the writer while nothing waits on it (K > 0): each
+#: commit costs CPU on three coordinator nodes, which share the machine with training.
+MIN_FLUSH_INTERVAL_S = 0.25
 #: Pause after a failed commit before the writer tries again.
 RETRY_BACKOFF_S = 0.2
 #: Records the writer keeps queued at most; beyond, the step boundary waits (K bounds it first).
@@ -65,7 +66,7 @@ class StepLogConfig:
     token: bytes = dataclasses.field(repr=False)
     job: str = ""
     job_dir: str = ""
-    max_uncommitted_steps: int = 16
+    max_uncommitted_steps: int = 256
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
