@@ -152,6 +152,9 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--max-retained-log-bytes", type=int, default=256 << 20,
                        help="writes are refused (overloaded, retryable) while the log held in "
                             "memory is over this (default 256 MiB)")
+    serve.add_argument("--stall-dump-ms", type=float, default=2000.0,
+                       help="write every thread's stack to the log when the event loop is "
+                            "blocked this long (0: never; default 2000)")
     serve.add_argument("--join", action="store_true",
                        help="this member of an existing cluster lost its data directory: start "
                             "it empty and recovering (no votes until the leader repaired it). "
@@ -210,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
             snapshot_every=args.snapshot_every, snapshot_bytes=args.snapshot_bytes,
             keep_bytes_after_snapshot=args.keep_bytes_after_snapshot,
             max_retained_log_bytes=args.max_retained_log_bytes, join=args.join,
+            stall_dump_s=args.stall_dump_ms / 1000.0 if args.stall_dump_ms > 0 else None,
             persist_in_thread=not args.persist_inline,
             leader_parallel_persist=not args.persist_before_send,
             commit_broadcast=args.commit_broadcast,

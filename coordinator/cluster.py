@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from coordinator.client import Client, Unavailable
@@ -274,16 +275,20 @@ class LocalCluster:
         self._spawn(node_id, rejoin=True)
         self._wait_ready(node_id)
 
-    def partition(self, node_id: int) -> None:
-        """Cut ``node_id`` off from every other node (both directions); clients still reach all."""
+    def partition(self, node_id: int, tell: Iterable[int] | None = None) -> None:
+        """Cut ``node_id`` off from every other node (both directions); clients still reach
+        all. ``tell``: the other nodes to send the block list to (default: all of them);
+        leave out a stopped one, which cannot answer: ``node_id`` alone already drops
+        everything to and from it."""
         others = [i for i in self.node_ids if i != node_id]
         self._admin_partition(node_id, others)
-        for i in others:
-            self._admin_partition(i, [node_id])
+        for i in others if tell is None else tell:
+            if i != node_id:
+                self._admin_partition(i, [node_id])
 
-    def heal(self) -> None:
-        """Undo every partition."""
-        for i in self.node_ids:
+    def heal(self, tell: Iterable[int] | None = None) -> None:
+        """Undo every partition (on the running nodes, or those in ``tell``)."""
+        for i in self.node_ids if tell is None else tell:
             if self.is_running(i):
                 self._admin_partition(i, [])
 

@@ -60,7 +60,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import faulthandler
 import functools
+import gc
 import logging
 import os
 import pathlib
@@ -187,6 +189,11 @@ class ServerConfig:
     # process paused); a drive longer than this logs what it did. None: half an election
     # timeout.
     loop_stall_warn_s: float | None = None
+    # A loop blocked this long has every thread's stack written to stderr (the node's log),
+    # by faulthandler's watchdog, re-armed on every tick: says *where* it was blocked.
+    # None: off. (One watchdog per process: with several servers in one process the last
+    # one armed wins.)
+    stall_dump_s: float | None = 2.0
 
     def __post_init__(self) -> None:
         check_token(self.token)  # ValueError saying how to generate a long enough one
@@ -730,9 +737,14 @@ class CoordinatorServer:
         self._snap_job: _SnapshotJob | None = None
         self._snapshot_retry_at = 0.0  # after a failed snapshot, not before this (monotonic)
         self._stalled = False  # the last tick came late (see _note_lag)
+        self._continued_at = -1e9  # when SIGCONT last arrived (note_continued)
         self._applied_bytes = 0  # entry data applied since the last snapshot started
         self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
         self._members_proposed: set[int] = set()  # members.seen proposed in this term
+        # peer -> ((term, prev index, prev term), sent at) of the last APPEND with entries
+        # it has not answered yet (see _repeats_append)
+        self._appends_sent: dict[int, tuple[tuple[int, int, int], float]] = {}
+        self._append_resend_s = 2 * config.election_tick * config.tick_s
         rng = random.Random(config.seed if config.seed is not None else os.urandom(8))
         if recovering:
             log.warning("node %d starts RECOVERING (%s exists): it lost its data directory "
@@ -767,7 +779,7 @@ class CoordinatorServer:
                       "snapshot_send_failures": 0, "snapshot_failures": 0,
                       "snapshots_installed": 0, "writes_refused_log_full": 0,
                       "loop_stalls": 0, "loop_lag_max_ms": 0, "slow_drives": 0,
-                      "notices": 0}
+                      "notices": 0, "appends_repeated_dropped": 0}
         self._chunk_bytes = config.effective_snapshot_chunk_bytes
         self._reassembler = SnapshotReassembler(
             self.id, config.max_snapshot_reassembly_bytes, self.stats,
@@ -809,6 +821,8 @@ class CoordinatorServer:
         self._fail_pending_writes("shutting_down")
         self._fail_pending_reads("shutting_down")
         self._stop_senders()
+        if self.config.stall_dump_s is not None:
+            faulthandler.cancel_dump_traceback_later()
         job = self._snap_job
         if job is not None and job.pid and job.exit_code is None:
             with contextlib.suppress(ProcessLookupError):
@@ -842,6 +856,8 @@ class CoordinatorServer:
                 # arrived meanwhile and are waiting in its sockets.
                 next_at = time.monotonic()
             self._note_lag(late_s)
+            if self.config.stall_dump_s is not None:
+                faulthandler.dump_traceback_later(self.config.stall_dump_s, exit=False)
             self.node.tick()
             self._expire_requests()
             ticks += 1
@@ -858,10 +874,18 @@ class CoordinatorServer:
         stalled, self._stalled = self._stalled, late_s > self.config.stall_warn_s
         if self._stalled and not stalled:  # once per stall, not for each tick caught up
             self.stats["loop_stalls"] += 1
-            log.warning("node %d: the event loop was blocked (or the process stopped) for %d "
-                        "ms: no ticks, votes, heartbeats or answers meanwhile (role %s, term "
-                        "%d, snapshot %s)", self.id, lag_ms, self.role.name.lower(),
-                        self.node.term, "in progress" if self._snap_job else "idle")
+            stopped = time.monotonic() - self._continued_at < late_s + self.config.tick_s
+            log.warning("node %d: the event loop %s for %d ms: no ticks, votes, heartbeats or "
+                        "answers meanwhile (role %s, term %d, snapshot %s)", self.id,
+                        "was stopped (SIGSTOP, then SIGCONT)" if stopped else "was blocked",
+                        lag_ms, self.role.name.lower(), self.node.term,
+                        "in progress" if self._snap_job else "idle")
+
+    def note_continued(self) -> None:
+        """SIGCONT arrived (:func:`serve` installs this): a lag that ends now was the
+        process being stopped, not the loop being blocked (nor is a watchdog stack
+        written meanwhile a place where it was stuck)."""
+        self._continued_at = time.monotonic()
 
     # ------------------------------------------------------------ raft I/O
     def _schedule_drive(self) -> None:
@@ -889,6 +913,8 @@ class CoordinatorServer:
             log.warning("dropping a message claiming %d->%d on node %d's link to %d",
                         msg.frm, msg.to, frm, self.id)
             return
+        if msg.type == MessageType.APPEND_RESP:
+            self._appends_sent.pop(frm, None)  # answered: the next APPEND may go at once
         self.node.step(msg)
         self._schedule_drive()
 
@@ -898,8 +924,31 @@ class CoordinatorServer:
         self.peer_transport.redial(peer)
 
     def _on_unreachable(self, peer: int) -> None:
+        self._appends_sent.pop(peer, None)  # whatever was in flight may be lost: resend
         if not self._stopped.is_set():
             self.node.report_unreachable(peer)
+
+    def _repeats_append(self, m: Message) -> bool:
+        """Whether APPEND ``m`` repeats one sent to the same peer less than
+        ``append_resend_s`` ago that the peer has not answered yet (then it is dropped:
+        Raft tolerates a lost message, and the core resends after that).
+
+        Why: a follower in PROBE gets an APPEND with up to ``append_bytes`` of entries
+        from ``next`` on *every* heartbeat response, one per 15 ms tick (etcd-io/raft #52),
+        whether or not the previous one was answered. A follower back from a kill or a
+        SIGSTOP, thousands of entries behind, was sent the same megabyte dozens of times a
+        second; encoding them held the leader's loop for seconds (the watchdog's stacks:
+        encode_message in _send), its heartbeats to the others went out late, they elected,
+        and meanwhile the node answered nothing -- the soak's leaderless majority
+        (tests/service/test_soak.py). An answer (APPEND_RESP) or a lost link allows the next
+        one at once."""
+        key = (m.term, m.index, m.log_term)
+        now = time.monotonic()
+        sent = self._appends_sent.get(m.to)
+        if sent is not None and sent[0] == key and now - sent[1] < self._append_resend_s:
+            return True
+        self._appends_sent[m.to] = (key, now)
+        return False
 
     def _drive(self) -> None:
         """Run every pending Ready through persist -> send -> apply -> advance.
@@ -1002,6 +1051,7 @@ class CoordinatorServer:
             return
         try:
             self._finish(rd, sent, fut.result())
+            self._maybe_snapshot()  # under steady load a drive may never end without a save
         except Exception as exc:
             self._fail(exc)
             return
@@ -1091,6 +1141,9 @@ class CoordinatorServer:
                 restored.restore_empty(md.index)
         assert restored.applied_index == md.index, (restored.applied_index, md.index)
         self.sm.replace_with(restored)
+        # The restored state is long-lived: keep the collector's full passes (which walk
+        # every tracked object, ~300k records here, on the loop) from re-walking it.
+        gc.freeze()
         self.conf_state = md.conf_state
         self._snapshot_index = md.index
         self._applied_bytes = 0
@@ -1120,6 +1173,9 @@ class CoordinatorServer:
     def _send(self, messages: list[Message]) -> None:
         for m in messages:
             if m.to == self.id:  # defensive: the core should not address itself
+                continue
+            if m.type == MessageType.APPEND and m.entries and self._repeats_append(m):
+                self.stats["appends_repeated_dropped"] += 1
                 continue
             if m.type == MessageType.SNAPSHOT and m.snapshot is not None \
                     and not m.snapshot.data and m.snapshot.metadata.index > 0:
@@ -1308,6 +1364,7 @@ class CoordinatorServer:
             self.sm.replace_with(self._decode_stored_snapshot())
         else:
             self.sm.restore_empty(index)
+        gc.freeze()  # see _install
         t1 = time.perf_counter()
         keys = len(self.sm.kv)
         self.restore_timing = {"decode_ms": round((t1 - t0) * 1e3, 1), "keys": keys,
@@ -1698,6 +1755,9 @@ async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    # A plain handler (not the loop's): it runs as soon as the interpreter resumes, before
+    # the late tick is handled, so that tick's log line can tell a stop from a block.
+    signal.signal(signal.SIGCONT, lambda *_: server.note_continued())
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(endpoint_str(server.address))
