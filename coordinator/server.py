@@ -802,6 +802,13 @@ class CoordinatorServer:
         self._loop = asyncio.get_running_loop()
         await self.transport_server.start()
         await self.peer_transport.start()
+        # etcd's initial-election-tick-advance: a node that starts has heard from no leader,
+        # so it need not wait a whole election timeout before it may campaign; a whole
+        # cluster restarting elects one that much sooner. A node restarting into a cluster
+        # that has a leader is refused by PreVote (the others hear their leader), and a
+        # recovering node never campaigns.
+        for _ in range(self.config.election_tick - 1):
+            self.node.tick()
         self._ticker = asyncio.create_task(self._tick_forever(), name=f"ticker-{self.id}")
         self._schedule_drive()
         log.info("node %d serving on %s (data dir %s)", self.id,

@@ -40,6 +40,11 @@ preallocation. A segment that fills up is truncated to its logical size and fdat
 before the next one is created, so closed segments carry no zero tail. Directory fsyncs and
 snapshot files keep a full ``fsync``.
 
+A segment is closed when it reaches ``segment_bytes`` and also, once it holds 4 MiB, at the
+first write after a compaction: segments are deleted only once a compaction covers all
+their entries, so without this a restart would replay up to a whole 64 MiB segment of
+long-compacted entries; with it, recovery reads about the log since the last snapshot.
+
 Snapshots live in ``snap-<index>-<term>.snap`` files written tmp + fsync + rename + dir
 fsync, *then* referenced by a SNAPSHOT record in the WAL; recovery trusts only the snapshot
 the WAL references, so a file from an interrupted write is ignored (and removed).
@@ -677,6 +682,11 @@ class DiskStorage:
         self._preallocate = preallocate_bytes
         self._prealloc_now = preallocate_bytes
         self._segment_bytes = segment_bytes
+        # After a compaction, a segment this large is closed at the next write, so that
+        # the next compaction can delete it: recovery replays the log since about the last
+        # snapshot, not a whole 64 MiB segment of entries that were compacted long ago.
+        self._rotate_after_compact_bytes = min(segment_bytes, 4 << 20)
+        self._rotate_pending = False
         self._max_record_bytes = max_record_bytes
         # _wmu serializes writers (saves, snapshots, compaction, close) for the whole of
         # their I/O; _mu guards the in-memory log and is held only briefly, so a reader (the
@@ -919,6 +929,8 @@ class DiskStorage:
             with self._mu:
                 st.compact_to(index, term)
             self._delete_covered_segments()
+            if self._segments and self._segments[-1].size >= self._rotate_after_compact_bytes:
+                self._rotate_pending = True
 
     def close(self) -> None:
         """Close the WAL and release the data-dir lock; later calls raise StorageClosed."""
@@ -1198,7 +1210,8 @@ class DiskStorage:
     def _commit(self, records: list[bytes]) -> None:
         """Make ``records`` durable as ONE batch frame at the current segment's logical end:
         one pwrite, one fdatasync. Recovery reads the batch whole or not at all."""
-        self._ensure_segment()
+        self._ensure_segment(force_new=self._rotate_pending)
+        self._rotate_pending = False
         seg = self._segments[-1]
         self._write_durably(seg, _batch_frame(records, seg.size))
         self.stats.records_written += len(records)
