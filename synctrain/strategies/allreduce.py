@@ -225,7 +225,7 @@ class AllReduceStrategy(Strategy):
         if compression is not None:
             ddp.register_comm_hook(state=self._transport, hook=_COMPRESSION_HOOKS[compression])
         elif self._transport is not None:
-            ddp.register_comm_hook(state=self._transport, hook=_shm_hook.shm_allreduce_hook)
+            _shm_hook.register_before_first_forward(ddp, self._transport)
         self._models.append(ddp)
         return ddp
 

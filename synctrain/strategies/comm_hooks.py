@@ -9,7 +9,7 @@ asynchronously, and cast back into the bucket when it completes.
 PyTorch ships fp16/bf16 hooks, but its bf16 one insists on NCCL; these work on gloo (CPU) and
 NCCL alike, and on the shared-memory transport: the hook's state is a process group (None:
 the default one) or a :class:`~synctrain.strategies.shm_hook.ShmTransport`, through which the
-16-bit bucket is summed instead (the future is then already complete).
+16-bit bucket is summed instead.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
@@ -22,13 +22,15 @@ import torch.distributed as dist
 
 def _compress_hook(dtype: torch.dtype) -> Any:
     def hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        if hasattr(state, "all_reduce_sum_"):  # the shared-memory transport
+        if hasattr(state, "all_reduce_future"):  # the shared-memory transport
             compressed = bucket.buffer().to(dtype).div_(state.world_size)
-            state.all_reduce_sum_(compressed)
-            bucket.buffer().copy_(compressed)
-            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-            done.set_result(bucket.buffer())
-            return done
+
+            def decompress_shm(done: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+                out = bucket.buffer()
+                out.copy_(done.value())
+                return out
+
+            return state.all_reduce_future(compressed).then(decompress_shm)
         group = state if state is not None else dist.group.WORLD
         world_size = dist.get_world_size(group)
         compressed = bucket.buffer().to(dtype).div_(world_size)

@@ -12,7 +12,10 @@ a header, one 64-byte control line per rank, and a data region of two *sets* of 
 5. every rank copies slot 0 (the whole reduced chunk) out.
 
 Each element is summed by exactly one rank, always in the same order, so the result is
-bit-identical on every rank and the same from run to run. Steps alternate between the two
+bit-identical on every rank and the same from run to run. A tensor of at most
+:data:`SMALL_BYTES` skips steps 3-4: after the barrier every rank sums the whole of it, in
+rank order, itself (the same additions everywhere, so the same bits): a barrier costs a
+sleep and a wake-up, and on a busy host those dominate a small all-reduce. Steps alternate between the two
 sets, which is what lets one barrier per phase suffice: a rank writes set ``s % 2`` in step
 ``s`` only after it passed step ``s-1``'s first barrier, which every rank reaches only after
 it finished reading in step ``s-2`` (the invariant every step kind here keeps: writes, then a
@@ -24,7 +27,7 @@ its count + 1 (one 8-byte store, only ever by that rank) and waits until every p
 reached its own. No lock and no atomic read-modify-write is needed: each word has one
 writer, and x86-64 keeps stores in program order (a reader that sees a count also sees the
 data written before it), which is why the path is offered on x86-64 only. A waiter spins a
-few microseconds, then sleeps in ``futex(FUTEX_WAIT)`` on the word of the peer it waits for;
+little (adaptively: less when spinning did not pay), then sleeps in ``futex(FUTEX_WAIT)`` on the word of the peer it waits for;
 an arriving rank issues one ``FUTEX_WAKE`` on its own word. There is no Ray call, socket or
 lock on this path.
 
@@ -91,8 +94,13 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 SLICE_ALIGN_BYTES = 64
 #: Slot sets: chunk i+1 is copied in while chunk i is summed and chunk i-1 copied out.
 SETS = 3
-#: Checks of a peer's arrival count before sleeping (a few microseconds in Python).
-SPIN_CHECKS = 64
+#: Up to this size an all-reduce takes one barrier instead of two (every rank sums it all).
+SMALL_BYTES = 256 << 10
+#: Checks of a peer's arrival count before sleeping, adapted per rank between these bounds:
+#: doubled after a wait that spinning ended, halved after one that had to sleep. Spinning
+#: only pays while every rank has a core; on an oversubscribed host it takes the core the
+#: awaited peer needs (measured on 2 busy cores: 4x slower at 2,000 checks than at none).
+SPIN_CHECKS_MIN, SPIN_CHECKS_START, SPIN_CHECKS_MAX = 4, 64, 2048
 #: The longest sleep between checks of a peer's liveness while waiting for it.
 LIVENESS_POLL_S = 0.05
 #: A segment may take at most this share of /dev/shm's free space.
@@ -287,7 +295,7 @@ class ShmCommunicator:
     """
 
     def __init__(self, segment: Segment, local_rank: int, ranks: list[int], timeout_s: float) -> None:
-        assert segment.local_size == len(ranks) and 0 <= local_rank < len(ranks), (ranks, local_rank)
+        assert segment.local_size == len(ranks) >= 2 and 0 <= local_rank < len(ranks), (ranks, local_rank)
         self.segment = segment
         self.local_rank = local_rank
         self.ranks = list(ranks)
@@ -295,6 +303,7 @@ class ShmCommunicator:
         self.timeout_s = float(timeout_s)
         self._arrivals = int(segment.control[local_rank, _ARRIVALS])
         self._set_base = 0  # the slot set the next collective's first chunk uses
+        self._spin_checks = SPIN_CHECKS_START
         self._slots: dict[torch.dtype, list[list[torch.Tensor]]] = {}
         self._watch: dict[int, _PeerWatch] = {}
         self._lock = threading.Lock()
@@ -329,13 +338,14 @@ class ShmCommunicator:
         """
         assert flat.dim() == 1 and flat.is_contiguous() and flat.device.type == "cpu", flat.shape
         with self._collective("all-reduce"):
-            if between_hosts is None:
-                self._reduce_chunks(flat, everyone=True)
-                return
-            self._reduce_chunks(flat, everyone=False)
-            if self.local_rank == 0:
-                between_hosts(flat)
-            self._broadcast_chunks(flat, 0)
+            if flat.numel() * flat.element_size() <= min(SMALL_BYTES, self.segment.chunk_bytes):
+                self._reduce_small(flat)
+            else:
+                self._reduce_chunks(flat, everyone=between_hosts is None)
+            if between_hosts is not None:
+                if self.local_rank == 0:
+                    between_hosts(flat)
+                self._broadcast_chunks(flat, 0)
 
     def broadcast_(self, flat: torch.Tensor, src_local: int) -> None:
         """Overwrite ``flat`` on every rank of the host with local rank ``src_local``'s."""
@@ -390,6 +400,19 @@ class ShmCommunicator:
                 flat[start + hi:start + length].copy_(total[hi:length])
             if phase <= len(chunks):
                 self._arrive_and_wait("all-reduce")
+
+    def _reduce_small(self, flat: torch.Tensor) -> None:
+        """One chunk, one barrier: every rank sums all slots itself, in rank order. The same
+        additions of the same numbers on every rank: the same bits. n times the additions of
+        :meth:`_reduce_chunks`, which for a small tensor cost less than the second barrier."""
+        sets = self._slots_of(flat.dtype)
+        slots = sets[self._claim_sets(1)]
+        length = flat.numel()
+        slots[self.local_rank][:length].copy_(flat)
+        self._arrive_and_wait("all-reduce")
+        torch.add(slots[0][:length], slots[1][:length], out=flat)
+        for r in range(2, self.size):
+            flat.add_(slots[r][:length])
 
     def _sum_my_slice(self, slots: list[torch.Tensor], flat: torch.Tensor, start: int, length: int) -> None:
         """Slice [lo, hi) of the chunk: x0 + x1 + ... in rank order (my own x from ``flat``),
@@ -476,9 +499,12 @@ class ShmCommunicator:
 
     def _wait_for(self, peer: int, target: int, what: str) -> None:
         control = self.segment.control
-        for _ in range(SPIN_CHECKS):
+        spin = self._spin_checks
+        for _ in range(spin):
             if control[peer, _ARRIVALS] >= target:
+                self._spin_checks = min(SPIN_CHECKS_MAX, spin * 2)
                 return
+        self._spin_checks = max(SPIN_CHECKS_MIN, spin // 2)
         deadline = time.monotonic() + self.timeout_s
         while True:
             seen = int(control[peer, _ARRIVALS])

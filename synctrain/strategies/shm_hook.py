@@ -31,11 +31,17 @@ but the same core's backward pass.
 import hashlib
 import logging
 import os
+import queue
 import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd import Variable
+from torch.nn.parallel import DistributedDataParallel
 
 from synctrain.errors import CollectiveError, ConfigError
 from synctrain.strategies import shm_allreduce as shm
@@ -43,6 +49,10 @@ from synctrain.strategies import shm_allreduce as shm
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "shm", "gloo", "nccl")
+#: Collectives waiting for the transport's thread (DDP submits one per bucket per step).
+MAX_QUEUED_COLLECTIVES = 1024
+#: How long closing waits for the thread to finish the collective it is in.
+CLOSE_WAIT_S = 5.0
 
 
 def host_key() -> int:
@@ -66,9 +76,54 @@ def host_key() -> int:
     return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:8], "big") >> 1
 
 
+class _CommThread:
+    """Runs one transport's collectives one at a time, in the order they were submitted, on a
+    thread of their own. Every rank submits the same collectives in the same order (DDP hands
+    buckets over in bucket order), so the order is the same on every rank."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue(MAX_QUEUED_COLLECTIVES)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        job: Future[Any] = Future()
+        self._jobs.put((fn, job))  # blocks while MAX_QUEUED_COLLECTIVES are waiting
+        return job
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` after everything submitted before it; its exception is raised here."""
+        return self.submit(fn).result()
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            fn, job = item
+            if job.set_running_or_notify_cancel():
+                try:
+                    job.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the job
+                    job.set_exception(exc)
+
+    def close(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout_s)
+            self._thread = None
+
+
 class ShmTransport:
     """Sum, broadcast and barrier over all ranks: shared memory within each host, the host
-    leaders' gloo group between hosts. ``name`` is ``"shm"`` (one host) or ``"shm+gloo"``."""
+    leaders' gloo group between hosts. ``name`` is ``"shm"`` (one host) or ``"shm+gloo"``.
+
+    The collectives run on the transport's own thread (see the module doc); the methods here
+    wait for theirs, :meth:`all_reduce_future` does not.
+    """
 
     def __init__(self, comm: Any, rank: int, world_size: int, host_of: list[int],
                  leaders: list[int], leaders_group: Any) -> None:
@@ -79,6 +134,7 @@ class ShmTransport:
         self.leaders = leaders  # the lowest rank of each host group, by host index
         self.leaders_group = leaders_group  # None with one host
         self.name = "shm" if leaders_group is None else "shm+gloo"
+        self._thread = _CommThread(f"synctrain-{self.name}-rank{rank}")
 
     @property
     def is_leader(self) -> bool:
@@ -87,6 +143,48 @@ class ShmTransport:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` (on the CPU, any shape) over all ranks, in place; returns it."""
         flat, writeback = _flat(tensor)
+        self._thread.call(lambda: self._sum_now(flat))
+        if writeback:
+            tensor.copy_(flat.view_as(tensor))
+        return tensor
+
+    def all_reduce_future(self, flat: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        """Start summing the flat contiguous ``flat`` in place; the future resolves to it.
+
+        For DDP comm hooks, inside the backward pass. A failure must reach the loop as itself
+        (a CollectiveError naming the vanished peer): DDP would turn an exception set on the
+        future into an anonymous RuntimeError, so the future always completes, and a callback
+        queued on the backward pass raises the job's exception before ``backward()`` returns
+        (before the optimizer could apply an unreduced gradient).
+        """
+        job = self._thread.submit(lambda: self._sum_now(flat))
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        job.add_done_callback(lambda _job: done.set_result(flat))
+        try:
+            Variable._execution_engine.queue_callback(job.result)
+        except RuntimeError:  # not inside a backward pass: wait here
+            job.result()
+        return done
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s, in place; returns it."""
+        flat, writeback = _flat(tensor)
+        self._thread.call(lambda: self._broadcast_now(flat, src))
+        if writeback:
+            tensor.copy_(flat.view_as(tensor))
+        return tensor
+
+    def barrier(self) -> None:
+        self._thread.call(self._barrier_now)
+
+    def close(self) -> None:
+        """Stop the thread and leave the segment (peers still waiting on this rank fail now)."""
+        self._thread.close(CLOSE_WAIT_S)
+        if self.comm is not None:
+            self.comm.close()
+
+    # ---- on the transport's thread --------------------------------------------------------
+    def _sum_now(self, flat: torch.Tensor) -> None:
         between = None
         if self.leaders_group is not None:
             group = self.leaders_group
@@ -98,13 +196,8 @@ class ShmTransport:
             self.comm.all_reduce_(flat, between)
         elif between is not None:  # alone on this host: only the hosts' sum
             between(flat)
-        if writeback:
-            tensor.copy_(flat.view_as(tensor))
-        return tensor
 
-    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """Overwrite ``tensor`` on every rank with rank ``src``'s, in place; returns it."""
-        flat, writeback = _flat(tensor)
+    def _broadcast_now(self, flat: torch.Tensor, src: int) -> None:
         src_host = self.host_of[src]
         on_src_host = self.host_of[self.rank] == src_host
         src_local = self._local_index(src)
@@ -114,11 +207,8 @@ class ShmTransport:
             dist.broadcast(flat, src=self.leaders[src_host], group=self.leaders_group)
         if self.comm is not None and not (on_src_host and src_local != 0):
             self.comm.broadcast_(flat, 0)  # from the leader, who has it now
-        if writeback:
-            tensor.copy_(flat.view_as(tensor))
-        return tensor
 
-    def barrier(self) -> None:
+    def _barrier_now(self) -> None:
         if self.comm is not None:
             self.comm.barrier()
         if self.leaders_group is not None:
@@ -126,10 +216,6 @@ class ShmTransport:
                 dist.barrier(group=self.leaders_group)
             if self.comm is not None:
                 self.comm.barrier()
-
-    def close(self) -> None:
-        if self.comm is not None:
-            self.comm.close()
 
     def _local_index(self, rank: int) -> int:
         host = self.host_of[rank]
@@ -148,14 +234,25 @@ def shm_allreduce_hook(state: ShmTransport, bucket: dist.GradBucket) -> torch.fu
     """DDP comm hook: average ``bucket`` over all ranks through ``state`` (a ShmTransport).
 
     Like DDP's default hook, it divides by the world size first and then sums, so the result
-    is the mean; it is bit-identical on every rank. The future is already complete.
+    is the mean; it is bit-identical on every rank. The sum runs on the transport's thread
+    while the backward pass goes on.
     """
     buffer = bucket.buffer()
     buffer.div_(state.world_size)
-    state.all_reduce_sum_(buffer)
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buffer)
-    return fut
+    return state.all_reduce_future(buffer)
+
+
+def register_before_first_forward(ddp: DistributedDataParallel, transport: ShmTransport) -> None:
+    """Make :func:`shm_allreduce_hook` ``ddp``'s comm hook just before its first forward,
+    unless the loop registered one of its own on the prepared model by then: DDP takes one
+    hook, and a loop that brings its own (PowerSGD, say) keeps it."""
+
+    def register(module: DistributedDataParallel, _args: Any) -> None:
+        handle.remove()
+        if not getattr(module, "_comm_hooks", None):
+            module.register_comm_hook(state=transport, hook=shm_allreduce_hook)
+
+    handle = ddp.register_forward_pre_hook(register)
 
 
 def connect(requested: str, *, rank: int, world_size: int, job_id: str, generation: int,

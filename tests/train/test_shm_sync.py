@@ -350,3 +350,29 @@ def test_nccl_on_cpu_ranks_is_a_config_error(ray_session):
 def test_unknown_transport_is_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="grad_transport must be one of"):
         synctrain.Trainer(compression_loop, grad_transport="tcp", step_log=False)
+
+
+def own_hook_loop(config):
+    import torch.distributed as dist
+
+    model = synctrain.prepare_model(MLP())
+    calls = []
+
+    def hook(state, bucket):
+        calls.append(bucket.index())
+        buf = bucket.buffer().div_(dist.get_world_size())
+        return dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    model.register_comm_hook(None, hook)  # after prepare_model: the loop's own hook wins
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
+        opt.step()
+    return {"calls": len(calls), "digest": digest(model.module)}
+
+
+def test_a_comm_hook_of_the_loops_own_replaces_the_shared_memory_one(ray_session):
+    result = fit(own_hook_loop, grad_transport="shm")
+    assert all(out["calls"] >= 3 for out in result.outputs), result.outputs
+    assert result.outputs[0]["digest"] == result.outputs[1]["digest"]
