@@ -691,6 +691,10 @@ async def check_join(config: ServerConfig, timeout_s: float = 1.0) -> None:
             "leaders in one term). Run the same command with --join, or fix --data-dir.")
 
 
+#: A snapshot child still running after this long is killed (and the snapshot retried).
+SNAPSHOT_CHILD_TIMEOUT_S = 600.0
+
+
 @dataclasses.dataclass(slots=True)
 class _SnapshotJob:
     """A snapshot being written off the loop (see :mod:`coordinator.snapshotting`)."""
@@ -1388,6 +1392,12 @@ class CoordinatorServer:
         if job is not None:
             if job.exit_code is not None and not job.adopting and self._persisting is None:
                 self._adopt(job)
+            elif (job.pid and job.exit_code is None
+                  and time.perf_counter() - job.started > SNAPSHOT_CHILD_TIMEOUT_S):
+                log.error("node %d: the snapshot child %d has run for %.0f s; killing it",
+                          self.id, job.pid, time.perf_counter() - job.started)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(job.pid, signal.SIGKILL)  # its waiter then reports the failure
             return
         applied = self.sm.applied_index
         due = (applied - self._snapshot_index >= self.config.snapshot_every

@@ -88,9 +88,8 @@ def _child(sm: StateMachine, tmp: Path, md: SnapshotMetadata, fsync: bool) -> No
         write_snapshot_file(tmp, md, sm.snapshot(), sync=os.fsync if fsync else None)
         code = 0
     except BaseException:  # reported on stderr (the node's log); the parent sees exit 1
-        try:
-            traceback.print_exc()
-            sys.stderr.flush()
+        try:  # os.write, not sys.stderr: its lock may have been held by a thread at the fork
+            os.write(2, ("snapshot child: " + traceback.format_exc()).encode(errors="replace"))
         except BaseException:
             pass
     finally:
