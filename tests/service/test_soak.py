@@ -260,6 +260,7 @@ class Monitor(threading.Thread):
 
 @pytest.mark.slow
 @pytest.mark.fault
+@pytest.mark.timeout(SOAK_S + 600)  # the run, then checking its history
 @pytest.mark.parametrize("seed", SEEDS)
 def test_soak_kill_pause_partition_restart(make_cluster, Workload, seed) -> None:
     print(f"SEED={seed} COORDINATOR_SOAK_S={SOAK_S:.0f}", flush=True)
