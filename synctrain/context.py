@@ -97,6 +97,12 @@ class Session:
         # and the report count then; reports and batches after it are redone.
         self.step_positions: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("loaders", [])]
         self.step_report_seq = self.report_seq
+        # The capture point: the first batch handed out after a step boundary. The iteration
+        # of that step is over by then (its reports made, a scheduler stepped), nothing of the
+        # next has happened: the state a checkpoint or a peer heal hands on is taken there.
+        self.capture_step = self.optimizer_steps
+        self.capture_positions = list(self.step_positions)
+        self.capture_report_seq = self.report_seq
 
     # ---- reports -----------------------------------------------------------------------
     @property
@@ -184,6 +190,7 @@ class Session:
         index = len(self.samplers)
         self.samplers.append(sampler)
         sampler.on_first_batch = self._restore_rng_once
+        sampler.on_batch = self._capture_point
         if not self.restore:
             return
         if self.restore.get("derive_positions"):
@@ -208,6 +215,22 @@ class Session:
 
     def _one_loader_resumed(self) -> None:
         self._replay_waiting = max(0, self._replay_waiting - 1)
+
+    def _capture_point(self) -> None:
+        if self.optimizer_steps == self.capture_step:
+            return  # not the first batch after a step
+        self.capture_step = self.optimizer_steps
+        self.capture_positions = self.loader_positions()  # before this batch is counted
+        self.capture_report_seq = self.report_seq
+        if self.stepper is not None:
+            self.stepper.at_capture_point(self)
+
+    def handed_on_state(self) -> tuple[list[tuple[int, int]], int]:
+        """(loader positions, report count) of the state as of the last step: at its capture
+        point when the loop got there, else at its boundary (the iteration's tail is lost)."""
+        if self.capture_step == self.optimizer_steps:
+            return list(self.capture_positions), self.capture_report_seq
+        return list(self.step_positions), self.step_report_seq
 
     def _restore_rng_once(self) -> None:
         if self._rng_pending is not None and not self.replaying:

@@ -68,6 +68,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.on_resume_point: Callable[[], None] | None = None  # called when the resume epoch starts
         # called before each iteration's first batch is handed out (or at its end, if empty)
         self.on_first_batch: Callable[[], None] | None = None
+        # called before every batch is handed out (the session's capture points)
+        self.on_batch: Callable[[], None] | None = None
         self.iter_epoch = -1  # epoch of the current (or last) iteration; -1: never iterated
         self.delivered = 0  # batches of iter_epoch handed to the loop, resumed ones included
 
@@ -159,6 +161,8 @@ def _counting(inner: Iterator[Any], sampler: ShardedBatchSampler) -> Iterator[An
         if first and sampler.on_first_batch is not None:
             sampler.on_first_batch()
         first = False
+        if sampler.on_batch is not None:
+            sampler.on_batch()
         sampler.delivered += 1
         yield batch
     if first and sampler.on_first_batch is not None:

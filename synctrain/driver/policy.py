@@ -131,21 +131,24 @@ class RecoveryPolicy:
                         start_step=source.step, reason=f"rank {source.rank} hands on its step {source.step}")
 
 
-def blame_stalled(stalled: list[tuple[int, bool, int | None]]) -> list[int]:
-    """Which of several ranks that made no progress to treat as stalled.
+def blame_stalled(ranks: list[tuple[int, bool, int | None, bool]]) -> list[int]:
+    """Which ranks to treat as stalled once some rank made no progress for the stall timeout.
 
-    ``stalled``: (rank, still answers polls, step). When one rank stops, the others soon wait
-    on it (a collective, or the staleness bound) and look idle too. A rank whose process no
-    longer answers (stopped) is the cause; if all answer, the ranks furthest behind are (the
-    others wait for them); if they are all level, every one of them is.
+    ``ranks``: every running rank as (rank, still answers polls, step, idle past the timeout).
+    When one rank stops, the others soon wait on it (a collective, or the staleness bound) and
+    look idle too — possibly idle for longer than it, having waited on it before it stopped.
+    So a rank whose process no longer answers (stopped) is the cause, past the timeout or not;
+    if all answer, the idle ranks furthest behind are (the others wait for them); if they are
+    all level, every idle one is.
     """
-    if not stalled:
+    idle = [(rank, step) for rank, _, step, over in ranks if over]
+    if not idle:
         return []
-    silent = [rank for rank, answers, _ in stalled if not answers]
+    silent = [rank for rank, answers, _, _ in ranks if not answers]
     if silent:
         return sorted(silent)
-    steps = [step for _, _, step in stalled if step is not None]
+    steps = [step for _, step in idle if step is not None]
     if not steps:
-        return sorted(rank for rank, _, _ in stalled)
+        return sorted(rank for rank, _ in idle)
     low = min(steps)
-    return sorted(rank for rank, _, step in stalled if step is None or step == low)
+    return sorted(rank for rank, step in idle if step is None or step == low)

@@ -213,15 +213,16 @@ class JobShell:
     def _stalls(self, already: set[int | None]) -> list[Failure]:
         now = time.monotonic()
         limit = self.trainer.stall_timeout_s
-        stalled = [(rank, r.answered, r.step) for rank, r in self.ranks.items()
-                   if r.run is not None and rank not in already
-                   and now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S)]
+        ranks = [(rank, r.answered, r.step,
+                  now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S))
+                 for rank, r in self.ranks.items() if r.run is not None and rank not in already]
+        stalled = [r for r in ranks if r[3]]
         if stalled:
-            log.info("idle ranks (rank, answers polls, step): %s; poll ages %s", stalled,
+            log.info("ranks (rank, answers polls, step, idle too long): %s; poll ages %s", ranks,
                      {rank: round(now - r.poll_sent, 2) for rank, r in self.ranks.items() if r.poll})
         return [Failure("stalled", rank, self.ranks[rank].step,
                         detail=f"no progress for {self.trainer.stall_timeout_s:g} s")
-                for rank in blame_stalled(stalled)]
+                for rank in blame_stalled(ranks)]
 
     def _dead_shards(self) -> list[Failure]:
         shards = self.handles.get("ps_shards") or []

@@ -9,12 +9,14 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
    coordinator in batches — one Raft commit carries many steps, so the log costs little even
    for fast steps;
 2. every ``checkpoint_every`` steps (or ``checkpoint_every_s`` seconds), notes a checkpoint
-   of this step, which rank 0 captures at the start of the next optimizer step
-   (:meth:`StepBoundary.before_step`: the rest of the iteration — an LR scheduler's step, say
-   — belongs to this step's state) as a document of copies of every tensor, so training goes
-   on at once; the writer encodes it, writes it durably and only then commits it to the log
-   (ordered after the records of the steps it covers); the log answers which old checkpoints
-   to delete;
+   of this step, which rank 0 captures at the step's *capture point* — the next batch the
+   prepared loader hands out: the iteration is over (its reports made, an LR scheduler
+   stepped) and nothing of the next has run, so data position, report count and RNG are
+   exactly where a resumed loop continues (without a prepared loader: at the start of the
+   next optimizer step) — as a document of copies of every tensor, so training goes on at
+   once; the writer encodes it, writes it durably and only then commits it to the log
+   (ordered after the records of the steps it covers); the log answers which old
+   checkpoints to delete;
 3. holds the worker while it is more than K = ``max_uncommitted_steps`` steps ahead of its
    committed records (K = 0: every step waits for its own commit), so a coordinator that lost
    its majority stops training after at most K steps and nothing runs ahead of the log;
@@ -101,28 +103,32 @@ class StepBoundary:
         ps_clock = getattr(session.strategy, "clock", None) if self.mode == "async" else None
         self.writer.put(("step", step, time.time(), ps_clock))
         if self._checkpoint_due(step):
-            # Taken at the start of the next step: by then the loop has finished this iteration
-            # (an LR scheduler stepped, say) while the parameters are still this step's. What
-            # the rest of the iteration changes is noted now: RNG, data position, report count.
-            self.pending = {"step": step, "rng": ckpt.capture_rng(),
-                            "positions": list(session.step_positions),
-                            "report_seq": session.step_report_seq}
+            # Taken at this step's capture point (the next batch handed out: the iteration is
+            # over, an LR scheduler stepped, its reports made), or failing that (no prepared
+            # loader) at the start of the next optimizer step.
+            self.pending = {"step": step}
             self.last_checkpoint_t = time.monotonic()
         self._hold(session, step)
 
+    def at_capture_point(self, session: Session) -> None:
+        if self.pending is not None and self.pending["step"] == session.optimizer_steps:
+            self._take_checkpoint(session, session.capture_positions, session.capture_report_seq)
+
     def before_step(self, session: Session) -> None:
-        """At the start of an optimizer step: take the checkpoint the last step asked for."""
+        """At the start of an optimizer step: a checkpoint no capture point has taken."""
+        if self.pending is not None and self.pending["step"] == session.optimizer_steps:
+            self._take_checkpoint(session, session.step_positions, session.report_seq)
+
+    def _take_checkpoint(self, session: Session, positions: list, report_seq: int) -> None:
         pending, self.pending = self.pending, None
-        if pending is None or pending["step"] != session.optimizer_steps:
-            return
+        assert pending is not None
         if self.cfg.shard_optimizer:  # ZeRO-1: every rank sends its shard to rank 0 (a collective)
             for opt in session.optimizers:
                 opt.consolidate_state_dict(to=0)
         if self.rank != 0:
             return
         doc = capture(session, self.generation)
-        doc.update(rng=pending["rng"], loaders=[list(p) for p in pending["positions"]],
-                   report_seq=pending["report_seq"])
+        doc.update(loaders=[list(p) for p in positions], report_seq=report_seq)
         self.writer.put(("checkpoint", pending["step"], doc))
 
     def _checkpoint_due(self, step: int) -> bool:
@@ -167,12 +173,13 @@ def capture(session: Session, generation: int) -> dict[str, Any]:
     Called right after a step (a checkpoint) or after a failed run (a peer heal), when the
     models and optimizers still hold the state of that boundary."""
     strategy = session.strategy
+    positions, report_seq = session.handed_on_state()
     doc: dict[str, Any] = {
         "step": session.optimizer_steps,
         "generation": generation,
         "mode": session.context.mode,
-        "report_seq": session.step_report_seq,
-        "loaders": [list(p) for p in session.step_positions],
+        "report_seq": report_seq,
+        "loaders": [list(p) for p in positions],
         "rng": ckpt.capture_rng(),
         "registered": {name: _clone(obj.state_dict()) for name, obj in session.registered.items()},
         "models": [_clone(getattr(m, "module", m).state_dict()) for m in session.models],

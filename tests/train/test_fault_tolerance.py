@@ -82,10 +82,11 @@ def inject(config, ctx, step) -> None:
         os.kill(ray.get(shard.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
     elif kind == "corrupt_newest_then_kill":
         job_dir = Path(synctrain.context.current_session().stepper.cfg.job_dir)
-        deadline = time.monotonic() + 30
-        while len(sorted(job_dir.glob("ckpt-*.pt"))) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        want = f"ckpt-{fault['newest']:09d}-g1.pt"  # written by rank 0's writer, asynchronously
+        while not (job_dir / want).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        newest = sorted(job_dir.glob("ckpt-*.pt"))[-1]
+        newest = job_dir / want
         data = bytearray(newest.read_bytes())
         data[len(data) // 2] ^= 0xFF
         newest.write_bytes(bytes(data))
@@ -224,7 +225,7 @@ def test_sync_leader_kill_needs_no_new_generation(ray_session, tmp_path, sync_ba
 
 
 def test_sync_corrupt_newest_checkpoint_falls_back_to_the_previous(ray_session, tmp_path, sync_baseline):
-    result = run(tmp_path, fault={"kind": "corrupt_newest_then_kill", "rank": 1, "step": 65},
+    result = run(tmp_path, fault={"kind": "corrupt_newest_then_kill", "rank": 1, "step": 65, "newest": 60},
                  name="corrupt", recovery="checkpoint")
     check_complete(result, "sync", baseline=sync_baseline, max_redone=65)
     corrupted = (tmp_path / "marks-corrupt" / "corrupted").read_text()

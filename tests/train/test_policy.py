@@ -73,14 +73,18 @@ def test_policy_scripts():
     assert got == text
 
 
-@pytest.mark.parametrize("stalled, blamed", [
-    ([(1, False, 10), (0, True, 10), (2, True, 10)], [1]),  # the stopped process
-    ([(0, True, 10), (1, True, 7), (2, True, 9)], [1]),  # the one the others wait for
-    ([(0, True, 10), (1, True, 10)], [0, 1]),  # level: no way to tell, all of them
+@pytest.mark.parametrize("ranks, blamed", [
+    ([(1, False, 10, True), (0, True, 10, True), (2, True, 10, True)], [1]),  # the stopped process
+    # the one waited on stopped after the others began to wait: not idle long enough yet, but
+    # silent — it is the cause, not the rank that waited longest (async with a staleness bound)
+    ([(0, True, 32, True), (1, False, 30, False)], [1]),
+    ([(0, True, 10, True), (1, True, 7, True), (2, True, 9, True)], [1]),  # the one waited for
+    ([(0, True, 10, True), (1, True, 10, True)], [0, 1]),  # level: no way to tell, all of them
+    ([(0, True, 10, False), (1, False, 10, False)], []),  # nobody idle too long yet
     ([], []),
 ])
-def test_blame_stalled(stalled, blamed):
-    assert blame_stalled(stalled) == blamed
+def test_blame_stalled(ranks, blamed):
+    assert blame_stalled(ranks) == blamed
 
 
 def test_decide_counts_every_failure_towards_the_limit():
