@@ -21,22 +21,29 @@ clients waiting on them, release ReadIndex reads whose index is applied, and ``a
 A steady leader's appends depend on nothing being durable on the leader, so by default
 (``leader_parallel_persist``, Raft thesis §10.2.1, as etcd does) they leave first and the
 leader's fsync overlaps the followers' — the leader counts its own copy toward a commit only
-once its fsync returned; votes, answers and anything after a term change always wait. With
-several writes waiting the fsync runs in a worker thread while the loop keeps accepting
-requests, which pile up into the next, larger batch; a hard state that only moved the commit
-index is not fsync'd on its own (etcd's rule), and a new commit index is not broadcast in
-empty appends of its own (``commit_broadcast``): it rides on the next append or heartbeat.
-Every ``snapshot_every`` applied entries the state machine is snapshotted and the log
-compacted.
+once its fsync returned; votes, answers and anything after a term change always wait. Every
+fsync runs in a worker thread (``persist_in_thread``) while the loop keeps accepting requests
+and stepping messages, which pile up into the next, larger batch: the loop never waits for
+the disk. A hard state that only moved the commit index is not fsync'd on its own (etcd's
+rule), and a new commit index is not broadcast in empty appends of its own
+(``commit_broadcast``): it rides on the next append or heartbeat.
 
-A follower that fell behind the compaction is sent the snapshot. One whose data fits in a
-chunk (``snapshot_chunk_bytes``, 4 MiB, or half of ``max_frame_bytes`` if less) travels in
-one frame like every other message; a larger one travels as a sequence of chunk frames (a
-distinct frame kind: see :data:`SNAPSHOT_CHUNK_MAGIC`) queued back to back on the same peer
-link, which keeps them in order. The receiver's :class:`SnapshotReassembler` rebuilds it (one
-in flight per sender, a bounded number of bytes buffered, CRC-32 checked) and steps the whole
-SNAPSHOT message into the node as if it had come in one frame. A lost chunk discards the
-partial snapshot; the follower then rejects the leader's next append and is sent it again.
+After ``snapshot_every`` applied entries or ``snapshot_bytes`` of applied data the state is
+snapshotted off the loop by a forked child (:mod:`coordinator.snapshotting`), adopted and the
+log compacted in the disk thread. A follower that fell behind the compaction is sent the
+snapshot, streamed from its file in chunk frames (a distinct frame kind: see
+:data:`SNAPSHOT_CHUNK_MAGIC`) paced by the peer link's backlog; the receiver's
+:class:`SnapshotReassembler` spools them to a file (one in flight per sender, CRC-32 checked)
+and steps the SNAPSHOT message into the node; the storage adopts the file and a worker thread
+decodes it. A lost chunk discards the partial snapshot; the follower then rejects the
+leader's next append and is sent it again. Every byte bound is in
+:meth:`ServerConfig.memory_bounds` and reported with its use in ``status()["memory"]``.
+
+A member that lost its disk rejoins with ``join``: a RECOVERING marker keeps it from voting
+until a leader repaired it (:func:`check_join` refuses an empty directory without it when a
+peer knows the node). The ticker logs event-loop lag, a slow drive says what it did, and a
+watchdog thread logs the loop thread's stack when the loop has not ticked for
+``stall_dump_s``.
 
 Writes are proposed only on the leader; a follower answers ``not_leader`` with the leader's id
 and endpoint. A write waits for its own entry to be applied: the waiting request is keyed by
@@ -60,7 +67,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import faulthandler
 import functools
 import gc
 import logging
@@ -68,7 +74,10 @@ import os
 import pathlib
 import random
 import signal
+import sys
+import threading
 import time
+import traceback
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -189,10 +198,8 @@ class ServerConfig:
     # process paused); a drive longer than this logs what it did. None: half an election
     # timeout.
     loop_stall_warn_s: float | None = None
-    # A loop blocked this long has every thread's stack written to stderr (the node's log),
-    # by faulthandler's watchdog, re-armed on every tick: says *where* it was blocked.
-    # None: off. (One watchdog per process: with several servers in one process the last
-    # one armed wins.)
+    # A loop that has not ticked for this long has its thread's stack logged by a watchdog
+    # thread (sys._current_frames, under the GIL): says *where* it was blocked. None: off.
     stall_dump_s: float | None = 2.0
 
     def __post_init__(self) -> None:
@@ -736,32 +743,8 @@ class CoordinatorServer:
         self._unsaved_hs: Any = None  # a commit-only HardState not yet written
         self._persisting: asyncio.Future | None = None  # the save in flight (persist_in_thread)
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"wal-{self.id}")
-        # snapshot work: waiting for the snapshot child, reading and checksumming the file
-        self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"snap-{self.id}")
-        self._snap_job: _SnapshotJob | None = None
-        self._snapshot_retry_at = 0.0  # after a failed snapshot, not before this (monotonic)
-        self._stalled = False  # the last tick came late (see _note_lag)
-        self._continued_at = -1e9  # when SIGCONT last arrived (note_continued)
-        self._applied_bytes = 0  # entry data applied since the last snapshot started
-        self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
-        self._members_proposed: set[int] = set()  # members.seen proposed in this term
-        # peer -> ((term, prev index, prev term), sent at) of the last APPEND with entries
-        # it has not answered yet (see _repeats_append)
-        self._appends_sent: dict[int, tuple[tuple[int, int, int], float]] = {}
-        self._append_resend_s = 2 * config.election_tick * config.tick_s
-        rng = random.Random(config.seed if config.seed is not None else os.urandom(8))
-        if recovering:
-            log.warning("node %d starts RECOVERING (%s exists): it lost its data directory "
-                        "and will neither vote nor campaign until a leader has repaired it",
-                        self.id, self._marker)
-        self.node = RaftNode(
-            Config(id=self.id, election_tick=config.election_tick,
-                   heartbeat_tick=config.heartbeat_tick, applied=snap.metadata.index,
-                   commit_broadcast=config.commit_broadcast,
-                   # an append must fit a frame (only snapshots are chunked)
-                   max_size_per_msg=config.append_bytes,
-                   max_inflight_msgs=config.max_inflight_msgs, recovering=recovering),
-            self.storage, rng)
+        self._init_background_state()
+        self.node = self._new_raft_node(snap.metadata.index, recovering)
         self.role = Role.FOLLOWER
         self._pending_writes: dict[tuple, list[asyncio.Future]] = {}
         self._proposals: list[tuple[bytes, tuple, asyncio.Future]] = []
@@ -800,6 +783,39 @@ class CoordinatorServer:
             on_unreachable=self._on_unreachable, max_frame_bytes=config.max_frame_bytes,
             max_queue_bytes=config.max_peer_queue_bytes)
 
+    def _init_background_state(self) -> None:
+        """What snapshots, streams, liveness checks and repeated appends keep."""
+        # snapshot work: waiting for the snapshot child, reading and checksumming the file
+        self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"snap-{self.id}")
+        self._snap_job: _SnapshotJob | None = None
+        self._snapshot_retry_at = 0.0  # after a failed snapshot, not before this (monotonic)
+        self._stalled = False  # the last tick came late (see _note_lag)
+        self._last_tick_at = time.monotonic()  # read by the watchdog thread (_watch_loop)
+        self._continued_at = -1e9  # when SIGCONT last arrived (note_continued)
+        self._applied_bytes = 0  # entry data applied since the last snapshot started
+        self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
+        self._members_proposed: set[int] = set()  # members.seen proposed in this term
+        # peer -> ((term, prev index, prev term), sent at) of the last APPEND with entries
+        # it has not answered yet (see _repeats_append)
+        self._appends_sent: dict[int, tuple[tuple[int, int, int], float]] = {}
+        self._append_resend_s = 2 * self.config.election_tick * self.config.tick_s
+
+    def _new_raft_node(self, applied: int, recovering: bool) -> RaftNode:
+        config = self.config
+        if recovering:
+            log.warning("node %d starts RECOVERING (%s exists): it lost its data directory "
+                        "and will neither vote nor campaign until a leader has repaired it",
+                        self.id, self._marker)
+        rng = random.Random(config.seed if config.seed is not None else os.urandom(8))
+        return RaftNode(
+            Config(id=self.id, election_tick=config.election_tick,
+                   heartbeat_tick=config.heartbeat_tick, applied=applied,
+                   commit_broadcast=config.commit_broadcast,
+                   # an append must fit a frame (only snapshots are chunked)
+                   max_size_per_msg=config.append_bytes,
+                   max_inflight_msgs=config.max_inflight_msgs, recovering=recovering),
+            self.storage, rng)
+
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Bind, connect to peers and start ticking. Returns once the node is serving."""
@@ -814,6 +830,10 @@ class CoordinatorServer:
         for _ in range(self.config.election_tick - 1):
             self.node.tick()
         self._ticker = asyncio.create_task(self._tick_forever(), name=f"ticker-{self.id}")
+        if self.config.stall_dump_s is not None:
+            loop_thread = threading.get_ident()
+            threading.Thread(target=self._watch_loop, args=(loop_thread,), daemon=True,
+                             name=f"stall-watchdog-{self.id}").start()
         self._schedule_drive()
         log.info("node %d serving on %s (data dir %s)", self.id,
                  endpoint_str(self.transport_server.address), self.config.data_dir)
@@ -832,8 +852,6 @@ class CoordinatorServer:
         self._fail_pending_writes("shutting_down")
         self._fail_pending_reads("shutting_down")
         self._stop_senders()
-        if self.config.stall_dump_s is not None:
-            faulthandler.cancel_dump_traceback_later()
         job = self._snap_job
         if job is not None and job.pid and job.exit_code is None:
             with contextlib.suppress(ProcessLookupError):
@@ -867,8 +885,7 @@ class CoordinatorServer:
                 # arrived meanwhile and are waiting in its sockets.
                 next_at = time.monotonic()
             self._note_lag(late_s)
-            if self.config.stall_dump_s is not None:
-                faulthandler.dump_traceback_later(self.config.stall_dump_s, exit=False)
+            self._last_tick_at = time.monotonic()
             self.node.tick()
             self._expire_requests()
             ticks += 1
@@ -891,6 +908,26 @@ class CoordinatorServer:
                         "was stopped (SIGSTOP, then SIGCONT)" if stopped else "was blocked",
                         lag_ms, self.role.name.lower(), self.node.term,
                         "in progress" if self._snap_job else "idle")
+
+    def _watch_loop(self, loop_thread: int) -> None:
+        """Watchdog thread: when the loop has not ticked for ``stall_dump_s``, log where the
+        loop thread is (once per stall). It takes the frames under the GIL
+        (``sys._current_frames``), never faulthandler's walk of a running thread's
+        frames without the GIL, which can crash the process (a node died in the middle of
+        such a dump in a soak, most likely from that)."""
+        assert self.config.stall_dump_s is not None
+        limit_s, logged_for = self.config.stall_dump_s, 0.0
+        while not self._stopped.is_set():
+            time.sleep(min(0.5, limit_s / 4))
+            last = self._last_tick_at
+            now = time.monotonic()
+            if now - last < limit_s or logged_for == last or now - self._continued_at < 1.0:
+                continue
+            logged_for = last
+            frame = sys._current_frames().get(loop_thread)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+            log.warning("node %d: the event loop has not ticked for %.1f s; it is at:\n%s",
+                        self.id, now - last, where)
 
     def note_continued(self) -> None:
         """SIGCONT arrived (:func:`serve` installs this): a lag that ends now was the

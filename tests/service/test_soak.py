@@ -206,6 +206,7 @@ class Monitor(threading.Thread):
         self.stop = threading.Event()
         self.pollers = {i: Poller(cluster, i, faults, self.stop) for i in cluster.node_ids}
         self.violations: list[str] = []
+        self.exited: set[int] = set()
         self.leaderless_max_s = 0.0
 
     @property
@@ -227,6 +228,10 @@ class Monitor(threading.Thread):
                     last, up_since = p.last, p.up_since
                 if i in down:
                     continue
+                code = self.cluster.exit_code(i)
+                if code is not None and i not in self.exited:
+                    self.exited.add(i)
+                    self._violate(f"node {i} exited by itself (status {code}): see its log")
                 silent_s = now - max(up_since, last[0] if last else up_since)
                 if silent_s > STATUS_DEADLINE_S:
                     self._violate(f"node {i} runs, is not stopped, and answered no status for "
