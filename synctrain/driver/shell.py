@@ -45,6 +45,7 @@ from synctrain.driver.policy import (
 )
 from synctrain.errors import TrainingFailedError, WorkerDiedError
 from synctrain.steplog import StepLog
+from synctrain.trainer import _first_line, _gpus_shared, _is_secondary, _local_ranks
 
 log = logging.getLogger(__name__)
 
@@ -611,17 +612,6 @@ def _outcome(ref: Any, rank: int) -> dict[str, Any]:
         return {"ok": False, "rank": rank, "died": True, "detail": _first_line(exc)}
 
 
-def _is_secondary(failure: dict[str, Any]) -> bool:
-    """A collective that broke because *another* rank failed (its peer closed the connection)."""
-    if failure.get("died"):
-        return False
-    if failure.get("exc_type") == "CollectiveError":  # the shared-memory path names the vanished peer
-        return True
-    tb = failure.get("traceback", "")
-    return failure.get("exc_type") in ("RuntimeError", "DistBackendError", "DistNetworkError") and (
-        "torch/distributed" in tb or "gloo" in tb.lower() or "nccl" in tb.lower())
-
-
 def _stopped(pid: int | None) -> bool:
     """Whether a process on this machine is stopped (SIGSTOP): state T in /proc/<pid>/stat."""
     if pid is None:
@@ -653,29 +643,4 @@ def _get_all(refs: dict[int, Any]) -> dict[int, Any]:
             out[rank] = ray.get(ref, timeout=120)
         except RayError as exc:
             raise WorkerDiedError(rank, _first_line(exc)) from None
-    return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
-def _gpus_shared(infos: list[dict[str, Any]]) -> bool:
-    """True when two ranks were given the same GPU (fractional ``resources_per_worker``)."""
-    seen = set()
-    for info in infos:
-        for gpu in info.get("gpu_ids", ()):
-            if (info["node_id"], gpu) in seen:
-                return True
-            seen.add((info["node_id"], gpu))
-    return False
-
-
-def _local_ranks(node_ids: list[str]) -> list[int]:
-    seen: dict[str, int] = {}
-    out = []
-    for node in node_ids:
-        out.append(seen.get(node, 0))
-        seen[node] = out[-1] + 1
     return out
