@@ -516,21 +516,29 @@ class ShmCommunicator:
             self._check_peer(peer, what, deadline)
 
     def _check_peer(self, peer: int, what: str, deadline: float) -> None:
-        """Raise if ``peer`` will not arrive: a peer process exited (any of them: name the one
-        that vanished, not a survivor that gave up on it first), ``peer`` left, or the time
-        is up."""
+        """Raise if ``peer`` will not arrive: a peer process exited, a peer left, or the time is
+        up. When several are gone, name the cause, not a survivor that gave up on it first and
+        exited: a process that died without closing its line (killed, crashed) before one that
+        left without arriving (its loop ended or raised), before one that closed and exited
+        (a survivor that gave up)."""
         me = self.ranks[self.local_rank]
-        for other, watch in self._watch.items():
-            if not watch.alive():
-                raise CollectiveError(
-                    f"rank {self.ranks[other]} (pid {watch.pid}) exited during the shared-memory {what}; "
-                    f"rank {me} stops instead of waiting for it (the job fails, or recovers when it can)")
-        line = self.segment.control[peer]
-        them = self.ranks[peer]
-        if int(line[_STATE]) == STATE_CLOSED and line[_ARRIVALS] < self._arrivals:
+        control = self.segment.control
+        closed = {other for other in range(len(self.ranks)) if other != self.local_rank
+                  and int(control[other, _STATE]) == STATE_CLOSED}
+        dead = [other for other, watch in self._watch.items() if not watch.alive()]
+        left = [other for other in sorted(closed) if control[other, _ARRIVALS] < self._arrivals]
+        crashed = [other for other in dead if other not in closed]
+        if crashed or (dead and not left):
+            other = (crashed or dead)[0]
+            raise CollectiveError(
+                f"rank {self.ranks[other]} (pid {self._watch[other].pid}) exited during the shared-memory "
+                f"{what}; rank {me} stops instead of waiting for it (the job fails, or recovers when it can)")
+        if left:
+            them = self.ranks[peer if peer in left else left[0]]
             raise CollectiveError(
                 f"rank {them} left the shared-memory {what} (its training loop ended or raised) while "
                 f"rank {me} waited for it; rank {them}'s own error is the cause")
+        them = self.ranks[peer]
         if time.monotonic() > deadline:
             raise CollectiveError(
                 f"rank {them} did not reach the shared-memory {what} within {self.timeout_s:g} s while rank "
