@@ -2,7 +2,9 @@
 # The checks that need a GPU machine, in one go (the device tool's lease is short):
 #   1. tests/train/test_gpu.py: NCCL with one GPU per rank, two ranks sharing a GPU (gloo),
 #      async mode on CUDA against the CPU result;
-#   2. the async benchmarks on that machine's CPUs (more cores than a laptop or CI box):
+#   2. issue 13: a 1-rank NCCL smoke run, and benchmarks/throughput.py (shared-memory
+#      all-reduce vs gloo) with 2, 4 and 8 CPU ranks;
+#   3. the async benchmarks on that machine's CPUs (more cores than a laptop or CI box):
 #      ps_throughput.py and convergence.py (conv model, compute straggler; Adam and SGD).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (needs torch with CUDA, ray, pytest on the path)
 #   GPU_CHECKS_STEPS="gpu_tests conv_adam"  run only these steps
@@ -33,6 +35,11 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 { nvidia-smi -L; echo "cpus=$cpus"; python3 -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__, "cuda", torch.cuda.is_available())'; } > "$res/env.log" 2>&1
 cat "$res/env.log"
 step gpu_tests 140 python3 -m pytest -q tests/train/test_gpu.py tests/train/test_gpu_sharing.py
+# issue 13: the shared-memory all-reduce on this machine's CPUs with 2, 4, 8 ranks (the GPU path:
+# tests/train/test_shm_sync.py::test_a_gpu_rank_keeps_nccl, a 1-rank NCCL run)
+step nccl_smoke 90 python3 -m pytest -q tests/train/test_shm_sync.py -k gpu_rank_keeps_nccl
+step shm_cpu 330 bash -c 'for w in 2 4 8; do python3 benchmarks/throughput.py --workers $w --models digits,mlp \
+    --steps 30 --rounds 1 --blocks 8 '"$quick"' --name throughput_cpu_w$w --out-dir "'"$res"'/shm"; done'
 step ps_throughput 120 python3 benchmarks/ps_throughput.py --steps 100 $quick --num-cpus "$cpus" --out "$res/ps"
 step conv_adam 200 python3 benchmarks/convergence.py --model conv --straggler compute --optimizer adam \
     --epochs 6 --repeats 3 $quick --num-cpus "$cpus" --name conv_adam --out "$res/conv_adam"

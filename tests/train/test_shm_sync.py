@@ -376,3 +376,26 @@ def test_a_comm_hook_of_the_loops_own_replaces_the_shared_memory_one(ray_session
     result = fit(own_hook_loop, grad_transport="shm")
     assert all(out["calls"] >= 3 for out in result.outputs), result.outputs
     assert result.outputs[0]["digest"] == result.outputs[1]["digest"]
+
+
+def gpu_loop(config):
+    model = synctrain.prepare_model(MLP())
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+    device = synctrain.get_context().device
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 20, device=device)), torch.randint(0, 5, (8,), device=device)).backward()
+        opt.step()
+    return {"transport": synctrain.strategy_metrics()["grad_transport"], "device": str(device)}
+
+
+@pytest.mark.gpu
+def test_a_gpu_rank_keeps_nccl(ray_session):
+    """The GPU path is unchanged: "auto" on a GPU rank is NCCL (one GPU holds one NCCL rank)."""
+    if ray_session.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the Ray cluster has no GPU")
+    result = synctrain.Trainer(gpu_loop, num_workers=1, use_gpu=True, progress=False, step_log=False).fit()
+    assert result.outputs[0] == {"transport": "nccl", "device": "cuda:0"}
+    with pytest.raises(ConfigError, match="grad_transport='shm' moves CPU tensors"):
+        synctrain.Trainer(gpu_loop, num_workers=1, use_gpu=True, progress=False, step_log=False,
+                          grad_transport="shm").fit()
