@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import runpy
@@ -44,6 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
+    # what `synctrain resume JOB` runs again, recorded in the job's job.json by Trainer.fit
+    os.environ["SYNCTRAIN_LAUNCH"] = json.dumps({"script": str(script.resolve()), "args": list(args.script_args),
+                                                 "cwd": os.getcwd(), "address": args.address})
     sys.argv = [str(script), *args.script_args]
     sys.path.insert(0, str(script.resolve().parent))
     try:
@@ -89,6 +93,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Run an interrupted job's script again (as ``synctrain run`` started it) under the job's
+    name: its Trainer.fit takes the job over from the step log."""
+    from synctrain.driver import jobdir
+
+    storage = Path(os.path.expanduser(args.storage_path or jobdir.default_storage()))
+    job = jobdir.JobDir(storage, args.job)
+    status = job.read_status()
+    if status is None:
+        print(f"synctrain resume: no job {args.job!r} in {storage} (synctrain status lists the jobs there; "
+              "--storage-path names another directory)", file=sys.stderr)
+        return 2
+    state = jobdir.job_state(job.path, status)
+    if state in ("finished", "running"):
+        why = ("it finished; its result stays readable (synctrain log " + args.job + ")" if state == "finished"
+               else f"it is running (driver pid {(status.get('driver') or {}).get('pid', '?')})")
+        print(f"synctrain resume: job {args.job!r} cannot be resumed: {why}", file=sys.stderr)
+        return 2
+    launch = status.get("launch")
+    if not isinstance(launch, dict) or not launch.get("script"):
+        print(f"synctrain resume: job {args.job!r} was not started by `synctrain run`, so there is no script "
+              f"to run again; run your script again with Trainer(job_name={args.job!r}, storage_path="
+              f"{str(storage)!r}): it resumes the job", file=sys.stderr)
+        return 2
+    os.environ["SYNCTRAIN_JOB_NAME"] = args.job
+    os.environ["SYNCTRAIN_STORAGE_PATH"] = str(storage)
+    if launch.get("cwd") and os.path.isdir(launch["cwd"]):
+        os.chdir(launch["cwd"])
+    print(f"synctrain resume: job {args.job!r} ({state}): running {launch['script']} again", file=sys.stderr)
+    again = argparse.Namespace(script=launch["script"], script_args=list(launch.get("args") or []),
+                               address=args.address or launch.get("address"))
+    return cmd_run(again)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     name = BENCHMARK_ALIASES.get(args.name, args.name)
     script = _benchmarks_dir() / f"{name}.py"
@@ -110,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the Ray cluster synctrain would use")
     status.add_argument("--address")
     status.set_defaults(func=cmd_status)
+    resume = sub.add_parser("resume", help="resume an interrupted job that `synctrain run` started")
+    resume.add_argument("job", help="the job's name (synctrain status lists them)")
+    resume.add_argument("--storage-path", help="where the job's directory is (default: "
+                        "SYNCTRAIN_STORAGE_PATH, else ~/synctrain_results)")
+    resume.add_argument("--address", help="Ray cluster address (default: the one the job was run with)")
+    resume.set_defaults(func=cmd_resume)
     bench = sub.add_parser("bench", help="run a benchmark script: benchmarks/NAME.py")
     bench.add_argument("name", help=f"one of: {', '.join(benchmark_names()) or '(none installed)'}")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

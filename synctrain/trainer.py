@@ -140,6 +140,8 @@ class Trainer:
         self.max_uncommitted_steps = max_uncommitted_steps
         self.recovery = recovery
         self.fault_hooks = dict(_fault_hooks or {})
+        if job_name is None and os.environ.get("SYNCTRAIN_JOB_NAME"):
+            job_name = os.environ["SYNCTRAIN_JOB_NAME"]  # set by `synctrain resume JOB`
         self.job_name = _jobdir.check_name(job_name) if job_name is not None else \
             _jobdir.default_job_name(getattr(train_loop, "__name__", "job"))
         self.storage_path = storage_path if storage_path is not None else _jobdir.default_storage()
@@ -147,9 +149,9 @@ class Trainer:
         self._coordinator_token = _token(coordinator, coordinator_token)
         if step_log:
             self._storage = _jobdir.check_storage(self.storage_path)
-            status = _jobdir.JobDir(self._storage, self.job_name).read_status()
-            if status is not None or (self._storage / self.job_name).exists():
-                _jobdir.JobDir(self._storage, self.job_name).create({})  # raises JobExistsError
+            # a finished or running job of this name: JobExistsError now; an unfinished one
+            # (its driver died, it failed, Ctrl-C) is resumed by fit()
+            self._resuming = _jobdir.JobDir(self._storage, self.job_name).check_reusable()
 
     def __repr__(self) -> str:  # no token, no endpoints
         return (f"Trainer(mode={self.mode!r}, num_workers={self.num_workers}, "

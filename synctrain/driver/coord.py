@@ -6,8 +6,10 @@ The token and endpoints never appear in a repr or a log line.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import time
 from typing import Any
 
 import ray
@@ -16,16 +18,28 @@ from ray.exceptions import RayError
 from coordinator.client import Client, CoordinatorError
 from synctrain.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 EMBEDDED_NODES = 3
 #: A node's ping that fails this many times in a row means the node is gone.
 PING_TIMEOUT_S = 5.0
 
 
-class EmbeddedCoordinator:
-    """A :class:`coordinator.cluster.RayCluster` whose nodes reserve no CPU."""
+#: How long a resumed job's nodes wait for a dead driver's nodes to let go of their WAL
+#: directories (Ray kills a dead driver's actors within seconds; each holds its WAL's LOCK).
+RESUME_LOCK_WAIT_S = 60.0
 
-    def __init__(self, data_dir: pathlib.Path) -> None:
+
+class EmbeddedCoordinator:
+    """A :class:`coordinator.cluster.RayCluster` whose nodes reserve no CPU.
+
+    ``resume``: the job's nodes ran before (their driver died): they start again from their
+    WALs with the job's token (``data_dir/token``) on new ports, once the old nodes, if Ray
+    has not killed them yet, have let go of their directories."""
+
+    def __init__(self, data_dir: pathlib.Path, resume: bool = False) -> None:
         self.data_dir = data_dir
+        self.resume = resume
         self.cluster: Any = None
         self._pings: dict[int, Any] = {}
 
@@ -44,8 +58,23 @@ class EmbeddedCoordinator:
         from coordinator.cluster import RayCluster
 
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.cluster = RayCluster(nodes=EMBEDDED_NODES, num_cpus_per_node=0.0, data_dir=self.data_dir)
-        self.cluster.start()
+        token = None
+        if self.resume and (self.data_dir / "token").exists():
+            token = (self.data_dir / "token").read_bytes().strip()
+        deadline = time.monotonic() + (RESUME_LOCK_WAIT_S if self.resume else 0.0)
+        while True:
+            self.cluster = RayCluster(nodes=EMBEDDED_NODES, num_cpus_per_node=0.0, data_dir=self.data_dir,
+                                      token=token)
+            try:
+                self.cluster.start()
+                break
+            except Exception as exc:
+                self.cluster.stop()
+                locked = "DataDirLocked" in str(exc) or "is locked by" in str(exc)
+                if not locked or time.monotonic() > deadline:
+                    raise
+                log.info("the interrupted run's coordinator still holds its WAL; waiting (%s)", _first(exc))
+                time.sleep(1.0)
         # For tools that read the job later (the token and endpoints stay out of logs and reprs):
         # both files are readable by this user only.
         _private_write(self.data_dir / "token", self.token + b"\n")
@@ -78,6 +107,11 @@ class EmbeddedCoordinator:
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
+
+
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1][:200] if lines else type(exc).__name__
 
 
 def _private_write(path: pathlib.Path, data: bytes) -> None:

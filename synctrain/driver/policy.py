@@ -34,7 +34,8 @@ import dataclasses
 import enum
 
 #: Failure kinds, as recorded in the step log and ``Result.failures``.
-KINDS = ("died", "stalled", "raised", "shard_died", "coordinator_node_died")
+KINDS = ("died", "stalled", "raised", "shard_died", "coordinator_node_died",
+         "driver_died", "resumed")  # the last two: recorded by a driver taking a job over
 WORKER_KINDS = ("died", "stalled", "raised")
 
 

@@ -1,10 +1,16 @@
 """``Trainer.fit`` for a step-logged job: wiring, in order, and the result from the log.
 
 1. connect to Ray and check resources (as without a step log);
-2. create the job directory (a name already used is a :class:`JobExistsError`);
-3. start the embedded coordinator (WALs in ``job_dir/coordinator``), or check the external one;
-4. record the job (``steplog.create``), start the strategy's shared actors;
-5. run the :class:`~synctrain.driver.shell.JobShell` until every rank's loop has returned;
+2. create the job directory, or take over an unfinished job of that name (its driver died, it
+   failed, Ctrl-C): a finished or running job's name is a :class:`JobExistsError`;
+3. start the embedded coordinator (WALs in ``job_dir/coordinator``: a resumed job's nodes
+   recover from them, with the job's token, on new ports), or check the external one;
+4. record the job (``steplog.create``; a resumed job's spec is checked against this call),
+   start the strategy's shared actors; a resumed job's leftovers (shared-memory files of its
+   job id, temp files) are removed, and whatever of its old generation still runs is fenced
+   off by the new generation;
+5. run the :class:`~synctrain.driver.shell.JobShell` until every rank's loop has returned (a
+   resumed job starts from its last committed checkpoint that passes its checksum);
 6. read ``Result.metrics``, ``steps``, ``generations``, ``failures`` back from the committed
    log, record the job's end, stop everything (the coordinator's WALs and the checkpoints stay
    in the job directory).
@@ -12,7 +18,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -82,14 +91,24 @@ def fit_with_step_log(trainer: Any) -> Any:
     trainer._connect_ray()
     spec = trainer._make_spec()
     job = JobDir(trainer._storage, trainer.job_name)
-    coordinator: Any = (ExternalCoordinator(trainer.coordinator, trainer._coordinator_token)
-                        if trainer.coordinator else EmbeddedCoordinator(job.coordinator_dir))
-    if trainer.coordinator:
-        coordinator.start()  # a ConfigError before anything of the job exists
-    job.create({"mode": spec.mode, "num_workers": spec.num_workers, "job_id": spec.job_id,
-                "coordinator": "external" if trainer.coordinator else "embedded"})
+    info = {"mode": spec.mode, "num_workers": spec.num_workers, "job_id": spec.job_id,
+            "coordinator": "external" if trainer.coordinator else "embedded", **_launch_info()}
+    # None: a new job; else the unfinished job's job.json (it is resumed)
+    old = job.open(info, check=lambda old: _check_resume(trainer, spec, old))
+    try:
+        if old is not None:
+            spec = dataclasses.replace(spec, job_id=str(old["job_id"]))
+        coordinator: Any = (ExternalCoordinator(trainer.coordinator, trainer._coordinator_token)
+                            if trainer.coordinator else
+                            EmbeddedCoordinator(job.coordinator_dir, resume=old is not None))
+        if trainer.coordinator:
+            coordinator.start()  # a ConfigError before anything of the job runs
+    except BaseException:
+        job.unlock_driver()
+        raise
     if trainer.progress:
-        print(f"synctrain: job {trainer.job_name!r} in {job.path}", flush=True)
+        verb = "resuming" if old is not None else "job"
+        print(f"synctrain: {verb} {trainer.job_name!r} in {job.path}", flush=True)
     strategy_cls = get_strategy_class(spec.mode)
     handles: dict[str, Any] = {}
     steplog = shell = None
@@ -100,9 +119,12 @@ def fit_with_step_log(trainer: Any) -> Any:
             coordinator.start()
         steplog = StepLog(coordinator.endpoints, coordinator.token, trainer.job_name)
         try:
-            steplog.create(_spec_doc(trainer, spec), False)
+            created = steplog.create(_spec_doc(trainer, spec), old is not None)
         except Exception as exc:
             raise ConfigError(f"the coordinator refused job {trainer.job_name!r}: {exc}") from None
+        if old is not None:
+            _check_logged_spec(trainer, _spec_doc(trainer, spec), created.get("spec") or {})
+            _remove_leftovers(job, spec)
         handles = strategy_cls.on_driver_start(spec)
         cfg = StepLogConfig(endpoints=tuple(coordinator.endpoints), token=coordinator.token,
                             job=trainer.job_name, job_dir=str(job.path),
@@ -114,7 +136,8 @@ def fit_with_step_log(trainer: Any) -> Any:
                                 sharded_state=cfg.shard_optimizer)
         shell = JobShell(spec=spec, trainer=trainer, steplog=steplog, steplog_cfg=cfg,
                          coordinator=coordinator, handles=handles, strategy_cls=strategy_cls,
-                         policy=policy, monitor=monitor, hooks=trainer.fault_hooks)
+                         policy=policy, monitor=monitor, hooks=trainer.fault_hooks,
+                         resume=old)
         outcomes = shell.run()
         handles = shell.handles
         result = Result(outputs=[o.get("value") for o in outcomes], metrics=[],
@@ -140,9 +163,70 @@ def fit_with_step_log(trainer: Any) -> Any:
             steplog.close()
         coordinator.stop()
         job.update_status(state=state, reason=reason, elapsed_s=round(time.monotonic() - started, 3))
+        job.unlock_driver()
         if ok:
             result.strategy_info = info
             result.elapsed_s = time.monotonic() - started
+
+
+def _launch_info() -> dict[str, Any]:
+    """What ``synctrain run`` started (script, arguments, directory): ``synctrain resume``
+    runs it again. Empty for a job started any other way."""
+    raw = os.environ.get("SYNCTRAIN_LAUNCH")
+    if not raw:
+        return {}
+    try:
+        launch = json.loads(raw)
+    except ValueError:
+        return {}
+    return {"launch": launch} if isinstance(launch, dict) else {}
+
+
+def _check_resume(trainer: Any, spec: Any, old: dict[str, Any]) -> None:
+    """A resumed job must be the same job: same mode, same number of workers, same kind of
+    coordinator (its spec in the step log is checked too, once the coordinator runs)."""
+    name = trainer.job_name
+    if old.get("mode") != spec.mode:
+        raise ConfigError(f"job {name!r} was started in mode {old.get('mode')!r}; resuming it with mode="
+                          f"{spec.mode!r} is not the same job: pass mode={old.get('mode')!r}, or pick another "
+                          "job_name for a new job")
+    if int(old.get("num_workers", spec.num_workers)) != spec.num_workers:
+        raise ConfigError(f"job {name!r} ran {old.get('num_workers')} workers; resuming it with num_workers="
+                          f"{spec.num_workers} would change its data sharding and global batch: pass "
+                          f"num_workers={old.get('num_workers')}, or pick another job_name")
+    kind = "external" if trainer.coordinator else "embedded"
+    if old.get("coordinator", kind) != kind:
+        raise ConfigError(f"job {name!r} kept its step log in an {old.get('coordinator')} coordinator; "
+                          f"resume it with the same (coordinator= {'given' if kind == 'embedded' else 'left out'})")
+
+
+#: Spec fields that make a different job when they change (the rest may, e.g. checkpoint_every).
+SAME_JOB_FIELDS = ("mode", "num_workers", "options", "seed")
+
+
+def _check_logged_spec(trainer: Any, now: dict[str, Any], logged: dict[str, Any]) -> None:
+    changed = [f"{key}: {logged.get(key)!r} -> {now.get(key)!r}" for key in SAME_JOB_FIELDS
+               if key in logged and logged.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"job {trainer.job_name!r} cannot be resumed with other settings ("
+                          f"{'; '.join(changed)}): pass the settings it was started with, or pick another "
+                          "job_name for a new job")
+
+
+def _remove_leftovers(job: JobDir, spec: Any) -> None:
+    """What a dead driver's job left on this host: shared-memory files of its job id (a worker
+    killed before its peers mapped them) and temp files in the job directory."""
+    from synctrain.ps import shm as ps_shm
+    from synctrain.strategies import shm_allreduce
+
+    removed = job.remove_temp_files()
+    for sweep in (ps_shm.remove_leftovers, shm_allreduce.remove_leftovers):
+        try:
+            sweep(spec.job_id)
+        except Exception as exc:  # noqa: BLE001 - a leftover is not worth failing the resume for
+            log.warning("could not sweep leftovers of job %s: %s", spec.job_id, exc)
+    if removed:
+        log.info("removed %d temp file(s) of the interrupted run: %s", len(removed), removed[:5])
 
 
 def _finish(strategy_cls: Any, spec: Any, handles: dict[str, Any], ok: bool) -> dict[str, Any]:

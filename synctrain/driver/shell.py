@@ -84,7 +84,8 @@ class JobShell:
 
     def __init__(self, *, spec: Any, trainer: Any, steplog: StepLog, steplog_cfg: Any,
                  coordinator: Any, handles: dict[str, Any], strategy_cls: Any,
-                 policy: RecoveryPolicy, monitor: Any, hooks: dict[str, Any] | None = None) -> None:
+                 policy: RecoveryPolicy, monitor: Any, hooks: dict[str, Any] | None = None,
+                 resume: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.trainer = trainer
         self.log = steplog
@@ -105,14 +106,18 @@ class JobShell:
         self._restart_threads: list[threading.Thread] = []
         self._next_report = 0
         self.zombies: list[Any] = []
+        self.resume = resume  # the interrupted run's job.json: start from its last checkpoint
 
     # ---- the job -----------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         """Run until every rank's loop returned; return their outcomes by rank."""
         for rank in range(self.spec.num_workers):
             self.ranks[rank] = _Rank(self._new_actor(rank))
-        self._start_generation("start", start_step=0, start_report=0,
-                               restore={r: None for r in self.ranks}, run_ranks=list(self.ranks))
+        if self.resume is not None:
+            self._resume()
+        else:
+            self._start_generation("start", start_step=0, start_report=0,
+                                   restore={r: None for r in self.ranks}, run_ranks=list(self.ranks))
         while True:
             failures = self._watch()
             if failures is None:
@@ -122,6 +127,29 @@ class JobShell:
                 self.bookkeeper.flush(timeout_s=120.0)
                 return [self.ranks[r].outcome or {} for r in sorted(self.ranks)]
             self._recover(failures)
+
+    def _resume(self) -> None:
+        """Take over an interrupted job: its generations go on from the last one in the log;
+        every rank starts from the last committed checkpoint that passes its checksum (a
+        worker of the old run that still writes is fenced by the new generation). The
+        takeover is in the log as a failure of kind ``driver_died`` (or ``resumed`` after a
+        run that ended failed or interrupted), ``recovery_s`` timed to the first new commit."""
+        assert self.resume is not None
+        detected = time.time()
+        info = self.log.job_info()
+        self.generation = int(info.get("generation") or 0)
+        previous = str(self.resume.get("state", "running"))
+        kind = "driver_died" if previous == "running" else "resumed"
+        driver = self.resume.get("driver") or {}
+        detail = (f"the driver (pid {driver.get('pid', '?')} on {driver.get('host', '?')}) died; a new "
+                  "driver resumed the job" if kind == "driver_died" else
+                  f"the job {previous} ({str(self.resume.get('reason', ''))[:200]}); resumed by a new driver")
+        index = self._record_failure(Failure(kind, None, int(info.get("last_step") or 0), detail=detail),
+                                     Decision(Action.RESTORE_CHECKPOINT, reason="resume", recovery="checkpoint"))
+        if self.spec.mode == "async":
+            self.handles = {**self.handles, "ps_initialised": False}
+        start = self._restore_checkpoint(f"resumed after {kind.replace('_', ' ')}")
+        self._awaiting.append((index, detected, start, None))
 
     def _recover(self, failures: list[Failure]) -> None:
         detected = time.time()  # recovery_s runs from here to the new generation's first commit

@@ -71,6 +71,9 @@ def inject(config, ctx, step) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif kind == "raise":
         raise RuntimeError(f"a transient failure injected at step {step}")
+    elif kind == "block":  # the driver is killed meanwhile (test_driver_death.py)
+        (marks / "blocked").write_text(str(step))
+        time.sleep(600)
     elif kind == "kill_leader":
         kill_coordinator_leader()
     elif kind == "kill_majority":

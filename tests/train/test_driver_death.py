@@ -1,0 +1,164 @@
+"""A job outlives its driver (issue 12): the driver process alone is killed with SIGKILL in the
+middle of a run, and running the same command again resumes the job from its step log.
+
+Each test starts ``resume_driver.py`` as a separate process, a driver of the test session's Ray
+cluster (so killing it is what a crashed laptop or a lost ssh session does: Ray kills the
+driver's workers and coordinator actors; the job directory stays). Rank 0 blocks at step
+``BLOCK_AT`` in the first generation; once the checkpoint of step ``CKPT_STEP`` is committed
+the test kills the driver, starts the same command again (sync) or ``synctrain resume JOB``
+(async, started with ``synctrain run``), and checks:
+
+* the job finishes; every step once and no gap in the step log, every report once;
+* the second driver started its generation at the last committed checkpoint (step
+  ``CKPT_STEP``): it trained only what followed it, and the steps the dead driver's workers had
+  committed past it are the only ones redone;
+* the takeover is in the log (a ``driver_died`` failure) and the accuracy meets the
+  example's target (95% sync, 93% async);
+* a finished job's name is refused afterwards, by ``synctrain resume`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import synctrain
+from synctrain.driver.coord import read_job_coordinator
+from synctrain.errors import ConfigError, JobExistsError
+from synctrain.steplog import StepLog
+
+pytestmark = [pytest.mark.ray, pytest.mark.fault, pytest.mark.slow]
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CKPT_STEP = 40  # checkpoint_every=20 in resume_driver.py
+BLOCK_AT = 50
+
+
+def _gcs_address(ray_session) -> str:
+    return ray_session.get_runtime_context().gcs_address
+
+
+def _driver_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(HERE / "resume_driver.py"), *args]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited (rc {proc.returncode}) before {what}:\n"
+                                 f"{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _committed_checkpoints(job_dir: pathlib.Path) -> list[int]:
+    try:
+        endpoints, token = read_job_coordinator(job_dir)
+        log = StepLog(endpoints, token, job_dir.name, timeout_s=2.0)
+        try:
+            return [int(c["step"]) for c in log.job_info()["checkpoints"]]
+        finally:
+            log.close()
+    except Exception:  # noqa: BLE001 - not up yet
+        return []
+
+
+def _kill_driver_after_checkpoint(proc: subprocess.Popen, job_dir: pathlib.Path, marks: pathlib.Path) -> None:
+    _wait(lambda: (marks / "blocked").exists(), 240, "rank 0 to reach the blocking step", proc)
+    _wait(lambda: CKPT_STEP in _committed_checkpoints(job_dir), 60, f"the checkpoint of step {CKPT_STEP}", proc)
+    assert max(_committed_checkpoints(job_dir)) == CKPT_STEP
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert synctrain.driver.jobdir.job_state(job_dir) == "interrupted"
+
+
+def _check_resumed(out: dict, mode: str) -> None:
+    steps_per_epoch = -(-(1797 - 359) // (32 * 2))
+    total = 12 * steps_per_epoch
+    assert [s["step"] for s in out["steps"]] == list(range(1, total + 1)), "every step once, no gap"
+    epochs = [m for m in out["metrics"] if "epoch" in m]
+    assert [m["epoch"] for m in epochs] == list(range(12)), "each report once"
+    first, last = out["generations"][0], out["generations"][-1]
+    assert first["generation"] == 1 and last["generation"] >= 2
+    assert last["start_step"] == CKPT_STEP, last  # only what followed the last committed checkpoint
+    gen_of = {s["step"]: s["generation"] for s in out["steps"]}
+    assert all(gen_of[s] == 1 for s in range(1, CKPT_STEP + 1)), "the dead driver's steps up to the checkpoint stay"
+    assert all(gen_of[s] == last["generation"] for s in range(CKPT_STEP + 1, total + 1))
+    assert 1 <= out["redone_steps"] <= BLOCK_AT - CKPT_STEP, out["redone_steps"]
+    died = [f for f in out["failures"] if f["kind"] == "driver_died"]
+    assert len(died) == 1 and died[0]["recovery"] == "checkpoint", out["failures"]
+    assert min(out["acc"]) >= (0.95 if mode == "sync" else 0.93), out["acc"]
+
+
+def test_sync_driver_killed_then_the_same_command_resumes(ray_session, tmp_path):
+    job, storage, marks = "drv-sync", tmp_path / "jobs", tmp_path / "marks"
+    marks.mkdir()
+    args = ["--mode", "sync", "--job", job, "--storage", str(storage), "--marks", str(marks),
+            "--address", _gcs_address(ray_session)]
+    first = subprocess.Popen(_driver_cmd(*args, "--out", str(tmp_path / "first.json"), "--block-at", str(BLOCK_AT)),
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _kill_driver_after_checkpoint(first, storage / job, marks)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    with pytest.raises(ConfigError, match="mode 'sync'.*not the same job"):
+        synctrain.Trainer(lambda c: None, mode="async", job_name=job, storage_path=str(storage),
+                          step_log=True, progress=False).fit()
+    assert synctrain.driver.jobdir.job_state(storage / job) == "interrupted", "a refused resume touches nothing"
+    # the same command again (without --block-at: a script that changed nothing would block
+    # again at step 50 of generation 1, but this run's generations are 2 and on)
+    second = subprocess.run(_driver_cmd(*args, "--out", str(tmp_path / "second.json")), env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = json.loads((tmp_path / "second.json").read_text())
+    _check_resumed(out, "sync")
+    assert not (tmp_path / "first.json").exists()
+    assert synctrain.driver.jobdir.job_state(storage / job) == "finished"
+    with pytest.raises(JobExistsError, match="finished"):
+        synctrain.Trainer(lambda c: None, job_name=job, storage_path=str(storage))
+    assert list((storage / job).glob("*.tmp")) == []
+
+
+def test_async_driver_killed_then_synctrain_resume(ray_session, tmp_path):
+    job, storage, marks = "drv-async", tmp_path / "jobs", tmp_path / "marks"
+    marks.mkdir()
+    env = dict(_env(), SYNCTRAIN_STORAGE_PATH=str(storage))
+    cli = [sys.executable, "-m", "synctrain.cli"]
+    first = subprocess.Popen([*cli, "run", "--address", _gcs_address(ray_session), str(HERE / "resume_driver.py"),
+                              "--mode", "async", "--job", job, "--marks", str(marks), "--out",
+                              str(tmp_path / "out.json"), "--block-at", str(BLOCK_AT)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _kill_driver_after_checkpoint(first, storage / job, marks)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    status = json.loads((storage / job / "job.json").read_text())
+    assert status["launch"]["args"][-2:] == ["--block-at", str(BLOCK_AT)]
+    # `synctrain resume` runs the recorded command again: the same --block-at, which only
+    # blocks in generation 1
+    second = subprocess.run([*cli, "resume", job, "--storage-path", str(storage)], env=_env(), capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    _check_resumed(out, "async")
+    again = subprocess.run([*cli, "resume", job, "--storage-path", str(storage)], env=_env(), capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "finished" in again.stderr, again.stderr
