@@ -79,7 +79,9 @@ open is named in a warning. Segment deletions are made durable one at a time, so
 never leaves a gap before a surviving segment.
 
 ``<data_dir>/LOCK`` is held with ``fcntl.flock`` for the storage's lifetime, so two
-servers can never share a data directory.
+servers can never share a data directory. A tool that only looks (``synctrain status``,
+through :mod:`coordinator.offline`) uses :func:`read_log` instead: the same replay, without
+the LOCK and without writing (a torn tail ends the read rather than being cut).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ from coordinator.raft.storage import (
 __all__ = [
     "DiskStorage", "StorageStats", "StorageError", "CorruptLogError", "CorruptSnapshotError",
     "DataDirLocked", "StorageClosed", "SnapshotOutOfDate", "Compacted", "Unavailable",
-    "SnapshotFileWriter", "write_snapshot_file", "holds_state",
+    "SnapshotFileWriter", "write_snapshot_file", "holds_state", "LogView", "read_log",
 ]
 
 log = logging.getLogger(__name__)
@@ -460,6 +462,57 @@ class _LogState:
         return 0
 
 
+def _replay_frames(buf: bytes, seg: _Segment, state: _LogState,
+                   max_record_bytes: int) -> tuple[int, str | None]:
+    """Apply the valid frames of one segment's bytes ``buf``, in order, to ``state`` (no I/O:
+    :meth:`DiskStorage._replay_segment` and the read-only :func:`read_log` share it). Returns
+    the offset where replay stopped and, when that is before the end of ``buf``, why the frame
+    there is not valid: the caller tells a zero tail, a torn tail and corruption apart. A frame
+    with a valid checksum but malformed contents is a CorruptLogError."""
+    off = 0
+    while off < len(buf):
+        kind = _V2 if off > 0 and seg.format == 2 else _V1
+        parsed = _parse_at(buf, off, kind, max_record_bytes)
+        if isinstance(parsed, str):
+            return off, parsed
+        rtype, payload, end = parsed
+        try:
+            if off == 0:
+                _apply_segment_header(seg, state, rtype, msgpack.unpackb(payload, raw=False))
+            elif kind == _V2:
+                for t, v in _inner_records(payload):
+                    index = state.apply(t, v)
+                    seg.max_entry_index = max(seg.max_entry_index, index)
+            else:
+                index = state.apply(rtype, msgpack.unpackb(payload, raw=False))
+                seg.max_entry_index = max(seg.max_entry_index, index)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise CorruptLogError(seg.path, off, f"a frame with a valid checksum is "
+                                  f"malformed ({exc.__class__.__name__}: {exc})") from None
+        off = end
+    return off, None
+
+
+def _apply_segment_header(seg: _Segment, state: _LogState, rtype: int, value: Any) -> None:
+    """A segment's first frame: format 1's header is the state list itself, format 2's
+    a map ``{"format": 2, "state": [...]}``."""
+    if rtype != RecordType.SEGMENT_HEADER:
+        raise CorruptLogError(seg.path, 0, "the segment does not start with a header")
+    if isinstance(value, dict):
+        fmt = value.get("format")
+        if fmt != _FORMAT:
+            raise StorageError(
+                f"write-ahead log {seg.path} has format {fmt!r}, and this version reads "
+                f"formats 1 and {_FORMAT}: it was written by a newer version. Run that "
+                "version on this data directory, or wipe it and re-add the node.")
+        seg.format, value = 2, value["state"]
+    else:
+        seg.format = 1
+    state.apply(RecordType.SEGMENT_HEADER, value)
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -636,6 +689,96 @@ def _read_snapshot_file(path: Path, index: int, term: int) -> Snapshot:
         raise CorruptSnapshotError(path, f"holds index {s_index} term {s_term}, not the "
                                          f"index {index} term {term} the WAL references")
     return snap
+
+
+# ---------------------------------------------------------------------------------------
+# read-only access: a node's durable state, for tools (the node may be running or gone)
+
+
+@dataclass(frozen=True, slots=True)
+class LogView:
+    """One node's durable Raft state as :func:`read_log` found it: its hard state, the
+    snapshot its WAL references (data included), and the entries since that snapshot's
+    compaction point. ``torn_tail`` says why reading stopped before the end of the last
+    segment (a save in progress, or a crash's torn tail the node cuts when it starts)."""
+
+    data_dir: Path
+    hard_state: HardState
+    conf_state: ConfState
+    snapshot: Snapshot
+    base_index: int  # entries start at base_index + 1
+    base_term: int
+    entries: tuple[Entry, ...]
+    torn_tail: str | None = None
+
+    @property
+    def last_index(self) -> int:
+        return self.base_index + len(self.entries)
+
+    @property
+    def last_term(self) -> int:
+        return self.entries[-1].term if self.entries else self.base_term
+
+    def term(self, index: int) -> int | None:
+        """The term of the entry at ``index`` (the compaction point's for ``base_index``);
+        None when this log holds no such entry."""
+        if index == self.base_index:
+            return self.base_term
+        if self.base_index < index <= self.last_index:
+            return self.entries[index - self.base_index - 1].term
+        return None
+
+
+def read_log(data_dir: str | os.PathLike[str], *, max_record_bytes: int = 256 << 20,
+             attempts: int = 3) -> LogView:
+    """Read a node's WAL and snapshot without taking its LOCK and without writing anything,
+    whether its node runs or not (``coordinator`` tools and ``synctrain status/log``).
+
+    It replays the segments like recovery does (:func:`_replay_frames`), with one difference
+    at the end: the first frame of the last segment that is not valid ends the read (a zero
+    tail, a save the running node has not finished, or a torn tail) instead of being cut.
+    Damage in an earlier segment is a CorruptLogError, as for the node. A running node may
+    delete a segment or replace its snapshot while this reads: a file that vanished restarts
+    the read, up to ``attempts`` times."""
+    assert attempts >= 1
+    for attempt in range(attempts):
+        try:
+            return _read_log_once(Path(data_dir), max_record_bytes)
+        except (FileNotFoundError, CorruptSnapshotError) as exc:
+            if attempt == attempts - 1 or (isinstance(exc, CorruptSnapshotError)
+                                           and "missing" not in str(exc)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_log_once(data_dir: Path, max_record_bytes: int) -> LogView:
+    names = sorted(os.listdir(data_dir))
+    segs = sorted((_Segment(data_dir / n, int(m.group(1)))
+                   for n in names if (m := _SEGMENT_RE.match(n))), key=lambda s: s.seq)
+    if not segs and any(_SNAP_RE.match(n) for n in names):
+        raise CorruptLogError(data_dir, 0, "snapshot files exist but no WAL segment does")
+    for prev, seg in zip(segs, segs[1:], strict=False):
+        if seg.seq != prev.seq + 1:
+            raise CorruptLogError(seg.path, 0, f"segment number {prev.seq + 1} is missing")
+    state, torn = _LogState(), None
+    for k, seg in enumerate(segs):
+        buf = seg.path.read_bytes()
+        off, why = _replay_frames(buf, seg, state, max_record_bytes)
+        if why is None or _zero_to_end(buf, off):
+            continue
+        if k < len(segs) - 1:
+            raise CorruptLogError(seg.path, off, f"{why}, in a segment that is not the last")
+        torn = f"{seg.path.name} at byte offset {off}: {why}"
+    if state.base_term is None:
+        raise CorruptLogError(segs[0].path, 0, f"entries up to {state.base} are missing and "
+                              "no compaction covers them (deleted segment?)")
+    if state.snap_index:
+        snap = _read_snapshot_file(data_dir / _snap_name(state.snap_index, state.snap_term),
+                                   state.snap_index, state.snap_term)
+    else:
+        snap = Snapshot(SnapshotMetadata(0, 0, state.bootstrap), b"")
+    return LogView(data_dir, state.hard_state, snap.metadata.conf_state, snap, state.base,
+                   state.base_term, tuple(state.entries), torn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1016,51 +1159,12 @@ class DiskStorage:
     def _replay_segment(self, seg: _Segment, is_last: bool) -> None:
         buf = seg.path.read_bytes()
         seg.file_size = len(buf)
-        off = 0
-        while off < len(buf):
-            kind = _V2 if off > 0 and seg.format == 2 else _V1
-            parsed = _parse_at(buf, off, kind, self._max_record_bytes)
-            if isinstance(parsed, str):
-                if (not is_last or self._preallocate) and _zero_to_end(buf, off):
-                    break  # the clean end of a preallocated segment: keep it, write at off
-                self._cut_tail(seg, buf, off, parsed, is_last)
-                seg.file_size = off
-                break
-            rtype, payload, end = parsed
-            try:
-                if off == 0:
-                    self._apply_segment_header(seg, rtype, msgpack.unpackb(payload, raw=False))
-                elif kind == _V2:
-                    for t, v in _inner_records(payload):
-                        index = self._state.apply(t, v)
-                        seg.max_entry_index = max(seg.max_entry_index, index)
-                else:
-                    index = self._state.apply(rtype, msgpack.unpackb(payload, raw=False))
-                    seg.max_entry_index = max(seg.max_entry_index, index)
-            except StorageError:
-                raise
-            except Exception as exc:
-                raise CorruptLogError(seg.path, off, f"a frame with a valid checksum is "
-                                      f"malformed ({exc.__class__.__name__}: {exc})") from None
-            off = end
+        off, why = _replay_frames(buf, seg, self._state, self._max_record_bytes)
+        # A zero tail is the clean end of a preallocated segment: kept, the next write at off.
+        if why is not None and not ((not is_last or self._preallocate) and _zero_to_end(buf, off)):
+            self._cut_tail(seg, buf, off, why, is_last)
+            seg.file_size = off
         seg.size = min(off, len(buf))
-
-    def _apply_segment_header(self, seg: _Segment, rtype: int, value: Any) -> None:
-        """A segment's first frame: format 1's header is the state list itself, format 2's
-        a map ``{"format": 2, "state": [...]}``."""
-        if rtype != RecordType.SEGMENT_HEADER:
-            raise CorruptLogError(seg.path, 0, "the segment does not start with a header")
-        if isinstance(value, dict):
-            fmt = value.get("format")
-            if fmt != _FORMAT:
-                raise StorageError(
-                    f"write-ahead log {seg.path} has format {fmt!r}, and this version reads "
-                    f"formats 1 and {_FORMAT}: it was written by a newer version. Run that "
-                    "version on this data directory, or wipe it and re-add the node.")
-            seg.format, value = 2, value["state"]
-        else:
-            seg.format = 1
-        self._state.apply(RecordType.SEGMENT_HEADER, value)
 
     def _cut_tail(self, seg: _Segment, buf: bytes, off: int, why: str, is_last: bool) -> None:
         """Cut a damaged tail of the last segment, or refuse when it is not a tail.
