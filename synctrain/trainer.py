@@ -93,6 +93,7 @@ class Trainer:
         checkpoint_every: int = 100,
         checkpoint_every_s: float | None = None,
         max_failures: int = 3,
+        spare_workers: int = 0,
         stall_timeout_s: float = 60.0,
         max_uncommitted_steps: int = DEFAULT_MAX_UNCOMMITTED_STEPS,
         recovery: str = "auto",
@@ -136,6 +137,12 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_every_s = checkpoint_every_s
         self.max_failures = max_failures
+        if not isinstance(spare_workers, int) or isinstance(spare_workers, bool) or spare_workers < 0:
+            raise ConfigError(f"spare_workers must be an integer >= 0, got {spare_workers!r}")
+        if spare_workers and not step_log:
+            raise ConfigError("spare_workers replace dead workers, which needs the step log: drop "
+                              "step_log=False, or spare_workers")
+        self.spare_workers = spare_workers
         self.stall_timeout_s = float(stall_timeout_s)
         self.max_uncommitted_steps = max_uncommitted_steps
         self.recovery = recovery

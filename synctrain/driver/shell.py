@@ -57,6 +57,8 @@ PROGRESS_POLL_S = 1.0
 STARTUP_GRACE_S = 120.0
 #: How long a sync survivor's run may take to end after a peer failed (its collective breaks).
 SURVIVOR_STOP_S = 60.0
+#: How long a warm spare may take to answer that it takes a rank (it is idle: milliseconds).
+SPARE_TAKE_S = 10.0
 #: Tries at restarting a dead coordinator node before giving up on it (the others keep serving).
 NODE_RESTART_TRIES = 3
 #: Loop errors that would fail again on a retry: raised at once.
@@ -107,6 +109,7 @@ class JobShell:
         self._next_report = 0
         self.zombies: list[Any] = []
         self.resume = resume  # the interrupted run's job.json: start from its last checkpoint
+        self.spares: list[tuple[Any, Any]] = []  # (actor, its ``warm`` ObjectRef)
 
     # ---- the job -----------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -118,6 +121,7 @@ class JobShell:
         else:
             self._start_generation("start", start_step=0, start_report=0,
                                    restore={r: None for r in self.ranks}, run_ranks=list(self.ranks))
+        self._start_spares()
         while True:
             failures = self._watch()
             if failures is None:
@@ -356,17 +360,24 @@ class JobShell:
     def _carry_out(self, decision: Decision, failures: list[Failure]) -> int:
         reason = "; ".join(f"{f.kind} rank {f.rank}" if f.rank is not None else f.detail or f.kind
                            for f in failures)
+        warm: list[int] = []
         for rank in decision.replace:
             if self.ranks[rank].actor is None:
-                self.ranks[rank].actor = self._new_actor(rank)
+                self.ranks[rank].actor = self._new_actor(rank, warm)
         for rank, r in self.ranks.items():  # ranks lost while stopping (not in the decision)
             if r.actor is None:
-                r.actor = self._new_actor(rank)
+                r.actor = self._new_actor(rank, warm)
+        if warm:
+            reason += f"; a warm spare took the place of rank{'s' if len(warm) > 1 else ''} " + \
+                ", ".join(map(str, warm))
         if decision.action is Action.HEAL_FROM_PEER:
-            return self._heal(decision, reason)
-        if decision.action is Action.RESTORE_CHECKPOINT:
-            return self._restore_checkpoint(reason)
-        return self._continue_async(decision, reason)
+            start = self._heal(decision, reason)
+        elif decision.action is Action.RESTORE_CHECKPOINT:
+            start = self._restore_checkpoint(reason)
+        else:
+            start = self._continue_async(decision, reason)
+        self._start_spares()
+        return start
 
     def _heal(self, decision: Decision, reason: str) -> int:
         source = decision.source_rank
@@ -469,8 +480,46 @@ class JobShell:
         if 0 in run_ranks:
             self._next_report = 0
 
-    def _new_actor(self, rank: int) -> Any:
+    def _new_actor(self, rank: int, warm: list[int] | None = None) -> Any:
+        """A worker for ``rank``: a warm spare when one is ready (``rank`` is added to
+        ``warm``), else a new actor."""
+        spare = self._take_spare(rank) if self.spares else None
+        if spare is not None:
+            if warm is not None:
+                warm.append(rank)
+            self._start_spares()  # refill (it gets the dead worker's resources once they are freed)
+            return spare
         return self.trainer._actor_class(self.spec).remote(rank, self.spec, self.steplog_cfg)
+
+    def _start_spares(self) -> None:
+        """Start spares up to ``spare_workers``: actors with the job's resources, warmed (see
+        ``TrainWorker.warm``), idle until a rank needs a new worker."""
+        want = int(getattr(self.trainer, "spare_workers", 0) or 0)
+        while len(self.spares) < want:
+            actor = self.trainer._actor_class(self.spec).remote(-1, self.spec, self.steplog_cfg)
+            self.spares.append((actor, actor.warm.remote(self.trainer._loop_blob)))
+
+    def _take_spare(self, rank: int) -> Any:
+        """The first spare that is warm, now ``rank``; None when none is (a spare still
+        starting, or waiting for resources, stays in the pool)."""
+        for i, (actor, ready) in enumerate(list(self.spares)):
+            done, _ = ray.wait([ready], timeout=0)
+            if not done:
+                continue
+            self.spares.remove((actor, ready))
+            try:
+                ray.get(ready)
+                ray.get(actor.take_rank.remote(rank), timeout=SPARE_TAKE_S)
+            except (RayError, GetTimeoutError) as exc:
+                log.warning("spare worker %d could not take rank %d: %s", i, rank, _first_line(exc))
+                _kill(actor)
+                continue
+            log.info("rank %d: a warm spare takes the dead worker's place", rank)
+            return actor
+        for actor, _ in self.spares:  # not warm: it would compete with the new worker for resources
+            _kill(actor)
+        self.spares = []
+        return None
 
     # ---- bookkeeping -------------------------------------------------------------------
     def _record_failure(self, f: Failure, decision: Decision) -> int:
@@ -537,6 +586,9 @@ class JobShell:
         for r in self.ranks.values():
             if r.actor is not None:
                 _kill(r.actor)
+        for actor, _ in self.spares:
+            _kill(actor)
+        self.spares = []
         for z in self.zombies:
             _kill(z)
 

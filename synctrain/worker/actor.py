@@ -52,6 +52,23 @@ class TrainWorker:
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
+    def warm(self, train_fn: Callable[..., Any] | bytes) -> dict[str, Any]:
+        """A warm spare (``Trainer(spare_workers=k)``): its process is up with torch, the
+        strategy and the loop's own modules imported (unpickling the loop imports them), so
+        taking a dead rank's place costs no process start and no imports."""
+        import torch.distributed  # noqa: F401 - imported for its cost, now
+
+        get_strategy_class(self.spec.mode)
+        _load_from_driver(train_fn, "training loop", self.rank)
+        return self.node_info()
+
+    def take_rank(self, rank: int) -> dict[str, Any]:
+        """This spare becomes ``rank`` (before its first ``run``)."""
+        if self.session is not None:
+            raise RuntimeError(f"a worker that ran as rank {self.rank} cannot take rank {rank}'s place")
+        self.rank = rank
+        return self.node_info()
+
     def node_info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),

@@ -202,6 +202,14 @@ def test_sync_kill_worker_heals_from_a_live_peer(ray_session, tmp_path, sync_bas
     assert torch.allclose(result.outputs[0]["params"], sync_baseline.outputs[0]["params"], atol=1e-5)
 
 
+def test_sync_kill_worker_with_a_warm_spare(ray_session, tmp_path, sync_baseline):
+    """A warm spare (process up, torch and the loop imported) takes the dead rank's place."""
+    result = run(tmp_path, fault={"kind": "kill", "rank": 1, "step": 30}, spare_workers=1)
+    check_complete(result, "sync", baseline=sync_baseline, max_redone=1)
+    assert len(result.generations) == 2
+    assert "a warm spare took the place of rank 1" in result.generations[1]["reason"], result.generations
+
+
 def test_sync_stopped_worker_is_declared_stalled_and_replaced(ray_session, tmp_path, sync_baseline):
     result = run(tmp_path, fault={"kind": "stop", "rank": 1, "step": 25}, name="stop1",
                  config={"report_every_step": True})
