@@ -51,6 +51,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -95,6 +96,8 @@ QUICK_EPOCHS = {"mlp": 2, "conv": 1}
 #: to be still training when the replacement joins) and the step of generation 1 the fault hits.
 FAULT_EPOCHS, ASYNC_FAULT_EPOCHS, FAULT_STEP = 30, 60, 60
 QUICK_FAULT_EPOCHS, QUICK_FAULT_STEP = 3, 30
+DRIVER_BLOCK_STEP = 120  # past the first automatic checkpoint (step 100)
+TARGET_SPARE_RECOVERY_S = 3.0
 
 
 def variants() -> list[tuple[str, dict[str, Any]]]:
@@ -142,6 +145,9 @@ def inject(fault: dict[str, Any], ctx: synctrain.TrainContext, step: int, first:
     if fault["kind"] == "kill_worker":
         _note(marks / "kill", time.time())
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault["kind"] == "block":  # the driver is killed meanwhile (driver_resume)
+        _note(marks / "blocked", time.time())
+        time.sleep(600)
     elif fault["kind"] == "kill_leader":
         pid = coordinator_leader_pid()
         _note(marks / "kill", time.time())
@@ -259,18 +265,20 @@ def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
             "committed_steps": len(result.steps), "fit_s": result.elapsed_s}
 
 
-def worker_kill(storage: Path, mode: str, epochs: int, at_step: int) -> dict[str, Any]:
-    print(f"-- recovery: kill -9 rank 1 in {mode} mode", flush=True)
+def worker_kill(storage: Path, mode: str, epochs: int, at_step: int, spares: int = 0) -> dict[str, Any]:
+    print(f"-- recovery: kill -9 rank 1 in {mode} mode, {spares} warm spare(s)", flush=True)
     marks = Path(tempfile.mkdtemp(prefix="marks-", dir=storage))
     fault = {"kind": "kill_worker", "rank": 1, "step": at_step, "marks": str(marks)}
-    result, watcher = fit(storage, f"kill-worker-{mode}", "mlp", mode, epochs, {}, fault)
+    result, watcher = fit(storage, f"kill-worker-{mode}-s{spares}", "mlp", mode, epochs,
+                          {"spare_workers": spares} if spares else {}, fault)
     kill_t = float((marks / "kill").read_text())
     gen2 = [s["time"] for s in result.steps if s["generation"] == 2]
     died = [f for f in result.failures if f["kind"] == "died"]
     replacement = marks / "first-step-g2-r1"
     assert watcher is not None
     _, gap = commit_stall(list(watcher.increases), kill_t)
-    return {"fault": "worker kill", "mode": mode, "K": DEFAULT_MAX_UNCOMMITTED_STEPS, "at_step": at_step,
+    return {"fault": "worker kill" + (" (warm spare)" if spares else ""), "mode": mode,
+            "K": DEFAULT_MAX_UNCOMMITTED_STEPS, "at_step": at_step, "spares": spares,
             "first_committed_step_s": min(gen2) - kill_t if gen2 else None,
             "failure_recorded_s": died[0]["time"] - kill_t if died else None,
             "driver_recovery_s": died[0].get("recovery_s") if died else None,
@@ -298,6 +306,73 @@ def leader_kill(storage: Path, k: int, epochs: int, at_step: int) -> dict[str, A
             "failed_reads": watcher.failed_reads, "committed_steps": len(result.steps)}
 
 
+def driver_resume(storage: Path, epochs: int, at_step: int) -> dict[str, Any]:
+    """kill -9 of the driver process alone (a subprocess: ``--driver``), once rank 0 blocks at
+    ``at_step`` and a checkpoint is committed; then the same command again. Timed from the
+    second driver's process start to its job's first committed step of the new generation."""
+    print("-- driver death: kill -9 the driver, run it again", flush=True)
+    from synctrain.driver.coord import read_job_coordinator
+    from synctrain.steplog import StepLog
+
+    marks = Path(tempfile.mkdtemp(prefix="marks-", dir=storage))
+    name = f"driver-resume-{uuid.uuid4().hex[:6]}"
+    out = marks / "result.json"
+    cmd = [sys.executable, os.path.abspath(__file__), "--driver", name, "--storage", str(storage),
+           "--address", ray.get_runtime_context().gcs_address, "--epochs", str(epochs), "--marks", str(marks),
+           "--result", str(out)]
+    first = subprocess.Popen([*cmd, "--block-at", str(at_step)])
+
+    def checkpoints() -> list[int]:
+        try:
+            endpoints, token = read_job_coordinator(storage / name)
+            log = StepLog(endpoints, token, name, timeout_s=2.0)
+            try:
+                return [int(c["step"]) for c in log.job_info()["checkpoints"]]
+            finally:
+                log.close()
+        except Exception:  # noqa: BLE001 - not up yet
+            return []
+
+    deadline = time.monotonic() + 300
+    while not ((marks / "blocked").exists() and checkpoints()):
+        if time.monotonic() > deadline or first.poll() is not None:
+            first.kill()
+            raise RuntimeError("the first driver never reached its blocking step with a checkpoint")
+        time.sleep(0.1)
+    last_checkpoint = max(checkpoints())
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    t0 = time.time()
+    second = subprocess.run(cmd, timeout=600)
+    if second.returncode != 0:
+        raise RuntimeError(f"the second driver failed (rc {second.returncode})")
+    result = json.loads(out.read_text())
+    gens = [g["generation"] for g in result["generations"]]
+    new = [s["time"] for s in result["steps"] if s["generation"] == max(gens)]
+    return {"fault": "driver kill", "mode": "sync", "K": DEFAULT_MAX_UNCOMMITTED_STEPS, "at_step": at_step,
+            "resumed_at_step": result["generations"][-1]["start_step"], "last_checkpoint": last_checkpoint,
+            "driver_start_to_first_step_s": min(new) - t0 if new else None,
+            "driver_start_to_fit_s": result["fit_started"] - t0,
+            "first_committed_step_s": None, "generations": len(result["generations"]),
+            "failures": [f["kind"] for f in result["failures"]], "redone_steps": result["redone_steps"],
+            "committed_steps": len(result["steps"])}
+
+
+def run_driver(args: argparse.Namespace) -> int:
+    """``--driver NAME``: one driver of the driver_resume measurement (a separate process)."""
+    fit_started = time.time()
+    marks = Path(args.marks)
+    fault = {"kind": "block", "rank": 0, "step": args.block_at, "marks": str(marks)} if args.block_at else \
+        {"kind": "none", "rank": -1, "step": -1, "marks": str(marks)}
+    result = synctrain.Trainer(bench_loop, num_workers=WORKERS, mode="sync", use_gpu=False, progress=False,
+                               storage_path=args.storage, job_name=args.driver, ray_address=args.address,
+                               config={"model": "mlp", "epochs": args.epochs, "fault": fault}).fit()
+    Path(args.result).write_text(json.dumps({"steps": result.steps, "generations": result.generations,
+                                             "failures": result.failures, "redone_steps": result.redone_steps,
+                                             "fit_started": fit_started}, default=str))
+    return 0
+
+
 def step_gap(result: synctrain.Result, kill_t: float, window_s: float = 30.0) -> float | None:
     """The longest gap between two consecutive committed steps' times (rank 0's step times)
     that ends after the kill: how long training itself stood still."""
@@ -323,9 +398,12 @@ def fault_runs(storage: Path, quick: bool) -> list[dict[str, Any]]:
     epochs, step = (QUICK_FAULT_EPOCHS, QUICK_FAULT_STEP) if quick else (FAULT_EPOCHS, FAULT_STEP)
     if quick:
         return [leader_kill(storage, LEADER_KILL_K, epochs, step)]
-    return [worker_kill(storage, "sync", epochs, step), worker_kill(storage, "async", ASYNC_FAULT_EPOCHS, step),
+    return [worker_kill(storage, "sync", epochs, step), worker_kill(storage, "sync", epochs, step, spares=1),
+            worker_kill(storage, "async", ASYNC_FAULT_EPOCHS, step),
+            worker_kill(storage, "async", ASYNC_FAULT_EPOCHS, step, spares=1),
             leader_kill(storage, LEADER_KILL_K, epochs, step),
-            leader_kill(storage, DEFAULT_MAX_UNCOMMITTED_STEPS, epochs, step)]
+            leader_kill(storage, DEFAULT_MAX_UNCOMMITTED_STEPS, epochs, step),
+            driver_resume(storage, epochs, DRIVER_BLOCK_STEP)]
 
 
 def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -369,6 +447,8 @@ def verdicts(table: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[
                                   "target": TARGET_OVERHEAD, "met": worst["overhead"] <= TARGET_OVERHEAD},
         "worker_kill_recovery_s": judged([f["first_committed_step_s"] for f in faults
                                           if f["fault"] == "worker kill"], TARGET_WORKER_RECOVERY_S),
+        "spare_recovery_s": judged([f["first_committed_step_s"] for f in faults
+                                    if f["fault"] == "worker kill (warm spare)"], TARGET_SPARE_RECOVERY_S),
         "leader_kill_commit_stall_s": judged([f["commit_stall_s"] for f in faults
                                               if f["fault"] == "leader kill" and f["K"] == LEADER_KILL_K],
                                              TARGET_LEADER_STALL_S),
@@ -434,6 +514,8 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
               "commits | longest gap between steps | generations |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in faults:
+        if f["fault"] == "driver kill":
+            continue
         lines.append(f"| {f['fault']} | {f['mode']} | {f['K']} | {f['at_step']} | {_s(f.get('failure_recorded_s'))} | "
                      f"{_s(f.get('first_committed_step_s'))} | "
                      f"{_s(f.get('driver_recovery_s'))} | {_s(f.get('replacement_first_step_s'))} | "
@@ -445,15 +527,29 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
               "Commits stalled: from the kill to the next increase of the committed step (polled every "
               f"{1e3 * POLL_INTERVAL_S:.0f} ms); longest gaps: between two increases of the committed step, "
               "and between two committed steps' times (training standing still), ending after the kill."]
+    drivers = [f for f in faults if f["fault"] == "driver kill"]
+    if drivers:
+        lines += ["", "Driver death (sync, the MLP): rank 0 blocks at the step shown in generation 1, the driver "
+                  "process alone is killed with SIGKILL once a checkpoint is committed, and the same command is "
+                  "run again; seconds from the second driver's process start:", "",
+                  "| blocked at step | last checkpoint | resumed at step | to Trainer.fit | to the first committed "
+                  "step of the new generation | steps redone | generations |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for f in drivers:
+            lines.append(f"| {f['at_step']} | {f['last_checkpoint']} | {f['resumed_at_step']} | "
+                         f"{_s(f.get('driver_start_to_fit_s'))} | {_s(f.get('driver_start_to_first_step_s'))} | "
+                         f"{f['redone_steps']} | {f['generations']} |")
     o, w, stall = (verdict[k] for k in ("overhead_at_default_K", "worker_kill_recovery_s",
                                         "leader_kill_commit_stall_s"))
+    spare = verdict.get("spare_recovery_s") or {"worst": None, "met": None}
     lines += ["", "Targets (issue 11):", "",
               f"- overhead at the default K ({DEFAULT_MAX_UNCOMMITTED_STEPS}) <= {100 * TARGET_OVERHEAD:.0f}%: "
               f"worst {100 * o['worst']:+.1f}% ({o['where']}): {_met(o['met'])}",
               f"- worker kill -> first committed step of the new generation <= {TARGET_WORKER_RECOVERY_S:g} s: "
               f"worst {_s(w['worst'])} s: {_met(w['met'])}",
               f"- commits stalled by a leader kill (K={LEADER_KILL_K}) <= {TARGET_LEADER_STALL_S:g} s: "
-              f"{_s(stall['worst'])} s: {_met(stall['met'])}"]
+              f"{_s(stall['worst'])} s: {_met(stall['met'])}",
+              f"- worker kill with a warm spare -> first committed step of the new generation <= "
+              f"{TARGET_SPARE_RECOVERY_S:g} s (issue 12): worst {_s(spare['worst'])} s: {_met(spare['met'])}"]
     return lines
 
 
@@ -491,15 +587,20 @@ def plot(table: list[dict[str, Any]], faults: list[dict[str, Any]], path: str) -
     left.legend(fontsize=8)
     labels, values, targets = [], [], []
     for f in faults:
-        if f["fault"] == "worker kill":
-            labels.append(f"kill worker\n{f['mode']}")
+        if f["fault"].startswith("worker kill"):
+            spare = "spare" in f["fault"]
+            labels.append(f"kill worker\n{f['mode']}" + ("\nwarm spare" if spare else ""))
             values.append(f["first_committed_step_s"] or 0.0)
-            targets.append(TARGET_WORKER_RECOVERY_S)
+            targets.append(TARGET_SPARE_RECOVERY_S if spare else TARGET_WORKER_RECOVERY_S)
+        elif f["fault"] == "driver kill":
+            labels.append("kill driver\n(from restart)")
+            values.append(f["driver_start_to_first_step_s"] or 0.0)
+            targets.append(float("nan"))
         else:
             labels.append(f"kill leader\nK={f['K']}")
             values.append(f["commit_stall_s"] or 0.0)
             targets.append(TARGET_LEADER_STALL_S)
-    right.bar(labels, values, color=["tab:blue" if t > 1 else "tab:orange" for t in targets])
+    right.bar(labels, values, color=["tab:blue" if not t <= 1 else "tab:orange" for t in targets])
     right.scatter(labels, targets, color="red", marker="_", s=400, label="target", zorder=3)
     right.set(ylabel="seconds after the kill", title="to the first committed step (worker) /\n"
               "commits stalled (leader)")
@@ -518,7 +619,20 @@ def main() -> int:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
+    parser.add_argument("--faults-only", action="store_true",
+                        help="run the fault measurements again; keep the throughput of the stored JSON")
+    for internal in ("--driver", "--storage", "--address", "--marks", "--result"):  # driver_resume's child
+        parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=FAULT_EPOCHS, help=argparse.SUPPRESS)
+    parser.add_argument("--block-at", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.driver:
+        import convergence
+        import digits
+
+        for module in (convergence, digits):
+            ray.cloudpickle.register_pickle_by_value(module)
+        return run_driver(args)
     if args.render:
         with open(args.render) as f:
             render(json.load(f), args.out or os.path.dirname(os.path.abspath(args.render)))
@@ -537,6 +651,14 @@ def main() -> int:
         ray.cloudpickle.register_pickle_by_value(module)
     rounds: list[list[dict[str, Any]]] = []
     faults: list[dict[str, Any]] = []
+    if args.faults_only:
+        with open(os.path.join(out_dir, "steplog_overhead.json")) as f:
+            stored = json.load(f)
+        with tempfile.TemporaryDirectory(prefix="steplog_jobs_") as storage:
+            faults = fault_runs(Path(storage), args.quick)
+        args.rounds = stored["meta"]["rounds_asked"]
+        write(stored["throughput"], faults, stored["rounds"], out_dir, args, epochs)
+        return 0
     with tempfile.TemporaryDirectory(prefix="steplog_jobs_") as storage:
         # Round 1, the faults, the other rounds; the results are written after each, so a run
         # cut short on a busy machine still leaves them (meta says how many rounds were done).
