@@ -23,8 +23,10 @@ Records kept, per job (a name of 1..200 characters of ``[A-Za-z0-9._-]``):
   ps_clock}``. ``reports``: metrics a job reported, numbered by ``seq`` from 0, each tied to
   the step it followed. Other ranks only report their progress (``progress[rank]``, the
   highest step they wrote in the current generation).
-- ``checkpoints``: ``{step, generation, path, size, sha256, time}``; ``failures``: what
-  failed and how the job recovered; ``fenced``: writes refused by the fencing rule.
+- ``checkpoints``: ``{step, generation, path, size, sha256, time[, digest]}``; ``failures``:
+  what failed and how the job recovered; ``fenced``: writes refused by the fencing rule.
+- ``digests``: per step of the current generation that carries them, every rank's digest of
+  the state it holds as a replica (see *Digests* below).
 
 The fencing rule: a write from a worker (``steps``, ``checkpoint``) names the generation it
 belongs to and is refused (``error "fenced"``, recorded in ``fenced``) unless that is the
@@ -58,7 +60,19 @@ higher: a gap). A gap refuses the whole batch with ``error "gap"`` and the expec
 
 Two checkpoints stay live (not superseded, not pruned); committing a third prunes the oldest
 and answers its path so the writer can delete the file (never a path a live checkpoint
-still uses).
+still uses). A job that commits digests keeps more (see below).
+
+Digests. In sync mode every rank holds a replica of the same parameters; any rank's step
+record may carry a ``digest`` of its replica at that step. The digests of one step and
+generation form a *set*; once it holds one from every member of the generation it is judged:
+``agree``, or ``mismatch`` (the first live mismatch is kept in ``digest_mismatch`` with the
+digest more than half of the ranks hold, if any, and the ranks that differ from it).
+``digest_trusted`` is the newest step of an agreeing set with no live mismatch before it: a
+checkpoint at or before it holds state that every rank agreed on. Pruning never removes the
+newest such checkpoint, nor (up to :data:`MAX_UNVERIFIED_CHECKPOINTS`) those newer than it
+whose verdict is still open, so the driver can always roll back to the last checkpoint whose
+digests agreed. A new generation supersedes the sets beyond its start (and a mismatch there),
+like every other record.
 
 Bounds (:data:`MAX_JOBS` and the other ``MAX_*`` below) are refused with error answers, except
 the fenced-refusal list, which keeps the newest :data:`MAX_FENCED_KEPT` and counts the rest.
@@ -73,6 +87,9 @@ Safety notes (each has a test in ``tests/service/test_steplog.py``):
   applies once (``test_retried_batch_applies_once``).
 * Superseding marks exactly what lies beyond the restart point
   (``test_new_generation_supersedes_what_lies_beyond_its_start``).
+* A digest set is judged only when complete, the rank outside the majority is named, none
+  with no majority (``tests/service/test_steplog_digests.py``), and the last checkpoint the
+  digests vouch for is never pruned (``test_the_trusted_checkpoint_is_never_pruned``).
 * Snapshot and restore round-trip every record, byte for byte
   (``test_snapshot_restore_round_trip``).
 """
@@ -97,7 +114,7 @@ from coordinator.statemachine import (
 )
 
 EXTENSION = "steplog"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2 added the digest fields at the end of Job; restore also reads 1
 
 # Bounds. Breaking one is refused with an error answer (except MAX_FENCED_KEPT: oldest dropped).
 MAX_JOBS = 1_000
@@ -119,10 +136,15 @@ MAX_NAME_CHARS = 256  # node ids, failure kinds, recovery names, checksums
 MAX_QUERY_ITEMS = 2_000
 MAX_QUERY_ANSWER_BYTES = 512 << 10  # well under a transport frame
 LIVE_CHECKPOINTS = 2
+MAX_DIGEST_SETS_KEPT = 1_000  # per job; older sets are dropped and counted
+MAX_DIGEST_CHARS = 128  # one digest, as text (a hex hash)
+#: Checkpoints newer than the trusted one kept while their digests' verdict is open.
+MAX_UNVERIFIED_CHECKPOINTS = 8
 
 JOB_STATES = ("running", "finished", "failed", "interrupted")
 END_STATES = ("finished", "failed", "interrupted")
-RECORD_KINDS = ("steps", "reports", "generations", "checkpoints", "failures", "fenced")
+RECORD_KINDS = ("steps", "reports", "generations", "checkpoints", "failures", "fenced",
+                "digests")
 FAILURE_FIELDS = ("generation", "rank", "kind", "step", "time", "recovery", "recovery_s")
 FAILURE_OPTIONAL = ("detail",)
 ANNOTATABLE = ("recovery", "recovery_s", "detail")
@@ -239,9 +261,10 @@ class _Record:
     time: float
     reports: tuple[tuple[int, dict[str, Any]], ...]
     ps_clock: int | None
+    digest: str | None = None
 
 
-_RECORD_KEYS = frozenset({"step", "time", "reports", "ps_clock"})
+_RECORD_KEYS = frozenset({"step", "time", "reports", "ps_clock", "digest"})
 
 
 def _records(v: Any) -> list[_Record]:
@@ -250,7 +273,8 @@ def _records(v: Any) -> list[_Record]:
     for r in items:
         if type(r) is not dict or "step" not in r or "time" not in r or not (
                 _RECORD_KEYS.issuperset(r)):
-            raise BadArgument('a record is a map {"step", "time"[, "reports", "ps_clock"]}')
+            raise BadArgument('a record is a map {"step", "time"[, "reports", "ps_clock", '
+                              '"digest"]}')
         parsed: tuple[tuple[int, dict[str, Any]], ...] = ()
         if r.get("reports"):
             reports = _seq(r["reports"], "reports", MAX_REPORTS_PER_BATCH)
@@ -258,9 +282,11 @@ def _records(v: Any) -> list[_Record]:
             if reports_total > MAX_REPORTS_PER_BATCH:
                 raise BadArgument(f"a batch carries at most {MAX_REPORTS_PER_BATCH} reports")
             parsed = tuple(_report(rep) for rep in reports)
-        ps_clock = r.get("ps_clock")
+        ps_clock, digest = r.get("ps_clock"), r.get("digest")
         out.append(_Record(_int(r["step"], "step"), _time(r["time"]), parsed,
-                           None if ps_clock is None else _int(ps_clock, "ps_clock", -(1 << 62))))
+                           None if ps_clock is None else _int(ps_clock, "ps_clock", -(1 << 62)),
+                           None if digest is None else _text(digest, "digest", MAX_DIGEST_CHARS,
+                                                             empty=False)))
     return out
 
 
@@ -293,6 +319,12 @@ class Job:
     # After a "continue" generation (start_step -1): rank 0's next step may jump ahead (a
     # replacement rank 0 resumes at its parameter-server clock); the skipped steps are lost.
     allow_jump: bool = False
+    # Digests (snapshot format 2; see the module doc): the sets, oldest first, at most
+    # MAX_DIGEST_SETS_KEPT; the newest step they vouch for; the first live mismatch.
+    digests: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    digests_dropped: int = 0
+    digest_trusted: int | None = None
+    digest_mismatch: dict[str, Any] | None = None
 
     def live_checkpoints(self) -> list[dict[str, Any]]:
         return [c for c in self.checkpoints if not c.get("superseded") and not c.get("pruned")]
@@ -306,10 +338,19 @@ class Job:
                 "failures": len(self.failures),
                 "fenced": len(self.fenced) + self.fenced_dropped,
                 "fenced_dropped": self.fenced_dropped, "progress": dict(self.progress),
-                "end": None if self.end is None else dict(self.end)}
+                "end": None if self.end is None else dict(self.end),
+                "digests": self.digest_summary()}
+
+    def digest_summary(self) -> dict[str, Any]:
+        judged = [d["step"] for d in self.digests if d["verdict"] and not d.get("superseded")]
+        return {"trusted_step": self.digest_trusted,
+                "mismatch": None if self.digest_mismatch is None else dict(self.digest_mismatch),
+                "verdict_step": judged[-1] if judged else None,
+                "sets": len(self.digests) + self.digests_dropped}
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+_JOB_FIELDS_FORMAT_1 = _JOB_FIELDS[:_JOB_FIELDS.index("digests")]
 
 
 class StepLog:
@@ -327,12 +368,13 @@ class StepLog:
                          for n in sorted(self.jobs)]}
 
     def restore_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (1, SNAPSHOT_FORMAT):
             raise ValueError(f"unsupported steplog snapshot format {state.get('format')!r}"
                              if isinstance(state, dict) else "steplog snapshot is not a map")
+        fields = _JOB_FIELDS if state["format"] == SNAPSHOT_FORMAT else _JOB_FIELDS_FORMAT_1
         self.jobs = {}
         for values in state["jobs"]:
-            job = Job(**dict(zip(_JOB_FIELDS, values, strict=True)))
+            job = Job(**dict(zip(fields, values, strict=True)))  # format 1: digests at defaults
             self.jobs[job.name] = job
 
     def _job(self, name: Any) -> Job:
@@ -419,6 +461,10 @@ class StepLog:
         for ckpt in job.checkpoints:
             if not ckpt.get("superseded") and ckpt["step"] > start_step:
                 ckpt["superseded"], ckpt["superseded_by"] = True, generation
+        for entry in job.digests:
+            if not entry.get("superseded") and entry["step"] > start_step:
+                entry["superseded"], entry["superseded_by"] = True, generation
+        _retrust(job, start_step)
 
     def steps(self, name: Any, generation: Any, rank: Any, records: Any) -> Answer:
         job = self._job(name)
@@ -432,6 +478,7 @@ class StepLog:
             if batch:
                 key = str(rank)
                 job.progress[key] = max(job.progress.get(key, 0), max(r.step for r in batch))
+            _note_digests(job, rank, batch)
             return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
         new_steps, new_reports = self._plan(job, batch)
         job.steps.extend(new_steps)
@@ -440,6 +487,7 @@ class StepLog:
             job.allow_jump = False
         job.last_step += len(new_steps)
         job.report_seq += len(new_reports)
+        _note_digests(job, rank, batch)
         return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
 
     @staticmethod
@@ -489,7 +537,7 @@ class StepLog:
         return answer
 
     def checkpoint(self, name: Any, generation: Any, step: Any, path: Any, size: Any,
-                   sha256: Any, time: Any) -> Answer:
+                   sha256: Any, time: Any, digest: Any = None) -> Answer:
         job = self._job(name)
         generation = _int(generation, "generation")
         if generation != job.generation or generation == 0:
@@ -499,20 +547,24 @@ class StepLog:
         record = {"step": _int(step, "step"), "generation": generation,
                   "path": _text(path, "path", empty=False), "size": _int(size, "size"),
                   "sha256": _text(sha256, "sha256", MAX_NAME_CHARS), "time": _time(time)}
+        if digest is not None:
+            record["digest"] = _text(digest, "digest", MAX_DIGEST_CHARS, empty=False)
         if len(job.checkpoints) >= MAX_CHECKPOINTS:
             return error("quota_exceeded", f"job {job.name!r} has recorded {MAX_CHECKPOINTS} "
                          "checkpoints, the limit")
         job.checkpoints.append(record)
-        live: list[dict] = []
-        for ckpt in reversed(job.checkpoints):  # at most LIVE_CHECKPOINTS + 1 live ones
+        live: list[dict] = []  # newest first; at most one more than _kept_live keeps
+        most = LIVE_CHECKPOINTS + MAX_UNVERIFIED_CHECKPOINTS + 1
+        for ckpt in reversed(job.checkpoints):
             if not ckpt.get("superseded") and not ckpt.get("pruned"):
                 live.append(ckpt)
-                if len(live) > LIVE_CHECKPOINTS:
+                if len(live) > most:
                     break
-        pruned = live[LIVE_CHECKPOINTS:]
+        keep = _kept_live(job, live)
+        pruned = [c for c in live if id(c) not in keep]
         for ckpt in pruned:
             ckpt["pruned"] = True
-        kept = {c["path"] for c in live[:LIVE_CHECKPOINTS]}
+        kept = {c["path"] for c in live if id(c) in keep}
         return {"ok": True, "prune": [c["path"] for c in pruned if c["path"] not in kept]}
 
     def failure(self, name: Any, record: Any) -> Answer:
@@ -623,6 +675,94 @@ def _peek(records: Any) -> tuple[int | None, float]:
             float(t) if type(t) in (int, float) and math.isfinite(t) else 0.0)
 
 
+def _kept_live(job: Job, live: list[dict]) -> set[int]:
+    """Which live checkpoints (``live``: newest first) stay live, by ``id``: the newest
+    LIVE_CHECKPOINTS; with digests also the newest one at or before the trusted step and, up
+    to MAX_UNVERIFIED_CHECKPOINTS, those newer than it (their digests' verdict is open)."""
+    keep = {id(c) for c in live[:LIVE_CHECKPOINTS]}
+    if not job.digests and not job.digests_dropped:
+        return keep
+    trusted = job.digest_trusted
+    anchor = next((i for i, c in enumerate(live) if trusted is not None and c["step"] <= trusted),
+                  len(live))
+    keep.update(id(c) for c in live[:anchor][:MAX_UNVERIFIED_CHECKPOINTS])
+    if anchor < len(live):
+        keep.add(id(live[anchor]))
+    return keep
+
+
+# ------------------------------------------------------------------ digests
+def _note_digests(job: Job, rank: int, batch: list[_Record]) -> None:
+    """Add the digests a batch carries to their sets; judge each set once it is complete."""
+    members: set[int] | None = None
+    for rec in batch:
+        if rec.digest is None:
+            continue
+        if members is None:
+            members = {m["rank"] for m in job.generations[-1]["members"]}
+        if rank not in members:
+            continue
+        entry = _digest_set(job, rec.step, len(members))
+        if entry["verdict"] is not None or str(rank) in entry["ranks"]:
+            continue  # judged already, or a retried batch
+        entry["ranks"][str(rank)] = rec.digest
+        if len(entry["ranks"]) == entry["world"]:
+            _judge(job, entry)
+
+
+def _digest_set(job: Job, step: int, world: int) -> dict[str, Any]:
+    """The current generation's set of ``step`` (created when missing)."""
+    for entry in reversed(job.digests):
+        if entry["generation"] != job.generation:
+            break
+        if entry["step"] == step and not entry.get("superseded"):
+            return entry
+    entry = {"step": step, "generation": job.generation, "world": world, "ranks": {},
+             "verdict": None}
+    job.digests.append(entry)
+    if len(job.digests) > MAX_DIGEST_SETS_KEPT:
+        del job.digests[0]
+        job.digests_dropped += 1
+    return entry
+
+
+def _judge(job: Job, entry: dict[str, Any]) -> None:
+    """A complete set: agree, or the first mismatch (with the majority's digest, if any)."""
+    values = list(entry["ranks"].values())
+    if len(set(values)) == 1:
+        entry["verdict"] = "agree"
+        if job.digest_mismatch is None:
+            job.digest_trusted = max(entry["step"], job.digest_trusted or 0)
+        return
+    entry["verdict"] = "mismatch"
+    if job.digest_mismatch is not None:
+        return  # the first one decides where to roll back to
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    top = max(counts.values())
+    majority = next((v for v, n in counts.items() if n == top), None) if top * 2 > len(values) else None
+    job.digest_mismatch = {
+        "step": entry["step"], "generation": entry["generation"], "world": entry["world"],
+        "majority": majority, "agreeing": top if majority is not None else 0,
+        "minority": sorted(int(r) for r, v in entry["ranks"].items() if v != majority)
+        if majority is not None else [],
+        "trusted_step": job.digest_trusted}
+
+
+def _retrust(job: Job, start_step: int) -> None:
+    """After superseding beyond ``start_step``: drop a mismatch that lay beyond it and find
+    the newest agreeing set still live (the old trusted step if no kept set says otherwise)."""
+    if job.digest_mismatch is not None and job.digest_mismatch["step"] > start_step:
+        job.digest_mismatch = None
+    if job.digest_mismatch is not None:
+        return  # still pending: the trusted step stays the one before it
+    agreed = [e["step"] for e in job.digests if e["verdict"] == "agree" and not e.get("superseded")]
+    old = job.digest_trusted
+    job.digest_trusted = max(agreed) if agreed else (old if old is not None and old <= start_step
+                                                     else None)
+
+
 def _failure_fields(record: dict, keys: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "recovery" in keys and "recovery" in record:
@@ -656,11 +796,13 @@ _QUERIES: dict[str, tuple[Callable[..., Answer], tuple[str, ...], int]] = {
 
 # ------------------------------------------------------------------ registration
 def _handler(method: Callable[..., Answer], op: str, params: tuple[str, ...]) -> Any:
+    required = sum(1 for p in params if not p.endswith("?"))  # "name?": optional, at the end
+
     def handle(sm: StateMachine, cmd: Command, index: int) -> Answer:
         log = sm.extensions.get(EXTENSION)
         if not isinstance(log, StepLog):
             return error("unknown_command", "this state machine has no step log")
-        if len(cmd.args) != len(params):
+        if not required <= len(cmd.args) <= len(params):
             return error("bad_command", f"{op} takes ({', '.join(params)})")
         try:
             return method(log, *cmd.args)
@@ -682,7 +824,7 @@ COMMANDS: dict[str, tuple[Callable[..., Answer], tuple[str, ...]]] = {
                                                 "time")),
     "steplog.steps": (StepLog.steps, ("job", "generation", "rank", "records")),
     "steplog.checkpoint": (StepLog.checkpoint, ("job", "generation", "step", "path", "size",
-                                                "sha256", "time")),
+                                                "sha256", "time", "digest?")),
     "steplog.failure": (StepLog.failure, ("job", "record")),
     "steplog.annotate_failure": (StepLog.annotate_failure, ("job", "index", "fields")),
     "steplog.end": (StepLog.end, ("job", "state", "reason", "time")),
