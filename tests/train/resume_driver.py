@@ -3,7 +3,7 @@ tests' digits loop under a given job name, run as its own process (a driver that
 kill with SIGKILL and start again).
 
     python resume_driver.py --mode sync --job NAME --storage DIR --marks DIR --out FILE
-                            [--address RAY_GCS] [--block-at STEP]
+                            [--address RAY_GCS] [--block-at STEP] [--epochs N]
 
 ``--block-at``: in the first generation rank 0 blocks at that step (the test kills this
 driver meanwhile). Writes the Result's fields as JSON to ``--out``.
@@ -39,11 +39,12 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--address", default=None)
     p.add_argument("--block-at", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=ft.EPOCHS)
     args = p.parse_args()
     fault = {"kind": "block", "rank": 0, "step": args.block_at} if args.block_at else None
     opts = dict(num_workers=2, mode=args.mode, use_gpu=False, progress=False, checkpoint_every=20,
                 stall_timeout_s=30.0, collective_timeout_s=60.0, ray_address=args.address,
-                config={"marks": args.marks, "fault": fault})
+                config={"marks": args.marks, "fault": fault, "epochs": args.epochs})
     if args.job:
         opts["job_name"] = args.job
     if args.storage:

@@ -31,7 +31,10 @@ import synctrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.fault, pytest.mark.slow]
 
-EPOCHS = 12
+#: Epochs of a run: the fewest that meet the example's accuracy target with margin (measured:
+#: sync 8 epochs -> 0.967; async 8 -> 0.930-0.939, too close to 0.93, 12 -> ~0.95).
+EPOCHS_BY_MODE = {"sync": 8, "async": 12}
+EPOCHS = max(EPOCHS_BY_MODE.values())
 BATCH = 32
 TRAIN_SAMPLES = 1797 - 359
 
@@ -153,7 +156,7 @@ def steps_per_epoch(workers: int) -> int:
 def run(tmp_path, mode="sync", fault=None, name="job", workers=2, **kw):
     marks = tmp_path / f"marks-{name}"
     marks.mkdir(exist_ok=True)
-    config = {"marks": str(marks), "fault": fault, **kw.pop("config", {})}
+    config = {"marks": str(marks), "fault": fault, "epochs": EPOCHS_BY_MODE[mode], **kw.pop("config", {})}
     print(f"running {name}: mode={mode} fault={fault}", flush=True)
     opts = dict(num_workers=workers, mode=mode, use_gpu=False, progress=False, config=config,
                 storage_path=str(tmp_path), job_name=name, checkpoint_every=20,
@@ -164,7 +167,8 @@ def run(tmp_path, mode="sync", fault=None, name="job", workers=2, **kw):
     return synctrain.Trainer(ft_loop, **opts).fit()
 
 
-def check_complete(result, mode, workers=2, epochs=EPOCHS, baseline=None, max_redone=0):
+def check_complete(result, mode, workers=2, epochs=None, baseline=None, max_redone=0):
+    epochs = epochs or EPOCHS_BY_MODE[mode]
     total = epochs * steps_per_epoch(workers)
     steps = [s["step"] for s in result.steps]
     assert steps == list(range(1, total + 1)), "every step exactly once, no gap"
@@ -296,10 +300,10 @@ def test_zombie_is_fenced_and_does_not_affect_the_result(ray_session, tmp_path, 
     thread = threading.Thread(target=resume_zombie, daemon=True)
     thread.start()
     result = run(tmp_path, fault={"kind": "stop", "rank": 1, "step": 25}, name="zombie",
-                 config={"epochs": EPOCHS + 4}, collective_timeout_s=10.0,
+                 config={"epochs": EPOCHS_BY_MODE["sync"] + 4}, collective_timeout_s=10.0,
                  _fault_hooks={"no_kill_ranks": [1]})
     thread.join(10)
-    check_complete(result, "sync", epochs=EPOCHS + 4, max_redone=1)
+    check_complete(result, "sync", epochs=EPOCHS_BY_MODE["sync"] + 4, max_redone=1)
     assert result.fenced, "the zombie's late records were refused by the step log"
     assert all(f["generation"] == 1 and f["current"] >= 2 for f in result.fenced)
 
