@@ -86,7 +86,11 @@ def prepare_data_loader(loader: torch.utils.data.DataLoader) -> Any:
     if session is None:
         return loader
     ctx = session.context
-    sharded = shard_data_loader(loader, ctx.world_size, ctx.rank, ctx.seed, ctx.device)
+    global_batch = None
+    if session.batch_workers is not None and isinstance(loader.batch_size, int):
+        global_batch = session.batch_workers * loader.batch_size  # keep_global_batch on fewer ranks
+    sharded = shard_data_loader(loader, ctx.world_size, ctx.rank, ctx.seed, ctx.device,
+                                global_batch_size=global_batch)
     session.add_sampler(sharded.batch_sampler)  # positions for checkpoints; resumes when restored
     return sharded
 

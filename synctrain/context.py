@@ -85,6 +85,9 @@ class Session:
         self.models: list[torch.nn.Module] = []
         self.optimizers: list[Any] = []
         self.samplers: list[ShardedBatchSampler] = []
+        # Workers a global batch is cut for: None, this generation's world size; the job's
+        # num_workers when it keeps its global batch while it runs on fewer (keep_global_batch)
+        self.batch_workers: int | None = None
         self.registered: dict[str, Any] = {}
         self.stepper: StepBoundary | None = None
         self.last_activity = time.monotonic()
@@ -95,7 +98,8 @@ class Session:
         self._derive_waiting: list[ShardedBatchSampler] = []
         # The state as of the last step boundary (what a peer heal hands on): data positions
         # and the report count then; reports and batches after it are redone.
-        self.step_positions: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("loaders", [])]
+        # (epoch, batches, sample offset) per loader; restore documents may hold (epoch, batches)
+        self.step_positions: list[tuple[int, ...]] = [tuple(p) for p in (restore or {}).get("loaders", [])]
         self.step_report_seq = self.report_seq
         # The capture point: the first batch handed out after a step boundary. The iteration
         # of that step is over by then (its reports made, a scheduler stepped), nothing of the
@@ -201,11 +205,11 @@ class Session:
             return
         positions = self.restore.get("loaders", [])
         if index < len(positions):
-            epoch, done = positions[index]
+            epoch, done, *offset = positions[index]  # no offset: a document of before re-sharding
             if epoch >= 0:
                 self._replay_waiting += 1
                 sampler.on_resume_point = self._one_loader_resumed
-            sampler.resume_at(int(epoch), int(done))
+            sampler.resume_at(int(epoch), int(done), int(offset[0]) if offset else None)
 
     def _resume_derived(self, sampler: ShardedBatchSampler) -> None:
         epoch, done = divmod(int(self.restore["step"]) if self.restore else 0, max(1, len(sampler)))
@@ -225,7 +229,7 @@ class Session:
         if self.stepper is not None:
             self.stepper.at_capture_point(self)
 
-    def handed_on_state(self) -> tuple[list[tuple[int, int]], int]:
+    def handed_on_state(self) -> tuple[list[tuple[int, ...]], int]:
         """(loader positions, report count) of the state as of the last step: at its capture
         point when the loop got there, else at its boundary (the iteration's tail is lost)."""
         if self.capture_step == self.optimizer_steps:
@@ -253,8 +257,10 @@ class Session:
         if self.restore and name in self.restore.get("registered", {}):
             obj.load_state_dict(self.restore["registered"][name])
 
-    def loader_positions(self) -> list[tuple[int, int]]:
-        return [s.position() for s in self.samplers]
+    def loader_positions(self) -> list[tuple[int, ...]]:
+        """Each prepared loader's (epoch, batches, sample offset): a run of any world size
+        continues there (see :mod:`synctrain.data`)."""
+        return [s.resume_point() for s in self.samplers]
 
     def start_epoch(self) -> int:
         positions = (self.restore or {}).get("loaders", [])

@@ -22,15 +22,30 @@ that runs again from its first line sees *nothing* for the epochs before ``epoch
 the same order as before: the permutation is a function of seed and epoch), and everything
 of later epochs. Iteration epochs are counted the same way whether the loop calls
 ``set_epoch(epoch)`` or not, so both styles land on the same batches.
+
+Re-sharding (elastic membership). A job that shrinks or grows continues with another world
+size, so "batches done" no longer says where the epoch stands. ``resume_point()`` adds the
+*sample offset*: how many samples of the epoch's permutation the job has consumed, over all
+ranks, through the batches handed out. ``resume_at(epoch, done, offset)`` cuts the rest of the
+permutation, from that offset, into global batches of the new world and shares them out as
+above: no sample of the epoch is skipped or seen twice, whatever the world size was before
+(a position without an offset, as older checkpoints hold, resumes by batch count). One edge:
+if fewer samples than ranks remain at the offset, no rank can get one without another going
+empty, and those few samples are skipped (with a warning). ``global_batch_size`` keeps the
+global batch of the full job on fewer ranks (``Trainer(keep_global_batch=True)``): each rank
+then gets a larger share of each global batch.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -44,6 +59,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        global_batch_size: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -61,10 +77,17 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        # samples per optimizer step over all ranks: world_size * batch_size, unless the job
+        # keeps its full global batch on fewer ranks
+        self.global_batch_size = world_size * batch_size if global_batch_size is None else global_batch_size
+        if self.global_batch_size < world_size:
+            raise ValueError(f"a global batch of {self.global_batch_size} samples cannot give each of "
+                             f"{world_size} ranks one")
         self.epoch = 0
         self._pinned = False
         self._started = False
-        self._resume: tuple[int, int] | None = None  # (epoch, global batches already done in it)
+        # (epoch, global batches already done in it, samples consumed in it or None)
+        self._resume: tuple[int, int, int | None] | None = None
         self.on_resume_point: Callable[[], None] | None = None  # called when the resume epoch starts
         # called before each iteration's first batch is handed out (or at its end, if empty)
         self.on_first_batch: Callable[[], None] | None = None
@@ -72,35 +95,60 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.on_batch: Callable[[], None] | None = None
         self.iter_epoch = -1  # epoch of the current (or last) iteration; -1: never iterated
         self.delivered = 0  # batches of iter_epoch handed to the loop, resumed ones included
+        self._iter_first = 0  # ``delivered`` when the current iteration started
+        self._iter_offset = 0  # sample offset where the current iteration's first batch starts
+        self._iter_bounds: list[tuple[int, int]] = []  # the current iteration's global batches
 
     def position(self) -> tuple[int, int]:
         """(epoch, batches done in it) of the latest iteration; (-1, 0) before the first."""
         return self.iter_epoch, self.delivered
 
-    def resume_at(self, epoch: int, done: int) -> None:
-        """Continue from ``position() == (epoch, done)`` of an earlier run (see module doc)."""
+    def sample_offset(self) -> int:
+        """Samples of ``iter_epoch`` consumed over all ranks by the batches handed out."""
+        handed = self.delivered - self._iter_first
+        if handed <= 0 or not self._iter_bounds:
+            return self._iter_offset
+        return self._iter_bounds[min(handed, len(self._iter_bounds)) - 1][1]
+
+    def resume_point(self) -> tuple[int, int, int]:
+        """``position()`` and ``sample_offset()``: where a run of any world size continues."""
+        return self.iter_epoch, self.delivered, self.sample_offset()
+
+    def resume_at(self, epoch: int, done: int, offset: int | None = None) -> None:
+        """Continue from ``resume_point() == (epoch, done, offset)`` of an earlier run, or from
+        ``position() == (epoch, done)`` when ``offset`` is None (see module doc)."""
         if epoch < 0:
             self._fire_resume_point()
             return
-        if not 0 <= done <= len(self):
+        if offset is None and not 0 <= done <= len(self):
             raise ValueError(f"cannot resume at batch {done} of an epoch of {len(self)} batches: the "
                              "dataset, batch size or worker count changed since the checkpoint")
-        self._resume = (epoch, done)
+        if offset is not None and not 0 <= offset <= self.num_samples:
+            raise ValueError(f"cannot resume at sample {offset} of an epoch of {self.num_samples} "
+                             "samples: the dataset changed since the checkpoint")
+        self._resume = (epoch, done, offset)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next iteration (and count on from it)."""
         self.epoch = epoch
         self._pinned = True
 
-    def _global_batches(self) -> list[tuple[int, int]]:
-        step = self.world_size * self.batch_size
-        bounds = [(lo, min(lo + step, self.num_samples)) for lo in range(0, self.num_samples, step)]
+    def _global_batches(self, offset: int = 0) -> list[tuple[int, int]]:
+        """The epoch's permutation from ``offset`` on, cut into global batches (lo, hi)."""
+        step = self.global_batch_size
+        bounds = [(lo, min(lo + step, self.num_samples)) for lo in range(offset, self.num_samples, step)]
+        if not bounds:
+            return bounds
         last_lo, last_hi = bounds[-1]
         if last_hi - last_lo < step and self.drop_last:
             bounds.pop()
         elif last_hi - last_lo < self.world_size and len(bounds) > 1:
             bounds.pop()
             bounds[-1] = (bounds[-1][0], last_hi)
+        elif last_hi - last_lo < self.world_size:  # only after a re-shard (offset > 0)
+            log.warning("the last %d sample(s) of the epoch are skipped: re-sharded at sample %d, "
+                        "fewer remain than the %d ranks", last_hi - last_lo, offset, self.world_size)
+            bounds.pop()
         return bounds
 
     def _order(self, epoch: int) -> list[int]:
@@ -115,25 +163,33 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if self._started and not self._pinned:
             self.epoch += 1
         self._started, self._pinned = True, False
-        skip = 0
+        skip, offset = 0, None
         if self._resume is not None:
-            resume_epoch, done = self._resume
+            resume_epoch, done, resume_offset = self._resume
             if self.epoch < resume_epoch:
                 return iter(())  # an epoch the restored state has already finished
-            skip = done if self.epoch == resume_epoch else 0
+            if self.epoch == resume_epoch:
+                skip, offset = done, resume_offset
             self._resume = None
             self._fire_resume_point()
+        if offset is None:  # by batch count, in this world's batches
+            bounds = self._global_batches()
+            offset = bounds[skip - 1][1] if 0 < skip <= len(bounds) else 0
+            bounds = bounds[skip:]
+        else:  # by sample offset: the rest of the epoch cut for this world
+            bounds = self._global_batches(offset)
         self.iter_epoch, self.delivered = self.epoch, skip
-        return self._batches(self.epoch, skip)
+        self._iter_first, self._iter_offset, self._iter_bounds = skip, offset, bounds
+        return self._batches(self.epoch, bounds)
 
     def _fire_resume_point(self) -> None:
         callback, self.on_resume_point = self.on_resume_point, None
         if callback is not None:
             callback()
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[list[int]]:
+    def _batches(self, epoch: int, bounds: list[tuple[int, int]]) -> Iterator[list[int]]:
         order = self._order(epoch)
-        for lo, hi in self._global_batches()[skip:]:
+        for lo, hi in bounds:
             chunk = order[lo:hi]
             # split as evenly as possible: the first (len % world) ranks get one more
             base, extra = divmod(len(chunk), self.world_size)
@@ -200,7 +256,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def shard_data_loader(
-    loader: DataLoader, world_size: int, rank: int, seed: int, device: torch.device
+    loader: DataLoader, world_size: int, rank: int, seed: int, device: torch.device,
+    global_batch_size: int | None = None,
 ) -> Any:
     """A copy of ``loader`` reading only this rank's share of every batch (see module doc)."""
     if not isinstance(loader, DataLoader):
@@ -220,6 +277,7 @@ def shard_data_loader(
         shuffle=isinstance(loader.sampler, RandomSampler),
         seed=seed,
         drop_last=loader.drop_last,
+        global_batch_size=global_batch_size,
     )
     sharded = ShardedDataLoader(
         loader.dataset,

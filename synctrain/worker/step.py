@@ -84,7 +84,7 @@ class StepBoundary:
         self.mode = mode
         self.committed_step = -1  # unknown until the first commit; set by the driver's start step
         self.last_checkpoint_t = time.monotonic()
-        self.last_positions: list[tuple[int, int]] = []
+        self.last_positions: list[tuple[int, ...]] = []
         self.pending: dict[str, Any] | None = None  # a checkpoint due at the next step's start
         self.writer = _Writer(self)
         self.writer.start()
