@@ -26,6 +26,15 @@ The paths, one per kind of failure:
 * a coordinator node died: **continue** (restart the node from its WAL; no new generation);
 * a configuration error (it would fail again): give up at once;
 * more than ``max_failures`` failures in all: give up (``max_failures=0``: the first one).
+
+Membership (elastic jobs), asked by the shell after it tried to carry a decision out:
+
+* no new worker could be placed for a dead rank within the placement timeout (its node is
+  gone, the cluster lacks the CPUs or GPUs): **shrink** — the job goes on without that rank
+  if at least ``min_workers`` remain (:meth:`RecoveryPolicy.unplaced`), else give up;
+* new workers were placed while the job runs with fewer than ``num_workers``: **grow** by as
+  many as are missing (:meth:`RecoveryPolicy.capacity`) — at the next checkpoint in sync mode,
+  at once in async mode (the shell's part).
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ class Action(enum.Enum):
     HEAL_FROM_PEER = "heal_from_peer"
     RESTORE_CHECKPOINT = "restore_checkpoint"
     CONTINUE = "continue"
+    SHRINK = "shrink"
+    GROW = "grow"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,15 +89,22 @@ class Decision:
     source_rank: int | None = None  # HEAL_FROM_PEER: whose state everyone continues from
     start_step: int | None = None  # HEAL_FROM_PEER: the step that state is at
     reason: str = ""
+    drop: tuple[int, ...] = ()  # SHRINK: ranks the job goes on without
+    add: int = 0  # GROW: workers the job takes on
 
 
 class RecoveryPolicy:
     """See the module doc. ``failures`` counts every failure seen so far."""
 
     def __init__(self, mode: str, *, max_failures: int = 3, recovery: str = "auto",
-                 sharded_state: bool = False) -> None:
+                 sharded_state: bool = False, num_workers: int | None = None,
+                 min_workers: int | None = None) -> None:
         assert mode in ("sync", "async") and recovery in ("auto", "checkpoint")
         assert max_failures >= 0
+        # the job's size and the fewest workers it may go on with (None: it never shrinks)
+        self.num_workers = num_workers
+        self.min_workers = num_workers if min_workers is None else min_workers
+        assert min_workers is None or (num_workers is not None and 1 <= min_workers <= num_workers)
         self.mode = mode
         self.max_failures = max_failures
         self.recovery = recovery
@@ -130,6 +148,35 @@ class RecoveryPolicy:
         source = max(whole, key=lambda s: (s.step, -s.rank))
         return Decision(Action.HEAL_FROM_PEER, "peer", replace=dead, source_rank=source.rank,
                         start_step=source.step, reason=f"rank {source.rank} hands on its step {source.step}")
+
+    def unplaced(self, ranks: tuple[int, ...], world_size: int) -> Decision:
+        """No new worker could be placed for ``ranks`` (of a job of ``world_size``): shrink
+        while at least ``min_workers`` remain, else give up."""
+        assert ranks and len(ranks) <= world_size
+        left = world_size - len(ranks)
+        names = ", ".join(map(str, ranks))
+        floor = self.min_workers if self.min_workers is not None else world_size
+        if left >= floor:
+            return Decision(Action.SHRINK, "none", drop=ranks,
+                            reason=f"no worker could be placed for rank{'s' * (len(ranks) > 1)} {names}: "
+                                   f"the job goes on with {left} of {self.num_workers} workers "
+                                   f"(min_workers={floor})")
+        return Decision(Action.GIVE_UP, "none",
+                        reason=f"no worker could be placed for rank{'s' * (len(ranks) > 1)} {names} (its node "
+                               "is gone, or the Ray cluster lacks the CPUs, GPUs or resources a worker asks "
+                               f"for) and {left} worker{'s' * (left != 1)} would be fewer than min_workers="
+                               f"{floor}: add resources to the cluster, or let the job shrink "
+                               "with Trainer(min_workers=...)")
+
+    def capacity(self, world_size: int, ready: int) -> Decision | None:
+        """``ready`` new workers are placed while the job runs ``world_size`` workers: grow
+        by as many as it misses (None: it misses none)."""
+        add = min(ready, (self.num_workers or world_size) - world_size)
+        if add <= 0:
+            return None
+        return Decision(Action.GROW, "none", add=add,
+                        reason=f"resources are back: the job grows from {world_size} to {world_size + add} "
+                               f"of {self.num_workers} workers")
 
 
 def blame_stalled(ranks: list[tuple[int, bool, int | None, bool]]) -> list[int]:

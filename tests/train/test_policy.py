@@ -18,8 +18,14 @@ def _kv(words: list[str]) -> dict[str, str]:
 
 
 def _render(decision) -> str:
+    if decision is None:
+        return "none"
     out = [decision.action.value, f"recovery={decision.recovery}"]
-    if decision.action is not Action.GIVE_UP:
+    if decision.action is Action.SHRINK:
+        out.append(f"drop={decision.drop}")
+    elif decision.action is Action.GROW:
+        out.append(f"add={decision.add}")
+    elif decision.action is not Action.GIVE_UP:
         out.append(f"replace={decision.replace}")
     if decision.action is Action.HEAL_FROM_PEER:
         out += [f"source={decision.source_rank}", f"start={decision.start_step}"]
@@ -47,18 +53,25 @@ def _run_script(text: str) -> str:
         if cmd == "policy":
             mode = words[1]
             policy = RecoveryPolicy(mode, max_failures=int(args.get("max_failures", 3)),
-                                    recovery=args.get("recovery", "auto"), sharded_state="sharded" in args)
+                                    recovery=args.get("recovery", "auto"), sharded_state="sharded" in args,
+                                    num_workers=int(args["num_workers"]) if "num_workers" in args else None,
+                                    min_workers=int(args["min_workers"]) if "min_workers" in args else None)
         elif cmd == "fail":
             failures.append(Failure(words[1], int(args["rank"]) if "rank" in args else None,
                                     int(args["step"]) if "step" in args else None, fatal="fatal" in args,
                                     detail=words[1]))
         elif cmd == "survivor":
             survivors.append(Survivor(int(words[1]), int(args["step"]), "torn" not in args))
-        elif cmd == "decide":
+        elif cmd in ("decide", "unplaced", "capacity"):
             assert policy is not None
-            decision = policy.decide(failures, survivors)
-            failures, survivors = [], []
-            assert lines[i] == "----", f"line {i + 1}: expected ---- after decide"
+            if cmd == "decide":
+                decision = policy.decide(failures, survivors)
+                failures, survivors = [], []
+            elif cmd == "unplaced":
+                decision = policy.unplaced(tuple(int(r) for r in args["ranks"].split(",")), int(args["world"]))
+            else:
+                decision = policy.capacity(int(args["world"]), int(args["ready"]))
+            assert lines[i] == "----", f"line {i + 1}: expected ---- after {cmd}"
             out.append("----")
             out.append(_render(decision))
             i += 2  # skip the old expectation
