@@ -92,6 +92,7 @@ class Trainer:
         storage_path: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 100,
         checkpoint_every_s: float | None = None,
+        digest_every: int | None = None,
         max_failures: int = 3,
         spare_workers: int = 0,
         stall_timeout_s: float = 60.0,
@@ -132,10 +133,13 @@ class Trainer:
         self._config_blob = _pickled("config", self.config)
         self._loop_blob = _pickled("train_loop", train_loop)
         self._check_fault_options(checkpoint_every, checkpoint_every_s, max_failures, stall_timeout_s,
-                                  max_uncommitted_steps, recovery, step_log)
+                                  max_uncommitted_steps, recovery, step_log, digest_every=digest_every)
         self.step_log = step_log
         self.checkpoint_every = checkpoint_every
         self.checkpoint_every_s = checkpoint_every_s
+        # sync mode: every rank's parameters are digested and compared every this many steps
+        # (default: at every checkpoint step; 0: never) -- docs/fault-tolerance.md, "Digests"
+        self.digest_every: int = checkpoint_every if digest_every is None else digest_every
         self.max_failures = max_failures
         if not isinstance(spare_workers, int) or isinstance(spare_workers, bool) or spare_workers < 0:
             raise ConfigError(f"spare_workers must be an integer >= 0, got {spare_workers!r}")
@@ -166,7 +170,7 @@ class Trainer:
 
     @staticmethod
     def _check_fault_options(every: Any, every_s: Any, max_failures: Any, stall_s: Any, k: Any,
-                             recovery: Any, step_log: Any) -> None:
+                             recovery: Any, step_log: Any, digest_every: Any = None) -> None:
         def whole(name: str, value: Any, lo: int) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -174,6 +178,11 @@ class Trainer:
         whole("checkpoint_every", every, 0)
         whole("max_failures", max_failures, 0)
         whole("max_uncommitted_steps", k, 0)
+        if digest_every is not None:
+            whole("digest_every (None: at every checkpoint step; 0: off)", digest_every, 0)
+            if digest_every and step_log is False:
+                raise ConfigError("digest_every: the ranks' digests are compared in the step log, "
+                                  "which step_log=False turns off; drop one of the two")
         if every_s is not None and not (isinstance(every_s, (int, float)) and every_s > 0):
             raise ConfigError(f"checkpoint_every_s must be None or a number of seconds > 0, got {every_s!r}")
         if not (isinstance(stall_s, (int, float)) and stall_s > 0):

@@ -24,6 +24,9 @@ The paths, one per kind of failure:
 * a parameter-server shard died: restore the last committed checkpoint (parameters and
   optimizer state of every shard, consistently);
 * a coordinator node died: **continue** (restart the node from its WAL; no new generation);
+* the ranks' parameter digests disagree (sync): **restore the last checkpoint whose digests
+  agreed**, on every rank — the odd rank's gradients have been averaged into all of them since
+  the corruption, so no live peer holds good state; no process is at fault, none is replaced;
 * a configuration error (it would fail again): give up at once;
 * more than ``max_failures`` failures in all: give up (``max_failures=0``: the first one).
 
@@ -44,7 +47,8 @@ import enum
 
 #: Failure kinds, as recorded in the step log and ``Result.failures``.
 KINDS = ("died", "stalled", "raised", "shard_died", "coordinator_node_died",
-         "driver_died", "resumed")  # the last two: recorded by a driver taking a job over
+         "driver_died", "resumed",  # these two: recorded by a driver taking a job over
+         "digest_mismatch")
 WORKER_KINDS = ("died", "stalled", "raised")
 
 
@@ -126,6 +130,10 @@ class RecoveryPolicy:
         if kinds == {"coordinator_node_died"}:
             return Decision(Action.CONTINUE, "continue", reason="coordinator node restarted from its WAL")
         dead = tuple(sorted({f.rank for f in failures if f.kind in WORKER_KINDS and f.rank is not None}))
+        if "digest_mismatch" in kinds:
+            return Decision(Action.RESTORE_CHECKPOINT, "checkpoint", replace=dead,
+                            reason="the ranks' parameter digests disagree: every rank rolls back to the "
+                                   "last checkpoint whose digests agreed")
         if "shard_died" in kinds:
             return Decision(Action.RESTORE_CHECKPOINT, "checkpoint", replace=dead,
                             reason="a parameter-server shard died: its state comes from the checkpoint")

@@ -131,7 +131,9 @@ def fit_with_step_log(trainer: Any) -> Any:
                             max_uncommitted_steps=trainer.max_uncommitted_steps,
                             checkpoint_every=trainer.checkpoint_every,
                             checkpoint_every_s=trainer.checkpoint_every_s,
-                            shard_optimizer=bool(spec.strategy_options.get("shard_optimizer")))
+                            shard_optimizer=bool(spec.strategy_options.get("shard_optimizer")),
+                            digest_every=trainer.digest_every,
+                            flip_bits=trainer.fault_hooks.get("flip_bits"))  # test hook
         policy = RecoveryPolicy(spec.mode, max_failures=trainer.max_failures, recovery=trainer.recovery,
                                 sharded_state=cfg.shard_optimizer)
         shell = JobShell(spec=spec, trainer=trainer, steplog=steplog, steplog_cfg=cfg,

@@ -13,7 +13,11 @@ Watching (:meth:`JobShell._watch`), every ``POLL_INTERVAL_S``:
   step, report or ``heartbeat()`` — for ``stall_timeout_s``, or whose poll got no answer for
   that long (a stopped process), is stalled; among several stalled ranks the ones that stopped
   answering (else the ones furthest behind) are blamed, since the others are waiting on them;
-* a ping of every parameter-server shard and coordinator node.
+* a ping of every parameter-server shard and coordinator node;
+* in sync mode, once a digest step has passed, the log's verdict on the ranks' digests
+  (a stale read): a mismatch is a fault that no process caused — every rank's run is asked
+  to stop (:meth:`JobShell._stop_runs`), none is killed unless it does not stop, and every
+  rank restores the last checkpoint whose digests agreed.
 
 A fault goes to the pure :class:`~synctrain.driver.policy.RecoveryPolicy`; the shell carries
 out its decision: kill the failed workers, wait for the others' runs to end (sync mode: their
@@ -35,6 +39,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from synctrain import checkpoint as ckpt
+from synctrain.digest import state_digest
 from synctrain.driver.policy import (
     Action,
     Decision,
@@ -46,6 +51,7 @@ from synctrain.driver.policy import (
 from synctrain.errors import TrainingFailedError, WorkerDiedError
 from synctrain.steplog import StepLog
 from synctrain.trainer import _first_line, _gpus_shared, _is_secondary, _local_ranks
+from synctrain.worker.step import checkpoint_state
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +165,11 @@ class JobShell:
         detected = time.time()  # recovery_s runs from here to the new generation's first commit
         survivors: list[Survivor] = []
         stop_all = self.spec.mode == "sync" or any(f.kind == "shard_died" for f in failures)
-        self._kill_ranks([f.rank for f in failures if f.rank is not None])
-        if stop_all:
+        mismatch = [f for f in failures if f.kind == "digest_mismatch"]
+        self._kill_ranks([f.rank for f in failures if f.rank is not None and f.kind != "digest_mismatch"])
+        if mismatch:  # no process is at fault: stop every run, kill none that stops
+            failures = failures + self._stop_runs(f"parameter digests disagree at step {mismatch[0].step}")
+        elif stop_all:
             survivors, more = self._stop_survivors({f.rank for f in failures},
                                                    any(f.kind == "shard_died" for f in failures))
             failures = failures + more
@@ -187,7 +196,7 @@ class JobShell:
             if not running:
                 ended_badly = [_classify(r.outcome) for r in self.ranks.values()
                                if r.outcome is not None and not r.outcome["ok"]]
-                return ended_badly or None
+                return ended_badly or self._check_digests(final=True) or None
             ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_INTERVAL_S)
             failures: list[Failure] = []
             for ref in ready:
@@ -212,6 +221,8 @@ class JobShell:
                 failures += self._dead_shards()
                 self._check_coordinator()
                 self._note_recoveries()
+                if not failures:
+                    failures = self._check_digests()
             if failures:
                 return failures
 
@@ -392,10 +403,10 @@ class JobShell:
 
     def _restore_checkpoint(self, reason: str) -> int:
         doc, ref = self._last_good_checkpoint()
-        skipped = [f for f in self.failure_log if f.get("kind") == "checkpoint_corrupt" and not f.get("told")]
+        skipped = [f for f in self.failure_log if f.get("kind") in _SKIPPED_CHECKPOINT and not f.get("told")]
         for f in skipped:
             f["told"] = True
-            reason += f"; the checkpoint of step {f['step']} failed its checksum"
+            reason += f"; the checkpoint of step {f['step']} {_SKIPPED_CHECKPOINT[f['kind']]}"
         reason += f"; restored step {doc['step']}" if doc is not None else "; no checkpoint: from the start"
         if self.spec.mode == "async":
             self._new_shards(doc)
@@ -427,15 +438,35 @@ class JobShell:
         return int(info["last_step"])
 
     def _last_good_checkpoint(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """The newest committed checkpoint whose file matches its checksum (older on mismatch)."""
-        for ref in reversed(self.log.job_info()["checkpoints"]):
+        """The newest committed checkpoint whose file matches its checksum and whose contents
+        match the digest committed with it (older on mismatch). While the ranks' digests
+        disagree, only a checkpoint at or before the last step whose digests agreed."""
+        info = self.log.job_info()
+        refs = list(info["checkpoints"])
+        mismatch = (info.get("digests") or {}).get("mismatch")
+        if mismatch is not None:
+            trusted = mismatch.get("trusted_step")
+            for ref in refs:
+                if trusted is None or ref["step"] > trusted:
+                    self.failure_log.append({"kind": "checkpoint_untrusted", "step": ref["step"],
+                                             "detail": f"digests disagreed at step {mismatch['step']}"})
+            refs = [ref for ref in refs if trusted is not None and ref["step"] <= trusted]
+        for ref in reversed(refs):
             try:
-                return ckpt.read_verified(ref), ref
+                doc = ckpt.read_verified(ref)
             except ckpt.CheckpointCorruptError as exc:
-                log.warning("skipping checkpoint of step %s: %s", ref.get("step"), exc)
-                self.failure_log.append({"kind": "checkpoint_corrupt", "step": ref.get("step"),
-                                         "detail": str(exc)})
+                self._skip_checkpoint(ref, "checkpoint_corrupt", str(exc))
+                continue
+            if ref.get("digest") and state_digest(checkpoint_state(doc)) != ref["digest"]:
+                self._skip_checkpoint(ref, "checkpoint_digest", f"checkpoint {ref['path']} does not "
+                                      "hold the state whose digest was committed with it")
+                continue
+            return doc, ref
         return None, None
+
+    def _skip_checkpoint(self, ref: dict[str, Any], kind: str, detail: str) -> None:
+        log.warning("skipping checkpoint of step %s: %s", ref.get("step"), detail)
+        self.failure_log.append({"kind": kind, "step": ref.get("step"), "detail": detail})
 
     def _new_shards(self, doc: dict[str, Any] | None) -> None:
         from synctrain.strategies.paramserver import restore_shards
@@ -522,6 +553,63 @@ class JobShell:
         return None
 
     # ---- bookkeeping -------------------------------------------------------------------
+    # ---- digests ------------------------------------------------------------------------
+    #: (generation, step) of the digest mismatches acted on (a stale read may show one again)
+    _digests_acted: tuple[tuple[int, int], ...] = ()
+    #: the newest step the log had judged, and in which of our generations we read it
+    _digests_seen: tuple[int, int] = (0, -1)
+
+    def _check_digests(self, final: bool = False) -> list[Failure]:
+        """The log's verdict on the ranks' digests (sync mode): a ``digest_mismatch`` failure
+        per rank outside the majority, or one with rank None when no majority agrees (with 2
+        ranks none can be named). Read (stale) only once a digest step has passed since the
+        last verdict seen; ``final`` (every run ended): one linearizable read."""
+        every = getattr(self.steplog_cfg, "digest_every", 0)
+        if self.spec.mode != "sync" or not every:
+            return []
+        if not final:
+            steps = [r.step for r in self.ranks.values() if r.run is not None and r.step is not None]
+            due = min(steps) // every * every if steps else 0
+            if due == 0 or (self._digests_seen[0] == self.generation and due <= self._digests_seen[1]):
+                return []
+        try:
+            summary = self.log.job_info(consistency="linearizable" if final else "stale")["digests"]
+        except Exception:  # noqa: BLE001 - the coordinator may be busy: next time
+            return []
+        self._digests_seen = (self.generation, int(summary.get("verdict_step") or 0))
+        mismatch = summary.get("mismatch")
+        if mismatch is None or (mismatch["generation"], mismatch["step"]) in self._digests_acted:
+            return []
+        self._digests_acted += ((mismatch["generation"], mismatch["step"]),)
+        return _digest_failures(mismatch)
+
+    def _stop_runs(self, reason: str) -> list[Failure]:
+        """Ask every running rank to stop at its next step boundary and wait for its run to end
+        (bounded): the job rolls back and no process is at fault, so only a rank that does not
+        stop is killed. Returns the failures seen meanwhile (a rank that died or raised)."""
+        running = {rank: r for rank, r in self.ranks.items() if r.run is not None}
+        _wait_all([r.actor.request_stop.remote(reason) for r in running.values()], timeout_s=10.0)
+        more: list[Failure] = []
+        deadline = time.monotonic() + SURVIVOR_STOP_S
+        for rank, r in running.items():
+            try:
+                outcome = ray.get(r.run, timeout=max(0.1, deadline - time.monotonic()))
+            except GetTimeoutError:
+                outcome = {"ok": False, "rank": rank, "exc_type": "Stalled",
+                           "traceback": "did not stop when asked"}
+            except RayError as exc:
+                outcome = {"ok": False, "rank": rank, "died": True, "detail": _first_line(exc)}
+            r.run, r.poll = None, None
+            stopped = outcome["ok"] or outcome.get("exc_type") == "RunStopped" or _is_secondary(outcome)
+            if not stopped:
+                _kill(r.actor)
+                r.actor = None
+                more.append(Failure("stalled", rank, r.step, detail="did not stop when asked")
+                            if outcome.get("exc_type") == "Stalled" else _classify(outcome))
+        for r in self.ranks.values():
+            r.outcome = None
+        return more
+
     def _record_failure(self, f: Failure, decision: Decision) -> int:
         """Keep the failure and have the bookkeeper commit it (the coordinator may be the
         thing that failed: the record waits until it can be written). Returns its handle."""
@@ -671,6 +759,28 @@ class _FailureBook(threading.Thread):
 
 
 # ---------------------------------------------------------------------------- helpers
+#: Why a restore passed a checkpoint over, as said in the new generation's reason.
+_SKIPPED_CHECKPOINT = {"checkpoint_corrupt": "failed its checksum",
+                       "checkpoint_digest": "does not match its committed digest",
+                       "checkpoint_untrusted": "is newer than the last step whose digests agreed"}
+
+
+def _digest_failures(mismatch: dict[str, Any]) -> list[Failure]:
+    """The log's first digest mismatch as failures: one per rank outside the majority, or
+    one with rank None when no digest is held by more than half of the ranks."""
+    step, world, trusted = mismatch["step"], mismatch["world"], mismatch.get("trusted_step")
+    back = (f"every rank rolls back to the last checkpoint at or before step {trusted}, whose digests "
+            "agreed" if trusted is not None else "no earlier step's digests agreed: every rank starts over")
+    if mismatch.get("minority"):
+        return [Failure("digest_mismatch", rank, step,
+                        detail=f"rank {rank}'s parameters and buffers at step {step} differ from those of "
+                               f"the {mismatch['agreeing']} of {world} ranks that agree; {back}")
+                for rank in mismatch["minority"]]
+    why = "with 2 ranks none can be named" if world == 2 else "no majority of ranks agrees"
+    return [Failure("digest_mismatch", None, step,
+                    detail=f"the {world} ranks' parameter digests at step {step} disagree and {why}; {back}")]
+
+
 def _exc_type_of(f: Failure) -> str:
     return f.detail.split(":", 1)[0] if f.kind == "raised" else f.kind
 

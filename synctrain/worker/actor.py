@@ -99,6 +99,16 @@ class TrainWorker:
         if self.session is not None and self.session.stepper is not None:
             self.session.stepper.set_generation(generation)
 
+    def request_stop(self, reason: str) -> bool:
+        """End the running loop at its next step boundary (``RunStopped``), this process kept
+        for the next generation: the job rolls back and no process is at fault. False when no
+        step-logged run is under way."""
+        stepper = self.session.stepper if self.session is not None else None
+        if stepper is None:
+            return False
+        stepper.request_stop(reason)
+        return True
+
     def export_state(self) -> bytes:
         """The state of the last run's final step boundary, encoded like a checkpoint."""
         if self.session is None:
@@ -139,6 +149,8 @@ class TrainWorker:
             finally:
                 strategy.on_shutdown()
             _check_picklable(value, self.rank)
+            if session.stepper is not None:
+                session.stepper.at_loop_end(session)  # the last step's digest, if one is due
             if session.stepper is not None and not session.stepper.flush(timeout_s=120.0):
                 raise RuntimeError(f"rank {self.rank} could not commit its last steps to the step log")
             return {"ok": True, "rank": self.rank, "value": value, "step": session.optimizer_steps,

@@ -17,11 +17,17 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
    once; the writer encodes it, writes it durably and only then commits it to the log
    (ordered after the records of the steps it covers); the log answers which old
    checkpoints to delete;
-3. holds the worker while it is more than K = ``max_uncommitted_steps`` steps ahead of its
+3. in sync mode, every ``digest_every`` steps, copies the replicated state (the parameters,
+   see :mod:`synctrain.digest`) at the same capture point — rank 0 reuses its checkpoint's
+   copy — for the writer to hash and commit with the step records: the log compares the
+   ranks' digests of each step (a checkpoint carries the digest of what it holds, too);
+4. holds the worker while it is more than K = ``max_uncommitted_steps`` steps ahead of its
    committed records (K = 0: every step waits for its own commit), so a coordinator that lost
    its majority stops training after at most K steps and nothing runs ahead of the log;
-4. raises :class:`WorkerFencedError` once the log has refused this worker's records because a
-   newer generation replaced it (a *zombie*): it can never commit, and it stops.
+5. raises :class:`WorkerFencedError` once the log has refused this worker's records because a
+   newer generation replaced it (a *zombie*): it can never commit, and it stops; and
+   :class:`RunStopped` once the driver asked it to stop (every rank rolls back after the
+   digests disagreed), so the process lives on for the next generation.
 
 Records are idempotent in the log (a step or report number already there is skipped), so the
 writer simply re-sends a batch after a timeout or an unavailable cluster.
@@ -40,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from synctrain import checkpoint as ckpt
+from synctrain.digest import flip_bit, replicated_state, state_digest
 from synctrain.steplog import Fenced, StepLog
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +67,10 @@ class WorkerFencedError(RuntimeError):
     """This worker belongs to a generation the job has replaced; it must stop."""
 
 
+class RunStopped(RuntimeError):
+    """The driver stopped this run (to roll the job back); the worker stays for the next one."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StepLogConfig:
     """What a worker needs to write the job's step log (the token never appears in a repr)."""
@@ -72,6 +83,10 @@ class StepLogConfig:
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
+    digest_every: int = 0  # sync mode: digest the replicated state every N steps (0: never)
+    # Test hook: {"rank", "step"[, "bit", "generation"]}: flip a bit of that rank's parameters
+    # right after that step (of generation 1 unless told), as a silent corruption would.
+    flip_bits: dict[str, int] | None = None
 
 
 class StepBoundary:
@@ -86,6 +101,8 @@ class StepBoundary:
         self.last_checkpoint_t = time.monotonic()
         self.last_positions: list[tuple[int, ...]] = []
         self.pending: dict[str, Any] | None = None  # a checkpoint due at the next step's start
+        self.pending_digest: int | None = None  # the step whose digest is due at its capture point
+        self.stop_reason: str | None = None  # the driver asked this run to stop
         self.writer = _Writer(self)
         self.writer.start()
 
@@ -102,34 +119,65 @@ class StepBoundary:
         self.last_positions = session.loader_positions()
         ps_clock = getattr(session.strategy, "clock", None) if self.mode == "async" else None
         self.writer.put(("step", step, time.time(), ps_clock))
+        self._maybe_flip_bits(session, step)
+        # Both taken at this step's capture point (the next batch handed out: the iteration is
+        # over, an LR scheduler stepped, its reports made), or failing that (no prepared
+        # loader) at the start of the next optimizer step.
         if self._checkpoint_due(step):
-            # Taken at this step's capture point (the next batch handed out: the iteration is
-            # over, an LR scheduler stepped, its reports made), or failing that (no prepared
-            # loader) at the start of the next optimizer step.
             self.pending = {"step": step}
             self.last_checkpoint_t = time.monotonic()
+        every = self.cfg.digest_every
+        if self.mode == "sync" and every and step % every == 0:
+            self.pending_digest = step
         self._hold(session, step)
 
     def at_capture_point(self, session: Session) -> None:
-        if self.pending is not None and self.pending["step"] == session.optimizer_steps:
-            self._take_checkpoint(session, session.capture_positions, session.capture_report_seq)
+        self._at_capture(session, session.capture_positions, session.capture_report_seq)
 
     def before_step(self, session: Session) -> None:
-        """At the start of an optimizer step: a checkpoint no capture point has taken."""
-        if self.pending is not None and self.pending["step"] == session.optimizer_steps:
-            self._take_checkpoint(session, session.step_positions, session.report_seq)
+        """At the start of an optimizer step: what no capture point has taken."""
+        self._at_capture(session, session.step_positions, session.report_seq)
 
-    def _take_checkpoint(self, session: Session, positions: list, report_seq: int) -> None:
+    def at_loop_end(self, session: Session) -> None:
+        """The loop returned: a digest due at its last step is taken now (no capture point
+        follows), so the final parameters are checked too. A checkpoint is not."""
+        if self.pending_digest == session.optimizer_steps:
+            self.pending_digest = None
+            self.writer.put(("digest", session.optimizer_steps, replicated_state(session.models)))
+
+    def _at_capture(self, session: Session, positions: list, report_seq: int) -> None:
+        step = session.optimizer_steps
+        doc = None
+        if self.pending is not None and self.pending["step"] == step:
+            doc = self._take_checkpoint(session, positions, report_seq)
+        if self.pending_digest == step:
+            self.pending_digest = None
+            state = replicated_state(session.models, doc["models"] if doc is not None else None)
+            self.writer.put(("digest", step, state))  # hashed on the writer's thread
+
+    def _take_checkpoint(self, session: Session, positions: list, report_seq: int,
+                         ) -> dict[str, Any] | None:
         pending, self.pending = self.pending, None
         assert pending is not None
         if self.cfg.shard_optimizer:  # ZeRO-1: every rank sends its shard to rank 0 (a collective)
             for opt in session.optimizers:
                 opt.consolidate_state_dict(to=0)
         if self.rank != 0:
-            return
+            return None
         doc = capture(session, self.generation)
         doc.update(loaders=[list(p) for p in positions], report_seq=report_seq)
         self.writer.put(("checkpoint", pending["step"], doc))
+        return doc
+
+    def _maybe_flip_bits(self, session: Session, step: int) -> None:
+        """The test hook ``flip_bits`` (see :class:`StepLogConfig`); says what it did."""
+        flip = self.cfg.flip_bits
+        if (not flip or flip["rank"] != self.rank or flip["step"] != step
+                or flip.get("generation", 1) != self.generation):
+            return
+        what = flip_bit(session.models, int(flip.get("bit", 22)))
+        log.warning("INJECT flip_bits on rank %d at step %d of generation %d: %s", self.rank,
+                    step, self.generation, what)
 
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpoint_every
@@ -140,23 +188,34 @@ class StepBoundary:
         return time.monotonic() - self.last_checkpoint_t >= self.cfg.checkpoint_every_s
 
     def _hold(self, session: Session, step: int) -> None:
-        """Wait while more than K steps are uncommitted; raise if this worker was fenced."""
+        """Wait while more than K steps are uncommitted; raise if this worker was fenced or
+        the driver stopped its run."""
         k = self.cfg.max_uncommitted_steps
         if step - self.committed_step > k:
             self.writer.urge()
             with self.writer.cond:
-                while step - self.committed_step > k and not self.writer.fenced:
+                while step - self.committed_step > k and not self.writer.fenced \
+                        and self.stop_reason is None:
                     self.writer.cond.wait(0.5)
                     session.touch()  # waiting on the log is not a stall of the loop
         if self.writer.fenced:
             raise WorkerFencedError(
                 f"rank {self.rank} of generation {self.generation} was replaced by a newer "
                 f"generation (the step log refused its records: {self.writer.fenced}); stopping")
+        if self.stop_reason is not None:
+            raise RunStopped(f"rank {self.rank} stopped after step {step} at the driver's "
+                             f"request: {self.stop_reason}")
 
     # ---- called by the actor -----------------------------------------------------------
     def set_generation(self, generation: int) -> None:
         with self.writer.cond:
             self.generation = generation
+            self.writer.cond.notify_all()
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary (:class:`RunStopped`); a wait on the log ends too."""
+        with self.writer.cond:
+            self.stop_reason = reason
             self.writer.cond.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
@@ -287,6 +346,9 @@ class _Writer(threading.Thread):
                 time.sleep(RETRY_BACKOFF_S)
 
     def _commit(self, batch: list[tuple], generation: int) -> bool:
+        # digests as text, in place: a batch that fails is queued again as it is now
+        batch[:] = [("digest", item[1], state_digest(item[2]))
+                    if item[0] == "digest" and not isinstance(item[2], str) else item for item in batch]
         try:
             pending: list[tuple] = []
             for item in batch:
@@ -328,17 +390,29 @@ class _Writer(threading.Thread):
         directory = pathlib.Path(self.b.cfg.job_dir)
         name = ckpt.checkpoint_name(step, generation)
         ref = ckpt.write(directory, name, ckpt.encode(doc))
+        ref["digest"] = state_digest(checkpoint_state(doc))
         for path in self.steplog.checkpoint(generation, step, ref):
             ckpt.remove(path)
 
 
+def checkpoint_state(doc: dict[str, Any]) -> Any:
+    """What a checkpoint's digest covers: the models (sync) or the shards' state (async)."""
+    return doc["strategy"] if doc.get("mode") == "async" else doc["models"]
+
+
 def _records(items: list[tuple]) -> list[dict[str, Any]]:
-    """Rank 0's queued steps and reports as step-log records (reports ride on their step)."""
+    """Rank 0's queued steps, reports and digests as step-log records (reports and digests
+    ride on their step's record, or on a record of their own if it went in an earlier batch)."""
     records: list[dict[str, Any]] = []
     for item in items:
         if item[0] == "step":
             _, step, t, ps_clock = item
             records.append({"step": step, "time": t, "reports": [], "ps_clock": ps_clock})
+        elif item[0] == "digest":
+            _, step, digest = item
+            if not records or records[-1]["step"] != step:
+                records.append({"step": step, "time": time.time(), "reports": []})
+            records[-1]["digest"] = digest
         else:
             _, step, seq, metrics = item
             if not records or records[-1]["step"] != step:
@@ -348,8 +422,10 @@ def _records(items: list[tuple]) -> list[dict[str, Any]]:
 
 
 def _progress(items: list[tuple]) -> list[dict[str, Any]]:
+    """Another rank's queued items as records: its digests, and the last step it reached."""
+    out = [{"step": item[1], "time": time.time(), "digest": item[2]}
+           for item in items if item[0] == "digest"]
     steps = [(item[1], item[2]) for item in items if item[0] == "step"]
-    if not steps:
-        return []
-    step, t = steps[-1]
-    return [{"step": step, "time": t}]
+    if steps:
+        out.append({"step": steps[-1][0], "time": steps[-1][1]})
+    return out
