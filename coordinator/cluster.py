@@ -407,7 +407,7 @@ class _RayNode:
         return os.getpid()
 
     def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float,
-              rejoin: bool = False) -> str:
+              rejoin: bool = False, heartbeat_tick: int = 1, election_tick: int = 10) -> str:
         """Serve; ``rejoin`` (a restart): a directory that lost its state starts with
         ``join`` (recovering until the leader repaired it; see LocalCluster.restart)."""
         import asyncio
@@ -419,6 +419,7 @@ class _RayNode:
                               peers={int(k): (str(v[0]), int(v[1])) for k, v in peers.items()},
                               data_dir=pathlib.Path(self.data_dir), token=token,
                               listen=(self._bind, self.port), tick_s=tick_s,
+                              heartbeat_tick=heartbeat_tick, election_tick=election_tick,
                               join=rejoin and not holds_state(self.data_dir))
         started = threading.Event()
         errors: list[BaseException] = []
@@ -480,9 +481,14 @@ class RayCluster:
     uses a temporary directory that :meth:`stop` removes. :meth:`restart` starts a fresh
     actor for a node on the same Ray node, directory and address, so it recovers from its
     WAL and its peers need no new address.
+
+    ``tick_ms``, ``heartbeat_tick``, ``election_tick``: the nodes' Raft clock (as
+    ``coordinator serve``'s flags; a leader heartbeats every ``heartbeat_tick`` ticks, an
+    election times out after ``election_tick``-``2*election_tick`` ticks).
     """
 
     def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
+                 heartbeat_tick: int = 1, election_tick: int = 10,
                  num_cpus_per_node: float = 0.0,
                  data_dir: str | os.PathLike | None = None) -> None:
         if not 1 <= nodes <= 9:
@@ -492,6 +498,7 @@ class RayCluster:
         self.node_ids = list(range(1, nodes + 1))
         self.token = token or generate_token().encode()
         self.tick_s = tick_ms / 1000.0
+        self.heartbeat_tick, self.election_tick = heartbeat_tick, election_tick
         self.num_cpus_per_node = num_cpus_per_node
         self.data_dir = None if data_dir is None else pathlib.Path(data_dir)
         self.actors: dict[int, Any] = {}
@@ -531,8 +538,9 @@ class RayCluster:
         places = ray.get([self.actors[i].where.remote() for i in self.node_ids], timeout=timeout_s)
         for k, (i, where) in enumerate(zip(self.node_ids, places, strict=True)):
             self._placed[i] = dict(where, strategy=strategies[k])
-        self.endpoints = ray.get([self.actors[i].start.remote(self.addresses, self.token,
-                                                              self.tick_s)
+        self.endpoints = ray.get([self.actors[i].start.remote(self.addresses, self.token, self.tick_s,
+                                                              heartbeat_tick=self.heartbeat_tick,
+                                                              election_tick=self.election_tick)
                                   for i in self.node_ids], timeout=timeout_s)
 
     def _node_dir(self, node_id: int) -> str | None:
@@ -660,7 +668,8 @@ class RayCluster:
         self.actors[node_id] = actor
         host, port = self.addresses[node_id]
         ray.get(actor.reserve.remote(self._multi_host, port), timeout=timeout_s)
-        ray.get(actor.start.remote(self.addresses, self.token, self.tick_s, rejoin=True),
+        ray.get(actor.start.remote(self.addresses, self.token, self.tick_s, rejoin=True,
+                                   heartbeat_tick=self.heartbeat_tick, election_tick=self.election_tick),
                 timeout=timeout_s)
         _wait_until(lambda: self.status(node_id) is not None, timeout_s,
                     f"node {node_id} to serve again")
