@@ -72,6 +72,8 @@ class Trainer:
     ``grad_compression``). ``mode="async"``: parameter server (options ``staleness``,
     ``num_ps_shards``). ``use_gpu``: True, False or "auto" (GPUs when the cluster has one per
     worker). ``ray_address``: connect there (else ``RAY_ADDRESS``, else start a local Ray).
+    ``min_workers``, ``keep_global_batch``, ``placement_timeout_s``: a job that cannot replace a
+    dead worker goes on with fewer, and grows back (docs/fault-tolerance.md, "Elastic membership").
     """
 
     def __init__(
@@ -95,6 +97,9 @@ class Trainer:
         digest_every: int | None = None,
         max_failures: int = 3,
         spare_workers: int = 0,
+        min_workers: int | None = None,
+        keep_global_batch: bool = False,
+        placement_timeout_s: float = 60.0,
         stall_timeout_s: float = 60.0,
         max_uncommitted_steps: int = DEFAULT_MAX_UNCOMMITTED_STEPS,
         recovery: str = "auto",
@@ -147,6 +152,8 @@ class Trainer:
             raise ConfigError("spare_workers replace dead workers, which needs the step log: drop "
                               "step_log=False, or spare_workers")
         self.spare_workers = spare_workers
+        self.min_workers, self.keep_global_batch, self.placement_timeout_s = _elastic_options(
+            min_workers, keep_global_batch, placement_timeout_s, num_workers, step_log)
         self.stall_timeout_s = float(stall_timeout_s)
         self.max_uncommitted_steps = max_uncommitted_steps
         self.recovery = recovery
@@ -397,6 +404,28 @@ def _local_ranks(node_ids: list[str]) -> list[int]:
         out.append(seen.get(node, 0))
         seen[node] = out[-1] + 1
     return out
+
+
+def _elastic_options(min_workers: Any, keep_global_batch: Any, placement_timeout_s: Any,
+                     num_workers: int, step_log: Any) -> tuple[int, bool, float]:
+    """Checked ``min_workers`` (default ``num_workers``: the job never shrinks),
+    ``keep_global_batch`` and ``placement_timeout_s`` (docs/fault-tolerance.md, "Elastic
+    membership")."""
+    if min_workers is None:
+        min_workers = num_workers
+    if not isinstance(min_workers, int) or isinstance(min_workers, bool) or not 1 <= min_workers <= num_workers:
+        raise ConfigError(f"min_workers must be an integer from 1 to num_workers={num_workers} (the fewest "
+                          f"workers the job may go on with), got {min_workers!r}")
+    if min_workers < num_workers and step_log is False:
+        raise ConfigError("min_workers lets a job go on with fewer workers after a failure, which needs the "
+                          "step log: drop step_log=False, or min_workers")
+    if not isinstance(keep_global_batch, bool):
+        raise ConfigError(f"keep_global_batch must be True or False, got {keep_global_batch!r}")
+    if isinstance(placement_timeout_s, bool) or not isinstance(placement_timeout_s, (int, float)) \
+            or not placement_timeout_s > 0:
+        raise ConfigError(f"placement_timeout_s must be a number of seconds > 0 (how long a new worker may "
+                          f"wait for resources), got {placement_timeout_s!r}")
+    return min_workers, keep_global_batch, float(placement_timeout_s)
 
 
 def _token(coordinator: Any, token: str | bytes | None) -> bytes:

@@ -135,7 +135,8 @@ def fit_with_step_log(trainer: Any) -> Any:
                             digest_every=trainer.digest_every,
                             flip_bits=trainer.fault_hooks.get("flip_bits"))  # test hook
         policy = RecoveryPolicy(spec.mode, max_failures=trainer.max_failures, recovery=trainer.recovery,
-                                sharded_state=cfg.shard_optimizer)
+                                sharded_state=cfg.shard_optimizer, num_workers=spec.num_workers,
+                                min_workers=trainer.min_workers)
         shell = JobShell(spec=spec, trainer=trainer, steplog=steplog, steplog_cfg=cfg,
                          coordinator=coordinator, handles=handles, strategy_cls=strategy_cls,
                          policy=policy, monitor=monitor, hooks=trainer.fault_hooks,

@@ -25,10 +25,21 @@ collectives break), start replacements, hand on the state (a survivor's via the 
 or the last committed checkpoint that passes its checksum), commit the new generation, run.
 A coordinator node that died is restarted from its WAL in the background while training goes
 on. Only this module waits, polls and kills; it decides nothing itself.
+
+Membership (elastic jobs). A new worker that is not placed within ``placement_timeout_s``
+(its node is gone, the cluster lacks the resources) goes to the policy
+(:meth:`~synctrain.driver.policy.RecoveryPolicy.unplaced`): the job goes on without that rank
+while ``min_workers`` remain — sync mode renumbers the ranks 0..n-1 and the loaders re-shard
+from the handed-on position; async mode releases the rank's clock on the shards and the others
+never stop. The unplaced actor stays queued with Ray (:attr:`JobShell.growth`): once it is
+placed, the job grows back (:meth:`JobShell._grow`) — sync mode at the next checkpoint
+committed after that (every run stops, every rank restores it in the larger world), async mode
+at once (the worker joins like a replacement).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -116,6 +127,9 @@ class JobShell:
         self.zombies: list[Any] = []
         self.resume = resume  # the interrupted run's job.json: start from its last checkpoint
         self.spares: list[tuple[Any, Any]] = []  # (actor, its ``warm`` ObjectRef)
+        # workers the job went on without, still queued with Ray: (actor, its ``node_info`` ref)
+        self.growth: list[tuple[Any, Any]] = []
+        self._grow_after: tuple[int, int] | None = None  # (generation, newest checkpoint step) then
 
     # ---- the job -----------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -136,7 +150,10 @@ class JobShell:
                     thread.join(120)
                 self.bookkeeper.flush(timeout_s=120.0)
                 return [self.ranks[r].outcome or {} for r in sorted(self.ranks)]
-            self._recover(failures)
+            if failures:
+                self._recover(failures)
+            else:  # no fault: workers the job went without are placed (see _growth_due)
+                self._grow()
 
     def _resume(self) -> None:
         """Take over an interrupted job: its generations go on from the last one in the log;
@@ -223,6 +240,8 @@ class JobShell:
                 self._note_recoveries()
                 if not failures:
                     failures = self._check_digests()
+                if not failures and self._growth_due():
+                    return []  # no fault: the job can grow back
             if failures:
                 return failures
 
@@ -370,17 +389,18 @@ class JobShell:
 
     def _carry_out(self, decision: Decision, failures: list[Failure]) -> int:
         reason = "; ".join(f"{f.kind} rank {f.rank}" if f.rank is not None else f.detail or f.kind
-                           for f in failures)
+                           for f in failures) or decision.reason
         warm: list[int] = []
-        for rank in decision.replace:
-            if self.ranks[rank].actor is None:
-                self.ranks[rank].actor = self._new_actor(rank, warm)
-        for rank, r in self.ranks.items():  # ranks lost while stopping (not in the decision)
-            if r.actor is None:
-                r.actor = self._new_actor(rank, warm)
+        # the decision's ranks, and ranks lost while stopping (not in the decision)
+        new = [rank for rank in sorted({*decision.replace, *self.ranks}) if self.ranks[rank].actor is None]
+        for rank in new:
+            self.ranks[rank].actor = self._new_actor(rank, warm)
         if warm:
             reason += f"; a warm spare took the place of rank{'s' if len(warm) > 1 else ''} " + \
                 ", ".join(map(str, warm))
+        unplaced = self._wait_placed([rank for rank in new if rank not in warm])
+        if unplaced:
+            decision, reason = self._shrink(decision, failures, unplaced, reason)
         if decision.action is Action.HEAL_FROM_PEER:
             start = self._heal(decision, reason)
         elif decision.action is Action.RESTORE_CHECKPOINT:
@@ -478,6 +498,8 @@ class JobShell:
         if doc is not None:
             restore_shards(self.handles["ps_shards"], self.spec.job_id, doc["strategy"],
                            self.spec.collective_timeout_s)
+        gone = [rank for rank in range(self.spec.num_workers) if rank not in self.ranks]  # shrunk
+        _wait_all([s.leave.remote(self.spec.job_id, rank) for s in self.handles["ps_shards"] for rank in gone])
 
     def _start_generation(self, reason: str, *, start_step: int, start_report: int,
                           restore: dict[int, Any], run_ranks: list[int]) -> None:
@@ -497,12 +519,18 @@ class JobShell:
         self.log.generation(generation, members, f"{rendezvous[0]}:{rendezvous[1]}" if rendezvous else None,
                             start_step, start_report, reason)
         self.generation = generation
-        local_ranks = _local_ranks([infos[rank]["node_id"] for rank in sorted(infos)])
+        local_ranks = dict(zip(sorted(infos), _local_ranks([infos[rank]["node_id"] for rank in sorted(infos)]),
+                               strict=True))
+        # sync: the ranks are 0..n-1 (a shrunk job renumbers); async: a rank keeps its shard slot
+        world = len(self.ranks) if self.spec.mode == "sync" else self.spec.num_workers
+        batch_workers = self.spec.num_workers if (self.spec.mode == "sync" and world < self.spec.num_workers
+                                                  and getattr(self.trainer, "keep_global_batch", False)) else None
         here = ray.get_runtime_context().get_node_id()
         committed = self.log.job_info()["last_step"] if start_step < 0 else start_step
         for rank in run_ranks:
             r = self.ranks[rank]
-            gen = {"generation": generation, "restore": restore.get(rank), "committed_step": committed}
+            gen = {"generation": generation, "restore": restore.get(rank), "committed_step": committed,
+                   "rank": rank, "world_size": world, "batch_workers": batch_workers}
             r.run = r.actor.run.remote(self.trainer._loop_blob, self.trainer._config_blob, handles,
                                        local_ranks[rank], gen)
             r.outcome, r.poll, r.answered, r.started = None, None, True, False
@@ -526,6 +554,8 @@ class JobShell:
         """Start spares up to ``spare_workers``: actors with the job's resources, warmed (see
         ``TrainWorker.warm``), idle until a rank needs a new worker."""
         want = int(getattr(self.trainer, "spare_workers", 0) or 0)
+        if self.growth:  # resources are short: a spare would take them from the job's own growth
+            return
         while len(self.spares) < want:
             actor = self.trainer._actor_class(self.spec).remote(-1, self.spec, self.steplog_cfg)
             self.spares.append((actor, actor.warm.remote(self.trainer._loop_blob)))
@@ -551,6 +581,114 @@ class JobShell:
             _kill(actor)
         self.spares = []
         return None
+
+    # ---- membership (elastic jobs) ------------------------------------------------------
+    def _wait_placed(self, ranks: list[int]) -> dict[int, Any]:
+        """Wait up to ``placement_timeout_s`` for the new workers of ``ranks`` to be placed and
+        started; returns the ranks whose worker was not, each with its pending ``node_info``
+        ref. Progress polls go on meanwhile (async survivors keep training)."""
+        refs = {self.ranks[rank].actor.node_info.remote(): rank for rank in ranks}
+        pending = list(refs)
+        deadline = time.monotonic() + float(getattr(self.trainer, "placement_timeout_s", 60.0))
+        while pending and time.monotonic() < deadline:
+            _, pending = ray.wait(pending, num_returns=len(pending),
+                                  timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            self._poll()
+        return {refs[ref]: ref for ref in pending}
+
+    def _shrink(self, decision: Decision, failures: list[Failure], unplaced: dict[int, Any],
+                reason: str) -> tuple[Decision, str]:
+        """Go on without the ranks whose new worker was not placed, if the policy lets the job
+        shrink (else the job fails here). Their actors stay queued with Ray (``growth``). Sync
+        mode renumbers the ranks 0..n-1 (the decision's ranks with them); async mode releases
+        their clocks on the shards."""
+        verdict = self.policy.unplaced(tuple(sorted(unplaced)), len(self.ranks))
+        waited = f"none placed within placement_timeout_s={self.trainer.placement_timeout_s:g} s"
+        if verdict.action is Action.GIVE_UP:
+            self._give_up(failures or [Failure("died", min(unplaced), None, detail=waited)],
+                          dataclasses.replace(verdict, reason=f"{verdict.reason} ({waited})"))
+        log.warning("generation %d: %s (%s)", self.generation, verdict.reason, waited)
+        for rank in sorted(unplaced):
+            self.growth.append((self.ranks.pop(rank).actor, unplaced[rank]))
+        reason += f"; {verdict.reason} ({waited})"
+        if self.spec.mode == "async":
+            shards = self.handles.get("ps_shards") or []
+            _wait_all([s.leave.remote(self.spec.job_id, rank) for s in shards for rank in unplaced])
+            return dataclasses.replace(decision, replace=tuple(r for r in decision.replace if r in self.ranks)), reason
+        order = sorted(self.ranks)
+        renumber = {old: new for new, old in enumerate(order)}
+        self.ranks = {renumber[old]: self.ranks[old] for old in order}
+        source = decision.source_rank
+        return dataclasses.replace(decision, replace=tuple(renumber[r] for r in decision.replace if r in renumber),
+                                   source_rank=None if source is None else renumber[source]), reason
+
+    def _growth_due(self) -> bool:
+        """Whether the job should grow now: a worker it went on without is placed, and (sync
+        mode) a checkpoint was committed since that was first seen — the next checkpoint
+        boundary, which every rank restores in the larger world."""
+        if not self.growth or not any(ray.wait([ref], timeout=0)[0] for _, ref in self.growth):
+            return False
+        if self.spec.mode == "async":
+            return True
+        try:
+            refs = self.log.job_info(consistency="stale")["checkpoints"]
+        except Exception:  # noqa: BLE001 - the coordinator may be busy: next time
+            return False
+        newest = max((int(ref["step"]) for ref in refs), default=-1)
+        if self._grow_after is None or self._grow_after[0] != self.generation:
+            self._grow_after = (self.generation, newest)
+            return False
+        return newest > self._grow_after[1]
+
+    def _ready_growth(self) -> list[Any]:
+        """The placed workers of ``growth``, taken out of it (one that failed to start is
+        replaced by a new one, queued in its place)."""
+        ready = []
+        for actor, ref in list(self.growth):
+            if not ray.wait([ref], timeout=0)[0]:
+                continue
+            self.growth.remove((actor, ref))
+            try:
+                ray.get(ref)
+            except RayError as exc:
+                log.warning("a worker queued for the job to grow back failed (%s); queueing another",
+                            _first_line(exc))
+                _kill(actor)
+                fresh = self.trainer._actor_class(self.spec).remote(-1, self.spec, self.steplog_cfg)
+                self.growth.append((fresh, fresh.node_info.remote()))
+                continue
+            ready.append(actor)
+        return ready
+
+    def _grow(self) -> None:
+        """Take the placed workers of ``growth`` into the job, as the ranks it misses: async
+        mode, they join like replacements; sync mode, every run stops and every rank restores
+        the newest checkpoint in the larger world (the steps after it are redone)."""
+        ready = self._ready_growth()
+        decision = self.policy.capacity(len(self.ranks), len(ready))
+        for actor in ready[decision.add if decision is not None else 0:]:  # more than the job misses
+            _kill(actor)
+        if decision is None:
+            return
+        log.warning("generation %d: %s", self.generation, decision.reason)
+        missing = sorted(set(range(self.spec.num_workers)) - set(self.ranks))[:decision.add]
+        if self.spec.mode == "async":
+            for rank, actor in zip(missing, ready, strict=False):
+                self.ranks[rank] = _Rank(actor)
+            self._continue_async(dataclasses.replace(decision, replace=tuple(missing)), decision.reason)
+            return
+        more = self._stop_runs(f"the job grows back: {decision.reason}")
+        reason = decision.reason
+        if more:  # a rank died or would not stop meanwhile: a failure like any other
+            verdict = self.policy.decide(more, [])
+            for f in more:
+                self._record_failure(f, verdict)
+            if verdict.action is Action.GIVE_UP:
+                self._give_up(more, verdict)
+            reason += "; " + "; ".join(f"{f.kind} rank {f.rank}" for f in more)
+        for rank, actor in zip(missing, ready, strict=False):
+            self.ranks[rank] = _Rank(actor)
+        self._carry_out(Decision(Action.RESTORE_CHECKPOINT, "checkpoint", reason=reason), [])
 
     # ---- bookkeeping -------------------------------------------------------------------
     # ---- digests ------------------------------------------------------------------------
@@ -674,9 +812,9 @@ class JobShell:
         for r in self.ranks.values():
             if r.actor is not None:
                 _kill(r.actor)
-        for actor, _ in self.spares:
+        for actor, _ in self.spares + self.growth:
             _kill(actor)
-        self.spares = []
+        self.spares, self.growth = [], []
         for z in self.zombies:
             _kill(z)
 

@@ -126,7 +126,9 @@ class TrainWorker:
         """Run the loop; ``train_fn`` and ``config`` may come cloudpickled (the Trainer sends
         them so), and are then loaded here, where a failure is reported like any other.
         ``generation``: ``{"generation": g, "restore": None | "self" | bytes | dict,
-        "start_step": s}`` for a step-logged job (see the module doc)."""
+        "start_step": s, "rank": r, "world_size": w, "batch_workers": b}`` for a step-logged
+        job (see the module doc): a generation of an elastic job may give this worker another
+        rank in another world size (a sync job that shrank renumbers its ranks)."""
         gen = generation or {}
         session: Session | None = None
         try:
@@ -134,9 +136,11 @@ class TrainWorker:
             loop_config: dict[str, Any] = _load_from_driver(config, "config", self.rank)
             restore = self._restore_doc(gen.get("restore"))
             self.generation = int(gen.get("generation", 0))
-            context = self._make_context(local_rank, restore)
+            self.rank = int(gen.get("rank", self.rank))
+            context = self._make_context(local_rank, restore, int(gen.get("world_size", self.spec.num_workers)))
             strategy = get_strategy_class(self.spec.mode)(context, self.spec, handles)
             session = Session(context, strategy, restore)
+            session.batch_workers = gen.get("batch_workers")  # keep_global_batch on fewer workers
             if self.steplog is not None and self.generation:
                 session.stepper = StepBoundary(self.steplog, self.rank, self.generation, self.spec.mode)
                 session.stepper.start_at(int(gen.get("committed_step", session.optimizer_steps)))
@@ -193,7 +197,8 @@ class TrainWorker:
             return restore
         raise TypeError(f"unknown restore value {type(restore).__name__}")
 
-    def _make_context(self, local_rank: int, restore: dict[str, Any] | None = None) -> TrainContext:
+    def _make_context(self, local_rank: int, restore: dict[str, Any] | None = None,
+                      world_size: int | None = None) -> TrainContext:
         if self.spec.use_gpu:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"rank {self.rank} was given a GPU by Ray but torch sees no CUDA device")
@@ -204,7 +209,8 @@ class TrainWorker:
         start_step = int(restore["step"]) if restore else 0
         positions = (restore or {}).get("loaders") or []
         start_epoch = int(positions[0][0]) if positions and positions[0][0] >= 0 else 0
-        return TrainContext(rank=self.rank, world_size=self.spec.num_workers, local_rank=local_rank,
+        world_size = self.spec.num_workers if world_size is None else world_size
+        return TrainContext(rank=self.rank, world_size=world_size, local_rank=local_rank,
                             device=device, mode=self.spec.mode, seed=self.spec.seed,
                             generation=self.generation, resumed=restore is not None,
                             start_step=start_step, start_epoch=start_epoch)

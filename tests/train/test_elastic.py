@@ -10,12 +10,18 @@ session's private Ray is single-node and ``ray.init`` runs once per process).
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from synctrain import ConfigError, Trainer
 from synctrain.context import Session, TrainContext
 from synctrain.data import ShardedBatchSampler, shard_data_loader
 
@@ -130,3 +136,103 @@ def test_session_resumes_loaders_from_a_document_of_another_world_size():
     for batches in zip(*(list(iter(s)) for s in samplers), strict=True):
         ids.update(i for b in batches for i in b)
     assert sorted(ids) == list(range(40)) and set(ids.values()) == {1}
+
+
+def test_prepare_data_loader_keeps_the_global_batch_when_told():
+    """keep_global_batch: a 2-rank generation of a 3-worker job cuts global batches of 3 x 4."""
+    import synctrain
+    from synctrain import context
+
+    session = Session(TrainContext(rank=1, world_size=2, mode="sync"), strategy=None)
+    session.batch_workers = 3
+    context.set_session(session)
+    try:
+        loader = synctrain.prepare_data_loader(DataLoader(TensorDataset(torch.arange(48)), batch_size=4))
+    finally:
+        context.set_session(None)
+    assert loader.batch_sampler.global_batch_size == 12
+    assert [len(b) for b in loader.batch_sampler] == [6] * 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_workers": 0}, "min_workers must be an integer from 1 to num_workers=3"),
+    ({"min_workers": 4}, "min_workers must be an integer from 1 to num_workers=3"),
+    ({"min_workers": 2.0}, "min_workers must be an integer"),
+    ({"min_workers": 2, "step_log": False}, "needs the step log"),
+    ({"keep_global_batch": "yes"}, "keep_global_batch must be True or False"),
+    ({"placement_timeout_s": 0}, "placement_timeout_s must be a number of seconds > 0"),
+])
+def test_elastic_options_are_checked_before_anything_starts(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(lambda: None, num_workers=3, **options)
+
+
+def test_min_workers_defaults_to_num_workers():
+    trainer = Trainer(lambda: None, num_workers=3, placement_timeout_s=2)
+    assert (trainer.min_workers, trainer.keep_global_batch, trainer.placement_timeout_s) == (3, False, 2.0)
+
+
+# ---------------------------------------------------------------------- on a Ray cluster
+PROBE = pathlib.Path(__file__).with_name("elastic_probe.py")
+MARKER = "ELASTIC "
+PROBE_TIMEOUT_S = 400
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.fault
+@pytest.mark.timeout(PROBE_TIMEOUT_S + 30)
+def test_a_job_shrinks_when_a_node_is_lost_and_grows_back_when_one_is_added():
+    """Issue 12, must show 3: 3 workers on 3 Ray nodes, min_workers=2. The node of rank 1 is
+    removed mid-run: its replacement finds no resources, the job goes on with 2; a node is
+    added: the job grows back to 3 at the next checkpoint. Every sample of every epoch is seen
+    exactly once across the ranks that committed each step."""
+    env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
+    env.pop("RAY_ADDRESS", None)  # the probe starts its own cluster
+    proc = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True,
+                          timeout=PROBE_TIMEOUT_S, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    injected = "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("INJECT"))
+    tail = f"rc={proc.returncode}\ninjected:\n{injected}\nstderr:\n{proc.stderr[-4000:]}"
+    assert lines, f"the probe printed no result line\nstdout:\n{proc.stdout[-3000:]}\n{tail}"
+    result = json.loads(lines[-1][len(MARKER):])
+    assert result["ok"], f"probe failed: {result.get('error') or result.get('fault_error')}\n" \
+                         f"{result.get('traceback', '')}\n{tail}"
+
+    gens = result["generations"]
+    sizes = [len(g["members"]) for g in gens]
+    shrink = next((i for i in range(1, len(gens)) if sizes[i - 1] == 3 and sizes[i] == 2), None)
+    assert shrink is not None, f"no generation went from 3 to 2 workers: {gens}"
+    assert "no worker could be placed for rank 1" in gens[shrink]["reason"], gens[shrink]
+    assert [m["rank"] for m in gens[shrink]["members"]] == [0, 1], "a shrunk job renumbers its ranks"
+    assert result["removed_node"] not in {m["node_id"] for m in gens[shrink]["members"]}
+    grow = next((i for i in range(shrink + 1, len(gens)) if sizes[i - 1] == 2 and sizes[i] == 3), None)
+    assert grow is not None, f"the job never grew back to 3 workers: {gens}"
+    assert "resources are back" in gens[grow]["reason"], gens[grow]
+    assert sizes[-1] == 3
+
+    _check_every_sample_once(result["steps"], result["records"], gens)
+
+
+def _check_every_sample_once(steps: list[dict], records: list[dict], gens: list[dict]) -> None:
+    """Each committed step's samples are those its generation's ranks recorded for it; over an
+    epoch they are every sample once."""
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)), "a committed step is missing"
+    assert not any(s.get("lost") for s in steps)
+    world = {g["generation"]: len(g["members"]) for g in gens}
+    by_step = collections.defaultdict(list)
+    for rec in records:
+        by_step[(rec["g"], rec["step"])].append(rec)
+    per_epoch: dict[int, list[int]] = collections.defaultdict(list)
+    worlds_seen = set()
+    for s in steps:
+        recs = by_step[(s["generation"], s["step"])]
+        assert sorted(r["rank"] for r in recs) == list(range(world[s["generation"]])), \
+            f"step {s['step']} of generation {s['generation']}: records of ranks {[r['rank'] for r in recs]}"
+        assert len({r["epoch"] for r in recs}) == 1
+        worlds_seen.add(recs[0]["world"])
+        per_epoch[recs[0]["epoch"]] += [i for r in recs for i in r["ids"]]
+    assert worlds_seen == {2, 3}
+    for epoch, ids in sorted(per_epoch.items()):
+        assert len(ids) == len(set(ids)), f"epoch {epoch}: a sample was trained on twice"
+        assert sorted(ids) == list(range(600)), f"epoch {epoch}: {600 - len(set(ids))} samples never seen"
