@@ -57,11 +57,8 @@ class StepLog:
         return self._command("steplog.steps", generation, rank, records)
 
     def checkpoint(self, generation: int, step: int, ref: dict[str, Any]) -> list[str]:
-        """Commit a written checkpoint (``ref``: path, size, sha256[, digest]); returns the
-        paths of the checkpoints this one lets go."""
-        extra = (ref["digest"],) if ref.get("digest") else ()
         answer = self._command("steplog.checkpoint", generation, step, ref["path"], ref["size"],
-                               ref["sha256"], time.time(), *extra)
+                               ref["sha256"], time.time())
         return list(answer.get("prune", []))
 
     def failure(self, record: dict[str, Any]) -> int:
@@ -77,16 +74,19 @@ class StepLog:
     def job_info(self, consistency: str = "linearizable") -> dict[str, Any]:
         return self.client.query("steplog", "job", self.job, consistency=consistency)["job"]
 
-    def records(self, kind: str, consistency: str = "linearizable") -> list[dict[str, Any]]:
+    def records(self, kind: str, consistency: str = "linearizable", *, start: int = 0,
+                max_items: int | None = None) -> list[dict[str, Any]]:
+        """The job's ``kind`` records from index ``start`` on (at most ``max_items``)."""
         out: list[dict[str, Any]] = []
-        start = 0
-        while True:
-            answer = self.client.query("steplog", "records", self.job, kind, start, PAGE,
+        while max_items is None or len(out) < max_items:
+            limit = PAGE if max_items is None else min(PAGE, max_items - len(out))
+            answer = self.client.query("steplog", "records", self.job, kind, start, limit,
                                        consistency=consistency)
             out.extend(answer["items"])
             start = answer["next"]
             if start >= answer["total"] or not answer["items"]:
-                return out
+                break
+        return out
 
 
 __all__ = ["StepLog", "Fenced", "CoordinatorError", "Unavailable", "RequestRejected"]
