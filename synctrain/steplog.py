@@ -57,8 +57,11 @@ class StepLog:
         return self._command("steplog.steps", generation, rank, records)
 
     def checkpoint(self, generation: int, step: int, ref: dict[str, Any]) -> list[str]:
+        """Commit a written checkpoint (``ref``: path, size, sha256[, digest]); returns the
+        paths of the checkpoints this one lets go."""
+        extra = (ref["digest"],) if ref.get("digest") else ()
         answer = self._command("steplog.checkpoint", generation, step, ref["path"], ref["size"],
-                               ref["sha256"], time.time())
+                               ref["sha256"], time.time(), *extra)
         return list(answer.get("prune", []))
 
     def failure(self, record: dict[str, Any]) -> int:
