@@ -26,6 +26,7 @@ from synctrain.errors import (
     TrainingFailedError,
     WorkerDiedError,
 )
+from synctrain.jobs import JobRecord, read_job
 from synctrain.ps.errors import (
     NonFiniteGradientError,
     ParameterServerError,
@@ -39,6 +40,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer",
     "Result",
+    "read_job",
+    "JobRecord",
     "TrainContext",
     "get_context",
     "prepare_model",

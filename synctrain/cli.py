@@ -1,8 +1,13 @@
-"""`synctrain run | status | bench` — the command-line face of the framework.
+"""`synctrain run | status | log | cluster | bench` — the command-line face of the framework.
 
 * ``synctrain run SCRIPT [ARGS...]`` runs a training script (one that calls ``Trainer.fit``)
   with ``RAY_ADDRESS`` set from ``--address`` if given; without it the script starts a local Ray.
-* ``synctrain status [--address ADDR]`` shows the Ray cluster's nodes, CPUs and GPUs, and the
+* ``synctrain status [JOB] [--storage-path P]``: without a name, the jobs under the storage
+  path (name, state, mode, world size, generation, last committed step, last loss, age); with
+  one, that job's detail, its coordinator's nodes included. ``synctrain log JOB [--follow]
+  [--json]``: the job's committed step log (see :mod:`synctrain.jobs`: both read the job's
+  coordinator if it runs, else its WALs on disk, read-only).
+* ``synctrain cluster [--address ADDR]`` shows the Ray cluster's nodes, CPUs and GPUs, and the
   modes synctrain offers; without an address, the cluster a Trainer would use (a running
   ``ray start`` cluster, else a local Ray it would start). An address that does not answer
   fails within seconds (exit 1), like ``Trainer.fit`` (see :mod:`synctrain.raycluster`).
@@ -58,6 +63,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from synctrain.jobview import show_job, show_jobs
+
+    if args.address is not None:  # what `status` did before `cluster` took it over
+        print(f"synctrain status: shows jobs now; the Ray cluster view moved to "
+              f"`synctrain cluster --address {args.address}`", file=sys.stderr)
+        return 2
+    if args.job:
+        return show_job(args.job, args.storage_path)
+    return show_jobs(args.storage_path)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from synctrain.jobview import show_log
+
+    if args.max_wait_s is not None and args.max_wait_s <= 0:
+        print("synctrain log: --max-wait-s must be positive", file=sys.stderr)
+        return 2
+    return show_log(args.job, args.storage_path, follow=args.follow, as_json=args.json,
+                    max_wait_s=args.max_wait_s)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
     import ray
 
     from synctrain import raycluster
@@ -67,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         plan = raycluster.plan(args.address, "--address")
     except ConfigError as exc:
-        print(f"synctrain status: {exc}", file=sys.stderr)
+        print(f"synctrain cluster: {exc}", file=sys.stderr)
         return 1
     if plan.address is None:
         print("no Ray cluster named (use --address or RAY_ADDRESS) and none running here (`ray start`): "
@@ -145,9 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script")
     run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=cmd_run)
-    status = sub.add_parser("status", help="show the Ray cluster synctrain would use")
-    status.add_argument("--address")
+    storage_help = "the jobs' storage_path (default: $SYNCTRAIN_STORAGE_PATH, else ~/synctrain_results)"
+    status = sub.add_parser("status", help="list the jobs under the storage path, or show one job")
+    status.add_argument("job", nargs="?", help="a job's name: show its detail")
+    status.add_argument("--storage-path", help=storage_help)
+    status.add_argument("--address", help=argparse.SUPPRESS)  # moved to `cluster`: says so
     status.set_defaults(func=cmd_status)
+    log_ = sub.add_parser("log", help="show a job's committed step log")
+    log_.add_argument("job")
+    log_.add_argument("--storage-path", help=storage_help)
+    log_.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    log_.add_argument("--json", action="store_true", help="JSON Lines, one object per record")
+    log_.add_argument("--max-wait-s", type=float, help="with --follow: stop after this long")
+    log_.set_defaults(func=cmd_log)
+    cluster = sub.add_parser("cluster", help="show the Ray cluster synctrain would use")
+    cluster.add_argument("--address")
+    cluster.set_defaults(func=cmd_cluster)
     resume = sub.add_parser("resume", help="resume an interrupted job that `synctrain run` started")
     resume.add_argument("job", help="the job's name (synctrain status lists them)")
     resume.add_argument("--storage-path", help="where the job's directory is (default: "

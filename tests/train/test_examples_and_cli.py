@@ -43,9 +43,9 @@ def test_digits_sync_reaches_95_percent_with_two_workers(ray_session):
     assert result.metrics[-1]["samples"] == 15 * 1438  # every training sample once per epoch
 
 
-def test_cli_status_without_a_cluster(capsys, monkeypatch):
+def test_cli_cluster_without_a_cluster(capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert cli_main(["status"]) == 0
+    assert cli_main(["cluster"]) == 0
     assert "sync" in capsys.readouterr().out
 
 

@@ -424,10 +424,10 @@ def test_point22_bench_accepts_the_file_names_the_readme_lists():
         assert args.name == name
 
 
-def test_point22_status_to_an_address_that_does_not_answer_fails_within_seconds(tmp_path):
+def test_point22_cluster_to_an_address_that_does_not_answer_fails_within_seconds(tmp_path):
     address = f"127.0.0.1:{closed_port()}"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "synctrain.cli", "status", "--address", address],
+    proc = subprocess.run([sys.executable, "-m", "synctrain.cli", "cluster", "--address", address],
                           capture_output=True, text=True, timeout=120, env=isolated_env(tmp_path))
     assert proc.returncode == 1, (proc.stdout, proc.stderr[-2000:])
     assert f"cannot reach the Ray cluster at {address} (from --address)" in proc.stderr
