@@ -152,7 +152,7 @@ def test_node_dirs_are_found_by_id(tmp_path: Path) -> None:
 def test_every_acknowledged_write_is_read_back_after_all_nodes_are_killed(tmp_path: Path) -> None:
     from coordinator.cluster import LocalCluster
 
-    cluster = LocalCluster(nodes=3, data_dir=tmp_path / "c", tick_ms=10.0)
+    cluster = LocalCluster(nodes=3, data_dir=tmp_path / "c", tick_ms=10.0, snapshot_every=16)
     try:
         cluster.start()
         with cluster.client() as client:
@@ -175,6 +175,7 @@ def test_every_acknowledged_write_is_read_back_after_all_nodes_are_killed(tmp_pa
         assert ext["items"] == live, "every acknowledged report is committed on disk"
     assert state.voters == (1, 2, 3)
     assert state.elected in (1, 2, 3)
+    assert max(n.snapshot_index for n in state.nodes) > 0, "snapshots and compaction were read too"
 
 
 @pytest.mark.parametrize("what", ["empty", "garbage"])
