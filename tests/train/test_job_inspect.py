@@ -127,6 +127,7 @@ def jobs(ray_session, tmp_path_factory):
 
 
 # ---- a running job: read from its coordinator -------------------------------------------------
+@pytest.mark.ray
 def test_a_running_job_is_read_from_its_coordinator_and_followed_to_its_end(jobs, capsys):
     storage = str(jobs.storage)
     job = synctrain.read_job("live", storage)
@@ -168,6 +169,7 @@ def test_a_running_job_is_read_from_its_coordinator_and_followed_to_its_end(jobs
 
 
 # ---- a finished job: the coordinator is gone, the WALs are read ----------------------------
+@pytest.mark.ray
 def test_a_finished_job_reads_back_as_its_result_from_disk(jobs, capsys):
     storage = str(jobs.storage)
     result = jobs.finish()
@@ -204,6 +206,7 @@ def test_a_finished_job_reads_back_as_its_result_from_disk(jobs, capsys):
     assert fingerprint(jobs.storage / "live") == before, "reading wrote nothing into the job"
 
 
+@pytest.mark.ray
 def test_a_failed_job_shows_its_failure(jobs, capsys):
     storage = str(jobs.storage)
     job = synctrain.read_job("broken", storage)
@@ -222,6 +225,7 @@ def test_a_failed_job_shows_its_failure(jobs, capsys):
     assert re.search(rf"failures: +{len(job.failures)}; last: rank \d raised", out), out
 
 
+@pytest.mark.ray
 def test_a_job_whose_driver_died_is_interrupted_and_read_from_its_wals(jobs, capsys):
     died = str(jobs.died)
     assert json.loads((jobs.died / "live" / "job.json").read_text())["state"] == "running"
@@ -240,6 +244,7 @@ def test_a_job_whose_driver_died_is_interrupted_and_read_from_its_wals(jobs, cap
     assert code == 0 and json_lines(again) == records
 
 
+@pytest.mark.ray
 def test_status_lists_every_job(jobs, capsys):
     jobs.finish()
     code, out, _ = cli(capsys, "status", "--storage-path", str(jobs.storage))
