@@ -330,3 +330,15 @@ def test_a_recovered_job_reads_in_job_order_with_its_rollback_marked(tmp_path, c
 def test_status_with_an_address_points_to_cluster(capsys):
     code, _, err = cli(capsys, "status", "--address", "127.0.0.1:1")
     assert code == 2 and "synctrain cluster --address 127.0.0.1:1" in err
+
+
+def test_a_job_on_an_external_coordinator_says_where_its_records_are(tmp_path, capsys):
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "job.json").write_text(json.dumps(
+        {"name": "ext", "mode": "async", "num_workers": 3, "coordinator": "external", "state": "failed"}))
+    job = synctrain.read_job("ext", str(tmp_path))
+    assert (job.state, job.source, job.spec, job.world_size) == ("failed", "job.json",
+                                                                 {"mode": "async", "num_workers": 3}, 3)
+    assert job.steps == [] and job.end["state"] == "failed"
+    code, out, _ = cli(capsys, "status", "ext", "--storage-path", str(tmp_path))
+    assert code == 0 and "kept by the external coordinator" in out
