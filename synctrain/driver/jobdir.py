@@ -82,6 +82,7 @@ class JobDir:
         self.storage = storage
         self.name = name
         self.path = storage / name
+        self._lock_fd: int | None = None  # driver.lock, while this process holds it
 
     @property
     def coordinator_dir(self) -> pathlib.Path:
@@ -176,7 +177,7 @@ class JobDir:
         return True
 
     def unlock_driver(self) -> None:
-        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
 
