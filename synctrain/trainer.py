@@ -99,7 +99,7 @@ class Trainer:
         spare_workers: int = 0,
         min_workers: int | None = None,
         keep_global_batch: bool = False,
-        placement_timeout_s: float = 60.0,
+        placement_timeout_s: float = 120.0,
         stall_timeout_s: float = 60.0,
         max_uncommitted_steps: int = DEFAULT_MAX_UNCOMMITTED_STEPS,
         recovery: str = "auto",

@@ -589,7 +589,7 @@ class JobShell:
         ref. Progress polls go on meanwhile (async survivors keep training)."""
         refs = {self.ranks[rank].actor.node_info.remote(): rank for rank in ranks}
         pending = list(refs)
-        deadline = time.monotonic() + float(getattr(self.trainer, "placement_timeout_s", 60.0))
+        deadline = time.monotonic() + float(getattr(self.trainer, "placement_timeout_s", 120.0))
         while pending and time.monotonic() < deadline:
             _, pending = ray.wait(pending, num_returns=len(pending),
                                   timeout=min(1.0, max(0.0, deadline - time.monotonic())))

@@ -4,17 +4,20 @@ collected by pytest: it builds its own Ray cluster, and ``ray.init`` runs once p
 Starts a ``ray.cluster_utils.Cluster`` on this machine: a head node (the driver, the
 coordinator) and, once the job's coordinator runs there, 3 worker nodes with one ``slot``
 each; every rank asks for a slot, so each lands on its own node (and no coordinator node on
-one: the embedded coordinator pins its nodes to the Ray nodes alive when it starts). A sync
-job of 3 workers with ``min_workers=2`` runs, in a thread, a loop over a ``TensorDataset`` of
+one: the embedded coordinator and the parameter-server shards pin themselves to the Ray
+nodes alive when they start). A job of 3 workers with ``min_workers=2`` (``sync``, or the
+mode given as the first argument) runs, in a thread, a loop over a ``TensorDataset`` of
 sample ids that appends, per rank and optimizer step, the ids it trains on to a file. The
 main thread (Ray starts nodes from there only) drives the faults, each at a point the loop
 waits at (with ``heartbeat()``), so the run cannot end before they happen:
 
 1. every rank of generation 1 waits after step ``GATE_A``: the node of rank 1 is removed —
-   its replacement finds no slot within ``placement_timeout_s``, so the job goes on with 2;
-2. the 2-worker generation waits after its step ``GATE_B``: a node with a slot is added, and
-   once the queued worker is up there (Ray's actor table says so) the loop goes on — at the
-   next checkpoint the job grows back to 3.
+   its replacement finds no slot within ``placement_timeout_s``, so the job goes on with 2
+   (seen in the step log);
+2. the ranks of the shrunk job wait after step ``GATE_B`` (sync: the 2-worker generation;
+   async: the survivors, which never stopped): a node with a slot is added, and once the
+   queued worker is up there (Ray's actor table says so) the loop goes on — the job grows back
+   to 3 (sync: at the next checkpoint; async: at once, the new worker joins).
 
 Prints one line ``ELASTIC {json}``: the generations, the committed steps and the id records,
 which the test checks (every sample of every epoch once, across the ranks that committed
@@ -41,6 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import synctrain
 
 MARKER = "ELASTIC "
+JOB = "elastic-probe"
 SAMPLES = 600
 BATCH = 4  # per rank: global batches of 12 (3 ranks) or 8 (2 ranks)
 EPOCHS = 3
@@ -97,7 +101,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if ctx.generation == 1 and step == GATE_A:
                     (out / f"at-a-r{ctx.rank}").write_text("")
                     _gate(out / "removed")
-                if ctx.world_size == 2 and step == GATE_B:
+                shrunk = ctx.world_size == 2 or (ctx.mode == "async" and ctx.generation == 1)
+                if shrunk and step == GATE_B:
                     _gate(out / "placed")
     return {"rank": ctx.rank, "step": step}
 
@@ -118,9 +123,22 @@ def _add_slot_node(cluster: Any, wait: bool = True) -> Any:
     return cluster.add_node(wait=wait, num_cpus=1, resources={"slot": 1}, object_store_memory=80 * 1024 * 1024)
 
 
-def _faults(cluster: Any, out: pathlib.Path, report: dict[str, Any], fit: threading.Thread) -> None:
+def _sizes(out: pathlib.Path) -> list[int]:
+    """The member counts of the job's generations, from its step log."""
+    from synctrain.steplog import StepLog
+
+    coord = out / "jobs" / JOB / "coordinator"
+    steplog = StepLog((coord / "endpoints").read_text().strip(), (coord / "token").read_bytes().strip(), JOB)
     try:
-        _wait_for("the job's coordinator", lambda: _alive("_RayNode") >= 3 or not fit.is_alive())
+        return [len(g["members"]) for g in steplog.records("generations")]
+    finally:
+        steplog.close()
+
+
+def _faults(cluster: Any, out: pathlib.Path, report: dict[str, Any], fit: threading.Thread, mode: str) -> None:
+    try:
+        _wait_for("the job's coordinator (and shards)", lambda: not fit.is_alive() or (
+            _alive("_RayNode") >= 3 and (mode == "sync" or _alive("ParameterShard") >= 1)))
         _inject("the coordinator runs on the head: adding 3 nodes with a slot each")
         nodes = [_add_slot_node(cluster, wait=False) for _ in range(3)]  # started side by side
         cluster.wait_for_nodes()
@@ -134,8 +152,7 @@ def _faults(cluster: Any, out: pathlib.Path, report: dict[str, Any], fit: thread
         cluster.remove_node(victim)
         report["removed_node"] = victim_id
         (out / "removed").write_text("")
-        _wait_for("a 2-worker generation", lambda: any(
-            json.loads(p.read_text())["world"] == 2 for p in out.glob("start-g*-r0.json")))
+        _wait_for("a 2-worker generation", lambda: 2 in _sizes(out))
         _inject("adding a node with a slot")
         _add_slot_node(cluster)
         _wait_for("the queued worker up on the new node", lambda: _alive("TrainWorker") >= 3)
@@ -168,15 +185,16 @@ def main() -> int:
             "num_cpus": 3, "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024})
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
         _inject("Ray cluster up")
+        mode = sys.argv[1] if len(sys.argv) > 1 else "sync"
         trainer = synctrain.Trainer(
-            train_loop, num_workers=3, min_workers=2, mode="sync", use_gpu=False, progress=False,
+            train_loop, num_workers=3, min_workers=2, mode=mode, use_gpu=False, progress=False, job_name=JOB,
             resources_per_worker={"CPU": 1, "slot": 1}, config={"dir": str(tmp)},
             storage_path=str(tmp / "jobs"), checkpoint_every=CHECKPOINT_EVERY,
             placement_timeout_s=PLACEMENT_TIMEOUT_S, collective_timeout_s=60, stall_timeout_s=60)
         outcome: dict[str, Any] = {}
         fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
         fit.start()
-        _faults(cluster, tmp, out, fit)
+        _faults(cluster, tmp, out, fit, mode)
         fit.join(WAIT_S * 2)
         _inject("fit returned")
         if "error" in outcome or "result" not in outcome:
@@ -188,6 +206,7 @@ def main() -> int:
         out["redone_steps"] = result.redone_steps
         out["records"] = [json.loads(line) for p in sorted(tmp.glob("ids-*.jsonl"))
                           for line in p.read_text().splitlines()]
+        out["loop_starts"] = sorted(p.name for p in tmp.glob("start-*.json"))
         out["elapsed_s"] = round(time.monotonic() - started, 1)
         out["ok"] = "fault_error" not in out
     except BaseException as exc:  # noqa: BLE001 - reported in the JSON line

@@ -187,18 +187,7 @@ def test_a_job_shrinks_when_a_node_is_lost_and_grows_back_when_one_is_added():
     removed mid-run: its replacement finds no resources, the job goes on with 2; a node is
     added: the job grows back to 3 at the next checkpoint. Every sample of every epoch is seen
     exactly once across the ranks that committed each step."""
-    env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
-    env.pop("RAY_ADDRESS", None)  # the probe starts its own cluster
-    proc = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True,
-                          timeout=PROBE_TIMEOUT_S, env=env, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    injected = "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("INJECT"))
-    tail = f"rc={proc.returncode}\ninjected:\n{injected}\nstderr:\n{proc.stderr[-4000:]}"
-    assert lines, f"the probe printed no result line\nstdout:\n{proc.stdout[-3000:]}\n{tail}"
-    result = json.loads(lines[-1][len(MARKER):])
-    assert result["ok"], f"probe failed: {result.get('error') or result.get('fault_error')}\n" \
-                         f"{result.get('traceback', '')}\n{tail}"
-
+    result = _run_probe("sync")
     gens = result["generations"]
     sizes = [len(g["members"]) for g in gens]
     shrink = next((i for i in range(1, len(gens)) if sizes[i - 1] == 3 and sizes[i] == 2), None)
@@ -210,8 +199,45 @@ def test_a_job_shrinks_when_a_node_is_lost_and_grows_back_when_one_is_added():
     assert grow is not None, f"the job never grew back to 3 workers: {gens}"
     assert "resources are back" in gens[grow]["reason"], gens[grow]
     assert sizes[-1] == 3
+    assert gens[grow]["start_step"] % 10 == 0, "sync grows back at a checkpoint (checkpoint_every=10)"
 
     _check_every_sample_once(result["steps"], result["records"], gens)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.fault
+@pytest.mark.timeout(PROBE_TIMEOUT_S + 30)
+def test_async_survivors_go_on_without_an_unplaceable_worker_and_it_joins_when_placed():
+    """Async mode: the survivors never stop; the dead rank's replacement is not waited for
+    beyond placement_timeout_s (the job goes on with 2, ranks keep their shard slots), and once
+    a node is added it joins like a replacement."""
+    result = _run_probe("async")
+    gens = result["generations"]
+    assert [[m["rank"] for m in g["members"]] for g in gens] == [[0, 1, 2], [0, 2], [0, 1, 2]], gens
+    assert "no worker could be placed for rank 1" in gens[1]["reason"]
+    assert "resources are back" in gens[2]["reason"]
+    assert result["removed_node"] not in {m["node_id"] for m in gens[2]["members"]}
+    assert [(f["kind"], f["rank"], f["recovery"]) for f in result["failures"]] == [("died", 1, "continue")]
+    # the survivors' loops ran once, from generation 1 to the end; rank 1's started again
+    assert result["loop_starts"] == ["start-g1-r0.json", "start-g1-r1.json", "start-g1-r2.json",
+                                     "start-g3-r1.json"], result["loop_starts"]
+    assert result["redone_steps"] == 0
+
+
+def _run_probe(mode: str) -> dict:
+    env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
+    env.pop("RAY_ADDRESS", None)  # the probe starts its own cluster
+    proc = subprocess.run([sys.executable, str(PROBE), mode], capture_output=True, text=True,
+                          timeout=PROBE_TIMEOUT_S, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    injected = "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("INJECT"))
+    tail = f"rc={proc.returncode}\ninjected:\n{injected}\nstderr:\n{proc.stderr[-4000:]}"
+    assert lines, f"the probe printed no result line\nstdout:\n{proc.stdout[-3000:]}\n{tail}"
+    result = json.loads(lines[-1][len(MARKER):])
+    assert result["ok"], f"probe failed: {result.get('error') or result.get('fault_error')}\n" \
+                         f"{result.get('traceback', '')}\n{tail}"
+    return result
 
 
 def _check_every_sample_once(steps: list[dict], records: list[dict], gens: list[dict]) -> None:
