@@ -911,7 +911,7 @@ def _digest_failures(mismatch: dict[str, Any]) -> list[Failure]:
             "agreed" if trusted is not None else "no earlier step's digests agreed: every rank starts over")
     if mismatch.get("minority"):
         return [Failure("digest_mismatch", rank, step,
-                        detail=f"rank {rank}'s parameters and buffers at step {step} differ from those of "
+                        detail=f"rank {rank}'s parameters at step {step} differ from those of "
                                f"the {mismatch['agreeing']} of {world} ranks that agree; {back}")
                 for rank in mismatch["minority"]]
     why = "with 2 ranks none can be named" if world == 2 else "no majority of ranks agrees"

@@ -102,6 +102,7 @@ class StepBoundary:
         self.last_positions: list[tuple[int, ...]] = []
         self.pending: dict[str, Any] | None = None  # a checkpoint due at the next step's start
         self.pending_digest: int | None = None  # the step whose digest is due at its capture point
+        self.last_digest_step = -1
         self.stop_reason: str | None = None  # the driver asked this run to stop
         self.writer = _Writer(self)
         self.writer.start()
@@ -139,11 +140,14 @@ class StepBoundary:
         self._at_capture(session, session.step_positions, session.report_seq)
 
     def at_loop_end(self, session: Session) -> None:
-        """The loop returned: a digest due at its last step is taken now (no capture point
-        follows), so the final parameters are checked too. A checkpoint is not."""
-        if self.pending_digest == session.optimizer_steps:
-            self.pending_digest = None
-            self.writer.put(("digest", session.optimizer_steps, replicated_state(session.models)))
+        """The loop returned: with digests on, its last step is digested now, due or not (no
+        capture point follows, and every rank ends at the same step), so the final parameters
+        are checked too. A checkpoint is not taken."""
+        step = session.optimizer_steps
+        self.pending_digest = None
+        if self.mode == "sync" and self.cfg.digest_every and step > 0 and step != self.last_digest_step:
+            self.last_digest_step = step
+            self.writer.put(("digest", step, replicated_state(session.models)))
 
     def _at_capture(self, session: Session, positions: list, report_seq: int) -> None:
         step = session.optimizer_steps
@@ -151,7 +155,7 @@ class StepBoundary:
         if self.pending is not None and self.pending["step"] == step:
             doc = self._take_checkpoint(session, positions, report_seq)
         if self.pending_digest == step:
-            self.pending_digest = None
+            self.pending_digest, self.last_digest_step = None, step
             state = replicated_state(session.models, doc["models"] if doc is not None else None)
             self.writer.put(("digest", step, state))  # hashed on the writer's thread
 
