@@ -22,6 +22,7 @@ dropped: they were committed by the run that did that work.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -61,6 +62,9 @@ class TrainContext:
     resumed: bool = False
     start_step: int = 0
     start_epoch: int = 0
+    #: The job's config: what ``Trainer(config=...)`` gave (the loop's argument), or the
+    #: ``--config`` file and ``--set`` values of ``synctrain run``; {} in a plain process.
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 class Session:
@@ -162,8 +166,19 @@ class Session:
             self.stepper.before_step(self)
 
     def progress(self) -> dict[str, Any]:
-        return {"step": self.optimizer_steps, "idle_s": time.monotonic() - self.last_activity,
-                "reports": self.report_count, "in_step": self.in_step, "started": self.started}
+        """What the driver's poll sees: progress for stall detection, and for the progress
+        bar the first prepared loader's epoch and the samples it has consumed over all ranks
+        (epochs before included), and the strategy's own figures (async: the staleness)."""
+        out = {"step": self.optimizer_steps, "idle_s": time.monotonic() - self.last_activity,
+               "reports": self.report_count, "in_step": self.in_step, "started": self.started}
+        if self.samplers:
+            sampler = self.samplers[0]
+            epoch = max(0, sampler.iter_epoch)
+            out["epoch"] = epoch
+            out["samples"] = epoch * sampler.num_samples + sampler.sample_offset()
+        if self.strategy is not None:
+            out.update(self.strategy.progress())
+        return out
 
     # ---- prepared objects and restore --------------------------------------------------
     def add_model(self, prepared: torch.nn.Module) -> None:
@@ -289,6 +304,13 @@ def set_session(session: Session | None) -> None:
 def local_reports() -> list[dict[str, Any]]:
     """What ``report`` recorded in a plain process (no Trainer), for debugging."""
     return _local_reports
+
+
+def set_local_config(config: dict[str, Any]) -> None:
+    """The config a plain process's context carries (``synctrain run --config`` without
+    ``--workers``: the script runs once, here)."""
+    global _LOCAL
+    _LOCAL = dataclasses.replace(_LOCAL, config=dict(config))
 
 
 def get_context() -> TrainContext:

@@ -104,6 +104,11 @@ class Strategy(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def progress(self) -> dict[str, Any]:
+        """A few cheap figures for the driver's progress bar, asked for about once a second
+        (async: the observed staleness); keep it O(1)."""
+        return {}
+
     def metrics(self) -> dict[str, Any]:
         """The worker's counters (latencies, staleness...), returned in ``Result.worker_metrics``."""
         return {}

@@ -705,6 +705,14 @@ class ParameterServerStrategy(Strategy):
         self._collective(None)
 
     # ---- observability -----------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        """The staleness this worker observes: how many clocks its parameters lag its own
+        (now, and the mean over its steps so far)."""
+        hist = self._lag_hist
+        steps = sum(hist)
+        return {"staleness": self.clock - self.included,
+                "staleness_mean": sum(i * v for i, v in enumerate(hist)) / steps if steps else 0.0}
+
     def metrics(self) -> dict[str, Any]:
         hist = self._lag_hist
         steps = sum(hist)

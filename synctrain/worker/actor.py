@@ -137,7 +137,8 @@ class TrainWorker:
             restore = self._restore_doc(gen.get("restore"))
             self.generation = int(gen.get("generation", 0))
             self.rank = int(gen.get("rank", self.rank))
-            context = self._make_context(local_rank, restore, int(gen.get("world_size", self.spec.num_workers)))
+            context = self._make_context(local_rank, restore, int(gen.get("world_size", self.spec.num_workers)),
+                                         loop_config)
             strategy = get_strategy_class(self.spec.mode)(context, self.spec, handles)
             session = Session(context, strategy, restore)
             session.batch_workers = gen.get("batch_workers")  # keep_global_batch on fewer workers
@@ -198,7 +199,7 @@ class TrainWorker:
         raise TypeError(f"unknown restore value {type(restore).__name__}")
 
     def _make_context(self, local_rank: int, restore: dict[str, Any] | None = None,
-                      world_size: int | None = None) -> TrainContext:
+                      world_size: int | None = None, config: dict[str, Any] | None = None) -> TrainContext:
         if self.spec.use_gpu:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"rank {self.rank} was given a GPU by Ray but torch sees no CUDA device")
@@ -213,7 +214,8 @@ class TrainWorker:
         return TrainContext(rank=self.rank, world_size=world_size, local_rank=local_rank,
                             device=device, mode=self.spec.mode, seed=self.spec.seed,
                             generation=self.generation, resumed=restore is not None,
-                            start_step=start_step, start_epoch=start_epoch)
+                            start_step=start_step, start_epoch=start_epoch,
+                            config=dict(config) if isinstance(config, dict) else {})
 
     def _export_env(self, ctx: TrainContext, handles: dict[str, Any]) -> None:
         """torchrun-style variables, so code written for torchrun finds its rank."""
