@@ -13,7 +13,8 @@
    resumed job starts from its last committed checkpoint that passes its checksum);
 6. read ``Result.metrics``, ``steps``, ``generations``, ``failures`` back from the committed
    log, record the job's end, stop everything (the coordinator's WALs and the checkpoints stay
-   in the job directory).
+   in the job directory). Meanwhile, and once more from the whole log at the end, the
+   committed reports go to ``metrics.jsonl`` in the job directory (:mod:`synctrain.metrics`).
 """
 
 from __future__ import annotations
@@ -30,58 +31,13 @@ from synctrain.driver.jobdir import JobDir
 from synctrain.driver.policy import RecoveryPolicy
 from synctrain.driver.shell import JobShell
 from synctrain.errors import ConfigError
+from synctrain.metrics import LiveMetrics, write_final_metrics
+from synctrain.progress import ProgressDisplay as _Progress  # the name trainer.py imports
 from synctrain.steplog import StepLog
 from synctrain.strategies.base import get_strategy_class
 from synctrain.worker.step import StepLogConfig
 
 log = logging.getLogger(__name__)
-
-
-class _Progress:
-    """Rank 0's reports as a progress bar of optimizer steps.
-
-    A total, and so an ETA, is shown once a report carries ``"total_steps"``: only the loop
-    knows how many epochs it runs, so it says so, e.g. once before training:
-    ``synctrain.report({"total_steps": epochs * len(loader) // grad_accum_steps})`` (``len``
-    of a prepared loader is this rank's batches per epoch, one optimizer step each). The
-    latest such value wins; a step that goes back (a recovery redoing steps) moves the bar back.
-    """
-
-    def __init__(self, enabled: bool, job_name: str) -> None:
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(desc=job_name, unit="step", dynamic_ncols=True)
-
-    def show(self, reports: list[dict[str, Any]]) -> None:
-        if self._bar is None or not reports:
-            return
-        for report in reports:
-            total = _total_steps(report.get("total_steps"))
-            if total is not None:
-                self._bar.total = total
-        last = reports[-1]
-        step = int(last.get("step", self._bar.n))
-        if step >= self._bar.n:
-            self._bar.update(step - self._bar.n)  # through update(): the rate, hence the ETA
-        else:
-            self._bar.n = step
-        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items()
-                 if k not in ("step", "total_steps")}
-        self._bar.set_postfix(shown, refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _total_steps(value: Any) -> int | None:
-    """A reported ``total_steps`` as a positive int; None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        return None
-    return int(value) if float(value).is_integer() else None
 
 
 def fit_with_step_log(trainer: Any) -> Any:
@@ -113,6 +69,7 @@ def fit_with_step_log(trainer: Any) -> Any:
     handles: dict[str, Any] = {}
     steplog = shell = None
     monitor = _Progress(trainer.progress, trainer.job_name)
+    live_metrics: LiveMetrics | None = None
     state, reason, ok = "failed", "", False
     try:
         if not trainer.coordinator:
@@ -125,6 +82,9 @@ def fit_with_step_log(trainer: Any) -> Any:
         if old is not None:
             _check_logged_spec(trainer, _spec_doc(trainer, spec), created.get("spec") or {})
             _remove_leftovers(job, spec)
+        live_metrics = LiveMetrics(job.path, StepLog(coordinator.endpoints, coordinator.token, trainer.job_name,
+                                                     timeout_s=5.0))
+        live_metrics.start()
         handles = strategy_cls.on_driver_start(spec)
         cfg = StepLogConfig(endpoints=tuple(coordinator.endpoints), token=coordinator.token,
                             job=trainer.job_name, job_dir=str(job.path),
@@ -146,6 +106,9 @@ def fit_with_step_log(trainer: Any) -> Any:
         result = Result(outputs=[o.get("value") for o in outcomes], metrics=[],
                         worker_metrics=[o.get("metrics", {}) for o in outcomes])
         _fill_from_log(result, steplog, trainer.job_name)
+        # the last reports came after the last poll: the display ends where the log does
+        monitor.show(result.metrics[-1:], {"step": result.steps[-1]["step"] if result.steps else 0,
+                                           "started": True})
         state, ok = "finished", True
         return result
     except BaseException as exc:
@@ -158,11 +121,14 @@ def fit_with_step_log(trainer: Any) -> Any:
             handles = shell.handles
             shell.shutdown()
         info = _finish(strategy_cls, spec, handles, ok)
+        if live_metrics is not None:
+            live_metrics.stop()
         if steplog is not None:
             try:
                 steplog.end(state, reason)
             except Exception as exc:  # noqa: BLE001 - the job's own outcome matters more
                 log.warning("could not record the job's end in the step log: %s", exc)
+            write_final_metrics(job.path, steplog)  # metrics.jsonl from the whole committed log
             steplog.close()
         coordinator.stop()
         job.update_status(state=state, reason=reason, elapsed_s=round(time.monotonic() - started, 3))

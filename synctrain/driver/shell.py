@@ -271,7 +271,7 @@ class JobShell:
                 r.step, r.started = info["step"], True
             if rank == 0:
                 self._next_report = info.get("next", self._next_report)
-                self.monitor.show(info.get("reports", []))
+                self.monitor.show(info.get("reports", []), info)
 
     def _stalls(self, already: set[int | None]) -> list[Failure]:
         now = time.monotonic()
@@ -519,6 +519,9 @@ class JobShell:
         self.log.generation(generation, members, f"{rendezvous[0]}:{rendezvous[1]}" if rendezvous else None,
                             start_step, start_report, reason)
         self.generation = generation
+        if generation > 1:
+            self._tell("generation", f"generation {generation} ({len(members)} workers) from step "
+                                     f"{start_step if start_step >= 0 else 'current'}: {reason[:200]}")
         local_ranks = dict(zip(sorted(infos), _local_ranks([infos[rank]["node_id"] for rank in sorted(infos)]),
                                strict=True))
         # sync: the ranks are 0..n-1 (a shrunk job renumbers); async: a rank keeps its shard slot
@@ -755,10 +758,20 @@ class JobShell:
                   "time": time.time(), "recovery": decision.recovery, "recovery_s": None,
                   "detail": f.detail[:500]}
         self.failure_log.append(record)
+        where = f"rank {f.rank}" if f.rank is not None else "the job"
+        self._tell("failure", f"{f.kind} ({where}, step {f.step if f.step is not None else '?'}): "
+                              f"{decision.action.value.replace('_', ' ')} ({decision.reason})")
         return self.bookkeeper.add(record)
 
     def _annotate(self, handle: int, recovery_s: float) -> None:
         self.bookkeeper.annotate(handle, round(recovery_s, 3))
+        self._tell("recovered", f"recovered in {recovery_s:.1f} s")
+
+    def _tell(self, kind: str, text: str) -> None:
+        """Failures and recoveries to the progress display as they happen."""
+        note = getattr(self.monitor, "note", None)
+        if note is not None:
+            note(kind, text)
 
     def _note_recoveries(self) -> None:
         """A recovery is over when the new generation has committed a step past its start."""

@@ -401,7 +401,7 @@ def test_point16_more_workers_than_cores_are_counted_in_the_warning():
 def test_point17_the_progress_bar_shows_a_total_once_the_loop_reports_one():
     from synctrain.driver.run import _Progress
 
-    bar = _Progress(True, "job")
+    bar = _Progress(True, "job", tty=True)  # a bar as on a terminal (pytest captures stderr)
     try:
         bar.show([{"step": 0, "total_steps": 40}])
         bar.show([{"step": 10, "loss": 0.5}])
