@@ -27,6 +27,7 @@ from synctrain.errors import (
     WorkerDiedError,
 )
 from synctrain.jobs import JobRecord, read_job
+from synctrain.plots import plot_job
 from synctrain.ps.errors import (
     NonFiniteGradientError,
     ParameterServerError,
@@ -41,6 +42,7 @@ __all__ = [
     "Trainer",
     "Result",
     "read_job",
+    "plot_job",
     "JobRecord",
     "TrainContext",
     "get_context",

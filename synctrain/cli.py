@@ -1,7 +1,14 @@
-"""`synctrain run | status | log | cluster | bench` — the command-line face of the framework.
+"""`synctrain run | resume | status | log | plot | cluster | bench` — the command-line face of
+the framework.
 
 * ``synctrain run SCRIPT [ARGS...]`` runs a training script (one that calls ``Trainer.fit``)
   with ``RAY_ADDRESS`` set from ``--address`` if given; without it the script starts a local Ray.
+  ``synctrain run --workers N [FLAGS] SCRIPT [ARGS...]`` runs a plain single-process script as
+  every worker's training loop, as torchrun does (:mod:`synctrain.launch`: a flag per Trainer
+  keyword and mode option, ``--config``/``--set`` as ``get_context().config``; exit status 0
+  finished, 1 training failed, 2 usage error). ``synctrain resume JOB`` runs either again.
+* ``synctrain plot JOB`` writes PNG figures of the job's reported values against step and
+  wall time into its directory's ``plots/`` (:mod:`synctrain.plots`; needs matplotlib).
 * ``synctrain status [JOB] [--storage-path P]``: without a name, the jobs under the storage
   path (name, state, mode, world size, generation, last committed step, last loss, age); with
   one, that job's detail, its coordinator's nodes included. ``synctrain log JOB [--follow]
@@ -31,6 +38,22 @@ from pathlib import Path
 BENCHMARK_ALIASES = {"ps": "ps_throughput", "raft": "raft_core", "coordinator": "coordinator_bench"}
 
 
+RUN_DESCRIPTION = """\
+synctrain run [FLAGS] SCRIPT [ARGS...]: flags before the script are synctrain's, everything
+after it is the script's own (its sys.argv[1:]).
+
+  synctrain run train.py ARGS
+      runs the script once, here, as `python train.py ARGS` would (a script that builds
+      its own Trainer, like the examples).
+  synctrain run --workers 4 --mode async --staleness 4 train.py ARGS
+      runs a plain single-process script (one that calls synctrain.prepare_model,
+      prepare_optimizer and prepare_data_loader) as the training loop of every worker, as
+      torchrun does; no Trainer call in the script. Rank 0's output is shown, the others'
+      are in the job directory's output/. Exit status: 0 when every rank's script finished
+      (sys.exit(0) included), 1 when training failed, 2 for a usage error.
+"""
+
+
 def _benchmarks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -44,15 +67,35 @@ def benchmark_names() -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from synctrain import launch
+
     script = Path(args.script)
     if not script.is_file():
         print(f"synctrain run: no such script: {script}", file=sys.stderr)
         return 2
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address
     # what `synctrain resume JOB` runs again, recorded in the job's job.json by Trainer.fit
-    os.environ["SYNCTRAIN_LAUNCH"] = json.dumps({"script": str(script.resolve()), "args": list(args.script_args),
-                                                 "cwd": os.getcwd(), "address": args.address})
+    record = {"script": str(script.resolve()), "args": list(args.script_args), "cwd": os.getcwd(),
+              "address": args.ray_address}
+    if args.num_workers is not None:  # the script is every worker's loop
+        record["launcher"] = list(getattr(args, "launcher_flags", None) or [])
+        os.environ["SYNCTRAIN_LAUNCH"] = json.dumps(record)
+        return launch.launch(args, script)
+    given = sorted(f"--{k.replace('_', '-')}" for k in launch.trainer_kwargs(args) if k != "ray_address")
+    if given:
+        print(f"synctrain run: {', '.join(given)} configure the workers the script runs on: add "
+              f"--workers N (without it the script runs once, here, and builds its own Trainer)",
+              file=sys.stderr)
+        return 2
+    try:
+        from synctrain.context import set_local_config
+
+        set_local_config(launch.load_config(args.config, args.set))
+    except launch.UsageError as exc:
+        print(f"synctrain run: {exc}", file=sys.stderr)
+        return 2
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    os.environ["SYNCTRAIN_LAUNCH"] = json.dumps(record)
     sys.argv = [str(script), *args.script_args]
     sys.path.insert(0, str(script.resolve().parent))
     try:
@@ -149,9 +192,37 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if launch.get("cwd") and os.path.isdir(launch["cwd"]):
         os.chdir(launch["cwd"])
     print(f"synctrain resume: job {args.job!r} ({state}): running {launch['script']} again", file=sys.stderr)
-    again = argparse.Namespace(script=launch["script"], script_args=list(launch.get("args") or []),
-                               address=args.address or launch.get("address"))
-    return cmd_run(again)
+    argv = ["run", *(launch.get("launcher") or []), "--job-name", args.job]
+    if args.address or launch.get("address"):
+        argv += ["--address", args.address or launch["address"]]
+    if "launcher" not in launch:  # the script ran once on the driver and built its own Trainer
+        argv = ["run"] + (["--address", args.address or launch["address"]]
+                          if args.address or launch.get("address") else [])
+    return main([*argv, launch["script"], *(launch.get("args") or [])])
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from synctrain.jobs import JobNotFoundError
+    from synctrain.plots import PlotDependencyError, plot_job
+
+    try:
+        result = plot_job(args.job, args.storage_path)
+    except JobNotFoundError as exc:
+        print(f"synctrain plot: {exc}", file=sys.stderr)
+        return 2
+    except PlotDependencyError as exc:
+        print(f"synctrain plot: {exc}", file=sys.stderr)
+        return 1
+    if not result.figures:
+        print(f"synctrain plot: job {args.job!r} has no numeric reported values yet: nothing to plot",
+              file=sys.stderr)
+        return 0
+    for path in result.files:
+        print(path)
+    if result.left_out:
+        print(f"synctrain plot: {len(result.left_out)} more value(s) not plotted: {', '.join(result.left_out)}",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -167,10 +238,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synctrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a training script")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    run.add_argument("script")
-    run.add_argument("script_args", nargs=argparse.REMAINDER)
+    run = sub.add_parser("run", help="run a training script (on N workers with --workers N)",
+                         description=RUN_DESCRIPTION, allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", metavar="FILE", help="the script's config, a .json (or .yaml with "
+                     "PyYAML) file: synctrain.get_context().config")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config value (repeat; "
+                     "a dotted key nests; the value is read as JSON when it parses, else as text)")
+    from synctrain.launch import add_trainer_flags
+
+    add_trainer_flags(run)
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
     run.set_defaults(func=cmd_run)
     storage_help = "the jobs' storage_path (default: $SYNCTRAIN_STORAGE_PATH, else ~/synctrain_results)"
     status = sub.add_parser("status", help="list the jobs under the storage path, or show one job")
@@ -194,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "SYNCTRAIN_STORAGE_PATH, else ~/synctrain_results)")
     resume.add_argument("--address", help="Ray cluster address (default: the one the job was run with)")
     resume.set_defaults(func=cmd_resume)
+    plot = sub.add_parser("plot", help="write PNG figures of a job's reported values into its plots/")
+    plot.add_argument("job")
+    plot.add_argument("--storage-path", help=storage_help)
+    plot.set_defaults(func=cmd_plot)
     bench = sub.add_parser("bench", help="run a benchmark script: benchmarks/NAME.py")
     bench.add_argument("name", help=f"one of: {', '.join(benchmark_names()) or '(none installed)'}")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -202,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "run":  # the launcher's own flags, for `synctrain resume`
+        args.launcher_flags = argv[1:len(argv) - len(args.script_args) - 1]
     return int(args.func(args))
 
 
