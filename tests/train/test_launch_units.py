@@ -82,7 +82,7 @@ def test_run_help_has_a_flag_for_every_trainer_keyword_and_mode_option(capsys):
         build_parser().parse_args(["run", "--help"])
     assert exit_.value.code == 0
     shown = capsys.readouterr().out
-    for name, p in inspect.signature(synctrain.Trainer.__init__).parameters.items():
+    for name in inspect.signature(synctrain.Trainer.__init__).parameters:
         if name not in launch.NO_FLAG:
             assert f"--{name.replace('_', '-')}" in shown, name
     for name in launch.mode_options():
@@ -259,3 +259,26 @@ def test_plotting_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(PlotDependencyError, match=r"pip install 'synctrain\[plot\]'"):
         plot_job("any-job")
+
+
+def test_resume_runs_a_workers_launch_again_with_its_flags(tmp_path, monkeypatch):
+    path = script(tmp_path, "print('x')\n")
+    job = tmp_path / "store" / "job-1"
+    job.mkdir(parents=True)
+    launched = {"script": str(path), "args": ["--lr", "0.1"], "cwd": str(tmp_path), "address": None,
+                "launcher": ["--workers", "2", "--mode", "async", "--set", "lr=0.2", "--job-name", "old"]}
+    (job / "job.json").write_text(json.dumps({"name": "job-1", "state": "failed", "launch": launched}))
+    seen = {}
+
+    def fake_launch(args, script_path):
+        seen.update(kwargs=launch.trainer_kwargs(args), script=script_path,
+                    script_args=args.script_args, config=launch.load_config(args.config, args.set))
+        return 0
+
+    monkeypatch.setattr(launch, "launch", fake_launch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SYNCTRAIN_JOB_NAME", raising=False)
+    monkeypatch.delenv("SYNCTRAIN_STORAGE_PATH", raising=False)
+    assert cli_main(["resume", "job-1", "--storage-path", str(tmp_path / "store")]) == 0
+    assert seen == {"kwargs": {"num_workers": 2, "mode": "async", "job_name": "job-1"}, "script": path,
+                    "script_args": ["--lr", "0.1"], "config": {"lr": 0.2}}
