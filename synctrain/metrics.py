@@ -122,22 +122,24 @@ def write_final_metrics(job_dir: pathlib.Path, steplog: Any) -> list[dict[str, A
     """``metrics.jsonl`` (and TensorBoard files, when possible) from the whole committed log.
     Never raises: the job's own outcome matters more; returns the rows written."""
     try:
-        rows = metric_rows(steplog.records("reports"), steplog.records("steps"),
-                           steplog.records("generations"))
+        generations = steplog.records("generations")
+        rows = metric_rows(steplog.records("reports"), steplog.records("steps"), generations)
         write_rows(job_dir, rows)
     except Exception as exc:  # noqa: BLE001
         log.warning("could not write %s in %s: %s", METRICS_FILE, job_dir, exc)
         return []
     try:
-        write_tensorboard(job_dir, rows)
+        write_tensorboard(job_dir, rows, float(generations[0]["time"]) if generations else None)
     except Exception as exc:  # noqa: BLE001
         log.warning("could not write TensorBoard files in %s: %s", job_dir, exc)
     return rows
 
 
-def write_tensorboard(job_dir: pathlib.Path, rows: list[dict[str, Any]]) -> pathlib.Path | None:
+def write_tensorboard(job_dir: pathlib.Path, rows: list[dict[str, Any]],
+                      t0: float | None = None) -> pathlib.Path | None:
     """Every numeric value against its step as TensorBoard scalars in ``job_dir/tensorboard``
-    (rewritten whole); None, and nothing written, when TensorBoard is not installed."""
+    (rewritten whole), at wall time ``t0 + time`` (``t0``: the job's start, seconds since the
+    epoch); None, and nothing written, when TensorBoard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -148,8 +150,8 @@ def write_tensorboard(job_dir: pathlib.Path, rows: list[dict[str, Any]]) -> path
     try:
         for row in rows:
             for key in numeric_keys([row]):
-                writer.add_scalar(key, float(row[key]), global_step=row["step"],
-                                  walltime=row["time"])
+                when = t0 + row["time"] if t0 is not None and row["time"] is not None else None
+                writer.add_scalar(key, float(row[key]), global_step=row["step"], walltime=when)
     finally:
         writer.close()
     return out

@@ -214,6 +214,31 @@ def test_the_live_writer_appends_and_rewrites_after_a_new_generation(tmp_path):
     live.stop()
 
 
+def test_tensorboard_files_only_when_tensorboard_can_be_imported(tmp_path, monkeypatch):
+    import types
+
+    rows = [{"step": 1, "generation": 1, "time": 0.5, "loss": 2.0, "note": "x"},
+            {"step": 2, "generation": 1, "time": 1.0, "loss": 1.0}]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert metrics.write_tensorboard(tmp_path, rows) is None and not (tmp_path / "tensorboard").exists()
+    written = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, global_step, walltime):
+            written.append((tag, value, global_step, walltime))
+
+        def close(self):
+            written.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert metrics.write_tensorboard(tmp_path, rows, t0=1000.0) == tmp_path / "tensorboard"
+    assert written == [("dir", str(tmp_path / "tensorboard")), ("loss", 2.0, 1, 1000.5),
+                       ("loss", 1.0, 2, 1001.0), "closed"]
+
+
 # ---- the progress display --------------------------------------------------------------------
 def test_not_on_a_terminal_the_display_writes_a_line_every_n_steps():
     out = io.StringIO()
