@@ -17,11 +17,11 @@ this process without Ray, ``--mode sync`` and ``--mode async`` on ``--workers`` 
 Measured on the 2-core development machine (CPU, shared with other work) with the defaults
 (2 workers, 600 steps of 2 x 32 windows of 64 characters, 2 layers of width 64, AdamW): the
 validation loss falls from about 4.6 (ln 96: a uniform guess) to 1.71 nats/char in sync mode
-(155 s, load average 6-20) and to 1.63 in async mode, staleness 2 (312 s, load average
-21-44), against 3.06 for the unigram baseline the script prints (a model that ignores the
-context). Async mode gets lower in as many steps because each worker's push is one AdamW step
-on the shards: twice the updates. ``--steps 1200`` reaches 1.51 in sync mode. The exit status
-is 1 when the validation loss ends above the baseline.
+(155 s, load average 6-20) and to 1.62-1.63 in async mode, staleness 2 (two runs: 205 s at
+load average 15-25, 312 s at 21-44), against 3.06 for the unigram baseline the script prints
+(a model that ignores the context). Async mode gets lower in as many steps because each
+worker's push is one AdamW step on the shards: twice the updates. ``--steps 1200`` reaches
+1.51 in sync mode. The exit status is 1 when the validation loss ends above the baseline.
 """
 
 from __future__ import annotations
