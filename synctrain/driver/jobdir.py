@@ -138,7 +138,8 @@ class JobDir:
             except BaseException:
                 self.unlock_driver()
                 raise
-        self.write_status({**old, **{k: v for k, v in info.items() if k == "launch"}, "state": "running",
+        taken = {k: v for k, v in info.items() if k in ("launch", "num_workers", "min_workers")}
+        self.write_status({**old, **taken, "state": "running",
                            "updated": now, "driver": me, "resumes": int(old.get("resumes", 0)) + 1,
                            "previous_state": state})
         return old

@@ -47,21 +47,18 @@ def fit_with_step_log(trainer: Any) -> Any:
     trainer._connect_ray()
     spec = trainer._make_spec()
     job = JobDir(trainer._storage, trainer.job_name)
-    info = {"mode": spec.mode, "num_workers": spec.num_workers, "job_id": spec.job_id,
+    info = {"mode": spec.mode, "num_workers": spec.num_workers, "min_workers": trainer.min_workers,
+            "job_id": spec.job_id,
             "coordinator": "external" if trainer.coordinator else "embedded", **_launch_info()}
+    external = (ExternalCoordinator(trainer.coordinator, trainer._coordinator_token)
+                if trainer.coordinator else None)
+    if external is not None:
+        external.start()  # a ConfigError before anything of the job exists
     # None: a new job; else the unfinished job's job.json (it is resumed)
     old = job.open(info, check=lambda old: _check_resume(trainer, spec, old))
-    try:
-        if old is not None:
-            spec = dataclasses.replace(spec, job_id=str(old["job_id"]))
-        coordinator: Any = (ExternalCoordinator(trainer.coordinator, trainer._coordinator_token)
-                            if trainer.coordinator else
-                            EmbeddedCoordinator(job.coordinator_dir, resume=old is not None))
-        if trainer.coordinator:
-            coordinator.start()  # a ConfigError before anything of the job runs
-    except BaseException:
-        job.unlock_driver()
-        raise
+    if old is not None:
+        spec = dataclasses.replace(spec, job_id=str(old["job_id"]))
+    coordinator: Any = external or EmbeddedCoordinator(job.coordinator_dir, resume=old is not None)
     if trainer.progress:
         verb = "resuming" if old is not None else "job"
         print(f"synctrain: {verb} {trainer.job_name!r} in {job.path}", flush=True)
@@ -152,25 +149,33 @@ def _launch_info() -> dict[str, Any]:
 
 
 def _check_resume(trainer: Any, spec: Any, old: dict[str, Any]) -> None:
-    """A resumed job must be the same job: same mode, same number of workers, same kind of
-    coordinator (its spec in the step log is checked too, once the coordinator runs)."""
+    """A resumed job must be the same job: same mode, same kind of coordinator (its spec in
+    the step log is checked too, once the coordinator runs). Another ``num_workers`` is an
+    elastic resize: sync mode, at least the job's ``min_workers``."""
     name = trainer.job_name
     if old.get("mode") != spec.mode:
         raise ConfigError(f"job {name!r} was started in mode {old.get('mode')!r}; resuming it with mode="
                           f"{spec.mode!r} is not the same job: pass mode={old.get('mode')!r}, or pick another "
                           "job_name for a new job")
-    if int(old.get("num_workers", spec.num_workers)) != spec.num_workers:
-        raise ConfigError(f"job {name!r} ran {old.get('num_workers')} workers; resuming it with num_workers="
-                          f"{spec.num_workers} would change its data sharding and global batch: pass "
-                          f"num_workers={old.get('num_workers')}, or pick another job_name")
+    was = int(old.get("num_workers", spec.num_workers))
+    if was != spec.num_workers:
+        floor = int(old.get("min_workers") or was)
+        if spec.mode != "sync":
+            raise ConfigError(f"job {name!r} ran {was} workers; an async job resumes with the same number "
+                              f"(each worker's data position is its own): pass num_workers={was}")
+        if spec.num_workers < floor:
+            raise ConfigError(f"job {name!r} ran {was} workers with min_workers={floor}; resuming it with "
+                              f"num_workers={spec.num_workers} is below that: pass num_workers >= {floor} (the "
+                              "job was started with that floor), or pick another job_name")
     kind = "external" if trainer.coordinator else "embedded"
     if old.get("coordinator", kind) != kind:
         raise ConfigError(f"job {name!r} kept its step log in an {old.get('coordinator')} coordinator; "
                           f"resume it with the same (coordinator= {'given' if kind == 'embedded' else 'left out'})")
 
 
-#: Spec fields that make a different job when they change (the rest may, e.g. checkpoint_every).
-SAME_JOB_FIELDS = ("mode", "num_workers", "options", "seed")
+#: Spec fields that make a different job when they change (the rest may, e.g. checkpoint_every;
+#: num_workers is checked by _check_resume: a sync job may resume at another size).
+SAME_JOB_FIELDS = ("mode", "options", "seed")
 
 
 def _check_logged_spec(trainer: Any, now: dict[str, Any], logged: dict[str, Any]) -> None:

@@ -171,11 +171,19 @@ class JobShell:
         detail = (f"the driver (pid {driver.get('pid', '?')} on {driver.get('host', '?')}) died; a new "
                   "driver resumed the job" if kind == "driver_died" else
                   f"the job {previous} ({str(self.resume.get('reason', ''))[:200]}); resumed by a new driver")
-        index = self._record_failure(Failure(kind, None, int(info.get("last_step") or 0), detail=detail),
-                                     Decision(Action.RESTORE_CHECKPOINT, reason="resume", recovery="checkpoint"))
+        decision = Decision(Action.RESTORE_CHECKPOINT, reason="resume", recovery="checkpoint")
+        index = self._record_failure(Failure(kind, None, int(info.get("last_step") or 0), detail=detail), decision)
         if self.spec.mode == "async":
             self.handles = {**self.handles, "ps_initialised": False}
-        start = self._restore_checkpoint(f"resumed after {kind.replace('_', ' ')}")
+        reason = "resumed after the driver died" if kind == "driver_died" else f"resumed after the job {previous}"
+        members = [m for g in self.log.records("generations")[-1:] for m in g.get("members", [])]
+        if members and len(members) != len(self.ranks):
+            reason += f"; {len(members)} -> {len(self.ranks)} workers"
+        # a cluster short of resources now: go on with fewer, down to min_workers (elastic)
+        unplaced = self._wait_placed(list(self.ranks))
+        if unplaced:
+            decision, reason = self._shrink(decision, [], unplaced, reason)
+        start = self._restore_checkpoint(reason)
         self._awaiting.append((index, detected, start, None))
 
     def _recover(self, failures: list[Failure]) -> None:

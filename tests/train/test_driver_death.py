@@ -163,3 +163,79 @@ def test_async_driver_killed_then_synctrain_resume(ray_session, tmp_path):
     again = subprocess.run([*cli, "resume", job, "--storage-path", str(storage)], env=_env(), capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 2 and "finished" in again.stderr, again.stderr
+
+
+# ---------------------------------------------------------------------------- resize on resume
+IDS = 200  # samples, each its own id
+
+
+def ids_loop(config):
+    """Trains on nothing (lr 0) but records, per rank and step, the sample ids it got."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ctx = synctrain.get_context()
+    model = synctrain.prepare_model(nn.Linear(1, 1))
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.0))
+    loader = synctrain.prepare_data_loader(
+        DataLoader(TensorDataset(torch.arange(IDS, dtype=torch.float32)), batch_size=4, shuffle=True))
+    out = pathlib.Path(config["dir"]) / f"ids-g{ctx.generation}-r{ctx.rank}.jsonl"
+    step = ctx.start_step
+    for epoch in range(2):
+        for (x,) in loader:
+            opt.zero_grad()
+            model(x[:, None]).sum().backward()
+            opt.step()
+            step += 1
+            with out.open("a") as f:
+                f.write(json.dumps([epoch, step, x.long().tolist()]) + "\n")
+            if step == config.get("fail_at") and ctx.generation == 1:
+                _wait_for_a_committed_checkpoint()
+                raise RuntimeError(f"injected at step {step}")
+    return step
+
+
+def _wait_for_a_committed_checkpoint(timeout_s: float = 120.0) -> None:
+    """In a worker: until the job's step log holds a checkpoint (written asynchronously)."""
+    cfg = synctrain.context.current_session().stepper.cfg
+    log = StepLog(list(cfg.endpoints), cfg.token, cfg.job, timeout_s=5.0)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not log.job_info()["checkpoints"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        log.close()
+
+
+def test_a_failed_sync_job_resumes_on_more_workers_with_every_sample_once(ray_session, tmp_path):
+    """A changed num_workers on resume is an elastic resize (sync): 2 workers fail at step 15,
+    the job resumes on 3 from the checkpoint of step 10, and every sample of every epoch is
+    trained once across the ranks of the generation that committed each step."""
+    marks = tmp_path / "ids"
+    marks.mkdir()
+    opts = dict(use_gpu=False, progress=False, storage_path=str(tmp_path), job_name="resize", checkpoint_every=10)
+    with pytest.raises(synctrain.errors.TrainingFailedError):
+        synctrain.Trainer(ids_loop, num_workers=2, max_failures=0, config={"dir": str(marks), "fail_at": 15},
+                          **opts).fit()
+    with pytest.raises(ConfigError, match="min_workers=2; resuming it with num_workers=1 is below"):
+        synctrain.Trainer(ids_loop, num_workers=1, config={"dir": str(marks)}, **opts).fit()
+    result = synctrain.Trainer(ids_loop, num_workers=3, config={"dir": str(marks)}, **opts).fit()
+    gens = result.generations
+    assert [len(g["members"]) for g in gens] == [2, 3] and gens[1]["start_step"] == 10, gens
+    assert gens[1]["reason"].startswith("resumed after the job failed; 2 -> 3 workers"), gens[1]["reason"]
+    assert [f["kind"] for f in result.failures][-1] == "resumed", result.failures
+    assert {f["kind"] for f in result.failures} == {"raised", "resumed"}, result.failures
+    seen: dict[tuple[int, int], list[int]] = {}  # (generation, step) -> ids over its ranks
+    for path in marks.glob("ids-g*-r*.jsonl"):
+        gen = int(path.name.split("-")[1][1:])
+        for line in path.read_text().splitlines():
+            epoch, step, ids = json.loads(line)
+            seen.setdefault((gen, step), []).extend(ids)
+            seen.setdefault(("epoch", gen, step), epoch)
+    per_epoch: dict[int, list[int]] = {0: [], 1: []}
+    for s in result.steps:
+        key = (s["generation"], s["step"])
+        per_epoch[seen[("epoch", *key)]] += seen[key]
+    for epoch, ids in per_epoch.items():
+        assert sorted(ids) == list(range(IDS)), f"epoch {epoch}: every sample once across the resize"
