@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from synctrain.errors import ModelMismatchError
+
 if TYPE_CHECKING:  # pragma: no cover
     from synctrain.data import ShardedBatchSampler
     from synctrain.strategies.base import Strategy
@@ -195,7 +197,7 @@ class Session:
         if self.restore and self.context.mode != "async":  # async: the shards hold parameters
             states = self.restore.get("models", [])
             if index < len(states):
-                _module(prepared).load_state_dict(states[index])
+                _load_model_state(_module(prepared), states[index], index)
 
     def add_optimizer(self, optimizer: Any) -> None:
         index = len(self.optimizers)
@@ -280,6 +282,21 @@ class Session:
     def start_epoch(self) -> int:
         positions = (self.restore or {}).get("loaders", [])
         return int(positions[0][0]) if positions and positions[0][0] >= 0 else 0
+
+
+def _load_model_state(model: torch.nn.Module, state: dict[str, Any], index: int) -> None:
+    """Load a restored model state; a model of other parameter names or shapes than the one
+    the state was saved from is a ModelMismatchError (not retried: it would fail again)."""
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if mine != saved:
+        differ = sorted(k for k in mine.keys() | saved.keys() if mine.get(k) != saved.get(k))
+        shown = ", ".join(f"{k}: {saved.get(k, 'absent')} saved, {mine.get(k, 'absent')} now" for k in differ[:4])
+        raise ModelMismatchError(
+            f"prepared model {index} does not match the state it is restored from ({shown}"
+            f"{', ...' if len(differ) > 4 else ''}): a resumed job must build the model it was started "
+            "with; pick another job_name to train a different model")
+    model.load_state_dict(state)
 
 
 def _module(model: torch.nn.Module) -> torch.nn.Module:

@@ -117,3 +117,19 @@ def test_a_checkpoint_file_cannot_run_code(tmp_path):
     ref = {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     with pytest.raises(ckpt.CheckpointCorruptError, match="cannot be decoded"):
         ckpt.read_verified(ref)
+
+
+def test_a_model_of_other_shapes_than_its_checkpoint_is_a_model_mismatch():
+    """Resuming a job with a changed model fails at once (ModelMismatchError is never retried)
+    and names the tensors that differ; the same shapes load."""
+    from torch import nn
+
+    from synctrain.errors import ModelMismatchError
+
+    saved = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).state_dict()
+    session = Session(TrainContext(mode="sync"), None, restore={"step": 3, "models": [saved]})
+    with pytest.raises(ModelMismatchError, match=r"0.weight: \(8, 4\) saved, \(16, 4\) now"):
+        session.add_model(nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2)))
+    same = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    Session(TrainContext(mode="sync"), None, restore={"step": 3, "models": [saved]}).add_model(same)
+    assert torch.equal(same[0].weight, saved["0.weight"])
