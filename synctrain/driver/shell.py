@@ -284,8 +284,14 @@ class JobShell:
     def _stalls(self, already: set[int | None]) -> list[Failure]:
         now = time.monotonic()
         limit = self.trainer.stall_timeout_s
+        # While a rank is still starting (a replacement joining an async job's survivors: its
+        # process, imports, the model), a live rank that waits on it (a staleness bound) is not
+        # stalled: it is blamed only once the starting rank has started or its grace is over.
+        starting = any(r.run is not None and not r.started and now - r.last_activity <= limit + STARTUP_GRACE_S
+                       for r in self.ranks.values())
         ranks = [(rank, r.answered, r.step,
-                  now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S))
+                  now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S)
+                  and not (starting and r.started and r.answered))
                  for rank, r in self.ranks.items() if r.run is not None and rank not in already]
         stalled = [r for r in ranks if r[3]]
         if stalled:
