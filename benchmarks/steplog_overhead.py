@@ -426,9 +426,9 @@ def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def ordered(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """MLP before convnet, sync before async, the variants in their order."""
-    names = [name for name, _ in variants()]
+    names = [name for name, _ in variants()]  # a stored table may hold others (an older default K): last
     return sorted(table, key=lambda r: (["mlp", "conv"].index(r["model"]), ["sync", "async"].index(r["mode"]),
-                                        names.index(r["variant"])))
+                                        names.index(r["variant"]) if r["variant"] in names else len(names)))
 
 
 def verdicts(table: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[str, Any]:
@@ -463,7 +463,8 @@ def write(table: list[dict[str, Any]], faults: list[dict[str, Any]], rounds: lis
             "default_K": DEFAULT_MAX_UNCOMMITTED_STEPS, "checkpoint_every": 100, "ray_num_cpus": args.num_cpus,
             "cpus": os.cpu_count(), "machine": platform.platform(), "torch": torch.__version__,
             "ray": ray.__version__, "load_avg_start": args.load_avg_start, "load_avg_end": os.getloadavg(),
-            "wall_s": time.monotonic() - args.started, "command": " ".join(sys.argv)}
+            "wall_s": time.monotonic() - args.started, "command": " ".join(sys.argv),
+            "throughput_note": getattr(args, "throughput_note", None)}
     data = {"meta": meta, "verdict": verdicts(table, faults), "throughput": table, "faults": faults,
             "rounds": rounds}
     os.makedirs(out_dir, exist_ok=True)
@@ -504,6 +505,8 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
             [100 * x for x in r["overhead_rounds"]], "{:+.1f}")
         lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['samples_per_s']:,.0f} | {over} | "
                      f"{r['timed_s']:.1f} |")
+    if meta.get("throughput_note"):
+        lines += ["", meta["throughput_note"]]
     lines += ["", "On a shared machine samples/s move with other work's load: a negative overhead means the "
               "machine was less busy during that run than during the step_log=False run it is compared with. "
               "Trust a trend over K and agreeing rounds more than one cell.",
@@ -657,6 +660,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="steplog_jobs_") as storage:
             faults = fault_runs(Path(storage), args.quick)
         args.rounds = stored["meta"]["rounds_asked"]
+        old = stored["meta"]
+        args.throughput_note = (old.get("throughput_note") or
+                                f"The throughput rows are a stored run's (`{old.get('command')}`, default K then "
+                                f"{old.get('default_K')}, load average {', '.join(f'{x:.1f}' for x in old['load_avg_start'])} "
+                                "at its start); only the faults were run again (`--faults-only`).")
         write(stored["throughput"], faults, stored["rounds"], out_dir, args, epochs)
         return 0
     with tempfile.TemporaryDirectory(prefix="steplog_jobs_") as storage:
