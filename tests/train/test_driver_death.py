@@ -119,6 +119,17 @@ def test_sync_driver_killed_then_the_same_command_resumes(ray_session, tmp_path)
     finally:
         if first.poll() is None:
             first.kill()
+    # the interrupted job as `synctrain status` and `synctrain log --json` show it (read from disk)
+    cli = [sys.executable, "-m", "synctrain.cli"]
+    shown = subprocess.run([*cli, "status", job, "--storage-path", str(storage)], env=_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "interrupted" in shown.stdout, shown.stdout + shown.stderr
+    lines = subprocess.run([*cli, "log", job, "--storage-path", str(storage), "--json"], env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    records = [json.loads(line) for line in lines.stdout.splitlines() if line.strip()]
+    assert [r["type"] for r in records][0] == "generation", lines.stderr
+    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [20, CKPT_STEP]
+    assert max(r["step"] for r in records if r["type"] == "step") >= CKPT_STEP
     with pytest.raises(ConfigError, match="mode 'sync'.*not the same job"):
         synctrain.Trainer(lambda c: None, mode="async", job_name=job, storage_path=str(storage),
                           step_log=True, progress=False).fit()
