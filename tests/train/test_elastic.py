@@ -227,7 +227,10 @@ def test_async_survivors_go_on_without_an_unplaceable_worker_and_it_joins_when_p
 
 def _run_probe(mode: str) -> dict:
     env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
-    env.pop("RAY_ADDRESS", None)  # the probe starts its own cluster
+    # the probe starts its own cluster, without what this session's ray.init put in the
+    # environment: RAY_AUTH_MODE=token made the nodes it adds later never join (no growth)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_CLIENT_MODE"):
+        env.pop(name, None)
     proc = subprocess.run([sys.executable, str(PROBE), mode], capture_output=True, text=True,
                           timeout=PROBE_TIMEOUT_S, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
