@@ -29,6 +29,23 @@ def _job_storage(tmp_path_factory):
     yield
 
 
+#: Set by `synctrain run`/`resume` in the process that runs them; a test that calls the CLI's
+#: functions in the test process must not hand them on to later tests (a leaked job name made
+#: every later Trainer resume one job).
+_CLI_ENV = ("SYNCTRAIN_JOB_NAME", "SYNCTRAIN_LAUNCH", "SYNCTRAIN_STORAGE_PATH", "RAY_ADDRESS")
+
+
+@pytest.fixture(autouse=True)
+def _restore_cli_environment():
+    saved = {name: os.environ.get(name) for name in _CLI_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     try:
         import ray.cloudpickle as cp
