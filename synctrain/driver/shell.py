@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -148,10 +150,11 @@ class JobShell:
                 self._check_coordinator(wait_s=5.0, restart_now=True)  # a node lost near the end
                 for thread in self._restart_threads:  # restarts under way: let them finish
                     thread.join(120)
+                self._note_recoveries(final=True)  # a recovery the job finished before a ping saw
                 self.bookkeeper.flush(timeout_s=120.0)
                 return [self.ranks[r].outcome or {} for r in sorted(self.ranks)]
             if failures:
-                self._recover(failures)
+                self._recover_all(failures)
             else:  # no fault: workers the job went without are placed (see _growth_due)
                 self._grow()
 
@@ -186,7 +189,20 @@ class JobShell:
         start = self._restore_checkpoint(reason)
         self._awaiting.append((index, detected, start, None))
 
-    def _recover(self, failures: list[Failure]) -> None:
+    def _recover_all(self, failures: list[Failure]) -> None:
+        """Recover; a rank lost while the new generation is set up (it died, or stopped
+        answering) is one more failure, recovered from in turn (the policy bounds how many)."""
+        earlier: list[tuple[int, float]] = []
+        while True:
+            try:
+                self._recover(failures, earlier)
+                return
+            except _RanksLost as exc:
+                log.warning("generation %d could not start: %s", self.generation + 1,
+                            ", ".join(f"{f.kind} rank {f.rank}" for f in exc.lost))
+                failures, earlier = exc.lost, exc.earlier
+
+    def _recover(self, failures: list[Failure], earlier: list[tuple[int, float]] | None = None) -> None:
         detected = time.time()  # recovery_s runs from here to the new generation's first commit
         survivors: list[Survivor] = []
         stop_all = self.spec.mode == "sync" or any(f.kind == "shard_died" for f in failures)
@@ -209,9 +225,14 @@ class JobShell:
             self._give_up(failures, decision)
         if decision.action is Action.CONTINUE and all(f.kind == "coordinator_node_died" for f in failures):
             return
-        start = self._carry_out(decision, failures)
-        for i in indices:
-            self._awaiting.append((i, detected, start, None))
+        pending = [*(earlier or []), *((i, detected) for i in indices)]
+        try:
+            start = self._carry_out(decision, failures)
+        except _RanksLost as exc:
+            exc.earlier = pending  # timed to the commit of the generation that does start
+            raise
+        for i, t0 in pending:
+            self._awaiting.append((i, t0, start, None))
 
     # ---- watching ----------------------------------------------------------------------
     def _watch(self) -> list[Failure] | None:
@@ -287,10 +308,15 @@ class JobShell:
         # While a rank is still starting (a replacement joining an async job's survivors: its
         # process, imports, the model), a live rank that waits on it (a staleness bound) is not
         # stalled: it is blamed only once the starting rank has started or its grace is over.
-        starting = any(r.run is not None and not r.started and now - r.last_activity <= limit + STARTUP_GRACE_S
-                       for r in self.ranks.values())
+        # The grace is for a process that is busy starting, which still answers polls: a rank
+        # silent for the whole stall timeout, or stopped (SIGSTOP), has none (a rank that ran
+        # its first steps between two polls and then froze is seen as never started).
+        grace = {rank: 0.0 if r.started or now - r.last_answer > limit or _stopped(r.pid) else STARTUP_GRACE_S
+                 for rank, r in self.ranks.items() if r.run is not None}
+        starting = any(r.run is not None and grace[rank] > 0 and now - r.last_activity <= limit + grace[rank]
+                       for rank, r in self.ranks.items())
         ranks = [(rank, r.answered, r.step,
-                  now - r.last_activity > limit + (0.0 if r.started else STARTUP_GRACE_S)
+                  now - r.last_activity > limit + grace[rank]
                   and not (starting and r.started and r.answered))
                  for rank, r in self.ranks.items() if r.run is not None and rank not in already]
         stalled = [r for r in ranks if r[3]]
@@ -362,7 +388,7 @@ class JobShell:
             else:
                 _kill(r.actor)
             r.run, r.poll = None, None
-            r.actor = None
+            r.actor, r.pid = None, None
 
     def _stop_survivors(self, failed: set[int | None], shard_died: bool = False,
                         ) -> tuple[list[Survivor], list[Failure]]:
@@ -375,6 +401,8 @@ class JobShell:
             if rank in failed or r.actor is None:
                 continue
             outcome = r.outcome  # already ended (secondary failure, or finished)
+            if r.run is None and outcome is None:
+                continue  # a new process that has not run yet (a generation that could not start)
             if r.run is not None:
                 try:
                     outcome = ray.get(r.run, timeout=max(0.1, deadline - time.monotonic()))
@@ -408,7 +436,7 @@ class JobShell:
         # the decision's ranks, and ranks lost while stopping (not in the decision)
         new = [rank for rank in sorted({*decision.replace, *self.ranks}) if self.ranks[rank].actor is None]
         for rank in new:
-            self.ranks[rank].actor = self._new_actor(rank, warm)
+            self.ranks[rank].actor, self.ranks[rank].outcome = self._new_actor(rank, warm), None
         if warm:
             reason += f"; a warm spare took the place of rank{'s' if len(warm) > 1 else ''} " + \
                 ", ".join(map(str, warm))
@@ -428,7 +456,12 @@ class JobShell:
         source = decision.source_rank
         assert source is not None
         state = self.ranks[source].actor.export_state.remote()
-        header = ckpt.decode(ray.get(state))  # step and report count of the state handed on
+        try:  # step and report count of the state handed on
+            header = ckpt.decode(ray.get(state, timeout=SURVIVOR_STOP_S))
+        except RayError as exc:  # the peer died (or froze) as it handed its state on
+            kind = "stalled" if isinstance(exc, GetTimeoutError) else "died"
+            raise _RanksLost([Failure(kind, source, self.ranks[source].step,
+                                      detail=f"did not hand on its state: {_first_line(exc)}")]) from None
         restore = {r: ("self" if r == source else state) for r in self.ranks}
         self._start_generation(reason, start_step=int(header["step"]),
                                start_report=int(header["report_seq"]), restore=restore,
@@ -518,7 +551,7 @@ class JobShell:
     def _start_generation(self, reason: str, *, start_step: int, start_report: int,
                           restore: dict[int, Any], run_ranks: list[int]) -> None:
         generation = self.generation + 1
-        infos = _get_all({rank: self.ranks[rank].actor.node_info.remote() for rank in self.ranks})
+        infos = self._node_infos(generation)
         members = [{"rank": rank, "node_id": infos[rank]["node_id"]} for rank in sorted(infos)]
         handles = dict(self.handles)
         rendezvous = None
@@ -555,6 +588,36 @@ class JobShell:
             r.pid = infos[rank]["pid"] if infos[rank]["node_id"] == here else None
         if 0 in run_ranks:
             self._next_report = 0
+
+    def _node_infos(self, generation: int) -> dict[int, Any]:
+        """Where each rank's process runs. A rank that died, is stopped (SIGSTOP), or does not
+        answer within the startup grace is lost: ``_RanksLost`` (the job recovers from it)."""
+        stop = self.hooks.pop("stop_in_setup", None) if generation > 1 else None  # test hook
+        pid = self.ranks[stop].pid if stop is not None else None
+        if pid is not None:
+            os.kill(pid, signal.SIGSTOP)
+        pending = {rank: r.actor.node_info.remote() for rank, r in self.ranks.items()}
+        infos: dict[int, Any] = {}
+        lost: list[Failure] = []
+        deadline = time.monotonic() + STARTUP_GRACE_S
+        while pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=1.0)
+            for rank in [rank for rank, ref in pending.items() if ref in ready]:
+                try:
+                    infos[rank] = ray.get(pending.pop(rank))
+                except RayError as exc:
+                    lost.append(Failure("died", rank, self.ranks[rank].step,
+                                        detail=f"died before generation {generation} started: {_first_line(exc)}"))
+            for rank in [rank for rank in pending if _stopped(self.ranks[rank].pid)]:
+                del pending[rank]
+                lost.append(Failure("stalled", rank, self.ranks[rank].step,
+                                    detail=f"stopped (SIGSTOP) when generation {generation} was set up"))
+        lost += [Failure("stalled", rank, self.ranks[rank].step,
+                         detail=f"did not answer within {STARTUP_GRACE_S:g} s when generation {generation} "
+                                "was set up") for rank in pending]
+        if lost:
+            raise _RanksLost(lost)
+        return infos
 
     def _new_actor(self, rank: int, warm: list[int] | None = None) -> Any:
         """A worker for ``rank``: a warm spare when one is ready (``rank`` is added to
@@ -787,21 +850,43 @@ class JobShell:
         if note is not None:
             note(kind, text)
 
-    def _note_recoveries(self) -> None:
-        """A recovery is over when the new generation has committed a step past its start."""
+    def _note_recoveries(self, final: bool = False) -> None:
+        """A recovery is over when the new generation has committed a step past its start.
+        ``final`` (the job has ended): a recovery no ping saw end is timed by its first step's
+        record in the log (the worker's clock, bounded by now)."""
         if not self._awaiting:
             return
         try:
-            last = self.log.job_info(consistency="stale")["last_step"]
+            last = self.log.job_info(consistency="linearizable" if final else "stale")["last_step"]
         except Exception:  # noqa: BLE001
             return
         keep = []
         for index, t0, start, rank in self._awaiting:
             if last > start:
-                self._annotate(index, time.time() - t0)
+                now = time.time()
+                done = self._first_step_time(start + 1) if final else None
+                self._annotate(index, min(now, max(t0, done)) - t0 if done is not None else now - t0)
             else:
                 keep.append((index, t0, start, rank))
         self._awaiting = keep
+
+    def _first_step_time(self, step: int) -> float | None:
+        """When the live record of ``step`` was made. Records are kept in order, the steps a
+        restart superseded and steps lost included, so that record lies at index ``step - 1``
+        or a little after."""
+        index = max(0, step - 1)
+        for _ in range(8):
+            try:
+                page = self.log.records("steps", start=index, max_items=256)
+            except Exception:  # noqa: BLE001 - the time is a figure, not worth failing the job
+                return None
+            for rec in page:
+                if rec.get("step") == step and not rec.get("superseded") and rec.get("time") is not None:
+                    return float(rec["time"])
+            if len(page) < 256:
+                return None
+            index += len(page)
+        return None
 
     def _give_up(self, failures: list[Failure], decision: Decision) -> None:
         try:
@@ -991,11 +1076,13 @@ def _wait_all(refs: list[Any], timeout_s: float = 30.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
-def _get_all(refs: dict[int, Any]) -> dict[int, Any]:
-    out = {}
-    for rank, ref in refs.items():
-        try:
-            out[rank] = ray.get(ref, timeout=120)
-        except RayError as exc:
-            raise WorkerDiedError(rank, _first_line(exc)) from None
-    return out
+class _RanksLost(WorkerDiedError):
+    """Ranks lost while a generation was being set up (``lost``); ``earlier``: failure
+    handles (and when each was detected) whose recovery this generation was to complete.
+    Uncaught (the job's first generation) it is the WorkerDiedError of the first rank lost."""
+
+    def __init__(self, failures: list[Failure]) -> None:
+        first = failures[0]
+        super().__init__(first.rank, f"{first.kind}: {first.detail}")
+        self.lost = failures
+        self.earlier: list[tuple[int, float]] = []

@@ -223,6 +223,22 @@ def test_sync_stopped_worker_is_declared_stalled_and_replaced(ray_session, tmp_p
     assert failure["recovery_s"] is not None
 
 
+def test_a_survivor_that_freezes_while_the_new_generation_is_set_up_is_one_more_failure(
+        ray_session, tmp_path, sync_baseline):
+    """Rank 1 dies; while the driver sets up generation 2, rank 0 (the survivor that handed
+    its state on) is stopped for real (SIGSTOP). The job does not hang on it or give up: the
+    frozen rank is a second failure, both ranks are replaced, and the job completes from its
+    checkpoint with the fault-free result."""
+    result = run(tmp_path, fault={"kind": "kill", "rank": 1, "step": 30}, name="setupstop",
+                 _fault_hooks={"stop_in_setup": 0})
+    check_complete(result, "sync", baseline=sync_baseline, max_redone=30)
+    kinds = [(f["kind"], f["rank"]) for f in result.failures]
+    assert kinds == [("died", 1), ("stalled", 0)], result.failures
+    assert "stopped (SIGSTOP) when generation 2 was set up" in result.failures[1]["detail"]
+    assert all(f["recovery_s"] is not None for f in result.failures), result.failures
+    assert [g["generation"] for g in result.generations] == [1, 2]
+
+
 def test_sync_loop_that_raises_once_is_retried(ray_session, tmp_path, sync_baseline):
     result = run(tmp_path, fault={"kind": "raise", "rank": 1, "step": 40}, name="raise1")
     check_complete(result, "sync", baseline=sync_baseline, max_redone=1)
