@@ -13,7 +13,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.synctrain-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench benchmarks-doc bench-all-quick lint clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+# docs/benchmarks.md from the published results in benchmarks/results (runs nothing)
+benchmarks-doc: $(STAMP)
+	$(BIN)/synctrain bench all --no-run
+
+# every benchmark at smoke size, into benchmarks/results/quick (and its benchmarks.md)
+bench-all-quick: $(STAMP)
+	$(BIN)/synctrain bench all --quick
 
 lint: $(STAMP)
 	$(BIN)/pip install -q -e ".[dev]"

@@ -20,7 +20,9 @@ the framework.
   fails within seconds (exit 1), like ``Trainer.fit`` (see :mod:`synctrain.raycluster`).
 * ``synctrain bench NAME [ARGS...]`` runs ``benchmarks/NAME.py``: NAME is the file's name as
   the README lists it (``ps_throughput``, ``raft_core``, ...); the short names of earlier
-  versions (``ps``, ``raft``, ``coordinator``) still work.
+  versions (``ps``, ``raft``, ``coordinator``) still work. ``synctrain bench all [--quick]
+  [--only A,B] [--no-run]`` runs every benchmark in turn and writes ``docs/benchmarks.md`` from
+  the results (:mod:`synctrain.benchdoc`, whose ``PLAN`` says what runs and how).
 """
 
 from __future__ import annotations
@@ -226,6 +228,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "all":  # every benchmark, then docs/benchmarks.md
+        from synctrain.benchdoc import bench_all_main
+
+        return bench_all_main(list(args.bench_args))
     name = BENCHMARK_ALIASES.get(args.name, args.name)
     script = _benchmarks_dir() / f"{name}.py"
     if not script.is_file():
@@ -277,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("job")
     plot.add_argument("--storage-path", help=storage_help)
     plot.set_defaults(func=cmd_plot)
-    bench = sub.add_parser("bench", help="run a benchmark script: benchmarks/NAME.py")
-    bench.add_argument("name", help=f"one of: {', '.join(benchmark_names()) or '(none installed)'}")
+    bench = sub.add_parser("bench", help="run a benchmark script: benchmarks/NAME.py (all: every one, "
+                           "then docs/benchmarks.md; `synctrain bench all --help`)")
+    bench.add_argument("name", help=f"all, or one of: {', '.join(benchmark_names()) or '(none installed)'}")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
