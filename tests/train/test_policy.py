@@ -104,3 +104,66 @@ def test_decide_counts_every_failure_towards_the_limit():
     policy = RecoveryPolicy("async", max_failures=2)
     assert policy.decide([Failure("died", 0), Failure("died", 1)], []).action is Action.CONTINUE
     assert policy.decide([Failure("died", 0)], []).action is Action.GIVE_UP
+
+
+def _shell_with(ranks, stall_timeout_s=6.0):
+    import types
+
+    from synctrain.driver.shell import JobShell
+
+    shell = JobShell.__new__(JobShell)  # only what the stall check reads
+    shell.ranks, shell.trainer = ranks, types.SimpleNamespace(stall_timeout_s=stall_timeout_s)
+    return shell
+
+
+def test_a_rank_frozen_before_a_poll_saw_it_start_is_stalled_without_the_startup_grace():
+    """Rank 1 ran its first steps between two polls and froze (no poll ever said it started):
+    it has not answered for the whole stall timeout, so the startup grace (minutes) does not
+    shield it, and rank 0, which waits on it, is not the one blamed. CI saw the old rule let
+    the async peer time out first."""
+    import time
+
+    from synctrain.driver.shell import _Rank
+
+    now = time.monotonic()
+    live = _Rank(actor=None, run=object(), started=True, step=30, last_answer=now, last_activity=now - 10)
+    frozen = _Rank(actor=None, run=object(), started=False, step=None, answered=False,
+                   last_answer=now - 10, last_activity=now - 10)
+    failures = _shell_with({0: live, 1: frozen})._stalls(set())
+    assert [(f.kind, f.rank) for f in failures] == [("stalled", 1)]
+
+
+def test_a_starting_rank_that_answers_keeps_its_grace_and_its_waiting_peer_is_not_blamed():
+    import time
+
+    from synctrain.driver.shell import _Rank
+
+    now = time.monotonic()
+    live = _Rank(actor=None, run=object(), started=True, step=3, last_answer=now, last_activity=now - 10)
+    starting = _Rank(actor=None, run=object(), started=False, last_answer=now - 1, last_activity=now - 10)
+    assert _shell_with({0: live, 1: starting})._stalls(set()) == []
+
+
+def test_a_stopped_process_gets_no_startup_grace(tmp_path):
+    """A real child process stopped with SIGSTOP is stalled even before its silence lasts the
+    whole timeout: state T in /proc says it is not busy starting."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from synctrain.driver.shell import _Rank, _stopped
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not _stopped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        now = time.monotonic()
+        frozen = _Rank(actor=None, run=object(), started=False, pid=child.pid, answered=False,
+                       last_answer=now - 4, last_activity=now - 7)
+        assert [(f.kind, f.rank) for f in _shell_with({1: frozen})._stalls(set())] == [("stalled", 1)]
+    finally:
+        child.kill()
+        child.wait()
