@@ -75,7 +75,7 @@ def test_throughput_benchmark_quick_mode_writes_results(ray_session, tmp_path):
 def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     for script, args in (("ps_throughput.py", ["--rounds", "2"]),
-                         ("convergence.py", ["--model", "conv", "--optimizer", "adam", "--repeats", "2"])):
+                         ("convergence.py", ["--model", "conv", "--channels", "16", "--optimizer", "adam", "--repeats", "2"])):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out",
                                str(tmp_path), *args], capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
