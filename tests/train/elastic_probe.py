@@ -16,8 +16,10 @@ waits at (with ``heartbeat()``), so the run cannot end before they happen:
    (seen in the step log);
 2. the ranks of the shrunk job wait after step ``GATE_B`` (sync: the 2-worker generation;
    async: the survivors, which never stopped): a node with a slot is added, and once the
-   queued worker is up there (Ray's actor table says so) the loop goes on — the job grows back
-   to 3 (sync: at the next checkpoint; async: at once, the new worker joins).
+   queued worker is up there (Ray's actor table says so) the loop goes on, sync at ``PACE_S``
+   a step (the driver checks once a second; unpaced, the rest of the run took under a second and
+   ended before it looked) — the job grows back to 3 (sync: at the next checkpoint; async: at
+   once, the new worker joins).
 
 Prints one line ``ELASTIC {json}``: the generations, the committed steps and the id records,
 which the test checks (every sample of every epoch once, across the ranks that committed
@@ -53,6 +55,7 @@ GATE_B = 30  # the 2-worker generation waits after this step for the new node's 
 CHECKPOINT_EVERY = 10
 PLACEMENT_TIMEOUT_S = 5.0
 WAIT_S = 150.0  # longest wait for any one event
+PACE_S = 0.1  # a step's time once the shrunk job may grow back (until it has)
 
 
 def _wait_for(what: str, cond: Any, timeout_s: float = WAIT_S) -> Any:
@@ -104,6 +107,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 shrunk = ctx.world_size == 2 or (ctx.mode == "async" and ctx.generation == 1)
                 if shrunk and step == GATE_B:
                     _gate(out / "placed")
+                if ctx.world_size == 2 and step > GATE_B:
+                    # sync: from here the job runs at the pace of real training (this loop alone does
+                    # ~200 steps/s): the driver sees the new worker placed and, sync, a checkpoint
+                    # after that (its checks are a second apart) before the epochs run out
+                    time.sleep(PACE_S)
     return {"rank": ctx.rank, "step": step}
 
 
