@@ -82,3 +82,49 @@ def test_shards_and_coordinator_nodes_spread_over_ray_nodes() -> None:
     assert sorted(rc["node_ips_after_kill"]) == sorted({"1", "2", "3"} - {killed})
     assert rc["get_after"] == ["v", "v2"]
     assert rc["new_leader"] != rc["killed"] and str(rc["new_leader"]) in rc["node_ips_after_kill"]
+
+
+LAUNCH_PROBE = pathlib.Path(__file__).with_name("launch_multinode_probe.py")
+LAUNCH_MARKER = "LAUNCH_MULTINODE "
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(560)
+def test_synctrain_run_spreads_a_job_over_ray_nodes_and_survives_losing_one() -> None:
+    """Issue 14, must show 5: ``synctrain run --workers 3 --mode async --num-ps-shards 2
+    --min-workers 2`` on a 3-node Ray cluster places the 3 coordinator nodes on 3 distinct Ray
+    nodes, the 2 shards on 2, the workers one per node; removing a (non-head) Ray node mid-run
+    takes a worker, a coordinator node and a shard with it: the job restores its checkpoint
+    with new shards, goes on with 2 workers (nowhere to place a third), keeps its coordinator
+    on the 2 nodes left (a quorum), and finishes with every step committed once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, str(LAUNCH_PROBE)], capture_output=True, text=True,
+                          timeout=540, env=dict(env, RAY_DEDUP_LOGS="1"), check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(LAUNCH_MARKER)]
+    tail = f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert lines, f"the probe printed no result line\n{tail}"
+    result = json.loads(lines[-1][len(LAUNCH_MARKER):])
+    output = result.get("run_output", "")
+    assert result["ok"], f"probe failed: {result.get('error')}\n{result.get('traceback', '')}\n{output}\n{tail}"
+
+    ray_nodes = set(result["ray_nodes"])
+    placed = result["placement"]
+    assert len(ray_nodes) == 3
+    assert sorted(placed["_RayNode"]) == sorted(ray_nodes), f"coordinator nodes on {placed['_RayNode']}"
+    assert len(placed["ParameterShard"]) == 2 and len(set(placed["ParameterShard"])) == 2, placed
+    assert sorted(placed["TrainWorker"]) == sorted(ray_nodes), f"workers on {placed['TrainWorker']}"
+    removed = result["removed_node"]
+    assert removed != result["head"] and removed in placed["ParameterShard"]
+
+    assert result["returncode"] == 0, output
+    job = result["job"]
+    assert job["state"] == "finished", job
+    gens = job["generations"]
+    assert [len(g["members"]) for g in gens] == [3, 2], gens
+    assert "no worker could be placed" in gens[1]["reason"] and "restored step 10" in gens[1]["reason"], gens[1]
+    assert removed not in {m["node_id"] for m in gens[1]["members"]}
+    kinds = sorted(f["kind"] for f in job["failures"])
+    assert kinds == ["coordinator_node_died", "died", "shard_died"], job["failures"]
+    steps = [s["step"] for s in job["steps"]]
+    assert steps == list(range(1, len(steps) + 1)) and steps, "every step committed once, no gap"
+    assert not any(s["lost"] for s in job["steps"])

@@ -264,7 +264,7 @@ class JobShell:
                     failures = dead
             if time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + 1.0
-                failures += self._dead_shards()
+                failures += [f for f in self._dead_shards() if f not in failures]  # once each
                 self._check_coordinator()
                 self._note_recoveries()
                 if not failures:
