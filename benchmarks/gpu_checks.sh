@@ -5,7 +5,8 @@
 #   2. issue 13: a 1-rank NCCL smoke run, and benchmarks/throughput.py (shared-memory
 #      all-reduce vs gloo) with 2, 4 and 8 CPU ranks;
 #   3. the async benchmarks on that machine's CPUs (more cores than a laptop or CI box):
-#      ps_throughput.py and convergence.py (conv model, compute straggler; Adam and SGD).
+#      ps_throughput.py and convergence.py (conv model, compute straggler; Adam and SGD);
+#   4. issue 14: examples/char_lm.py on the GPUs in both modes.
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (needs torch with CUDA, ray, pytest on the path)
 #   GPU_CHECKS_STEPS="gpu_tests conv_adam"  run only these steps
 #   GPU_CHECKS_DEADLINE_S=540               the whole script's time; later steps get what is left
@@ -45,4 +46,9 @@ step conv_adam 200 python3 benchmarks/convergence.py --model conv --straggler co
     --epochs 6 --repeats 3 $quick --num-cpus "$cpus" --name conv_adam --out "$res/conv_adam"
 step conv_sgd 200 python3 benchmarks/convergence.py --model conv --straggler compute --optimizer sgd \
     --epochs 6 --repeats 3 $quick --num-cpus "$cpus" --name conv_sgd --out "$res/conv_sgd"
+# issue 14: the language-model example on the GPUs (use_gpu="auto": a GPU per worker), both modes;
+# each run prints its validation loss, the figure for docs/benchmarks.md
+step char_lm_sync 150 python3 examples/char_lm.py --mode sync --workers 2 --steps 600 --job-name gpu-char-lm-sync
+step char_lm_async 150 python3 examples/char_lm.py --mode async --workers 2 --staleness 4 --steps 600 \
+    --job-name gpu-char-lm-async
 echo "results: $out/results.tgz"
