@@ -95,6 +95,10 @@ QUICK_EPOCHS = {"mlp": 2, "conv": 1}
 #: the driver to see a dead coordinator node, and in async mode for rank 0, which never stops,
 #: to be still training when the replacement joins) and the step of generation 1 the fault hits.
 FAULT_EPOCHS, ASYNC_FAULT_EPOCHS, FAULT_STEP = 30, 60, 60
+#: With a warm spare, the kill waits until the loop has run this long: the spare (started with
+#: the job: a process, torch, DDP's lazy imports, then the loop's own imports from a live rank)
+#: is ready by then on 2 busy cores; a kill in a job's first second would find it still starting.
+SPARE_READY_S = 20.0
 QUICK_FAULT_EPOCHS, QUICK_FAULT_STEP = 3, 30
 DRIVER_BLOCK_STEP = 120  # past the first automatic checkpoint (step 100)
 TARGET_SPARE_RECOVERY_S = 3.0
@@ -120,6 +124,7 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
         DataLoader(TensorDataset(train_x, train_y), batch_size=BATCH, shuffle=True))
     fault = config.get("fault")
     step, timed, samples, started = ctx.start_step, 0, 0, time.monotonic()
+    loop_started = started
     for _ in range(config["epochs"]):
         for x, y in loader:
             if timed == WARMUP_STEPS:
@@ -129,19 +134,25 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
             opt.step()
             step, timed, samples = step + 1, timed + 1, samples + len(x)
             if fault is not None:
-                inject(fault, ctx, step, first=timed == 1)
+                inject(fault, ctx, step, first=timed == 1, loop_started=loop_started)
     return {"rank": ctx.rank, "generation": ctx.generation, "steps": step,
             "samples": samples if timed > WARMUP_STEPS else 0,
             "elapsed_s": time.monotonic() - started}
 
 
-def inject(fault: dict[str, Any], ctx: synctrain.TrainContext, step: int, first: bool) -> None:
-    """The fault on its rank at its step of generation 1; later generations note their start."""
+def inject(fault: dict[str, Any], ctx: synctrain.TrainContext, step: int, first: bool,
+           loop_started: float = 0.0) -> None:
+    """The fault on its rank at its step of generation 1; later generations note their start.
+    ``fault["not_before_s"]``: the rank waits (alive) until its loop has run that long, so a
+    warm spare is ready, as it is in a job that has run a while (the spare starts with the job)."""
     marks = Path(fault["marks"])
     if first and ctx.generation > 1:
         _note(marks / f"first-step-g{ctx.generation}-r{ctx.rank}", time.time())
     if ctx.generation != 1 or ctx.rank != fault["rank"] or step != fault["step"]:
         return
+    while time.monotonic() - loop_started < float(fault.get("not_before_s", 0.0)):
+        synctrain.heartbeat()
+        time.sleep(0.05)
     if fault["kind"] == "kill_worker":
         _note(marks / "kill", time.time())
         os.kill(os.getpid(), signal.SIGKILL)
@@ -268,7 +279,8 @@ def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
 def worker_kill(storage: Path, mode: str, epochs: int, at_step: int, spares: int = 0) -> dict[str, Any]:
     print(f"-- recovery: kill -9 rank 1 in {mode} mode, {spares} warm spare(s)", flush=True)
     marks = Path(tempfile.mkdtemp(prefix="marks-", dir=storage))
-    fault = {"kind": "kill_worker", "rank": 1, "step": at_step, "marks": str(marks)}
+    fault = {"kind": "kill_worker", "rank": 1, "step": at_step, "marks": str(marks),
+             "not_before_s": SPARE_READY_S if spares else 0.0}
     result, watcher = fit(storage, f"kill-worker-{mode}-s{spares}", "mlp", mode, epochs,
                           {"spare_workers": spares} if spares else {}, fault)
     kill_t = float((marks / "kill").read_text())

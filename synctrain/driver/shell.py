@@ -129,6 +129,8 @@ class JobShell:
         self.zombies: list[Any] = []
         self.resume = resume  # the interrupted run's job.json: start from its last checkpoint
         self.spares: list[tuple[Any, Any]] = []  # (actor, its ``warm`` ObjectRef)
+        self._loop_modules: list[str] | None = None  # what a live rank's loop imported
+        self._modules_ref: Any = None  # the pending ``loop_modules`` call
         # workers the job went on without, still queued with Ray: (actor, its ``node_info`` ref)
         self.growth: list[tuple[Any, Any]] = []
         self._grow_after: tuple[int, int] | None = None  # (generation, newest checkpoint step) then
@@ -267,6 +269,7 @@ class JobShell:
                 failures += [f for f in self._dead_shards() if f not in failures]  # once each
                 self._check_coordinator()
                 self._note_recoveries()
+                self._prime_spares()
                 if not failures:
                     failures = self._check_digests()
                 if not failures and self._growth_due():
@@ -639,6 +642,29 @@ class JobShell:
         while len(self.spares) < want:
             actor = self.trainer._actor_class(self.spec).remote(-1, self.spec, self.steplog_cfg)
             self.spares.append((actor, actor.warm.remote(self.trainer._loop_blob)))
+            if self._loop_modules:
+                actor.preimport.remote(self._loop_modules)
+
+    def _prime_spares(self) -> None:
+        """Once rank 0's loop has started, learn what it imported and have each spare import
+        the same (``TrainWorker.preimport``), so a spare that takes a rank starts its loop as
+        fast as a survivor restarts its own."""
+        if not self.spares or self._loop_modules is not None:
+            return
+        rank0 = self.ranks.get(0)
+        if self._modules_ref is None:
+            if rank0 is not None and rank0.started and rank0.actor is not None:
+                self._modules_ref = rank0.actor.loop_modules.remote()
+            return
+        if not ray.wait([self._modules_ref], timeout=0)[0]:
+            return
+        try:
+            self._loop_modules = list(ray.get(self._modules_ref))
+        except RayError:  # rank 0 died meanwhile: ask the next generation's
+            self._modules_ref = None
+            return
+        for actor, _ in self.spares:
+            actor.preimport.remote(self._loop_modules)
 
     def _take_spare(self, rank: int) -> Any:
         """The first spare that is warm, now ``rank``; None when none is (a spare still

@@ -14,9 +14,13 @@ own (``restore="self"``: the objects of the run that just ended), a live peer's
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import socket
+import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +35,10 @@ from synctrain.errors import ResultNotPicklableError
 from synctrain.spec import JobSpec
 from synctrain.strategies.base import get_strategy_class
 from synctrain.worker.step import StepBoundary, StepLogConfig, capture
+
+#: A warm spare's imports of the modules a live rank's loop imported: at most this many, within
+#: this long (an import that fails is skipped: the loop would import it itself, or not need it).
+MAX_PREIMPORTS, PREIMPORT_BUDGET_S = 4000, 120.0
 
 
 def _free_port(host: str) -> int:
@@ -51,6 +59,7 @@ class TrainWorker:
         threads = max(1, int(spec.cpus_per_worker))
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        self._modules_at_start = frozenset(sys.modules)
 
     def warm(self, train_fn: Callable[..., Any] | bytes) -> dict[str, Any]:
         """A warm spare (``Trainer(spare_workers=k)``): its process is up with torch, the
@@ -58,9 +67,34 @@ class TrainWorker:
         taking a dead rank's place costs no process start and no imports."""
         import torch.distributed  # noqa: F401 - imported for its cost, now
 
+        if self.spec.mode == "sync":  # DistributedDataParallel() imports it: ~2-3 s on 2 cores
+            import torch._dynamo  # noqa: F401
         get_strategy_class(self.spec.mode)
         _load_from_driver(train_fn, "training loop", self.rank)
         return self.node_info()
+
+    def loop_modules(self) -> list[str]:
+        """The modules imported in this process since it started (its loop's own, and what
+        torch imports lazily), for a warm spare to import ahead (``preimport``)."""
+        return sorted(name for name in list(sys.modules)
+                      if name not in self._modules_at_start and not name.startswith("__"))[:MAX_PREIMPORTS]
+
+    def preimport(self, names: list[str]) -> None:
+        """Import ``names`` (a live rank's ``loop_modules``) in a background thread: the data
+        libraries a loop imports inside its body (sklearn, say) cost seconds in a fresh
+        process, which a spare that takes a rank would otherwise pay before its first step.
+        Returns at once, so the actor's threads stay free for ``take_rank``, ``run`` and polls."""
+        def run() -> None:
+            deadline = time.monotonic() + PREIMPORT_BUDGET_S
+            for name in names[:MAX_PREIMPORTS]:
+                if time.monotonic() > deadline:
+                    return
+                try:
+                    importlib.import_module(name)
+                except BaseException:  # noqa: BLE001, S112 - not importable by name: the loop's business
+                    continue
+
+        threading.Thread(target=run, name="preimport", daemon=True).start()
 
     def take_rank(self, rank: int) -> dict[str, Any]:
         """This spare becomes ``rank`` (before its first ``run``)."""
