@@ -537,11 +537,14 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
                      f"{_s(f.get('commit_stall_s'))} | {_s(f.get('longest_commit_gap_s'))} | "
                      f"{_s(f.get('longest_step_gap_s'))} | {f['generations']} |")
     lines += ["", "Failure recorded: the driver has committed the failure. Driver's recovery_s: "
-              "`Result.failures`, timed from when the new generation has started (its replacement "
-              "worker is up) to a commit past its start step, so it leaves the replacement's start-up out. "
+              "`Result.failures`, timed by the driver from seeing the failure to seeing a commit past the "
+              "new generation's start step (it looks once a second, so up to a second late). "
               "Commits stalled: from the kill to the next increase of the committed step (polled every "
               f"{1e3 * POLL_INTERVAL_S:.0f} ms); longest gaps: between two increases of the committed step, "
-              "and between two committed steps' times (training standing still), ending after the kill."]
+              "and between two committed steps' times (training standing still), ending after the kill. "
+              f"With a warm spare the rank to be killed first waits, alive, until the job has run "
+              f"{SPARE_READY_S:g} s (a spare starts with the job and is ready by then), so its longest gaps "
+              "hold that wait, not the recovery."]
     drivers = [f for f in faults if f["fault"] == "driver kill"]
     if drivers:
         lines += ["", "Driver death (sync, the MLP): rank 0 blocks at the step shown in generation 1, the driver "
