@@ -16,18 +16,16 @@ log (``synctrain.jobs.read_job``). Prints one line ``LAUNCH_MULTINODE {json}``.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import pathlib
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 import ray
+from probe_support import NODE_MEMORY, run_probe, wait_for
 
 MARKER = "LAUNCH_MULTINODE "
 JOB = "multinode-launch"
@@ -39,16 +37,6 @@ _T0 = time.monotonic()
 
 def _note(what: str) -> None:
     print(f"INJECT +{time.monotonic() - _T0:.1f}s {what}", file=sys.stderr, flush=True)
-
-
-def _wait_for(what: str, cond: Any, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s")
 
 
 def _placement() -> dict[str, list[str]]:
@@ -73,14 +61,14 @@ def _launch(tmp: pathlib.Path, address: str) -> subprocess.Popen:
 
 def _run(cluster: Any, tmp: pathlib.Path, out: dict[str, Any]) -> None:
     head = ray.get_runtime_context().get_node_id()
-    nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024) for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=1, **NODE_MEMORY) for _ in range(2)]
     cluster.wait_for_nodes()
     out["ray_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     out["head"] = head
     proc = _launch(tmp, cluster.address)
     try:
-        _wait_for("every rank at the gate", lambda: proc.poll() is not None
-                  or all((tmp / f"at-gate-r{r}").exists() for r in range(3)))
+        wait_for("every rank at the gate", lambda: proc.poll() is not None
+                 or all((tmp / f"at-gate-r{r}").exists() for r in range(3)), WAIT_S)
         if proc.poll() is not None:
             raise RuntimeError(f"synctrain run exited early ({proc.returncode})")
         out["placement"] = placement = _placement()
@@ -97,37 +85,20 @@ def _run(cluster: Any, tmp: pathlib.Path, out: dict[str, Any]) -> None:
         out["run_output"] = (tmp / "run.out").read_text()[-6000:]
 
 
+def _body(cluster: Any, out: dict[str, Any]) -> None:
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="launch-multinode-"))
+    _run(cluster, tmp, out)
+    from synctrain.jobs import read_job
+
+    job = read_job(JOB, tmp / "jobs")
+    out["job"] = {"state": job.state, "generations": job.generations, "failures": job.failures,
+                  "steps": [{"step": s["step"], "lost": bool(s.get("lost"))} for s in job.steps]}
+    out["loop_starts"] = sorted(p.name for p in tmp.glob("start-*.json"))
+
+
 def main() -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from ray.cluster_utils import Cluster
-
-    out: dict[str, Any] = {"ok": False}
-    cluster = None
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="launch-multinode-"))
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024})
-        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-        _run(cluster, tmp, out)
-        from synctrain.jobs import read_job
-
-        job = read_job(JOB, tmp / "jobs")
-        out["job"] = {"state": job.state, "generations": job.generations, "failures": job.failures,
-                      "steps": [{"step": s["step"], "lost": bool(s.get("lost"))} for s in job.steps]}
-        out["loop_starts"] = sorted(p.name for p in tmp.glob("start-*.json"))
-        out["ok"] = True
-    except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
-        out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
-        out["traceback"] = traceback.format_exc()[-4000:]
-    finally:
-        try:
-            ray.shutdown()
-            if cluster is not None:
-                cluster.shutdown()
-        except Exception as exc:  # noqa: BLE001 - the result line matters more
-            out["shutdown_error"] = str(exc)[:500]
-    print(MARKER + json.dumps(out, default=str), flush=True)
-    return 0
+    return run_probe(MARKER, 1, _body)
 
 
 if __name__ == "__main__":

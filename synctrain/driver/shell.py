@@ -78,6 +78,10 @@ STARTUP_GRACE_S = 120.0
 SURVIVOR_STOP_S = 60.0
 #: How long a warm spare may take to answer that it takes a rank (it is idle: milliseconds).
 SPARE_TAKE_S = 10.0
+#: How long a failure waits for a spare still warming up (or queued for resources) before it
+#: starts a new process instead: about what a new process's start and imports take on a busy
+#: 2-core machine.
+SPARE_WARM_WAIT_S = 30.0
 #: Tries at restarting a dead coordinator node before giving up on it (the others keep serving).
 NODE_RESTART_TRIES = 3
 #: Loop errors that would fail again on a retry: raised at once.
@@ -667,10 +671,13 @@ class JobShell:
             actor.preimport.remote(self._loop_modules)
 
     def _take_spare(self, rank: int) -> Any:
-        """The first spare that is warm, now ``rank``; None when none is (a spare still
-        starting, or waiting for resources, stays in the pool)."""
+        """The first spare that is warm, now ``rank``; None when none is. A spare still
+        warming (its process starting, its imports) or still queued for resources (which the
+        dead worker's freed ones may give it) is waited for, up to ``SPARE_WARM_WAIT_S`` in all:
+        it is ahead of a new process, which would have all of that still to do."""
+        deadline = time.monotonic() + SPARE_WARM_WAIT_S
         for i, (actor, ready) in enumerate(list(self.spares)):
-            done, _ = ray.wait([ready], timeout=0)
+            done, _ = ray.wait([ready], timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 continue
             self.spares.remove((actor, ready))

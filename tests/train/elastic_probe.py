@@ -29,7 +29,6 @@ each step). What it injected and when is printed as ``INJECT`` lines on stderr.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 import sys
@@ -45,6 +44,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import synctrain
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: probe_support
+from probe_support import NODE_MEMORY, run_probe, wait_for  # noqa: E402
+
 MARKER = "ELASTIC "
 JOB = "elastic-probe"
 SAMPLES = 600
@@ -59,13 +61,7 @@ PACE_S = 0.1  # a step's time once the shrunk job may grow back (until it has)
 
 
 def _wait_for(what: str, cond: Any, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s")
+    return wait_for(what, cond, timeout_s)
 
 
 def _gate(path: pathlib.Path) -> None:
@@ -128,7 +124,7 @@ def _alive(class_name: str) -> int:
 
 
 def _add_slot_node(cluster: Any, wait: bool = True) -> Any:
-    return cluster.add_node(wait=wait, num_cpus=1, resources={"slot": 1}, object_store_memory=80 * 1024 * 1024)
+    return cluster.add_node(wait=wait, num_cpus=1, resources={"slot": 1}, **NODE_MEMORY)
 
 
 def _sizes(out: pathlib.Path) -> list[int]:
@@ -179,56 +175,40 @@ def _fit(trainer: Any, outcome: dict[str, Any]) -> None:
         outcome["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
 
 
-def main() -> int:
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from ray.cluster_utils import Cluster
-
-    out: dict[str, Any] = {"ok": False}
-    cluster = None
+def _body(cluster: Any, out: dict[str, Any]) -> bool:
     started = time.monotonic()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="elastic-probe-"))
-    try:
-        # the head's CPUs count for the Trainer's check that 3 workers fit; they ask for a slot
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 3, "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024})
-        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-        _inject("Ray cluster up")
-        mode = sys.argv[1] if len(sys.argv) > 1 else "sync"
-        trainer = synctrain.Trainer(
-            train_loop, num_workers=3, min_workers=2, mode=mode, use_gpu=False, progress=False, job_name=JOB,
-            resources_per_worker={"CPU": 1, "slot": 1}, config={"dir": str(tmp)},
-            storage_path=str(tmp / "jobs"), checkpoint_every=CHECKPOINT_EVERY,
-            placement_timeout_s=PLACEMENT_TIMEOUT_S, collective_timeout_s=60, stall_timeout_s=60)
-        outcome: dict[str, Any] = {}
-        fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
-        fit.start()
-        _faults(cluster, tmp, out, fit, mode)
-        fit.join(WAIT_S * 2)
-        _inject("fit returned")
-        if "error" in outcome or "result" not in outcome:
-            raise RuntimeError(outcome.get("error", "fit() did not return"))
-        result = outcome["result"]
-        out["generations"] = result.generations
-        out["steps"] = result.steps
-        out["failures"] = [{k: f.get(k) for k in ("kind", "rank", "step", "recovery")} for f in result.failures]
-        out["redone_steps"] = result.redone_steps
-        out["records"] = [json.loads(line) for p in sorted(tmp.glob("ids-*.jsonl"))
-                          for line in p.read_text().splitlines()]
-        out["loop_starts"] = sorted(p.name for p in tmp.glob("start-*.json"))
-        out["elapsed_s"] = round(time.monotonic() - started, 1)
-        out["ok"] = "fault_error" not in out
-    except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
-        out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
-        out["traceback"] = traceback.format_exc()[-4000:]
-    finally:
-        try:
-            ray.shutdown()
-            if cluster is not None:
-                cluster.shutdown()
-        except Exception as exc:  # noqa: BLE001 - the result line matters more
-            out["shutdown_error"] = str(exc)[:500]
-    print(MARKER + json.dumps(out), flush=True)
-    return 0
+    _inject("Ray cluster up")
+    mode = sys.argv[1] if len(sys.argv) > 1 else "sync"
+    # the head's CPUs count for the Trainer's check that 3 workers fit; they ask for a slot
+    trainer = synctrain.Trainer(
+        train_loop, num_workers=3, min_workers=2, mode=mode, use_gpu=False, progress=False, job_name=JOB,
+        resources_per_worker={"CPU": 1, "slot": 1}, config={"dir": str(tmp)},
+        storage_path=str(tmp / "jobs"), checkpoint_every=CHECKPOINT_EVERY,
+        placement_timeout_s=PLACEMENT_TIMEOUT_S, collective_timeout_s=60, stall_timeout_s=60)
+    outcome: dict[str, Any] = {}
+    fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
+    fit.start()
+    _faults(cluster, tmp, out, fit, mode)
+    fit.join(WAIT_S * 2)
+    _inject("fit returned")
+    if "error" in outcome or "result" not in outcome:
+        raise RuntimeError(outcome.get("error", "fit() did not return"))
+    result = outcome["result"]
+    out["generations"] = result.generations
+    out["steps"] = result.steps
+    out["failures"] = [{k: f.get(k) for k in ("kind", "rank", "step", "recovery")} for f in result.failures]
+    out["redone_steps"] = result.redone_steps
+    out["records"] = [json.loads(line) for p in sorted(tmp.glob("ids-*.jsonl"))
+                      for line in p.read_text().splitlines()]
+    out["loop_starts"] = sorted(p.name for p in tmp.glob("start-*.json"))
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
+    return "fault_error" not in out
+
+
+def main() -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    return run_probe(MARKER, 3, _body)
 
 
 if __name__ == "__main__":

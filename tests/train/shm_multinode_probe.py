@@ -11,12 +11,10 @@ and from another rank) and ``barrier``, and reports. Prints one line ``SHM_MULTI
 
 from __future__ import annotations
 
-import json
-import logging
 import os
+import pathlib
 import sys
 import time
-import traceback
 from typing import Any
 
 import ray
@@ -26,6 +24,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import synctrain
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: probe_support
+from probe_support import NODE_MEMORY, run_probe  # noqa: E402
 
 MARKER = "SHM_MULTINODE "
 STEPS = 10
@@ -67,37 +68,20 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             "digest": digest, "grad_transport": synctrain.strategy_metrics()["grad_transport"]}
 
 
+def _body(cluster: Any, out: dict[str, Any]) -> None:
+    started = time.monotonic()
+    cluster.add_node(num_cpus=2, **NODE_MEMORY)
+    cluster.wait_for_nodes()
+    out["ray_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    result = synctrain.Trainer(train_loop, num_workers=WORKERS, mode="sync", use_gpu=False,
+                               progress=False, step_log=False, grad_transport="auto").fit()
+    out["outputs"] = result.outputs
+    out["elapsed_s"] = round(time.monotonic() - started, 1)
+
+
 def main() -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from ray.cluster_utils import Cluster
-
-    out: dict[str, Any] = {"ok": False}
-    cluster = None
-    started = time.monotonic()
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024})
-        cluster.add_node(num_cpus=2, object_store_memory=80 * 1024 * 1024)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-        out["ray_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-        result = synctrain.Trainer(train_loop, num_workers=WORKERS, mode="sync", use_gpu=False,
-                                   progress=False, step_log=False, grad_transport="auto").fit()
-        out["outputs"] = result.outputs
-        out["elapsed_s"] = round(time.monotonic() - started, 1)
-        out["ok"] = True
-    except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
-        out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        out["traceback"] = traceback.format_exc()[-4000:]
-    finally:
-        try:
-            ray.shutdown()
-            if cluster is not None:
-                cluster.shutdown()
-        except Exception as exc:  # noqa: BLE001 - the result line matters more
-            out["shutdown_error"] = str(exc)[:500]
-    print(MARKER + json.dumps(out), flush=True)
-    return 0
+    return run_probe(MARKER, 2, _body)
 
 
 if __name__ == "__main__":
