@@ -44,6 +44,14 @@ from coordinator.transport import check_token, generate_token
 DEFAULT_STARTUP_TIMEOUT_S = 60.0
 
 
+#: Starts of a new LocalCluster on freshly picked ports when one was taken meanwhile.
+PORT_TRIES = 3
+
+
+class PortInUseError(RuntimeError):
+    """A node could not bind its port: another process took it after it was picked."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the usual small race is accepted)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -144,16 +152,36 @@ class LocalCluster:
             self.token = read_own_token_file(self.token_file)
         else:
             self.token = write_token_file(self.token_file)
-        if not self.addresses:
-            self.addresses = {i: (self.host, free_port(self.host)) for i in self.node_ids}
-        self._started = True
-        for i in self.node_ids:
-            self._spawn(i)
-        for i in self.node_ids:
-            self._wait_ready(i)
+        # Ports we pick were free a moment ago; another process (any outgoing connection takes
+        # an ephemeral port from the same range) may take one first. Then, for a new cluster
+        # (no node held state before), every node starts again on new ports (the peer list
+        # names them all) from empty directories. Given addresses are the caller's: no retry.
+        picked = not self.addresses
+        fresh = not any(holds_state(self.node_dir(i)) for i in self.node_ids)
+        for attempt in range(PORT_TRIES):
+            if picked:
+                self.addresses = {i: (self.host, free_port(self.host)) for i in self.node_ids}
+            self._started = True
+            for i in self.node_ids:
+                self._spawn(i)
+            try:
+                for i in self.node_ids:
+                    self._wait_ready(i)
+                return
+            except PortInUseError:
+                if not (picked and fresh) or attempt == PORT_TRIES - 1:
+                    raise
+                self.stop_processes()
+                for i in self.node_ids:
+                    shutil.rmtree(self.node_dir(i), ignore_errors=True)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every node (resuming paused ones), SIGKILL what is left after ``timeout_s``."""
+        self.stop_processes(timeout_s)
+        self._remove_own_dir()
+
+    def stop_processes(self, timeout_s: float = 10.0) -> None:
+        """The process part of :meth:`stop`: the data directory stays."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -167,6 +195,8 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+    def _remove_own_dir(self) -> None:
         if self._own_dir and self._started and not self.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         self._started = False
@@ -336,8 +366,9 @@ class LocalCluster:
         def ready() -> bool:
             if proc.poll() is not None:
                 tail = self.log_path(node_id).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"coordinator node {node_id} exited with {proc.returncode} "
-                                   f"while starting; its log ({self.log_path(node_id)}) ends:\n{tail}")
+                error = PortInUseError if "address already in use" in tail else RuntimeError
+                raise error(f"coordinator node {node_id} exited with {proc.returncode} "
+                            f"while starting; its log ({self.log_path(node_id)}) ends:\n{tail}")
             return self._ready_file(node_id).exists()
 
         _wait_until(ready, self.startup_timeout_s, f"node {node_id} to start serving")

@@ -87,3 +87,24 @@ def test_coordinator_local_reports_a_planted_token_file(tmp_path) -> None:
                             timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "refusing the token file" in result.stderr and "0644" in result.stderr
+
+
+def test_a_port_taken_after_it_was_picked_gets_a_new_one(make_cluster, monkeypatch) -> None:
+    """CI saw a node exit with 'address already in use': another process took the port that
+    was free when the cluster picked it. A new cluster then starts again on new ports."""
+    import socket
+
+    from coordinator import cluster as cluster_module
+
+    with socket.socket() as blocker:  # holds the first port the cluster will pick
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        picks = iter([taken])
+        real = cluster_module.free_port
+        monkeypatch.setattr(cluster_module, "free_port", lambda host="127.0.0.1": next(picks, None) or real(host))
+        cluster = make_cluster()
+        assert taken not in {port for _, port in cluster.addresses.values()}
+        with cluster.client(timeout_s=10.0) as client:
+            client.put("k", b"v")
+            assert client.get("k") == b"v"
