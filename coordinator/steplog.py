@@ -74,6 +74,17 @@ whose verdict is still open, so the driver can always roll back to the last chec
 digests agreed. A new generation supersedes the sets beyond its start (and a mismatch there),
 like every other record.
 
+Pulled digests. In async mode no rank holds a replica, so a worker's step record may carry a
+``pulled`` check instead: per shard, the version (the shard's clock) of the parameters it
+pulled, the digest the shard gave of what it served, and the digest of what the worker held
+when it computed the gradients of that step. Each check is judged as it arrives (once per rank
+and step): a held digest that differs from the served one names the worker (it dropped those
+gradients, so nothing corrupt reached a shard); a served digest that differs from one kept
+for the same shard and version in this generation (the newest :data:`MAX_SERVED_KEPT`) names
+the shard, whose parameters changed with no update applied. Mismatches are kept in
+``pulled_mismatches`` (the newest :data:`MAX_PULLED_MISMATCHES_KEPT`, the rest counted) and
+summarised under ``digests.pulled``; the driver turns each into a failure record.
+
 Bounds (:data:`MAX_JOBS` and the other ``MAX_*`` below) are refused with error answers, except
 the fenced-refusal list, which keeps the newest :data:`MAX_FENCED_KEPT` and counts the rest.
 Step and report lists grow with the job by design; each entry is small and validated. Query
@@ -114,7 +125,7 @@ from coordinator.statemachine import (
 )
 
 EXTENSION = "steplog"
-SNAPSHOT_FORMAT = 2  # 2 added the digest fields at the end of Job; restore also reads 1
+SNAPSHOT_FORMAT = 3  # 2 added the digest fields at the end of Job, 3 the pulled ones; 1 and 2 still read
 
 # Bounds. Breaking one is refused with an error answer (except MAX_FENCED_KEPT: oldest dropped).
 MAX_JOBS = 1_000
@@ -140,6 +151,9 @@ MAX_DIGEST_SETS_KEPT = 1_000  # per job; older sets are dropped and counted
 MAX_DIGEST_CHARS = 128  # one digest, as text (a hex hash)
 #: Checkpoints newer than the trusted one kept while their digests' verdict is open.
 MAX_UNVERIFIED_CHECKPOINTS = 8
+MAX_PULLED_SHARDS = 4_096  # shards one pulled-digest check covers
+MAX_SERVED_KEPT = 1_024  # per job: the newest (shard, version) -> served digest, for the cross-check
+MAX_PULLED_MISMATCHES_KEPT = 1_000  # per job; older ones are dropped and counted
 
 JOB_STATES = ("running", "finished", "failed", "interrupted")
 END_STATES = ("finished", "failed", "interrupted")
@@ -262,9 +276,10 @@ class _Record:
     reports: tuple[tuple[int, dict[str, Any]], ...]
     ps_clock: int | None
     digest: str | None = None
+    pulled: tuple[tuple[int, str, str], ...] | None = None  # per shard: (version, served, held)
 
 
-_RECORD_KEYS = frozenset({"step", "time", "reports", "ps_clock", "digest"})
+_RECORD_KEYS = frozenset({"step", "time", "reports", "ps_clock", "digest", "pulled"})
 
 
 def _records(v: Any) -> list[_Record]:
@@ -274,7 +289,7 @@ def _records(v: Any) -> list[_Record]:
         if type(r) is not dict or "step" not in r or "time" not in r or not (
                 _RECORD_KEYS.issuperset(r)):
             raise BadArgument('a record is a map {"step", "time"[, "reports", "ps_clock", '
-                              '"digest"]}')
+                              '"digest", "pulled"]}')
         parsed: tuple[tuple[int, dict[str, Any]], ...] = ()
         if r.get("reports"):
             reports = _seq(r["reports"], "reports", MAX_REPORTS_PER_BATCH)
@@ -286,8 +301,24 @@ def _records(v: Any) -> list[_Record]:
         out.append(_Record(_int(r["step"], "step"), _time(r["time"]), parsed,
                            None if ps_clock is None else _int(ps_clock, "ps_clock", -(1 << 62)),
                            None if digest is None else _text(digest, "digest", MAX_DIGEST_CHARS,
-                                                             empty=False)))
+                                                             empty=False),
+                           None if r.get("pulled") is None else _pulled(r["pulled"])))
     return out
+
+
+def _pulled(v: Any) -> tuple[tuple[int, str, str], ...]:
+    """A pulled-digest check: ``{"versions": [int], "served": [str], "held": [str]}``, one
+    entry per shard, in shard order."""
+    if type(v) is not dict or set(v) != {"versions", "served", "held"}:
+        raise BadArgument('"pulled" is a map {"versions": [int], "served": [str], "held": [str]}')
+    versions = _seq(v["versions"], "pulled versions", MAX_PULLED_SHARDS)
+    served = _seq(v["served"], "pulled served digests", MAX_PULLED_SHARDS)
+    held = _seq(v["held"], "pulled held digests", MAX_PULLED_SHARDS)
+    if not versions or not len(versions) == len(served) == len(held):
+        raise BadArgument('"pulled" needs one version, served and held digest per shard (at least one)')
+    return tuple((_int(ver, "a pulled version"), _text(a, "a pulled served digest", MAX_DIGEST_CHARS, empty=False),
+                  _text(b, "a pulled held digest", MAX_DIGEST_CHARS, empty=False))
+                 for ver, a, b in zip(versions, served, held, strict=True))
 
 
 def _report(rep: Any) -> tuple[int, dict[str, Any]]:
@@ -325,6 +356,14 @@ class Job:
     digests_dropped: int = 0
     digest_trusted: int | None = None
     digest_mismatch: dict[str, Any] | None = None
+    # Pulled digests (async; snapshot format 3; see the module doc): checks judged; the newest
+    # step judged per rank of the current generation (a retried batch is skipped); the newest
+    # served digests as [shard, version, digest, rank, step, generation]; the mismatches found.
+    pulled_checks: int = 0
+    pulled_seen: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    pulled_served: list[list[Any]] = dataclasses.field(default_factory=list)
+    pulled_mismatches: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pulled_mismatches_dropped: int = 0
 
     def live_checkpoints(self) -> list[dict[str, Any]]:
         return [c for c in self.checkpoints if not c.get("superseded") and not c.get("pruned")]
@@ -346,11 +385,18 @@ class Job:
         return {"trusted_step": self.digest_trusted,
                 "mismatch": None if self.digest_mismatch is None else dict(self.digest_mismatch),
                 "verdict_step": judged[-1] if judged else None,
-                "sets": len(self.digests) + self.digests_dropped}
+                "sets": len(self.digests) + self.digests_dropped,
+                "pulled": {"checks": self.pulled_checks,
+                           "mismatches": len(self.pulled_mismatches) + self.pulled_mismatches_dropped,
+                           "dropped": self.pulled_mismatches_dropped,
+                           "recent": [dict(m) for m in self.pulled_mismatches[-MAX_SUMMARY_MISMATCHES:]]}}
 
 
+#: Pulled-digest mismatches a job summary lists (the newest; the count covers them all).
+MAX_SUMMARY_MISMATCHES = 20
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 _JOB_FIELDS_FORMAT_1 = _JOB_FIELDS[:_JOB_FIELDS.index("digests")]
+_JOB_FIELDS_FORMAT_2 = _JOB_FIELDS[:_JOB_FIELDS.index("pulled_checks")]
 
 
 class StepLog:
@@ -368,13 +414,13 @@ class StepLog:
                          for n in sorted(self.jobs)]}
 
     def restore_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("format") not in (1, SNAPSHOT_FORMAT):
+        if not isinstance(state, dict) or state.get("format") not in (1, 2, SNAPSHOT_FORMAT):
             raise ValueError(f"unsupported steplog snapshot format {state.get('format')!r}"
                              if isinstance(state, dict) else "steplog snapshot is not a map")
-        fields = _JOB_FIELDS if state["format"] == SNAPSHOT_FORMAT else _JOB_FIELDS_FORMAT_1
+        fields = {1: _JOB_FIELDS_FORMAT_1, 2: _JOB_FIELDS_FORMAT_2}.get(state["format"], _JOB_FIELDS)
         self.jobs = {}
         for values in state["jobs"]:
-            job = Job(**dict(zip(fields, values, strict=True)))  # format 1: digests at defaults
+            job = Job(**dict(zip(fields, values, strict=True)))  # older formats: newer fields at defaults
             self.jobs[job.name] = job
 
     def _job(self, name: Any) -> Job:
@@ -479,6 +525,7 @@ class StepLog:
                 key = str(rank)
                 job.progress[key] = max(job.progress.get(key, 0), max(r.step for r in batch))
             _note_digests(job, rank, batch)
+            _note_pulled(job, rank, batch)
             return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
         new_steps, new_reports = self._plan(job, batch)
         job.steps.extend(new_steps)
@@ -488,6 +535,7 @@ class StepLog:
         job.last_step += len(new_steps)
         job.report_seq += len(new_reports)
         _note_digests(job, rank, batch)
+        _note_pulled(job, rank, batch)
         return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
 
     @staticmethod
@@ -748,6 +796,46 @@ def _judge(job: Job, entry: dict[str, Any]) -> None:
         "minority": sorted(int(r) for r, v in entry["ranks"].items() if v != majority)
         if majority is not None else [],
         "trusted_step": job.digest_trusted}
+
+
+def _note_pulled(job: Job, rank: int, batch: list[_Record]) -> None:
+    """Judge the pulled-digest checks a batch carries (async): each shard's range as held by
+    the worker against the digest the shard gave of what it served (a difference names the
+    worker), and each served digest against the last one kept for the same shard and version
+    (a difference means the shard's parameters changed with no update applied: the shard is
+    named, no worker). Each (rank, step) is judged once per generation."""
+    key = str(rank)
+    for rec in batch:
+        if rec.pulled is None:
+            continue
+        seen = job.pulled_seen.get(key)
+        if seen is not None and seen[0] == job.generation and rec.step <= seen[1]:
+            continue  # a retried batch
+        job.pulled_seen[key] = [job.generation, rec.step]
+        job.pulled_checks += 1
+        bad = [i for i, (_, served, held) in enumerate(rec.pulled) if served != held]
+        if bad:
+            _pulled_mismatch(job, {"kind": "held", "rank": rank, "step": rec.step, "shards": bad,
+                                   "versions": [rec.pulled[i][0] for i in bad]})
+        for shard, (version, served, _) in enumerate(rec.pulled):
+            earlier = next((e for e in reversed(job.pulled_served)  # a restore reuses versions
+                            if e[0] == shard and e[1] == version and e[5] == job.generation), None)
+            if earlier is None:
+                job.pulled_served.append([shard, version, served, rank, rec.step, job.generation])
+                if len(job.pulled_served) > MAX_SERVED_KEPT:
+                    del job.pulled_served[0]
+            elif earlier[2] != served:
+                _pulled_mismatch(job, {"kind": "served", "rank": None, "shard": shard, "version": version,
+                                       "step": rec.step, "served_to": [earlier[3], rank],
+                                       "steps": [earlier[4], rec.step]})
+
+
+def _pulled_mismatch(job: Job, found: dict[str, Any]) -> None:
+    found["generation"] = job.generation
+    job.pulled_mismatches.append(found)
+    if len(job.pulled_mismatches) > MAX_PULLED_MISMATCHES_KEPT:
+        del job.pulled_mismatches[0]
+        job.pulled_mismatches_dropped += 1
 
 
 def _retrust(job: Job, start_step: int) -> None:

@@ -15,9 +15,15 @@ prepared model's parameters, never the optimizer state (ZeRO-1 shards it by desi
 the buffers: DDP re-sends rank 0's buffers at each forward and every rank then updates its own
 copy from its own batch (BatchNorm's running statistics), so between two forwards they differ
 by design — a corrupted buffer on another rank is overwritten, one on rank 0 reaches every
-rank alike. A checkpoint's digest covers what the checkpoint holds: the models' whole
-``state_dict`` (sync) or the parameter-server shards' state (async), so a restore can check
-what it read against what was committed.
+rank alike. In async mode no rank holds a replica of another, so the digest covers *what each
+worker pulled at a given clock*: a push can ask each shard to hash the parameters it serves
+(:func:`array_digest`, keyed by the shard's version, i.e. its clock), and at its next push the
+worker hashes what it holds of each range before sending gradients computed from it
+(:mod:`synctrain.strategies.paramserver`); the step log compares the two, and the served
+digests of one shard version across workers (:mod:`coordinator.steplog`). A checkpoint's
+digest covers what the checkpoint holds: the models' whole ``state_dict`` (sync) or the
+parameter-server shards' state (async), so a restore can check what it read against what was
+committed.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ def state_digest(value: Any) -> str:
     h = hashlib.sha256()
     _feed(h, value)
     return h.hexdigest()[:DIGEST_HEX_CHARS]
+
+
+def array_digest(array: Any) -> str:
+    """The hex digest of a flat numpy array's raw bytes (what a parameter-server shard served,
+    or a worker holds, of one shard's range): the same hash and length as :func:`state_digest`."""
+    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()[:DIGEST_HEX_CHARS]
 
 
 def _feed(h: Any, value: Any) -> None:

@@ -142,8 +142,9 @@ class Trainer:
         self.step_log = step_log
         self.checkpoint_every = checkpoint_every
         self.checkpoint_every_s = checkpoint_every_s
-        # sync mode: every rank's parameters are digested and compared every this many steps
-        # (default: at every checkpoint step; 0: never) -- docs/fault-tolerance.md, "Digests"
+        # every this many steps (default: at every checkpoint step; 0: never) sync ranks' parameters
+        # are digested and compared, async workers check what they pulled against the shards'
+        # digests of what they served -- docs/fault-tolerance.md, "Digests"
         self.digest_every: int = checkpoint_every if digest_every is None else digest_every
         self.max_failures = max_failures
         if not isinstance(spare_workers, int) or isinstance(spare_workers, bool) or spare_workers < 0:

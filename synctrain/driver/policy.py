@@ -26,7 +26,10 @@ The paths, one per kind of failure:
 * a coordinator node died: **continue** (restart the node from its WAL; no new generation);
 * the ranks' parameter digests disagree (sync): **restore the last checkpoint whose digests
   agreed**, on every rank — the odd rank's gradients have been averaged into all of them since
-  the corruption, so no live peer holds good state; no process is at fault, none is replaced;
+  the corruption, so no live peer holds good state; no process is at fault, none is replaced.
+  In async mode the same for a shard that served two different digests for one version (its
+  parameters changed with no update): the checkpoint must hold that shard from before it. A
+  worker whose pulled copy differed never reaches the policy: it dropped those gradients;
 * a configuration error (it would fail again): give up at once;
 * more than ``max_failures`` failures in all: give up (``max_failures=0``: the first one).
 
@@ -132,8 +135,10 @@ class RecoveryPolicy:
         dead = tuple(sorted({f.rank for f in failures if f.kind in WORKER_KINDS and f.rank is not None}))
         if "digest_mismatch" in kinds:
             return Decision(Action.RESTORE_CHECKPOINT, "checkpoint", replace=dead,
-                            reason="the ranks' parameter digests disagree: every rank rolls back to the "
-                                   "last checkpoint whose digests agreed")
+                            reason="the parameter digests disagree: every rank rolls back to the "
+                                   "last checkpoint whose digests agreed" if self.mode == "sync" else
+                                   "a shard's parameters changed with no update: every rank rolls back to "
+                                   "the newest checkpoint holding that shard from before the change")
         if "shard_died" in kinds:
             return Decision(Action.RESTORE_CHECKPOINT, "checkpoint", replace=dead,
                             reason="a parameter-server shard died: its state comes from the checkpoint")

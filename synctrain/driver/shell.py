@@ -17,7 +17,9 @@ Watching (:meth:`JobShell._watch`), every ``POLL_INTERVAL_S``:
 * in sync mode, once a digest step has passed, the log's verdict on the ranks' digests
   (a stale read): a mismatch is a fault that no process caused — every rank's run is asked
   to stop (:meth:`JobShell._stop_runs`), none is killed unless it does not stop, and every
-  rank restores the last checkpoint whose digests agreed.
+  rank restores the last checkpoint whose digests agreed; in async mode, the log's pulled-digest
+  mismatches, each recorded as a failure (:meth:`JobShell._check_pulled`; the worker already
+  dropped the gradients computed from a corrupted copy, so no generation changes).
 
 A fault goes to the pure :class:`~synctrain.driver.policy.RecoveryPolicy`; the shell carries
 out its decision: kill the failed workers, wait for the others' runs to end (sync mode: their
@@ -149,6 +151,11 @@ class JobShell:
         else:
             self._start_generation("start", start_step=0, start_report=0,
                                    restore={r: None for r in self.ranks}, run_ranks=list(self.ranks))
+            flip = self.hooks.get("flip_shard_bits")  # test hook: {"shard", "version"[, "bit"]}
+            if flip:
+                shard = self.handles["ps_shards"][int(flip["shard"])]
+                ray.get(shard.inject_flip.remote(self.spec.job_id, int(flip["version"]), int(flip.get("bit", 22))),
+                        timeout=30)
         self._start_spares()
         while True:
             failures = self._watch()
@@ -248,7 +255,8 @@ class JobShell:
             if not running:
                 ended_badly = [_classify(r.outcome) for r in self.ranks.values()
                                if r.outcome is not None and not r.outcome["ok"]]
-                return ended_badly or self._check_digests(final=True) or None
+                return (ended_badly or self._check_digests(final=True) or self._check_pulled(final=True)
+                        or None)
             ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_INTERVAL_S)
             failures: list[Failure] = []
             for ref in ready:
@@ -274,8 +282,10 @@ class JobShell:
                 self._check_coordinator()
                 self._note_recoveries()
                 self._prime_spares()
+                pulled = self._check_pulled()
                 if not failures:
                     failures = self._check_digests()
+                failures += pulled
                 if not failures and self._growth_due():
                     return []  # no fault: the job can grow back
             if failures:
@@ -477,6 +487,7 @@ class JobShell:
 
     def _restore_checkpoint(self, reason: str) -> int:
         doc, ref = self._last_good_checkpoint()
+        self._suspect_shard = None  # the shards are rebuilt from ``doc`` below
         skipped = [f for f in self.failure_log if f.get("kind") in _SKIPPED_CHECKPOINT and not f.get("told")]
         for f in skipped:
             f["told"] = True
@@ -534,6 +545,10 @@ class JobShell:
             if ref.get("digest") and state_digest(checkpoint_state(doc)) != ref["digest"]:
                 self._skip_checkpoint(ref, "checkpoint_digest", f"checkpoint {ref['path']} does not "
                                       "hold the state whose digest was committed with it")
+                continue
+            if self._suspect_shard is not None and _holds_suspect_shard(doc, *self._suspect_shard):
+                self._skip_checkpoint(ref, "checkpoint_suspect", f"checkpoint {ref['path']} holds shard "
+                                      f"{self._suspect_shard[0]} at or after version {self._suspect_shard[1]}")
                 continue
             return doc, ref
         return None, None
@@ -834,6 +849,59 @@ class JobShell:
         self._digests_acted += ((mismatch["generation"], mismatch["step"]),)
         return _digest_failures(mismatch)
 
+    #: pulled-digest mismatches (async) the log had found when last read
+    _pulled_seen: int = 0
+    #: (shard, version): a shard's parameters changed with no update at that version, so a
+    #: restore takes only a checkpoint of that shard from before it
+    _suspect_shard: tuple[int, int] | None = None
+
+    def _check_pulled(self, final: bool = False) -> list[Failure]:
+        """Async: the mismatches the log found in the workers' pulled-digest checks since the
+        last read. A worker whose copy differed from what the shards served (``held``) dropped
+        that step's gradients before sending them and pulled again, so nothing corrupt reached
+        a shard: it is recorded as a failure of kind ``digest_mismatch`` with recovery
+        ``repulled``, not counted against ``max_failures``, and nothing rolls back. A shard
+        that served two different digests for one version (``served``: its memory changed with
+        no update applied) is a ``digest_mismatch`` failure of the job, returned: every rank
+        rolls back to the newest checkpoint that holds that shard from before that version."""
+        if self.spec.mode != "async" or not getattr(self.steplog_cfg, "digest_every", 0):
+            return []
+        try:
+            summary = self.log.job_info(consistency="linearizable" if final else "stale")["digests"]
+        except Exception:  # noqa: BLE001 - the coordinator may be busy: next time
+            return []
+        pulled = summary.get("pulled") or {}
+        total = int(pulled.get("mismatches") or 0)
+        if total <= self._pulled_seen:
+            return []
+        recent = list(pulled.get("recent") or [])
+        new = recent[max(0, len(recent) - (total - self._pulled_seen)):]
+        self._pulled_seen = total
+        failures: list[Failure] = []
+        for m in new:
+            if m.get("generation") != self.generation:
+                continue  # found before a rollback that already replaced that state
+            if m.get("kind") != "held":
+                shard, version = int(m["shard"]), int(m["version"])
+                if self._suspect_shard is None or version < self._suspect_shard[1]:
+                    self._suspect_shard = (shard, version)
+                failures.append(Failure("digest_mismatch", None, m.get("step"), detail=(
+                    f"parameter-server shard {shard} served two different digests for version {version} "
+                    f"(to ranks {m.get('served_to')} at their steps {m.get('steps')}): its parameters "
+                    "changed with no update applied; every rank rolls back to the newest checkpoint "
+                    f"that holds shard {shard} from before version {version}")))
+                continue
+            detail = (f"rank {m['rank']}'s parameters of shard(s) {m['shards']} (versions "
+                      f"{m['versions']}) at step {m['step']} differ from what the shards served: "
+                      "that step's gradients were dropped and the parameters pulled again")
+            record = {"generation": m["generation"], "rank": m.get("rank"), "kind": "digest_mismatch",
+                      "step": m.get("step"), "time": time.time(), "recovery": "repulled",
+                      "recovery_s": 0.0, "detail": detail[:500]}
+            self.failure_log.append(record)
+            self.bookkeeper.add(record)
+            self._tell("failure", f"digest_mismatch ({detail[:160]})")
+        return failures
+
     def _stop_runs(self, reason: str) -> list[Failure]:
         """Ask every running rank to stop at its next step boundary and wait for its run to end
         (bounded): the job rolls back and no process is at fault, so only a rank that does not
@@ -1045,7 +1113,14 @@ class _FailureBook(threading.Thread):
 #: Why a restore passed a checkpoint over, as said in the new generation's reason.
 _SKIPPED_CHECKPOINT = {"checkpoint_corrupt": "failed its checksum",
                        "checkpoint_digest": "does not match its committed digest",
-                       "checkpoint_untrusted": "is newer than the last step whose digests agreed"}
+                       "checkpoint_untrusted": "is newer than the last step whose digests agreed",
+                       "checkpoint_suspect": "holds a shard from after its parameters changed with no update"}
+
+
+def _holds_suspect_shard(doc: dict[str, Any], shard: int, version: int) -> bool:
+    """Whether an async checkpoint holds ``shard`` at ``version`` or later."""
+    shards = (doc.get("strategy") or {}).get("shards") or []
+    return any(int(s.get("shard_index", -1)) == shard and int(s.get("version", -1)) >= version for s in shards)
 
 
 def _digest_failures(mismatch: dict[str, Any]) -> list[Failure]:

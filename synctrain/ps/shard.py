@@ -58,6 +58,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -68,6 +69,7 @@ import numpy as np
 import ray
 import torch
 
+from synctrain.digest import array_digest
 from synctrain.ps import ipc
 from synctrain.ps.errors import (
     GradientShapeError,
@@ -79,6 +81,8 @@ from synctrain.ps.errors import (
 from synctrain.ps.layout import Segment
 from synctrain.ps.recipe import OptimizerRecipe
 from synctrain.ps.shm import PREFIX, Channel
+
+log = logging.getLogger(__name__)
 
 #: Histogram buckets for version lag: 0 .. LAG_BUCKETS-2, and one overflow bucket.
 LAG_BUCKETS = 65
@@ -121,6 +125,7 @@ class PushReply:
     min_clock: int  # every active worker's pushes below this clock are in ``params``
     clocks: tuple[int, ...]  # each worker's pushes reflected in ``params``
     wait_s: float  # time spent waiting for the staleness bound
+    digest: str | None = None  # of the parameters served, when the push asked (``digest=True``)
 
 
 @dataclass
@@ -169,6 +174,7 @@ class ParameterShard:
         # and the clock each replaced worker joined at (names a zombie's push in the error).
         self._pending_optimizer_state: dict[str, Any] | None = None
         self._loaded_optimizer_digest: str | None = None
+        self._flip_at_version: tuple[int, int] | None = None  # test hook (inject_flip): version, bit
         self._joined_at: dict[int, int] = {}
 
     # ---- setup -------------------------------------------------------------------------
@@ -317,9 +323,12 @@ class ParameterShard:
                 reply = await self.push_shm(
                     self.config.job_id, worker, int(request["clock"]), bool(request["has"]),
                     int(request["min"]), int(request["ver"]),
-                    None if lrs is None else tuple(float(x) for x in lrs), bool(request["want"]))
+                    None if lrs is None else tuple(float(x) for x in lrs), bool(request["want"]),
+                    bool(request.get("dig", False)))
                 frame: dict[str, Any] = {"version": reply.version, "min_clock": reply.min_clock,
                                          "clocks": list(reply.clocks), "wait_s": reply.wait_s}
+                if reply.digest is not None:
+                    frame["digest"] = reply.digest
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the worker
                 frame = ipc.error_frame(exc)
             writer.write(ipc.encode(frame))
@@ -344,19 +353,22 @@ class ParameterShard:
     # ---- the data plane ----------------------------------------------------------------
     async def push(self, job_id: str, worker: int, clock: int, grads: np.ndarray | None,
                    min_clock: int, based_on_version: int,
-                   lrs: tuple[float, ...] | None = None, want_params: bool = True) -> PushReply:
+                   lrs: tuple[float, ...] | None = None, want_params: bool = True,
+                   digest: bool = False) -> PushReply:
         """Apply (or accumulate) worker's gradient for ``clock``; answer per the staleness bound.
 
-        ``grads is None`` is a skipped step (the worker found NaN/Inf and opted into skipping):
-        the clock advances, nothing is applied. ``want_params=False``: answer at once, without
-        parameters (the worker's cached ones still meet its bound).
+        ``grads is None`` is a skipped step (the worker found NaN/Inf and opted into skipping,
+        or found its parameters corrupted): the clock advances, nothing is applied.
+        ``want_params=False``: answer at once, without parameters (the worker's cached ones
+        still meet its bound). ``digest=True`` (with parameters): the reply carries the digest
+        of the parameters it serves (:func:`synctrain.digest.array_digest`).
         """
         wait_s = await self._serve(job_id, worker, clock, grads, min_clock, based_on_version, lrs, want_params)
-        return self._ack() if wait_s is None else self._reply(wait_s)
+        return self._ack() if wait_s is None else self._reply(wait_s, digest)
 
     async def push_shm(self, job_id: str, worker: int, clock: int, has_grads: bool, min_clock: int,
                        based_on_version: int, lrs: tuple[float, ...] | None = None,
-                       want_params: bool = True) -> PushReply:
+                       want_params: bool = True, digest: bool = False) -> PushReply:
         """``push`` through the worker's shared-memory channel (:mod:`synctrain.ps.shm`).
 
         The gradient is read in place from the channel (``has_grads=False``: a skipped step)
@@ -376,7 +388,10 @@ class ParameterShard:
             return self._ack()
         assert self._flat is not None
         np.copyto(channel.params, self._flat.numpy())
-        return dataclasses.replace(self._ack(), wait_s=wait_s)
+        reply = dataclasses.replace(self._ack(), wait_s=wait_s,
+                                    digest=array_digest(channel.params) if digest else None)
+        self._maybe_flip()
+        return reply
 
     async def _serve(self, job_id: str, worker: int, clock: int, grads: np.ndarray | None,
                      min_clock: int, based_on_version: int, lrs: tuple[float, ...] | None,
@@ -405,7 +420,8 @@ class ParameterShard:
 
     async def push_chunked(self, job_id: str, worker: int, clock: int, min_clock: int,
                            based_on_version: int, lrs: tuple[float, ...] | None, want_params: bool,
-                           reply_chunks: int, *grad_chunks: np.ndarray) -> tuple[Any, ...]:
+                           reply_chunks: int, *grad_chunks: np.ndarray, digest: bool = False,
+                           ) -> tuple[Any, ...]:
         """``push`` for a range of a few hundred KB, in pieces small enough to travel inline.
 
         Ray passes an argument or a return value under 100 KB inside the call itself and
@@ -419,7 +435,8 @@ class ParameterShard:
         if reply_chunks < 1:
             raise ParameterServerError(f"reply_chunks must be >= 1, got {reply_chunks}")
         grads = np.concatenate(grad_chunks) if grad_chunks else None
-        reply = await self.push(job_id, worker, clock, grads, min_clock, based_on_version, lrs, want_params)
+        reply = await self.push(job_id, worker, clock, grads, min_clock, based_on_version, lrs, want_params,
+                                digest)
         if not isinstance(reply.params, np.ndarray):
             return (reply, *([None] * reply_chunks))
         pieces = np.array_split(reply.params, reply_chunks)
@@ -679,12 +696,35 @@ class ParameterShard:
         return PushReply(params=None, version=self.version, min_clock=self.min_clock(),
                          clocks=tuple(self.worker_clocks), wait_s=0.0)
 
-    def _reply(self, wait_s: float) -> PushReply:
+    def _reply(self, wait_s: float, digest: bool = False) -> PushReply:
         assert self._flat is not None
         live = self._flat.numpy()
         snapshot: Any = ray.put(live) if self.config.reply_by_reference else live.copy()
-        return PushReply(params=snapshot, version=self.version,
-                         min_clock=self.min_clock(), clocks=tuple(self.worker_clocks), wait_s=wait_s)
+        reply = PushReply(params=snapshot, version=self.version,
+                          min_clock=self.min_clock(), clocks=tuple(self.worker_clocks), wait_s=wait_s,
+                          digest=array_digest(live) if digest else None)
+        self._maybe_flip()
+        return reply
+
+    def inject_flip(self, job_id: str, version: int, bit: int = 22) -> None:
+        """Test hook: right after serving parameters at ``version``, flip ``bit`` of the first
+        one in place, with no update applied and the version unchanged (a silent corruption of
+        the shard's memory); a later serve of the same version then differs."""
+        self._fence(job_id)
+        size = 8 * (self._flat.element_size() if self._flat is not None else 4)
+        if not 0 <= bit < size:
+            raise ValueError(f"bit must be in [0, {size}), got {bit}")
+        self._flip_at_version = (int(version), int(bit))
+
+    def _maybe_flip(self) -> None:
+        if self._flip_at_version is None or self._flip_at_version[0] != self.version or self._flat is None:
+            return
+        bit = self._flip_at_version[1]
+        self._flip_at_version = None
+        raw = self._flat.view(-1)[:1].view(torch.uint8)
+        raw[bit // 8] ^= 1 << (bit % 8)
+        log.warning("INJECT flip_shard_bits on shard %d at version %d: bit %d of parameter 0 (now %.6g)",
+                    self.config.shard_index, self.version, bit, float(self._flat.view(-1)[0]))
 
     # ---- shared helpers ----------------------------------------------------------------
     def _check_worker(self, worker: int, what: str) -> None:

@@ -46,6 +46,12 @@ over nodes when there are several). They start empty: only the workers know the 
   that fetches nothing is answered at once with an acknowledgement.
 * A changed learning rate (an LR scheduler on the worker) travels with the next push.
 * When the loop ends the worker ``leave``s, so its final clock holds nobody back.
+* Pulled digests (a step-logged job with ``digest_every`` = n): every push at a clock that is
+  a multiple of n fetches parameters and asks each shard for the digest of what it serves; at
+  the worker's next push, before gradients computed from those parameters are sent, it hashes
+  what it holds of each range and compares. A mismatch drops that step's gradients (a skipped
+  push) and forces the next pull; either way the check goes to the step log
+  (``StepBoundary.note_pulled``), which judges it and names the worker.
 * Recovery. ``state_dict()`` is every shard's atomic ``export_state`` (parameters, optimizer
   state, clocks; read in parallel, so another worker's push may be on one shard and not yet
   on the next) and this worker's clock; the driver restores it into fresh shards with
@@ -74,6 +80,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 import types
 import zlib
@@ -86,6 +93,7 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from synctrain import context as _context
+from synctrain.digest import array_digest
 from synctrain.errors import ConfigError, ModelMismatchError
 from synctrain.ps import ipc, shm
 from synctrain.ps.errors import NonFiniteGradientError, ParameterServerError, StalenessTimeoutError
@@ -94,6 +102,8 @@ from synctrain.ps.recipe import OptimizerRecipe
 from synctrain.ps.shard import LAG_BUCKETS, ParameterShard, PushReply, ShardConfig
 from synctrain.strategies.allreduce import DEFAULT_OPTIONS as SYNC_OPTIONS
 from synctrain.strategies.base import Strategy, register
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "staleness": None,
@@ -250,6 +260,15 @@ class ParameterServerStrategy(Strategy):
         self._copy_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.nonfinite_skipped = 0
         self.bytes_pushed = 0
+        # Pulled digests (see synctrain.digest): the push in flight asked for them; the
+        # shards' digests of the parameters held now (None: the last load carried none, or
+        # they were checked); held parameters that differ from what was served (until a load).
+        self._inflight_digest = False
+        self._served: list[str] | None = None
+        self._tainted = False
+        self._good_buffers: list[torch.Tensor] | None = None  # the buffers at the last check passed
+        self.digest_checks = 0
+        self.digest_mismatches = 0
 
     def on_shutdown(self) -> None:
         job, rank = self.spec.job_id, self.context.rank
@@ -520,13 +539,20 @@ class ParameterServerStrategy(Strategy):
         session = _context.current_session()
         if session is not None:
             session.before_optimizer_step()  # a checkpoint of the previous step, when due
-        grads_ok = self._gather_grads()
+        stepper = getattr(session, "stepper", None)
+        self._check_pulled(stepper, session)  # before any gradient computed from them is sent
+        suspect = self._tainted  # this step's gradients come from corrupted parameters
+        grads_ok = False if suspect else self._gather_grads()
         self._lag_hist[min(self.clock - self.included, LAG_BUCKETS - 1)] += 1
         self._collect()  # the previous push's reply (pipelined), before sending the next
         lrs = tuple(float(g["lr"]) for g in optimizer.param_groups)
         changed_lrs = lrs if lrs != self._lrs else None
         self._lrs = lrs
         want_params, min_clock = self._pull_plan()
+        every = getattr(getattr(stepper, "cfg", None), "digest_every", 0) or 0
+        want_digest = bool(every) and self.clock % every == 0
+        if want_digest or self._tainted:  # a digest needs parameters; corrupted ones are replaced
+            want_params = True
         assert self._grad_host is not None
         grad_np = self._grad_host.numpy()
         calls: list[Any] = []
@@ -539,24 +565,25 @@ class ParameterServerStrategy(Strategy):
                     if x is not None:
                         np.copyto(local.channel.grad, x)
                     local.link.send({"clock": self.clock, "has": x is not None, "min": min_clock,
-                                     "ver": self.versions[i], "lrs": changed_lrs, "want": want_params})
+                                     "ver": self.versions[i], "lrs": changed_lrs, "want": want_params,
+                                     "dig": want_digest})
                     calls.append(local.link)
                     continue
                 if pieces > 1:  # a few hundred KB: inline pieces both ways (see ParameterShard.push_chunked)
                     grad_pieces = np.array_split(x, pieces) if x is not None else ()
                     calls.append(shard.push_chunked.options(num_returns=1 + pieces).remote(
                         self.spec.job_id, self.context.rank, self.clock, min_clock, self.versions[i],
-                        changed_lrs, want_params, pieces, *grad_pieces))
+                        changed_lrs, want_params, pieces, *grad_pieces, digest=want_digest))
                     continue
                 # Bigger: one copy into the object store, which the shard reads in place (under
                 # 100 KB Ray passes the array inline by itself).
                 arg = ray.put(x) if x is not None and x.nbytes >= INLINE_BYTES else x
                 calls.append(shard.push.remote(self.spec.job_id, self.context.rank, self.clock, arg, min_clock,
-                                               self.versions[i], changed_lrs, want_params))
+                                               self.versions[i], changed_lrs, want_params, want_digest))
         except BaseException:
             self._close_links()
             raise
-        self._inflight, self._inflight_wants = calls, want_params
+        self._inflight, self._inflight_wants, self._inflight_digest = calls, want_params, want_digest
         self.bytes_pushed += grad_np.nbytes if grads_ok else 0
         self.clock += 1
         if not self.pipelined:
@@ -564,6 +591,39 @@ class ParameterServerStrategy(Strategy):
         session = _context.current_session()
         if session is not None:
             session.on_optimizer_step()
+
+    def _check_pulled(self, stepper: Any, session: Any) -> None:
+        """Compare what this worker holds of each shard's range with the digest the shard gave
+        of what it served (the last load asked for them), before the gradients computed from
+        it are sent: a mismatch (the copy was corrupted on the way or in this process's memory)
+        drops this step's gradients, puts back the buffers (this worker's own, e.g. BatchNorm
+        statistics, which the corrupted forward updated) as of the last check passed, and
+        replaces the parameters at the next load. The check goes to the step log, which judges
+        it and compares shards' digests of one version."""
+        served, self._served = self._served, None
+        if served is None or self._host is None:
+            return
+        # what the model holds (on a GPU: a copy of it, not the staging buffer it was loaded from)
+        held_flat = self._host if self._flat is None or self._flat is self._host else self._flat.cpu()
+        host = held_flat.numpy()
+        held = [array_digest(host[a:b]) for a, b in self.bounds]
+        self.digest_checks += 1
+        bad = [i for i, (s, h) in enumerate(zip(served, held, strict=True)) if s != h]
+        buffers = list(self.model.buffers()) if self.model is not None else []
+        if bad:
+            self.digest_mismatches += 1
+            self._tainted = True
+            if self._good_buffers is not None and len(self._good_buffers) == len(buffers):
+                with torch.no_grad():
+                    for live, good in zip(buffers, self._good_buffers, strict=True):
+                        live.copy_(good)
+            log.warning("worker %d: its parameters of shard(s) %s (versions %s) differ from what the "
+                        "shards served; this step's gradients are dropped, its buffers put back and "
+                        "the parameters pulled again", self.context.rank, bad, [self.versions[i] for i in bad])
+        else:
+            self._good_buffers = [b.detach().clone() for b in buffers]
+        if stepper is not None and session is not None:
+            stepper.note_pulled(session.optimizer_steps + 1, list(self.versions), served, held)
 
     def _pull_plan(self) -> tuple[bool, int]:
         """(does this push fetch parameters, the clock they must include).
@@ -599,6 +659,9 @@ class ParameterServerStrategy(Strategy):
         self._wait_ms.append(1e3 * min(wait_s, blocked_s))
         if self._inflight_wants:
             self._load(replies, from_channels=True)
+            digests = [r.digest for r in replies]
+            self._served = digests if self._inflight_digest and all(digests) else None  # type: ignore[assignment]
+            self._tainted = False
 
     def _replies(self, calls: list[Any]) -> list[PushReply]:
         """Every shard's answer to the push in flight, in shard order."""
@@ -610,8 +673,10 @@ class ParameterServerStrategy(Strategy):
         for call in calls:
             if isinstance(call, ipc.ShardLink):  # the parameters, if any, are in the channel
                 m = call.receive()
+                digest = m.get("digest")
                 replies.append(PushReply(params=None, version=int(m["version"]), min_clock=int(m["min_clock"]),
-                                         clocks=tuple(m["clocks"]), wait_s=float(m["wait_s"])))
+                                         clocks=tuple(m["clocks"]), wait_s=float(m["wait_s"]),
+                                         digest=digest if isinstance(digest, str) else None))
                 continue
             reply = next(got)
             if isinstance(call, list):  # push_chunked: the reply, then the parameters in pieces
@@ -730,6 +795,8 @@ class ParameterServerStrategy(Strategy):
             "included_clock": self.included,
             "server_pushes_applied": self.server_pushes_applied,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "digest_checks": self.digest_checks,  # pulled parameters checked against the shards' digests
+            "digest_mismatches": self.digest_mismatches,  # ... that differed (their gradients dropped)
             "bytes_pushed": self.bytes_pushed,
             "push_pieces": list(self._pieces),  # per shard: inline pieces (1: sent whole)
             "push_transport": [_transport_name(c, p) for c, p in

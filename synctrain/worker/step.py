@@ -20,7 +20,9 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
 3. in sync mode, every ``digest_every`` steps, copies the replicated state (the parameters,
    see :mod:`synctrain.digest`) at the same capture point — rank 0 reuses its checkpoint's
    copy — for the writer to hash and commit with the step records: the log compares the
-   ranks' digests of each step (a checkpoint carries the digest of what it holds, too);
+   ranks' digests of each step (a checkpoint carries the digest of what it holds, too); in
+   async mode the strategy checks what it pulled against the shards' digests of what they
+   served (:meth:`StepBoundary.note_pulled`) and the check rides on the step's record;
 4. holds the worker while it is more than K = ``max_uncommitted_steps`` steps ahead of its
    committed records (K = 0: every step waits for its own commit), so a coordinator that lost
    its majority stops training after at most K steps and nothing runs ahead of the log;
@@ -83,7 +85,7 @@ class StepLogConfig:
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
-    digest_every: int = 0  # sync mode: digest the replicated state every N steps (0: never)
+    digest_every: int = 0  # digest the replicated (sync) or pulled (async) state every N steps (0: never)
     # Test hook: {"rank", "step"[, "bit", "generation"]}: flip a bit of that rank's parameters
     # right after that step (of generation 1 unless told), as a silent corruption would.
     flip_bits: dict[str, int] | None = None
@@ -103,6 +105,7 @@ class StepBoundary:
         self.pending: dict[str, Any] | None = None  # a checkpoint due at the next step's start
         self.pending_digest: int | None = None  # the step whose digest is due at its capture point
         self.last_digest_step = -1
+        self.pulled: dict[str, Any] | None = None  # async: the check made in the step under way
         self.stop_reason: str | None = None  # the driver asked this run to stop
         self.writer = _Writer(self)
         self.writer.start()
@@ -119,7 +122,11 @@ class StepBoundary:
         step = session.optimizer_steps
         self.last_positions = session.loader_positions()
         ps_clock = getattr(session.strategy, "clock", None) if self.mode == "async" else None
-        self.writer.put(("step", step, time.time(), ps_clock))
+        items: list[tuple] = [("step", step, time.time(), ps_clock)]
+        if self.pulled is not None:  # in the same batch as its step
+            items.append(("pulled", step, self.pulled))
+            self.pulled = None
+        self.writer.put(*items)
         self._maybe_flip_bits(session, step)
         # Both taken at this step's capture point (the next batch handed out: the iteration is
         # over, an LR scheduler stepped, its reports made), or failing that (no prepared
@@ -131,6 +138,14 @@ class StepBoundary:
         if self.mode == "sync" and every and step % every == 0:
             self.pending_digest = step
         self._hold(session, step)
+
+    def note_pulled(self, step: int, versions: list[int], served: list[str], held: list[str]) -> None:
+        """Async: the strategy compared what it holds with what the shards served, before
+        sending the gradients of ``step``; the check rides on that step's record."""
+        self.pulled = {"versions": versions, "served": served, "held": held}
+        if served != held:
+            log.warning("rank %d, step %d: pulled parameters differ from what the shards served "
+                        "(versions %s)", self.rank, step, versions)
 
     def at_capture_point(self, session: Session) -> None:
         self._at_capture(session, session.capture_positions, session.capture_report_seq)
@@ -282,12 +297,12 @@ class _Writer(threading.Thread):
         self.commits = 0
         self.steplog = StepLog(list(boundary.cfg.endpoints), boundary.cfg.token, boundary.cfg.job)
 
-    def put(self, item: tuple) -> None:
+    def put(self, *items: tuple) -> None:
         with self.cond:
             while len(self.queue) >= MAX_QUEUED and not self.fenced:
                 self.urgent = True
                 self.cond.wait(0.5)
-            self.queue.append(item)
+            self.queue.extend(items)
             if self.b.cfg.max_uncommitted_steps == 0:
                 self.urgent = True
             self.cond.notify_all()
@@ -412,11 +427,11 @@ def _records(items: list[tuple]) -> list[dict[str, Any]]:
         if item[0] == "step":
             _, step, t, ps_clock = item
             records.append({"step": step, "time": t, "reports": [], "ps_clock": ps_clock})
-        elif item[0] == "digest":
-            _, step, digest = item
+        elif item[0] in ("digest", "pulled"):
+            _, step, value = item
             if not records or records[-1]["step"] != step:
                 records.append({"step": step, "time": time.time(), "reports": []})
-            records[-1]["digest"] = digest
+            records[-1][item[0]] = value
         else:
             _, step, seq, metrics = item
             if not records or records[-1]["step"] != step:
@@ -426,9 +441,10 @@ def _records(items: list[tuple]) -> list[dict[str, Any]]:
 
 
 def _progress(items: list[tuple]) -> list[dict[str, Any]]:
-    """Another rank's queued items as records: its digests, and the last step it reached."""
-    out = [{"step": item[1], "time": time.time(), "digest": item[2]}
-           for item in items if item[0] == "digest"]
+    """Another rank's queued items as records: its digests and pulled checks, and the last
+    step it reached."""
+    out = [{"step": item[1], "time": time.time(), item[0]: item[2]}
+           for item in items if item[0] in ("digest", "pulled")]
     steps = [(item[1], item[2]) for item in items if item[0] == "step"]
     if steps:
         out.append({"step": steps[-1][0], "time": steps[-1][1]})

@@ -75,7 +75,8 @@ def digests(log: Log) -> dict:
 def test_a_set_is_judged_only_when_every_member_sent_its_digest() -> None:
     log = three_ranks()
     send(log, 1, {0: "aa", 1: "aa"})
-    assert digests(log) == {"trusted_step": None, "mismatch": None, "verdict_step": None, "sets": 1}
+    assert digests(log) == {"trusted_step": None, "mismatch": None, "verdict_step": None, "sets": 1,
+                            "pulled": {"checks": 0, "mismatches": 0, "dropped": 0, "recent": []}}
     send(log, 1, {2: "aa", 1: "aa"})  # rank 1 again: a retried batch changes nothing
     assert digests(log)["trusted_step"] == 1 and digests(log)["verdict_step"] == 1
     [entry] = log.items("digests")

@@ -119,6 +119,57 @@ def test_two_ranks_mismatch_is_detected_and_rolled_back_without_naming_a_rank(ra
     assert_same_parameters(result.outputs)
 
 
+def test_async_a_corrupted_pulled_copy_is_named_and_its_gradients_never_reach_a_shard(ray_session, tmp_path):
+    """Async: rank 1's held parameters get the top exponent bit of a weight flipped (the value
+    becomes ~1e38, its gradients NaN) right after step 25. At its next push the worker finds
+    its copy differs from what the shard served, drops that step's gradients (pushing them
+    would fail the job: skip_nonfinite is off) and pulls again; the log names rank 1 at step
+    26 and the job goes on in its first generation with finite parameters."""
+    result = synctrain.Trainer(
+        digest_loop, num_workers=2, mode="async", use_gpu=False, progress=False,
+        config={"epochs": 2}, storage_path=str(tmp_path), job_name="pulled", digest_every=1,
+        checkpoint_every=CHECKPOINT_EVERY, stall_timeout_s=20.0, collective_timeout_s=30.0,
+        _fault_hooks={"flip_bits": {"rank": 1, "step": FLIP_STEP, "bit": 30}}).fit()
+    assert [g["generation"] for g in result.generations] == [1], "nothing rolls back"
+    [failure] = result.failures
+    assert failure["kind"] == "digest_mismatch" and failure["rank"] == 1, failure
+    assert failure["step"] == FLIP_STEP + 1 and failure["recovery"] == "repulled", failure
+    assert "differ from what the shards served" in failure["detail"]
+    m0, m1 = result.worker_metrics[0], result.worker_metrics[1]
+    assert m1["digest_mismatches"] == 1 and m0["digest_mismatches"] == 0
+    assert m0["digest_checks"] >= 20 and m1["digest_checks"] >= 20  # every step checked
+    for out in result.outputs:
+        assert all(bool(torch.isfinite(v).all()) for v in out["state"].values()), out["rank"]
+    steps = [s["step"] for s in result.steps]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2 * (SAMPLES // (BATCH * 2)) - 2
+
+
+def test_async_a_shard_whose_parameters_change_with_no_update_is_named_and_the_job_rolls_back(
+        ray_session, tmp_path):
+    """Bulk-synchronous async (staleness 0): both workers pull every version of the shard. The
+    shard's memory is corrupted (a bit of its first parameter, version unchanged) right after
+    it served version 25 to the first worker, so the second gets different bytes for the same
+    version. The log names the shard; every rank rolls back to the newest checkpoint that holds
+    the shard from before version 25 (step 20) and the job ends in its second generation."""
+    result = synctrain.Trainer(
+        digest_loop, num_workers=2, mode="async", staleness=0, use_gpu=False, progress=False,
+        config={"epochs": 2}, storage_path=str(tmp_path), job_name="served", digest_every=1,
+        checkpoint_every=CHECKPOINT_EVERY, stall_timeout_s=20.0, collective_timeout_s=30.0,
+        _fault_hooks={"flip_shard_bits": {"shard": 0, "version": FLIP_STEP}}).fit()
+    [failure] = result.failures
+    assert failure["kind"] == "digest_mismatch" and failure["rank"] is None, failure
+    assert "shard 0 served two different digests for version 25" in failure["detail"], failure
+    assert failure["recovery"] == "checkpoint" and failure["generation"] == 1, failure
+    assert [g["generation"] for g in result.generations] == [1, 2], result.generations
+    second = result.generations[1]
+    assert second["start_step"] == 20 and "restored step 20" in second["reason"], second
+    steps = [s["step"] for s in result.steps]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 2 * (SAMPLES // (BATCH * 2))
+    assert all(m["digest_mismatches"] == 0 for m in result.worker_metrics)  # the workers got what was served
+    for out in result.outputs:
+        assert all(bool(torch.isfinite(v).all()) for v in out["state"].values()), out["rank"]
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "10"])
 def test_digest_every_is_validated(bad):
     with pytest.raises(ConfigError, match="digest_every"):
