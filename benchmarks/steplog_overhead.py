@@ -89,7 +89,7 @@ POLL_INTERVAL_S = 0.01
 MAX_OBSERVATIONS = 200_000  # committed-step increases the watcher keeps (one per increase)
 #: Epochs per model in a throughput run (23 steps each; the MLP's steps are ~10x shorter):
 #: every run crosses at least one automatic checkpoint (every 100 steps).
-EPOCHS = {"mlp": 20, "conv": 5}
+EPOCHS = {"mlp": 60, "conv": 10}  # runs of 10-30 s: shorter ones are mostly the machine's noise
 QUICK_EPOCHS = {"mlp": 2, "conv": 1}
 #: MLP epochs of a fault run (training goes on for seconds after the fault, long enough for
 #: the driver to see a dead coordinator node, and in async mode for rank 0, which never stops,
@@ -639,6 +639,8 @@ def main() -> int:
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
     parser.add_argument("--faults-only", action="store_true",
                         help="run the fault measurements again; keep the throughput of the stored JSON")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="run the throughput rounds again; keep the faults of the stored JSON")
     for internal in ("--driver", "--storage", "--address", "--marks", "--result"):  # driver_resume's child
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=FAULT_EPOCHS, help=argparse.SUPPRESS)
@@ -682,13 +684,21 @@ def main() -> int:
                                 "at its start); only the faults were run again (`--faults-only`).")
         write(stored["throughput"], faults, stored["rounds"], out_dir, args, epochs)
         return 0
+    if args.throughput_only:
+        with open(os.path.join(out_dir, "steplog_overhead.json")) as f:
+            stored = json.load(f)
+        faults = stored["faults"]
+        old = stored["meta"]
+        args.throughput_note = (f"The fault rows are a stored run's (`{old.get('command')}`, load average "
+                                f"{', '.join(f'{x:.1f}' for x in old['load_avg_start'])} at its start); only the "
+                                "throughput was measured again (`--throughput-only`).")
     with tempfile.TemporaryDirectory(prefix="steplog_jobs_") as storage:
         # Round 1, the faults, the other rounds; the results are written after each, so a run
         # cut short on a busy machine still leaves them (meta says how many rounds were done).
         for i in range(args.rounds):
             print(f"-- round {i + 1}/{args.rounds}", flush=True)
             rounds.append(one_round(i, Path(storage), cells, epochs, args.quick))
-            if i == 0:
+            if i == 0 and not args.throughput_only:
                 faults = fault_runs(Path(storage), args.quick)
             write(summarize(rounds), faults, rounds, out_dir, args, epochs)
     return 0

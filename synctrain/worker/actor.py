@@ -192,9 +192,10 @@ class TrainWorker:
                 session.stepper.at_loop_end(session)  # the last step's digest, if one is due
             if session.stepper is not None and not session.stepper.flush(timeout_s=120.0):
                 raise RuntimeError(f"rank {self.rank} could not commit its last steps to the step log")
+            log_metrics = session.stepper.metrics() if session.stepper is not None else {}
             return {"ok": True, "rank": self.rank, "value": value, "step": session.optimizer_steps,
                     "metrics": {**strategy.metrics(), "dropped_reports": session.dropped_reports,
-                                "replayed_reports": session.replayed_reports}}
+                                "replayed_reports": session.replayed_reports, **log_metrics}}
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the driver
             return {"ok": False, "rank": self.rank, "exc_type": type(exc).__name__,
                     "traceback": traceback.format_exc(), **self._end_state(session)}

@@ -106,6 +106,7 @@ class StepBoundary:
         self.pending_digest: int | None = None  # the step whose digest is due at its capture point
         self.last_digest_step = -1
         self.pulled: dict[str, Any] | None = None  # async: the check made in the step under way
+        self.wait_s = 0.0  # the loop's time held by the K bound
         self.stop_reason: str | None = None  # the driver asked this run to stop
         self.writer = _Writer(self)
         self.writer.start()
@@ -212,11 +213,13 @@ class StepBoundary:
         k = self.cfg.max_uncommitted_steps
         if step - self.committed_step > k:
             self.writer.urge()
+            started = time.monotonic()
             with self.writer.cond:
                 while step - self.committed_step > k and not self.writer.fenced \
                         and self.stop_reason is None:
                     self.writer.cond.wait(0.5)
                     session.touch()  # waiting on the log is not a stall of the loop
+            self.wait_s += time.monotonic() - started
         if self.writer.fenced:
             raise WorkerFencedError(
                 f"rank {self.rank} of generation {self.generation} was replaced by a newer "
@@ -236,6 +239,13 @@ class StepBoundary:
         with self.writer.cond:
             self.stop_reason = reason
             self.writer.cond.notify_all()
+
+    def metrics(self) -> dict[str, Any]:
+        """This run's step-log figures for ``Result.worker_metrics``: commits made (each one
+        Raft commit of a batch), commits that failed and were retried, seconds the loop waited
+        on the log (more than K steps uncommitted)."""
+        return {"steplog_commits": self.writer.commits, "steplog_failed_commits": self.writer.failed_commits,
+                "steplog_wait_s": round(self.wait_s, 3)}
 
     def flush(self, timeout_s: float) -> bool:
         """Commit everything queued; True when done within ``timeout_s``."""
@@ -302,10 +312,12 @@ class _Writer(threading.Thread):
             while len(self.queue) >= MAX_QUEUED and not self.fenced:
                 self.urgent = True
                 self.cond.wait(0.5)
+            was_empty = not self.queue
             self.queue.extend(items)
             if self.b.cfg.max_uncommitted_steps == 0:
                 self.urgent = True
-            self.cond.notify_all()
+            if was_empty or self.urgent:  # else the writer is awake, or holding the batch open
+                self.cond.notify_all()
 
     def urge(self) -> None:
         with self.cond:
@@ -346,9 +358,11 @@ class _Writer(threading.Thread):
                     if self.stopping:
                         return
                     continue
-                wait_s = MIN_FLUSH_INTERVAL_S - (time.monotonic() - last_flush)
-                if not self.urgent and not self.stopping and wait_s > 0:
-                    self.cond.wait(wait_s)
+                # Hold the batch open for MIN_FLUSH_INTERVAL_S since the last commit (a put's
+                # notify wakes this wait: it waits again, unless a commit is urgent now)
+                deadline = last_flush + MIN_FLUSH_INTERVAL_S
+                while not self.urgent and not self.stopping and (left := deadline - time.monotonic()) > 0:
+                    self.cond.wait(left)
                 batch = list(self.queue)
                 self.queue.clear()
                 self.inflight = len(batch)
