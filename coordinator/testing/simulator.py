@@ -26,6 +26,14 @@ server's marker file, ``SimNode.recovering`` survives crashes until the core rep
 repair finished in a Ready that was then made durable. One node at a time: two lost disks
 can lose a committed entry, which no protocol can prevent.
 
+Snapshots are taken the way the server takes them (``coordinator/snapshotting.py``): a share
+of them (``slow_snapshot``, drawn from a stream of their own) is *slow* — the state is
+captured at the applied index, the node goes on ticking, voting, replicating and applying
+while the snapshot is "written" for ``snapshot_time`` units (longer than an election timeout:
+a snapshot of a large state), and only then does it become the node's snapshot and the log
+get compacted up to it. A crash before that loses it (the log is still whole); a newer
+snapshot installed from the leader meanwhile supersedes it. One at a time per node.
+
 A run has two phases. The *safety phase* injects faults: message loss, duplication,
 reordering and delay; symmetric and one-way partitions; crashes and restarts (some with an
 empty disk, see below); clock skew;
@@ -86,7 +94,7 @@ from .workload import ClientReply, ClientRequest, SimClient, choose_operation
 __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 
 # Event kinds (ints keep the heap entries cheap and comparable).
-TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT, RESTART = range(7)
+TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT, RESTART, SNAPSHOT_DONE = range(8)
 CRASH_POINTS = ("before_persist", "torn_persist", "after_persist", "after_send")
 BUGS = ("stale_reads", "no_dedup", "lossy_snapshot", "send_before_persist", "volatile_vote",
         "wiped_node_votes")
@@ -111,6 +119,8 @@ class SimParams:
     compact_every: int = 25  # applied entries between snapshots (0 = never compact)
     faults: bool = True
     wipe_fraction: float = 0.25  # share of fault restarts that come back with an empty disk
+    slow_snapshot: float = 0.3  # share of snapshots written in the background (see the module doc)
+    snapshot_time: int = 150  # units such a snapshot takes (an election timeout is ~100)
     membership: bool = True  # spare nodes join and voters leave during the safety phase
     # Healing also brings the clocks back within +-15% of nominal. Without it, a node ticking
     # 2.6x faster than the rest and holding a stale log can starve elections forever when
@@ -165,6 +175,7 @@ class SimNode:
     crash_trigger: MessageType | None = None  # crash only at a ready that sends this, granted
     restart_after: int | None = None  # units from a crash to the restart that follows it
     recovering: bool = False  # lost its disk and not yet repaired (a durable marker)
+    snapshotting: tuple[int, ConfState | None, bytes] | None = None  # a slow snapshot being written
     pending_writes: dict[tuple[int, int], int] = field(default_factory=dict)  # -> attempt
     pending_reads: dict[bytes, ClientRequest] = field(default_factory=dict)
     waiting_reads: list[tuple[int, ClientRequest]] = field(default_factory=list)
@@ -211,10 +222,13 @@ class Simulation:
             "redirects": 0,
             "wipes": 0,
             "recoveries": 0,
+            "slow_snapshots": 0,
+            "slow_snapshots_lost": 0,
         }
         voters = ConfState(voters=tuple(range(1, n + 1)))
         self.bootstrap_conf = voters
         self._wipe_rng = random.Random(f"wipe/{seed}")
+        self._snap_rng = random.Random(f"snapshot/{seed}")
         self.nodes: dict[int, SimNode] = {}
         for nid in self.ids:
             period = self._random_period()
@@ -308,6 +322,7 @@ class Simulation:
             self._on_client_timer,
             self._on_fault,
             self._on_restart,
+            self._on_snapshot_done,
         )
         while self.queue and self.queue[0][0] <= end:
             at, _, kind, a, b = heapq.heappop(self.queue)
@@ -349,6 +364,7 @@ class Simulation:
         node.raft = RaftNode(cfg, node.storage, random.Random(self.rng.getrandbits(64)))
         node.epoch += 1
         node.crash_point, node.crash_trigger, node.restart_after = None, None, None
+        node.snapshotting = None  # a snapshot of the old process is never finished
         self.checker.on_restart(node.id)
         self._push(self.now + self.rng.randint(1, node.period), TICK, node.id, node.epoch)
         self._drain(node)
@@ -365,6 +381,9 @@ class Simulation:
         node.pending_writes.clear()
         node.pending_reads.clear()
         node.waiting_reads.clear()
+        if node.snapshotting is not None:  # never made durable
+            node.snapshotting = None
+            self.stats["slow_snapshots_lost"] += 1
 
     def _on_restart(self, nid: int, epoch: int) -> None:
         node = self.nodes[nid]
@@ -555,13 +574,38 @@ class Simulation:
             return
         held = st.snapshot().metadata
         conf_moved = node.conf_state != held.conf_state and applied > held.index
-        if applied - st.first_index() < every and not conf_moved:
+        if applied - st.first_index() < every and not conf_moved or node.snapshotting is not None:
+            return
+        if self._snap_rng.random() < self.p.slow_snapshot:
+            node.snapshotting = (applied, node.conf_state, node.kv.snapshot())
+            took = self._snap_rng.randint(self.p.snapshot_time // 2, self.p.snapshot_time * 3 // 2)
+            self._push(self.now + took, SNAPSHOT_DONE, node.id, node.epoch)
+            self.stats["slow_snapshots"] += 1
+            self.log(f"n{node.id} starts a slow snapshot at {applied} ({took} units)")
             return
         st.create_snapshot(applied, node.conf_state, node.kv.snapshot())
         keep = self.rng.randint(0, every // 2)
         st.compact(max(applied - keep, st.first_index()))
         self.stats["compactions"] += 1
         self.log(f"n{node.id} snapshot at {applied}, log from {st.first_index()}")
+
+    def _on_snapshot_done(self, nid: int, epoch: int) -> None:
+        """A slow snapshot is durable: it becomes the node's snapshot and the log is compacted
+        up to it, unless the node crashed meanwhile or already holds a newer snapshot."""
+        node = self.nodes[nid]
+        if node.raft is None or node.epoch != epoch or node.snapshotting is None:
+            return
+        index, conf, data = node.snapshotting
+        node.snapshotting = None
+        st = node.storage
+        if index <= st.snapshot().metadata.index:
+            self.log(f"n{nid} slow snapshot at {index} superseded by one at {st.snapshot().metadata.index}")
+            return
+        st.create_snapshot(index, conf, data)
+        keep = self._snap_rng.randint(0, self.p.compact_every // 2)
+        st.compact(max(index - keep, st.first_index()))
+        self.stats["compactions"] += 1
+        self.log(f"n{nid} slow snapshot at {index} written, log from {st.first_index()}")
 
     # ---- clients ---------------------------------------------------------------------------
 
