@@ -13,8 +13,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from coordinator.client import (
         AsyncClient,
         Client,
+        Compare,
+        Delete,
+        Get,
+        KeyValue,
         OutcomeUnknown,
+        Put,
+        RangeResult,
         RequestRejected,
+        TxnResult,
         Unavailable,
     )
     from coordinator.cluster import LocalCluster, RayCluster
@@ -27,6 +34,13 @@ _LAZY = {
     "OutcomeUnknown": "coordinator.client",
     "RequestRejected": "coordinator.client",
     "Unavailable": "coordinator.client",
+    "Compare": "coordinator.client",
+    "Delete": "coordinator.client",
+    "Get": "coordinator.client",
+    "KeyValue": "coordinator.client",
+    "Put": "coordinator.client",
+    "RangeResult": "coordinator.client",
+    "TxnResult": "coordinator.client",
     "LocalCluster": "coordinator.cluster",
     "RayCluster": "coordinator.cluster",
 }
@@ -41,5 +55,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["AsyncClient", "Client", "LocalCluster", "OutcomeUnknown", "RayCluster",
-           "RequestRejected", "Unavailable"]
+__all__ = ["AsyncClient", "Client", "Compare", "Delete", "Get", "KeyValue", "LocalCluster",
+           "OutcomeUnknown", "Put", "RangeResult", "RayCluster", "RequestRejected", "TxnResult",
+           "Unavailable"]

@@ -4,6 +4,9 @@
     coordinator put KEY VALUE                    # in another terminal: finds the local cluster
     coordinator put KEY - < file                 # the value from stdin (or --file PATH)
     coordinator get KEY [--stale]
+    coordinator get PREFIX --prefix [--limit N] [--keys-only|--count-only] [-w json|table]
+    coordinator get KEY --range-end END | --from-key   # [KEY, END) / every key from KEY on
+    coordinator txn '{"compare": [...], "success": [...], "failure": [...]}'   # or - / --file
     coordinator cas KEY EXPECTED NEW [--absent]  # --absent: expect the key to be missing
     coordinator delete KEY
     coordinator status [--all]
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import fcntl
 import json
@@ -90,21 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create this file (mode 0600) holding the token; never overwrites")
 
     for name, extra in (("status", []), ("put", ["key", "value"]), ("get", ["key"]),
-                        ("delete", ["key"]), ("cas", ["key", "expected", "new"])):
+                        ("delete", ["key"]), ("cas", ["key", "expected", "new"]), ("txn", ["txn"])):
         p = sub.add_parser(name, help=f"{name} " + " ".join(x.upper() for x in extra))
         for arg in extra:
-            if arg in ("value", "new"):  # "-": stdin; or --file PATH
-                p.add_argument(arg, nargs="?", help="the value; - reads it from stdin")
+            if arg in ("value", "new", "txn"):  # "-": stdin; or --file PATH
+                p.add_argument(arg, nargs="?", help="the transaction as JSON; - reads it from stdin"
+                               if arg == "txn" else "the value; - reads it from stdin")
             else:
                 p.add_argument(arg)
         _connection_flags(p, top=False)
-        if name in ("put", "cas"):
+        if name in ("put", "cas", "txn"):
             p.add_argument("--file", type=pathlib.Path,
-                           help=f"read the {'value' if name == 'put' else 'NEW value'} from "
-                                "this file (at most 1 MiB)")
+                           help=f"read the {'value' if name == 'put' else 'NEW value' if name == 'cas' else 'transaction'}"
+                                " from this file (at most 1 MiB)")
         if name == "get":
             p.add_argument("--stale", action="store_true",
                            help="read the answering node's local state (may lag)")
+            p.add_argument("--prefix", action="store_true", help="every key that starts with KEY")
+            p.add_argument("--range-end", default=None, help="the keys in [KEY, RANGE_END)")
+            p.add_argument("--from-key", action="store_true", help="every key from KEY on")
+            p.add_argument("--limit", type=int, default=0, help="at most this many keys (0: all)")
+            p.add_argument("--keys-only", action="store_true", help="keys without their values")
+            p.add_argument("--count-only", action="store_true", help="only how many keys match")
+        if name in ("get", "txn"):
+            p.add_argument("-w", "--write-out", choices=("simple", "json", "table"), default="simple",
+                           help="simple (default), json (etcdctl's field names, base64 keys and "
+                                "values) or table")
         if name == "cas":
             p.add_argument("--absent", action="store_true",
                            help="expect the key to be absent (EXPECTED is ignored)")
@@ -512,6 +527,12 @@ def _run_client(client: Any, args: argparse.Namespace) -> int:
     if args.command == "put":
         value = _value_arg(args, args.value, "VALUE")
         print(f"OK revision={client.put(args.key, value)}")
+    elif args.command == "get" and (args.prefix or args.range_end is not None or args.from_key
+                                    or args.limit or args.keys_only or args.count_only
+                                    or args.write_out != "simple"):
+        return _range(client, args)
+    elif args.command == "txn":
+        return _txn(client, args)
     elif args.command == "get":
         record = client.get_record(args.key, "stale" if args.stale else "linearizable")
         if record["value"] is None:
@@ -531,6 +552,123 @@ def _run_client(client: Any, args: argparse.Namespace) -> int:
         print("swapped")
     elif args.command == "status":
         return _status(client, args)
+    return EXIT_OK
+
+
+def _kv_json(kv: Any) -> dict:
+    """A key as etcdctl's ``-w json`` writes it: key and value base64."""
+    out = {"key": base64.b64encode(kv.key).decode(), "create_revision": kv.create_revision,
+           "mod_revision": kv.mod_revision, "version": kv.version}
+    if kv.value is not None:
+        out["value"] = base64.b64encode(kv.value).decode()
+    if kv.lease:
+        out["lease"] = kv.lease
+    return out
+
+
+def _text(raw: bytes | None) -> str:
+    return "" if raw is None else raw.decode("utf-8", errors="replace")
+
+
+def _print_range(result: Any, write_out: str, count_only: bool) -> None:
+    if write_out == "json":
+        print(json.dumps({"header": {"revision": result.revision}, "kvs": [_kv_json(kv) for kv in result.kvs],
+                          "more": result.more, "count": result.count}))
+    elif write_out == "table":
+        rows = [("KEY", "VALUE", "CREATE", "MOD", "VERSION")] + [
+            (_text(kv.key), _text(kv.value), str(kv.create_revision), str(kv.mod_revision), str(kv.version))
+            for kv in result.kvs]
+        widths = [min(40, max(len(r[i]) for r in rows)) for i in range(5)]
+        for row in rows:
+            print(" | ".join(cell[:40].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print(f"({result.count} key{'s' if result.count != 1 else ''}{', more' if result.more else ''}; "
+              f"revision {result.revision})", file=sys.stderr)
+    elif count_only:
+        print(result.count)
+    else:
+        for kv in result.kvs:
+            print(_text(kv.key))
+            if kv.value is not None:
+                print(_text(kv.value))
+
+
+def _range(client: Any, args: argparse.Namespace) -> int:
+    """``get`` with range flags: etcdctl's ``get --prefix / --from-key / RANGE_END``."""
+    if sum((args.prefix, args.range_end is not None, args.from_key)) > 1:
+        raise _UsageError("give at most one of --prefix, --range-end and --from-key")
+    if args.limit < 0:
+        raise _UsageError("--limit must be >= 0")
+    end = args.range_end if args.range_end is not None else ("\0" if args.from_key else None)
+    result = client.range(args.key, end, prefix=args.prefix, limit=args.limit, keys_only=args.keys_only,
+                          count_only=args.count_only, consistency="stale" if args.stale else "linearizable")
+    _print_range(result, args.write_out, args.count_only)
+    if result.count == 0 and args.write_out == "simple" and not args.count_only:
+        print("(no key matches)", file=sys.stderr)
+        return EXIT_NO
+    return EXIT_OK
+
+
+_TXN_HELP = ('a transaction is JSON: {"compare": [{"key", "target": "value|version|create|mod", "op": '
+             '"==|!=|<|>", "value"}], "success": [ops], "failure": [ops]}, an op {"put": {"key", "value"}}, '
+             '{"delete": {"key"[, "range_end" | "prefix": true]}} or {"get": {"key"[, "range_end" | "prefix": '
+             'true, "limit", "keys_only", "count_only"]}}')
+
+
+def _txn_ops(items: Any, where: str) -> list:
+    from coordinator.client import Delete, Get, Put
+
+    if not isinstance(items, list):
+        raise _UsageError(f"{where} must be a list; {_TXN_HELP}")
+    ops: list[Any] = []
+    for item in items:
+        if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in ("put", "delete", "get") \
+                or not isinstance(next(iter(item.values())), dict):
+            raise _UsageError(f"{where}: {item!r:.80} is not an op; {_TXN_HELP}")
+        kind, body = next(iter(item.items()))
+        try:
+            if kind == "put":
+                ops.append(Put(body["key"], body["value"]))
+            elif kind == "delete":
+                ops.append(Delete(body["key"], body.get("range_end"), bool(body.get("prefix", False))))
+            else:
+                ops.append(Get(body["key"], body.get("range_end"), bool(body.get("prefix", False)),
+                               int(body.get("limit", 0)), bool(body.get("keys_only", False)),
+                               bool(body.get("count_only", False))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _UsageError(f"{where}: {item!r:.80}: {exc}; {_TXN_HELP}") from None
+    return ops
+
+
+def _txn(client: Any, args: argparse.Namespace) -> int:
+    """``txn``: etcdctl's transaction, given as JSON (argument, - for stdin, or --file)."""
+    from coordinator.client import Compare
+
+    raw = _value_arg(args, args.txn, "the transaction (JSON)")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise _UsageError(f"the transaction is not JSON ({exc}); {_TXN_HELP}") from None
+    if not isinstance(doc, dict) or not set(doc) <= {"compare", "success", "failure"}:
+        raise _UsageError(_TXN_HELP)
+    compare = []
+    for c in doc.get("compare", []):
+        if not isinstance(c, dict) or not {"key", "target", "op", "value"} <= set(c):
+            raise _UsageError(f"compare: {c!r:.80}; {_TXN_HELP}")
+        compare.append(Compare(c["key"], c["target"], c["op"], c["value"]))
+    result = client.txn(compare, _txn_ops(doc.get("success", []), "success"),
+                        _txn_ops(doc.get("failure", []), "failure"))
+    if args.write_out == "json":
+        responses = [{"kvs": [_kv_json(kv) for kv in r.kvs], "count": r.count, "more": r.more}
+                     if not isinstance(r, dict) else r for r in result.responses]
+        print(json.dumps({"header": {"revision": result.revision}, "succeeded": result.succeeded,
+                          "responses": responses}))
+        return EXIT_OK
+    print("SUCCESS" if result.succeeded else "FAILURE")
+    for r in result.responses:
+        if isinstance(r, dict):
+            print("OK" if r.get("op") == "put" else str(r.get("deleted", "")))
+        else:
+            _print_range(r, "simple", False)
     return EXIT_OK
 
 

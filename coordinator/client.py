@@ -27,7 +27,9 @@ Errors say whether a write may have happened:
 Beside the key-value ops, ``command(name, *args)`` proposes any registered session command
 by name (the step log's ``steplog.*`` ops, :mod:`coordinator.steplog`) with the same
 exactly-once retries as ``put``, and ``query(ext, name, *args)`` asks a state-machine
-extension a read-only question with the same consistency choice as ``get``.
+extension a read-only question with the same consistency choice as ``get``. ``range`` reads
+keys in order (a prefix, an interval; paged) and ``txn`` runs an etcd-style transaction
+(compare, then one of two branches, atomically and exactly once): :mod:`coordinator.kvrange`.
 
 Reads are idempotent: ``get`` retries freely and fails with :class:`Unavailable` only.
 ``consistency="linearizable"`` (default) goes to the leader, which confirms its leadership
@@ -275,6 +277,120 @@ def _write_body(op: str, session: _SessionState, seq: int, args: list,
     return body
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyValue:
+    """One key as a range returns it (etcd's mvccpb.KeyValue; ``value`` None with keys_only)."""
+
+    key: bytes
+    value: bytes | None
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeResult:
+    """``kvs`` sorted by key; ``count`` keys matched in all; ``more``: some were left out
+    (by ``limit`` or the answer's size): ask again from ``next_start``."""
+
+    kvs: list[KeyValue]
+    count: int
+    more: bool
+    revision: int
+
+    @property
+    def next_start(self) -> bytes | None:
+        """Where the next page starts (the last key returned plus a zero byte), if ``more``."""
+        return self.kvs[-1].key + b"\0" if self.more and self.kvs else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Compare:
+    """A transaction's comparison: ``target`` in value | version | create | mod, ``op`` in
+    == != < >; ``value`` is bytes (or str) for value, an int for the others."""
+
+    key: str | bytes
+    target: str
+    op: str
+    value: str | bytes | int
+
+    def wire(self) -> list[Any]:
+        operand = self.value if isinstance(self.value, int) else _value_bytes(self.value)
+        return [_key_bytes(self.key), self.target, self.op, operand]
+
+
+@dataclasses.dataclass(frozen=True)
+class Put:
+    key: str | bytes
+    value: str | bytes
+
+    def wire(self) -> list[Any]:
+        return ["put", _key_bytes(self.key), _value_bytes(self.value)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Delete:
+    """Delete ``key``, or ``[key, end)``, or every key starting with ``key`` (``prefix``)."""
+
+    key: str | bytes
+    end: str | bytes | None = None
+    prefix: bool = False
+
+    def wire(self) -> list[Any]:
+        return ["delete", _key_bytes(self.key) if self.key else b"", _opt_bytes(self.end), self.prefix]
+
+
+@dataclasses.dataclass(frozen=True)
+class Get:
+    """A range read inside a transaction (the arguments of :meth:`Client.range`)."""
+
+    key: str | bytes
+    end: str | bytes | None = None
+    prefix: bool = False
+    limit: int = 0
+    keys_only: bool = False
+    count_only: bool = False
+
+    def wire(self) -> list[Any]:
+        return ["get", _key_bytes(self.key) if self.key else b"", _opt_bytes(self.end), self.prefix,
+                self.limit, self.keys_only, self.count_only]
+
+
+@dataclasses.dataclass(frozen=True)
+class TxnResult:
+    """Which branch ran, each of its ops' answers (a get's as a :class:`RangeResult`), and
+    the revision after the transaction."""
+
+    succeeded: bool
+    responses: list[Any]
+    revision: int
+
+
+def _opt_bytes(value: str | bytes | None) -> bytes | None:
+    return None if value is None else value.encode() if isinstance(value, str) else value
+
+
+def _range_args(key: str | bytes, end: str | bytes | None, prefix: bool, limit: int, keys_only: bool,
+                count_only: bool, revision: int | None) -> tuple:
+    return (key.encode() if isinstance(key, str) else key, _opt_bytes(end), prefix, limit, keys_only,
+            count_only, revision)
+
+
+def _range_result(answer: dict) -> RangeResult:
+    return RangeResult([KeyValue(*kv) for kv in answer["kvs"]], answer["count"], answer["more"],
+                       answer["revision"])
+
+
+def _txn_args(compare: Iterable[Compare], success: Iterable[Any], failure: Iterable[Any]) -> list:
+    return [[c.wire() for c in compare], [op.wire() for op in success], [op.wire() for op in failure]]
+
+
+def _txn_result(answer: dict) -> TxnResult:
+    responses = [_range_result(r) if r.get("op") == "get" else r for r in answer["responses"]]
+    return TxnResult(answer["succeeded"], responses, answer["revision"])
+
+
 def _query_body(ext: str, name: str, args: tuple, consistency: str) -> dict:
     if consistency not in ("linearizable", "stale"):
         raise ValueError("consistency must be 'linearizable' or 'stale'")
@@ -349,6 +465,23 @@ class Client:
         body = _query_body(ext, name, args, consistency)
         return _rejected_or(self._call(body, is_write=False, what=f"query {ext}.{name}",
                                        follow=consistency == "linearizable"))
+
+    def range(self, key: str | bytes, end: str | bytes | None = None, *, prefix: bool = False,
+              limit: int = 0, revision: int | None = None, keys_only: bool = False,
+              count_only: bool = False, consistency: str = "linearizable") -> RangeResult:
+        """The keys in ``[key, end)`` (``end`` None: the key alone; ``end=b"\\0"``: every key
+        from ``key`` on), or every key starting with ``key`` (``prefix=True``; ``""``: all),
+        sorted, at most ``limit`` (0: up to the answer's bound; ``more`` says the rest).
+        ``revision`` other than the current one is refused (``revision_unavailable``)."""
+        answer = self.query("kv", "range", *_range_args(key, end, prefix, limit, keys_only, count_only,
+                                                          revision), consistency=consistency)
+        return _range_result(answer)
+
+    def txn(self, compare: Iterable[Compare] = (), success: Iterable[Any] = (),
+            failure: Iterable[Any] = ()) -> TxnResult:
+        """If every ``compare`` holds, run ``success`` (:class:`Put`, :class:`Delete`,
+        :class:`Get`), else ``failure``: atomically, one revision, exactly once."""
+        return _txn_result(self._write("command", _txn_args(compare, success, failure), name="txn"))
 
     def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         """Status of one node: ``endpoint``, or the first node that answers."""
@@ -498,6 +631,19 @@ class AsyncClient:
         body = _query_body(ext, name, args, consistency)
         return _rejected_or(await self._call(body, is_write=False, what=f"query {ext}.{name}",
                                              follow=consistency == "linearizable"))
+
+    async def range(self, key: str | bytes, end: str | bytes | None = None, *, prefix: bool = False,
+                    limit: int = 0, revision: int | None = None, keys_only: bool = False,
+                    count_only: bool = False, consistency: str = "linearizable") -> RangeResult:
+        """See :meth:`Client.range`."""
+        answer = await self.query("kv", "range", *_range_args(key, end, prefix, limit, keys_only,
+                                                                count_only, revision), consistency=consistency)
+        return _range_result(answer)
+
+    async def txn(self, compare: Iterable[Compare] = (), success: Iterable[Any] = (),
+                  failure: Iterable[Any] = ()) -> TxnResult:
+        """See :meth:`Client.txn`."""
+        return _txn_result(await self._write("command", _txn_args(compare, success, failure), name="txn"))
 
     async def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         if endpoint is not None:

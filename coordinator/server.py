@@ -106,6 +106,7 @@ from coordinator.raft import (
     encode_message,
 )
 from coordinator.statemachine import (
+    KV_QUERIES,
     MAX_KEY_BYTES,
     MAX_VALUE_BYTES,
     StateMachine,
@@ -1650,7 +1651,7 @@ class CoordinatorServer:
         if not isinstance(ext, str) or not isinstance(name, str) or not isinstance(args, list):
             return {"ok": False, "error": "bad_request",
                     "detail": "a query needs ext (str), name (str) and args (a list)"}
-        if ext not in self.sm.extensions:
+        if ext not in self.sm.extensions and ext != KV_QUERIES:
             return {"ok": False, "error": "unknown_extension",
                     "detail": f"no extension {ext!r} on this server "
                               f"(known: {sorted(self.sm.extensions)})"}

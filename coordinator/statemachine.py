@@ -64,6 +64,8 @@ from typing import Any, BinaryIO, Protocol
 
 import msgpack
 
+from coordinator import kvrange
+
 SNAPSHOT_FORMAT_VERSION = 2  # restore also reads format 1
 SNAPSHOT_KV_CHUNK = 4096  # key records per msgpack array in a format 2 snapshot, at most...
 SNAPSHOT_KV_CHUNK_BYTES = 4 << 20  # ...and about this many bytes of keys and values
@@ -75,6 +77,7 @@ _RESTORE_MAX_OBJECT_BYTES = 1 << 31  # the largest single msgpack object a resto
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1 << 20
 MAX_KEYS = 1_000_000
+KV_QUERIES = "kv"  # the store's own read-only queries (``kv.range``), beside the extensions'
 DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_SESSION_TTL_MS = 10 * 60 * 1000
 DEFAULT_MAX_CACHED_ANSWERS = 1024
@@ -208,6 +211,7 @@ class StateMachine:
         self.revision = 0
         self.clock_ms = 0
         self.kv: dict[bytes, KeyRecord] = {}
+        self._sorted: list[bytes] | None = None  # sorted keys, for ranges (sorted_keys)
         # Least recently active first; the order is a function of the log only.
         self.sessions: OrderedDict[int, Session] = OrderedDict()
         # Extension state for other command families (e.g. the step log): name -> object
@@ -306,7 +310,13 @@ class StateMachine:
 
     def query(self, ext: str, name: str, args: tuple[Any, ...]) -> Answer:
         """The answer to a client query ``name(*args)`` of extension ``ext`` (local state; the
-        caller decides on consistency). Never raises: a bad query is an error answer."""
+        caller decides on consistency). Never raises: a bad query is an error answer. The
+        store's own queries are ``kv.range`` (:mod:`coordinator.kvrange`)."""
+        if ext == KV_QUERIES:
+            if name != "range" or not isinstance(args, tuple) or len(args) > 7:
+                return error("bad_query", "the kv queries are range(start, end, prefix, limit, "
+                             "keys_only, count_only, revision)")
+            return dict(kvrange.range_answer(self, *args), applied=self.applied_index)
         extension = self.extensions.get(ext) if isinstance(ext, str) else None
         if extension is None:
             return error("unknown_extension", f"no extension {ext!r} is registered on this "
@@ -322,19 +332,38 @@ class StateMachine:
     # ------------------------------------------------------------- mutations
     def _put(self, key: bytes, value: bytes) -> int:
         self.revision += 1
+        self._put_at(key, value, self.revision)
+        return self.revision
+
+    def _put_at(self, key: bytes, value: bytes, revision: int) -> None:
+        """Write ``key`` at ``revision`` (the caller advances ``self.revision``)."""
         rec = self.kv.get(key)
         if rec is None:
-            self.kv[key] = KeyRecord(value, self.revision, self.revision, 1)
+            self.kv[key] = KeyRecord(value, revision, revision, 1)
+            self._sorted = None
         else:
-            rec.value, rec.mod_revision, rec.version = value, self.revision, rec.version + 1
-        return self.revision
+            rec.value, rec.mod_revision, rec.version = value, revision, rec.version + 1
 
     def _delete(self, key: bytes) -> bool:
         if key not in self.kv:
             return False
-        del self.kv[key]
+        self._delete_at(key)
         self.revision += 1
         return True
+
+    def _delete_at(self, key: bytes) -> None:
+        del self.kv[key]
+        self._sorted = None
+
+    @staticmethod
+    def max_keys() -> int:
+        return MAX_KEYS
+
+    def sorted_keys(self) -> list[bytes]:
+        """Every key, sorted: a cache rebuilt after a key was created or deleted (ranges)."""
+        if self._sorted is None:
+            self._sorted = sorted(self.kv)
+        return self._sorted
 
     def _check_key_value(self, key: Any, value: Any) -> Answer | None:
         if not isinstance(key, bytes) or not key or len(key) > MAX_KEY_BYTES:
@@ -413,7 +442,7 @@ class StateMachine:
         self.applied_index = doc["applied_index"]
         self.revision = doc["revision"]
         self.clock_ms = doc["clock_ms"]
-        self.kv = kv
+        self.kv, self._sorted = kv, None
         self.sessions = OrderedDict(
             (sid, Session(floor, active, {seq: ans for seq, ans in answers}))
             for sid, floor, active, answers in doc["sessions"]
@@ -429,13 +458,14 @@ class StateMachine:
         self.applied_index, self.revision, self.clock_ms = (
             other.applied_index, other.revision, other.clock_ms)
         self.kv, self.sessions, self.extensions = other.kv, other.sessions, other.extensions
+        self._sorted = None
 
     def restore_empty(self, applied_index: int = 0) -> None:
         """Reset to the empty state positioned at ``applied_index`` (a snapshot with no data)."""
         self.applied_index = applied_index
         self.revision = 0
         self.clock_ms = 0
-        self.kv = {}
+        self.kv, self._sorted = {}, None
         self.sessions = OrderedDict()
         self._reset_extensions()
 
@@ -469,6 +499,12 @@ def _delete_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
         return bad
     deleted = sm._delete(cmd.args[0])
     return {"ok": True, "deleted": deleted, "revision": sm.revision}
+
+
+@register_command("txn")
+def _txn_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    """etcd-style transaction: see :mod:`coordinator.kvrange`."""
+    return kvrange.txn(sm, cmd, index)
 
 
 @register_command("cas")

@@ -1,0 +1,219 @@
+"""Range reads and transactions over the key-value store (etcd's Range and Txn, issue 16).
+
+Theory of operation
+-------------------
+The store (:class:`coordinator.statemachine.StateMachine`) keeps its keys in a dict in log
+order. A range needs them sorted, so the state machine keeps a sorted list of the keys as a
+cache: built on the first range after a key was created or deleted (a value update leaves it
+valid), then searched with ``bisect``. It is derived state, never snapshotted, and the same on
+every replica because the dict is.
+
+``range`` is a read-only query (``{"op": "query", "ext": "kv", "name": "range", ...}``),
+answered like a ``get``: linearizable through a ReadIndex round by default, or stale. Its
+arguments follow etcd's RangeRequest: ``start`` alone is one key; ``end`` makes it the
+half-open interval ``[start, end)`` (``end == b"\\0"``: every key from ``start`` on);
+``prefix`` makes ``end`` the first key after every key that starts with ``start`` (an empty
+``start`` with ``prefix``: every key). ``limit`` (0: none) and the answer's byte budget bound
+what comes back; ``more`` says keys were left out and ``count`` how many match in all, so a
+client pages by asking again from the last key returned plus a zero byte. ``keys_only`` leaves
+the values out, ``count_only`` the keys. Reading at a past revision is refused with
+``revision_unavailable``: the store keeps only the current revision of each key.
+
+``txn`` is a session command (exactly once, like ``put``): ``compare`` is a list of
+``[key, target, op, operand]`` with ``target`` in ``value | version | create | mod`` and ``op``
+in ``== != < >``; if every comparison holds, the ``success`` ops run, else the ``failure`` ops,
+each ``["put", key, value] | ["delete", key, end, prefix] | ["get", key, end, prefix, limit,
+keys_only, count_only]``. As in etcd, a comparison on a missing key sees version, create and mod
+revision 0 and fails on ``value``; the whole transaction is one revision (every key it writes
+gets the same ``mod_revision``), a key may be written at most once in it, and it is checked
+whole before anything is applied: a bad op or a key quota refuses it with nothing changed.
+The answer holds ``succeeded``, each op's answer in order, and the revision after it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from coordinator.statemachine import Answer, Command, StateMachine
+
+#: Keys one range answer returns at most (a limit above it is cut to it).
+MAX_RANGE_KEYS = 10_000
+#: Bytes of keys and values one range answer carries at most (well under a transport frame).
+MAX_RANGE_ANSWER_BYTES = 512 << 10
+#: Comparisons and ops (each branch) one transaction holds at most (etcd's default is 128).
+MAX_TXN_OPS = 128
+TARGETS = ("value", "version", "create", "mod")
+OPS = ("==", "!=", "<", ">")
+
+
+class BadRange(ValueError):
+    """A range or transaction argument that is not valid (the answer says which)."""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix`` (``b"\\0"``: no end)."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] < 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return b"\0"
+
+
+def key_bounds(start: Any, end: Any, prefix: Any) -> tuple[bytes, bytes | None]:
+    """(start, end): ``end`` None is the single key ``start``; ``b"\\0"`` is no upper bound."""
+    if not isinstance(start, bytes) or not isinstance(prefix, bool):
+        raise BadRange("a range needs start (bytes) and prefix (a bool)")
+    if end is not None and not isinstance(end, bytes):
+        raise BadRange("a range's end must be bytes or None")
+    if prefix:
+        if end is not None:
+            raise BadRange("give a range either an end or prefix=True, not both")
+        return start, prefix_end(start) if start else b"\0"
+    if not start and end is None:
+        raise BadRange("an empty key needs an end or prefix=True (every key)")
+    return start, end
+
+
+def matching(sm: StateMachine, start: bytes, end: bytes | None) -> list[bytes]:
+    """The keys of ``[start, end)`` (or the key ``start`` when ``end`` is None), sorted."""
+    if end is None:
+        return [start] if start in sm.kv else []
+    keys = sm.sorted_keys()
+    lo = bisect.bisect_left(keys, start)
+    hi = len(keys) if end == b"\0" else bisect.bisect_left(keys, end)
+    return keys[lo:max(lo, hi)]
+
+
+def range_answer(sm: StateMachine, start: Any, end: Any = None, prefix: Any = False, limit: Any = 0,
+                 keys_only: Any = False, count_only: Any = False, revision: Any = None) -> Answer:
+    """The answer to a ``range`` query (see the module doc)."""
+    try:
+        lo, hi = key_bounds(start, end, prefix)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise BadRange("limit must be an integer >= 0 (0: no limit)")
+        if not isinstance(keys_only, bool) or not isinstance(count_only, bool):
+            raise BadRange("keys_only and count_only must be bools")
+    except BadRange as exc:
+        return {"ok": False, "error": "bad_range", "detail": str(exc)}
+    if revision is not None and revision != sm.revision:
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision <= 0:
+            return {"ok": False, "error": "bad_range", "detail": "revision must be an integer > 0"}
+        return {"ok": False, "error": "revision_unavailable",
+                "detail": f"the store keeps only the current revision ({sm.revision}) of each key, "
+                          f"not revision {revision}; read without revision="}
+    keys = matching(sm, lo, hi)
+    kvs: list[list[Any]] = []
+    if not count_only:
+        cap = min(limit or MAX_RANGE_KEYS, MAX_RANGE_KEYS)
+        size = 0
+        for key in keys[:cap]:
+            rec = sm.kv[key]
+            value = None if keys_only else rec.value
+            size += len(key) + (len(value) if value is not None else 0) + 32
+            if kvs and size > MAX_RANGE_ANSWER_BYTES:
+                break
+            kvs.append([key, value, rec.create_revision, rec.mod_revision, rec.version, 0])
+    more = len(kvs) < len(keys) and not count_only
+    return {"ok": True, "kvs": kvs, "count": len(keys), "more": more, "revision": sm.revision}
+
+
+# ------------------------------------------------------------------ transactions
+def _compare(sm: StateMachine, c: Any) -> bool:
+    if not isinstance(c, (list, tuple)) or len(c) != 4:
+        raise BadRange("a comparison is [key, target, op, operand]")
+    key, target, op, operand = c
+    if not isinstance(key, bytes) or not key:
+        raise BadRange("a comparison's key must be non-empty bytes")
+    if target not in TARGETS or op not in OPS:
+        raise BadRange(f"a comparison's target is one of {TARGETS} and its op one of {OPS}, "
+                       f"got {target!r} {op!r}")
+    if target == "value":
+        if not isinstance(operand, bytes):
+            raise BadRange("a value comparison's operand must be bytes")
+    elif not isinstance(operand, int) or isinstance(operand, bool):
+        raise BadRange(f"a {target} comparison's operand must be an integer")
+    rec = sm.kv.get(key)
+    if rec is None and target == "value":
+        return False  # etcd: a missing key's value compares false whatever the op
+    have: Any = {"value": rec.value if rec else None, "version": rec.version if rec else 0,
+                 "create": rec.create_revision if rec else 0, "mod": rec.mod_revision if rec else 0}[target]
+    return {"==": have == operand, "!=": have != operand, "<": have < operand, ">": have > operand}[op]
+
+
+def _check_op(sm: StateMachine, op: Any) -> None:
+    if not isinstance(op, (list, tuple)) or not op or op[0] not in ("put", "delete", "get"):
+        raise BadRange('a transaction op is ["put", key, value], ["delete", key, end, prefix] or '
+                       '["get", key, end, prefix, limit, keys_only, count_only]')
+    if op[0] == "put":
+        if len(op) != 3:
+            raise BadRange('put is ["put", key, value]')
+        bad = sm._check_key_value(op[1], op[2])
+        if bad is not None or op[2] is None:
+            raise BadRange(f"put: {bad['detail'] if bad else 'a value is needed'}")
+    elif op[0] == "delete":
+        if len(op) != 4:
+            raise BadRange('delete is ["delete", key, end, prefix]')
+        key_bounds(op[1], op[2], op[3])
+    else:
+        if len(op) != 7:
+            raise BadRange('get is ["get", key, end, prefix, limit, keys_only, count_only]')
+        key_bounds(op[1], op[2], op[3])
+        if not isinstance(op[4], int) or isinstance(op[4], bool) or op[4] < 0 \
+                or not isinstance(op[5], bool) or not isinstance(op[6], bool):
+            raise BadRange("get: limit is an integer >= 0, keys_only and count_only bools")
+
+
+def _written(sm: StateMachine, ops: list[Any]) -> list[bytes]:
+    """Every key the ops write, in order (a delete of a range: the keys it holds now)."""
+    out: list[bytes] = []
+    for op in ops:
+        if op[0] == "put":
+            out.append(op[1])
+        elif op[0] == "delete":
+            out.extend(matching(sm, *key_bounds(op[1], op[2], op[3])))
+    return out
+
+
+def txn(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    """The ``txn`` session command (see the module doc)."""
+    if len(cmd.args) != 3:
+        return {"ok": False, "error": "bad_command", "detail": "txn takes (compare, success, failure)"}
+    compare, success, failure = cmd.args
+    try:
+        for name, part in (("compare", compare), ("success", success), ("failure", failure)):
+            if not isinstance(part, (list, tuple)) or len(part) > MAX_TXN_OPS:
+                raise BadRange(f"{name} must be a list of at most {MAX_TXN_OPS} items")
+        for op in [*success, *failure]:
+            _check_op(sm, op)
+        succeeded = all([_compare(sm, c) for c in compare])  # every comparison checked
+        ops = success if succeeded else failure
+        written = _written(sm, ops)
+        if len(set(written)) != len(written):
+            raise BadRange("a transaction may write each key at most once")
+        new_keys = {op[1] for op in ops if op[0] == "put" and op[1] not in sm.kv}
+        if len(sm.kv) + len(new_keys) > sm.max_keys():
+            return {"ok": False, "error": "quota_exceeded",
+                    "detail": f"the store holds its limit of {sm.max_keys()} keys; delete keys first"}
+    except BadRange as exc:
+        return {"ok": False, "error": "bad_txn", "detail": str(exc)}
+    revision = sm.revision + 1 if written else sm.revision  # one revision for the whole txn
+    sm.revision = revision
+    responses: list[dict[str, Any]] = []
+    for op in ops:
+        if op[0] == "put":
+            sm._put_at(op[1], op[2], revision)
+            responses.append({"op": "put", "revision": revision})
+        elif op[0] == "delete":
+            keys = matching(sm, *key_bounds(op[1], op[2], op[3]))
+            for key in keys:
+                sm._delete_at(key)
+            responses.append({"op": "delete", "deleted": len(keys)})
+        else:
+            answer = range_answer(sm, *op[1:])
+            answer.pop("ok", None)
+            responses.append({"op": "get", **answer})
+    return {"ok": True, "succeeded": succeeded, "responses": responses, "revision": sm.revision}
