@@ -7,6 +7,7 @@
     coordinator get PREFIX --prefix [--limit N] [--keys-only|--count-only] [-w json|table]
     coordinator get KEY --range-end END | --from-key   # [KEY, END) / every key from KEY on
     coordinator txn '{"compare": [...], "success": [...], "failure": [...]}'   # or - / --file
+    coordinator get KEY --rev N                  # as of a past revision; coordinator compact N
     coordinator cas KEY EXPECTED NEW [--absent]  # --absent: expect the key to be missing
     coordinator delete KEY
     coordinator status [--all]
@@ -94,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create this file (mode 0600) holding the token; never overwrites")
 
     for name, extra in (("status", []), ("put", ["key", "value"]), ("get", ["key"]),
-                        ("delete", ["key"]), ("cas", ["key", "expected", "new"]), ("txn", ["txn"])):
+                        ("delete", ["key"]), ("cas", ["key", "expected", "new"]), ("txn", ["txn"]),
+                        ("compact", ["revision"])):
         p = sub.add_parser(name, help=f"{name} " + " ".join(x.upper() for x in extra))
         for arg in extra:
             if arg in ("value", "new", "txn"):  # "-": stdin; or --file PATH
                 p.add_argument(arg, nargs="?", help="the transaction as JSON; - reads it from stdin"
                                if arg == "txn" else "the value; - reads it from stdin")
+            elif arg == "revision":
+                p.add_argument(arg, type=int, help="forget the history before this revision")
             else:
                 p.add_argument(arg)
         _connection_flags(p, top=False)
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, default=0, help="at most this many keys (0: all)")
             p.add_argument("--keys-only", action="store_true", help="keys without their values")
             p.add_argument("--count-only", action="store_true", help="only how many keys match")
+            p.add_argument("--rev", type=int, default=None, help="read as of this past revision")
         if name in ("get", "txn"):
             p.add_argument("-w", "--write-out", choices=("simple", "json", "table"), default="simple",
                            help="simple (default), json (etcdctl's field names, base64 keys and "
@@ -529,10 +534,12 @@ def _run_client(client: Any, args: argparse.Namespace) -> int:
         print(f"OK revision={client.put(args.key, value)}")
     elif args.command == "get" and (args.prefix or args.range_end is not None or args.from_key
                                     or args.limit or args.keys_only or args.count_only
-                                    or args.write_out != "simple"):
+                                    or args.write_out != "simple" or args.rev is not None):
         return _range(client, args)
     elif args.command == "txn":
         return _txn(client, args)
+    elif args.command == "compact":
+        print(f"compacted: the history starts at revision {client.compact(args.revision)}")
     elif args.command == "get":
         record = client.get_record(args.key, "stale" if args.stale else "linearizable")
         if record["value"] is None:
@@ -600,6 +607,7 @@ def _range(client: Any, args: argparse.Namespace) -> int:
         raise _UsageError("--limit must be >= 0")
     end = args.range_end if args.range_end is not None else ("\0" if args.from_key else None)
     result = client.range(args.key, end, prefix=args.prefix, limit=args.limit, keys_only=args.keys_only,
+                          revision=args.rev,
                           count_only=args.count_only, consistency="stale" if args.stale else "linearizable")
     _print_range(result, args.write_out, args.count_only)
     if result.count == 0 and args.write_out == "simple" and not args.count_only:

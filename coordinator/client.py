@@ -472,7 +472,7 @@ class Client:
         """The keys in ``[key, end)`` (``end`` None: the key alone; ``end=b"\\0"``: every key
         from ``key`` on), or every key starting with ``key`` (``prefix=True``; ``""``: all),
         sorted, at most ``limit`` (0: up to the answer's bound; ``more`` says the rest).
-        ``revision`` other than the current one is refused (``revision_unavailable``)."""
+        ``revision``: as the keys were then (within the kept history; older: ``compacted``)."""
         answer = self.query("kv", "range", *_range_args(key, end, prefix, limit, keys_only, count_only,
                                                           revision), consistency=consistency)
         return _range_result(answer)
@@ -482,6 +482,11 @@ class Client:
         """If every ``compare`` holds, run ``success`` (:class:`Put`, :class:`Delete`,
         :class:`Get`), else ``failure``: atomically, one revision, exactly once."""
         return _txn_result(self._write("command", _txn_args(compare, success, failure), name="txn"))
+
+    def compact(self, revision: int) -> int:
+        """Forget the history before ``revision`` (reads at older revisions then fail with
+        ``compacted``); returns the revision the history now starts at."""
+        return self._write("command", [revision], name="compact")["compacted"]
 
     def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         """Status of one node: ``endpoint``, or the first node that answers."""
@@ -644,6 +649,10 @@ class AsyncClient:
                   failure: Iterable[Any] = ()) -> TxnResult:
         """See :meth:`Client.txn`."""
         return _txn_result(await self._write("command", _txn_args(compare, success, failure), name="txn"))
+
+    async def compact(self, revision: int) -> int:
+        """See :meth:`Client.compact`."""
+        return (await self._write("command", [revision], name="compact"))["compacted"]
 
     async def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         if endpoint is not None:

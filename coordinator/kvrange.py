@@ -16,8 +16,11 @@ half-open interval ``[start, end)`` (``end == b"\\0"``: every key from ``start``
 ``start`` with ``prefix``: every key). ``limit`` (0: none) and the answer's byte budget bound
 what comes back; ``more`` says keys were left out and ``count`` how many match in all, so a
 client pages by asking again from the last key returned plus a zero byte. ``keys_only`` leaves
-the values out, ``count_only`` the keys. Reading at a past revision is refused with
-``revision_unavailable``: the store keeps only the current revision of each key.
+the values out, ``count_only`` the keys. ``revision`` reads the range as it was at a past
+revision: the store keeps a history of changes (what each key held before each revision that
+changed it; bounded, see ``MAX_HISTORY_*`` in :mod:`coordinator.statemachine`) and undoes the
+newer ones. A revision older than the history (``compact`` or the bound dropped it) is refused
+with ``compacted``, one ahead of the store with ``future_revision``.
 
 ``txn`` is a session command (exactly once, like ``put``): ``compare`` is a list of
 ``[key, target, op, operand]`` with ``target`` in ``value | version | create | mod`` and ``op``
@@ -99,26 +102,55 @@ def range_answer(sm: StateMachine, start: Any, end: Any = None, prefix: Any = Fa
             raise BadRange("keys_only and count_only must be bools")
     except BadRange as exc:
         return {"ok": False, "error": "bad_range", "detail": str(exc)}
+    records: dict[bytes, Any] | None = None  # at a past revision: key -> its record then
     if revision is not None and revision != sm.revision:
         if not isinstance(revision, int) or isinstance(revision, bool) or revision <= 0:
             return {"ok": False, "error": "bad_range", "detail": "revision must be an integer > 0"}
-        return {"ok": False, "error": "revision_unavailable",
-                "detail": f"the store keeps only the current revision ({sm.revision}) of each key, "
-                          f"not revision {revision}; read without revision="}
-    keys = matching(sm, lo, hi)
+        if revision > sm.revision:
+            return {"ok": False, "error": "future_revision",
+                    "detail": f"revision {revision} is ahead of the store's ({sm.revision})"}
+        if revision < sm.compacted:
+            return {"ok": False, "error": "compacted",
+                    "detail": f"revision {revision} has been compacted: the history starts at "
+                              f"{sm.compacted} (read at a later revision, or without revision=)"}
+        records = at_revision(sm, lo, hi, revision)
+        keys = sorted(records)
+    else:
+        keys = matching(sm, lo, hi)
     kvs: list[list[Any]] = []
     if not count_only:
         cap = min(limit or MAX_RANGE_KEYS, MAX_RANGE_KEYS)
         size = 0
         for key in keys[:cap]:
-            rec = sm.kv[key]
+            rec = sm.kv[key] if records is None else records[key]
             value = None if keys_only else rec.value
             size += len(key) + (len(value) if value is not None else 0) + 32
             if kvs and size > MAX_RANGE_ANSWER_BYTES:
                 break
             kvs.append([key, value, rec.create_revision, rec.mod_revision, rec.version, 0])
     more = len(kvs) < len(keys) and not count_only
-    return {"ok": True, "kvs": kvs, "count": len(keys), "more": more, "revision": sm.revision}
+    return {"ok": True, "kvs": kvs, "count": len(keys), "more": more,
+            "revision": sm.revision if revision is None else revision}
+
+
+def at_revision(sm: StateMachine, start: bytes, end: bytes | None, revision: int) -> dict[bytes, Any]:
+    """The records of the keys in range as they were at ``revision``: today's, with every
+    change after ``revision`` undone, newest first (``sm.history``)."""
+    def inside(key: bytes) -> bool:
+        if end is None:
+            return key == start
+        return key >= start and (end == b"\0" or key < end)
+
+    state: dict[bytes, Any] = {key: sm.kv[key] for key in matching(sm, start, end)}
+    for rev, key, prev in reversed(sm.history):
+        if rev <= revision:
+            break
+        if inside(key):
+            if prev is None:
+                state.pop(key, None)
+            else:
+                state[key] = prev
+    return state
 
 
 # ------------------------------------------------------------------ transactions
@@ -210,7 +242,7 @@ def txn(sm: StateMachine, cmd: Command, index: int) -> Answer:
         elif op[0] == "delete":
             keys = matching(sm, *key_bounds(op[1], op[2], op[3]))
             for key in keys:
-                sm._delete_at(key)
+                sm._delete_at(key, revision)
             responses.append({"op": "delete", "deleted": len(keys)})
         else:
             answer = range_answer(sm, *op[1:])

@@ -58,7 +58,7 @@ fresh instance, so nothing from before the snapshot survives it.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
@@ -77,6 +77,10 @@ _RESTORE_MAX_OBJECT_BYTES = 1 << 31  # the largest single msgpack object a resto
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1 << 20
 MAX_KEYS = 1_000_000
+#: The change history kept for reads at a past revision (``kv.range(revision=)``), bounded in
+#: events and bytes of the values it holds; the oldest revisions go first (auto-compaction).
+MAX_HISTORY_EVENTS = 10_000
+MAX_HISTORY_BYTES = 16 << 20
 KV_QUERIES = "kv"  # the store's own read-only queries (``kv.range``), beside the extensions'
 DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_SESSION_TTL_MS = 10 * 60 * 1000
@@ -212,6 +216,11 @@ class StateMachine:
         self.clock_ms = 0
         self.kv: dict[bytes, KeyRecord] = {}
         self._sorted: list[bytes] | None = None  # sorted keys, for ranges (sorted_keys)
+        # The change history, oldest first: (revision, key, the key's record before that
+        # revision or None); reads at revision >= compacted can be answered from it.
+        self.history: deque[tuple[int, bytes, KeyRecord | None]] = deque()
+        self.history_bytes = 0
+        self.compacted = 0
         # Least recently active first; the order is a function of the log only.
         self.sessions: OrderedDict[int, Session] = OrderedDict()
         # Extension state for other command families (e.g. the step log): name -> object
@@ -338,6 +347,7 @@ class StateMachine:
     def _put_at(self, key: bytes, value: bytes, revision: int) -> None:
         """Write ``key`` at ``revision`` (the caller advances ``self.revision``)."""
         rec = self.kv.get(key)
+        self._remember(revision, key, rec)
         if rec is None:
             self.kv[key] = KeyRecord(value, revision, revision, 1)
             self._sorted = None
@@ -347,13 +357,32 @@ class StateMachine:
     def _delete(self, key: bytes) -> bool:
         if key not in self.kv:
             return False
-        self._delete_at(key)
+        self._delete_at(key, self.revision + 1)
         self.revision += 1
         return True
 
-    def _delete_at(self, key: bytes) -> None:
+    def _delete_at(self, key: bytes, revision: int | None = None) -> None:
+        self._remember(self.revision + 1 if revision is None else revision, key, self.kv[key])
         del self.kv[key]
         self._sorted = None
+
+    def _remember(self, revision: int, key: bytes, prev: KeyRecord | None) -> None:
+        """Keep what ``key`` held before ``revision`` changed it; drop the oldest revisions
+        beyond the history's bounds (they can no longer be read: ``compacted`` moves up)."""
+        if prev is not None:
+            prev = KeyRecord(prev.value, prev.create_revision, prev.mod_revision, prev.version)
+        self.history.append((revision, key, prev))
+        self.history_bytes += len(key) + (len(prev.value) if prev is not None else 0)
+        while len(self.history) > MAX_HISTORY_EVENTS or self.history_bytes > MAX_HISTORY_BYTES:
+            self.compact_history(self.history[0][0])
+
+    def compact_history(self, revision: int) -> None:
+        """Forget the changes at or before ``revision``: reads at ``revision`` and later stay
+        possible, older ones fail with ``compacted`` (etcd's compaction)."""
+        while self.history and self.history[0][0] <= revision:
+            _, key, prev = self.history.popleft()
+            self.history_bytes -= len(key) + (len(prev.value) if prev is not None else 0)
+        self.compacted = max(self.compacted, revision)
 
     @staticmethod
     def max_keys() -> int:
@@ -390,6 +419,11 @@ class StateMachine:
                          for sid, s in self.sessions.items()],
             "extensions": {name: ext.snapshot_state()
                            for name, ext in sorted(self.extensions.items())},
+            # the change history (reads at a past revision); readers that predate it skip it
+            "compacted": self.compacted,
+            "history": [[rev, key] + ([] if prev is None else
+                                      [prev.value, prev.create_revision, prev.mod_revision, prev.version])
+                        for rev, key, prev in self.history],
         }
         return msgpack.packb(doc, use_bin_type=True)
 
@@ -443,6 +477,12 @@ class StateMachine:
         self.revision = doc["revision"]
         self.clock_ms = doc["clock_ms"]
         self.kv, self._sorted = kv, None
+        self.history, self.history_bytes = deque(), 0
+        for event in doc.get("history", []):
+            prev = KeyRecord(*event[2:]) if len(event) > 2 else None
+            self.history.append((event[0], event[1], prev))
+            self.history_bytes += len(event[1]) + (len(prev.value) if prev is not None else 0)
+        self.compacted = doc.get("compacted", self.revision)  # no history: from the restored state on
         self.sessions = OrderedDict(
             (sid, Session(floor, active, {seq: ans for seq, ans in answers}))
             for sid, floor, active, answers in doc["sessions"]
@@ -459,6 +499,7 @@ class StateMachine:
             other.applied_index, other.revision, other.clock_ms)
         self.kv, self.sessions, self.extensions = other.kv, other.sessions, other.extensions
         self._sorted = None
+        self.history, self.history_bytes, self.compacted = other.history, other.history_bytes, other.compacted
 
     def restore_empty(self, applied_index: int = 0) -> None:
         """Reset to the empty state positioned at ``applied_index`` (a snapshot with no data)."""
@@ -466,6 +507,7 @@ class StateMachine:
         self.revision = 0
         self.clock_ms = 0
         self.kv, self._sorted = {}, None
+        self.history, self.history_bytes, self.compacted = deque(), 0, 0
         self.sessions = OrderedDict()
         self._reset_extensions()
 
@@ -505,6 +547,16 @@ def _delete_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
 def _txn_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
     """etcd-style transaction: see :mod:`coordinator.kvrange`."""
     return kvrange.txn(sm, cmd, index)
+
+
+@register_command("compact")
+def _compact_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    """Forget the history up to ``revision`` (etcd's compaction): reads at an older one fail."""
+    if len(cmd.args) != 1 or not isinstance(cmd.args[0], int) or isinstance(cmd.args[0], bool) \
+            or not 0 < cmd.args[0] <= sm.revision:
+        return error("bad_command", f"compact takes a revision in 1..{sm.revision} (the current one)")
+    sm.compact_history(cmd.args[0])
+    return {"ok": True, "compacted": sm.compacted, "revision": sm.revision}
 
 
 @register_command("cas")

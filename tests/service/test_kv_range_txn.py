@@ -87,8 +87,8 @@ def test_bad_ranges_and_a_past_revision_are_refused_clearly() -> None:
                        ((b"a", None, False, -1), "limit")):
         answer = s.range(*args)
         assert answer["error"] == "bad_range" and what in answer["detail"], (args, answer)
-    past = s.range(b"a", None, False, 0, False, False, 1)
-    assert past["error"] == "revision_unavailable" and "current revision (2)" in past["detail"]
+    future = s.range(b"a", None, False, 0, False, False, 3)
+    assert future["error"] == "future_revision" and "ahead" in future["detail"]
     assert s.range(b"a", None, False, 0, False, False, 2)["ok"]  # the current one is fine
     assert s.sm.query("kv", "scan", ())["error"] == "bad_query"
 
@@ -149,6 +149,47 @@ def test_a_retried_transaction_applies_once() -> None:
     assert first == again and s.sm.get(b"n").version == 1
 
 
+def test_a_range_at_a_past_revision_undoes_the_newer_changes() -> None:
+    s = Store()
+    s.put(b"a", b"1")  # 1
+    s.put(b"b", b"1")  # 2
+    s.put(b"a", b"2")  # 3
+    s.apply("delete", b"b")  # 4
+    s.apply("txn", [], [["put", b"c", b"1"], ["put", b"a", b"3"]], [])  # 5, both keys
+    at = {rev: s.range(b"", None, True, 0, False, False, rev) for rev in range(1, 6)}
+    assert [[kv[:2] for kv in at[r]["kvs"]] for r in range(1, 6)] == [
+        [[b"a", b"1"]],
+        [[b"a", b"1"], [b"b", b"1"]],
+        [[b"a", b"2"], [b"b", b"1"]],
+        [[b"a", b"2"]],
+        [[b"a", b"3"], [b"c", b"1"]]]
+    assert at[3]["kvs"][0] == [b"a", b"2", 1, 3, 2, 0] and at[3]["revision"] == 3
+    assert s.range(b"b", None, False, 0, False, False, 3)["kvs"][0][:2] == [b"b", b"1"]
+    compacted = s.apply("compact", 3)
+    assert compacted["compacted"] == 3
+    old = s.range(b"a", None, False, 0, False, False, 2)
+    assert old["error"] == "compacted" and "starts at 3" in old["detail"]
+    assert s.range(b"", None, True, 0, False, False, 3)["count"] == 2  # 3 itself is still readable
+    assert s.apply("compact", 9)["error"] == "bad_command"
+    restored = StateMachine()
+    restored.restore(s.sm.snapshot())
+    assert restored.compacted == 3 and list(restored.history) == list(s.sm.history)
+    assert restored.query("kv", "range", (b"", None, True, 0, False, False, 4))["kvs"] == \
+        s.range(b"", None, True, 0, False, False, 4)["kvs"]
+
+
+def test_the_history_is_bounded_and_compacts_itself(monkeypatch) -> None:
+    from coordinator import statemachine
+
+    monkeypatch.setattr(statemachine, "MAX_HISTORY_EVENTS", 5)
+    s = Store()
+    for i in range(12):
+        s.put(b"k", b"%d" % i)
+    assert len(s.sm.history) == 5 and s.sm.compacted == 7
+    assert s.range(b"k", None, False, 0, False, False, 7)["kvs"][0][1] == b"6"
+    assert s.range(b"k", None, False, 0, False, False, 6)["error"] == "compacted"
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.binary(min_size=1, max_size=3)), max_size=40),
        st.binary(max_size=2), st.integers(min_value=0, max_value=5))
@@ -182,12 +223,13 @@ def test_range_and_txn_through_a_cluster(make_cluster) -> None:
         rest = c.range(page.next_start, b"\0")
         assert [kv.key for kv in rest.kvs] == [b"jobs/3", b"jobs/4", b"other"]
         assert c.range("jobs/", prefix=True, count_only=True, consistency="stale").count == 5
+        assert c.range("jobs/", prefix=True, revision=2).count == 2  # as of the second put
         try:
-            c.range("jobs/0", revision=1)
+            c.range("jobs/0", revision=10**6)
         except RequestRejected as exc:
-            assert exc.code == "revision_unavailable"
+            assert exc.code == "future_revision"
         else:
-            raise AssertionError("a past revision must be refused")
+            raise AssertionError("a revision ahead of the store must be refused")
         won = c.txn([Compare("leader", "create", "==", 0)], [Put("leader", "me"), Get("jobs/", prefix=True)],
                     [Get("leader")])
         assert won.succeeded and won.responses[1].count == 5
@@ -233,5 +275,10 @@ def test_the_cli_reads_ranges_and_runs_transactions(make_cluster) -> None:
     assert ran.returncode == 0 and ran.stdout.split() == ["SUCCESS", "OK", "2"], ran.stdout + ran.stderr
     again = json.loads(cli("txn", json.dumps(txn), "-w", "json").stdout)
     assert again["succeeded"] is False and base64.b64decode(again["responses"][0]["kvs"][0]["value"]) == b"new"
+    assert cli("get", "zz", "--rev", "3").stdout.split() == ["zz", "ZZ"]  # before the txn (4)
+    assert cli("get", "cfg/", "--prefix", "--rev", "3", "--count-only").stdout.strip() == "2"
+    assert "starts at revision 4" in cli("compact", "4").stdout
+    old = cli("get", "zz", "--rev", "3")
+    assert old.returncode == 1 and "compacted" in old.stderr
     bad = cli("txn", '{"compare": [{"key": "zz"}]}')
     assert bad.returncode == 2 and "a transaction is JSON" in bad.stderr
