@@ -851,6 +851,8 @@ class JobShell:
 
     #: pulled-digest mismatches (async) the log had found when last read
     _pulled_seen: int = 0
+    #: (generation, digest steps passed by the furthest rank) when the log was last read
+    _pulled_due: tuple[int, int] = (0, 0)
     #: (shard, version): a shard's parameters changed with no update at that version, so a
     #: restore takes only a checkpoint of that shard from before it
     _suspect_shard: tuple[int, int] | None = None
@@ -864,11 +866,19 @@ class JobShell:
         that served two different digests for one version (``served``: its memory changed with
         no update applied) is a ``digest_mismatch`` failure of the job, returned: every rank
         rolls back to the newest checkpoint that holds that shard from before that version."""
-        if self.spec.mode != "async" or not getattr(self.steplog_cfg, "digest_every", 0):
+        every = getattr(self.steplog_cfg, "digest_every", 0)
+        if self.spec.mode != "async" or not every:
             return []
+        if not final:  # read only once a rank has passed a digest step since the last read
+            steps = [r.step for r in self.ranks.values() if r.run is not None and r.step is not None]
+            due = (self.generation, max(steps) // every) if steps else (self.generation, 0)
+            if due[1] == 0 or due <= self._pulled_due:
+                return []
+            self._pulled_due = due
         try:
             summary = self.log.job_info(consistency="linearizable" if final else "stale")["digests"]
         except Exception:  # noqa: BLE001 - the coordinator may be busy: next time
+            self._pulled_due = (0, 0)
             return []
         pulled = summary.get("pulled") or {}
         total = int(pulled.get("mismatches") or 0)
