@@ -11,6 +11,7 @@
     coordinator cas KEY EXPECTED NEW [--absent]  # --absent: expect the key to be missing
     coordinator delete KEY
     coordinator status [--all]
+    coordinator endpoint health|status [-w simple|json|table]   # every node; exit 1 if one is unhealthy
     coordinator token --out FILE                 # a fresh cluster token (mode 0600)
     coordinator serve --id 1 --listen 127.0.0.1:7001 \\
         --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \\
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, extra in (("status", []), ("put", ["key", "value"]), ("get", ["key"]),
                         ("delete", ["key"]), ("cas", ["key", "expected", "new"]), ("txn", ["txn"]),
-                        ("compact", ["revision"])):
+                        ("compact", ["revision"]), ("endpoint", ["what"])):
         p = sub.add_parser(name, help=f"{name} " + " ".join(x.upper() for x in extra))
         for arg in extra:
             if arg in ("value", "new", "txn"):  # "-": stdin; or --file PATH
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                if arg == "txn" else "the value; - reads it from stdin")
             elif arg == "revision":
                 p.add_argument(arg, type=int, help="forget the history before this revision")
+            elif arg == "what":
+                p.add_argument(arg, choices=("health", "status"))
             else:
                 p.add_argument(arg)
         _connection_flags(p, top=False)
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--keys-only", action="store_true", help="keys without their values")
             p.add_argument("--count-only", action="store_true", help="only how many keys match")
             p.add_argument("--rev", type=int, default=None, help="read as of this past revision")
-        if name in ("get", "txn"):
+        if name in ("get", "txn", "endpoint"):
             p.add_argument("-w", "--write-out", choices=("simple", "json", "table"), default="simple",
                            help="simple (default), json (etcdctl's field names, base64 keys and "
                                 "values) or table")
@@ -538,6 +541,8 @@ def _run_client(client: Any, args: argparse.Namespace) -> int:
         return _range(client, args)
     elif args.command == "txn":
         return _txn(client, args)
+    elif args.command == "endpoint":
+        return _endpoint(client, args)
     elif args.command == "compact":
         print(f"compacted: the history starts at revision {client.compact(args.revision)}")
     elif args.command == "get":
@@ -678,6 +683,39 @@ def _txn(client: Any, args: argparse.Namespace) -> int:
         else:
             _print_range(r, "simple", False)
     return EXIT_OK
+
+
+_ENDPOINT_COLUMNS = {"status": ("endpoint", "id", "role", "leader", "term", "commit", "applied", "revision",
+                                "keys", "took_ms"),
+                     "health": ("endpoint", "health", "took_ms", "error")}
+
+
+def _endpoint(client: Any, args: argparse.Namespace) -> int:
+    """``endpoint health|status``: one row per node; exit 1 when a node is unhealthy (status:
+    does not answer)."""
+    rows = client.endpoint_health() if args.what == "health" else client.endpoint_status()
+    bad = [r for r in rows if not r.get("health", "error" not in r)]
+    if args.write_out == "json":
+        print(json.dumps(rows))
+    elif args.write_out == "table":
+        cols = _ENDPOINT_COLUMNS[args.what]
+        table = [[c.upper() for c in cols]] + [[str(r.get(c, "")) if r.get(c) is not None else ""
+                                                 for c in cols] for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        for row in table:
+            print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    else:
+        for r in rows:
+            if args.what == "health":
+                print(f"{r['endpoint']} is {'healthy' if r['health'] else 'unhealthy'}: took {r['took_ms']} ms"
+                      + (f" ({r['error']})" if r.get("error") else ""))
+            elif "error" in r:
+                print(f"{r['endpoint']}: down ({r['error']})")
+            else:
+                print(f"{r['endpoint']}, id {r['id']}, {r['role']}, term {r['term']}, leader {r['leader']}, "
+                      f"commit {r['commit']}, applied {r['applied']}, revision {r['revision']}, "
+                      f"{r['keys']} keys, took {r['took_ms']} ms")
+    return EXIT_FAIL if bad else EXIT_OK
 
 
 _STATUS_KEYS = ("id", "role", "term", "leader", "commit", "applied", "log_size",

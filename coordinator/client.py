@@ -391,6 +391,33 @@ def _txn_result(answer: dict) -> TxnResult:
     return TxnResult(answer["succeeded"], responses, answer["revision"])
 
 
+#: Entries a node may have committed but not applied yet and still be called healthy.
+ENDPOINT_MAX_APPLY_LAG = 1_000
+
+
+def _endpoint_row(endpoint: str, st: dict, took_s: float) -> dict:
+    return {"endpoint": endpoint, "id": st.get("id"), "role": st.get("role"), "leader": st.get("leader"),
+            "is_leader": st.get("role") == "leader", "term": st.get("term"), "commit": st.get("commit"),
+            "applied": st.get("applied"), "revision": st.get("revision"), "keys": st.get("keys"),
+            "log_size": st.get("log_size"), "snapshot_index": st.get("snapshot_index"),
+            "recovering": bool(st.get("recovering")), "took_ms": round(1e3 * took_s, 2)}
+
+
+def _health(row: dict, max_lag: int) -> dict:
+    out = {"endpoint": row["endpoint"], "health": False, "took_ms": row.get("took_ms")}
+    if "error" in row:
+        out["error"] = row["error"]
+    elif not row.get("leader"):
+        out["error"] = "knows no leader (an election, or cut off from a majority)"
+    elif row.get("recovering"):
+        out["error"] = "repairing a lost disk: it does not vote until the leader has caught it up"
+    elif (row.get("commit") or 0) - (row.get("applied") or 0) > max_lag:
+        out["error"] = f"applied {row['applied']} of {row['commit']} committed entries"
+    else:
+        out["health"] = True
+    return out
+
+
 def _query_body(ext: str, name: str, args: tuple, consistency: str) -> dict:
     if consistency not in ("linearizable", "stale"):
         raise ValueError("consistency must be 'linearizable' or 'stale'")
@@ -493,6 +520,29 @@ class Client:
         if endpoint is not None:
             return self._call_one(parse_endpoints([endpoint])[0], {"op": "status"})
         return self._call({"op": "status"}, is_write=False, what="status", follow=False)
+
+    def endpoint_status(self) -> list[dict]:
+        """Every endpoint's status (etcdctl's ``endpoint status``), in endpoint order: id,
+        role, leader, term, commit and applied index, revision, keys, log size, the answer's
+        latency; ``error`` instead for one that does not answer."""
+        out = []
+        for host, port in list(self.endpoints):
+            started = time.monotonic()
+            try:
+                st = self.status(f"{host}:{port}")
+            except CoordinatorError as exc:
+                if isinstance(exc, AuthenticationFailed):
+                    raise
+                out.append({"endpoint": f"{host}:{port}", "error": str(exc)[:300]})
+                continue
+            out.append(_endpoint_row(f"{host}:{port}", st, time.monotonic() - started))
+        return out
+
+    def endpoint_health(self, max_lag: int = ENDPOINT_MAX_APPLY_LAG) -> list[dict]:
+        """Every endpoint's health (etcdctl's ``endpoint health``): healthy when it answers,
+        knows a leader, is not repairing a lost disk and has applied all but at most
+        ``max_lag`` of the entries it knows committed; ``took_ms`` and ``error`` say more."""
+        return [_health(row, max_lag) for row in self.endpoint_status()]
 
     def admin_partition(self, endpoint: str | tuple[str, int], block: Iterable[int]) -> dict:
         """Make one node drop all traffic to/from the node ids ``block`` (fault injection)."""

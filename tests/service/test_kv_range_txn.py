@@ -282,3 +282,38 @@ def test_the_cli_reads_ranges_and_runs_transactions(make_cluster) -> None:
     assert old.returncode == 1 and "compacted" in old.stderr
     bad = cli("txn", '{"compare": [{"key": "zz"}]}')
     assert bad.returncode == 2 and "a transaction is JSON" in bad.stderr
+
+
+def test_endpoint_health_and_status_name_a_node_that_is_down(make_cluster) -> None:
+    """etcdctl's ``endpoint health|status`` (issue 16): every node, healthy ones say so; a
+    killed node is unhealthy and the command's exit status says it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cluster = make_cluster(3)
+    env = dict(os.environ, COORDINATOR_ENDPOINTS=",".join(cluster.endpoints),
+               COORDINATOR_TOKEN_FILE=str(cluster.token_file))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", "--timeout", "3", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    with cluster.client() as c:
+        c.put("k", "v")
+        rows = c.endpoint_status()
+        assert [r["id"] for r in rows] == [1, 2, 3] and sum(r["is_leader"] for r in rows) == 1
+        assert next(r for r in rows if r["is_leader"])["revision"] == 1, rows  # the put
+        assert all(h["health"] for h in c.endpoint_health())
+    healthy = cli("endpoint", "health")
+    assert healthy.returncode == 0 and healthy.stdout.count("is healthy") == 3, healthy.stdout + healthy.stderr
+    table = cli("endpoint", "status", "-w", "table").stdout.splitlines()
+    assert table[0].split()[:3] == ["ENDPOINT", "|", "ID"] and len(table) == 4
+    victim = next(i for i in (1, 2, 3) if i != cluster.leader())
+    cluster.kill(victim)
+    health = json.loads(cli("endpoint", "health", "-w", "json").stdout)
+    down = [h for h in health if not h["health"]]
+    assert [h["endpoint"] for h in down] == [cluster.endpoint(victim)] and down[0]["error"], health
+    assert cli("endpoint", "health").returncode == 1
+    assert cli("endpoint", "status").returncode == 1
