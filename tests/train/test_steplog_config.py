@@ -123,3 +123,19 @@ def test_a_result_that_cannot_be_pickled_fails_at_once_keeping_the_metrics(ray_s
     assert info.value.exc_type == "ResultNotPicklableError" and "cannot be pickled" in str(info.value)
     assert len(info.value.failures) >= 1 and info.value.failures[-1]["recovery"] == "none"
     assert len(info.value.metrics) == 3, "rank 0's committed reports survive the failure"
+
+
+def test_a_fast_loop_batches_its_records_into_few_commits(ray_session, tmp_path):
+    """The writer holds a batch open for its flush interval (0.25 s) unless someone waits: a
+    loop of 400 fast steps and a report each makes a handful of Raft commits per second, not
+    one per step or two (what a put that woke the writer did: issue 11's overhead). Every step
+    and report is still committed once."""
+    steps = 400
+    result = synctrain.Trainer(tiny_loop, num_workers=2, use_gpu=False, progress=False,
+                               storage_path=str(tmp_path), job_name="batched", checkpoint_every=0,
+                               config={"steps": steps}).fit()
+    assert [s["step"] for s in result.steps] == list(range(1, steps + 1))
+    assert len(result.metrics) == steps
+    for m in result.worker_metrics:
+        assert 1 <= m["steplog_commits"] <= steps // 8, m  # the old writer: ~steps / 2
+        assert m["steplog_failed_commits"] == 0 and m["steplog_wait_s"] < 60
