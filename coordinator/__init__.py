@@ -41,6 +41,10 @@ _LAZY = {
     "Put": "coordinator.client",
     "RangeResult": "coordinator.client",
     "TxnResult": "coordinator.client",
+    "LeaseKeeper": "coordinator.client",
+    "Watch": "coordinator.client",
+    "WatchCancelled": "coordinator.client",
+    "WatchEvent": "coordinator.client",
     "LocalCluster": "coordinator.cluster",
     "RayCluster": "coordinator.cluster",
 }
@@ -55,6 +59,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["AsyncClient", "Client", "Compare", "Delete", "Get", "KeyValue", "LocalCluster",
-           "OutcomeUnknown", "Put", "RangeResult", "RayCluster", "RequestRejected", "TxnResult",
-           "Unavailable"]
+__all__ = ["AsyncClient", "Client", "Compare", "Delete", "Get", "KeyValue", "LeaseKeeper",
+           "LocalCluster", "OutcomeUnknown", "Put", "RangeResult", "RayCluster", "RequestRejected",
+           "TxnResult", "Unavailable", "Watch", "WatchCancelled", "WatchEvent"]

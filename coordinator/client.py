@@ -48,6 +48,7 @@ import enum
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -174,9 +175,10 @@ class _Attempts:
     backoff_s: float = BACKOFF_INITIAL_S
     last_error: str = "no attempt"
     answer: dict | None = None
+    max_attempt_s: float = MAX_ATTEMPT_TIMEOUT_S
 
     def attempt_timeout(self, now: float) -> float:
-        return max(0.001, min(self.deadline - now, MAX_ATTEMPT_TIMEOUT_S))
+        return max(0.001, min(self.deadline - now, self.max_attempt_s))
 
     def expired(self, now: float) -> bool:
         return now >= self.deadline
@@ -322,10 +324,15 @@ class Compare:
 
 @dataclasses.dataclass(frozen=True)
 class Put:
+    """Write ``key`` (attached to ``lease`` when not 0)."""
+
     key: str | bytes
     value: str | bytes
+    lease: int = 0
 
     def wire(self) -> list[Any]:
+        if self.lease:
+            return ["put", _key_bytes(self.key), _value_bytes(self.value), self.lease]
         return ["put", _key_bytes(self.key), _value_bytes(self.value)]
 
 
@@ -418,6 +425,228 @@ def _health(row: dict, max_lag: int) -> dict:
     return out
 
 
+def _put_args(key: str | bytes, value: str | bytes, lease: int) -> list:
+    if not isinstance(lease, int) or isinstance(lease, bool) or lease < 0:
+        raise ValueError(f"lease must be a lease id (an int > 0) or 0, got {lease!r}")
+    return [_key_bytes(key), _value_bytes(value), lease]
+
+
+def _grant_args(ttl: float, lease_id: int) -> list:
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not ttl > 0:
+        raise ValueError(f"a lease's ttl is a number of seconds > 0, got {ttl!r}")
+    if not isinstance(lease_id, int) or isinstance(lease_id, bool) or lease_id < 0:
+        raise ValueError(f"lease_id must be an int >= 0 (0: the cluster picks), got {lease_id!r}")
+    return [int(round(ttl * 1000)), lease_id]
+
+
+def _ttl_result(answer: dict) -> dict:
+    out = {"id": answer["id"], "ttl": answer["ttl_ms"] / 1000,
+           "remaining": answer["remaining_ms"] / 1000, "keys_count": answer["keys_count"]}
+    if "keys" in answer:
+        out["keys"] = answer["keys"]
+    return out
+
+
+class LeaseKeeper:
+    """Keeps one lease alive from a daemon thread: a keepalive every third of its TTL, and
+    after a failed one (an election, a dead node) again every ``retry_s`` until one succeeds.
+    ``lost`` is set (and the thread ends) if the cluster says the lease is gone. Its own
+    connection; ``stop()`` (or leaving the ``with`` block) ends it; it never revokes."""
+
+    def __init__(self, client: Client, lease_id: int, ttl: float, retry_s: float = 0.1) -> None:
+        self.lease_id = lease_id
+        self.interval_s = max(0.05, ttl / 3)
+        self.retry_s = retry_s
+        self.keepalives = 0
+        self.failures = 0
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._client = Client(client.endpoints, client.token, timeout_s=max(0.5, ttl / 3))
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"lease-keeper-{lease_id}")
+        self._thread.start()
+
+    def __enter__(self) -> LeaseKeeper:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + self._client.timeout_s + 1)
+        self._client.close()
+
+    def _run(self) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                self._client.keepalive(self.lease_id)
+            except RequestRejected as exc:
+                if exc.code == "lease_not_found":
+                    self.lost.set()
+                    return
+                self.failures += 1
+                wait = self.retry_s
+            except CoordinatorError:
+                self.failures += 1
+                wait = self.retry_s
+            else:
+                self.keepalives += 1
+                wait = self.interval_s
+
+
+class WatchCancelled(CoordinatorError):
+    """The cluster ended a watch: ``reason`` (``compacted``: the watcher fell behind the kept
+    history, whose oldest revision is ``compact_revision``; read the state again and watch from
+    a later revision)."""
+
+    def __init__(self, reason: str, detail: str, compact_revision: int = 0) -> None:
+        super().__init__(f"watch cancelled ({reason}): {detail}")
+        self.reason = reason
+        self.compact_revision = compact_revision
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchEvent:
+    """One change: ``type`` "put" or "delete", the key as it is after it (a delete's ``kv``
+    has the key, no value and the delete's revision as ``mod_revision``) and before it."""
+
+    type: str
+    kv: KeyValue
+    prev_kv: KeyValue | None
+
+    @property
+    def revision(self) -> int:
+        return self.kv.mod_revision
+
+
+#: A watch's long poll: the server holds it this long with no change before answering empty.
+WATCH_POLL_S = 2.0
+#: Events one answer carries at most (whole revisions: a bigger transaction comes whole).
+WATCH_MAX_EVENTS = 1000
+
+
+def _watch_args(key: str | bytes, end: str | bytes | None, prefix: bool,
+                start_revision: int | None) -> dict:
+    if start_revision is not None and (not isinstance(start_revision, int) or start_revision < 1):
+        raise ValueError(f"start_revision must be a revision >= 1 or None (from now), got {start_revision!r}")
+    return {"op": "watch", "key": key.encode() if isinstance(key, str) else key, "end": _opt_bytes(end),
+            "prefix": prefix, "start_revision": start_revision or 0, "max_events": WATCH_MAX_EVENTS,
+            "wait_s": WATCH_POLL_S}
+
+
+def _watch_events(answer: dict) -> list[WatchEvent]:
+    out = []
+    for kind, key, value, create, mod, version, lease, prev in answer["events"]:
+        kv = KeyValue(key, value if value is not None else b"", create, mod, version, lease)
+        prev_kv = None if prev is None else KeyValue(key, prev[0], prev[1], prev[2], prev[3])
+        out.append(WatchEvent(kind, kv, prev_kv))
+    return out
+
+
+class _WatchState:
+    """What a watch keeps between polls (shared by the blocking and asyncio iterators)."""
+
+    def __init__(self, body: dict) -> None:
+        self.body = body
+        self.buffer: deque[WatchEvent] = deque()
+        self.cancelled = False
+        self.polls = 0
+
+    @property
+    def next_revision(self) -> int:
+        return self.body["start_revision"]
+
+    def take(self, answer: dict) -> None:
+        self.polls += 1
+        if not answer.get("ok"):
+            if answer.get("error") == "compacted":
+                self.cancelled = True
+                raise WatchCancelled("compacted", answer.get("detail", ""),
+                                     answer.get("compact_revision", 0))
+            _rejected_or(answer)
+        events = _watch_events(answer)
+        if events and events[0].revision < self.body["start_revision"]:
+            raise CoordinatorError(f"a watch answer went back from revision "
+                                   f"{self.body['start_revision']} to {events[0].revision}")
+        self.buffer.extend(events)
+        self.body = dict(self.body, start_revision=answer["next"])
+
+
+class Watch:
+    """An iterator of :class:`WatchEvent` (see :meth:`Client.watch`). ``cancel()`` may be
+    called from another thread: iteration ends within one poll. Memory is bounded: the
+    cluster keeps no per-watcher queue; a watcher asks for what it has not seen, one bounded
+    answer at a time, and one that falls behind the kept history gets :class:`WatchCancelled`."""
+
+    def __init__(self, client: Client, body: dict) -> None:
+        self._client = client
+        self._state = _WatchState(body)
+
+    @property
+    def next_revision(self) -> int:
+        """The revision the next event will be at or after (resume from here)."""
+        return self._state.next_revision
+
+    def __iter__(self) -> Watch:
+        return self
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+    def __next__(self) -> WatchEvent:
+        state = self._state
+        while not state.buffer:
+            if state.cancelled:
+                self._client.close()
+                raise StopIteration
+            try:
+                answer = self._client._call(dict(state.body), is_write=False, what="watch",
+                                            attempt_s=WATCH_POLL_S + MAX_ATTEMPT_TIMEOUT_S)
+            except Unavailable:
+                continue  # no node answered in time: keep trying (as etcd's watchers do)
+            state.take(answer)
+        return state.buffer.popleft()
+
+    def cancel(self) -> None:
+        self._state.cancelled = True
+
+
+class AsyncWatch:
+    """The asyncio flavour of :class:`Watch`: ``async for event in watch``."""
+
+    def __init__(self, client: AsyncClient, body: dict) -> None:
+        self._client = client
+        self._state = _WatchState(body)
+
+    @property
+    def next_revision(self) -> int:
+        return self._state.next_revision
+
+    def __aiter__(self) -> AsyncWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        state = self._state
+        while not state.buffer:
+            if state.cancelled:
+                raise StopAsyncIteration
+            try:
+                answer = await self._client._call(dict(state.body), is_write=False, what="watch",
+                                                  attempt_s=WATCH_POLL_S + MAX_ATTEMPT_TIMEOUT_S)
+            except Unavailable:
+                continue
+            state.take(answer)
+        return state.buffer.popleft()
+
+    def cancel(self) -> None:
+        self._state.cancelled = True
+
+
 def _query_body(ext: str, name: str, args: tuple, consistency: str) -> dict:
     if consistency not in ("linearizable", "stale"):
         raise ValueError("consistency must be 'linearizable' or 'stale'")
@@ -455,8 +684,11 @@ class Client:
         self._conns.clear()
 
     # ------------------------------------------------------------ public API
-    def put(self, key: str | bytes, value: str | bytes) -> int:
-        """Store ``value`` under ``key``; returns the new revision."""
+    def put(self, key: str | bytes, value: str | bytes, lease: int = 0) -> int:
+        """Store ``value`` under ``key``; returns the new revision. ``lease``: attach the key
+        to that lease (:meth:`grant`), deleted with it; 0 (a plain put) detaches it."""
+        if lease:
+            return self._write("command", _put_args(key, value, lease), name="put")["revision"]
         return self._write("put", [_key_bytes(key), _value_bytes(value)])["revision"]
 
     def delete(self, key: str | bytes) -> bool:
@@ -515,6 +747,47 @@ class Client:
         ``compacted``); returns the revision the history now starts at."""
         return self._write("command", [revision], name="compact")["compacted"]
 
+    # ------------------------------------------------------------ leases
+    def grant(self, ttl: float, lease_id: int = 0) -> int:
+        """A new lease of ``ttl`` seconds (``lease_id`` 0: the cluster picks the id); keys put
+        with it are deleted when it expires (no :meth:`keepalive` for ``ttl``) or is revoked."""
+        return self._write("command", _grant_args(ttl, lease_id), name="lease.grant")["id"]
+
+    def keepalive(self, lease_id: int) -> float:
+        """Renew the lease for its whole TTL once; returns the TTL in seconds.
+        RequestRejected ``lease_not_found`` if it is gone."""
+        return self._write("command", [lease_id], name="lease.keepalive")["ttl_ms"] / 1000
+
+    def lease_keeper(self, lease_id: int, ttl: float | None = None) -> LeaseKeeper:
+        """Keep the lease alive from a background thread (a keepalive every third of its TTL,
+        retried through elections) until ``.stop()``; a context manager."""
+        if ttl is None:
+            ttl = self.time_to_live(lease_id)["ttl"]
+        return LeaseKeeper(self, lease_id, ttl)
+
+    def revoke(self, lease_id: int) -> int:
+        """Revoke the lease now; returns the number of its keys deleted (in one revision)."""
+        return self._write("command", [lease_id], name="lease.revoke")["deleted"]
+
+    def time_to_live(self, lease_id: int, keys: bool = False) -> dict:
+        """``{"id", "ttl", "remaining", "keys_count"[, "keys"]}`` (seconds) of a live lease."""
+        return _ttl_result(self.query("kv", "lease", lease_id, keys))
+
+    def leases(self) -> list[int]:
+        """The ids of the live leases, in grant order."""
+        return self.query("kv", "leases")["leases"]
+
+    # ------------------------------------------------------------ watches
+    def watch(self, key: str | bytes, end: str | bytes | None = None, *, prefix: bool = False,
+              start_revision: int | None = None) -> Watch:
+        """Every change to ``key`` (or ``[key, end)``, or keys starting with ``key``) from
+        ``start_revision`` (None: from now), as an iterator of :class:`WatchEvent` in revision
+        order; ``.cancel()`` ends it. It follows the cluster through failures and reconnects
+        without a gap or a repeat, and raises :class:`WatchCancelled` if it fell behind the
+        kept history (``compacted``). It holds a connection of its own."""
+        return Watch(Client(self.endpoints, self.token, self.timeout_s),
+                     _watch_args(key, end, prefix, start_revision))
+
     def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         """Status of one node: ``endpoint``, or the first node that answers."""
         if endpoint is not None:
@@ -569,13 +842,17 @@ class Client:
         answer = _rejected_or(self._call(body, is_write=False, what="register"))
         self._session.reset(answer["session"])
 
-    def _call(self, body: dict, *, is_write: bool, what: str, follow: bool = True) -> dict:
+    def _call(self, body: dict, *, is_write: bool, what: str, follow: bool = True,
+              attempt_s: float = MAX_ATTEMPT_TIMEOUT_S) -> dict:
         with self._lock:
-            return self._call_locked(body, is_write=is_write, what=what, follow=follow)
+            return self._call_locked(body, is_write=is_write, what=what, follow=follow,
+                                     attempt_s=attempt_s)
 
-    def _call_locked(self, body: dict, *, is_write: bool, what: str, follow: bool) -> dict:
+    def _call_locked(self, body: dict, *, is_write: bool, what: str, follow: bool,
+                     attempt_s: float = MAX_ATTEMPT_TIMEOUT_S) -> dict:
         now = time.monotonic()
-        att = _Attempts(self.endpoints, self._leader, now + self.timeout_s, is_write)
+        att = _Attempts(self.endpoints, self._leader, now + self.timeout_s, is_write,
+                        max_attempt_s=attempt_s)
         while not att.expired(now):
             addr = att.endpoints[att.current]
             try:
@@ -655,7 +932,9 @@ class AsyncClient:
             await conn.close()
         self._conns.clear()
 
-    async def put(self, key: str | bytes, value: str | bytes) -> int:
+    async def put(self, key: str | bytes, value: str | bytes, lease: int = 0) -> int:
+        if lease:
+            return (await self._write("command", _put_args(key, value, lease), name="put"))["revision"]
         return (await self._write("put", [_key_bytes(key), _value_bytes(value)]))["revision"]
 
     async def delete(self, key: str | bytes) -> bool:
@@ -704,6 +983,27 @@ class AsyncClient:
         """See :meth:`Client.compact`."""
         return (await self._write("command", [revision], name="compact"))["compacted"]
 
+    async def grant(self, ttl: float, lease_id: int = 0) -> int:
+        """See :meth:`Client.grant`."""
+        return (await self._write("command", _grant_args(ttl, lease_id), name="lease.grant"))["id"]
+
+    async def keepalive(self, lease_id: int) -> float:
+        """See :meth:`Client.keepalive`."""
+        return (await self._write("command", [lease_id], name="lease.keepalive"))["ttl_ms"] / 1000
+
+    async def revoke(self, lease_id: int) -> int:
+        """See :meth:`Client.revoke`."""
+        return (await self._write("command", [lease_id], name="lease.revoke"))["deleted"]
+
+    async def time_to_live(self, lease_id: int, keys: bool = False) -> dict:
+        """See :meth:`Client.time_to_live`."""
+        return _ttl_result(await self.query("kv", "lease", lease_id, keys))
+
+    def watch(self, key: str | bytes, end: str | bytes | None = None, *, prefix: bool = False,
+              start_revision: int | None = None) -> AsyncWatch:
+        """See :meth:`Client.watch`: ``async for event in client.watch(...)``."""
+        return AsyncWatch(self, _watch_args(key, end, prefix, start_revision))
+
     async def status(self, endpoint: str | tuple[str, int] | None = None) -> dict:
         if endpoint is not None:
             addr = parse_endpoints([endpoint])[0]
@@ -741,9 +1041,11 @@ class AsyncClient:
             answer = _rejected_or(await self._call(body, is_write=False, what="register"))
             self._session.reset(answer["session"])
 
-    async def _call(self, body: dict, *, is_write: bool, what: str, follow: bool = True) -> dict:
+    async def _call(self, body: dict, *, is_write: bool, what: str, follow: bool = True,
+                    attempt_s: float = MAX_ATTEMPT_TIMEOUT_S) -> dict:
         now = time.monotonic()
-        att = _Attempts(list(self.endpoints), self._leader, now + self.timeout_s, is_write)
+        att = _Attempts(list(self.endpoints), self._leader, now + self.timeout_s, is_write,
+                        max_attempt_s=attempt_s)
         while not att.expired(now):
             addr = att.endpoints[att.current]
             try:

@@ -38,6 +38,8 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING, Any
 
+from coordinator import leases
+
 if TYPE_CHECKING:  # pragma: no cover
     from coordinator.statemachine import Answer, Command, StateMachine
 
@@ -127,7 +129,8 @@ def range_answer(sm: StateMachine, start: Any, end: Any = None, prefix: Any = Fa
             size += len(key) + (len(value) if value is not None else 0) + 32
             if kvs and size > MAX_RANGE_ANSWER_BYTES:
                 break
-            kvs.append([key, value, rec.create_revision, rec.mod_revision, rec.version, 0])
+            lease = sm.key_lease.get(key, 0) if records is None else 0
+            kvs.append([key, value, rec.create_revision, rec.mod_revision, rec.version, lease])
     more = len(kvs) < len(keys) and not count_only
     return {"ok": True, "kvs": kvs, "count": len(keys), "more": more,
             "revision": sm.revision if revision is None else revision}
@@ -151,6 +154,74 @@ def at_revision(sm: StateMachine, start: bytes, end: bytes | None, revision: int
             else:
                 state[key] = prev
     return state
+
+
+# ------------------------------------------------------------------ watches
+_ABSENT = object()
+
+
+def events_answer(sm: StateMachine, start: Any, end: Any, prefix: Any, from_revision: Any,
+                  max_events: Any) -> Answer:
+    """The ``kv.events`` query behind watches: every change to a key in range at revision
+    ``from_revision`` or later, oldest first, each ``[type, key, value, create, mod, version,
+    lease, prev]`` (``prev``: the record before, ``[value, create, mod, version]`` or None), at
+    most about ``max_events`` of them but always whole revisions (a transaction's or a lease
+    revocation's changes come together). ``next`` is the revision to ask from next time: past
+    the last event returned, or past the store's revision when nothing was left out, so a
+    watcher resumes (on any node, after any reconnect) with no gap and no repeat.
+    ``from_revision`` 0 means "from now". A revision older than the kept history is refused
+    with ``compacted`` (its ``compact_revision`` says where the history starts)."""
+    try:
+        lo, hi = key_bounds(start, end, prefix)
+        if not isinstance(from_revision, int) or isinstance(from_revision, bool) or from_revision < 0:
+            raise BadRange("from_revision must be an integer >= 0 (0: from now)")
+        if not isinstance(max_events, int) or isinstance(max_events, bool) or max_events <= 0:
+            raise BadRange("max_events must be an integer > 0")
+    except BadRange as exc:
+        return {"ok": False, "error": "bad_range", "detail": str(exc)}
+    if from_revision == 0:
+        from_revision = sm.revision + 1
+    if from_revision <= sm.compacted:
+        return {"ok": False, "error": "compacted", "compact_revision": sm.compacted + 1,
+                "detail": f"revision {from_revision} has been compacted: the history starts at "
+                          f"{sm.compacted + 1} (the watcher fell behind the kept history; watch "
+                          "again from a later revision after reading the current state)"}
+
+    def inside(key: bytes) -> bool:
+        if hi is None:
+            return key == lo
+        return key >= lo and (hi == b"\0" or key < hi)
+
+    found: list[tuple[int, bytes, Any, Any]] = []
+    after: dict[bytes, Any] = {}  # walking back: what each key held after the newer change
+    for rev, key, prev in reversed(sm.history):
+        if rev < from_revision:
+            break
+        now = after.get(key, _ABSENT)
+        if now is _ABSENT:
+            now = sm.kv.get(key)
+        if inside(key):
+            found.append((rev, key, now, prev))
+        after[key] = prev
+    found.reverse()
+    cap = min(max_events, MAX_RANGE_KEYS)
+    out: list[list[Any]] = []
+    size = 0
+    for i, (rev, key, now, prev) in enumerate(found):
+        boundary = i > 0 and rev != found[i - 1][0]  # never cut a revision in two
+        if boundary and (len(out) >= cap or size > MAX_RANGE_ANSWER_BYTES):
+            return {"ok": True, "events": out, "next": found[i - 1][0] + 1, "revision": sm.revision}
+        lease = sm.key_lease.get(key, 0) if now is not None and sm.kv.get(key) is now else 0
+        out.append(["delete" if now is None else "put", key,
+                    None if now is None else now.value,
+                    0 if now is None else now.create_revision, rev,
+                    0 if now is None else now.version, lease,
+                    None if prev is None else [prev.value, prev.create_revision,
+                                               prev.mod_revision, prev.version]])
+        size += len(key) + (len(now.value) if now is not None else 0) + (
+            len(prev.value) if prev is not None else 0) + 48
+    return {"ok": True, "events": out, "next": max(from_revision, sm.revision + 1),
+            "revision": sm.revision}
 
 
 # ------------------------------------------------------------------ transactions
@@ -181,11 +252,14 @@ def _check_op(sm: StateMachine, op: Any) -> None:
         raise BadRange('a transaction op is ["put", key, value], ["delete", key, end, prefix] or '
                        '["get", key, end, prefix, limit, keys_only, count_only]')
     if op[0] == "put":
-        if len(op) != 3:
-            raise BadRange('put is ["put", key, value]')
+        if len(op) not in (3, 4):
+            raise BadRange('put is ["put", key, value] or ["put", key, value, lease]')
         bad = sm._check_key_value(op[1], op[2])
         if bad is not None or op[2] is None:
             raise BadRange(f"put: {bad['detail'] if bad else 'a value is needed'}")
+        bad = leases.check_lease(sm, op[3] if len(op) == 4 else 0)
+        if bad is not None:
+            raise BadRange(f"put: {bad['detail']}")
     elif op[0] == "delete":
         if len(op) != 4:
             raise BadRange('delete is ["delete", key, end, prefix]')
@@ -237,7 +311,7 @@ def txn(sm: StateMachine, cmd: Command, index: int) -> Answer:
     responses: list[dict[str, Any]] = []
     for op in ops:
         if op[0] == "put":
-            sm._put_at(op[1], op[2], revision)
+            sm._put_at(op[1], op[2], revision, op[3] if len(op) == 4 else 0)
             responses.append({"op": "put", "revision": revision})
         elif op[0] == "delete":
             keys = matching(sm, *key_bounds(op[1], op[2], op[3]))

@@ -86,6 +86,8 @@ from typing import Any
 import msgpack
 
 from coordinator import (
+    kvrange,
+    leases,
     snapshotting,
     steplog,  # noqa: F401 - registers the step log's commands and extension
 )
@@ -138,6 +140,8 @@ log = logging.getLogger("coordinator.server")
 
 Address = tuple[str, int]
 _ReadAnswer = Callable[[], dict]  # produces a read's answer from the applied state
+#: A watch's long poll is held this long at most with no change (the client asks again).
+MAX_WATCH_WAIT_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -796,6 +800,14 @@ class CoordinatorServer:
         self._applied_bytes = 0  # entry data applied since the last snapshot started
         self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
         self._members_proposed: set[int] = set()  # members.seen proposed in this term
+        # Leases: a new leader expires none before this (ms, wall clock; see _expire_leases),
+        # and proposes each lease's expiry at most once a second (id -> when last proposed).
+        self._lease_grace_until_ms = 0
+        self._expiry_proposed: dict[int, float] = {}
+        # Watches waiting for a change (long polls): (future, the events query's args, the
+        # answer's deadline), answered when an applied change falls in their range.
+        self._watchers: list[tuple[asyncio.Future, tuple, float]] = []
+        self._watch_revision = 0  # the store's revision when the waiting watches were last checked
         # peer -> ((term, prev index, prev term), sent at) of the last APPEND with entries
         # it has not answered yet (see _repeats_append)
         self._appends_sent: dict[int, tuple[tuple[int, int, int], float]] = {}
@@ -852,6 +864,10 @@ class CoordinatorServer:
             self._ticker.cancel()
         self._fail_pending_writes("shutting_down")
         self._fail_pending_reads("shutting_down")
+        for fut, _, _ in self._watchers:
+            if not fut.done():
+                fut.set_result(self._redirect("shutting_down"))
+        self._watchers = []
         self._stop_senders()
         job = self._snap_job
         if job is not None and job.pid and job.exit_code is None:
@@ -892,6 +908,11 @@ class CoordinatorServer:
             ticks += 1
             if ticks % 32 == 0 and self.role == Role.LEADER:
                 self._record_members()
+            if ticks % 4 == 0:
+                if self.role == Role.LEADER and self.sm.leases:
+                    self._expire_leases()
+                if self._watchers:
+                    self._answer_watchers(time.monotonic())
             self._schedule_drive()
 
     def _note_lag(self, late_s: float) -> None:
@@ -1128,6 +1149,7 @@ class CoordinatorServer:
             self._answer_reads(self._reads_by_ctx.pop(ctx, ()), self._redirect("not_leader"))
         self.node.advance(rd)
         self._release_reads()
+        self._release_watchers()
         if not self.node.recovering and self._marker_present():
             self._drop_marker()
 
@@ -1353,6 +1375,77 @@ class CoordinatorServer:
             await asyncio.sleep(self.config.tick_s)
         return self.peer_transport.connected(to) and self.role == Role.LEADER
 
+    def _election_timeout_s(self) -> float:
+        return self.config.election_tick * self.config.tick_s
+
+    def _expire_leases(self) -> None:
+        """Leader: propose ``lease.expire`` for the leases due on this leader's clock (see
+        :mod:`coordinator.leases`; the apply checks again against the log's clock)."""
+        now_ms = int(time.time() * 1000)
+        if now_ms < self._lease_grace_until_ms:
+            return
+        now = time.monotonic()
+        due = [lid for lid in leases.due(self.sm, now_ms)
+               if now - self._expiry_proposed.get(lid, -1e9) > 1.0]
+        if not due:
+            return
+        try:
+            self.node.propose_batch([encode_command("lease.expire", 0, 0, 0, now_ms, *due)])
+        except ProposalDropped:
+            return
+        for lid in due:
+            self._expiry_proposed[lid] = now
+        if len(self._expiry_proposed) > 4 * leases.MAX_EXPIRE_BATCH:
+            self._expiry_proposed = {lid: t for lid, t in self._expiry_proposed.items()
+                                     if lid in self.sm.leases}
+        self._schedule_drive()
+
+    # ------------------------------------------------------------ watches
+    def _watch(self, body: dict) -> dict | asyncio.Future:
+        """``{"op": "watch", "key", "end", "prefix", "start_revision", "max_events",
+        "wait_s"}``: the changes in range from ``start_revision`` on (``kv.events``), answered
+        at once when there are some, else held until one is applied or ``wait_s`` (at most
+        :data:`MAX_WATCH_WAIT_S`) has passed (a long poll). Any node serves it from what it has
+        applied, which is always committed; one that knows no leader redirects, so a watcher
+        never sits on a node cut off from the cluster."""
+        if self.role != Role.LEADER and not self.node.leader_id:
+            return self._redirect("not_leader")  # no hint: the client tries the next node
+        wait_s = body.get("wait_s", 0)
+        if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or wait_s < 0:
+            return {"ok": False, "error": "bad_request", "detail": "wait_s must be a number >= 0"}
+        args = (body.get("key"), body.get("end"), body.get("prefix", False),
+                body.get("start_revision", 0), body.get("max_events", 1000))
+        answer = kvrange.events_answer(self.sm, *args)
+        if not answer.get("ok") or answer["events"] or wait_s == 0:
+            return dict(answer, node=self.id)
+        if len(self._watchers) >= self.config.max_pending_requests:
+            return dict(answer, node=self.id)  # answered empty at once: the watcher asks again
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        resolved = (*args[:3], answer["next"], args[4])  # "from now" fixed at this revision
+        self._watchers.append((fut, resolved, time.monotonic() + min(wait_s, MAX_WATCH_WAIT_S)))
+        self._watch_revision = self.sm.revision
+        return fut
+
+    def _answer_watchers(self, now: float, changed: bool = False) -> None:
+        """Answer the waiting watches that have events now, or whose wait is over."""
+        keep = []
+        for fut, args, deadline in self._watchers:
+            if fut.done():
+                continue
+            if changed or deadline <= now:
+                answer = kvrange.events_answer(self.sm, *args)
+                if not answer.get("ok") or answer["events"] or deadline <= now:
+                    fut.set_result(dict(answer, node=self.id))
+                    continue
+            keep.append((fut, args, deadline))
+        self._watchers = keep
+
+    def _release_watchers(self) -> None:
+        if self._watchers and self.sm.revision != self._watch_revision:
+            self._watch_revision = self.sm.revision
+            self._answer_watchers(time.monotonic(), changed=True)
+
     def _members_seen(self) -> MembersSeen:
         ext = self.sm.extensions["members"]
         assert isinstance(ext, MembersSeen)
@@ -1386,6 +1479,10 @@ class CoordinatorServer:
         elif role == Role.LEADER and not was_leader:
             log.info("node %d became leader (term %d)", self.id, self.node.term)
             self._members_proposed.clear()
+            # etcd's rule: no lease expires before one more election timeout has passed
+            # (keepalives reached no leader during the election).
+            self._lease_grace_until_ms = int(time.time() * 1000 + 1000 * self._election_timeout_s())
+            self._expiry_proposed.clear()
 
     # ------------------------------------------------------------ apply path
     def _apply(self, entry: Any) -> None:
@@ -1632,6 +1729,8 @@ class CoordinatorServer:
             return self._write(op, body)
         if op == "query":
             return self._query(body)
+        if op == "watch":
+            return self._watch(body)
         if op == "status":
             return self.status()
         if op == "admin_partition":

@@ -64,7 +64,7 @@ from typing import Any, BinaryIO, Protocol
 
 import msgpack
 
-from coordinator import kvrange
+from coordinator import kvrange, leases
 
 SNAPSHOT_FORMAT_VERSION = 2  # restore also reads format 1
 SNAPSHOT_KV_CHUNK = 4096  # key records per msgpack array in a format 2 snapshot, at most...
@@ -221,6 +221,9 @@ class StateMachine:
         self.history: deque[tuple[int, bytes, KeyRecord | None]] = deque()
         self.history_bytes = 0
         self.compacted = 0
+        # Leases (coordinator.leases): id -> Lease in grant order, and key -> its lease id.
+        self.leases: dict[int, leases.Lease] = {}
+        self.key_lease: dict[bytes, int] = {}
         # Least recently active first; the order is a function of the log only.
         self.sessions: OrderedDict[int, Session] = OrderedDict()
         # Extension state for other command families (e.g. the step log): name -> object
@@ -322,10 +325,7 @@ class StateMachine:
         caller decides on consistency). Never raises: a bad query is an error answer. The
         store's own queries are ``kv.range`` (:mod:`coordinator.kvrange`)."""
         if ext == KV_QUERIES:
-            if name != "range" or not isinstance(args, tuple) or len(args) > 7:
-                return error("bad_query", "the kv queries are range(start, end, prefix, limit, "
-                             "keys_only, count_only, revision)")
-            return dict(kvrange.range_answer(self, *args), applied=self.applied_index)
+            return dict(self._kv_query(name, args), applied=self.applied_index)
         extension = self.extensions.get(ext) if isinstance(ext, str) else None
         if extension is None:
             return error("unknown_extension", f"no extension {ext!r} is registered on this "
@@ -338,14 +338,32 @@ class StateMachine:
             return error("query_failed", f"{ext}.{name} raised {type(exc).__name__}: {exc}")
         return dict(answer, applied=self.applied_index)
 
+    _KV_QUERY_HELP = ("the kv queries are range(start, end, prefix, limit, keys_only, count_only, "
+                      "revision), events(start, end, prefix, from_revision, max_events), "
+                      "lease(id, with_keys) and leases()")
+
+    def _kv_query(self, name: str, args: Any) -> Answer:
+        if not isinstance(args, tuple):
+            return error("bad_query", self._KV_QUERY_HELP)
+        if name == "range" and len(args) <= 7:
+            return kvrange.range_answer(self, *args)
+        if name == "events" and len(args) == 5:
+            return kvrange.events_answer(self, *args)
+        if name == "lease" and 1 <= len(args) <= 2:
+            return leases.time_to_live(self, *args)
+        if name == "leases" and not args:
+            return leases.lease_list(self)
+        return error("bad_query", self._KV_QUERY_HELP)
+
     # ------------------------------------------------------------- mutations
-    def _put(self, key: bytes, value: bytes) -> int:
+    def _put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         self.revision += 1
-        self._put_at(key, value, self.revision)
+        self._put_at(key, value, self.revision, lease)
         return self.revision
 
-    def _put_at(self, key: bytes, value: bytes, revision: int) -> None:
-        """Write ``key`` at ``revision`` (the caller advances ``self.revision``)."""
+    def _put_at(self, key: bytes, value: bytes, revision: int, lease: int = 0) -> None:
+        """Write ``key`` at ``revision`` (the caller advances ``self.revision``), attached to
+        ``lease`` (0: none; the caller checked it exists)."""
         rec = self.kv.get(key)
         self._remember(revision, key, rec)
         if rec is None:
@@ -353,6 +371,8 @@ class StateMachine:
             self._sorted = None
         else:
             rec.value, rec.mod_revision, rec.version = value, revision, rec.version + 1
+        if lease or self.key_lease:
+            leases.attach(self, key, lease)
 
     def _delete(self, key: bytes) -> bool:
         if key not in self.kv:
@@ -365,6 +385,7 @@ class StateMachine:
         self._remember(self.revision + 1 if revision is None else revision, key, self.kv[key])
         del self.kv[key]
         self._sorted = None
+        leases.detach(self, key)
 
     def _remember(self, revision: int, key: bytes, prev: KeyRecord | None) -> None:
         """Keep what ``key`` held before ``revision`` changed it; drop the oldest revisions
@@ -424,6 +445,7 @@ class StateMachine:
             "history": [[rev, key] + ([] if prev is None else
                                       [prev.value, prev.create_revision, prev.mod_revision, prev.version])
                         for rev, key, prev in self.history],
+            "leases": leases.snapshot_state(self),
         }
         return msgpack.packb(doc, use_bin_type=True)
 
@@ -483,6 +505,7 @@ class StateMachine:
             self.history.append((event[0], event[1], prev))
             self.history_bytes += len(event[1]) + (len(prev.value) if prev is not None else 0)
         self.compacted = doc.get("compacted", self.revision)  # no history: from the restored state on
+        leases.restore_state(self, doc.get("leases", []))
         self.sessions = OrderedDict(
             (sid, Session(floor, active, {seq: ans for seq, ans in answers}))
             for sid, floor, active, answers in doc["sessions"]
@@ -500,6 +523,7 @@ class StateMachine:
         self.kv, self.sessions, self.extensions = other.kv, other.sessions, other.extensions
         self._sorted = None
         self.history, self.history_bytes, self.compacted = other.history, other.history_bytes, other.compacted
+        self.leases, self.key_lease = other.leases, other.key_lease
 
     def restore_empty(self, applied_index: int = 0) -> None:
         """Reset to the empty state positioned at ``applied_index`` (a snapshot with no data)."""
@@ -508,6 +532,7 @@ class StateMachine:
         self.clock_ms = 0
         self.kv, self._sorted = {}, None
         self.history, self.history_bytes, self.compacted = deque(), 0, 0
+        self.leases, self.key_lease = {}, {}
         self.sessions = OrderedDict()
         self._reset_extensions()
 
@@ -523,13 +548,17 @@ def _register(sm: StateMachine, cmd: Command, index: int) -> Answer:
 
 @register_command("put")
 def _put_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
-    if len(cmd.args) != 2:
-        return error("bad_command", "put takes (key, value)")
-    key, value = cmd.args
+    if len(cmd.args) not in (2, 3):
+        return error("bad_command", "put takes (key, value[, lease])")
+    key, value = cmd.args[:2]
+    lease = cmd.args[2] if len(cmd.args) == 3 else 0
     bad = sm._check_key_value(key, value)
     if bad is not None or value is None:
         return bad or error("bad_value", "put needs a value")
-    return {"ok": True, "revision": sm._put(key, value)}
+    bad = leases.check_lease(sm, lease)
+    if bad is not None:
+        return bad
+    return {"ok": True, "revision": sm._put(key, value, lease)}
 
 
 @register_command("delete")
@@ -557,6 +586,27 @@ def _compact_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
         return error("bad_command", f"compact takes a revision in 1..{sm.revision} (the current one)")
     sm.compact_history(cmd.args[0])
     return {"ok": True, "compacted": sm.compacted, "revision": sm.revision}
+
+
+@register_command("lease.grant")
+def _lease_grant_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    return leases.grant(sm, cmd, index)
+
+
+@register_command("lease.keepalive")
+def _lease_keepalive_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    return leases.keepalive(sm, cmd, index)
+
+
+@register_command("lease.revoke")
+def _lease_revoke_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    return leases.revoke(sm, cmd, index)
+
+
+@register_command("lease.expire", sessionless=True)
+def _lease_expire_cmd(sm: StateMachine, cmd: Command, index: int) -> Answer:
+    """The leader's expiry of due leases (see :mod:`coordinator.leases`)."""
+    return leases.expire(sm, cmd, index)
 
 
 @register_command("cas")
