@@ -10,12 +10,25 @@ harness:
   connection, spread over ``LOAD_PROCESSES`` load-generator processes so the Python client is
   not the one GIL everything waits on; every client talks to the leader;
 - failover: kill -9 the leader, time until a put is acknowledged by the new leader
-  (``--failover-trials`` trials; the killed node is restarted between trials).
+  (``--failover-trials`` trials; the killed node is restarted between trials);
+- watch: a watcher on a prefix (on the leader, from the next revision) and one writer process
+  doing ``--watch-puts`` sequential puts under it: events/s delivered (first put's start to the
+  last event's arrival) and each put's acknowledgement to its event's arrival, p50 / p99; the
+  events must be exactly the puts, in revision order, or the row fails;
+- rejoin: kill -9 a follower, ``--rejoin-writes`` puts meanwhile, start it again: seconds from
+  the process spawn until that node's status shows it applied what the leader had committed at
+  the restart (median of ``--rejoin-trials``), then once more with ``--rejoin-big`` more keys in
+  the log. It runs on a fresh cluster, so every system's log holds the same writes.
+
+``--rows`` runs some rows only; their figures then replace those rows in the results already
+in ``--out`` and the other rows are kept (the report says which run measured which rows).
+PySyncObj runs neither watch (it has none) nor rejoin.
 
 Every loop is bounded in count and in time. The setup step installs what is missing:
 ``apt-get update && apt-get install -y etcd-server`` and ``pip install pysyncobj``.
 
     python benchmarks/coordinator_bench.py [--quick] [--systems coordinator,etcd,pysyncobj]
+                                           [--rows latency,throughput,watch,failover,rejoin]
 
 Results: ``benchmarks/results/coordinator_bench.{json,md}``.
 """
@@ -30,6 +43,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -45,6 +59,15 @@ from typing import Any
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 VALUE = b"v" * 64
 LOAD_PROCESSES = 4
+ROWS = ("latency", "throughput", "watch", "failover", "rejoin")
+#: The result keys each row writes (a ``--rows`` run replaces these and keeps the others).
+ROW_KEYS = {"latency": ("put_sequential", "get_linearizable", "get_stale_follower"),
+            "throughput": ("throughput",), "watch": ("watch",), "failover": ("failover",),
+            "rejoin": ("rejoin",)}
+#: The settings each row records in the results' ``config``.
+ROW_CONFIG = {"latency": ("sequential",), "throughput": ("clients", "duration_s", "load_processes"),
+              "watch": ("watch_puts",), "failover": ("failover_trials",),
+              "rejoin": ("rejoin_writes", "rejoin_trials", "rejoin_big")}
 
 
 def free_port() -> int:
@@ -94,12 +117,21 @@ class System:
     """A 3-node cluster of one kind, plus how a client talks to it."""
 
     name = ""
+    unsupported_rows: frozenset[str] = frozenset()
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def leader(self) -> int: ...
     def kill(self, node: int) -> None: ...
     def restart(self, node: int) -> None: ...
+    def start_node(self, node: int) -> None:
+        """Spawn a killed node's process again, without waiting for it."""
+        raise NotImplementedError
+
+    def raft_indexes(self, node: int) -> tuple[int, int]:
+        """(commit index, applied index) from the node's status; raises if it does not answer."""
+        raise NotImplementedError
+
     def client_spec(self, node: int | None) -> dict:
         """A picklable description a load process turns into a connection (make_conn)."""
         raise NotImplementedError
@@ -131,6 +163,15 @@ class CoordinatorSystem(System):
 
     def restart(self, node: int) -> None:
         self.cluster.restart(node)
+
+    def start_node(self, node: int) -> None:
+        self.cluster.start_node(node)
+
+    def raft_indexes(self, node: int) -> tuple[int, int]:
+        st = self.cluster.status(node, timeout_s=0.5)
+        if st is None:
+            raise RuntimeError(f"coordinator node {node} does not answer")
+        return st["commit"], st["applied"]
 
     def client_spec(self, node: int | None) -> dict:
         eps = self.cluster.endpoints
@@ -198,8 +239,15 @@ class EtcdSystem(System):
         self.procs[node].wait()
 
     def restart(self, node: int) -> None:
-        self._spawn(node, "existing")
+        self.start_node(node)
         wait_until(lambda: self._status(node).get("leader"), 60, f"etcd n{node} to rejoin")
+
+    def start_node(self, node: int) -> None:
+        self._spawn(node, "existing")
+
+    def raft_indexes(self, node: int) -> tuple[int, int]:
+        st = self._status(node)  # raftIndex: the node's commit index (int64s come as strings)
+        return int(st["raftIndex"]), int(st["raftAppliedIndex"])
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -235,6 +283,7 @@ class PySyncObjSystem(System):
     """Three PySyncObj nodes (ReplDict, journal file), each with a tiny HTTP front end."""
 
     name = "pysyncobj"
+    unsupported_rows = frozenset({"watch", "rejoin"})
 
     def __init__(self) -> None:
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-pso-"))
@@ -344,7 +393,9 @@ def pysyncobj_node_main(self_addr: str, partners: str, http_port: int, journal: 
 
 # ----------------------------------------------------------------------------- clients
 class Conn:
-    def put(self, key: str, value: bytes) -> None: ...
+    def put(self, key: str, value: bytes) -> int | None:
+        """Store ``value``; the new revision (None where the system has none)."""
+
     def get(self, key: str, stale: bool) -> Any: ...
     def close(self) -> None: ...
 
@@ -355,8 +406,8 @@ class CoordinatorConn(Conn):
 
         self.c = Client(spec["endpoints"], token=spec["token"], timeout_s=timeout_s)
 
-    def put(self, key: str, value: bytes) -> None:
-        self.c.put(key, value)
+    def put(self, key: str, value: bytes) -> int:
+        return self.c.put(key, value)
 
     def get(self, key: str, stale: bool) -> Any:
         return self.c.get(key, consistency="stale" if stale else "linearizable")
@@ -396,13 +447,13 @@ class HttpConn(Conn):
                     raise
                 time.sleep(0.005)
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes) -> int | None:
         if self.kind == "etcd":
             body = {"key": base64.b64encode(key.encode()).decode(),
                     "value": base64.b64encode(value).decode()}
-            self._request("POST", "/v3/kv/put", json.dumps(body).encode())
-        else:
-            self._request("PUT", "/" + key, value)
+            return int(self._request("POST", "/v3/kv/put", json.dumps(body).encode())["header"]["revision"])
+        self._request("PUT", "/" + key, value)
+        return None
 
     def get(self, key: str, stale: bool) -> Any:
         if self.kind == "etcd":
@@ -423,8 +474,66 @@ def make_conn(spec: dict, timeout_s: float = 10.0, attempt_timeout_s: float = 2.
     return HttpConn(spec, timeout_s, attempt_timeout_s)
 
 
+class CoordinatorWatchStream:
+    """``Client.watch(prefix, prefix=True, start_revision=...)``: its long polls, as
+    (revision, key) pairs."""
+
+    def __init__(self, spec: dict, prefix: str, start_revision: int) -> None:
+        from coordinator import Client
+
+        self.c = Client(spec["endpoints"], token=spec["token"], timeout_s=10.0)
+        self.watch = self.c.watch(prefix, prefix=True, start_revision=start_revision)
+
+    def __iter__(self) -> Any:
+        for event in self.watch:
+            yield event.revision, event.kv.key.decode()
+
+    def close(self) -> None:
+        self.watch.cancel()  # the iteration ends within one long poll
+        self.c.close()
+
+
+class EtcdWatchStream:
+    """etcd's v3 JSON gateway: a streaming POST /v3/watch, one JSON message a line."""
+
+    def __init__(self, spec: dict, prefix: str, start_revision: int) -> None:
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the prefix's range end
+        b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+        body = {"create_request": {"key": b64(prefix), "range_end": b64(end),
+                                   "start_revision": start_revision}}
+        self.conn = http.client.HTTPConnection("127.0.0.1", spec["ports"][0], timeout=30.0)
+        self.conn.request("POST", "/v3/watch", json.dumps(body), {"Content-Type": "application/json"})
+        self.resp = self.conn.getresponse()
+        first = self._message()
+        if self.resp.status != 200 or not first.get("created"):
+            raise RuntimeError(f"etcd watch not created: HTTP {self.resp.status} {first}")
+
+    def _message(self) -> dict:
+        line = self.resp.readline()  # http.client undoes the chunked encoding
+        if not line:
+            raise EOFError("etcd closed the watch stream")
+        msg = json.loads(line)
+        if "result" not in msg or msg["result"].get("canceled"):
+            raise RuntimeError(f"etcd watch failed: {msg}")
+        return msg["result"]
+
+    def __iter__(self) -> Any:
+        while True:
+            for event in self._message().get("events", []):
+                yield int(event["kv"]["mod_revision"]), base64.b64decode(event["kv"]["key"]).decode()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_watch(spec: dict, prefix: str, start_revision: int) -> CoordinatorWatchStream | EtcdWatchStream:
+    if spec["kind"] == "coordinator":
+        return CoordinatorWatchStream(spec, prefix, start_revision)
+    return EtcdWatchStream(spec, prefix, start_revision)
+
+
 # ----------------------------------------------------------------------------- measurements
-def latency_ms(conn: Conn, op: Callable[[int], None], count: int, budget_s: float) -> dict:
+def latency_ms(conn: Conn, op: Callable[[int], Any], count: int, budget_s: float) -> dict:
     samples: list[float] = []
     deadline = time.monotonic() + budget_s
     for i in range(count):
@@ -438,8 +547,8 @@ def latency_ms(conn: Conn, op: Callable[[int], None], count: int, budget_s: floa
             "mean_ms": round(statistics.fmean(samples), 3) if samples else None}
 
 
-def _load_process(spec: dict, threads: int, duration_s: float, max_ops: int, tag: str,
-                  out: Any) -> None:
+def _load_process(spec: dict, threads: int, duration_s: float, max_ops: int, key_space: int,
+                  tag: str, out: Any) -> None:
     counts = [0] * threads
     errors = [0] * threads
     start = threading.Barrier(threads + 1)
@@ -452,7 +561,7 @@ def _load_process(spec: dict, threads: int, duration_s: float, max_ops: int, tag
         i = 0
         while time.monotonic() < stop_at[0] and i < max_ops:
             try:
-                conn.put(f"{tag}-{t}-{i % 100}", VALUE)
+                conn.put(f"{tag}-{t}-{i % key_space}", VALUE)
                 counts[t] += 1
             except Exception:  # noqa: BLE001 - counted, the run goes on
                 errors[t] += 1
@@ -471,13 +580,16 @@ def _load_process(spec: dict, threads: int, duration_s: float, max_ops: int, tag
     out.put((sum(counts), sum(errors), time.monotonic() - t0))
 
 
-def throughput(spec: dict, clients: int, duration_s: float) -> dict:
+def throughput(spec: dict, clients: int, duration_s: float, max_ops: int = 200_000,
+               key_space: int = 100, tag: str = "") -> dict:
+    """Puts from ``clients`` clients for ``duration_s`` (or ``max_ops`` puts each), each
+    client cycling over ``key_space`` keys of its own."""
     procs_n = min(LOAD_PROCESSES, clients)
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     per = [clients // procs_n + (1 if k < clients % procs_n else 0) for k in range(procs_n)]
-    max_ops = 200_000
-    procs = [ctx.Process(target=_load_process, args=(spec, n, duration_s, max_ops, f"c{clients}p{k}", out))
+    procs = [ctx.Process(target=_load_process,
+                         args=(spec, n, duration_s, max_ops, key_space, f"{tag}c{clients}p{k}", out))
              for k, n in enumerate(per)]
     for p in procs:
         p.start()
@@ -511,13 +623,177 @@ def failover(system: System, trials: int, budget_s: float) -> dict:
             "max_ms": round(max(times), 1) if times else None, "all_ms": [round(t, 1) for t in times]}
 
 
-def bench_system(system: System, args: argparse.Namespace) -> dict:
+def write_keys(spec: dict, count: int, tag: str, clients: int = 16) -> int:
+    """``count`` puts of distinct keys (rounded down to a multiple of ``clients``) from the load
+    processes; raises unless every one was acknowledged. Returns how many there were."""
+    each = max(1, count // clients)
+    r = throughput(spec, clients, duration_s=120.0, max_ops=each, key_space=each, tag=tag)
+    if r["ops"] != each * clients or r["errors"]:
+        raise RuntimeError(f"writing {each * clients} keys under {tag!r}: {r}")
+    return r["ops"]
+
+
+def put_revision(conn: Conn, key: str) -> int:
+    revision = conn.put(key, VALUE)
+    if revision is None:
+        raise RuntimeError("this system's puts have no revision")
+    return revision
+
+
+def _watch_writer(spec: dict, prefix: str, count: int, budget_s: float, out: Any) -> None:
+    """One client's sequential puts: (revision, key, call start, acknowledged) of each."""
+    conn = make_conn(spec)
+    acks: list[tuple[int, str, float, float]] = []
+    deadline = time.monotonic() + budget_s
+    for i in range(count):
+        if time.monotonic() > deadline:
+            break
+        key = f"{prefix}{i:06d}"
+        t0 = time.monotonic()
+        revision = put_revision(conn, key)
+        acks.append((revision, key, t0, time.monotonic()))
+    conn.close()
+    out.put(acks)
+
+
+def watch_row(system: System, puts: int, budget_s: float = 120.0) -> dict:
+    """A watcher on a prefix (this process, on the leader, from the next revision) and a writer
+    process putting ``puts`` keys under it. Times are CLOCK_MONOTONIC, the same in both
+    processes; the writer has its own process so the two do not share a GIL."""
+    spec = system.client_spec(system.leader())
+    conn = make_conn(spec)
+    start_revision = put_revision(conn, "watch-warm") + 1
+    conn.close()
+    prefix = "watch/"
+    stream = open_watch(spec, prefix, start_revision)
+    arrivals: list[tuple[int, str, float]] = []
+    failure: list[Exception] = []
+    stopping = threading.Event()
+
+    def consume() -> None:
+        try:
+            for revision, key in stream:
+                arrivals.append((revision, key, time.monotonic()))
+                if len(arrivals) >= puts:
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported below, unless we closed it
+            if not stopping.is_set():
+                failure.append(exc)
+
+    watcher = threading.Thread(target=consume, daemon=True, name="watcher")
+    watcher.start()
+    time.sleep(0.5)  # the watcher's first request is waiting before the first put
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    writer = ctx.Process(target=_watch_writer, args=(spec, prefix, puts, budget_s, out))
+    writer.start()
+    acks = out.get(timeout=budget_s + 60)
+    writer.join(30)
+    try:
+        wait_until(lambda: len(arrivals) >= len(acks) or failure, 30, "the watcher's last event")
+    finally:
+        stopping.set()
+        stream.close()
+        watcher.join(5)
+    if failure:
+        raise RuntimeError(f"the watcher failed after {len(arrivals)} events: {failure[0]!r}")
+    got = [(revision, key) for revision, key, _ in arrivals]
+    put = sorted((revision, key) for revision, key, _, _ in acks)
+    if got != put:
+        first = next((i for i, (a, b) in enumerate(zip(got, put, strict=False)) if a != b),
+                     min(len(got), len(put)))
+        raise RuntimeError(f"the watcher got {len(got)} events for {len(acks)} puts; first difference "
+                           f"at #{first}: got {got[first:first + 3]}, put {put[first:first + 3]}")
+    arrived = {revision: t for revision, _, t in arrivals}
+    after_ack = [(arrived[revision] - acked) * 1e3 for revision, _, _, acked in acks]
+    after_start = [(arrived[revision] - t0) * 1e3 for revision, _, t0, _ in acks]
+    first_put = acks[0][2]
+    return {"puts": len(acks), "events": len(arrivals),
+            "events_per_s": round(len(arrivals) / (arrivals[-1][2] - first_put), 1),
+            "puts_per_s": round(len(acks) / (acks[-1][3] - first_put), 1),
+            "ack_to_event_p50_ms": round(percentile(after_ack, 50), 3),
+            "ack_to_event_p99_ms": round(percentile(after_ack, 99), 3),
+            "ack_to_event_max_ms": round(max(after_ack), 3),
+            "events_before_ack": sum(ms < 0 for ms in after_ack),
+            "put_start_to_event_p50_ms": round(percentile(after_start, 50), 3)}
+
+
+def rejoin_once(system: System, writes: int, tag: str) -> dict:
+    """Kill a follower, ``writes`` puts meanwhile, spawn it again: seconds until its status
+    answers, and until it has applied what the leader had committed at the restart."""
+    leader = system.leader()
+    node = next(i for i in (1, 2, 3) if i != leader)
+    system.kill(node)
+    write_keys(system.client_spec(leader), writes, tag, clients=4)
+    commit = system.raft_indexes(leader)[0]
+    answered: list[float] = []
+
+    def caught_up() -> bool:
+        applied = system.raft_indexes(node)[1]
+        if not answered:
+            answered.append(time.monotonic())
+        return applied >= commit
+
+    t0 = time.monotonic()
+    system.start_node(node)
+    wait_until(caught_up, 120, f"{system.name} node {node} to apply index {commit}")
+    done = time.monotonic()
+    return {"node": node, "leader_commit": commit, "answered_s": round(answered[0] - t0, 3),
+            "caught_up_s": round(done - t0, 3)}
+
+
+def rejoin(system: System, writes: int, trials: int, big: int) -> dict:
+    runs = []
+    for trial in range(trials):
+        runs.append(rejoin_once(system, writes, f"rejoin{trial}-"))
+        print(f"    rejoin trial {trial}: {runs[-1]}", flush=True)
+    seconds = [r["caught_up_s"] for r in runs]
+    res: dict[str, Any] = {"trials": runs, "median_s": round(statistics.median(seconds), 3), "max_s": max(seconds)}
+    if big:
+        write_keys(system.client_spec(system.leader()), big, "big-")
+        res["big"] = rejoin_once(system, writes, "rejoin-big-")
+        print(f"    rejoin after {big} more keys: {res['big']}", flush=True)
+    return res
+
+
+def checked_row(name: str, measure: Callable[[], dict]) -> dict:
+    """A row that fails alone: its error is recorded and the other rows go on."""
+    load_before = os.getloadavg()[0]
+    try:
+        res = measure()
+    except Exception as exc:  # noqa: BLE001 - recorded, and the run exits 1
+        print(f"  {name} FAILED: {exc!r}", flush=True)
+        res = {"error": repr(exc)}
+    res["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(f"  {name}: {res}", flush=True)
+    return res
+
+
+def on_cluster(system: System, measure: Callable[[System], None]) -> None:
     print(f"[{system.name}] starting a 3-node cluster", flush=True)
     system.start()
     try:
-        leader = system.leader()
+        measure(system)
+    finally:
+        system.stop()
+
+
+def bench_system(make: type[System], args: argparse.Namespace) -> dict:
+    """The selected rows of one system; rejoin on a fresh cluster of its own."""
+    rows = [r for r in args.rows if r not in make.unsupported_rows]
+    res: dict[str, Any] = {}
+    if set(rows) - {"rejoin"}:
+        on_cluster(make(), lambda system: bench_rows(system, rows, args, res))
+    if "rejoin" in rows:
+        on_cluster(make(), lambda system: res.update(rejoin=checked_row("rejoin", lambda: rejoin(
+            system, args.rejoin_writes, args.rejoin_trials, args.rejoin_big))))
+    return res
+
+
+def bench_rows(system: System, rows: list[str], args: argparse.Namespace, res: dict[str, Any]) -> None:
+    leader = system.leader()
+    if "latency" in rows:
         conn = make_conn(system.client_spec(leader))
-        res: dict[str, Any] = {}
         seq_budget = 20.0 if system.name != "pysyncobj" else 15.0
         res["put_sequential"] = latency_ms(
             conn, lambda i: conn.put(f"seq-{i % 100}", VALUE), args.sequential, seq_budget)
@@ -535,36 +811,83 @@ def bench_system(system: System, args: argparse.Namespace) -> dict:
         print(f"  stale get (follower): {res['get_stale_follower']}", flush=True)
         fconn.close()
         conn.close()
+    if "throughput" in rows:
         res["throughput"] = []
         for clients in args.clients:
             r = throughput(system.client_spec(leader), clients, args.duration)
             res["throughput"].append(r)
             print(f"  throughput: {r}", flush=True)
+    if "watch" in rows:
+        res["watch"] = checked_row("watch", lambda: watch_row(system, args.watch_puts))
+    if "failover" in rows:
         res["failover"] = failover(system, args.failover_trials, budget_s=180.0)
         print(f"  failover: {res['failover']}", flush=True)
-        return res
-    finally:
-        system.stop()
 
 
 # ----------------------------------------------------------------------------- report
+class RowFailed(Exception):
+    pass
+
+
+def _row(r: dict, key: str) -> dict:
+    """A checked row's result; RowFailed (a "failed" cell) if it failed."""
+    if "error" in r[key]:
+        raise RowFailed(r[key]["error"])
+    return r[key]
+
+
+def _load(r: dict) -> str:
+    return "; ".join(f"{key} {'/'.join(map(str, r[key]['load_avg_1min']))}"
+                     for key in ("watch", "rejoin") if key in r) or "n/a"
+
+
+def recorded_runs(results: dict) -> list[dict]:
+    """Which run measured which rows; results from before runs were recorded: one full run."""
+    return results.get("runs") or [{
+        "rows": [row for row in ROWS if any(key in entry for entry in results["systems"].values()
+                                            for key in ROW_KEYS[row])],
+        "systems": list(results["systems"]), "command": "python benchmarks/coordinator_bench.py"}]
+
+
+def _runs_line(results: dict) -> str:
+    parts = []
+    for run in recorded_runs(results):
+        when = f", {run['when']}" if run.get("when") else ""
+        systems = f" ({', '.join(run['systems'])})" if run.get("systems") else ""
+        parts.append(f"rows {', '.join(run['rows'])}{systems} from `{run['command']}`{when}")
+    return ("R" + "; ".join(parts)[1:]) + "."
+
+
 def markdown(results: dict) -> str:
     order = ("coordinator", "coordinator-strict", "etcd", "pysyncobj")
     systems = [s for s in order if s in results["systems"]]
+    cfg = results["config"]
     rows = [("sequential put p50 (ms)", lambda r: r["put_sequential"]["p50_ms"]),
             ("sequential put p99 (ms)", lambda r: r["put_sequential"]["p99_ms"]),
             ("linearizable get p50 (ms)", lambda r: r.get("get_linearizable", {}).get("p50_ms", "n/a")),
             ("stale get p50, follower (ms)", lambda r: r["get_stale_follower"]["p50_ms"])]
-    for k, clients in enumerate(results["config"]["clients"]):
+    for k, clients in enumerate(cfg.get("clients", [])):
         rows.append((f"puts/s, {clients} clients", lambda r, k=k: r["throughput"][k]["ops_per_s"]))
-    rows += [("failover median (ms)", lambda r: r["failover"]["median_ms"]),
+    rows += [(f"watch events/s ({cfg.get('watch_puts')} puts, one writer)",
+              lambda r: _row(r, "watch")["events_per_s"]),
+             ("watch put ack -> event p50 (ms)", lambda r: _row(r, "watch")["ack_to_event_p50_ms"]),
+             ("watch put ack -> event p99 (ms)", lambda r: _row(r, "watch")["ack_to_event_p99_ms"]),
+             ("failover median (ms)", lambda r: r["failover"]["median_ms"]),
              ("failover max (ms)", lambda r: r["failover"]["max_ms"]),
              ("failover trials", lambda r: r["failover"]["trials"]),
-             ("1-min load average before/after", lambda r: "/".join(map(str, r["load_avg_1min"])))]
+             (f"rejoin: spawn -> caught up, median of {cfg.get('rejoin_trials')} (s)",
+              lambda r: _row(r, "rejoin")["median_s"]),
+             (f"rejoin after {cfg.get('rejoin_big')} more keys (s)",
+              lambda r: _row(r, "rejoin")["big"]["caught_up_s"]),
+             ("rejoin: leader commit index at the spawn (last trial / more keys)",
+              lambda r: f"{_row(r, 'rejoin')['trials'][-1]['leader_commit']}/"
+                        f"{r['rejoin']['big']['leader_commit']}"),
+             ("1-min load average before/after", lambda r: "/".join(map(str, r["load_avg_1min"]))),
+             ("1-min load average before/after: watch; rejoin", _load)]
     lines = ["# Coordinator benchmark", "",
-             f"{results['machine']}; 3 nodes on loopback, fsync on; 64-byte values; "
-             f"{results['config']['duration_s']} s per throughput point; generated by "
-             "`python benchmarks/coordinator_bench.py`.", "",
+             f"{results['machine']}; 3 nodes on loopback, fsync on; 64-byte values"
+             + (f"; {cfg['duration_s']} s per throughput point" if "duration_s" in cfg else "")
+             + f". {_runs_line(results)}", "",
              "| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for label, fn in rows:
         cells = []
@@ -572,14 +895,30 @@ def markdown(results: dict) -> str:
             r = results["systems"][s]
             try:
                 cells.append(str(fn(r)) if "error" not in r else "error")
+            except RowFailed:
+                cells.append("failed")
             except (KeyError, IndexError, TypeError):
                 cells.append("n/a")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if set(cells) != {"n/a"}:  # a row no system ran is left out
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for s in systems:
-        if "error" in results["systems"][s]:
-            lines.append(f"\n{s} failed: {results['systems'][s]['error']}")
+        r = results["systems"][s]
+        for what, res in [("", r), *((f" {key}", r[key]) for key in ("watch", "rejoin") if key in r)]:
+            if "error" in res:
+                lines.append(f"\n{s}{what} failed: {res['error']}")
     lines += ["", "Targets: sequential p50 <= 1.0 ms; puts/s at 64 clients >= etcd's; failover "
               "median <= 300 ms and max <= 1 s.",
+              "Watch: one watcher on the leader from the next revision (the coordinator's "
+              "`Client.watch`, a long poll; etcd's `/v3/watch` JSON stream) and one writer, in a "
+              "process of its own, doing sequential puts under the prefix. Events/s counts from "
+              "the first put's start to the last event's arrival, so it is bounded by the "
+              "writer's put rate (`puts_per_s` in the JSON); ack -> event is the event's arrival "
+              "at the watcher less the put's return to the writer (negative: the event came "
+              "first). Rejoin: a follower killed with SIGKILL, puts while it is down, then "
+              "spawned again: seconds from the spawn until its status shows it applied what the "
+              "leader had committed at the spawn (process start included: a Python process for "
+              "the coordinator, a Go binary for etcd); on a fresh cluster, so each system's log holds the same writes. "
+              "PySyncObj has no watch and runs no rejoin.",
               "`coordinator` runs with its defaults: a steady leader's own fsync overlaps its "
               "appends (Raft thesis 10.2.1, as etcd does); `coordinator-strict` runs with "
               "`--persist-before-send --commit-broadcast`: the leader too sends nothing before "
@@ -590,6 +929,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_results(old: dict, new: dict, rows: list[str]) -> dict:
+    """``new``, a run of some ``rows``, over ``old``: those rows' results and settings replaced,
+    the other rows kept, and ``runs`` saying which run measured which rows."""
+    replaced = {key for row in rows for key in ROW_KEYS[row]}
+    runs = recorded_runs(old)
+    for run in runs:  # a row stays credited to a run that measured systems this one did not
+        run["rows"] = [row for row in run["rows"]
+                       if row not in rows or set(run["systems"]) - set(new["systems"])]
+    systems = old["systems"]
+    for name, entry in new["systems"].items():
+        before = {} if "error" in systems.get(name, {}) else systems.get(name, {})
+        systems[name] = {k: v for k, v in before.items() if k not in replaced} | entry
+    return {"machine": new["machine"], "config": old["config"] | new["config"], "systems": systems,
+            "runs": [run for run in runs if run["rows"]] + new["runs"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", default="coordinator,coordinator-strict,etcd,pysyncobj")
@@ -597,38 +952,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput point")
     parser.add_argument("--failover-trials", type=int, default=7)
+    parser.add_argument("--watch-puts", type=int, default=2000, help="puts the watcher must see")
+    parser.add_argument("--rejoin-writes", type=int, default=500, help="puts while the follower is down")
+    parser.add_argument("--rejoin-trials", type=int, default=3)
+    parser.add_argument("--rejoin-big", type=int, default=20_000,
+                        help="keys written before the last rejoin (0: none)")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="rows to run; the others are kept from the results in --out")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
+    asked = {r.strip() for r in args.rows.split(",") if r.strip()}
+    if asked - set(ROWS):
+        parser.error(f"unknown rows {', '.join(sorted(asked - set(ROWS)))}; rows: {', '.join(ROWS)}")
+    args.rows = [r for r in ROWS if r in asked]  # in ROWS order
     if args.quick:
         args.sequential, args.duration, args.failover_trials = 200, 2.0, 5
+        args.watch_puts, args.rejoin_writes, args.rejoin_big = 500, 200, 3000
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     setup(systems)
     makers = {"coordinator": CoordinatorSystem, "coordinator-strict": CoordinatorStrictSystem,
               "etcd": EtcdSystem, "pysyncobj": PySyncObjSystem}
+    config = {"sequential": args.sequential, "clients": args.clients, "duration_s": args.duration,
+              "load_processes": LOAD_PROCESSES, "failover_trials": args.failover_trials,
+              "watch_puts": args.watch_puts, "rejoin_writes": args.rejoin_writes,
+              "rejoin_trials": args.rejoin_trials, "rejoin_big": args.rejoin_big}
+    command = shlex.join(["python", "benchmarks/coordinator_bench.py",
+                          *(sys.argv[1:] if argv is None else argv)])
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "config": {"sequential": args.sequential, "clients": args.clients,
-                   "duration_s": args.duration, "failover_trials": args.failover_trials,
-                   "load_processes": LOAD_PROCESSES},
+        "config": {key: config[key] for row in args.rows for key in ROW_CONFIG[row]},
         "systems": {},
+        "runs": [{"rows": args.rows, "systems": systems, "command": command,
+                  "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}],
     }
+    partial = len(args.rows) < len(ROWS)
     for name in systems:
         load_before = os.getloadavg()[0]
         try:
-            results["systems"][name] = bench_system(makers[name](), args)
+            results["systems"][name] = bench_system(makers[name], args)
         except Exception as exc:  # noqa: BLE001 - one system failing still reports the others
             print(f"[{name}] failed: {exc!r}", flush=True)
             results["systems"][name] = {"error": repr(exc)}
-        # The machine may be shared: record how busy it was around each system's run.
-        results["systems"][name]["load_avg_1min"] = [round(load_before, 2),
-                                                     round(os.getloadavg()[0], 2)]
+        if not partial:  # the machine may be shared: how busy it was around each system's run
+            results["systems"][name]["load_avg_1min"] = [round(load_before, 2),
+                                                         round(os.getloadavg()[0], 2)]
+    failed = [f"{name} {row}" for name, r in results["systems"].items() for row in ("watch", "rejoin")
+              if "error" in r.get(row, {})]
+    json_path = args.out / "coordinator_bench.json"
+    if partial and json_path.is_file():
+        results = merge_results(json.loads(json_path.read_text()), results, args.rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "coordinator_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "coordinator_bench.md").write_text(markdown(results))
     print(markdown(results))
-    return 0
+    if failed:
+        print(f"FAILED rows: {', '.join(failed)}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
