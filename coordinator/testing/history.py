@@ -25,11 +25,13 @@ __all__ = ["HistoryFullError", "HistoryRecorder", "OpKind", "Operation"]
 
 
 class OpKind(enum.Enum):
-    """The three register operations the workload and the checker know."""
+    """The register operations, and the multi-key ones (:class:`.linearizability.MultiKeyModel`)."""
 
     READ = "read"  # input None; output: the value read (None = never written)
     WRITE = "write"  # input: the value; output None
     CAS = "cas"  # input (expected, new); output: True if it swapped
+    RANGE = "range"  # input (start, end): keys in [start, end); output: ((key, value), ...) sorted
+    TXN = "txn"  # input (compares, success, failure); output (succeeded, (get results...))
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,11 @@ class Operation:
             what = f"read({self.key})"
         elif self.kind is OpKind.WRITE:
             what = f"write({self.key}, {self.input!r})"
+        elif self.kind is OpKind.RANGE:
+            what = f"range({self.input[0]!r}..{self.input[1]!r})"
+        elif self.kind is OpKind.TXN:
+            compares, success, failure = self.input
+            what = f"txn(if {list(compares)} then {list(success)} else {list(failure)})"
         else:
             expected, new = self.input
             what = f"cas({self.key}, {expected!r}->{new!r})"

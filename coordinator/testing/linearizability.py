@@ -42,7 +42,8 @@ from typing import Any
 
 from .history import Operation, OpKind
 
-__all__ = ["CheckReport", "CheckResult", "RegisterModel", "check_history", "check_key"]
+__all__ = ["CheckReport", "CheckResult", "MultiKeyModel", "RegisterModel", "check_history",
+           "check_key", "check_multikey"]
 
 DEFAULT_MAX_STATES = 1_000_000
 
@@ -98,6 +99,91 @@ class RegisterModel:
         if op.kind is OpKind.READ:
             return f"the register holds {state!r}, the read returned {op.output!r}"
         return f"the register holds {state!r}, so the cas would return {state == op.input[0]!r}"
+
+
+class MultiKeyModel:
+    """A sequential key-value store over a fixed set of ``keys`` (each initially absent), for
+    histories that mix single-key operations with ones that span keys (etcd's Range and Txn):
+
+    - READ / WRITE / CAS on ``op.key``, as :class:`RegisterModel`;
+    - RANGE, input ``(start, end)``: output the ``(key, value)`` pairs of the present keys in
+      ``[start, end)``, sorted by key (a range must see one instant: never half a transaction);
+    - TXN, input ``(compares, success, failure)``: every compare ``("value", key, v)`` (the key
+      holds ``v``; a missing key never matches, as in etcd) or ``("absent", key)`` holds ->
+      run ``success``, else ``failure``, atomically; ops ``("put", key, v)``, ``("delete",
+      key)``, ``("get", key)``; output ``(succeeded, (value of each get, in order))``.
+
+    The state is a tuple of the keys' values in sorted key order (hashable, for the memo).
+    Check such a history whole with :func:`check_multikey` (it cannot be split per key)."""
+
+    def __init__(self, keys: Iterable[Hashable]) -> None:
+        self.keys = sorted(set(keys), key=repr)
+        self.slot = {k: i for i, k in enumerate(self.keys)}
+        self.init: tuple = (None,) * len(self.keys)
+
+    def _set(self, state: tuple, key: Hashable, value: Any) -> tuple:
+        i = self.slot[key]
+        return state[:i] + (value,) + state[i + 1:]
+
+    def _txn(self, state: tuple, txn_input: Any) -> tuple[tuple, tuple]:
+        compares, success, failure = txn_input
+        ok = all(state[self.slot[c[1]]] is None if c[0] == "absent"
+                 else state[self.slot[c[1]]] is not None and state[self.slot[c[1]]] == c[2]
+                 for c in compares)
+        got = []
+        for op in success if ok else failure:
+            if op[0] == "put":
+                state = self._set(state, op[1], op[2])
+            elif op[0] == "delete":
+                state = self._set(state, op[1], None)
+            else:
+                got.append(state[self.slot[op[1]]])
+        return state, (ok, tuple(got))
+
+    def _range(self, state: tuple, start: Any, end: Any) -> tuple:
+        return tuple((k, state[i]) for i, k in enumerate(self.keys)
+                     if state[i] is not None and start <= k < end)
+
+    def step(self, state: tuple, op: Operation) -> tuple[bool, tuple]:
+        if op.kind is OpKind.RANGE:
+            return (op.unknown or op.output == self._range(state, *op.input)), state
+        if op.kind is OpKind.TXN:
+            after, output = self._txn(state, op.input)
+            return (op.unknown or op.output == output), after
+        i = self.slot[op.key]
+        accepted, value = RegisterModel().step(state[i], op)
+        return accepted, self._set(state, op.key, value)
+
+    def why_rejected(self, state: tuple, op: Operation) -> str:
+        held = dict(zip(self.keys, state, strict=True))
+        if op.kind is OpKind.RANGE:
+            return f"the store holds {held!r}, so the range would return {self._range(state, *op.input)!r}"
+        if op.kind is OpKind.TXN:
+            return f"the store holds {held!r}, so the txn would return {self._txn(state, op.input)[1]!r}"
+        return f"the store holds {held!r}: " + RegisterModel().why_rejected(state[self.slot[op.key]], op)
+
+
+def check_multikey(
+    ops: Iterable[Operation],
+    model: MultiKeyModel,
+    max_states: int = DEFAULT_MAX_STATES,
+    time_limit_s: float | None = None,
+) -> CheckReport:
+    """Check a history of single- and multi-key operations against ``model`` as one whole
+    (no per-key split: a range or a transaction ties keys together). Reads, ranges and
+    transactions made only of gets whose outcome is unknown constrain nothing and are dropped."""
+    kept = []
+    for op in ops:
+        if op.unknown and (op.kind in (OpKind.READ, OpKind.RANGE) or (
+                op.kind is OpKind.TXN and all(o[0] == "get" for o in (*op.input[1], *op.input[2])))):
+            continue
+        if op.ret is None:
+            raise ValueError(f"operation {op.op_id} has no return time; finish the history first")
+        if op.ret < op.call:
+            raise ValueError(f"operation {op.op_id} returns at {op.ret}, before its call {op.call}")
+        kept.append(op)
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+    return _Search(kept, model, max_states, deadline, "(every key)").run()
 
 
 def check_history(

@@ -5,6 +5,7 @@ whole before anything applies, exactly once; then the same through a real cluste
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -317,3 +318,107 @@ def test_endpoint_health_and_status_name_a_node_that_is_down(make_cluster) -> No
     assert [h["endpoint"] for h in down] == [cluster.endpoint(victim)] and down[0]["error"], health
     assert cli("endpoint", "health").returncode == 1
     assert cli("endpoint", "status").returncode == 1
+
+
+def _multikey_op(client, t: int, n: int, rng, keys: list[str], seen: dict):
+    """One random operation; returns (kind, model input, call that returns the model output)."""
+    from coordinator.testing.history import OpKind
+
+    roll = rng.random()
+    key = rng.choice(keys)
+    value = f"{t}:{n}"
+    if roll < 0.25:
+        return key, OpKind.WRITE, value, lambda: client.put(key, value) and None
+    if roll < 0.45:
+        return key, OpKind.READ, None, lambda: _text(client.get(key))
+    if roll < 0.65:
+        def scan():
+            return tuple((kv.key.decode(), kv.value.decode()) for kv in client.range("lin/", prefix=True).kvs)
+        return "*", OpKind.RANGE, ("lin/", "lin0"), scan
+    # move: if key holds what this client last saw, write it and another key; else read both
+    other = rng.choice([k for k in keys if k != key])
+    was = seen.get(key)
+    compare = ("absent", key) if was is None else ("value", key, was)
+    wire = Compare(key, "version", "==", 0) if was is None else Compare(key, "value", "==", was)
+    inp = ((compare,), (("put", key, value), ("put", other, value)), (("get", key), ("get", other)))
+
+    def txn():
+        r = client.txn([wire], [Put(key, value), Put(other, value)], [Get(key), Get(other)])
+        got = () if r.succeeded else tuple(_text(g.kvs[0].value) if g.kvs else None for g in r.responses)
+        return (r.succeeded, got)
+    return "*", OpKind.TXN, inp, txn
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode()
+
+
+@pytest.mark.slow
+def test_ranges_and_transactions_are_linearizable_through_a_leader_kill(make_cluster) -> None:
+    """Three clients mix puts, gets, ranges and two-key transactions on three keys while the
+    leader is killed and restarted; the whole history is checked against one multi-key store
+    (a range that saw half a transaction, or a stale one, would fail it)."""
+    import random
+    import threading
+    import time
+
+    from coordinator import OutcomeUnknown, Unavailable
+    from coordinator.testing.history import Operation, OpKind
+    from coordinator.testing.linearizability import CheckResult, MultiKeyModel, check_multikey
+
+    cluster = make_cluster(3)
+    keys = ["lin/k0", "lin/k1", "lin/k2"]
+    history: list = []
+    lock = threading.Lock()
+    done = [0]
+    stop = threading.Event()
+
+    def run(t: int) -> None:
+        rng = random.Random(t)
+        seen: dict = {}
+        with cluster.client(timeout_s=20) as client:
+            for n in range(400):
+                if stop.is_set():
+                    break
+                key, kind, inp, call = _multikey_op(client, t, n, rng, keys, seen)
+                start = time.monotonic_ns()
+                unknown, out = False, None
+                try:
+                    out = call()
+                except OutcomeUnknown:
+                    unknown = True
+                except Unavailable:
+                    continue
+                end = time.monotonic_ns()
+                if kind is OpKind.READ and not unknown:
+                    seen[key] = out
+                elif kind is OpKind.RANGE and not unknown:
+                    seen.update(dict(out))
+                with lock:
+                    history.append(Operation(len(history), t, key, kind, inp, out, start, end, unknown))
+                    done[0] += 1
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    def wait_done(target: int) -> None:
+        deadline = time.monotonic() + 60
+        while done[0] < target and time.monotonic() < deadline and any(th.is_alive() for th in threads):
+            time.sleep(0.02)
+
+    wait_done(60)
+    old = cluster.leader()
+    cluster.kill(old)
+    cluster.leader(exclude=(old,))
+    wait_done(done[0] + 40)  # the survivors serve ranges and transactions
+    cluster.restart(old)
+    wait_done(done[0] + 40)
+    stop.set()
+    for th in threads:
+        th.join(120)
+    kinds = [op.kind for op in history if not op.unknown]
+    txns = [op.output[0] for op in history if op.kind is OpKind.TXN and not op.unknown]
+    assert kinds.count(OpKind.RANGE) > 10 and len(txns) > 10, "too few ranges or transactions"
+    assert any(txns) and not all(txns), "both branches of the transactions must have run"
+    report = check_multikey(history, MultiKeyModel(keys), time_limit_s=120)
+    assert report.result is CheckResult.OK, report.explanation

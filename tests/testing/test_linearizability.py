@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from coordinator.testing.history import HistoryRecorder, Operation, OpKind
 from coordinator.testing.linearizability import (
     CheckResult,
+    MultiKeyModel,
     RegisterModel,
     check_history,
+    check_multikey,
 )
 
 R, W, C = OpKind.READ, OpKind.WRITE, OpKind.CAS
@@ -351,3 +353,57 @@ def test_search_bound_answers_unknown_on_an_adversarial_history():
 
 def test_register_model_initial_value():
     assert check_history([op(1, R, None, 0, 0, 1)], model=RegisterModel(init=0)).ok
+
+
+# ---------------------------------------------------------------- several keys at once
+def _mk() -> MultiKeyModel:
+    return MultiKeyModel(["a", "b", "c"])
+
+
+def _txn_move(a_was, new_a, new_b):
+    """if a == a_was then a := new_a, b := new_b else get a"""
+    return ((("value", "a", a_was),), (("put", "a", new_a), ("put", "b", new_b)), (("get", "a"),))
+
+
+def test_multikey_accepts_a_range_and_a_txn_that_fit_one_order():
+    ops = [
+        op(0, W, "1", None, 0, 1, key="a"),
+        op(1, OpKind.TXN, _txn_move("1", "2", "x"), (True, ()), 2, 5, key="*"),
+        op(2, OpKind.RANGE, ("a", "z"), (("a", "1"),), 3, 4, key="*"),  # concurrent: before it
+        op(2, OpKind.RANGE, ("a", "z"), (("a", "2"), ("b", "x")), 6, 7, key="*"),
+        op(0, OpKind.TXN, _txn_move("1", "3", "y"), (False, ("2",)), 8, 9, key="*"),
+    ]
+    assert check_multikey(ops, _mk()).result is CheckResult.OK
+
+
+def test_multikey_rejects_a_range_that_sees_half_a_transaction():
+    ops = [
+        op(0, W, "1", None, 0, 1, key="a"),
+        op(1, OpKind.TXN, _txn_move("1", "2", "x"), (True, ()), 2, 5, key="*"),
+        op(2, OpKind.RANGE, ("a", "z"), (("a", "2"),), 3, 4, key="*"),  # a moved, b not yet
+    ]
+    report = check_multikey(ops, _mk())
+    assert report.result is CheckResult.ILLEGAL and "range" in report.explanation
+
+
+def test_multikey_rejects_a_stale_range_and_a_txn_that_ignored_its_compare():
+    stale = [
+        op(0, W, "1", None, 0, 1, key="a"),
+        op(0, W, "2", None, 2, 3, key="a"),
+        op(1, OpKind.RANGE, ("a", "b"), (("a", "1"),), 4, 5, key="*"),  # after the write of 2
+    ]
+    assert check_multikey(stale, _mk()).result is CheckResult.ILLEGAL
+    wrong_branch = [
+        op(0, W, "1", None, 0, 1, key="a"),
+        op(1, OpKind.TXN, _txn_move("9", "2", "x"), (True, ()), 2, 3, key="*"),
+    ]
+    assert check_multikey(wrong_branch, _mk()).result is CheckResult.ILLEGAL
+    # an unknown transaction may or may not have run: both readings are accepted
+    maybe = [
+        op(1, OpKind.TXN, ((("absent", "a"),), (("put", "a", "5"),), ()), None, 0, 1,
+           key="*", unknown=True),
+        op(2, R, None, "5", 2, 3, key="a"),
+    ]
+    assert check_multikey(maybe, _mk()).result is CheckResult.OK
+    never = [maybe[0], op(2, R, None, None, 2, 3, key="a")]
+    assert check_multikey(never, _mk()).result is CheckResult.OK
