@@ -777,6 +777,33 @@ class Client:
         """The ids of the live leases, in grant order."""
         return self.query("kv", "leases")["leases"]
 
+    # ------------------------------------------------------------ membership
+    def member_list(self) -> list[dict]:
+        """Every member as the leader sees it: ``ID``, ``peerURLs``, ``isLearner``,
+        ``isLeader`` (etcdctl's member list fields) and ``match`` (entries it holds)."""
+        return self._member({"action": "list"})["members"]
+
+    def member_add(self, node_id: int, address: str, *, learner: bool = False) -> list[dict]:
+        """Add node ``node_id`` listening on ``address`` ("host:port"), as a learner (then
+        :meth:`member_promote` it once caught up) or a voter; start it afterwards with
+        ``coordinator serve --join``. Returns the new member list."""
+        return self._member({"action": "add", "id": node_id, "address": address,
+                             "learner": learner})["members"]
+
+    def member_promote(self, node_id: int) -> list[dict]:
+        """Make learner ``node_id`` a voter (refused with ``learner_not_ready`` until it holds
+        90 % of the leader's log)."""
+        return self._member({"action": "promote", "id": node_id})["members"]
+
+    def member_remove(self, node_id: int) -> list[dict]:
+        """Remove ``node_id`` (a voter, the leader included, or a learner); it stops itself."""
+        return self._member({"action": "remove", "id": node_id})["members"]
+
+    def _member(self, body: dict) -> dict:
+        what = f"member {body['action']}"
+        return _rejected_or(self._call(dict(body, op="member"), is_write=body["action"] != "list",
+                                       what=what, attempt_s=self.timeout_s))
+
     # ------------------------------------------------------------ watches
     def watch(self, key: str | bytes, end: str | bytes | None = None, *, prefix: bool = False,
               start_revision: int | None = None) -> Watch:

@@ -305,6 +305,52 @@ class LocalCluster:
         self._spawn(node_id, rejoin=True)
         self._wait_ready(node_id)
 
+    def add_node(self, node_id: int | None = None, *, learner: bool = True) -> int:
+        """Grow the cluster by one node (etcd's member add, then the new node's start): pick a
+        port, ``member add`` it (a learner by default: :meth:`promote` it once caught up), start
+        it with ``serve --join`` and wait until it serves. Returns its id."""
+        node_id = node_id or max(self.node_ids) + 1
+        if node_id in self.node_ids:
+            raise ValueError(f"node {node_id} is already in this cluster")
+        address = (self.host, free_port(self.host))
+        with self.client(timeout_s=30) as client:
+            client.member_add(node_id, f"{address[0]}:{address[1]}", learner=learner)
+        self.addresses[node_id] = address
+        self.node_ids.append(node_id)
+        self._spawn(node_id, rejoin=True)
+        self._wait_ready(node_id)
+        return node_id
+
+    def promote(self, node_id: int, timeout_s: float = 60.0) -> None:
+        """Promote learner ``node_id`` to a voter, retrying while it is still catching up."""
+        from coordinator.client import RequestRejected
+
+        def done() -> bool:
+            try:
+                with self.client(timeout_s=30) as client:
+                    client.member_promote(node_id)
+                return True
+            except RequestRejected as exc:
+                if exc.code != "learner_not_ready":
+                    raise
+                return False
+
+        _wait_until(done, timeout_s, f"learner {node_id} to be promoted", interval_s=0.2)
+
+    def remove_node(self, node_id: int, timeout_s: float = 60.0) -> None:
+        """``member remove`` the node, wait until its process has stopped itself, and forget it."""
+        with self.client(timeout_s=30) as client:
+            client.member_remove(node_id)
+        proc = self.procs.get(node_id)
+        if proc is not None:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"removed node {node_id} did not stop within {timeout_s:.0f} s") from None
+            self.procs.pop(node_id)
+        self.node_ids.remove(node_id)
+        self.addresses.pop(node_id)
+
     def partition(self, node_id: int, tell: Iterable[int] | None = None) -> None:
         """Cut ``node_id`` off from every other node (both directions); clients still reach
         all. ``tell``: the other nodes to send the block list to (default: all of them);

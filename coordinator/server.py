@@ -88,6 +88,7 @@ import msgpack
 from coordinator import (
     kvrange,
     leases,
+    membership,
     snapshotting,
     steplog,  # noqa: F401 - registers the step log's commands and extension
 )
@@ -181,6 +182,10 @@ class ServerConfig:
     # --join`). On an empty data directory a RECOVERING marker is written first; while it
     # exists the node neither votes nor campaigns until a leader has repaired it.
     join: bool = False
+    # The configuration a new storage starts from (None: every node in ``peers`` a voter): a
+    # node joining a running cluster starts from the membership it was given by the cluster
+    # (``serve --join``, coordinator.membership.fetch_membership).
+    bootstrap: ConfState | None = None
     request_timeout_s: float = 5.0
     max_pending_requests: int = 20_000
     persist_in_thread: bool = True  # leader's fsync off the event loop (CoordinatorServer._drive)
@@ -634,15 +639,22 @@ class MembersSeen:
 
     def __init__(self) -> None:
         self.seen: set[int] = set()
+        # id -> "host:port" of members added while the cluster ran (members.addr;
+        # coordinator.membership): every node dials them, whatever its --peers said.
+        self.addrs: dict[int, str] = {}
 
-    def snapshot_state(self) -> list[int]:
-        return sorted(self.seen)
+    def snapshot_state(self) -> dict[str, Any]:
+        return {"seen": sorted(self.seen), "addrs": [[i, a] for i, a in sorted(self.addrs.items())]}
 
     def restore_state(self, state: Any) -> None:
-        self.seen = {int(i) for i in state}
+        if isinstance(state, dict):  # since members were added at run time
+            self.seen = {int(i) for i in state.get("seen", [])}
+            self.addrs = {int(i): str(a) for i, a in state.get("addrs", [])}
+        else:  # the older format: the list of ids seen
+            self.seen, self.addrs = {int(i) for i in state}, {}
 
     def query(self, name: str, args: tuple[Any, ...]) -> dict[str, Any]:
-        return {"ok": True, "seen": sorted(self.seen)}
+        return {"ok": True, "seen": sorted(self.seen), "addrs": sorted(self.addrs.items())}
 
 
 register_extension("members", MembersSeen)
@@ -655,6 +667,21 @@ def _members_seen(sm: StateMachine, cmd: Any, index: int) -> dict[str, Any]:
     ext = sm.extensions["members"]
     assert isinstance(ext, MembersSeen)
     ext.seen.update(ids)
+    return {"ok": True}
+
+
+@register_command("members.addr", sessionless=True)
+def _members_addr(sm: StateMachine, cmd: Any, index: int) -> dict[str, Any]:
+    """The leader's record of where a member added at run time listens (None: forget it)."""
+    if len(cmd.args) != 2 or type(cmd.args[0]) is not int or not 0 < cmd.args[0] < _MAX_MEMBER_ID \
+            or (cmd.args[1] is not None and membership.parse_address(cmd.args[1]) is None):
+        return {"ok": False, "error": "bad_command", "detail": "members.addr takes (id, 'host:port' or None)"}
+    ext = sm.extensions["members"]
+    assert isinstance(ext, MembersSeen)
+    if cmd.args[1] is None:
+        ext.addrs.pop(cmd.args[0], None)
+    else:
+        ext.addrs[cmd.args[0]] = cmd.args[1]
     return {"ok": True}
 
 
@@ -734,7 +761,7 @@ class CoordinatorServer:
             write_recovering_marker(config.data_dir)  # durable before the storage exists
         recovering = self._marker.exists()
         self._marker_cached = recovering
-        self.storage = DiskStorage(config.data_dir, conf_state=ConfState(voters=voters),
+        self.storage = DiskStorage(config.data_dir, conf_state=config.bootstrap or ConfState(voters=voters),
                                    fsync=config.fsync, keep_snapshot_data=False)
         self.sm = StateMachine()
         snap = self.storage.snapshot()
@@ -784,7 +811,7 @@ class CoordinatorServer:
             on_peer_connected=self._on_peer_connected, max_frame_bytes=config.max_frame_bytes)
         self.peer_transport = PeerTransport(
             node_id=self.id, token=config.token,
-            peers={i: a for i, a in config.peers.items() if i != self.id},
+            peers={i: a for i, a in self._peers_now.items() if i != self.id},
             on_unreachable=self._on_unreachable, max_frame_bytes=config.max_frame_bytes,
             max_queue_bytes=config.max_peer_queue_bytes)
 
@@ -808,6 +835,11 @@ class CoordinatorServer:
         # answer's deadline), answered when an applied change falls in their range.
         self._watchers: list[tuple[asyncio.Future, tuple, float]] = []
         self._watch_revision = 0  # the store's revision when the waiting watches were last checked
+        self._member_change: asyncio.Task | None = None  # the membership change in flight
+        self._removed_since: float | None = None  # when this node saw itself removed
+        self._leaderless_since: float | None = None  # since when it has known no leader
+        self._probe_after = 0.0  # no membership probe before this (monotonic)
+        self._peers_now: dict[int, Address] = self.peer_addresses()  # what the transport dials
         # peer -> ((term, prev index, prev term), sent at) of the last APPEND with entries
         # it has not answered yet (see _repeats_append)
         self._appends_sent: dict[int, tuple[tuple[int, int, int], float]] = {}
@@ -908,6 +940,8 @@ class CoordinatorServer:
             ticks += 1
             if ticks % 32 == 0 and self.role == Role.LEADER:
                 self._record_members()
+            if ticks % 16 == 0:
+                self._check_removed()
             if ticks % 4 == 0:
                 if self.role == Role.LEADER and self.sm.leases:
                     self._expire_leases()
@@ -1218,6 +1252,7 @@ class CoordinatorServer:
         self.conf_state = md.conf_state
         self._snapshot_index = md.index
         self._applied_bytes = 0
+        self._refresh_peers()
         self.stats["snapshots_installed"] += 1
         log.info("node %d installed the leader's snapshot at index %d (%d keys)", self.id,
                  md.index, len(self.sm.kv))
@@ -1446,6 +1481,105 @@ class CoordinatorServer:
             self._watch_revision = self.sm.revision
             self._answer_watchers(time.monotonic(), changed=True)
 
+    def members_ext(self) -> MembersSeen:
+        return self._members_seen()
+
+    def peer_addresses(self) -> dict[int, Address]:
+        """Where each member listens: ``--peers``, overridden by the replicated addresses of
+        members added at run time (coordinator.membership)."""
+        addrs = dict(self.config.peers)
+        for nid, text in self._members_seen().addrs.items():
+            parsed = membership.parse_address(text)
+            if parsed is not None:
+                addrs[nid] = parsed
+        return addrs
+
+    def _refresh_peers(self) -> None:
+        peers = self.peer_addresses()
+        if peers != self._peers_now:
+            self._peers_now = peers
+            self.peer_transport.set_peers(peers)
+
+    def redirect_answer(self, error: str) -> dict:
+        return self._redirect(error)
+
+    def schedule_drive(self) -> None:
+        self._schedule_drive()
+
+    def _member(self, body: dict) -> dict | asyncio.Future:
+        """``{"op": "member", "action": list|add|remove|promote, "id", "address", "learner"}``
+        (coordinator.membership): a list from any node, a change on the leader."""
+        checked = membership.check_request(body)
+        if isinstance(checked, dict):
+            return checked
+        action, nid, addr, learner = checked
+        if action == "list":
+            return membership.member_list(self)
+        if self.role != Role.LEADER:
+            return self._redirect("not_leader")
+        if self._member_change is not None and not self._member_change.done():
+            return {"ok": False, "error": "busy", "detail": "a membership change is in progress; "
+                                                            "retry when it is answered"}
+        assert self._loop is not None
+        fut = self._loop.create_future()
+
+        async def run() -> None:
+            try:
+                answer = await membership.change(self, action, nid, addr, learner)
+            except Exception as exc:  # never leave the client hanging on a bug
+                log.exception("node %d: member %s %d failed", self.id, action, nid)
+                answer = {"ok": False, "error": "internal", "detail": repr(exc)}
+            if not fut.done():
+                fut.set_result(answer)
+
+        self._member_change = self._loop.create_task(run())
+        return fut
+
+    def _check_removed(self) -> None:
+        """Stop this node once it has applied a configuration without it, is caught up and
+        not leading, and an election timeout has passed (its last messages are out)."""
+        if self.id in membership.members_of(self.conf_state) or self.role == Role.LEADER:
+            self._removed_since = None
+            self._probe_if_removed()
+            return
+        if self.sm.applied_index < self.node.status().commit:
+            return
+        now = time.monotonic()
+        if self._removed_since is None:
+            self._removed_since = now
+        elif now - self._removed_since > self._election_timeout_s() * 2:
+            log.warning("node %d was removed from the cluster (members %s): stopping", self.id,
+                        sorted(membership.members_of(self.conf_state)))
+            asyncio.ensure_future(self.stop())
+
+    def _probe_if_removed(self) -> None:
+        """A member removed while it was cut off (or that missed the commit of its removal: a
+        leader stops sending to a node it removed) never learns it from the log, and would
+        campaign forever. So a node that has known no leader for ten election timeouts asks
+        its peers for the membership; if the leader's list does not have it, it stops."""
+        now = time.monotonic()
+        if self.role == Role.LEADER or self.node.leader_id:
+            self._leaderless_since = None
+            return
+        if self._leaderless_since is None:
+            self._leaderless_since = now
+            return
+        if now - self._leaderless_since < 10 * self._election_timeout_s() or now < self._probe_after:
+            return
+        self._probe_after = now + 2.0
+        assert self._loop is not None
+        self._loop.create_task(self._probe_membership())
+
+    async def _probe_membership(self) -> None:
+        answer = await membership.fetch_membership(
+            dataclasses.replace(self.config, peers=dict(self._peers_now)), timeout_s=1.0)
+        if answer is None or answer.get("leader") != answer.get("node") or not answer.get("leader"):
+            return  # no leader answered: nothing to conclude
+        if self.id not in {row.get("ID") for row in answer.get("members", [])}:
+            log.warning("node %d: the leader (node %s) no longer lists it as a member: stopping",
+                        self.id, answer.get("leader"))
+            await self.stop()
+
     def _members_seen(self) -> MembersSeen:
         ext = self.sm.extensions["members"]
         assert isinstance(ext, MembersSeen)
@@ -1493,6 +1627,8 @@ class CoordinatorServer:
             return
         self._applied_bytes += len(entry.data)
         cmd, answer = self.sm.apply_entry(entry.index, entry.data)
+        if cmd is not None and cmd.op == "members.addr":
+            self._refresh_peers()
         if cmd is None or answer is None or not self._pending_writes:
             return
         key = ("register", cmd.args[0]) if cmd.op == "register" and cmd.args else (
@@ -1712,8 +1848,9 @@ class CoordinatorServer:
     def _redirect(self, error: str) -> dict:
         leader = self.node.leader_id
         endpoint = None
-        if leader and leader != self.id and leader in self.config.peers:
-            endpoint = endpoint_str(self.config.peers[leader])
+        peers = self._peers_now
+        if leader and leader != self.id and leader in peers:
+            endpoint = endpoint_str(peers[leader])
         return {"ok": False, "error": error, "leader": leader, "endpoint": endpoint,
                 "detail": f"node {self.id} is {self.role.name.lower()}; leader is "
                           f"{leader or 'unknown'}"}
@@ -1731,6 +1868,8 @@ class CoordinatorServer:
             return self._query(body)
         if op == "watch":
             return self._watch(body)
+        if op == "member":
+            return self._member(body)
         if op == "status":
             return self.status()
         if op == "admin_partition":
@@ -1900,10 +2039,28 @@ class CoordinatorServer:
                 "streaming_to": sorted(self._senders)}
 
 
+async def _join_config(config: ServerConfig) -> ServerConfig:
+    """A node joining a running cluster on an empty directory starts from the membership the
+    cluster reports (coordinator.membership): the bootstrap configuration and every member's
+    address. No member answering: start from --peers as given (a whole cluster restarting)."""
+    answer = await membership.fetch_membership(config)
+    if answer is None:
+        log.warning("node %d: no member in --peers answered; joining with --peers as the "
+                    "membership", config.node_id)
+        return config
+    bootstrap, addrs = membership.bootstrap_from(answer, config.node_id)
+    peers = {**addrs, **config.peers}
+    log.info("node %d joins a cluster of voters %s, learners %s", config.node_id,
+             list(bootstrap.voters), list(bootstrap.learners))
+    return dataclasses.replace(config, peers=peers, bootstrap=bootstrap)
+
+
 async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None) -> None:
     """Run one node until SIGTERM/SIGINT, then shut down cleanly (releasing the data dir).
     On an empty data directory without ``join``, :func:`check_join` may refuse (NeedsJoin)."""
     await check_join(config)
+    if config.join and not holds_state(config.data_dir):
+        config = await _join_config(config)
     server = CoordinatorServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
