@@ -10,6 +10,11 @@
     coordinator get KEY --rev N                  # as of a past revision; coordinator compact N
     coordinator cas KEY EXPECTED NEW [--absent]  # --absent: expect the key to be missing
     coordinator delete KEY
+    coordinator put KEY VALUE --lease ID         # the key is deleted when the lease ends
+    coordinator lease grant TTL                  # seconds; prints the new lease's id (decimal)
+    coordinator lease keepalive ID [--once]      # keeps it alive until Ctrl-C (exit 1 if lost)
+    coordinator lease revoke ID | timetolive ID [--keys] | list
+    coordinator watch KEY [RANGE_END] [--prefix] [--rev N] [--limit N] [--prev-kv] [-w json]
     coordinator status [--all]
     coordinator endpoint health|status [-w simple|json|table]   # every node; exit 1 if one is unhealthy
     coordinator token --out FILE                 # a fresh cluster token (mode 0600)
@@ -37,16 +42,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO, EXIT_UNKNOWN = 0, 1, 2, 3, 4
@@ -128,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-w", "--write-out", choices=("simple", "json", "table"), default="simple",
                            help="simple (default), json (etcdctl's field names, base64 keys and "
                                 "values) or table")
+        if name == "put":
+            p.add_argument("--lease", type=_put_lease_arg, default=0, metavar="ID",
+                           help="attach the key to this lease (`coordinator lease grant`): it is "
+                                "deleted when the lease expires or is revoked")
         if name == "cas":
             p.add_argument("--absent", action="store_true",
                            help="expect the key to be absent (EXPECTED is ignored)")
@@ -135,9 +148,99 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--all", action="store_true",
                            help="every node, the unreachable ones marked; exit 1 without a "
                                 "healthy majority")
+    _add_lease(sub)
+    _add_watch(sub)
     sub.add_parser("sim", help="the deterministic simulator (see coordinator sim --help)",
                    add_help=False)
     return parser
+
+
+_LEASE_ID_HELP = "give the decimal id that `coordinator lease grant` or `coordinator lease list` printed"
+
+
+def _lease_id_value(text: str, *, zero_ok: bool) -> int:
+    from coordinator.leases import MAX_LEASE_ID
+
+    if not re.fullmatch(r"[0-9]+", text):
+        hint = (f" (lease ids are decimal here; etcdctl prints them in hex: `printf %d 0x{text}` "
+                "converts one)" if re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", text) else "")
+        raise argparse.ArgumentTypeError(f"lease id {text!r} is not a decimal integer: "
+                                         f"{_LEASE_ID_HELP}{hint}")
+    value = int(text)
+    if not (0 if zero_ok else 1) <= value <= MAX_LEASE_ID:
+        raise argparse.ArgumentTypeError(
+            f"lease id {text} is out of range: a lease id is 1..{MAX_LEASE_ID}"
+            + (" (0: no lease)" if zero_ok else "") + f"; {_LEASE_ID_HELP}")
+    return value
+
+
+def _lease_id_arg(text: str) -> int:
+    return _lease_id_value(text, zero_ok=False)
+
+
+def _put_lease_arg(text: str) -> int:
+    return _lease_id_value(text, zero_ok=True)
+
+
+def _ttl_arg(text: str) -> float:
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = math.nan
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise argparse.ArgumentTypeError(
+            f"TTL {text!r} is not a number of seconds > 0: give how long the lease lives "
+            "without a keepalive, e.g. `coordinator lease grant 10`")
+    return ttl
+
+
+def _write_out_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-w", "--write-out", choices=("simple", "json"), default="simple",
+                   help=f"simple (default; etcdctl's lines) or json ({what})")
+
+
+def _add_lease(sub: Any) -> None:
+    lease = sub.add_parser("lease", help="lease grant|keepalive|revoke|timetolive|list (etcdctl's "
+                                         "leases: keys that live while a client keeps them alive)")
+    cmds = lease.add_subparsers(dest="lease_command", required=True, metavar="COMMAND")
+    grant = cmds.add_parser("grant", help="a new lease of TTL seconds; prints its id")
+    grant.add_argument("ttl", type=_ttl_arg, metavar="TTL",
+                       help="seconds the lease lives without a keepalive (at least 0.5)")
+    keep = cmds.add_parser("keepalive", help="keep a lease alive until Ctrl-C (or once)")
+    keep.add_argument("id", type=_lease_id_arg, metavar="ID")
+    keep.add_argument("--once", action="store_true",
+                      help="renew the lease once and exit (default: keep renewing it, a "
+                           "keepalive every third of its TTL, until Ctrl-C or SIGTERM)")
+    revoke = cmds.add_parser("revoke", help="end a lease now, deleting its keys")
+    revoke.add_argument("id", type=_lease_id_arg, metavar="ID")
+    ttl = cmds.add_parser("timetolive", help="a lease's TTL, what is left of it[, its keys]")
+    ttl.add_argument("id", type=_lease_id_arg, metavar="ID")
+    ttl.add_argument("--keys", action="store_true", help="also list the keys attached to it")
+    listing = cmds.add_parser("list", help="the ids of the live leases")
+    for p, what in ((grant, '{"ID", "TTL"}'), (keep, '{"ID", "TTL"} per keepalive'),
+                    (revoke, '{"ID", "deleted"}'), (ttl, '{"id", "ttl", "granted-ttl"[, "keys"]}'),
+                    (listing, '{"leases": [{"id"}]}')):
+        _connection_flags(p, top=False)
+        _write_out_flag(p, what)
+
+
+def _add_watch(sub: Any) -> None:
+    watch = sub.add_parser("watch", help="print every change to KEY (or a range, a prefix) as it "
+                                         "happens, until Ctrl-C or --limit events")
+    watch.add_argument("key")
+    watch.add_argument("range_end", nargs="?", default=None, metavar="RANGE_END",
+                       help="watch the keys in [KEY, RANGE_END)")
+    watch.add_argument("--prefix", action="store_true", help="every key that starts with KEY")
+    watch.add_argument("--rev", type=int, default=None,
+                       help="start at this revision (default: changes from now on); a past "
+                            "revision replays the kept history from there")
+    watch.add_argument("--limit", type=int, default=0,
+                       help="exit 0 after this many events (default 0: run until Ctrl-C)")
+    watch.add_argument("--prev-kv", action="store_true",
+                       help="simple output: also print the key's value before each change")
+    _connection_flags(watch, top=False)
+    _write_out_flag(watch, 'one object per line and event: "type", "kv", "prev_kv", keys and '
+                           "values in base64")
 
 
 def _connection_flags(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -493,18 +596,19 @@ def _resolve_cluster(args: argparse.Namespace) -> tuple[str, pathlib.Path]:
 def _client_command(args: argparse.Namespace) -> int:
     from coordinator.client import Client, CoordinatorError, OutcomeUnknown
 
+    name = " ".join(filter(None, (args.command, getattr(args, "lease_command", None))))
     try:
         endpoints, token_file = _resolve_cluster(args)
         with Client(endpoints, token_file=token_file, timeout_s=args.timeout) as client:
             return _run_client(client, args)
     except (LookupError, _UsageError) as exc:
-        print(f"coordinator {args.command}: {exc}", file=sys.stderr)
+        print(f"coordinator {name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OutcomeUnknown as exc:
-        print(f"coordinator {args.command}: outcome unknown: {exc}", file=sys.stderr)
+        print(f"coordinator {name}: outcome unknown: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
     except (CoordinatorError, OSError, ValueError) as exc:
-        print(f"coordinator {args.command}: {exc}", file=sys.stderr)
+        print(f"coordinator {name}: {exc}", file=sys.stderr)
         return EXIT_FAIL
 
 
@@ -534,7 +638,11 @@ def _value_arg(args: argparse.Namespace, positional: str | None, what: str) -> b
 def _run_client(client: Any, args: argparse.Namespace) -> int:
     if args.command == "put":
         value = _value_arg(args, args.value, "VALUE")
-        print(f"OK revision={client.put(args.key, value)}")
+        print(f"OK revision={client.put(args.key, value, lease=args.lease)}")
+    elif args.command == "lease":
+        return _lease(client, args)
+    elif args.command == "watch":
+        return _watch(client, args)
     elif args.command == "get" and (args.prefix or args.range_end is not None or args.from_key
                                     or args.limit or args.keys_only or args.count_only
                                     or args.write_out != "simple" or args.rev is not None):
@@ -682,6 +790,189 @@ def _txn(client: Any, args: argparse.Namespace) -> int:
             print("OK" if r.get("op") == "put" else str(r.get("deleted", "")))
         else:
             _print_range(r, "simple", False)
+    return EXIT_OK
+
+
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM ended a command that runs in the foreground (watch, keepalive)."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn the first SIGINT or SIGTERM into :class:`_Stopped` (raised where the command
+    waits, a blocking read included); a second one gets the previous handler's treatment."""
+    if threading.current_thread() is not threading.main_thread():  # main() called from a thread
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+
+    def restore() -> None:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    def stop(signum: int, frame: Any) -> None:
+        restore()
+        raise _Stopped(signum)
+
+    for sig in sigs:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def _number(seconds: float) -> int | float:
+    """A JSON number of seconds: an int when it is whole (etcdctl's TTLs are ints)."""
+    return int(seconds) if float(seconds).is_integer() else round(seconds, 3)
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def _lease(client: Any, args: argparse.Namespace) -> int:
+    """``lease grant|keepalive|revoke|timetolive|list``: etcdctl's lease commands (ids in
+    decimal)."""
+    json_out = args.write_out == "json"
+    what = args.lease_command
+    if what == "grant":
+        from coordinator.leases import MAX_TTL_MS, MIN_TTL_MS
+
+        if not MIN_TTL_MS <= round(args.ttl * 1000) <= MAX_TTL_MS:
+            raise _UsageError(f"TTL {_secs(args.ttl)}s is out of range: a lease lives "
+                              f"{_secs(MIN_TTL_MS / 1000)}..{MAX_TTL_MS // 1000} s without a keepalive "
+                              "(`coordinator lease keepalive ID` renews it)")
+        lease_id = client.grant(args.ttl)
+        print(json.dumps({"ID": lease_id, "TTL": _number(args.ttl)}) if json_out
+              else f"lease {lease_id} granted with TTL({_secs(args.ttl)}s)")
+    elif what == "keepalive":
+        return _lease_keepalive(client, args)
+    elif what == "revoke":
+        deleted = client.revoke(args.id)
+        print(json.dumps({"ID": args.id, "deleted": deleted}) if json_out
+              else f"lease {args.id} revoked ({deleted} key{'' if deleted == 1 else 's'} deleted)")
+    elif what == "timetolive":
+        info = client.time_to_live(args.id, keys=args.keys)
+        keys = info.get("keys", [])
+        if json_out:
+            out: dict[str, Any] = {"id": info["id"], "ttl": _number(info["remaining"]),
+                                   "granted-ttl": _number(info["ttl"]), "keys_count": info["keys_count"]}
+            if args.keys:
+                out["keys"] = [base64.b64encode(k).decode() for k in keys]
+            print(json.dumps(out))
+        else:
+            line = (f"lease {info['id']} granted with TTL({_secs(info['ttl'])}s), "
+                    f"remaining({_secs(info['remaining'])}s)")
+            if args.keys:
+                line += f", attached keys([{' '.join(_text(k) for k in keys)}])"
+                if len(keys) < info["keys_count"]:
+                    line += f" (the first {len(keys)} of {info['keys_count']})"
+            print(line)
+    elif what == "list":
+        ids = client.leases()
+        if json_out:
+            print(json.dumps({"leases": [{"id": i} for i in ids]}))
+        else:
+            print(f"found {len(ids)} lease{'' if len(ids) == 1 else 's'}")
+            for lease_id in ids:
+                print(lease_id)
+    return EXIT_OK
+
+
+def _print_keepalive(lease_id: int, ttl: float, write_out: str) -> None:
+    print(json.dumps({"ID": lease_id, "TTL": _number(ttl)}) if write_out == "json"
+          else f"lease {lease_id} keepalived with TTL({_secs(ttl)})", flush=True)
+
+
+def _lease_keepalive(client: Any, args: argparse.Namespace) -> int:
+    """``lease keepalive ID``: renew the lease every third of its TTL (retried through
+    elections, by :class:`coordinator.client.LeaseKeeper`) and print each renewal, until
+    Ctrl-C or SIGTERM (exit 0; the lease then expires after its TTL) or until the cluster
+    says the lease is gone (exit 1). ``--once``: one renewal."""
+    lease_id = args.id
+    if args.once:
+        _print_keepalive(lease_id, client.keepalive(lease_id), args.write_out)
+        return EXIT_OK
+    ttl = client.time_to_live(lease_id)["ttl"]  # lease_not_found: exit 1 before anything runs
+    try:
+        with _stop_on_signals():
+            keeper = client.lease_keeper(lease_id, ttl)
+            try:
+                shown = failures = 0
+                failing = False
+                while not keeper.lost.is_set():
+                    if keeper.keepalives > shown:
+                        shown, failing = keeper.keepalives, False
+                        _print_keepalive(lease_id, ttl, args.write_out)
+                    elif keeper.failures > failures and not failing:
+                        failing = True
+                        print(f"coordinator lease keepalive: a keepalive of lease {lease_id} failed "
+                              "(no leader answered in time); retrying: the lease expires if none "
+                              f"succeeds within its TTL ({_secs(ttl)}s)", file=sys.stderr, flush=True)
+                    failures = keeper.failures
+                    time.sleep(0.05)
+            finally:
+                keeper.stop()
+    except _Stopped:
+        print(f"coordinator lease keepalive: stopped; lease {lease_id} expires in {_secs(ttl)}s "
+              "unless kept alive again", file=sys.stderr)
+        return EXIT_OK
+    print(f"coordinator lease keepalive: lease {lease_id} is gone (it expired or was revoked, and "
+          "its keys were deleted): grant a new one with `coordinator lease grant TTL` and put "
+          "its keys again", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _print_event(event: Any, args: argparse.Namespace) -> None:
+    kind = event.type.upper()  # PUT / DELETE, as etcdctl prints them
+    kv = event.kv if event.type == "put" else dataclasses.replace(event.kv, value=None)
+    if args.write_out == "json":
+        print(json.dumps({"type": kind, "kv": _kv_json(kv),
+                          "prev_kv": None if event.prev_kv is None else _kv_json(event.prev_kv)}),
+              flush=True)
+        return
+    lines = [kind]
+    if args.prev_kv and event.prev_kv is not None:
+        lines += [_text(event.prev_kv.key), _text(event.prev_kv.value)]
+    lines.append(_text(kv.key))
+    if kv.value is not None:
+        lines.append(_text(kv.value))
+    print("\n".join(lines), flush=True)
+
+
+def _watch(client: Any, args: argparse.Namespace) -> int:
+    """``watch KEY [RANGE_END] [--prefix] [--rev N]``: print each change as it commits, in
+    revision order, until Ctrl-C / SIGTERM (exit 0) or ``--limit`` events (exit 0); exit 1
+    if the cluster cancels the watch (it fell behind the kept history)."""
+    from coordinator.client import WatchCancelled
+
+    if args.prefix and args.range_end is not None:
+        raise _UsageError("give --prefix or RANGE_END, not both")
+    if args.limit < 0:
+        raise _UsageError(f"--limit must be >= 0 (0: no limit), got {args.limit}")
+    if args.rev is not None and args.rev < 1:
+        raise _UsageError(f"--rev must be a revision >= 1 (leave it out to watch from now), "
+                          f"got {args.rev}")
+    watch = client.watch(args.key, args.range_end, prefix=args.prefix, start_revision=args.rev)
+    seen = 0
+    try:
+        with _stop_on_signals():
+            for event in watch:
+                _print_event(event, args)
+                seen += 1
+                if args.limit and seen >= args.limit:
+                    break
+    except _Stopped:
+        pass
+    except WatchCancelled as exc:
+        print(f"coordinator watch: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except BrokenPipeError:  # the reader went away (`coordinator watch ... | head -3`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        watch.cancel()
     return EXIT_OK
 
 
