@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "healthy majority")
     _add_lease(sub)
     _add_watch(sub)
+    _add_member(sub)
     sub.add_parser("sim", help="the deterministic simulator (see coordinator sim --help)",
                    add_help=False)
     return parser
@@ -643,6 +644,8 @@ def _run_client(client: Any, args: argparse.Namespace) -> int:
         return _lease(client, args)
     elif args.command == "watch":
         return _watch(client, args)
+    elif args.command == "member":
+        return _member(client, args)
     elif args.command == "get" and (args.prefix or args.range_end is not None or args.from_key
                                     or args.limit or args.keys_only or args.count_only
                                     or args.write_out != "simple" or args.rev is not None):
@@ -989,12 +992,7 @@ def _endpoint(client: Any, args: argparse.Namespace) -> int:
     if args.write_out == "json":
         print(json.dumps(rows))
     elif args.write_out == "table":
-        cols = _ENDPOINT_COLUMNS[args.what]
-        table = [[c.upper() for c in cols]] + [[str(r.get(c, "")) if r.get(c) is not None else ""
-                                                 for c in cols] for r in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-        for row in table:
-            print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        _print_table(_ENDPOINT_COLUMNS[args.what], rows)
     else:
         for r in rows:
             if args.what == "health":
@@ -1007,6 +1005,64 @@ def _endpoint(client: Any, args: argparse.Namespace) -> int:
                       f"commit {r['commit']}, applied {r['applied']}, revision {r['revision']}, "
                       f"{r['keys']} keys, took {r['took_ms']} ms")
     return EXIT_FAIL if bad else EXIT_OK
+
+
+def _print_table(cols: Any, rows: list[dict]) -> None:
+    """``rows`` as an aligned table of the columns ``cols`` (headers upper-cased)."""
+    table = [[c.upper() for c in cols]] + [[str(r.get(c, "")) if r.get(c) is not None else ""
+                                             for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _add_member(sub: Any) -> None:
+    member = sub.add_parser("member", help="member list | add ID HOST:PORT [--learner] | remove ID | "
+                                           "promote ID (etcdctl's member commands)")
+    actions = member.add_subparsers(dest="action", required=True)
+    for name, helptext in (("list", "every member, its address and whether it is a learner"),
+                           ("add", "add a node (then start it with `coordinator serve --join`)"),
+                           ("remove", "remove a node (it stops itself; the leader hands over first)"),
+                           ("promote", "make a learner a voter once it has caught up")):
+        p = actions.add_parser(name, help=helptext)
+        if name != "list":
+            p.add_argument("id", type=int, help="the node id (an integer > 0)")
+        if name == "add":
+            p.add_argument("address", help="HOST:PORT the new node will listen on")
+            p.add_argument("--learner", action="store_true",
+                           help="add it as a learner (no vote until `member promote`)")
+        p.add_argument("-w", "--write-out", choices=("simple", "json", "table"), default="simple",
+                       help="simple (default), json or table")
+        _connection_flags(p, top=False)
+
+
+_MEMBER_COLUMNS = ("ID", "name", "peerURLs", "isLearner", "isLeader")
+
+
+def _member(client: Any, args: argparse.Namespace) -> int:
+    """``member list|add|remove|promote``: the change, then the member list it left."""
+    if args.action == "list":
+        rows = client.member_list()
+    elif args.action == "add":
+        rows = client.member_add(args.id, args.address, learner=args.learner)
+        print(f"member {args.id} added as a {'learner' if args.learner else 'voter'}: start it with "
+              f"`coordinator serve --id {args.id} --listen {args.address} --join --peers ...` "
+              "(--peers naming the current members and it)", file=sys.stderr)
+    elif args.action == "remove":
+        rows = client.member_remove(args.id)
+        print(f"member {args.id} removed", file=sys.stderr)
+    else:
+        rows = client.member_promote(args.id)
+        print(f"member {args.id} promoted to a voter", file=sys.stderr)
+    if args.write_out == "json":
+        print(json.dumps({"members": rows}))
+    elif args.write_out == "table":
+        _print_table(_MEMBER_COLUMNS, [dict(r, peerURLs=",".join(r["peerURLs"])) for r in rows])
+    else:
+        for r in rows:
+            print(f"{r['ID']}, {r['name']}, {','.join(r['peerURLs'])}, "
+                  f"{'learner' if r['isLearner'] else 'voter'}{', leader' if r['isLeader'] else ''}")
+    return EXIT_OK
 
 
 _STATUS_KEYS = ("id", "role", "term", "leader", "commit", "applied", "log_size",

@@ -98,3 +98,61 @@ def test_a_node_that_is_not_a_member_is_told_how_to_join(make_cluster, tmp_path)
         capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "not a member" in run.stderr and "member add 9" in run.stderr, run.stderr
+
+
+def test_the_cli_adds_a_learner_promotes_and_removes_it(make_cluster, wait_for) -> None:
+    """etcdctl's member commands: add --learner, the new node started with serve --join by
+    hand, promote once it caught up, list as a table and JSON, remove (the node stops)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from coordinator.cluster import free_port
+
+    cluster = make_cluster()
+    env = dict(os.environ, COORDINATOR_ENDPOINTS=",".join(cluster.endpoints),
+               COORDINATOR_TOKEN_FILE=str(cluster.token_file))
+
+    def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        run = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert (run.returncode == 0) == ok, (args, run.returncode, run.stdout, run.stderr)
+        return run
+
+    with cluster.client() as client:
+        client.put("before", "joined")
+    address = f"127.0.0.1:{free_port()}"
+    added = cli("member", "add", "4", address, "--learner")
+    assert "4, node-4, " + address + ", learner" in added.stdout
+    assert "serve --id 4" in added.stderr  # says how to start it
+    peers = ",".join(f"{i}={cluster.endpoint(i)}" for i in cluster.node_ids) + f",4={address}"
+    log = open(cluster.data_dir / "node-4.log", "ab")  # noqa: SIM115 - the child's
+    node = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--id", "4",
+                             "--listen", address, "--peers", peers, "--join", "--data-dir",
+                             str(cluster.data_dir / "node-4"), "--token-file", str(cluster.token_file),
+                             "--tick-ms", "15"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def promoted() -> bool:
+            run = subprocess.run(
+                [sys.executable, "-m", "coordinator.cli", "member", "promote", "4"], env=env,
+                capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 or "learner_not_ready" in run.stderr, run.stderr
+            return run.returncode == 0
+
+        wait_for(promoted, "the learner to catch up and be promoted")
+        listed = json.loads(cli("member", "list", "-w", "json").stdout)["members"]
+        assert [(m["ID"], m["isLearner"]) for m in listed] == [(1, False), (2, False), (3, False), (4, False)]
+        table = cli("member", "list", "-w", "table").stdout
+        assert table.splitlines()[0].split(" | ")[0].strip() == "ID" and address in table
+        with cluster.client(endpoints=[address]) as at_four:
+            assert at_four.get("before", consistency="stale") == b"joined"
+        cli("member", "remove", "4")
+        assert node.wait(60) == 0  # it stops itself once removed
+        bad = cli("member", "remove", "4", ok=False)
+        assert "not a member" in bad.stderr
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        log.close()
