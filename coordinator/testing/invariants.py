@@ -29,6 +29,10 @@ keeps a little global knowledge to compare nodes with one another:
   acknowledged log index is durable. A crash right after the send must not be able to take
   back what the message promised.
 
+With lease clients, :class:`LeaseChecker` adds the lease invariants (its docstring states
+them exactly): expiry only on the log clock, never before a holder's acknowledged renewal plus
+the TTL, no expiry in a new leader's grace.
+
 Violations raise :class:`InvariantViolation`; the simulator turns it into a report with the
 seed and the event trace.
 """
@@ -40,7 +44,9 @@ from typing import Any
 
 from coordinator.raft.messages import Entry, HardState, Message, MessageType
 
-__all__ = ["InvariantChecker", "InvariantViolation"]
+from .kv import LEASE_EXISTS, LEASE_NOT_FOUND, decode_command
+
+__all__ = ["InvariantChecker", "InvariantViolation", "LeaseChecker"]
 
 
 class InvariantViolation(AssertionError):
@@ -209,3 +215,175 @@ class InvariantChecker:
                     f"{i}, but the entry committed there by term {commit_term} has term "
                     f"{entry_term}",
                 )
+
+
+@dataclass
+class _LeaseView:
+    holder: int
+    ttl: int
+    renewed: int  # the log clock at its last applied grant or keepalive
+    renewed_term: int  # the term of that entry
+    acked_from: int | None = None  # invocation time of its holder's last acknowledged renewal
+    revoked_at: int | None = None  # sim time its revocation was first applied
+    revoked_term: int = 0
+
+
+@dataclass
+class LeaseChecker:
+    """The lease invariants (see :mod:`.kv` for the commands, ``coordinator/leases.py`` for
+    the rules they mirror). The simulator's clocks: every proposal carries ``ts`` = the
+    proposer's wall clock, ``now + offset`` with ``|offset| <= skew`` (``skew`` 0: one
+    perfectly synchronized clock; tick-period skew changes when nodes *decide*, never a
+    timestamp). The log clock ``C(e)`` at entry ``e`` is the largest ``ts`` up to ``e``.
+
+    The checker keeps an independent model of the leases, fed with each entry the first time
+    any node applies it (which happens in index order; every other replica applies the same
+    entry, or restores a snapshot of a replica that did), and checks:
+
+    * **Lease safety (log clock)**: an expire entry ``x`` revokes lease ``L`` only if
+      ``C(x) - C(r) >= ttl``, ``r`` the last applied grant/keepalive of ``L``; and every
+      lease it names that is due that way is revoked (the replicas' answer is the model's).
+      A keepalive committed before the expire entry thus saves the lease.
+    * **Lease safety (holder)**: a lease whose holder had a grant or keepalive acknowledged
+      for an operation it *invoked* at time ``s`` is revoked (its key gone) on no replica
+      before ``s + ttl - 2 * skew``; with ``skew`` 0 (no wall-clock faults) exactly
+      ``s + ttl``. Sound: the applied entry was proposed after ``s``, so ``C(r) >= s - skew``;
+      the revoking entry has ``C(x) >= C(r) + ttl``; and no entry's ``ts`` exceeds its
+      proposal time + ``skew``, so ``C(x) <= t + skew`` at any apply time ``t``. (``s`` is the
+      invocation, not the acknowledgement: the TTL runs from the proposal, as in etcd, and
+      an acknowledgement may arrive long after.) Checked both when the revocation is first
+      applied and when an acknowledgement arrives.
+    * **Lease grace**: no lease is revoked by an expire entry that its leader proposed less
+      than one election timeout (``election_tick * period``, its period when it was
+      elected) after it became leader (etcd's rule: keepalives reached no leader during
+      the election).
+    * The model's log clock equals the replica's, and grants, keepalives and lease puts are
+      answered as the model says (a lease never vanishes without an expire).
+
+    ``stats``: ``lease_expiries``; ``lease_expiries_across_terms``: revoked by a leader of
+    another term than the one whose entry last renewed the lease (expiry across a leader
+    change); ``lease_leader_changes``: leaders elected while a lease was live;
+    ``lease_expiries_averted``: leases an expire entry named that a keepalive committed
+    first had moved on.
+    """
+
+    skew: int = 0
+    clock: int = 0
+    last_index: int = 0
+    leases: dict[int, _LeaseView] = field(default_factory=dict)
+    gone: dict[int, _LeaseView] = field(default_factory=dict)  # revoked leases
+    sessions: dict[int, int] = field(default_factory=dict)  # lease client -> last seq applied
+    leader_starts: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    proposals: dict[tuple[int, bytes], int] = field(default_factory=dict)
+    stats: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("lease_expiries", "lease_expiries_across_terms", "lease_leader_changes",
+             "lease_expiries_averted"), 0)
+    )
+
+    def on_leader(self, nid: int, term: int, now: int, grace_until: int) -> None:
+        """``nid`` became leader of ``term`` at ``now``; it must expire nothing before
+        ``grace_until``."""
+        self.leader_starts.setdefault(term, (nid, now, grace_until))
+        if self.leases:
+            self.stats["lease_leader_changes"] += 1
+
+    def on_expire_proposed(self, term: int, data: bytes, now: int) -> None:
+        self.proposals.setdefault((term, data), now)
+
+    def on_first_apply(self, e: Entry, out: Any, now: int, kv_clock: int) -> None:
+        """The entry ``e``, applied for the first time by any node at ``now``; ``out`` is
+        what the replica's :meth:`SimKV.apply` returned, ``kv_clock`` its log clock after."""
+        if e.index != self.last_index + 1:
+            raise RuntimeError(f"lease model: first application of {e.index} after {self.last_index}")
+        self.last_index = e.index
+        cmd = decode_command(e.data) if e.data else None
+        if cmd is None:
+            return
+        client, seq, op, _key, a, b, ts = cmd
+        if ts is not None:
+            self.clock = max(self.clock, ts)
+        if kv_clock != self.clock:
+            raise InvariantViolation(
+                "lease log clock", f"index {e.index}: the replica's log clock is {kv_clock}, "
+                f"the log's is {self.clock}")
+        if op == "x":
+            return self._expire(e, a, out[2], now)
+        if op not in ("g", "k", "W"):
+            return None
+        if seq <= self.sessions.get(client, 0):
+            return None  # a retry: answered from the session
+        self.sessions[client] = seq
+        lid = a if op in ("g", "k") else b
+        lease = self.leases.get(lid)
+        if op == "g":
+            expected: Any = True if lease is None else LEASE_EXISTS
+            if expected is True:
+                self.leases[lid] = _LeaseView(client, b, self.clock, e.term)
+        else:
+            expected = True if lease is not None else LEASE_NOT_FOUND
+            if lease is not None and op == "k":
+                lease.renewed, lease.renewed_term = self.clock, e.term
+        if out[2] != expected:
+            raise InvariantViolation(
+                "lease model", f"index {e.index}: {op}({lid}) of client {client} answered "
+                f"{out[2]!r}, the lease model says {expected!r} (live leases "
+                f"{sorted(self.leases)})")
+        return None
+
+    def _expire(self, e: Entry, ids: Any, revoked: list[int], now: int) -> None:
+        due = [lid for lid in ids if lid in self.leases
+               and self.clock - self.leases[lid].renewed >= self.leases[lid].ttl]
+        for lid in revoked:
+            lease = self.leases.get(lid)
+            if lid not in due:
+                detail = "that does not exist" if lease is None else (
+                    f"last renewed at log clock {lease.renewed} (term {lease.renewed_term}), "
+                    f"{self.clock - lease.renewed} < ttl {lease.ttl} earlier")
+                raise InvariantViolation(
+                    "lease safety (log clock)", f"the expire entry at index {e.index} (term "
+                    f"{e.term}, log clock {self.clock}) revoked lease {lid} {detail}")
+        missed = [lid for lid in due if lid not in revoked]
+        if missed:
+            raise InvariantViolation(
+                "lease expiry (log clock)", f"the expire entry at index {e.index} left leases "
+                f"{missed}, due at log clock {self.clock}, alive")
+        self.stats["lease_expiries_averted"] += sum(
+            1 for lid in ids if lid in self.leases and lid not in due)
+        if not revoked:
+            return
+        start = self.leader_starts.get(e.term)
+        proposed = self.proposals.get((e.term, e.data))
+        if start is not None and proposed is not None and proposed < start[2]:
+            raise InvariantViolation(
+                "lease grace", f"node {start[0]} became leader of term {e.term} at t={start[1]} "
+                f"and proposed at t={proposed} (before its grace ended at t={start[2]}) the "
+                f"expire entry at index {e.index} that revoked leases {revoked}")
+        for lid in revoked:
+            lease = self.leases.pop(lid)
+            lease.revoked_at, lease.revoked_term = now, e.term
+            self.gone[lid] = lease
+            self.stats["lease_expiries"] += 1
+            if e.term != lease.renewed_term:
+                self.stats["lease_expiries_across_terms"] += 1
+            self._check_holder(lid, lease)
+
+    def on_ack(self, lid: int, invoked_at: int) -> None:
+        """The holder got a grant or keepalive of ``lid`` acknowledged, for an operation it
+        invoked at ``invoked_at``."""
+        lease = self.leases.get(lid) or self.gone.get(lid)
+        if lease is None:
+            raise InvariantViolation("lease model", f"lease {lid} acknowledged but never applied")
+        lease.acked_from = max(lease.acked_from or invoked_at, invoked_at)
+        self._check_holder(lid, lease)
+
+    def _check_holder(self, lid: int, lease: _LeaseView) -> None:
+        if lease.revoked_at is None or lease.acked_from is None:
+            return
+        bound = lease.acked_from + lease.ttl - 2 * self.skew
+        if lease.revoked_at < bound:
+            raise InvariantViolation(
+                "lease safety (holder)", f"lease {lid} of client {lease.holder} was revoked at "
+                f"t={lease.revoked_at} (term {lease.revoked_term}), but its holder had a "
+                f"renewal acknowledged that it invoked at t={lease.acked_from}: not before "
+                f"t={bound} (ttl {lease.ttl}, wall-clock skew {self.skew})")

@@ -44,6 +44,21 @@ phase* heals the network and the clocks and restarts every node, and requires th
 ``liveness_time`` units a leader exists, every client has finished its pending operation plus
 one more, and every member has applied all that the leader committed.
 
+Leases (``SimParams.lease_clients`` > 0; none by default, and then a seed runs exactly as it
+did before leases existed) mirror the server's (``coordinator/leases.py``) in simulated time:
+lease clients (:class:`~.workload.LeaseClient`: keepers, lapsers, racers) grant a lease, attach
+a key and keep it alive or not; every command carries its proposer's wall clock (``now`` plus
+the node's ``wall_offset``, which clock faults set within ``lease_clock_skew``; 0 by default);
+the leader scans its applied state every tick and proposes ``expire`` for leases due on its
+wall clock, but not within one election timeout (``election_tick`` of its own ticks) of its
+election; the state machine revokes only what is due on the log clock at that entry. The TTL
+is four election timeouts, so a keeper (keepalive every TTL/3) rides out an election. The
+:class:`~.invariants.LeaseChecker` states and checks the lease invariants; the healed phase
+also requires every lease not kept alive, and a lapser's key, gone from every member, and each
+one revoked within ``lease_expiry_bound`` of being due with a leader past its grace in office.
+The stats count expiries by a leader of another term than the lease's last renewal
+(``lease_expiries_across_terms``) and elections while leases were live.
+
 After every event :class:`~.invariants.InvariantChecker` checks Raft's safety properties and
 persist-before-send on every outgoing message; at the end replicas at one applied index must
 hold one state and the client history must be linearizable (:mod:`.linearizability`, per
@@ -85,11 +100,19 @@ from coordinator.raft.storage import MemoryStorage, StorageError
 from coordinator.raft.types import Config, ProposalDropped, RaftError, Ready, Role
 
 from .history import HistoryRecorder, OpKind
-from .invariants import InvariantChecker, InvariantViolation
-from .kv import STALE, SimKV, encode_command
+from .invariants import InvariantChecker, InvariantViolation, LeaseChecker
+from .kv import LEASE_NOT_FOUND, STALE, SimKV, encode_command
 from .linearizability import CheckReport, CheckResult, check_history
 from .network import FaultNetwork
-from .workload import ClientReply, ClientRequest, SimClient, choose_operation
+from .workload import (
+    LEASE_ROLES,
+    ClientReply,
+    ClientRequest,
+    LeaseClient,
+    LeaseOp,
+    SimClient,
+    choose_operation,
+)
 
 __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 
@@ -97,7 +120,9 @@ __all__ = ["SeedResult", "SimParams", "Simulation", "main", "run_seed"]
 TICK, DELIVER, REQUEST, REPLY, CLIENT_TIMER, FAULT, RESTART, SNAPSHOT_DONE = range(8)
 CRASH_POINTS = ("before_persist", "torn_persist", "after_persist", "after_send")
 BUGS = ("stale_reads", "no_dedup", "lossy_snapshot", "send_before_persist", "volatile_vote",
-        "wiped_node_votes")
+        "wiped_node_votes", "expire_without_check", "no_lease_grace")
+LEASE_BUGS = ("expire_without_check", "no_lease_grace")  # inert without lease clients
+LEASE_CLIENT_BASE = 1000  # lease clients are 1000, 1001, ...; the others 100, 101, ...
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,12 @@ class SimParams:
     trace_lines: int = 300
     max_queue: int = 200_000  # events; a run that exceeds it is a bug in the simulator
     check_time_limit_s: float = 10.0
+    # Leases (see the module doc). 0 lease clients: none, and a seed runs exactly as it did
+    # before leases existed (nothing is drawn, no command carries a timestamp).
+    lease_clients: int = 0
+    lease_ttl: int = 0  # units; 0: four election timeouts (4 * election_tick * tick_unit)
+    lease_clock_skew: int = 0  # a clock fault also sets the node's wall clock off by up to this
+    lease_expiry_bound: int = 0  # liveness slack in units; 0: two election timeouts
     bug: str | None = None  # inject a known bug (see BUGS) to prove the checkers work
 
 
@@ -179,6 +210,10 @@ class SimNode:
     pending_writes: dict[tuple[int, int], int] = field(default_factory=dict)  # -> attempt
     pending_reads: dict[bytes, ClientRequest] = field(default_factory=dict)
     waiting_reads: list[tuple[int, ClientRequest]] = field(default_factory=list)
+    wall_offset: int = 0  # its wall clock reads now + wall_offset (lease timestamps)
+    lease_grace_until: int = 0  # as leader: it expires no lease before this time
+    grace_noted: bool = False  # a due lease waited for its grace (counted once per term)
+    expiry_proposed: dict[int, int] = field(default_factory=dict)  # lease -> when, as leader
 
     MAX_PENDING = 1024
 
@@ -237,6 +272,19 @@ class Simulation:
             self.nodes[nid] = node
         self.clients = [SimClient(100 + i) for i in range(self.p.clients)]
         self.raft_knobs = self._draw_raft_knobs()
+        # Leases draw from a stream of their own: their clients, their messages' fates, the
+        # wall-clock offsets.
+        self._lease_rng = random.Random(f"lease/{seed}")
+        self.election_timeout = self.p.election_tick * self.p.tick_unit
+        self.lease_ttl = self.p.lease_ttl or 4 * self.election_timeout
+        self.lease_bound = self.p.lease_expiry_bound or 2 * self.election_timeout
+        self.lease_clients = [
+            LeaseClient(LEASE_CLIENT_BASE + i, LEASE_ROLES[i % len(LEASE_ROLES)])
+            for i in range(self.p.lease_clients)
+        ]
+        self.lease_check = LeaseChecker(skew=self.p.lease_clock_skew) if self.lease_clients else None
+        if self.lease_check is not None:
+            self.stats["lease_grace_waits"] = 0
 
     def _draw_raft_knobs(self) -> dict[str, Any]:
         """Per-seed core settings, so that seeds also cover the less common configurations:
@@ -278,6 +326,7 @@ class Simulation:
             if not self._finished():
                 raise LivenessFailure(self._liveness_problem())
             self._check_replicas_agree()
+            self._check_lease_liveness()
             report = check_history(
                 self.history.operations(), time_limit_s=self.p.check_time_limit_s
             )
@@ -296,6 +345,11 @@ class Simulation:
             self.log(f"FAILED {failure.splitlines()[0]}")
         self.stats["ops"] = len(self.history)
         self.stats["sent"], self.stats["dropped"] = self.net.sent, self.net.dropped
+        if self.lease_check is not None:
+            self.stats.update(self.lease_check.stats)
+            self.stats["lease_keeper_losses"] = sum(
+                c.lost for c in self.lease_clients if c.role == "keeper")
+            self.stats["lease_grants"] = sum(c.gen for c in self.lease_clients)
         return SeedResult(
             self.seed, failure, self._hash.hexdigest(), list(self.trace), report.result, self.stats
         )
@@ -310,6 +364,13 @@ class Simulation:
             self._boot(node)
         for c in self.clients:
             self._push(self.rng.randint(0, self.p.think_time), CLIENT_TIMER, c.id, c.timer_token)
+        if self.lease_clients:
+            self.log(f"lease clients {[(c.id, c.role) for c in self.lease_clients]}, "
+                     f"ttl {self.lease_ttl}, wall-clock skew {self.p.lease_clock_skew}")
+        for lc in self.lease_clients:
+            lc.keepalives = self._lease_rng.randint(0, 3)
+            self._push(self._lease_rng.randint(0, self.p.think_time), CLIENT_TIMER, lc.id,
+                       lc.timer_token)
         if self.p.faults:
             self._push(self.p.fault_every, FAULT)
 
@@ -345,7 +406,11 @@ class Simulation:
         return self.rng.randint(max(1, unit * 6 // 10), unit * 16 // 10)
 
     def _new_kv(self) -> SimKV:
-        return SimKV(dedup=self.p.bug != "no_dedup", lossy_snapshot=self.p.bug == "lossy_snapshot")
+        return SimKV(
+            dedup=self.p.bug != "no_dedup",
+            lossy_snapshot=self.p.bug == "lossy_snapshot",
+            expire_check=self.p.bug != "expire_without_check",
+        )
 
     def _boot(self, node: SimNode) -> None:
         """(Re)create the volatile node from durable storage alone."""
@@ -399,6 +464,8 @@ class Simulation:
         node.raft.tick()
         self._hash.update(b"t%d" % nid)
         self._drain(node)
+        if self.lease_check is not None and node.raft is not None and node.epoch == epoch:
+            self._expire_leases(node)
         if node.raft is not None and node.epoch == epoch:
             self._push(self.now + node.period, TICK, nid, epoch)
 
@@ -457,6 +524,8 @@ class Simulation:
                 )
                 if rd.soft_state.role is Role.LEADER:
                     self.stats["elections"] += 1
+                    if self.lease_check is not None:
+                        self._became_leader(node, raft.term)
             for text in rd.notices:
                 self.log(f"NOTICE {text}")
             self._apply(node, rd)
@@ -528,8 +597,13 @@ class Simulation:
         for e in rd.committed_entries:
             if e.index <= node.kv.applied:
                 continue  # covered by a snapshot installed in this same ready
-            self.checker.on_apply(node.id, e)
+            first = self.checker.on_apply(node.id, e)
             out = node.kv.apply(e.index, e.data)
+            if first and self.lease_check is not None:
+                self.lease_check.on_first_apply(e, out, self.now, node.kv.clock)
+                if out is not None and out[0] == 0 and out[2]:
+                    self.log(f"n{node.id} first applies the expiry of leases {out[2]} "
+                             f"(index {e.index}, log clock {node.kv.clock})")
             if e.type == EntryType.CONF_CHANGE:
                 node.conf_state = node.raft.apply_conf_change(decode_conf_change(e.data))
             if out is not None:
@@ -612,18 +686,21 @@ class Simulation:
     def _client(self, cid: int) -> SimClient:
         return self.clients[cid - 100]
 
-    def _client_delay(self) -> int | None:
+    def _client_delay(self, rng: random.Random | None = None) -> int | None:
         """Delay of a client <-> node message, or None if the network loses it."""
+        rng = rng or self.rng
         f = self.net.faults
-        if f.drop and self.rng.random() < f.drop:
+        if f.drop and rng.random() < f.drop:
             return None
-        return self.rng.randint(1, f.max_delay)
+        return rng.randint(1, f.max_delay)
 
     def _arm_timer(self, c: SimClient, after: int) -> None:
         c.timer_token += 1
         self._push(self.now + after, CLIENT_TIMER, c.id, c.timer_token)
 
     def _on_client_timer(self, cid: int, token: int) -> None:
+        if cid >= LEASE_CLIENT_BASE:
+            return self._on_lease_timer(self.lease_clients[cid - LEASE_CLIENT_BASE], token)
         c = self._client(cid)
         if token != c.timer_token:
             return
@@ -660,6 +737,8 @@ class Simulation:
         self._arm_timer(c, self.p.client_retry)
 
     def _on_reply(self, reply: ClientReply, _: Any) -> None:
+        if reply.client >= LEASE_CLIENT_BASE:
+            return self._on_lease_reply(self.lease_clients[reply.client - LEASE_CLIENT_BASE], reply)
         c = self._client(reply.client)
         if not c.busy or reply.seq != c.seq:
             return  # an answer to an operation already finished or given up
@@ -685,7 +764,8 @@ class Simulation:
         return c.started >= self.p.safety_time
 
     def _reply(self, node: SimNode, reply: ClientReply) -> None:
-        delay = self._client_delay()
+        lease = reply.client >= LEASE_CLIENT_BASE
+        delay = self._client_delay(self._lease_rng if lease else self.rng)
         if delay is not None:
             self._push(self.now + delay, REPLY, reply)
 
@@ -709,10 +789,14 @@ class Simulation:
                 return self._redirect(node, req, getattr(e, "leader_hint", raft.leader_id))
             _bounded_put(node.pending_reads, ctx, req, node.MAX_PENDING)
         else:
-            if req.kind is OpKind.WRITE:
-                data = encode_command(req.client, req.seq, "w", req.key, req.args)
+            ts = self._wall(node) if self.lease_check is not None else None
+            if isinstance(req.kind, LeaseOp):
+                data = self._lease_command(req, ts)
+            elif req.kind is OpKind.WRITE:
+                data = encode_command(req.client, req.seq, "w", req.key, req.args, None, ts)
             else:
-                data = encode_command(req.client, req.seq, "c", req.key, *req.args)
+                expected, new = req.args
+                data = encode_command(req.client, req.seq, "c", req.key, expected, new, ts)
             try:
                 raft.propose(data)
             except ProposalDropped as e:
@@ -723,6 +807,207 @@ class Simulation:
 
     def _redirect(self, node: SimNode, req: ClientRequest, hint: int) -> None:
         self._reply(node, ClientReply(req.client, req.seq, req.attempt, False, None, hint))
+
+    # ---- leases ------------------------------------------------------------------------------
+
+    def _wall(self, node: SimNode) -> int:
+        """The node's wall clock: the timestamp of what it proposes."""
+        return self.now + node.wall_offset
+
+    @staticmethod
+    def _lease_command(req: ClientRequest, ts: int | None) -> bytes:
+        if req.kind is LeaseOp.GRANT:
+            lease, ttl = req.args
+            return encode_command(req.client, req.seq, "g", "", lease, ttl, ts)
+        if req.kind is LeaseOp.KEEPALIVE:
+            return encode_command(req.client, req.seq, "k", "", req.args, None, ts)
+        value, lease = req.args
+        return encode_command(req.client, req.seq, "W", req.key, value, lease, ts)
+
+    def _became_leader(self, node: SimNode, term: int) -> None:
+        """The server's ``_on_role``: a new leader expires no lease for one election timeout
+        (``election_tick`` of its own ticks) and forgets what it proposed before."""
+        assert self.lease_check is not None
+        grace_until = self.now + self.p.election_tick * node.period
+        # BUG on purpose with "no_lease_grace": it may expire leases at once
+        node.lease_grace_until = self.now if self.p.bug == "no_lease_grace" else grace_until
+        node.grace_noted = False
+        node.expiry_proposed.clear()
+        self.lease_check.on_leader(node.id, term, self.now, grace_until)
+
+    def _expire_leases(self, node: SimNode) -> None:
+        """The leader's scan, every tick (the server's ``_expire_leases``): propose the expiry
+        of the leases due on its wall clock in its applied state, not in its grace; a lease
+        already named waits an election timeout before it is named again. The apply checks
+        again, on the log clock."""
+        raft = node.raft
+        assert raft is not None and self.lease_check is not None
+        if raft.role is not Role.LEADER:
+            return
+        wall = self._wall(node)
+        due = node.kv.due(wall)
+        if not due:
+            return
+        if self.now < node.lease_grace_until:
+            if not node.grace_noted:
+                node.grace_noted = True
+                self.stats["lease_grace_waits"] += 1
+                self.log(f"n{node.id} holds back the expiry of leases {due} until its grace "
+                         f"ends at t={node.lease_grace_until}")
+            return
+        proposed = node.expiry_proposed
+        due = [lid for lid in due if self.now - proposed.get(lid, -(1 << 62)) >= self.election_timeout]
+        if not due:
+            return
+        data = encode_command(0, 0, "x", "", due, None, wall)
+        try:
+            raft.propose(data)
+        except ProposalDropped:
+            return
+        for lid in due:
+            proposed[lid] = self.now
+        self.lease_check.on_expire_proposed(raft.term, data, self.now)
+        self.log(f"n{node.id} proposes the expiry of leases {due} (wall clock {wall})")
+        self._drain(node)
+
+    def _lease_arm(self, c: LeaseClient, after: int) -> None:
+        c.timer_token += 1
+        self._push(self.now + after, CLIENT_TIMER, c.id, c.timer_token)
+
+    def _lease_interval(self, c: LeaseClient) -> int:
+        ttl = self.lease_ttl
+        if c.role == "racer":
+            return self._lease_rng.randint(ttl * 85 // 100, ttl * 105 // 100)
+        return ttl // 3
+
+    def _on_lease_timer(self, c: LeaseClient, token: int) -> None:
+        """A lease client's next step (see :class:`LeaseClient`), or a retry of its
+        outstanding operation."""
+        if token != c.timer_token:
+            return None
+        if c.op is not None:
+            return self._lease_attempt(c)
+        if c.state == "keep" and c.role == "lapser" and c.keepalives <= 0:
+            c.state = "lapsed"
+            self.log(f"c{c.id} stops keeping lease {c.lease} alive")
+            if not self.liveness:  # it grants a new lease later (in the safety phase only)
+                self._lease_arm(c, self.lease_ttl + self._lease_rng.randint(0, self.lease_ttl))
+            return None
+        if c.state == "lapsed":
+            if self.liveness:
+                return None
+            c.state, c.keepalives = "grant", self._lease_rng.randint(0, 3)
+        op: LeaseOp
+        if c.state == "grant":
+            c.gen += 1
+            c.lease = c.id * 1_000_000 + c.gen
+            c.granted.append(c.lease)
+            op, c.args = LeaseOp.GRANT, (c.lease, self.lease_ttl)
+        elif c.state == "attach":
+            op, c.args = LeaseOp.PUT, (c.id * 1_000_000 + c.seq + 1, c.lease)
+        else:
+            op, c.args = LeaseOp.KEEPALIVE, c.lease
+        c.seq += 1
+        c.op, c.started, c.attempt = op, self.now, 0
+        self.log(f"c{c.id} calls seq {c.seq} {op.value}{c.args!r}")
+        return self._lease_attempt(c)
+
+    def _lease_attempt(self, c: LeaseClient) -> None:
+        c.attempt += 1
+        if not c.leader_hint or c.attempt % 3 == 0:
+            target = self._lease_rng.choice(self.ids)
+        else:
+            target = c.leader_hint
+        delay = self._client_delay(self._lease_rng)
+        if delay is not None:
+            self._push(self.now + delay, REQUEST, target, c.request())
+        self._lease_arm(c, self.p.client_retry)
+
+    def _on_lease_reply(self, c: LeaseClient, reply: ClientReply) -> None:
+        if c.op is None or reply.seq != c.seq:
+            return None
+        if not reply.ok:
+            self.stats["redirects"] += 1
+            c.leader_hint = reply.leader_hint
+            return self._lease_arm(c, self._lease_rng.randint(5, 15))
+        assert self.lease_check is not None
+        op, result = c.op, reply.value
+        c.op = None
+        self.log(f"c{c.id} returns seq {c.seq} {op.value} -> {result!r} (attempt {reply.attempt})")
+        if result == LEASE_NOT_FOUND:  # its lease is gone: grant a new one
+            c.lost += 1
+            c.state = "grant"
+            return self._lease_arm(c, self._lease_rng.randint(1, self.p.think_time))
+        if self.liveness and c.started >= self.p.safety_time:
+            c.acked_after_heal = True
+        if op is LeaseOp.GRANT:
+            self.lease_check.on_ack(c.lease, c.started)
+            c.state = "attach"
+            return self._lease_arm(c, self._lease_rng.randint(1, self.p.think_time))
+        if op is LeaseOp.KEEPALIVE:
+            self.lease_check.on_ack(c.lease, c.started)
+            c.keepalives -= 1
+        c.state = "keep"
+        return self._lease_arm(c, self._lease_interval(c))
+
+    def _lease_problem(self) -> str | None:
+        """Why the lease clients have not finished in the healed phase (None: they have):
+        every keeper and racer had an operation invoked after healing acknowledged and every
+        lapser stopped; no member holds a lease but the keepers' and racers' current ones
+        (every other one is due: its holder stopped keeping it alive), a lapser's key, or a
+        keeper's key not attached to its current lease."""
+        leader = self._leader()
+        if not self.liveness or leader is None:
+            return "no leader since healing"
+        members = [self.nodes[i].kv for i in self._members(leader)]
+        kept = {c.lease for c in self.lease_clients if c.role != "lapser"}
+        problems: list[str] = []
+        for c in self.lease_clients:
+            for lid in c.granted:
+                if lid in kept:
+                    continue
+                holders = [kv for kv in members if lid in kv.leases]
+                if holders and not problems:
+                    problems.append(f"lease {lid} of c{c.id}, not kept alive, still held by "
+                                    f"{len(holders)} of {len(members)} members")
+            if c.role == "lapser":
+                if c.state != "lapsed" or c.op is not None:
+                    problems.append(f"c{c.id} has not stopped keeping its lease alive")
+                elif any(c.key in kv.kv for kv in members):
+                    problems.append(f"c{c.id}'s key {c.key} outlives its lease {c.lease}")
+            elif not c.acked_after_heal:
+                problems.append(f"c{c.id} had no operation invoked after healing acknowledged")
+            elif c.role == "keeper" and any(kv.key_lease.get(c.key) != c.lease for kv in members):
+                problems.append(f"c{c.id}'s key {c.key} is not attached to its lease {c.lease} "
+                                "on every member")
+        return "; ".join(problems[:3]) or None
+
+    def _check_lease_liveness(self) -> None:
+        """After the healed phase (:meth:`_finished` already required every lease not kept
+        alive, and a lapser's key, gone from every member): each lease first revoked after
+        healing was revoked within ``lease_bound`` units of ``max(due, heal, grace)``, where
+        ``due`` = its last renewal on the log clock + TTL (wall clocks are exact after
+        healing) and ``grace`` = when the grace of the last leader elected by then ended: a
+        lease is revoked promptly once it is due and a leader past its grace is in office."""
+        if self.lease_check is None:
+            return
+        worst = 0
+        heal = self.p.safety_time
+        for lid, lease in self.lease_check.gone.items():
+            if lease.revoked_at is None or lease.revoked_at < heal:
+                continue
+            due = lease.renewed + lease.ttl
+            term, (_, _, grace) = max(
+                (t, start) for t, start in self.lease_check.leader_starts.items()
+                if start[1] <= lease.revoked_at)
+            lag = lease.revoked_at - max(due, heal, grace)
+            worst = max(worst, lag)
+            if lag > self.lease_bound:
+                raise LivenessFailure(
+                    f"lease {lid} of c{lease.holder}, due at t={due}, was revoked only at "
+                    f"t={lease.revoked_at}, {lag} units after max(due, heal, the end of the grace "
+                    f"of the leader of term {term}: t={grace}) (bound {self.lease_bound})")
+        self.stats["lease_expiry_lag_max"] = worst
 
     # ---- faults, healing, liveness ---------------------------------------------------------------
 
@@ -816,6 +1101,10 @@ class Simulation:
         node = self.rng.choice(list(self.nodes.values()))
         node.period = self._random_period()
         self.log(f"n{node.id} now ticks every {node.period} units")
+        skew = self.p.lease_clock_skew
+        if skew and self.lease_check is not None:
+            node.wall_offset = self._lease_rng.randint(-skew, skew)
+            self.log(f"n{node.id}'s wall clock is now off by {node.wall_offset} units")
 
     def _change_membership(self) -> None:
         """Ask the leader for a membership change: add a learner, add or remove a voter
@@ -886,6 +1175,7 @@ class Simulation:
             if self.p.heal_clocks:
                 unit = self.p.tick_unit
                 node.period = self.rng.randint(unit * 85 // 100, unit * 115 // 100)
+                node.wall_offset = 0
             if not node.alive:
                 self.log(f"n{node.id} RESTART from storage")
                 self._boot(node)
@@ -901,7 +1191,10 @@ class Simulation:
 
     def _finished(self) -> bool:
         """Liveness reached: every client finished, a leader leads, and every member of its
-        configuration has applied everything the leader committed."""
+        configuration has applied everything the leader committed; with leases also every
+        lease client finished (:meth:`_lease_problem`)."""
+        if self.lease_check is not None and self._lease_problem() is not None:
+            return False
         if not all(c.final_op_done for c in self.clients):
             return False
         leader = self._leader()
@@ -942,10 +1235,12 @@ class Simulation:
             for n in self.nodes.values()
         )
         leader = self._leader()
+        leases = self._lease_problem() if self.lease_check is not None else None
         return (
             f"{self.p.liveness_time} units after healing: leader="
             f"{f'n{leader.id}' if leader else 'none'}; "
             f"unfinished: {busy or 'none'}; nodes: {status}"
+            + (f"; leases: {leases}" if leases else "")
         )
 
 
@@ -998,6 +1293,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bug", choices=BUGS, default=None, help="inject a known bug, to see the checkers catch it"
     )
     ap.add_argument(
+        "--leases",
+        type=int,
+        default=None,
+        help="lease clients (default 0; 3 with a lease bug): keepers, lapsers and racers",
+    )
+    ap.add_argument(
+        "--lease-skew", type=int, default=0, help="wall-clock offsets up to this many units"
+    )
+    ap.add_argument(
         "--max-failures",
         type=int,
         default=10,
@@ -1008,6 +1312,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--seeds must be >= 1 and --start >= 0")
     if not 1 <= args.clients <= 100 or not 1 <= args.keys <= 100:
         ap.error("--clients and --keys must be between 1 and 100")
+    if args.leases is None:
+        args.leases = 3 if args.bug in LEASE_BUGS else 0
+    if not 0 <= args.leases <= 100 or args.lease_skew < 0:
+        ap.error("--leases must be between 0 and 100 and --lease-skew >= 0")
     return args
 
 
@@ -1026,6 +1334,8 @@ def main(argv: list[str] | None = None) -> int:
         safety_time=args.safety_time,
         faults=not args.no_faults,
         bug=args.bug,
+        lease_clients=args.leases,
+        lease_clock_skew=args.lease_skew,
     )
     started, cpu_started = time.monotonic(), time.process_time()
     last_progress = started
