@@ -107,7 +107,7 @@ PLAN: dict[str, BenchRun] = {
         "raft_core.py", "entries/s committed by the pure Raft core (3 nodes in memory, one core)",
         (), ("--entries", "20000", "--repeat", "1"), results_global="RESULTS"),
     "coordinator_bench": BenchRun(
-        "coordinator_bench.py", "coordinator put latency, throughput and failover vs etcd and "
+        "coordinator_bench.py", "coordinator put latency, throughput, watch, failover and rejoin vs etcd and "
         "PySyncObj (the full run installs both)", ("--out", "{out}"),
         ("--quick", "--systems", "coordinator", "--out", "{out}")),
     "coordinator_growth": BenchRun(
