@@ -51,6 +51,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -70,6 +71,17 @@ def _parse_peers(text: str) -> dict[int, tuple[str, int]]:
             raise argparse.ArgumentTypeError(f"peer {item!r} is not ID=HOST:PORT")
         peers[int(ident)] = (host, int(port))
     return peers
+
+
+def invocation() -> list[str]:
+    """The command line that runs this CLI: the ``coordinator`` script installed beside the
+    running interpreter (or on PATH), else ``python -m coordinator.cli`` (for scripts and tests
+    that start it as a process)."""
+    script = pathlib.Path(sys.executable).with_name("coordinator")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("coordinator")
+    return [found] if found else [sys.executable, "-m", "coordinator.cli"]
 
 
 def _parse_addr(text: str) -> tuple[str, int]:

@@ -69,6 +69,26 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
+def timed_call(call: Callable[[], object]) -> tuple[object, bool, int, int] | None:
+    """Run one client operation for a history: (output, unknown, call ns, return ns), or None
+    when it certainly did not apply (Unavailable: not part of the history)."""
+    start = time.monotonic_ns()
+    unknown, output = False, None
+    try:
+        output = call()
+    except OutcomeUnknown:
+        unknown = True
+    except Unavailable:
+        return None
+    return output, unknown, start, time.monotonic_ns()
+
+
+@pytest.fixture(name="timed_call")
+def timed_call_fixture():
+    """The :func:`timed_call` helper."""
+    return timed_call
+
+
 class _Workload:
     """A few client threads doing reads, writes and cas on a few keys (recording a history
     for the linearizability checker) plus puts of unique keys (the acknowledged writes that
@@ -160,15 +180,10 @@ class _Workload:
             expected = last_seen.get(key)
             kind, inp = OpKind.CAS, (expected, value)
             call = lambda: client.cas(key, expected, value)  # noqa: E731
-        start = time.monotonic_ns()
-        unknown, output = False, None
-        try:
-            output = call()
-        except OutcomeUnknown:
-            unknown = True
-        except Unavailable:
+        timed = timed_call(call)
+        if timed is None:
             return  # certainly not applied: not part of the history
-        end = time.monotonic_ns()
+        output, unknown, start, end = timed
         if kind is OpKind.READ and not unknown:
             last_seen[key] = output
         op = Operation(0, t, key, kind, inp, output, start, end, unknown)

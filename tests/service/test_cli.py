@@ -9,20 +9,13 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from coordinator.cli import invocation
+
 pytestmark = pytest.mark.slow
-
-
-def _coordinator() -> list[str]:
-    script = pathlib.Path(sys.executable).with_name("coordinator")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("coordinator")
-    return [found] if found else [sys.executable, "-m", "coordinator.cli"]
 
 
 class LocalProcess:
@@ -31,7 +24,7 @@ class LocalProcess:
     def __init__(self, tmp_path: pathlib.Path, env: dict, *args: str, name: str = "local") -> None:
         self.out_path = tmp_path / f"{name}.out"
         self._out = open(self.out_path, "w+")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(_coordinator() + ["local", *args], stdout=self._out,
+        self.proc = subprocess.Popen(invocation() + ["local", *args], stdout=self._out,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     @property
@@ -68,7 +61,7 @@ class LocalProcess:
 
 
 def _cli(env: dict, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(_coordinator() + list(args), env=env, input=stdin,
+    result = subprocess.run(invocation() + list(args), env=env, input=stdin,
                             capture_output=True, timeout=120)
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
@@ -125,7 +118,7 @@ def _values_from_stdin_and_files(env: dict, banner: dict[str, str], tmp_path) ->
 def _second_local_on_the_same_state_file_refuses(env: dict, tmp_path, wait_for) -> None:
     """Issue 15, point 21: a second `coordinator local` on the state file of a running
     cluster refuses, naming it; another --state-file starts a second cluster."""
-    second = subprocess.Popen(_coordinator() + ["local", "--nodes", "1"], env=env,
+    second = subprocess.Popen(invocation() + ["local", "--nodes", "1"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     try:
@@ -225,7 +218,7 @@ def test_token_subcommand_writes_a_private_token_file(tmp_path) -> None:
 def test_client_command_without_a_cluster_says_what_to_do(tmp_path) -> None:
     env = dict(os.environ, COORDINATOR_STATE_FILE=str(tmp_path / "none.json"))
     env.pop("COORDINATOR_ENDPOINTS", None)
-    result = subprocess.run(_coordinator() + ["get", "k"], env=env, capture_output=True,
+    result = subprocess.run(invocation() + ["get", "k"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "coordinator local" in result.stderr
 
@@ -242,7 +235,7 @@ def test_serve_refuses_a_data_dir_in_use(tmp_path) -> None:
 
 
 def test_sim_subcommand_runs_the_simulator() -> None:
-    result = subprocess.run(_coordinator() + ["sim", "--seeds", "1"], capture_output=True,
+    result = subprocess.run(invocation() + ["sim", "--seeds", "1"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "failed: 0" in result.stdout + result.stderr

@@ -12,27 +12,19 @@ import json
 import os
 import pathlib
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from coordinator.cli import invocation
+
 CLI_TIMEOUT_S = 60
 
 
-def _coordinator() -> list[str]:
-    script = pathlib.Path(sys.executable).with_name("coordinator")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("coordinator")
-    return [found] if found else [sys.executable, "-m", "coordinator.cli"]
-
-
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_coordinator() + list(args), env=env, capture_output=True, text=True,
+    return subprocess.run(invocation() + list(args), env=env, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S)
 
 
@@ -66,7 +58,7 @@ def _background(env: dict, tmp_path: pathlib.Path, name: str, *args: str) -> tup
     """A CLI process in the background, stdout and stderr to files under tmp_path."""
     out = tmp_path / f"{name}.out"
     with open(out, "w") as stdout, open(tmp_path / f"{name}.err", "w") as stderr:
-        proc = subprocess.Popen(_coordinator() + list(args), env=env, stdout=stdout, stderr=stderr,
+        proc = subprocess.Popen(invocation() + list(args), env=env, stdout=stdout, stderr=stderr,
                                 start_new_session=True)
     _SPAWNED.append(proc)
     return proc, out
@@ -221,7 +213,7 @@ def test_watch_prints_the_changes_made_after_it_in_revision_order(make_cluster, 
     env = _env(cluster, tmp_path)
     _put_revision(env, "jobs/old", "before")  # before the watch's start: not printed
     start = _revision(env) + 1
-    watch = subprocess.Popen(_coordinator() + ["watch", "jobs/", "--prefix", "--rev", str(start),
+    watch = subprocess.Popen(invocation() + ["watch", "jobs/", "--prefix", "--rev", str(start),
                                                "--limit", "3", "-w", "json"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)

@@ -354,7 +354,7 @@ def _text(raw: bytes | None) -> str | None:
 
 
 @pytest.mark.slow
-def test_ranges_and_transactions_are_linearizable_through_a_leader_kill(make_cluster) -> None:
+def test_ranges_and_transactions_are_linearizable_through_a_leader_kill(make_cluster, timed_call) -> None:
     """Three clients mix puts, gets, ranges and two-key transactions on three keys while the
     leader is killed and restarted; the whole history is checked against one multi-key store
     (a range that saw half a transaction, or a stale one, would fail it)."""
@@ -362,7 +362,6 @@ def test_ranges_and_transactions_are_linearizable_through_a_leader_kill(make_clu
     import threading
     import time
 
-    from coordinator import OutcomeUnknown, Unavailable
     from coordinator.testing.history import Operation, OpKind
     from coordinator.testing.linearizability import CheckResult, MultiKeyModel, check_multikey
 
@@ -381,15 +380,10 @@ def test_ranges_and_transactions_are_linearizable_through_a_leader_kill(make_clu
                 if stop.is_set():
                     break
                 key, kind, inp, call = _multikey_op(client, t, n, rng, keys, seen)
-                start = time.monotonic_ns()
-                unknown, out = False, None
-                try:
-                    out = call()
-                except OutcomeUnknown:
-                    unknown = True
-                except Unavailable:
+                timed = timed_call(call)
+                if timed is None:
                     continue
-                end = time.monotonic_ns()
+                out, unknown, start, end = timed
                 if kind is OpKind.READ and not unknown:
                     seen[key] = out
                 elif kind is OpKind.RANGE and not unknown:
