@@ -571,7 +571,7 @@ class _WatchState:
             raise CoordinatorError(f"a watch answer went back from revision "
                                    f"{self.body['start_revision']} to {events[0].revision}")
         self.buffer.extend(events)
-        self.body = dict(self.body, start_revision=answer["next"])
+        self.body = dict(self.body, start_revision=answer["next"], skip=answer.get("skip", 0))
 
 
 class Watch:

@@ -161,14 +161,17 @@ _ABSENT = object()
 
 
 def events_answer(sm: StateMachine, start: Any, end: Any, prefix: Any, from_revision: Any,
-                  max_events: Any) -> Answer:
+                  max_events: Any, skip: Any = 0) -> Answer:
     """The ``kv.events`` query behind watches: every change to a key in range at revision
     ``from_revision`` or later, oldest first, each ``[type, key, value, create, mod, version,
     lease, prev]`` (``prev``: the record before, ``[value, create, mod, version]`` or None), at
-    most about ``max_events`` of them but always whole revisions (a transaction's or a lease
-    revocation's changes come together). ``next`` is the revision to ask from next time: past
-    the last event returned, or past the store's revision when nothing was left out, so a
-    watcher resumes (on any node, after any reconnect) with no gap and no repeat.
+    most about ``max_events`` of them, in whole revisions (a transaction's or a lease
+    revocation's changes come together) unless one revision holds more than an answer's byte
+    budget (:data:`MAX_RANGE_ANSWER_BYTES`; a 1 MB value and its 1 MB predecessor still come in
+    one event): it is then split over answers. ``next`` (and ``skip``: how many events of
+    revision ``next`` were already returned) is where to ask from next time: past the last
+    event returned, or past the store's revision when nothing was left out, so a watcher
+    resumes (on any node, after any reconnect) with no gap and no repeat.
     ``from_revision`` 0 means "from now". A revision older than the kept history is refused
     with ``compacted`` (its ``compact_revision`` says where the history starts)."""
     try:
@@ -177,6 +180,8 @@ def events_answer(sm: StateMachine, start: Any, end: Any, prefix: Any, from_revi
             raise BadRange("from_revision must be an integer >= 0 (0: from now)")
         if not isinstance(max_events, int) or isinstance(max_events, bool) or max_events <= 0:
             raise BadRange("max_events must be an integer > 0")
+        if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+            raise BadRange("skip must be an integer >= 0")
     except BadRange as exc:
         return {"ok": False, "error": "bad_range", "detail": str(exc)}
     if from_revision == 0:
@@ -204,13 +209,22 @@ def events_answer(sm: StateMachine, start: Any, end: Any, prefix: Any, from_revi
             found.append((rev, key, now, prev))
         after[key] = prev
     found.reverse()
+    if skip:  # events of from_revision an earlier answer returned (a split revision)
+        seen = sum(1 for event in found[:skip] if event[0] == from_revision)
+        found = found[seen:]
     cap = min(max_events, MAX_RANGE_KEYS)
     out: list[list[Any]] = []
     size = 0
     for i, (rev, key, now, prev) in enumerate(found):
-        boundary = i > 0 and rev != found[i - 1][0]  # never cut a revision in two
-        if boundary and (len(out) >= cap or size > MAX_RANGE_ANSWER_BYTES):
-            return {"ok": True, "events": out, "next": found[i - 1][0] + 1, "revision": sm.revision}
+        boundary = i > 0 and rev != found[i - 1][0]
+        weight = len(key) + (len(now.value) if now is not None else 0) + (
+            len(prev.value) if prev is not None else 0) + 48
+        if out and ((boundary and len(out) >= cap) or size + weight > MAX_RANGE_ANSWER_BYTES):
+            if boundary:
+                return {"ok": True, "events": out, "next": found[i - 1][0] + 1, "skip": 0,
+                        "revision": sm.revision}
+            done = sum(1 for event in out if event[4] == rev) + (skip if rev == from_revision else 0)
+            return {"ok": True, "events": out, "next": rev, "skip": done, "revision": sm.revision}
         lease = sm.key_lease.get(key, 0) if now is not None and sm.kv.get(key) is now else 0
         out.append(["delete" if now is None else "put", key,
                     None if now is None else now.value,
@@ -218,9 +232,8 @@ def events_answer(sm: StateMachine, start: Any, end: Any, prefix: Any, from_revi
                     0 if now is None else now.version, lease,
                     None if prev is None else [prev.value, prev.create_revision,
                                                prev.mod_revision, prev.version]])
-        size += len(key) + (len(now.value) if now is not None else 0) + (
-            len(prev.value) if prev is not None else 0) + 48
-    return {"ok": True, "events": out, "next": max(from_revision, sm.revision + 1),
+        size += weight
+    return {"ok": True, "events": out, "next": max(from_revision, sm.revision + 1), "skip": 0,
             "revision": sm.revision}
 
 

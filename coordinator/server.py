@@ -1449,7 +1449,7 @@ class CoordinatorServer:
         if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or wait_s < 0:
             return {"ok": False, "error": "bad_request", "detail": "wait_s must be a number >= 0"}
         args = (body.get("key"), body.get("end"), body.get("prefix", False),
-                body.get("start_revision", 0), body.get("max_events", 1000))
+                body.get("start_revision", 0), body.get("max_events", 1000), body.get("skip", 0))
         answer = kvrange.events_answer(self.sm, *args)
         if not answer.get("ok") or answer["events"] or wait_s == 0:
             return dict(answer, node=self.id)
@@ -1457,7 +1457,7 @@ class CoordinatorServer:
             return dict(answer, node=self.id)  # answered empty at once: the watcher asks again
         assert self._loop is not None
         fut = self._loop.create_future()
-        resolved = (*args[:3], answer["next"], args[4])  # "from now" fixed at this revision
+        resolved = (*args[:3], answer["next"], args[4], answer["skip"])  # "from now" fixed here
         self._watchers.append((fut, resolved, time.monotonic() + min(wait_s, MAX_WATCH_WAIT_S)))
         self._watch_revision = self.sm.revision
         return fut

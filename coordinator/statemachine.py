@@ -339,7 +339,7 @@ class StateMachine:
         return dict(answer, applied=self.applied_index)
 
     _KV_QUERY_HELP = ("the kv queries are range(start, end, prefix, limit, keys_only, count_only, "
-                      "revision), events(start, end, prefix, from_revision, max_events), "
+                      "revision), events(start, end, prefix, from_revision, max_events[, skip]), "
                       "lease(id, with_keys) and leases()")
 
     def _kv_query(self, name: str, args: Any) -> Answer:
@@ -347,7 +347,7 @@ class StateMachine:
             return error("bad_query", self._KV_QUERY_HELP)
         if name == "range" and len(args) <= 7:
             return kvrange.range_answer(self, *args)
-        if name == "events" and len(args) == 5:
+        if name == "events" and len(args) in (5, 6):
             return kvrange.events_answer(self, *args)
         if name == "lease" and 1 <= len(args) <= 2:
             return leases.time_to_live(self, *args)

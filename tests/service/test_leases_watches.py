@@ -130,6 +130,22 @@ def test_events_carry_the_record_before_and_come_in_whole_revisions() -> None:
     assert [e[4] for e in s.events(b"w/", 5)["events"]] == [5, 6, 6]
 
 
+def test_a_revision_bigger_than_an_answer_is_split_and_resumed_without_a_gap() -> None:
+    s = Store()
+    big = b"x" * (300 << 10)
+    s.apply("put", b"w/0", b"small")  # rev 1
+    s.apply("txn", [], [["put", b"w/a", big], ["put", b"w/b", big], ["put", b"w/c", big]], [])  # rev 2
+    s.apply("put", b"w/d", b"small")  # rev 3
+    got, rev, skip, answers = [], 1, 0, 0
+    while rev <= s.sm.revision:
+        answer = s.sm.query("kv", "events", (b"w/", None, True, rev, 1000, skip))
+        assert answer["ok"] and answer["events"], answer
+        got += [(e[4], e[1]) for e in answer["events"]]
+        rev, skip, answers = answer["next"], answer["skip"], answers + 1
+    assert got == [(1, b"w/0"), (2, b"w/a"), (2, b"w/b"), (2, b"w/c"), (3, b"w/d")]
+    assert answers >= 3  # revision 2 (900 KB) did not fit one answer
+
+
 # ------------------------------------------------------------------ a real cluster
 
 @pytest.mark.slow
