@@ -86,6 +86,8 @@ SPARE_TAKE_S = 10.0
 SPARE_WARM_WAIT_S = 30.0
 #: Tries at restarting a dead coordinator node before giving up on it (the others keep serving).
 NODE_RESTART_TRIES = 3
+#: At the job's end, how long to wait for each coordinator node's ping (see ``run``).
+FINAL_PING_WAIT_S = 20.0
 #: Loop errors that would fail again on a retry: raised at once.
 FATAL_EXC_TYPES = ("ConfigError", "ModelMismatchError", "DriverObjectLoadError", "JobExistsError",
                    "ResultNotPicklableError")
@@ -160,7 +162,10 @@ class JobShell:
         while True:
             failures = self._watch()
             if failures is None:
-                self._check_coordinator(wait_s=5.0, restart_now=True)  # a node lost near the end
+                # A node lost near the end: wait for every node's ping. A healthy node answers at
+                # once; a killed one's ping fails only once Ray has noticed the death, which on a
+                # loaded machine took more than 5 s (the kill then went unrecorded).
+                self._check_coordinator(wait_s=FINAL_PING_WAIT_S, restart_now=True)
                 for thread in self._restart_threads:  # restarts under way: let them finish
                     thread.join(120)
                 self._note_recoveries(final=True)  # a recovery the job finished before a ping saw
