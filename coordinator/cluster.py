@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -38,8 +39,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from coordinator.client import Client, Unavailable
+from coordinator.launcher import LaunchedProcess, Launcher, LauncherGone
 from coordinator.storage import holds_state
 from coordinator.transport import check_token, generate_token
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STARTUP_TIMEOUT_S = 60.0
 
@@ -119,7 +123,7 @@ class LocalCluster:
                  host: str = "127.0.0.1", tick_ms: float = 15.0, election_tick: int = 10,
                  fsync: bool = True, snapshot_every: int | None = None,
                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, warm_start: bool = True) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError("a local cluster has 1..9 nodes")
         self._own_dir = data_dir is None
@@ -131,7 +135,12 @@ class LocalCluster:
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = list(extra_args or [])
         self.addresses: dict[int, tuple[str, int]] = {}
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen | LaunchedProcess] = {}
+        # warm_start: nodes are forked from a launcher that has imported the server already
+        # (coordinator.launcher); a restart then costs no interpreter start. Off, or if the
+        # launcher fails: each node is a fresh `python -m coordinator.cli serve`.
+        self.warm_start = warm_start
+        self._launcher: Launcher | None = None
         self.token_file = self.data_dir / "token"
         self.token = b""
         self.keep_data = False  # True: stop() keeps even a temporary data_dir (logs to read)
@@ -156,6 +165,8 @@ class LocalCluster:
         # an ephemeral port from the same range) may take one first. Then, for a new cluster
         # (no node held state before), every node starts again on new ports (the peer list
         # names them all) from empty directories. Given addresses are the caller's: no retry.
+        if self.warm_start and (self._launcher is None or not self._launcher.alive):
+            self._launcher = Launcher()
         picked = not self.addresses
         fresh = not any(holds_state(self.node_dir(i)) for i in self.node_ids)
         for attempt in range(PORT_TRIES):
@@ -178,6 +189,9 @@ class LocalCluster:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every node (resuming paused ones), SIGKILL what is left after ``timeout_s``."""
         self.stop_processes(timeout_s)
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
         self._remove_own_dir()
 
     def stop_processes(self, timeout_s: float = 10.0) -> None:
@@ -192,7 +206,8 @@ class LocalCluster:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
                 proc.wait()
         self.procs.clear()
 
@@ -396,12 +411,19 @@ class LocalCluster:
         ``--join`` if the node's directory holds no state."""
         join = rejoin and not holds_state(self.node_dir(node_id))
         self._ready_file(node_id).unlink(missing_ok=True)
+        cmd = self._command(node_id, join)
+        if self._launcher is not None and self._launcher.alive:
+            try:
+                self.procs[node_id] = self._launcher.launch(cmd[3:], str(self.log_path(node_id)))
+                return
+            except LauncherGone as exc:  # a cold start below does the same, only slower
+                logger.warning("coordinator node launcher failed (%s); starting node %d cold", exc, node_id)
         fd = os.open(self.log_path(node_id),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         log = os.fdopen(fd, "ab")  # owned by the child
         try:
             self.procs[node_id] = subprocess.Popen(
-                self._command(node_id, join), stdout=log, stderr=subprocess.STDOUT,
+                cmd, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log.close()
