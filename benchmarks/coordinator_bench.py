@@ -142,11 +142,13 @@ class CoordinatorSystem(System):
 
     name = "coordinator"
     extra_args: list[str] = []
+    warm_start = True  # nodes forked from LocalCluster's warm launcher (coordinator.launcher)
 
     def __init__(self) -> None:
         from coordinator import LocalCluster
 
-        self.cluster = LocalCluster(nodes=3, fsync=True, extra_args=self.extra_args)
+        self.cluster = LocalCluster(nodes=3, fsync=True, extra_args=self.extra_args,
+                                    warm_start=self.warm_start)
 
     def start(self) -> None:
         self.cluster.start()
@@ -187,6 +189,15 @@ class CoordinatorStrictSystem(CoordinatorSystem):
 
     name = "coordinator-strict"
     extra_args = ["--persist-before-send", "--commit-broadcast"]
+
+
+class CoordinatorColdSystem(CoordinatorSystem):
+    """The coordinator with every node a fresh ``python -m coordinator.cli serve`` (what a
+    hand-run or systemd-run node does): its rejoin pays the interpreter's start and imports."""
+
+    name = "coordinator-cold"
+    warm_start = False
+    unsupported_rows = frozenset({"latency", "throughput", "failover", "watch"})
 
 
 class EtcdSystem(System):
@@ -859,7 +870,7 @@ def _runs_line(results: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    order = ("coordinator", "coordinator-strict", "etcd", "pysyncobj")
+    order = ("coordinator", "coordinator-cold", "coordinator-strict", "etcd", "pysyncobj")
     systems = [s for s in order if s in results["systems"]]
     cfg = results["config"]
     rows = [("sequential put p50 (ms)", lambda r: r["put_sequential"]["p50_ms"]),
@@ -916,8 +927,10 @@ def markdown(results: dict) -> str:
               "at the watcher less the put's return to the writer (negative: the event came "
               "first). Rejoin: a follower killed with SIGKILL, puts while it is down, then "
               "spawned again: seconds from the spawn until its status shows it applied what the "
-              "leader had committed at the spawn (process start included: a Python process for "
-              "the coordinator, a Go binary for etcd); on a fresh cluster, so each system's log holds the same writes. "
+              "leader had committed at the spawn (process start included: for `coordinator` a fork "
+              "of LocalCluster's warm launcher, which has imported the server, for "
+              "`coordinator-cold` a fresh Python process, for etcd its Go binary); on a fresh "
+              "cluster, so each system's log holds the same writes. "
               "PySyncObj has no watch and runs no rejoin.",
               "`coordinator` runs with its defaults: a steady leader's own fsync overlaps its "
               "appends (Raft thesis 10.2.1, as etcd does); `coordinator-strict` runs with "
@@ -973,6 +986,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     setup(systems)
     makers = {"coordinator": CoordinatorSystem, "coordinator-strict": CoordinatorStrictSystem,
+              "coordinator-cold": CoordinatorColdSystem,
               "etcd": EtcdSystem, "pysyncobj": PySyncObjSystem}
     config = {"sequential": args.sequential, "clients": args.clients, "duration_s": args.duration,
               "load_processes": LOAD_PROCESSES, "failover_trials": args.failover_trials,

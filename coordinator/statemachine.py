@@ -187,9 +187,12 @@ def decode_command(data: bytes) -> Command:
         raise CommandError(f"entry is not msgpack: {exc}") from exc
     if not isinstance(raw, tuple) or len(raw) < 5 or not isinstance(raw[0], str):
         raise CommandError("entry is not a command array [op, session, seq, ack, ts_ms, ...]")
-    if not all(isinstance(x, int) for x in raw[1:5]):
+    op, session, seq, ack, ts_ms = raw[:5]
+    # spelled out, not all(...) over a generator: this runs for every entry applied
+    if not (isinstance(session, int) and isinstance(seq, int) and isinstance(ack, int)
+            and isinstance(ts_ms, int)):
         raise CommandError("command header fields session/seq/ack/ts_ms must be integers")
-    return Command(raw[0], raw[1], raw[2], raw[3], raw[4], tuple(raw[5:]))
+    return Command(op, session, seq, ack, ts_ms, raw[5:])
 
 
 def error(code: str, detail: str) -> Answer:
