@@ -3,7 +3,9 @@
 
 Theory of operation
 -------------------
-``LocalCluster`` starts every node as its own ``python -m coordinator.cli serve`` process on a
+``LocalCluster`` starts every node as its own ``coordinator.cli serve`` process (forked from a
+warm launcher that has imported the server, :mod:`coordinator.launcher`, so a restart skips the
+interpreter's start; ``warm_start=False``: a fresh ``python -m coordinator.cli serve``) on a
 loopback port picked up front, all sharing one token file (mode 0600) and each with its own
 data directory and log file under ``data_dir`` (mode 0700; log files 0600). A token file
 already there is used only if this user owns it and nobody else can read it: a token file
