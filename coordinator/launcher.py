@@ -255,6 +255,8 @@ def _serve_launches() -> None:
 
     from coordinator import cli, server  # noqa: F401
 
+    cli.parser()  # built once, here, for every child
+
     requests = os.dup(0)
     replies = os.dup(1)
     null = os.open(os.devnull, os.O_RDWR)

@@ -28,8 +28,9 @@ the disk. A hard state that only moved the commit index is not fsync'd on its ow
 rule), and a new commit index is not broadcast in empty appends of its own
 (``commit_broadcast``): it rides on the next append or heartbeat.
 
-After ``snapshot_every`` applied entries or ``snapshot_bytes`` of applied data the state is
-snapshotted off the loop by a forked child (:mod:`coordinator.snapshotting`), adopted and the
+After ``snapshot_every`` applied entries or ``snapshot_bytes`` of applied data (or, from
+``snapshot_min_every`` entries on, once the entries applied since outweigh the last snapshot:
+a restart re-applies them one by one) the state is snapshotted off the loop by a forked child (:mod:`coordinator.snapshotting`), adopted and the
 log compacted in the disk thread. A follower that fell behind the compaction is sent the
 snapshot, streamed from its file in chunk frames (a distinct frame kind: see
 :data:`SNAPSHOT_CHUNK_MAGIC`) paced by the peer link's backlog; the receiver's
@@ -108,6 +109,7 @@ from coordinator.raft import (
     decode_message,
     encode_message,
 )
+from coordinator.raft.storage import Unavailable as RaftUnavailable
 from coordinator.statemachine import (
     KV_QUERIES,
     MAX_KEY_BYTES,
@@ -165,6 +167,10 @@ class ServerConfig:
     # keep_entries_after_snapshot entries and keep_bytes_after_snapshot bytes.
     snapshot_every: int = 10_000
     snapshot_bytes: int = 64 << 20
+    # ...and, from snapshot_min_every entries on, as soon as the entry data applied since the
+    # last snapshot outweighs it (a small state is cheaper to load than its log is to replay;
+    # 0 turns this off). See CoordinatorServer._log_outweighs_snapshot.
+    snapshot_min_every: int = 1_000
     keep_entries_after_snapshot: int = 2_000
     keep_bytes_after_snapshot: int = 16 << 20
     snapshot_in_child: bool = True
@@ -229,6 +235,8 @@ class ServerConfig:
                      "max_inflight_bytes", "max_append_bytes", "max_peer_queue_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.snapshot_min_every < 0:
+            raise ValueError("snapshot_min_every must be >= 0 (0: off)")
         if self.keep_entries_after_snapshot < 0 or self.keep_bytes_after_snapshot < 0:
             raise ValueError("keep_entries_after_snapshot and keep_bytes_after_snapshot "
                              "must be >= 0")
@@ -825,6 +833,7 @@ class CoordinatorServer:
         self._last_tick_at = time.monotonic()  # read by the watchdog thread (_watch_loop)
         self._continued_at = -1e9  # when SIGCONT last arrived (note_continued)
         self._applied_bytes = 0  # entry data applied since the last snapshot started
+        self._held_snapshot = (-1, 0)  # (snapshot index, its data bytes): see _log_outweighs_snapshot
         self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
         self._members_proposed: set[int] = set()  # members.seen proposed in this term
         # Leases: a new leader expires none before this (ms, wall clock; see _expire_leases),
@@ -1672,10 +1681,29 @@ class CoordinatorServer:
             return
         applied = self.sm.applied_index
         due = (applied - self._snapshot_index >= self.config.snapshot_every
-               or self._applied_bytes >= self.config.snapshot_bytes)
+               or self._applied_bytes >= self.config.snapshot_bytes
+               or self._log_outweighs_snapshot(applied - self._snapshot_index))
         if not due or applied <= self._snapshot_index or time.monotonic() < self._snapshot_retry_at:
             return
         self._start_snapshot(applied)
+
+    def _log_outweighs_snapshot(self, since: int) -> bool:
+        """Whether the entries applied since the last snapshot hold more bytes than that
+        snapshot (and number at least ``snapshot_min_every``). A restart loads the snapshot
+        and then replays and re-applies every entry since, entry by entry, the slow part; so
+        a small state is snapshotted before its log outgrows it, not only every
+        ``snapshot_every`` entries. Each such snapshot costs at most what the log since the
+        last one added, so the snapshot work stays linear in the log."""
+        floor = self.config.snapshot_min_every
+        if not floor or since < floor:
+            return False
+        if self._held_snapshot[0] != self._snapshot_index:
+            try:
+                size = self.storage.snapshot_data_span()[2]
+            except RaftUnavailable:  # none yet: an empty state is the smallest snapshot
+                size = 0
+            self._held_snapshot = (self._snapshot_index, size)
+        return self._applied_bytes >= self._held_snapshot[1]
 
     def _start_snapshot(self, applied: int) -> None:
         """Freeze the applied state at ``applied`` and have it written off the loop: by a
