@@ -1035,6 +1035,9 @@ class CoordinatorServer:
         # A peer that dials us is up (restarted, or a partition healed): dial it back now
         # rather than after our backoff, so it hears heartbeats and vote requests at once.
         self.peer_transport.redial(peer)
+        if not self._stopped.is_set():
+            self.node.report_reachable(peer)  # a leader heartbeats it now: probed sooner
+            self._schedule_drive()
 
     def _on_unreachable(self, peer: int) -> None:
         self._appends_sent.pop(peer, None)  # whatever was in flight may be lost: resend

@@ -1058,6 +1058,16 @@ class RaftNode:
         if self.role is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
             pr.become_probe()
 
+    def report_reachable(self, peer: int) -> None:
+        """The transport (re)connected with ``peer``. A leader heartbeats it now instead of at
+        its next heartbeat tick, so a follower that restarted learns the leader, and answers
+        with how far behind it is, one heartbeat interval sooner (an addition to etcd's API)."""
+        pr = self.trk.progress.get(peer)
+        if self.role is Role.LEADER and pr is not None and peer != self.id:
+            self._send(Message(MT.HEARTBEAT, peer, self.id, self.term,
+                               commit=min(pr.match, self.log.committed),
+                               context=self.read_only.last_pending_context()))
+
     def report_snapshot(self, peer: int, ok: bool) -> None:
         """The snapshot sent to ``peer`` was delivered (ok) or failed."""
         pr = self.trk.progress.get(peer)

@@ -236,3 +236,25 @@ def test_snapshot_that_leaves_the_receiver_out_is_refused(cluster):
     ok = Snapshot(SnapshotMetadata(10, 1, ConfState(voters=(1, 3), learners=(2,))), b"state")
     f.step(Message(MT.SNAPSHOT, 2, 1, f.term, snapshot=ok, commit=10))
     assert f.ready().snapshot == ok
+
+
+def test_report_reachable_heartbeats_a_returning_follower_at_once(cluster):
+    """A leader told that a peer's link came back (a restarted follower dialled it) sends that
+    peer a heartbeat now; the answer shows the follower behind and the leader sends it the
+    missing entries, all without a tick. A follower told the same sends nothing."""
+    c = cluster(3)
+    c.elect(1)
+    c.crash(3)
+    for k in range(3):
+        c[1].propose(b"w%d" % k)
+        c.stabilize()
+    c.start(3)
+    assert c[3].log.last_index() < c[1].log.last_index()
+    c[2].report_reachable(3)
+    assert not c.process(2) and not c.queue
+    c[1].report_reachable(3)
+    assert c.process(1)
+    assert [(m.type, m.to) for m in c.queue] == [(MT.HEARTBEAT, 3)]
+    c.stabilize()  # no tick: the heartbeat's answer alone brings the follower up to date
+    assert c[3].log.last_index() == c[1].log.last_index()
+    assert c[3].commit_index == c[1].commit_index
