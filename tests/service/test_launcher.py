@@ -7,22 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from coordinator import LocalCluster
 from coordinator.launcher import UNKNOWN_EXIT, LaunchedProcess, Launcher, LauncherGone
-
-
-def _wait(predicate, timeout_s: float = 30.0, what: str = "a condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -93,11 +82,11 @@ def test_a_killed_child_reports_minus_nine_and_signals_reach_it(probe_launcher, 
     assert proc.poll() == -signal.SIGKILL
 
 
-def test_children_outlive_the_launcher_and_their_end_is_still_noticed(probe_launcher, tmp_path):
+def test_children_outlive_the_launcher_and_their_end_is_still_noticed(probe_launcher, tmp_path, wait_for):
     launcher = probe_launcher
     proc = launcher.launch(["sleep", "60"], str(tmp_path / "s.log"), main="launcher_probe:main")
     os.kill(launcher.pid, signal.SIGKILL)
-    _wait(lambda: not launcher.alive, what="the launcher's end to be seen")
+    wait_for(lambda: not launcher.alive, "the launcher's end to be seen")
     assert proc.poll() is None  # still running: it is not the launcher's to take along
     with pytest.raises(LauncherGone):
         launcher.launch(["token"], str(tmp_path / "t.log"))
@@ -105,7 +94,7 @@ def test_children_outlive_the_launcher_and_their_end_is_still_noticed(probe_laun
     assert proc.wait(30) == UNKNOWN_EXIT  # nobody reaped it for us: the status is lost
 
 
-def test_local_cluster_nodes_are_forked_and_behave_as_cold_ones(tmp_path):
+def test_local_cluster_nodes_are_forked_and_behave_as_cold_ones(tmp_path, wait_for):
     with LocalCluster(nodes=3, data_dir=tmp_path / "c", fsync=False) as cluster:
         assert all(isinstance(cluster.procs[i], LaunchedProcess) for i in cluster.node_ids)
         with cluster.client() as c:
@@ -117,8 +106,8 @@ def test_local_cluster_nodes_are_forked_and_behave_as_cold_ones(tmp_path):
         with cluster.client() as c:
             c.put("k", b"v2")
         cluster.restart(follower)  # forked again: recovers from its WAL, catches up
-        _wait(lambda: (cluster.status(follower) or {}).get("applied", 0)
-              >= cluster.status(leader)["commit"], what="the restarted follower to catch up")
+        wait_for(lambda: (cluster.status(follower) or {}).get("applied", 0)
+                 >= cluster.status(leader)["commit"], "the restarted follower to catch up")
         with cluster.client(endpoints=[cluster.endpoint(follower)]) as c:
             assert c.get("k", consistency="linearizable") == b"v2"
         cluster.pause(leader)
@@ -127,10 +116,10 @@ def test_local_cluster_nodes_are_forked_and_behave_as_cold_ones(tmp_path):
         assert new != leader
 
 
-def test_a_cluster_whose_launcher_died_starts_nodes_cold(tmp_path):
+def test_a_cluster_whose_launcher_died_starts_nodes_cold(tmp_path, wait_for):
     with LocalCluster(nodes=3, data_dir=tmp_path / "c", fsync=False) as cluster:
         os.kill(cluster._launcher.pid, signal.SIGKILL)
-        _wait(lambda: not cluster._launcher.alive, what="the launcher's end to be seen")
+        wait_for(lambda: not cluster._launcher.alive, "the launcher's end to be seen")
         leader = cluster.leader()
         follower = next(i for i in cluster.node_ids if i != leader)
         cluster.kill(follower)

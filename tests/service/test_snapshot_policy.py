@@ -14,16 +14,6 @@ from coordinator.server import ServerConfig
 PUTS = 1_300  # over the default snapshot_min_every (1000), far under snapshot_every (10000)
 
 
-def _wait(predicate, timeout_s: float = 30.0, what: str = "a condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _overwrite_few_keys(cluster: LocalCluster) -> None:
     with cluster.client() as c:
         for i in range(PUTS):
@@ -31,14 +21,14 @@ def _overwrite_few_keys(cluster: LocalCluster) -> None:
 
 
 @pytest.mark.parametrize("min_every, snapshots", [(None, True), (0, False)])
-def test_a_small_state_is_snapshotted_once_its_log_outweighs_it(tmp_path, min_every, snapshots):
+def test_a_small_state_is_snapshotted_once_its_log_outweighs_it(tmp_path, min_every, snapshots, wait_for):
     extra = [] if min_every is None else ["--snapshot-min-every", str(min_every)]
     with LocalCluster(nodes=3, data_dir=tmp_path / "c", fsync=False, extra_args=extra) as cluster:
         _overwrite_few_keys(cluster)
         leader = cluster.leader()
         if snapshots:  # each node decides on its own, by the same rule
-            _wait(lambda: all(cluster.status(i)["snapshot_index"] >= 1_000 for i in cluster.node_ids),
-                  what="every node's early snapshot")
+            wait_for(lambda: all(cluster.status(i)["snapshot_index"] >= 1_000 for i in cluster.node_ids),
+                     "every node's early snapshot")
         else:
             time.sleep(1.0)  # a snapshot would have been taken within the drives above
             assert all(cluster.status(i)["snapshot_index"] == 0 for i in cluster.node_ids)
