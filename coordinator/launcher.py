@@ -20,7 +20,9 @@ The launcher reaps its children and reports each exit status, so the supervisor'
 Messages are JSON lines on the launcher's stdin/stdout (a private pipe, nothing from a
 network). The launcher exits when its stdin closes, i.e. when the supervisor goes; the nodes it
 started keep running, as nodes started with ``Popen(start_new_session=True)`` do.
-If the launcher cannot start or dies, the supervisor falls back to cold starts.
+If the launcher cannot start or dies, the supervisor falls back to cold starts. A child gets
+the launcher's environment, i.e. the supervisor's as it was when the launcher started, not as
+it is at the restart.
 """
 
 from __future__ import annotations
