@@ -68,21 +68,31 @@ def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None 
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def _committed_checkpoints(job_dir: pathlib.Path) -> list[int]:
+def _job_info(job_dir: pathlib.Path) -> dict:
+    """The job's summary in its step log, or {} while the coordinator is not up yet."""
     try:
         endpoints, token = read_job_coordinator(job_dir)
         log = StepLog(endpoints, token, job_dir.name, timeout_s=2.0)
         try:
-            return [int(c["step"]) for c in log.job_info()["checkpoints"]]
+            return log.job_info()
         finally:
             log.close()
     except Exception:  # noqa: BLE001 - not up yet
-        return []
+        return {}
+
+
+def _committed_checkpoints(job_dir: pathlib.Path) -> list[int]:
+    return [int(c["step"]) for c in _job_info(job_dir).get("checkpoints", [])]
 
 
 def _kill_driver_after_checkpoint(proc: subprocess.Popen, job_dir: pathlib.Path, marks: pathlib.Path) -> None:
     _wait(lambda: (marks / "blocked").exists(), 240, "rank 0 to reach the blocking step", proc)
     _wait(lambda: CKPT_STEP in _committed_checkpoints(job_dir), 60, f"the checkpoint of step {CKPT_STEP}", proc)
+    # The steps rank 0 made past the checkpoint are committed in the writer's next batch, which
+    # may come after the checkpoint's own commit: wait for one, so that there is something
+    # for the second driver to redo (the test checks 1 <= redone_steps).
+    _wait(lambda: _job_info(job_dir).get("last_step", 0) > CKPT_STEP, 60,
+          f"a step past {CKPT_STEP} to be committed", proc)
     assert max(_committed_checkpoints(job_dir)) == CKPT_STEP
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
