@@ -30,8 +30,8 @@ rule), and a new commit index is not broadcast in empty appends of its own
 
 After ``snapshot_every`` applied entries or ``snapshot_bytes`` of applied data (or, from
 ``snapshot_min_every`` entries on, once the entries applied since outweigh the last snapshot:
-a restart re-applies them one by one) the state is snapshotted off the loop by a forked child (:mod:`coordinator.snapshotting`), adopted and the
-log compacted in the disk thread. A follower that fell behind the compaction is sent the
+a restart re-applies them one by one) the state is snapshotted off the loop by a forked child
+(:mod:`coordinator.snapshotting`), adopted and the log compacted in the disk thread. A follower that fell behind the compaction is sent the
 snapshot, streamed from its file in chunk frames (a distinct frame kind: see
 :data:`SNAPSHOT_CHUNK_MAGIC`) paced by the peer link's backlog; the receiver's
 :class:`SnapshotReassembler` spools them to a file (one in flight per sender, CRC-32 checked)
