@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from coordinator.client import Client, Unavailable
-from coordinator.launcher import LaunchedProcess, Launcher, LauncherGone
+from coordinator.launcher import LaunchedProcess, Launcher, LauncherGone, open_node_log
 from coordinator.storage import holds_state
 from coordinator.transport import check_token, generate_token
 
@@ -420,9 +420,7 @@ class LocalCluster:
                 return
             except LauncherGone as exc:  # a cold start below does the same, only slower
                 logger.warning("coordinator node launcher failed (%s); starting node %d cold", exc, node_id)
-        fd = os.open(self.log_path(node_id),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        log = os.fdopen(fd, "ab")  # owned by the child
+        log = os.fdopen(open_node_log(self.log_path(node_id)), "ab")  # owned by the child
         try:
             self.procs[node_id] = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -95,6 +95,12 @@ class LaunchedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def open_node_log(path: str | os.PathLike[str]) -> int:
+    """A node's log file for appending (created 0600; a symlink planted there is refused):
+    the one place both a cold and a forked start open it."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -226,7 +232,7 @@ def _run_child(main: str, argv: list[str], log_path: str, fds_to_close: list[int
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as the interpreter sets it at start
         signal.signal(signal.SIGINT, signal.default_int_handler)
         null = os.open(os.devnull, os.O_RDONLY)
-        log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        log = open_node_log(log_path)
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
