@@ -1,22 +1,25 @@
 """Step-log overhead and recovery time: training with and without the quorum-committed step log.
 
-    python benchmarks/steplog_overhead.py [--rounds 2] [--quick] [--out DIR] [--num-cpus 4]
+    python benchmarks/steplog_overhead.py [--rounds 3] [--quick] [--out DIR] [--num-cpus 4]
     python benchmarks/steplog_overhead.py --render benchmarks/results/steplog_overhead.json
 
 Three measurements, side by side in one run (one local Ray, started once):
 
 1. *Overhead.* Samples/s of training, 2 workers x batch 32 on digits, for ``step_log=False``
    (the job runs as before the step log existed), K = ``max_uncommitted_steps`` = 0 (every
-   step waits for its own Raft commit), 8, the default K (``DEFAULT_MAX_UNCOMMITTED_STEPS``)
-   and 128, for the digits MLP (``examples/digits.py``) and the compute-heavy convnet of
-   ``benchmarks/convergence.py`` (``--model conv``), in sync mode and in async mode
+   step waits for its own Raft commit), 8, 128 and the default K
+   (``DEFAULT_MAX_UNCOMMITTED_STEPS``), for the digits MLP (``examples/digits.py``) and the
+   compute-heavy convnet of ``benchmarks/convergence.py`` (``--model conv``), in sync mode
+   and in async mode
    (``staleness=2``). Step-logged runs keep every other default (``checkpoint_every=100``:
    the automatic checkpoints are part of what the log costs). Job start-up is left out: each
    rank times its own loop from its 6th step to its last, and the job's samples/s is the sum
    over ranks of samples / seconds. The variants run interleaved, in a rotated order each
-   round, so drift on a shared machine hits all alike; each cell is the median of the rounds,
-   and the overhead of a variant is the median over rounds of 1 - samples/s / samples/s
-   without the log *of the same round*.
+   round, so drift on a shared machine hits all alike. Judged: the best round of each
+   variant against the best ``step_log=False`` round -- other work and the hypervisor's
+   steal time (recorded per run from ``/proc/stat``) only ever take samples/s away, so the
+   least disturbed run is the closest to the variant's own cost; shown beside it, the median
+   of the rounds and each round's 1 - samples/s / samples/s without the log *of that round*.
 2. *Recovery from a worker kill* (sync and async, the MLP): rank 1's loop writes
    ``time.time()`` to a file and SIGKILLs its own process at a chosen step of generation 1.
    Reported: kill -> the failure's record (``Result.failures``: detection), kill -> the first
@@ -106,7 +109,7 @@ TARGET_SPARE_RECOVERY_S = 3.0
 
 def variants() -> list[tuple[str, dict[str, Any]]]:
     """(name, Trainer keywords): without the log, then K = 0, 8, the default, 128."""
-    ks = sorted({0, 8, DEFAULT_MAX_UNCOMMITTED_STEPS, 128})
+    ks = sorted({0, 8, 128, DEFAULT_MAX_UNCOMMITTED_STEPS})
     return [("step_log=False", {"step_log": False})] + [
         (f"K={k}" + (" (default)" if k == DEFAULT_MAX_UNCOMMITTED_STEPS else ""), {"max_uncommitted_steps": k})
         for k in ks]
@@ -265,15 +268,29 @@ def fit(storage: Path, label: str, model: str, mode: str, epochs: int, options: 
     return result, watcher
 
 
+def cpu_times() -> tuple[float, float]:
+    """(steal, all) ticks of this machine's CPUs so far (``/proc/stat``; zeros elsewhere):
+    steal is time the hypervisor ran something else while a virtual CPU had work."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return float(fields[7]), float(sum(fields))
+
+
 def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
                options: dict[str, Any]) -> dict[str, Any]:
     print(f"-- {model} {mode} {name}", flush=True)
+    steal0, all0 = cpu_times()
     result, _ = fit(storage, f"{model}-{mode}-{name}", model, mode, epochs, options)
+    steal1, all1 = cpu_times()
     outs = result.outputs
     return {"model": model, "mode": mode, "variant": name,
             "samples_per_s": sum(o["samples"] / o["elapsed_s"] for o in outs),
             "timed_s": max(o["elapsed_s"] for o in outs), "steps": [o["steps"] for o in outs],
-            "committed_steps": len(result.steps), "fit_s": result.elapsed_s}
+            "committed_steps": len(result.steps), "fit_s": result.elapsed_s,
+            "steal": (steal1 - steal0) / (all1 - all0) if all1 > all0 else None}
 
 
 def worker_kill(storage: Path, mode: str, epochs: int, at_step: int, spares: int = 0) -> dict[str, Any]:
@@ -419,8 +436,14 @@ def fault_runs(storage: Path, quick: bool) -> list[dict[str, Any]]:
 
 
 def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per throughput cell: the median samples/s, and the median over rounds of the overhead
-    against step_log=False of the same round."""
+    """Per throughput cell: the best samples/s of the rounds and the overhead of that best run
+    against the best step_log=False run (judged), beside the median samples/s and the median
+    over rounds of the overhead against step_log=False of the same round.
+
+    Why the best: on a shared virtual machine, other work (and the hypervisor's steal time,
+    recorded per run) only ever takes samples/s away, by several tens of percent and not alike
+    for all runs; the least disturbed run of each variant is the closest to what the variant
+    itself costs (as ``timeit`` reports the minimum)."""
     table = []
     for cell in rounds[0]:
         key = (cell["model"], cell["mode"], cell["variant"])
@@ -428,10 +451,14 @@ def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         bases = [next(r for r in rnd if (r["model"], r["mode"]) == key[:2] and r["variant"] == "step_log=False")
                  for rnd in rounds]
         overheads = [1 - r["samples_per_s"] / b["samples_per_s"] for r, b in zip(runs, bases, strict=True)]
+        best = max(r["samples_per_s"] for r in runs)
+        best_base = max(b["samples_per_s"] for b in bases)
         table.append({"model": key[0], "mode": key[1], "variant": key[2],
+                      "best_samples_per_s": best, "overhead": 1 - best / best_base,
                       "samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
                       "samples_per_s_rounds": [r["samples_per_s"] for r in runs],
-                      "overhead": statistics.median(overheads), "overhead_rounds": overheads,
+                      "median_overhead": statistics.median(overheads), "overhead_rounds": overheads,
+                      "steal_rounds": [r.get("steal") for r in runs],
                       "timed_s": statistics.median(r["timed_s"] for r in runs)})
     return ordered(table)
 
@@ -505,23 +532,32 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
              f"Samples/s of each rank's loop after {WARMUP_STEPS} warm-up steps, summed over ranks; "
              f"{meta['rounds']} interleaved round(s)"
              + ("" if meta["rounds"] == meta["rounds_asked"] else f" of the {meta['rounds_asked']} asked (cut short)")
-             + ", in a rotated order (the median of the rounds; each round's overhead against that round's "
-             f"step_log=False run in brackets). Step-logged runs use the defaults otherwise "
+             + ", in a rotated order. Judged: the best round of each variant against the best "
+             "step_log=False round (other work and the hypervisor's steal time only take samples/s "
+             "away); beside it the median of the rounds, and each round's overhead against that "
+             "round's step_log=False run, with the share of CPU time stolen during each run. "
+             "Step-logged runs use the defaults otherwise "
              f"(checkpoint every 100 steps). {meta['cpus']} CPUs shared with other work, Ray given "
              f"{meta['ray_num_cpus']}; load average (1, 5, 15 min) {load} at the start, {load_end} at the "
              f"end; {meta['wall_s'] / 60:.1f} minutes in all. Command: `{meta['command']}`.", "",
-             "| model | mode | variant | samples/s | overhead vs step_log=False | timed s |",
-             "|---|---|---|---:|---:|---:|"]
+             "| model | mode | variant | best samples/s | overhead (best vs best) | median samples/s | "
+             "median overhead (each round) | steal % (each round) | timed s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in table:
-        over = "-" if r["variant"] == "step_log=False" else f"{100 * r['overhead']:+.1f}%" + _each(
+        base = r["variant"] == "step_log=False"
+        best = r.get("best_samples_per_s", r["samples_per_s"])
+        over = "-" if base else f"{100 * r['overhead']:+.1f}%"
+        median = "-" if base else f"{100 * r.get('median_overhead', r['overhead']):+.1f}%" + _each(
             [100 * x for x in r["overhead_rounds"]], "{:+.1f}")
-        lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['samples_per_s']:,.0f} | {over} | "
-                     f"{r['timed_s']:.1f} |")
+        steal = " / ".join("?" if x is None else f"{100 * x:.0f}" for x in r.get("steal_rounds", [])) or "-"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {best:,.0f} | {over} | "
+                     f"{r['samples_per_s']:,.0f} | {median} | {steal} | {r['timed_s']:.1f} |")
     if meta.get("throughput_note"):
         lines += ["", meta["throughput_note"]]
-    lines += ["", "On a shared machine samples/s move with other work's load: a negative overhead means the "
-              "machine was less busy during that run than during the step_log=False run it is compared with. "
-              "Trust a trend over K and agreeing rounds more than one cell.",
+    lines += ["", "On a shared machine samples/s move with other work's load and with the CPU time the "
+              "hypervisor steals: the same configuration has measured anywhere from 12k to 23k samples/s "
+              "here, and a run with more steal is slower. A negative overhead means the step-logged run "
+              "was less disturbed than the step_log=False run it is compared with.",
               "", "Faults, one run each (the MLP, 2 workers; the fault hits at the step shown, in "
               "generation 1); seconds after the kill:", "",
               "| fault | mode | K | at step | failure recorded | first committed step of the new generation | "
@@ -601,7 +637,7 @@ def plot(table: list[dict[str, Any]], faults: list[dict[str, Any]], path: str) -
     left.axhline(0, color="black", lw=0.5)
     left.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cells))],
                     [f"{m} {mode}" for m, mode in cells])
-    left.set(ylabel="samples/s lost vs step_log=False (%)", title="step-log overhead (median of the rounds)")
+    left.set(ylabel="samples/s lost vs step_log=False (%)", title="step-log overhead (best round vs best round)")
     left.legend(fontsize=8)
     labels, values, targets = [], [], []
     for f in faults:
@@ -629,8 +665,8 @@ def plot(table: list[dict[str, Any]], faults: list[dict[str, Any]], path: str) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="measure everything this many times, interleaved; report the median of each")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure everything this many times, interleaved; judge the best of each")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: one round, the MLP in sync mode, a leader kill, a few epochs")
     parser.add_argument("--out", default=None, help="results directory")

@@ -21,12 +21,14 @@ from synctrain.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EMBEDDED_NODES = 3
-#: The embedded nodes' Raft clock: a tick every 25 ms, a heartbeat every 2 ticks (50 ms), an
-#: election timeout of 8-16 ticks (200-400 ms). Measured idle, 3 nodes on the 2-core
-#: development machine: 7% of a core in all, against 14% with the service's defaults (15 ms,
-#: every tick, 150-300 ms): the nodes share the machine with the training they log, and a
-#: leader's loss still costs well under a second of commits.
-EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 25.0, 2, 8
+#: The embedded nodes' Raft clock: a tick every 50 ms, a heartbeat every 2 ticks (100 ms), an
+#: election timeout of 6-12 ticks (300-600 ms). On the 2-core development machine (a virtual
+#: machine, where every wake-up of a process costs ~0.25 ms of CPU) 3 idle nodes take 3.6% of a
+#: core in all, against 7.8% at 25 ms ticks (heartbeat 50 ms, election 200-400 ms) and 14% with
+#: the service's defaults (15 ms, every tick, 150-300 ms): the nodes share the machine with the
+#: training they log. A leader's loss still costs well under a second of commits (an election
+#: timeout and one round of PreVote and votes; ``benchmarks/steplog_overhead.py`` measures it).
+EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 50.0, 2, 6
 #: A node's ping that fails this many times in a row means the node is gone.
 PING_TIMEOUT_S = 5.0
 

@@ -6,8 +6,9 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
 1. queues the step's record (rank 0: the job's step record, carrying rank 0's reports made
    since the last step and, in async mode, the parameter-server clock; other ranks: their
    progress only) for the :class:`_Writer` thread, which commits queued records to the
-   coordinator in batches — one Raft commit carries many steps, so the log costs little even
-   for fast steps;
+   coordinator in batches — one Raft commit carries many steps, about once a second
+   (``FLUSH_INTERVAL_S``) or sooner when half of K is uncommitted, so the log costs little
+   even for fast steps;
 2. every ``checkpoint_every`` steps (or ``checkpoint_every_s`` seconds), notes a checkpoint
    of this step, which rank 0 captures at the step's *capture point* — the next batch the
    prepared loader hands out: the iteration is over (its reports made, an LR scheduler
@@ -56,9 +57,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: Shortest pause between two commits of the writer while nothing waits on it (K > 0): each
-#: commit costs CPU on three coordinator nodes, which share the machine with training.
-MIN_FLUSH_INTERVAL_S = 0.25
+#: Longest the writer holds a batch open after its last commit while nothing waits on it
+#: (K > 0): each commit costs CPU on three coordinator nodes, which share the machine with
+#: training, so fast steps are committed about once a second. A batch goes at once when it
+#: is urgent: K = 0, a loop held by the K bound, a flush, or half of K uncommitted.
+FLUSH_INTERVAL_S = 1.0
 #: Pause after a failed commit before the writer tries again.
 RETRY_BACKOFF_S = 0.2
 #: Records the writer keeps queued at most; beyond, the step boundary waits (K bounds it first).
@@ -81,7 +84,7 @@ class StepLogConfig:
     token: bytes = dataclasses.field(repr=False)
     job: str = ""
     job_dir: str = ""
-    max_uncommitted_steps: int = 256
+    max_uncommitted_steps: int = 1024
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
@@ -108,6 +111,7 @@ class StepBoundary:
         self.pulled: dict[str, Any] | None = None  # async: the check made in the step under way
         self.wait_s = 0.0  # the loop's time held by the K bound
         self.stop_reason: str | None = None  # the driver asked this run to stop
+        self.urge_at = max(1, cfg.max_uncommitted_steps // 2)
         self.writer = _Writer(self)
         self.writer.start()
 
@@ -128,6 +132,8 @@ class StepBoundary:
             items.append(("pulled", step, self.pulled))
             self.pulled = None
         self.writer.put(*items)
+        if step - self.committed_step >= self.urge_at and not self.writer.urgent:
+            self.writer.urge()  # half of K uncommitted: commit now, before the loop has to wait
         self._maybe_flip_bits(session, step)
         # Both taken at this step's capture point (the next batch handed out: the iteration is
         # over, an LR scheduler stepped, its reports made), or failing that (no prepared
@@ -358,9 +364,9 @@ class _Writer(threading.Thread):
                     if self.stopping:
                         return
                     continue
-                # Hold the batch open for MIN_FLUSH_INTERVAL_S since the last commit (a put's
+                # Hold the batch open for FLUSH_INTERVAL_S since the last commit (a put's
                 # notify wakes this wait: it waits again, unless a commit is urgent now)
-                deadline = last_flush + MIN_FLUSH_INTERVAL_S
+                deadline = last_flush + FLUSH_INTERVAL_S
                 while not self.urgent and not self.stopping and (left := deadline - time.monotonic()) > 0:
                     self.cond.wait(left)
                 batch = list(self.queue)
@@ -383,15 +389,13 @@ class _Writer(threading.Thread):
         batch[:] = [("digest", item[1], state_digest(item[2]))
                     if item[0] == "digest" and not isinstance(item[2], str) else item for item in batch]
         try:
-            pending: list[tuple] = []
+            # All records in one commit, then each checkpoint (written, then committed): a
+            # checkpoint's commit follows the records of the steps it covers, and a batch costs
+            # one commit plus one per checkpoint.
+            self._send_records([item for item in batch if item[0] != "checkpoint"], generation)
             for item in batch:
                 if item[0] == "checkpoint":
-                    self._send_records(pending, generation)
-                    pending = []
                     self._send_checkpoint(item, generation)
-                else:
-                    pending.append(item)
-            self._send_records(pending, generation)
             self.commits += 1
             return True
         except Fenced as exc:
