@@ -15,7 +15,8 @@ Three measurements, side by side in one run (one local Ray, started once):
    the automatic checkpoints are part of what the log costs). Job start-up is left out: each
    rank times its own loop from its 6th step to its last, and the job's samples/s is the sum
    over ranks of samples / seconds. The variants run interleaved, in a rotated order each
-   round, so drift on a shared machine hits all alike. Judged: the best round of each
+   round, so drift on a shared machine hits all alike, each once the machine is quiet again
+   after the previous job (``settle``). Judged: the best round of each
    variant against the best ``step_log=False`` round -- other work and the hypervisor's
    steal time (recorded per run from ``/proc/stat``) only ever take samples/s away, so the
    least disturbed run is the closest to the variant's own cost; shown beside it, the median
@@ -92,7 +93,11 @@ POLL_INTERVAL_S = 0.01
 MAX_OBSERVATIONS = 200_000  # committed-step increases the watcher keeps (one per increase)
 #: Epochs per model in a throughput run (23 steps each; the MLP's steps are ~10x shorter):
 #: every run crosses at least one automatic checkpoint (every 100 steps).
-EPOCHS = {"mlp": 60, "conv": 10}  # runs of 10-30 s: shorter ones are mostly the machine's noise
+EPOCHS = {"mlp": 120, "conv": 10}  # timed windows of 5-20 s: shorter ones are mostly the machine's noise
+#: Before each throughput run, wait (at most SETTLE_MAX_S) until the machine's CPUs were busy
+#: less than SETTLE_BUSY of the last SETTLE_SAMPLE_S: the previous job's processes exit, and
+#: Ray starts idle workers in their place, for seconds after ``fit`` returns.
+SETTLE_BUSY, SETTLE_SAMPLE_S, SETTLE_MAX_S = 0.25, 0.5, 20.0
 QUICK_EPOCHS = {"mlp": 2, "conv": 1}
 #: MLP epochs of a fault run (training goes on for seconds after the fault, long enough for
 #: the driver to see a dead coordinator node, and in async mode for rank 0, which never stops,
@@ -279,9 +284,26 @@ def cpu_times() -> tuple[float, float]:
     return float(fields[7]), float(sum(fields))
 
 
+def settle(max_s: float = SETTLE_MAX_S) -> float:
+    """Wait until the machine is quiet (see SETTLE_BUSY); the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        with open("/proc/stat") as f:
+            a = [int(x) for x in f.readline().split()[1:9]]
+        time.sleep(SETTLE_SAMPLE_S)
+        with open("/proc/stat") as f:
+            b = [int(x) for x in f.readline().split()[1:9]]
+        total = sum(b) - sum(a)
+        idle = (b[3] + b[4]) - (a[3] + a[4])  # idle and iowait
+        if total <= 0 or 1 - idle / total < SETTLE_BUSY:
+            break
+    return time.monotonic() - started
+
+
 def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
-               options: dict[str, Any]) -> dict[str, Any]:
-    print(f"-- {model} {mode} {name}", flush=True)
+               options: dict[str, Any], settle_max_s: float = SETTLE_MAX_S) -> dict[str, Any]:
+    settled_s = settle(settle_max_s) if os.path.exists("/proc/stat") else 0.0
+    print(f"-- {model} {mode} {name} (waited {settled_s:.1f} s for a quiet machine)", flush=True)
     steal0, all0 = cpu_times()
     result, _ = fit(storage, f"{model}-{mode}-{name}", model, mode, epochs, options)
     steal1, all1 = cpu_times()
@@ -290,7 +312,7 @@ def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
             "samples_per_s": sum(o["samples"] / o["elapsed_s"] for o in outs),
             "timed_s": max(o["elapsed_s"] for o in outs), "steps": [o["steps"] for o in outs],
             "committed_steps": len(result.steps), "fit_s": result.elapsed_s,
-            "steal": (steal1 - steal0) / (all1 - all0) if all1 > all0 else None}
+            "steal": (steal1 - steal0) / (all1 - all0) if all1 > all0 else None, "settled_s": settled_s}
 
 
 def worker_kill(storage: Path, mode: str, epochs: int, at_step: int, spares: int = 0) -> dict[str, Any]:
@@ -418,7 +440,7 @@ def one_round(i: int, storage: Path, cells: list[tuple[str, str]], epochs: dict[
     if quick:  # without the log and the default K only
         vs = [v for v in vs if v[0] == "step_log=False" or "default" in v[0]]
     shift = i % len(vs)
-    return [throughput(storage, model, mode, epochs[model], name, options)
+    return [throughput(storage, model, mode, epochs[model], name, options, 0.0 if quick else SETTLE_MAX_S)
             for model, mode in cells for name, options in vs[shift:] + vs[:shift]]
 
 
@@ -555,7 +577,7 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
     if meta.get("throughput_note"):
         lines += ["", meta["throughput_note"]]
     lines += ["", "On a shared machine samples/s move with other work's load and with the CPU time the "
-              "hypervisor steals: the same configuration has measured anywhere from 12k to 23k samples/s "
+              "hypervisor steals: the same configuration has measured anywhere from 12k to 26k samples/s "
               "here, and a run with more steal is slower. A negative overhead means the step-logged run "
               "was less disturbed than the step_log=False run it is compared with.",
               "", "Faults, one run each (the MLP, 2 workers; the fault hits at the step shown, in "
