@@ -113,7 +113,7 @@ TARGET_SPARE_RECOVERY_S = 3.0
 
 
 def variants() -> list[tuple[str, dict[str, Any]]]:
-    """(name, Trainer keywords): without the log, then K = 0, 8, the default, 128."""
+    """(name, Trainer keywords): without the log, then K = 0, 8, 128 and the default."""
     ks = sorted({0, 8, 128, DEFAULT_MAX_UNCOMMITTED_STEPS})
     return [("step_log=False", {"step_log": False})] + [
         (f"K={k}" + (" (default)" if k == DEFAULT_MAX_UNCOMMITTED_STEPS else ""), {"max_uncommitted_steps": k})
@@ -273,26 +273,26 @@ def fit(storage: Path, label: str, model: str, mode: str, epochs: int, options: 
     return result, watcher
 
 
-def cpu_times() -> tuple[float, float]:
-    """(steal, all) ticks of this machine's CPUs so far (``/proc/stat``; zeros elsewhere):
-    steal is time the hypervisor ran something else while a virtual CPU had work."""
+def cpu_ticks() -> list[int] | None:
+    """This machine's CPU time so far, in ticks, from ``/proc/stat`` (None elsewhere): user,
+    nice, system, idle, iowait, irq, softirq, steal -- steal is time the hypervisor ran
+    something else while a virtual CPU had work."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
+            return [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
-        return 0.0, 0.0
-    return float(fields[7]), float(sum(fields))
+        return None
 
 
 def settle(max_s: float = SETTLE_MAX_S) -> float:
     """Wait until the machine is quiet (see SETTLE_BUSY); the seconds waited."""
     started = time.monotonic()
     while time.monotonic() - started < max_s:
-        with open("/proc/stat") as f:
-            a = [int(x) for x in f.readline().split()[1:9]]
+        a = cpu_ticks()
         time.sleep(SETTLE_SAMPLE_S)
-        with open("/proc/stat") as f:
-            b = [int(x) for x in f.readline().split()[1:9]]
+        b = cpu_ticks()
+        if a is None or b is None:
+            break
         total = sum(b) - sum(a)
         idle = (b[3] + b[4]) - (a[3] + a[4])  # idle and iowait
         if total <= 0 or 1 - idle / total < SETTLE_BUSY:
@@ -302,17 +302,20 @@ def settle(max_s: float = SETTLE_MAX_S) -> float:
 
 def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
                options: dict[str, Any], settle_max_s: float = SETTLE_MAX_S) -> dict[str, Any]:
-    settled_s = settle(settle_max_s) if os.path.exists("/proc/stat") else 0.0
+    settled_s = settle(settle_max_s)
     print(f"-- {model} {mode} {name} (waited {settled_s:.1f} s for a quiet machine)", flush=True)
-    steal0, all0 = cpu_times()
+    before = cpu_ticks()
     result, _ = fit(storage, f"{model}-{mode}-{name}", model, mode, epochs, options)
-    steal1, all1 = cpu_times()
+    after = cpu_ticks()
+    steal = None
+    if before is not None and after is not None and sum(after) > sum(before):
+        steal = (after[7] - before[7]) / (sum(after) - sum(before))
     outs = result.outputs
     return {"model": model, "mode": mode, "variant": name,
             "samples_per_s": sum(o["samples"] / o["elapsed_s"] for o in outs),
             "timed_s": max(o["elapsed_s"] for o in outs), "steps": [o["steps"] for o in outs],
             "committed_steps": len(result.steps), "fit_s": result.elapsed_s,
-            "steal": (steal1 - steal0) / (all1 - all0) if all1 > all0 else None, "settled_s": settled_s}
+            "steal": steal, "settled_s": settled_s}
 
 
 def worker_kill(storage: Path, mode: str, epochs: int, at_step: int, spares: int = 0) -> dict[str, Any]:
