@@ -91,22 +91,29 @@ class EmbeddedCoordinator:
         _private_write(self.data_dir / "endpoints", ",".join(self.endpoints).encode() + b"\n")
 
     def dead_nodes(self, wait_s: float = 0.0) -> list[int]:
-        """Nodes whose actor is gone (a ping answered with an actor error). With ``wait_s``,
-        ping every node now and wait up to that long for the answers."""
+        """Nodes whose actor is gone (a ping answered with an actor error). Each call collects
+        the pings that were answered and sends a node whose ping came back a new one; with
+        ``wait_s``, it waits up to that long for the answers. A ping answered before the node
+        died says nothing about now: the waiting call (the job's last look) never takes it as
+        the answer, it waits on a ping sent after it."""
         dead = []
         for node, actor in list(self.cluster.actors.items()):
             ref = self._pings.get(node)
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
+                self._pings.pop(node)
+                if _failed(ref):
+                    dead.append(node)
+                    continue
+                ref = None
             if ref is None:
                 ref = self._pings[node] = actor.node_ip.remote()
-                if not wait_s:
-                    continue
+            if not wait_s:
+                continue
             done, _ = ray.wait([ref], timeout=wait_s)
             if not done:
                 continue
             self._pings.pop(node, None)
-            try:
-                ray.get(ref)
-            except RayError:
+            if _failed(ref):
                 dead.append(node)
         return dead
 
@@ -117,6 +124,15 @@ class EmbeddedCoordinator:
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
+
+
+def _failed(ref: Any) -> bool:
+    """Whether an answered ping failed (its actor is gone)."""
+    try:
+        ray.get(ref)
+    except RayError:
+        return True
+    return False
 
 
 def _first(exc: BaseException) -> str:
