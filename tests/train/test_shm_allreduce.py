@@ -24,9 +24,11 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import torch
 
 from synctrain.errors import CollectiveError
 from synctrain.strategies import shm_allreduce as shm
@@ -173,8 +175,6 @@ def test_a_waiting_rank_wakes_within_the_liveness_poll_when_its_peer_leaves():
     seg.unlink()
     a = shm.ShmCommunicator(seg, 0, [0, 1], timeout_s=30)
     b = shm.ShmCommunicator(peer_seg, 1, [0, 1], timeout_s=30)
-    import threading
-
     threading.Timer(0.2, b.close).start()
     started = time.monotonic()
     with pytest.raises(CollectiveError, match="rank 1 left"):
@@ -183,3 +183,45 @@ def test_a_waiting_rank_wakes_within_the_liveness_poll_when_its_peer_leaves():
     with pytest.raises(CollectiveError, match="failed before"):
         a.barrier()  # a broken communicator stays broken
     a.close()
+
+
+@pytest.mark.parametrize("world,nbytes,barriers", [(2, 1 << 20, 1), (2, (1 << 20) + 4, 3), (3, 512 << 10, 2),
+                                                   (3, 256 << 10, 1)])
+def test_how_many_barriers_an_all_reduce_takes(world, nbytes, barriers):
+    """One barrier up to 1 MiB with two ranks (each rank sums the whole tensor; cheaper than a
+    second barrier's wake-up), up to 256 KiB with more; beyond, two per chunk pipelined plus
+    one. Ranks run as threads of this process on one segment; every rank gets the rank-order
+    sum, bit for bit, either way."""
+    job = f"t{os.getpid()}b{world}x{nbytes}"
+    path = os.path.join(shm.SHM_DIR, shm.file_name(job, 1, 1, 0, os.urandom(shm.NONCE_BYTES)))
+    chunk = 1 << 20
+    seg = shm.Segment.create(path, world, chunk)
+    segs = [seg] + [shm.Segment.attach(path, seg.token, job, world, chunk) for _ in range(world - 1)]
+    seg.unlink()
+    comms = [shm.ShmCommunicator(s, r, list(range(world)), timeout_s=30) for r, s in enumerate(segs)]
+    g = torch.Generator().manual_seed(nbytes)
+    inputs = [torch.randn(nbytes // 4, generator=g) for _ in range(world)]
+    expected = inputs[0].clone()
+    for x in inputs[1:]:
+        expected = expected + x
+    outputs = [x.clone() for x in inputs]
+    errors: list[BaseException] = []
+
+    def reduce(rank: int) -> None:
+        try:
+            comms[rank].all_reduce_(outputs[rank])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reduce, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors, errors
+        assert all(torch.equal(out, expected) for out in outputs)
+        assert [int(s.control[r, shm._ARRIVALS]) for r, s in enumerate(segs)] == [barriers] * world
+    finally:
+        for c in comms:
+            c.close()
