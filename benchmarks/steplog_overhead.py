@@ -133,19 +133,23 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     fault = config.get("fault")
     step, timed, samples, started = ctx.start_step, 0, 0, time.monotonic()
     loop_started = started
+    ticks = None
     for _ in range(config["epochs"]):
         for x, y in loader:
             if timed == WARMUP_STEPS:
                 samples, started = 0, time.monotonic()
+                ticks = cpu_ticks() if ctx.rank == 0 else None
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             step, timed, samples = step + 1, timed + 1, samples + len(x)
             if fault is not None:
                 inject(fault, ctx, step, first=timed == 1, loop_started=loop_started)
+    end = cpu_ticks() if ticks is not None else None
     return {"rank": ctx.rank, "generation": ctx.generation, "steps": step,
             "samples": samples if timed > WARMUP_STEPS else 0,
-            "elapsed_s": time.monotonic() - started}
+            "elapsed_s": time.monotonic() - started,
+            "busy_cpu_s": busy_seconds(ticks, end) if ticks is not None and end is not None else None}
 
 
 def inject(fault: dict[str, Any], ctx: synctrain.TrainContext, step: int, first: bool,
@@ -284,6 +288,13 @@ def cpu_ticks() -> list[int] | None:
         return None
 
 
+def busy_seconds(before: list[int], after: list[int]) -> float:
+    """CPU seconds the machine's processes used between two :func:`cpu_ticks` readings: all
+    but idle, iowait and steal (steal is the hypervisor's, not this machine's work)."""
+    busy = [after[i] - before[i] for i in range(len(before)) if i not in (3, 4, 7)]
+    return sum(busy) / os.sysconf("SC_CLK_TCK")
+
+
 def settle(max_s: float = SETTLE_MAX_S) -> float:
     """Wait until the machine is quiet (see SETTLE_BUSY); the seconds waited."""
     started = time.monotonic()
@@ -311,8 +322,12 @@ def throughput(storage: Path, model: str, mode: str, epochs: int, name: str,
     if before is not None and after is not None and sum(after) > sum(before):
         steal = (after[7] - before[7]) / (sum(after) - sum(before))
     outs = result.outputs
+    busy = outs[0].get("busy_cpu_s")  # rank 0's timed window, the whole machine
     return {"model": model, "mode": mode, "variant": name,
             "samples_per_s": sum(o["samples"] / o["elapsed_s"] for o in outs),
+            # every rank runs as many samples in its window as rank 0
+            "cpu_ms_per_1k": (1e6 * busy / (outs[0]["samples"] * len(outs))
+                              if busy is not None and outs[0]["samples"] else None),
             "timed_s": max(o["elapsed_s"] for o in outs), "steps": [o["steps"] for o in outs],
             "committed_steps": len(result.steps), "fit_s": result.elapsed_s,
             "steal": steal, "settled_s": settled_s}
@@ -484,8 +499,21 @@ def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                       "samples_per_s_rounds": [r["samples_per_s"] for r in runs],
                       "median_overhead": statistics.median(overheads), "overhead_rounds": overheads,
                       "steal_rounds": [r.get("steal") for r in runs],
-                      "timed_s": statistics.median(r["timed_s"] for r in runs)})
+                      "timed_s": statistics.median(r["timed_s"] for r in runs),
+                      **cpu_cost(runs, bases)})
     return ordered(table)
+
+
+def cpu_cost(runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The machine's CPU time per 1000 samples (steal left out; median of the rounds) and its
+    increase over step_log=False: what the step log costs in work, which, unlike samples/s,
+    the hypervisor's steal and the other work's timing do not move much."""
+    cpu = [r["cpu_ms_per_1k"] for r in runs if r.get("cpu_ms_per_1k") is not None]
+    base = [b["cpu_ms_per_1k"] for b in bases if b.get("cpu_ms_per_1k") is not None]
+    if not cpu or not base:
+        return {}
+    return {"cpu_ms_per_1k": statistics.median(cpu), "cpu_ms_per_1k_rounds": cpu,
+            "cpu_overhead": statistics.median(cpu) / statistics.median(base) - 1}
 
 
 def ordered(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -566,8 +594,9 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
              f"{meta['ray_num_cpus']}; load average (1, 5, 15 min) {load} at the start, {load_end} at the "
              f"end; {meta['wall_s'] / 60:.1f} minutes in all. Command: `{meta['command']}`.", "",
              "| model | mode | variant | best samples/s | overhead (best vs best) | median samples/s | "
-             "median overhead (each round) | steal % (each round) | timed s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "median overhead (each round) | steal % (each round) | CPU ms per 1k samples (median) | "
+             "CPU vs step_log=False | timed s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         base = r["variant"] == "step_log=False"
         best = r.get("best_samples_per_s", r["samples_per_s"])
@@ -575,14 +604,20 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
         median = "-" if base else f"{100 * r.get('median_overhead', r['overhead']):+.1f}%" + _each(
             [100 * x for x in r["overhead_rounds"]], "{:+.1f}")
         steal = " / ".join("?" if x is None else f"{100 * x:.0f}" for x in r.get("steal_rounds", [])) or "-"
+        cpu = "-" if r.get("cpu_ms_per_1k") is None else f"{r['cpu_ms_per_1k']:.1f}"
+        cpu_over = "-" if base or r.get("cpu_overhead") is None else f"{100 * r['cpu_overhead']:+.1f}%"
         lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {best:,.0f} | {over} | "
-                     f"{r['samples_per_s']:,.0f} | {median} | {steal} | {r['timed_s']:.1f} |")
+                     f"{r['samples_per_s']:,.0f} | {median} | {steal} | {cpu} | {cpu_over} | {r['timed_s']:.1f} |")
     if meta.get("throughput_note"):
         lines += ["", meta["throughput_note"]]
     lines += ["", "On a shared machine samples/s move with other work's load and with the CPU time the "
               "hypervisor steals: the same configuration has measured anywhere from 12k to 26k samples/s "
               "here, and a run with more steal is slower. A negative overhead means the step-logged run "
-              "was less disturbed than the step_log=False run it is compared with.",
+              "was less disturbed than the step_log=False run it is compared with. CPU ms per 1k "
+              "samples: the whole machine's CPU time (steal left out) during rank 0's timed window, per "
+              "1000 samples of all ranks: the work the step log adds (the coordinator's nodes, the "
+              "writers, checkpoints and digests), which steal moves far less than samples/s; a rank "
+              "waiting for a slower peer spins a little too, so it is not free of the machine's noise.",
               "", "Faults, one run each (the MLP, 2 workers; the fault hits at the step shown, in "
               "generation 1); seconds after the kill:", "",
               "| fault | mode | K | at step | failure recorded | first committed step of the new generation | "

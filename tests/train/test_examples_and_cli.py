@@ -103,6 +103,9 @@ def test_steplog_overhead_benchmark_quick_mode_writes_results(ray_session, tmp_p
     variants = [r["variant"] for r in data["throughput"]]
     assert variants == ["step_log=False", f"K={DEFAULT_MAX_UNCOMMITTED_STEPS} (default)"]
     assert all(r["samples_per_s"] > 0 for r in data["throughput"])
+    # the machine's CPU time per sample over rank 0's timed window, for both variants
+    assert all(r["cpu_ms_per_1k"] > 0 for r in data["throughput"]), data["throughput"]
+    assert data["throughput"][1]["cpu_overhead"] > -1
     # The step-logged run committed every optimizer step to the log, the plain one none.
     runs = {r["variant"]: r for r in data["rounds"][0]}
     assert runs["step_log=False"]["committed_steps"] == 0
@@ -114,6 +117,7 @@ def test_steplog_overhead_benchmark_quick_mode_writes_results(ray_session, tmp_p
     assert leader["commit_stall_s"] is not None and leader["commit_stall_s"] > 0
     assert data["verdict"]["overhead_at_default_K"]["met"] in (True, False)
     assert "| model | mode | variant |" in (tmp_path / "steplog_overhead.md").read_text()
+    assert "CPU ms per 1k samples" in (tmp_path / "steplog_overhead.md").read_text()
     assert (tmp_path / "steplog_overhead.png").stat().st_size > 0
 
 
