@@ -849,6 +849,11 @@ class Client:
         return self._call_one(parse_endpoints([endpoint])[0],
                               {"op": "admin_partition", "block": list(block)})
 
+    def admin_stop(self, endpoint: str | tuple[str, int]) -> dict:
+        """Ask one node to stop as on SIGTERM (a node started with ``remote_stop`` only: one
+        hosted by a Ray actor). The node answers first, then stops."""
+        return self._call_one(parse_endpoints([endpoint])[0], {"op": "admin_stop"})
+
     # ------------------------------------------------------------ internals
     def _write(self, op: str, args: list, name: str | None = None) -> dict:
         if not self._session.session:

@@ -20,6 +20,9 @@ transports to drop every frame between the cut-off node and the rest (an authent
 nodes, a STRICT_SPREAD placement group puts each on its own machine (so losing one machine
 loses one node); with fewer, actors are spread best-effort (``"SPREAD"``). Each actor
 reserves a port on its own node's IP first, then all of them start with the full peer map.
+Then each actor's one thread is parked in ``serve()`` until its node stops (an idle Ray
+actor's thread wakes every 10 ms; a parked one does not): the node is stopped over its port
+(``admin_stop``), and ``serve()``'s object ref tells the driver when a node is gone.
 """
 
 from __future__ import annotations
@@ -451,6 +454,13 @@ class LocalCluster:
 class _RayNode:
     """Body of the Ray actor hosting one coordinator node in a background thread.
 
+    Once :meth:`start` returns, :meth:`serve` parks the actor's only thread until the node
+    stops (RayCluster calls it at once): Ray wakes an idle actor's thread every 10 ms to check
+    for signals, about 1% of a core per node, which a parked thread is spared. The actor takes
+    no other call meanwhile: the node is stopped over its port (``admin_stop``), and the
+    object ref of ``serve`` is the node's liveness (it resolves when the node stops or the
+    actor dies).
+
     ``data_dir`` None: the actor makes a temporary directory on its own host (removed by
     :meth:`stop` with ``remove_dir``); otherwise the given directory (created mode 0700) is
     used, and removed by :meth:`stop` only if ``temporary`` (a restarted node's temporary
@@ -466,6 +476,7 @@ class _RayNode:
         self._thread: Any = None
         self._loop: Any = None
         self._server: Any = None
+        self._done: Any = None  # a threading.Event: the node's loop has ended
         self._owns_dir = data_dir is None or temporary
         if data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix=f"coordinator-ray-{node_id}-")
@@ -495,7 +506,7 @@ class _RayNode:
 
         return {"ray_node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "data_dir": self.data_dir}
+                "data_dir": self.data_dir, "bind": self._bind, "host": self.host, "port": self.port}
 
     def node_ip(self) -> str:
         import ray
@@ -519,8 +530,9 @@ class _RayNode:
                               data_dir=pathlib.Path(self.data_dir), token=token,
                               listen=(self._bind, self.port), tick_s=tick_s,
                               heartbeat_tick=heartbeat_tick, election_tick=election_tick,
-                              join=rejoin and not holds_state(self.data_dir))
+                              join=rejoin and not holds_state(self.data_dir), remote_stop=True)
         started = threading.Event()
+        done = self._done = threading.Event()
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -532,10 +544,16 @@ class _RayNode:
             except BaseException as exc:  # reported to the caller below
                 errors.append(exc)
                 started.set()
+                done.set()
                 return
             started.set()
-            loop.run_forever()  # until stop() has stopped the server and then the loop
-            loop.close()
+            try:
+                # until a stop (admin_stop, stop(), a fatal error) begins; then all of it
+                loop.run_until_complete(self._server.wait_stopped())
+                loop.run_until_complete(self._server.stop())
+            finally:
+                loop.close()
+                done.set()
 
         self._thread = threading.Thread(target=run, name=f"coordinator-{self.node_id}", daemon=True)
         self._thread.start()
@@ -546,15 +564,23 @@ class _RayNode:
             raise errors[0]
         return f"{self.host}:{self.port}"
 
+    def serve(self) -> str:
+        """Park this actor's thread until the node has stopped (see the class doc); why."""
+        if self._done is None:
+            return "never started"
+        self._done.wait()
+        error = getattr(self._server, "fatal_error", None)
+        return "stopped" if error is None else f"stopped by a fatal error: {error!r}"
+
     def stop(self, remove_dir: bool = True) -> None:
-        """Stop the server (releasing its data directory); remove the directory only if this
-        actor made it (a temporary one) and ``remove_dir``."""
+        """Stop the server (releasing its data directory) unless it has stopped already;
+        remove the directory only if this actor made it (a temporary one) and ``remove_dir``."""
         import asyncio
 
         if self._server is not None and self._loop is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop)
-            fut.result(30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            if not self._done.is_set():
+                fut = asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop)
+                fut.result(30)
             self._thread.join(30)
             self._server = None
         if remove_dir and self._owns_dir:
@@ -601,6 +627,7 @@ class RayCluster:
         self.num_cpus_per_node = num_cpus_per_node
         self.data_dir = None if data_dir is None else pathlib.Path(data_dir)
         self.actors: dict[int, Any] = {}
+        self._serving: dict[int, Any] = {}  # per live node, the object ref of its actor's serve()
         self.endpoints: list[str] = []
         self.addresses: dict[int, tuple[str, int]] = {}
         # Per node, where its first actor ran: Ray node id, data dir, scheduling strategy.
@@ -641,6 +668,8 @@ class RayCluster:
                                                               heartbeat_tick=self.heartbeat_tick,
                                                               election_tick=self.election_tick)
                                   for i in self.node_ids], timeout=timeout_s)
+        for i in self.node_ids:
+            self._serving[i] = self.actors[i].serve.remote()
 
     def _node_dir(self, node_id: int) -> str | None:
         return None if self.data_dir is None else str(self.data_dir / f"node-{node_id}")
@@ -650,8 +679,9 @@ class RayCluster:
         import ray
 
         actor_cls = ray.remote(_RayNode)
+        # One thread (the default): serve() parks it; see _RayNode.
         return actor_cls.options(
-            num_cpus=self.num_cpus_per_node, max_concurrency=4, max_restarts=0,
+            num_cpus=self.num_cpus_per_node, max_restarts=0,
             scheduling_strategy=strategy).remote(node_id, data_dir, temporary)
 
     def _placement(self, alive: list[str]) -> list[Any]:
@@ -682,30 +712,31 @@ class RayCluster:
         return f"{host}:{port}"
 
     def node_ips(self) -> dict[int, str]:
-        """Host IP of each live node's actor (a node removed by :meth:`kill` is left out)."""
-        import ray
+        """Host IP of each node's actor (a node removed by :meth:`kill` is left out)."""
+        return {i: str(self._placed[i]["ip"]) for i in self.actors}
 
-        ids = list(self.actors)
-        return dict(zip(ids, ray.get([self.actors[i].node_ip.remote() for i in ids]), strict=True))
+    def placement(self, node_id: int) -> dict[str, Any]:
+        """Where the node's current actor runs: ``ray_node_id``, ``ip``, ``pid``, ``data_dir``,
+        ``bind``, ``host``, ``port`` (and the scheduling ``strategy``)."""
+        return dict(self._placed[node_id])
 
     def actor_pid(self, node_id: int) -> int:
         """The process id of the node's actor (to kill it for real: ``os.kill(pid, 9)``)."""
-        import ray
+        return int(self._placed[node_id]["pid"])
 
-        return int(ray.get(self.actors[node_id].pid.remote(), timeout=30))
+    def serving(self, node_id: int) -> Any:
+        """The object ref that resolves when the node stops serving: its actor died (an
+        actor error) or the node stopped (a fatal error, ``admin_stop``). None: no live actor."""
+        return self._serving.get(node_id) if node_id in self.actors else None
 
     def is_running(self, node_id: int, timeout_s: float = 2.0) -> bool:
-        """Whether the node's actor is alive (answers Ray within ``timeout_s``)."""
+        """Whether the node's actor is alive and serving, as far as Ray has told this process
+        (a process killed from outside counts once Ray has seen it die: wait for it).
+        ``timeout_s`` is kept for callers of the earlier ping-based check; not waited."""
         import ray
 
-        actor = self.actors.get(node_id)
-        if actor is None:
-            return False
-        try:
-            ray.get(actor.pid.remote(), timeout=timeout_s)
-        except Exception:  # noqa: BLE001 - RayActorError, GetTimeoutError: not running
-            return False
-        return True
+        ref = self.serving(node_id)
+        return ref is not None and not ray.wait([ref], timeout=0)[0]
 
     def client(self, timeout_s: float = 10.0, endpoints: list[str] | None = None) -> Client:
         return Client(endpoints or self.endpoints, token=self.token, timeout_s=timeout_s)
@@ -743,6 +774,7 @@ class RayCluster:
         """``ray.kill`` the node's actor (its process dies as with SIGKILL)."""
         import ray
 
+        self._serving.pop(node_id, None)
         ray.kill(self.actors.pop(node_id))
 
     def restart(self, node_id: int, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
@@ -754,12 +786,8 @@ class RayCluster:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         placed = self._placed[node_id]
-        old = self.actors.pop(node_id, None)
-        if old is not None:
-            with contextlib.suppress(Exception):  # already dead: nothing to stop
-                ray.get(old.stop.remote(remove_dir=False), timeout=30)
-            with contextlib.suppress(Exception):
-                ray.kill(old)
+        if node_id in self.actors:
+            self._stop_actors([node_id], remove_dir=False)
         strategy = placed["strategy"]
         if not hasattr(strategy, "placement_group"):  # the WAL is on that host's disk
             strategy = NodeAffinitySchedulingStrategy(placed["ray_node_id"], soft=False)
@@ -767,21 +795,49 @@ class RayCluster:
         self.actors[node_id] = actor
         host, port = self.addresses[node_id]
         ray.get(actor.reserve.remote(self._multi_host, port), timeout=timeout_s)
+        self._placed[node_id] = dict(ray.get(actor.where.remote(), timeout=timeout_s),
+                                     strategy=placed["strategy"])
         ray.get(actor.start.remote(self.addresses, self.token, self.tick_s, rejoin=True,
                                    heartbeat_tick=self.heartbeat_tick, election_tick=self.election_tick),
                 timeout=timeout_s)
+        self._serving[node_id] = actor.serve.remote()
         _wait_until(lambda: self.status(node_id) is not None, timeout_s,
                     f"node {node_id} to serve again")
+
+    def _stop_actors(self, node_ids: list[int], remove_dir: bool = True,
+                     timeout_s: float = 30.0) -> None:
+        """Stop these nodes as on SIGTERM (asked over their ports: their actors are parked
+        serving), let their actors remove temporary directories, then end the actors. A node
+        that cannot be asked (a stopped process) is killed."""
+        import ray
+
+        asked = []
+        for i in node_ids:
+            ref = self._serving.get(i)
+            if ref is None or ray.wait([ref], timeout=0)[0]:
+                continue  # not serving (dead, or stopped): nothing to ask
+            try:
+                with Client([self.endpoint(i)], token=self.token, timeout_s=5.0) as c:
+                    c.admin_stop(self.endpoint(i))
+                asked.append(ref)
+            except Exception:  # noqa: BLE001 - it cannot stop gracefully: it is killed below
+                pass
+        if asked:
+            ray.wait(asked, num_returns=len(asked), timeout=timeout_s)
+        for i in node_ids:
+            actor = self.actors.pop(i)
+            ref = self._serving.pop(i, None)
+            if ref is None or ray.wait([ref], timeout=0)[0]:  # serve() returned: it takes calls
+                with contextlib.suppress(Exception):
+                    ray.get(actor.stop.remote(remove_dir=remove_dir), timeout=timeout_s)
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
 
     def stop(self) -> None:
         """Stop every node (removing temporary data directories, never a given data_dir)."""
         import ray
 
-        for actor in self.actors.values():
-            with contextlib.suppress(Exception):
-                ray.get(actor.stop.remote(), timeout=30)
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+        self._stop_actors(list(self.actors))
         if self.data_dir is None:  # temporary dirs of killed nodes, when on this host
             here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
             for i, placed in self._placed.items():

@@ -59,7 +59,8 @@ When the node stops being leader, every waiting write is answered ``leader_chang
 may still commit under the new leader, so the client retries with the same sequence number and
 the session table answers it once) and every waiting read ``not_leader`` (reads are safe to
 retry). A partition for the fault tests is a pair of transport block lists set by the
-``admin_partition`` request.
+``admin_partition`` request. A node hosted by a Ray actor (``remote_stop``) also takes
+``admin_stop``: its actor's thread is parked serving it and cannot be asked through Ray.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ class ServerConfig:
     # A loop that has not ticked for this long has its thread's stack logged by a watchdog
     # thread (sys._current_frames, under the GIL): says *where* it was blocked. None: off.
     stall_dump_s: float | None = 2.0
+    # Accept the authenticated ``admin_stop`` request (the node stops as on SIGTERM). On for a
+    # node hosted by a Ray actor (coordinator.cluster.RayCluster), whose actor is busy serving
+    # and cannot be asked to stop through Ray; off otherwise (a process is stopped by signal).
+    remote_stop: bool = False
 
     def __post_init__(self) -> None:
         check_token(self.token)  # ValueError saying how to generate a long enough one
@@ -799,6 +804,7 @@ class CoordinatorServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task | None = None
         self._stopped = asyncio.Event()
+        self._stop_task: asyncio.Future | None = None
         self.fatal_error: BaseException | None = None  # set when the node stopped on an error
         self.stats = {"peer_messages_in": 0, "peer_messages_dropped": 0, "readies": 0,
                       "proposals": 0, "reads_issued": 0, "snapshots": 0, "requests": 0,
@@ -897,9 +903,17 @@ class CoordinatorServer:
         return self.transport_server.address
 
     async def stop(self) -> None:
-        """Stop ticking, close the network and release the data dir. Idempotent."""
-        if self._stopped.is_set():
-            return
+        """Stop ticking, close the network and release the data dir. Idempotent: a second
+        call returns once the first one's stop is complete."""
+        await asyncio.shield(self._begin_stop())
+
+    def _begin_stop(self) -> asyncio.Future:
+        """Start stopping (once) without waiting: the task that does it."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop())
+        return self._stop_task
+
+    async def _stop(self) -> None:
         self._stopped.set()
         if self._ticker is not None:
             self._ticker.cancel()
@@ -1097,7 +1111,7 @@ class CoordinatorServer:
     def _fail(self, exc: BaseException) -> None:
         log.critical("node %d: fatal error, shutting down: %r", self.id, exc, exc_info=exc)
         self.fatal_error = exc
-        asyncio.ensure_future(self.stop())
+        self._begin_stop()
 
     def _drive_readies(self) -> None:
         self._issue_proposals()
@@ -1562,7 +1576,7 @@ class CoordinatorServer:
         elif now - self._removed_since > self._election_timeout_s() * 2:
             log.warning("node %d was removed from the cluster (members %s): stopping", self.id,
                         sorted(membership.members_of(self.conf_state)))
-            asyncio.ensure_future(self.stop())
+            self._begin_stop()
 
     def _probe_if_removed(self) -> None:
         """A member removed while it was cut off (or that missed the commit of its removal: a
@@ -1905,6 +1919,8 @@ class CoordinatorServer:
             return self.status()
         if op == "admin_partition":
             return self._partition(body.get("block", ()))
+        if op == "admin_stop":
+            return self._remote_stop()
         return {"ok": False, "error": "bad_request", "detail": f"unknown op {op!r}"}
 
     def _get(self, body: dict) -> dict | asyncio.Future:
@@ -2017,6 +2033,16 @@ class CoordinatorServer:
                 waiters.remove(fut)
                 if not waiters:
                     del self._pending_writes[key]
+
+    def _remote_stop(self) -> dict:
+        """``admin_stop``: stop this node soon after answering (only with ``remote_stop``)."""
+        if not self.config.remote_stop:
+            return {"ok": False, "error": "bad_request",
+                    "detail": "this node does not take admin_stop (stop its process instead)"}
+        log.warning("node %d: stopping at a client's admin_stop request", self.id)
+        assert self._loop is not None
+        self._loop.call_later(0.05, self._begin_stop)  # the answer goes first
+        return {"ok": True, "stopping": self.id}
 
     def _partition(self, block: Any) -> dict:
         ids = [int(i) for i in block if int(i) != self.id]

@@ -44,10 +44,11 @@ def _node_of_actor(_instance: Any) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _coordinator_facts(instance: Any) -> dict[str, Any]:
-    """Runs inside a coordinator actor: its Ray node, what it binds and what it advertises."""
-    return {"ray_node": ray.get_runtime_context().get_node_id(), "bind": instance._bind,
-            "host": instance.host, "port": instance.port}
+def _coordinator_facts(placed: dict[str, Any]) -> dict[str, Any]:
+    """A coordinator actor's Ray node, what it binds and what it advertises (as the actor
+    reported them when it started: a serving actor takes no calls)."""
+    return {"ray_node": placed["ray_node_id"], "bind": placed["bind"], "host": placed["host"],
+            "port": placed["port"]}
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +143,7 @@ def probe_raycluster() -> dict[str, Any]:
     with RayCluster(nodes=3, num_cpus_per_node=0.1) as cluster:
         facts["endpoints"] = list(cluster.endpoints)
         facts["node_ips"] = {str(i): ip for i, ip in cluster.node_ips().items()}
-        facts["actors"] = {str(i): ray.get(a.__ray_call__.remote(_coordinator_facts), timeout=60)
-                           for i, a in cluster.actors.items()}
+        facts["actors"] = {str(i): _coordinator_facts(cluster.placement(i)) for i in cluster.actors}
         if cluster._pg is not None:
             table = placement_group_table(cluster._pg)
             facts["pg"] = {"strategy": table.get("strategy"), "state": table.get("state"),

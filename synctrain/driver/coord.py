@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
 
 from coordinator.client import Client, CoordinatorError
 from synctrain.errors import ConfigError
@@ -29,8 +28,9 @@ EMBEDDED_NODES = 3
 #: training they log. A leader's loss still costs well under a second of commits (an election
 #: timeout and one round of PreVote and votes; ``benchmarks/steplog_overhead.py`` measures it).
 EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 50.0, 2, 6
-#: A node's ping that fails this many times in a row means the node is gone.
-PING_TIMEOUT_S = 5.0
+#: The job's last look at a node: how long its status request may take before the node is
+#: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
+STATUS_TIMEOUT_S = 2.0
 
 
 #: How long a resumed job's nodes wait for a dead driver's nodes to let go of their WAL
@@ -49,7 +49,6 @@ class EmbeddedCoordinator:
         self.data_dir = data_dir
         self.resume = resume
         self.cluster: Any = None
-        self._pings: dict[int, Any] = {}
 
     def __repr__(self) -> str:
         return f"EmbeddedCoordinator(data_dir={str(self.data_dir)!r})"
@@ -91,48 +90,27 @@ class EmbeddedCoordinator:
         _private_write(self.data_dir / "endpoints", ",".join(self.endpoints).encode() + b"\n")
 
     def dead_nodes(self, wait_s: float = 0.0) -> list[int]:
-        """Nodes whose actor is gone (a ping answered with an actor error). Each call collects
-        the pings that were answered and sends a node whose ping came back a new one; with
-        ``wait_s``, it waits up to that long for the answers. A ping answered before the node
-        died says nothing about now: the waiting call (the job's last look) never takes it as
-        the answer, it waits on a ping sent after it."""
+        """Nodes that stopped serving: their actor died, or their server stopped (a fatal
+        error). Each node's actor holds one call open (``serve``) that resolves then, so a look
+        costs no message. With ``wait_s`` (the job's last look), a node whose port answers no
+        status request is waited on up to that long: Ray may not yet have seen the death of a
+        process killed a moment ago, but a dead node's port answers nothing."""
         dead = []
-        for node, actor in list(self.cluster.actors.items()):
-            ref = self._pings.get(node)
-            if ref is not None and ray.wait([ref], timeout=0)[0]:
-                self._pings.pop(node)
-                if _failed(ref):
-                    dead.append(node)
-                    continue
-                ref = None
-            if ref is None:
-                ref = self._pings[node] = actor.node_ip.remote()
-            if not wait_s:
-                continue
-            done, _ = ray.wait([ref], timeout=wait_s)
-            if not done:
-                continue
-            self._pings.pop(node, None)
-            if _failed(ref):
+        for node in list(self.cluster.actors):
+            ref = self.cluster.serving(node)
+            if ref is None or ray.wait([ref], timeout=0)[0]:
                 dead.append(node)
+            elif wait_s and self.cluster.status(node, timeout_s=min(STATUS_TIMEOUT_S, wait_s)) is None:
+                if ray.wait([ref], timeout=wait_s)[0]:
+                    dead.append(node)
         return dead
 
     def restart(self, node: int) -> None:
-        self._pings.pop(node, None)
         self.cluster.restart(node)
 
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
-
-
-def _failed(ref: Any) -> bool:
-    """Whether an answered ping failed (its actor is gone)."""
-    try:
-        ray.get(ref)
-    except RayError:
-        return True
-    return False
 
 
 def _first(exc: BaseException) -> str:
