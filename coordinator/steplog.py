@@ -23,7 +23,9 @@ Records kept, per job (a name of 1..200 characters of ``[A-Za-z0-9._-]``):
   ps_clock}``. ``reports``: metrics a job reported, numbered by ``seq`` from 0, each tied to
   the step it followed. Other ranks only report their progress (``progress[rank]``, the
   highest step they wrote in the current generation).
-- ``checkpoints``: ``{step, generation, path, size, sha256, time[, digest]}``; ``failures``:
+- ``checkpoints``: ``{step, generation, path, size, sha256, time[, digest]}`` (by
+  ``steplog.checkpoint``, or riding on rank 0's ``steplog.steps``, after its records: one
+  commit for both; the same checkpoint sent again is recorded once); ``failures``:
   what failed and how the job recovered; ``fenced``: writes refused by the fencing rule.
 - ``digests``: per step of the current generation that carries them, every rank's digest of
   the state it holds as a replica (see *Digests* below).
@@ -140,6 +142,7 @@ MAX_METRIC_KEY_CHARS = 128
 MAX_METRIC_STR_CHARS = 1_024
 MAX_LOST_STEPS = 100_000  # placeholders one generation may add (a survivor far ahead)
 MAX_CHECKPOINTS = 100_000  # per job, pruned ones included
+MAX_BATCH_CHECKPOINTS = 64  # checkpoint references riding on one steps command
 MAX_FAILURES = 10_000  # per job
 MAX_FENCED_KEPT = 1_000  # per job; older refusals are dropped and counted
 MAX_TEXT_CHARS = 4_096  # paths, reasons, details, rendezvous
@@ -512,7 +515,12 @@ class StepLog:
                 entry["superseded"], entry["superseded_by"] = True, generation
         _retrust(job, start_step)
 
-    def steps(self, name: Any, generation: Any, rank: Any, records: Any) -> Answer:
+    def steps(self, name: Any, generation: Any, rank: Any, records: Any,
+              checkpoints: Any = None) -> Answer:
+        """A rank's step records; rank 0's may carry ``checkpoints`` too (each as the
+        arguments of :meth:`checkpoint` from ``step`` on: ``[step, path, size, sha256, time[,
+        digest]]``), recorded after the steps, as if by that many ``steplog.checkpoint``
+        commands that followed: one Raft commit instead of one more per checkpoint."""
         job = self._job(name)
         generation = _int(generation, "generation")
         rank = _int(rank, "rank", 0, MAX_RANK - 1)
@@ -520,6 +528,13 @@ class StepLog:
             first, last = _peek(records)
             return self._fence(job, "steps", generation, rank, first, last)
         batch = _records(records)
+        refs = [] if checkpoints is None else [
+            self._checkpoint_record(generation, *_ref_args(ref))
+            for ref in _seq(checkpoints, "checkpoints", MAX_BATCH_CHECKPOINTS)]
+        if refs and rank != 0:
+            raise BadArgument("only rank 0 records checkpoints")
+        if len(job.checkpoints) + len(refs) > MAX_CHECKPOINTS:
+            return _quota(job)
         if rank != 0:
             if batch:
                 key = str(rank)
@@ -536,7 +551,10 @@ class StepLog:
         job.report_seq += len(new_reports)
         _note_digests(job, rank, batch)
         _note_pulled(job, rank, batch)
-        return {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
+        answer: Answer = {"ok": True, "last_step": job.last_step, "report_seq": job.report_seq}
+        if refs:
+            answer["prune"] = [path for record in refs for path in self._add_checkpoint(job, record)]
+        return answer
 
     @staticmethod
     def _plan(job: Job, batch: list[_Record]) -> tuple[list[dict], list[dict]]:
@@ -592,14 +610,28 @@ class StepLog:
             first = step if type(step) is int else None
             return self._fence(job, "checkpoint", generation, None, first,
                                float(time) if type(time) in (int, float) else 0.0)
+        record = self._checkpoint_record(generation, step, path, size, sha256, time, digest)
+        if len(job.checkpoints) >= MAX_CHECKPOINTS:
+            return _quota(job)
+        return {"ok": True, "prune": self._add_checkpoint(job, record)}
+
+    @staticmethod
+    def _checkpoint_record(generation: int, step: Any, path: Any, size: Any, sha256: Any,
+                           time: Any, digest: Any = None) -> dict[str, Any]:
         record = {"step": _int(step, "step"), "generation": generation,
                   "path": _text(path, "path", empty=False), "size": _int(size, "size"),
                   "sha256": _text(sha256, "sha256", MAX_NAME_CHARS), "time": _time(time)}
         if digest is not None:
             record["digest"] = _text(digest, "digest", MAX_DIGEST_CHARS, empty=False)
-        if len(job.checkpoints) >= MAX_CHECKPOINTS:
-            return error("quota_exceeded", f"job {job.name!r} has recorded {MAX_CHECKPOINTS} "
-                         "checkpoints, the limit")
+        return record
+
+    @staticmethod
+    def _add_checkpoint(job: Job, record: dict[str, Any]) -> list[str]:
+        """Record a checkpoint; the paths of the live ones it lets go (to delete)."""
+        for earlier in reversed(job.checkpoints[-MAX_BATCH_CHECKPOINTS:]):
+            if (earlier["step"] == record["step"] and earlier["path"] == record["path"]
+                    and earlier["sha256"] == record["sha256"] and not earlier.get("superseded")):
+                return []  # the same checkpoint again (its batch was sent again): recorded once
         job.checkpoints.append(record)
         live: list[dict] = []  # newest first; at most one more than _kept_live keeps
         most = LIVE_CHECKPOINTS + MAX_UNVERIFIED_CHECKPOINTS + 1
@@ -613,7 +645,7 @@ class StepLog:
         for ckpt in pruned:
             ckpt["pruned"] = True
         kept = {c["path"] for c in live if id(c) in keep}
-        return {"ok": True, "prune": [c["path"] for c in pruned if c["path"] not in kept]}
+        return [c["path"] for c in pruned if c["path"] not in kept]
 
     def failure(self, name: Any, record: Any) -> Answer:
         job = self._job(name)
@@ -704,6 +736,18 @@ class _Refused(Exception):
     def __init__(self, code: str, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.answer = dict(error(code, detail), **extra)
+
+
+def _ref_args(ref: Any) -> list[Any]:
+    args = _seq(ref, "a checkpoint", 6)
+    if len(args) < 5:
+        raise BadArgument("a checkpoint is [step, path, size, sha256, time[, digest]]")
+    return args
+
+
+def _quota(job: Job) -> Answer:
+    return error("quota_exceeded", f"job {job.name!r} has recorded {MAX_CHECKPOINTS} "
+                 "checkpoints, the limit")
 
 
 def _gap(job: Job, what: str) -> _Refused:
@@ -910,7 +954,7 @@ COMMANDS: dict[str, tuple[Callable[..., Answer], tuple[str, ...]]] = {
     "steplog.generation": (StepLog.generation, ("job", "generation", "members", "rendezvous",
                                                 "start_step", "start_report", "reason",
                                                 "time")),
-    "steplog.steps": (StepLog.steps, ("job", "generation", "rank", "records")),
+    "steplog.steps": (StepLog.steps, ("job", "generation", "rank", "records", "checkpoints?")),
     "steplog.checkpoint": (StepLog.checkpoint, ("job", "generation", "step", "path", "size",
                                                 "sha256", "time", "digest?")),
     "steplog.failure": (StepLog.failure, ("job", "record")),

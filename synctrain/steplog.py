@@ -53,8 +53,16 @@ class StepLog:
         self._command("steplog.generation", generation, members, rendezvous, start_step,
                       start_report, reason, time.time())
 
-    def steps(self, generation: int, rank: int, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return self._command("steplog.steps", generation, rank, records)
+    def steps(self, generation: int, rank: int, records: list[dict[str, Any]],
+              checkpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Commit a rank's records, and (rank 0) written checkpoints after them (each ``ref``
+        as for :meth:`checkpoint`, with its ``step`` and ``time``): one Raft commit for all.
+        The answer's ``prune`` lists the checkpoint paths the new ones let go."""
+        if not checkpoints:
+            return self._command("steplog.steps", generation, rank, records)
+        refs = [[ref["step"], ref["path"], ref["size"], ref["sha256"], ref["time"]]
+                + ([ref["digest"]] if ref.get("digest") else []) for ref in checkpoints]
+        return self._command("steplog.steps", generation, rank, records, refs)
 
     def checkpoint(self, generation: int, step: int, ref: dict[str, Any]) -> list[str]:
         """Commit a written checkpoint (``ref``: path, size, sha256[, digest]); returns the

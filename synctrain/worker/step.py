@@ -389,13 +389,14 @@ class _Writer(threading.Thread):
         batch[:] = [("digest", item[1], state_digest(item[2]))
                     if item[0] == "digest" and not isinstance(item[2], str) else item for item in batch]
         try:
-            # All records in one commit, then each checkpoint (written, then committed): a
-            # checkpoint's commit follows the records of the steps it covers, and a batch costs
-            # one commit plus one per checkpoint.
-            self._send_records([item for item in batch if item[0] != "checkpoint"], generation)
-            for item in batch:
-                if item[0] == "checkpoint":
-                    self._send_checkpoint(item, generation)
+            # Each checkpoint written durably first, then the records and the checkpoints'
+            # references in one commit (the log records the references after the steps they
+            # cover): a batch costs one Raft commit, however many checkpoints it holds.
+            for i, item in enumerate(batch):
+                if item[0] == "checkpoint" and len(item) == 3:  # written once: a batch sent
+                    batch[i] = (*item, self._write_checkpoint(item, generation))  # again reuses it
+            refs = [item[3] for item in batch if item[0] == "checkpoint"]
+            self._send_records([item for item in batch if item[0] != "checkpoint"], generation, refs)
             self.commits += 1
             return True
         except Fenced as exc:
@@ -411,25 +412,26 @@ class _Writer(threading.Thread):
                      type(exc).__name__, exc)
             return False
 
-    def _send_records(self, items: list[tuple], generation: int) -> None:
-        if not items:
+    def _send_records(self, items: list[tuple], generation: int,
+                      refs: list[dict[str, Any]] | None = None) -> None:
+        records = (_records(items) if self.b.rank == 0 else _progress(items)) if items else []
+        if not records and not refs:
             return
-        records = _records(items) if self.b.rank == 0 else _progress(items)
-        if not records:
-            return
-        self.steplog.steps(generation, self.b.rank, records)
-        last = max(r["step"] for r in records)
-        with self.cond:
-            self.b.committed_step = max(self.b.committed_step, last)
+        answer = self.steplog.steps(generation, self.b.rank, records, refs)
+        for path in answer.get("prune", ()):
+            ckpt.remove(path)
+        if records:
+            last = max(r["step"] for r in records)
+            with self.cond:
+                self.b.committed_step = max(self.b.committed_step, last)
 
-    def _send_checkpoint(self, item: tuple, generation: int) -> None:
+    def _write_checkpoint(self, item: tuple, generation: int) -> dict[str, Any]:
+        """Write a queued checkpoint durably; its reference for the log."""
         _, step, doc = item
         directory = pathlib.Path(self.b.cfg.job_dir)
-        name = ckpt.checkpoint_name(step, generation)
-        ref = ckpt.write(directory, name, ckpt.encode(doc))
-        ref["digest"] = state_digest(checkpoint_state(doc))
-        for path in self.steplog.checkpoint(generation, step, ref):
-            ckpt.remove(path)
+        ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc))
+        ref.update(step=step, time=time.time(), digest=state_digest(checkpoint_state(doc)))
+        return ref
 
 
 def checkpoint_state(doc: dict[str, Any]) -> Any:

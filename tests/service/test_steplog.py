@@ -238,6 +238,34 @@ def test_checkpoint_pruning_keeps_two_live() -> None:
     assert [(c["step"], c["generation"]) for c in log.job()["checkpoints"]] == [(40, 2), (50, 2)]
 
 
+def test_checkpoints_ride_on_rank0_steps_after_the_records_they_cover() -> None:
+    """One steps command carries rank 0's records and checkpoint references: the steps first,
+    then each checkpoint as a checkpoint command would record it (pruning included); a batch
+    sent again records each once; a bad reference or another rank's refuses the whole batch."""
+    log = started()
+    ref = lambda step: [step, f"/ck/{step}.pt", 100 + step, "f" * 64, float(step), "d" * 64]  # noqa: E731
+    answer = log.cmd("steps", "j", 1, 0, [rec(s) for s in range(1, 11)], [ref(10)])
+    assert answer == {"ok": True, "last_step": 10, "report_seq": 0, "prune": []}
+    assert log.cmd("steps", "j", 1, 0, [rec(s) for s in range(11, 31)], [ref(20), ref(30)])["prune"] == ["/ck/10.pt"]
+    # sent again (an answer lost on the way): nothing recorded twice
+    assert log.cmd("steps", "j", 1, 0, [rec(s) for s in range(11, 31)], [ref(20), ref(30)])["prune"] == []
+    job = log.job()
+    assert job["last_step"] == 30
+    assert [(c["step"], c["digest"]) for c in job["checkpoints"]] == [(20, "d" * 64), (30, "d" * 64)]
+    assert len(log.items("checkpoints")) == 3
+    before = state_bytes(log)
+    for bad in ([ref(40)[:4]], [["x", "/p", 1, "f", 1.0]], "no list"):
+        answer = log.cmd("steps", "j", 1, 0, [rec(31)], bad)
+        assert answer["error"] == "bad_argument", answer
+    assert log.cmd("steps", "j", 1, 1, [rec(31)], [ref(31)])["error"] == "bad_argument"
+    assert log.cmd("steps", "j", 1, 0, [rec(33)], [ref(33)])["error"] == "gap"
+    assert state_bytes(log) == before  # refused whole: neither steps nor checkpoints
+    # a zombie's batch is fenced, checkpoints and all
+    assert log.generation(2, start_step=30)["ok"]
+    assert log.cmd("steps", "j", 1, 0, [rec(31)], [ref(31)])["error"] == "fenced"
+    assert [c["step"] for c in log.job()["checkpoints"]] == [20, 30]
+
+
 def test_create_resume_job_exists_job_finished() -> None:
     log = started()
     again = log.cmd("create", "j", {}, False)
