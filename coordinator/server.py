@@ -2039,7 +2039,7 @@ class CoordinatorServer:
         if not self.config.remote_stop:
             return {"ok": False, "error": "bad_request",
                     "detail": "this node does not take admin_stop (stop its process instead)"}
-        log.warning("node %d: stopping at a client's admin_stop request", self.id)
+        log.info("node %d: stopping at a client's admin_stop request", self.id)
         assert self._loop is not None
         self._loop.call_later(0.05, self._begin_stop)  # the answer goes first
         return {"ok": True, "stopping": self.id}

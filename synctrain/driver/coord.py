@@ -20,14 +20,17 @@ from synctrain.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EMBEDDED_NODES = 3
-#: The embedded nodes' Raft clock: a tick every 50 ms, a heartbeat every 2 ticks (100 ms), an
-#: election timeout of 6-12 ticks (300-600 ms). On the 2-core development machine (a virtual
-#: machine, where every wake-up of a process costs ~0.25 ms of CPU) 3 idle nodes take 3.6% of a
-#: core in all, against 7.8% at 25 ms ticks (heartbeat 50 ms, election 200-400 ms) and 14% with
-#: the service's defaults (15 ms, every tick, 150-300 ms): the nodes share the machine with the
-#: training they log. A leader's loss still costs well under a second of commits (an election
-#: timeout and one round of PreVote and votes; ``benchmarks/steplog_overhead.py`` measures it).
-EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 50.0, 2, 6
+#: The embedded nodes' Raft clock: a tick every 100 ms, a heartbeat every tick, an election
+#: timeout of 3-5 ticks (300-500 ms). The nodes share the machine with the training they log,
+#: and every wake-up of a process costs CPU (~0.3 ms on the 2-core development machine, a
+#: virtual machine), so the clock ticks no more often than the leader must heartbeat: three
+#: idle nodes woke 89 times a second at 50 ms ticks with a heartbeat every 2 (the same
+#: heartbeat and election timeout in seconds), 68 now, and took 2.8% of a core in all (their
+#: actors' threads parked, see coordinator.cluster.RayCluster), against 14% with the
+#: service's defaults (15 ms, every tick, 150-300 ms). A leader's loss still costs well under
+#: a second of commits (an election timeout and one round of PreVote and votes;
+#: ``benchmarks/steplog_overhead.py`` measures it).
+EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 1, 3
 #: The job's last look at a node: how long its status request may take before the node is
 #: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
 STATUS_TIMEOUT_S = 2.0
