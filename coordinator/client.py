@@ -851,8 +851,12 @@ class Client:
 
     def admin_stop(self, endpoint: str | tuple[str, int]) -> dict:
         """Ask one node to stop as on SIGTERM (a node started with ``remote_stop`` only: one
-        hosted by a Ray actor). The node answers first, then stops."""
-        return self._call_one(parse_endpoints([endpoint])[0], {"op": "admin_stop"})
+        hosted by a Ray actor). The node answers first, then stops; RequestRejected if it
+        does not take the request."""
+        answer = self._call_one(parse_endpoints([endpoint])[0], {"op": "admin_stop"})
+        if not answer.get("ok"):
+            raise RequestRejected(answer.get("error", "unknown"), answer.get("detail", ""), answer)
+        return answer
 
     # ------------------------------------------------------------ internals
     def _write(self, op: str, args: list, name: str | None = None) -> dict:

@@ -87,3 +87,35 @@ def test_zero_cpu_cluster_starts_while_every_cpu_is_taken(ray_session) -> None:
     finally:
         for b in blockers:
             ray.kill(b)
+
+
+def test_a_serving_node_stops_over_its_port_and_its_serve_ref_says_so(ray_session, tmp_path,
+                                                                      make_cluster) -> None:
+    """A Ray-hosted node's actor is parked in serve(): admin_stop (authenticated, over the
+    node's port) stops the node as SIGTERM would, serve() returns, the actor takes calls
+    again and the node restarts on its WAL. A node not hosted by Ray refuses admin_stop."""
+    import ray
+
+    from coordinator import Client, RequestRejected
+
+    with RayCluster(nodes=3, data_dir=tmp_path / "ray") as cluster:
+        with cluster.client(timeout_s=30) as client:
+            client.put("k", b"v")
+            endpoint = cluster.endpoint(2)
+            assert cluster.is_running(2)
+            ref = cluster.serving(2)
+            assert ray.wait([ref], timeout=0.5)[0] == []  # parked while serving
+            assert client.admin_stop(endpoint)["ok"]
+            assert ray.get(ref, timeout=30) == "stopped"
+            assert not cluster.is_running(2)
+            assert ray.get(cluster.actors[2].pid.remote(), timeout=30) == cluster.actor_pid(2)
+            client.put("k2", b"v2")  # two of three serve
+            cluster.restart(2)
+            assert cluster.is_running(2)
+            with cluster.client(timeout_s=30, endpoints=[endpoint]) as local:
+                assert local.get("k", consistency="stale") == b"v"
+    local_cluster = make_cluster(nodes=1)
+    with Client(local_cluster.endpoints, token=local_cluster.token, timeout_s=10) as c:
+        with pytest.raises(RequestRejected, match="admin_stop"):
+            c.admin_stop(local_cluster.endpoints[0])
+        assert c.put("still", b"serving") is not None
