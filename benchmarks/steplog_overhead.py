@@ -716,6 +716,7 @@ def plot(table: list[dict[str, Any]], faults: list[dict[str, Any]], path: str) -
             targets.append(TARGET_LEADER_STALL_S)
     right.bar(labels, values, color=["tab:blue" if not t <= 1 else "tab:orange" for t in targets])
     right.scatter(labels, targets, color="red", marker="_", s=400, label="target", zorder=3)
+    right.tick_params(axis="x", labelrotation=35, labelsize=8)
     right.set(ylabel="seconds after the kill", title="to the first committed step (worker) /\n"
               "commits stalled (leader)")
     right.legend(fontsize=8)
