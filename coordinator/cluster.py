@@ -477,6 +477,7 @@ class _RayNode:
         self._loop: Any = None
         self._server: Any = None
         self._done: Any = None  # a threading.Event: the node's loop has ended
+        self._held_port: socket.socket | None = None  # the reserved port, until start() binds it
         self._owns_dir = data_dir is None or temporary
         if data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix=f"coordinator-ray-{node_id}-")
@@ -497,8 +498,28 @@ class _RayNode:
 
         self.host = ray.util.get_node_ip_address() if bind_all else "127.0.0.1"
         self._bind = "0.0.0.0" if bind_all else "127.0.0.1"
-        self.port = port or free_port(self._bind)
+        self._release_port()
+        # Held bound until the server binds it in start() (seconds later, once every node has
+        # its address): meanwhile no outgoing connection on this host can take it as its
+        # ephemeral port, which once failed a job's start with "address already in use".
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._bind, port))
+        except OSError:
+            sock.close()
+            if not port:
+                raise
+            self.port = port  # a restart's port, taken for now: the server's bind will say
+            return self.host, self.port
+        self._held_port = sock
+        self.port = sock.getsockname()[1]
         return self.host, self.port
+
+    def _release_port(self) -> None:
+        sock, self._held_port = self._held_port, None
+        if sock is not None:
+            sock.close()
 
     def where(self) -> dict[str, Any]:
         """Ray node id, host IP, process id and data directory of this actor."""
@@ -556,6 +577,7 @@ class _RayNode:
                 done.set()
 
         self._thread = threading.Thread(target=run, name=f"coordinator-{self.node_id}", daemon=True)
+        self._release_port()  # the server binds it at once (SO_REUSEADDR)
         self._thread.start()
         if not started.wait(DEFAULT_STARTUP_TIMEOUT_S):
             raise TimeoutError(f"coordinator node {self.node_id} did not start serving within "
