@@ -19,7 +19,8 @@ transports to drop every frame between the cut-off node and the rest (an authent
 ``RayCluster`` hosts each node in a Ray actor: with at least as many Ray nodes as coordinator
 nodes, a STRICT_SPREAD placement group puts each on its own machine (so losing one machine
 loses one node); with fewer, actors are spread best-effort (``"SPREAD"``). Each actor
-reserves a port on its own node's IP first, then all of them start with the full peer map.
+reserves a port on its own node's IP first (held bound until its server binds it, so no
+outgoing connection takes it meanwhile), then all of them start with the full peer map.
 Then each actor's one thread is parked in ``serve()`` until its node stops (an idle Ray
 actor's thread wakes every 10 ms; a parked one does not): the node is stopped over its port
 (``admin_stop``), and ``serve()``'s object ref tells the driver when a node is gone.
