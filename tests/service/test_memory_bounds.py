@@ -21,6 +21,8 @@ import pytest
 from coordinator import Client
 
 VALUE_BYTES = 256 << 10
+WRITERS = 4
+ENTRY_OVERHEAD_BYTES = 1 << 10  # an entry's key, session and framing, generously
 PUTS = 600  # 150 MB of values
 BOUNDS = {"snapshot_bytes": 16 << 20, "keep_bytes": 4 << 20, "retained_max": 32 << 20}
 PEAK_RSS_LIMIT_BYTES = 120 << 20  # measured 69-77 MiB; the log written alone is 150 MB
@@ -48,19 +50,24 @@ def test_retained_log_and_rss_stay_bounded_with_256kb_values(make_cluster, wait_
     def writer(t: int) -> None:
         try:
             with Client(cluster.endpoints, token=cluster.token, timeout_s=60) as c:
-                for n in range(t, PUTS, 4):
+                for n in range(t, PUTS, WRITERS):
                     c.put(f"v-{n % 16}", os.urandom(VALUE_BYTES))
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(4)]
+    threads = [threading.Thread(target=writer, args=(t,), daemon=True) for t in range(WRITERS)]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
         for i in cluster.node_ids:
             mem = (cluster.status(i) or {}).get("memory", {})
             seen_max[i] = max(seen_max[i], mem.get("retained_log_bytes", 0))
-            assert mem.get("retained_log_bytes", 0) <= BOUNDS["retained_max"] + VALUE_BYTES, mem
+            # A write is refused once the retained log is over the bound, checked when the
+            # write arrives: the writes admitted before the log grew past it still land, up
+            # to one per writer, each a value and its entry's encoding (a 256 KiB-only slack
+            # failed once in CI, 3.5 KB over: two writes admitted together).
+            assert mem.get("retained_log_bytes", 0) <= BOUNDS["retained_max"] + WRITERS * (
+                VALUE_BYTES + ENTRY_OVERHEAD_BYTES), mem
         done.wait(0.2)
     assert not errors, errors[:3]
     for i in cluster.node_ids:
