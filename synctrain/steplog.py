@@ -60,16 +60,13 @@ class StepLog:
         The answer's ``prune`` lists the checkpoint paths the new ones let go."""
         if not checkpoints:
             return self._command("steplog.steps", generation, rank, records)
-        refs = [[ref["step"], ref["path"], ref["size"], ref["sha256"], ref["time"]]
-                + ([ref["digest"]] if ref.get("digest") else []) for ref in checkpoints]
+        refs = [[ref["step"], *_ref_args(ref, ref["time"])] for ref in checkpoints]
         return self._command("steplog.steps", generation, rank, records, refs)
 
     def checkpoint(self, generation: int, step: int, ref: dict[str, Any]) -> list[str]:
         """Commit a written checkpoint (``ref``: path, size, sha256[, digest]); returns the
         paths of the checkpoints this one lets go."""
-        extra = (ref["digest"],) if ref.get("digest") else ()
-        answer = self._command("steplog.checkpoint", generation, step, ref["path"], ref["size"],
-                               ref["sha256"], time.time(), *extra)
+        answer = self._command("steplog.checkpoint", generation, step, *_ref_args(ref, time.time()))
         return list(answer.get("prune", []))
 
     def failure(self, record: dict[str, Any]) -> int:
@@ -98,6 +95,12 @@ class StepLog:
             if start >= answer["total"] or not answer["items"]:
                 break
         return out
+
+
+def _ref_args(ref: dict[str, Any], at: float) -> list[Any]:
+    """A checkpoint reference as the step log's commands take it: path, size, sha256, time[,
+    digest]."""
+    return [ref["path"], ref["size"], ref["sha256"], at] + ([ref["digest"]] if ref.get("digest") else [])
 
 
 __all__ = ["StepLog", "Fenced", "CoordinatorError", "Unavailable", "RequestRejected"]

@@ -393,8 +393,9 @@ class _Writer(threading.Thread):
             # references in one commit (the log records the references after the steps they
             # cover): a batch costs one Raft commit, however many checkpoints it holds.
             for i, item in enumerate(batch):
-                if item[0] == "checkpoint" and len(item) == 3:  # written once: a batch sent
-                    batch[i] = (*item, self._write_checkpoint(item, generation))  # again reuses it
+                if item[0] == "checkpoint" and len(item) == 3:  # written once, and its copies of
+                    # the tensors let go: a batch sent again reuses the reference
+                    batch[i] = ("checkpoint", item[1], None, self._write_checkpoint(item, generation))
             refs = [item[3] for item in batch if item[0] == "checkpoint"]
             self._send_records([item for item in batch if item[0] != "checkpoint"], generation, refs)
             self.commits += 1
