@@ -111,6 +111,9 @@ def test_steplog_overhead_benchmark_quick_mode_writes_results(ray_session, tmp_p
     assert runs["step_log=False"]["committed_steps"] == 0
     logged = runs[variants[1]]
     assert logged["committed_steps"] == logged["steps"][0] > 0
+    # the step log's own CPU (writer threads, the coordinator's nodes): none without the log
+    assert runs["step_log=False"]["steplog_cpu_share"] == 0
+    assert 0 < logged["steplog_cpu_share"] < 1, logged
     # The leader kill: no new generation, commits resumed (the stall was measured).
     (leader,) = data["faults"]
     assert leader["fault"] == "leader kill" and leader["generations"] == 1
