@@ -222,6 +222,12 @@ class ServerConfig:
     # node hosted by a Ray actor (coordinator.cluster.RayCluster), whose actor is busy serving
     # and cannot be asked to stop through Ray; off otherwise (a process is stopped by signal).
     remote_stop: bool = False
+    # A follower whose leader's connection is closed or reset by the other side (a killed
+    # leader's sockets close with its process) times out within a few ticks instead of a
+    # whole election timeout (raft RaftNode.report_disconnected): a killed leader is replaced
+    # at once even with a long timeout and rare heartbeats. A stopped (SIGSTOP) or cut-off
+    # leader keeps its sockets and is still found out by the timeout.
+    leader_loss_on_disconnect: bool = True
 
     def __post_init__(self) -> None:
         check_token(self.token)  # ValueError saying how to generate a long enough one
@@ -822,7 +828,8 @@ class CoordinatorServer:
         self.transport_server = Server(
             node_id=self.id, token=config.token, on_peer_message=self._on_peer_message,
             on_client_request=self._on_client_request, host=listen[0], port=listen[1],
-            on_peer_connected=self._on_peer_connected, max_frame_bytes=config.max_frame_bytes)
+            on_peer_connected=self._on_peer_connected, on_peer_disconnected=self._on_peer_disconnected,
+            max_frame_bytes=config.max_frame_bytes)
         self.peer_transport = PeerTransport(
             node_id=self.id, token=config.token,
             peers={i: a for i, a in self._peers_now.items() if i != self.id},
@@ -1051,6 +1058,11 @@ class CoordinatorServer:
         self.peer_transport.redial(peer)
         if not self._stopped.is_set():
             self.node.report_reachable(peer)  # a leader heartbeats it now: probed sooner
+            self._schedule_drive()
+
+    def _on_peer_disconnected(self, peer: int) -> None:
+        if self.config.leader_loss_on_disconnect and not self._stopped.is_set():
+            self.node.report_disconnected(peer)
             self._schedule_drive()
 
     def _on_unreachable(self, peer: int) -> None:

@@ -512,8 +512,10 @@ class Server:
     peer (it must not block); ``on_client_request(body)`` answers each client request with a
     dict, a Future of one, or a coroutine returning one; ``on_peer_connected(peer_id)``, if
     given, hears of each peer that has just connected and authenticated (a node that is back
-    up: see :meth:`PeerTransport.redial`). Binds to loopback unless another ``host`` is given
-    explicitly.
+    up: see :meth:`PeerTransport.redial`); ``on_peer_disconnected(peer_id)``, if given, of
+    each peer whose connection the other side closed or reset (its process may have died:
+    the kernel closes a killed process's sockets), never of one this server closed itself.
+    Binds to loopback unless another ``host`` is given explicitly.
 
     Limits: at most ``max_connections`` authenticated connections; connections still in
     their handshake (at most ``handshake_timeout_s`` each) wait in a :class:`HandshakePool`
@@ -529,11 +531,13 @@ class Server:
                  max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
                  max_handshakes_per_address: int = DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
                  stats: TransportStats | None = None,
-                 on_peer_connected: Callable[[int], None] | None = None) -> None:
+                 on_peer_connected: Callable[[int], None] | None = None,
+                 on_peer_disconnected: Callable[[int], None] | None = None) -> None:
         self._token = check_token(token)
         self.node_id = node_id
         self._on_peer_message = on_peer_message
         self._on_peer_connected = on_peer_connected
+        self._on_peer_disconnected = on_peer_disconnected
         self._on_client_request = on_client_request
         self._host, self._port = host, port
         self._max_frame = max_frame_bytes
@@ -662,7 +666,12 @@ class Server:
                 self.stats.handler_errors += 1
                 log.exception("node %d: on_peer_connected(%d) failed", self.node_id, peer_id)
         while True:
-            payload = chan.open(await _read_body(reader, self._max_frame, self.stats))
+            try:
+                body = await _read_body(reader, self._max_frame, self.stats)
+            except (ConnectionClosed, ConnectionError):
+                self._peer_disconnected(peer_id)
+                raise
+            payload = chan.open(body)
             if peer_id in self._blocked:
                 self.stats.peer_frames_blocked += 1
                 continue
@@ -672,6 +681,15 @@ class Server:
                 self.stats.handler_errors += 1
                 log.exception("node %d: on_peer_message failed for a frame from node %d",
                               self.node_id, peer_id)
+
+    def _peer_disconnected(self, peer_id: int) -> None:
+        if self._on_peer_disconnected is None or peer_id in self._blocked:
+            return
+        try:
+            self._on_peer_disconnected(peer_id)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("node %d: on_peer_disconnected(%d) failed", self.node_id, peer_id)
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             chan: SecureChannel) -> None:

@@ -1058,6 +1058,26 @@ class RaftNode:
         if self.role is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
             pr.become_probe()
 
+    def report_disconnected(self, peer: int) -> None:
+        """The transport saw ``peer``'s connection to this node end: its process exited (the
+        kernel closes a killed process's sockets) or it dropped the link. An addition to
+        etcd's API. If ``peer`` is this follower's leader, the follower forgets it -- no
+        leader lease is left to protect -- and times out within a few ticks rather than a
+        whole election timeout, so a killed leader is replaced at once however long the
+        timeout is (and heartbeats may be rare). Staggered by the follower's place among the
+        other voters, two ticks apart, so the first one's PreVote finds the others already
+        without a lease and no vote is split. Safety never rests on timing: a leader that is
+        alive after all keeps the others' leases (their links are up), so the PreVote fails
+        and its next heartbeat brings the follower back; at worst an election happens early."""
+        if self.role is not Role.FOLLOWER or peer == self.id or peer != self.leader_id:
+            return
+        self.dropped["leader_disconnected"] += 1
+        self.leader_id = 0
+        others = [v for v in self.trk.all_voters() if v != peer]  # sorted
+        place = others.index(self.id) if self.id in others else len(others)
+        self.election_elapsed = max(self.election_elapsed,
+                                    self.randomized_election_timeout - 1 - 2 * place)
+
     def report_reachable(self, peer: int) -> None:
         """The transport (re)connected with ``peer``. A leader heartbeats it now instead of at
         its next heartbeat tick, so a follower that restarted learns the leader, and answers

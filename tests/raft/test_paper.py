@@ -355,3 +355,40 @@ def test_a_rejected_higher_term_vote_does_not_reset_the_election_timer():
     assert n.election_elapsed == 5
     n.step(Message(MT.VOTE, 1, 3, term=6, log_term=1, index=2))  # up to date: granted
     assert n.vote == 3 and n.election_elapsed == 0
+
+
+# A leader's lost connection (an addition to etcd's API) ---------------------------------------
+def test_followers_told_their_leader_disconnected_elect_one_in_a_tick_without_a_split(cluster):
+    """The leader's process dies (its sockets close): both followers hear of it and the first
+    in id order campaigns at its next tick, the other two ticks later -- by then it granted
+    the first one's votes, its lease gone too. Without the report, nobody moves for a whole
+    election timeout (40-80 ticks here)."""
+    c = cluster(3, election_tick=40)
+    c.elect(1)
+    c.tick(3)
+    c.crash(1)
+    c.tick(5)
+    assert c.leaders() == [], "no timeout fires this early on its own"
+    for i in (2, 3):
+        c[i].report_disconnected(1)
+        assert c[i].leader_id == 0 and c[i].status().dropped["leader_disconnected"] == 1
+    c.tick(1)
+    assert c.leaders() == [2] and c[2].term == 2 and c[3].leader_id == 2
+    assert c[3].role is Role.FOLLOWER and c[3].status().dropped.get("vote_in_lease", 0) == 0
+
+
+def test_a_disconnect_report_about_a_live_leader_disrupts_nothing(cluster):
+    """Only follower 2's link to leader 1 dropped; 3 still hears the leader: 2's PreVote is
+    refused under 3's lease, no term moves, and the next heartbeat makes 2 follow 1 again.
+    A report about a peer that is not the leader, or made to a leader, changes nothing."""
+    c = cluster(3, election_tick=40)
+    c.elect(1)
+    c[3].report_disconnected(2)
+    c[1].report_disconnected(2)
+    assert c[3].leader_id == 1 and c[1].role is Role.LEADER
+    c[2].report_disconnected(1)
+    c.tick(1, only=(2,))
+    assert c[2].role is Role.PRE_CANDIDATE and c[3].status().dropped["vote_in_lease"] >= 1
+    c.tick(1, only=(1,))  # the leader's heartbeat
+    assert c.leaders() == [1] and c[1].term == c[2].term == c[3].term == 1
+    assert c[2].role is Role.FOLLOWER and c[2].leader_id == 1

@@ -8,6 +8,8 @@ still there. Waits are on conditions (a new leader, more completed operations), 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -34,6 +36,29 @@ def test_kill_leader(make_cluster, Workload, extra_args) -> None:
         load.wait_completed(LOAD_OPS)
     with cluster.client() as client:
         load.check(client)
+
+
+def test_a_killed_leader_is_replaced_before_any_election_timeout(make_cluster, wait_for) -> None:
+    """kill -9 closes the leader's sockets: both followers see its connection end, forget it
+    (no lease left) and elect one of them within a few ticks -- long before their election
+    timeout (60-120 ticks of 50 ms here: at least 3 s) could have fired."""
+    cluster = make_cluster(tick_ms=50.0, election_tick=60)
+    old = cluster.leader()
+    with cluster.client() as client:
+        client.put("before", b"1")
+    killed = time.monotonic()
+    cluster.kill(old)
+    new = cluster.leader(exclude=(old,))
+    took = time.monotonic() - killed
+    assert took < 60 * 0.050, f"a new leader only after {took:.1f} s: the timeout, not the disconnect"
+    for i in cluster.node_ids:
+        if i != old:
+            status = cluster.status(i)
+            assert status is not None and status["raft_dropped"].get("leader_disconnected", 0) >= 1, status
+    with cluster.client() as client:
+        client.put("after", b"2")  # the new leader commits
+        assert client.get("before") == b"1"
+    assert new != old
 
 
 def test_paused_leader_steps_down_and_serves_no_stale_read(make_cluster, Workload,
