@@ -20,17 +20,16 @@ from synctrain.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EMBEDDED_NODES = 3
-#: The embedded nodes' Raft clock: a tick every 100 ms, a heartbeat every tick, an election
-#: timeout of 3-5 ticks (300-500 ms). The nodes share the machine with the training they log,
-#: and every wake-up of a process costs CPU (~0.3 ms on the 2-core development machine, a
-#: virtual machine), so the clock ticks no more often than the leader must heartbeat: three
-#: idle nodes woke 89 times a second at 50 ms ticks with a heartbeat every 2 (the same
-#: heartbeat and election timeout in seconds), 68 now, and took 2.8% of a core in all (their
-#: actors' threads parked, see coordinator.cluster.RayCluster), against 14% with the
-#: service's defaults (15 ms, every tick, 150-300 ms). A leader's loss still costs well under
-#: a second of commits (an election timeout and one round of PreVote and votes;
-#: ``benchmarks/steplog_overhead.py`` measures it).
-EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 1, 3
+#: The embedded nodes' Raft clock: a tick every 100 ms, a heartbeat every 3 ticks, an election
+#: timeout of 10-19 ticks (1-1.9 s). The nodes share the machine with the training they log,
+#: and every message and wake-up costs CPU (~0.3 ms on the 2-core development machine, a
+#: virtual machine): three idle nodes took 2.8% of a core with a heartbeat every tick and a
+#: 300-500 ms timeout, 1.5% now (14% with the service's defaults: 15 ms, every tick, 150-300
+#: ms). A killed leader still costs well under a second of commits: its sockets close with
+#: its process, and the followers elect another within a few ticks of seeing that
+#: (``ServerConfig.leader_loss_on_disconnect``; ``benchmarks/steplog_overhead.py`` measures
+#: it); only a stopped or cut-off leader waits out the timeout.
+EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 3, 10
 #: The job's last look at a node: how long its status request may take before the node is
 #: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
 STATUS_TIMEOUT_S = 2.0
