@@ -17,8 +17,7 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
    next optimizer step) — as a document of copies of every tensor, so training goes on at
    once; the writer encodes it, writes it durably and only then commits it to the log
    (ordered after the records of the steps it covers); the log answers which old
-   checkpoints to delete. A checkpoint still queued behind two newer ones (fast steps: a
-   batch spans several) is dropped unwritten, as the log would prune it in that commit;
+   checkpoints to delete;
 3. in sync mode, every ``digest_every`` steps, copies the replicated state (the parameters,
    see :mod:`synctrain.digest`) at the same capture point — rank 0 reuses its checkpoint's
    copy — for the writer to hash and commit with the step records: the log compares the
@@ -49,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coordinator.steplog import LIVE_CHECKPOINTS
 from synctrain import checkpoint as ckpt
 from synctrain.digest import flip_bit, replicated_state, state_digest
 from synctrain.steplog import Fenced, StepLog
@@ -68,9 +66,6 @@ FLUSH_INTERVAL_S = 1.0
 RETRY_BACKOFF_S = 0.2
 #: Records the writer keeps queued at most; beyond, the step boundary waits (K bounds it first).
 MAX_QUEUED = 100_000
-#: Checkpoints queued and not yet written that the writer keeps (the newest), as many as the
-#: log keeps committed; see ``_Writer._drop_superseded_checkpoints``.
-KEEP_QUEUED_CHECKPOINTS = LIVE_CHECKPOINTS
 
 
 class WorkerFencedError(RuntimeError):
@@ -252,11 +247,9 @@ class StepBoundary:
     def metrics(self) -> dict[str, Any]:
         """This run's step-log figures for ``Result.worker_metrics``: commits made (each one
         Raft commit of a batch), commits that failed and were retried, seconds the loop waited
-        on the log (more than K steps uncommitted), checkpoints dropped unwritten because two
-        newer ones were queued."""
+        on the log (more than K steps uncommitted)."""
         return {"steplog_commits": self.writer.commits, "steplog_failed_commits": self.writer.failed_commits,
-                "steplog_wait_s": round(self.wait_s, 3),
-                "steplog_checkpoints_superseded": self.writer.dropped_checkpoints}
+                "steplog_wait_s": round(self.wait_s, 3)}
 
     def flush(self, timeout_s: float) -> bool:
         """Commit everything queued; True when done within ``timeout_s``."""
@@ -316,7 +309,6 @@ class _Writer(threading.Thread):
         self.stopping = False
         self.failed_commits = 0
         self.commits = 0
-        self.dropped_checkpoints = 0
         self.steplog = StepLog(list(boundary.cfg.endpoints), boundary.cfg.token, boundary.cfg.job)
 
     def put(self, *items: tuple) -> None:
@@ -326,27 +318,10 @@ class _Writer(threading.Thread):
                 self.cond.wait(0.5)
             was_empty = not self.queue
             self.queue.extend(items)
-            if items[0][0] == "checkpoint":  # put alone (see _take_checkpoint)
-                self._drop_superseded_checkpoints()
             if self.b.cfg.max_uncommitted_steps == 0:
                 self.urgent = True
             if was_empty or self.urgent:  # else the writer is awake, or holding the batch open
                 self.cond.notify_all()
-
-    def _drop_superseded_checkpoints(self) -> None:
-        """Keep at most KEEP_QUEUED_CHECKPOINTS checkpoints queued and not yet written: an
-        older one would be written, committed and pruned in the same commit as the newer
-        ones (the log keeps the last two), so it is dropped here, with its copies of the
-        tensors. Fast steps (hundreds a second, a checkpoint every 100) would otherwise
-        write several files a second, and a large model hold a copy per queued checkpoint."""
-        queued = [i for i, item in enumerate(self.queue) if item[0] == "checkpoint" and len(item) == 3]
-        if len(queued) <= KEEP_QUEUED_CHECKPOINTS:
-            return
-        drop = set(queued[:-KEEP_QUEUED_CHECKPOINTS])
-        kept = [item for i, item in enumerate(self.queue) if i not in drop]
-        self.queue.clear()
-        self.queue.extend(kept)
-        self.dropped_checkpoints += len(drop)
 
     def urge(self) -> None:
         with self.cond:
