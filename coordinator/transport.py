@@ -553,6 +553,7 @@ class Server:
             max_handshakes, max_handshakes_per_address)
         self._handshake_writers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._blocked: frozenset[int] = frozenset()
+        self._peer_links: collections.Counter[int] = collections.Counter()  # open links per peer
 
     async def start(self) -> None:
         # A listen backlog as deep as the handshake pool: under a burst of connects the
@@ -659,6 +660,14 @@ class Server:
 
     async def _serve_peer(self, reader: asyncio.StreamReader, chan: SecureChannel,
                           peer_id: int) -> None:
+        self._peer_links[peer_id] += 1
+        try:
+            await self._read_peer(reader, chan, peer_id)
+        finally:
+            self._peer_links[peer_id] -= 1
+
+    async def _read_peer(self, reader: asyncio.StreamReader, chan: SecureChannel,
+                         peer_id: int) -> None:
         if self._on_peer_connected is not None and peer_id not in self._blocked:
             try:
                 self._on_peer_connected(peer_id)
@@ -683,7 +692,10 @@ class Server:
                               self.node_id, peer_id)
 
     def _peer_disconnected(self, peer_id: int) -> None:
-        if self._on_peer_disconnected is None or peer_id in self._blocked:
+        # Only the peer's last link: an old connection that ends after the peer dialled a new
+        # one (a redial) is no sign of its death.
+        if (self._on_peer_disconnected is None or peer_id in self._blocked
+                or self._peer_links[peer_id] > 1):
             return
         try:
             self._on_peer_disconnected(peer_id)

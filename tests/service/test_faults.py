@@ -38,7 +38,7 @@ def test_kill_leader(make_cluster, Workload, extra_args) -> None:
         load.check(client)
 
 
-def test_a_killed_leader_is_replaced_before_any_election_timeout(make_cluster, wait_for) -> None:
+def test_a_killed_leader_is_replaced_before_any_election_timeout(make_cluster) -> None:
     """kill -9 closes the leader's sockets: both followers see its connection end, forget it
     (no lease left) and elect one of them within a few ticks -- long before their election
     timeout (60-120 ticks of 50 ms here: at least 3 s) could have fired."""

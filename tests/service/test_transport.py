@@ -521,3 +521,34 @@ def test_a_peer_that_connects_to_us_is_redialled_at_once() -> None:
             await s.close()
 
     asyncio.run(main())
+
+
+def test_a_peer_is_reported_disconnected_when_its_last_link_ends_and_never_on_our_own_close() -> None:
+    """``on_peer_disconnected`` hears of a peer whose connection the other side closed, but
+    only when no other link from that peer is open (an old connection ending after a redial
+    is no sign of death), and never when this server closes its own connections."""
+    async def main() -> None:
+        got: list[bytes] = []
+        gone: list[int] = []
+        server = Server(node_id=1, token=TOKEN, on_peer_message=lambda f, p: got.append(p),
+                        on_client_request=echo, on_peer_disconnected=gone.append)
+        await server.start()
+        old, new = (PeerTransport(node_id=2, token=TOKEN, peers={1: server.address}) for _ in range(2))
+        for i, pt in enumerate((old, new)):
+            await pt.start()
+            pt.send(1, b"%d" % i)
+        await until(lambda: len(got) == 2)
+        await old.close()  # node 2's other link is still up
+        await asyncio.sleep(0.2)  # a report would come at once: give it the chance
+        assert gone == []
+        await new.close()
+        await until(lambda: gone == [2])
+        third = PeerTransport(node_id=3, token=TOKEN, peers={1: server.address})
+        await third.start()
+        third.send(1, b"x")
+        await until(lambda: len(got) == 3)
+        await server.close()  # our own close: node 3 is not reported
+        await third.close()
+        assert gone == [2]
+
+    asyncio.run(main())
