@@ -19,7 +19,7 @@ waits at (with ``heartbeat()``), so the run cannot end before they happen:
    queued worker is up there (Ray's actor table says so) the loop goes on, sync at ``PACE_S``
    a step (the driver checks once a second; unpaced, the rest of the run took under a second and
    ended before it looked) — the job grows back to 3 (sync: at the next checkpoint; async: at
-   once, the new worker joins).
+   once, the new worker joins; there the survivors wait at gate B until the step log shows it).
 
 Prints one line ``ELASTIC {json}``: the generations, the committed steps and the id records,
 which the test checks (every sample of every epoch once, across the ranks that committed
@@ -161,6 +161,13 @@ def _faults(cluster: Any, out: pathlib.Path, report: dict[str, Any], fit: thread
         _add_slot_node(cluster)
         _wait_for("the queued worker up on the new node", lambda: _alive("TrainWorker") >= 3)
         _inject("the new node's worker is up")
+        if mode == "async":
+            # async grows at once, whatever the survivors do: they wait at gate B until the step
+            # log shows it (let go when the actor is up, they ran the rest of the run, unpaced, in
+            # less time than the driver takes to look, and the job ended before it grew)
+            _wait_for("a 3-worker generation after the 2-worker one",
+                      lambda: _sizes(out)[-1] == 3 and 2 in _sizes(out) or not fit.is_alive())
+            _inject("the job grew back to 3")
         (out / "placed").write_text("")
     except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
         report["fault_error"] = f"{type(exc).__name__}: {exc}"
