@@ -19,9 +19,10 @@ every local user, so before the hello the shard checks the peer's uid (``SO_PEER
 :data:`MAX_HELLO_BYTES` within a short deadline: a stranger can make it hold neither memory
 nor a connection slot for long.
 
-Requests on one connection are answered in order; a worker has at most one in flight per
-shard. An error on the shard comes back as a frame naming one of the parameter server's
-error classes and its message, and is raised as that class on the worker. A shard that dies
+Requests on one connection are served in order; a worker has at most one push in flight per
+shard. A push is answered; a snapshot request (``{"snap": tag}``, between pushes) is not.
+An error on the shard comes back as a frame naming one of the parameter server's error
+classes and its message, and is raised as that class on the worker. A shard that dies
 closes the socket: the worker's read sees end of file at once and says so.
 """
 

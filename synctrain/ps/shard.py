@@ -41,7 +41,11 @@ Recovery. ``export_state`` is an atomic snapshot (taken with no await inside): p
 the optimizer's state, clocks, version, all as torch tensors and plain values, so that
 ``torch.save``/``torch.load(weights_only=True)`` round-trips it; a bulk-synchronous round
 still being collected is left out (none of its pushes has been answered; they are pushed
-again after a restore). ``import_state`` loads one into a fresh shard, which then counts as
+again after a restore). A worker on the shard's machine asks for one over its socket
+instead (``{"snap": tag}``, no answer): the shard takes it when the frame arrives, so it holds
+exactly that worker's pushes sent before, and keeps it (at most ``MAX_SNAPSHOTS``) until
+``take_snapshot`` fetches it through Ray — the worker's loop never waits for the copy to
+travel. ``import_state`` loads one into a fresh shard, which then counts as
 initialised; the optimizer's state waits for ``set_optimizer`` to rebuild the optimizer.
 ``join`` lets a replacement take over a worker's slot: it is active again at the clock
 ``max(its own, the other active workers' minimum)``, so it neither holds the others back nor
@@ -54,6 +58,7 @@ its next push (its channel is no longer the worker's).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -92,6 +97,10 @@ MAX_OPEN_COLLECTIVES = 64
 HELLO_TIMEOUT_S = 2.0
 #: Socket connections a shard serves at once: a worker holds one per shard, a replacement one
 #: more while the old one drains; the slack covers joins. Any connection beyond is refused.
+#: Snapshots asked for over the socket and not yet fetched, kept at most (a worker has at
+#: most synctrain.strategies.paramserver.MAX_PENDING_SNAPSHOTS out; more are orphans of a
+#: worker that died before fetching them).
+MAX_SNAPSHOTS = 16
 CONNECTIONS_PER_WORKER = 4
 CONNECTION_SLACK = 8
 
@@ -176,6 +185,9 @@ class ParameterShard:
         self._loaded_optimizer_digest: str | None = None
         self._flip_at_version: tuple[int, int] | None = None  # test hook (inject_flip): version, bit
         self._joined_at: dict[int, int] = {}
+        # Snapshots a worker asked for over its socket (``{"snap": tag}``), kept until
+        # ``take_snapshot`` fetches them (at most MAX_SNAPSHOTS: the oldest go first)
+        self._snapshots: collections.OrderedDict[str, dict[str, Any] | Exception] = collections.OrderedDict()
 
     # ---- setup -------------------------------------------------------------------------
     async def init_params(self, job_id: str, digest: str, params: np.ndarray) -> int:
@@ -318,6 +330,11 @@ class ParameterShard:
                     f"worker {worker} was replaced (a new process joined in its place) or left: this "
                     "connection of its old process is closed and its push refused; stop that process"))))
                 return
+            if "snap" in request:  # a snapshot for a checkpoint: taken now, fetched later, no answer
+                self._stash(str(request["snap"]))
+                async with self._cond:
+                    self._cond.notify_all()
+                continue
             try:
                 lrs = request.get("lrs")
                 reply = await self.push_shm(
@@ -471,6 +488,37 @@ class ParameterShard:
         answered to nobody, so ``received`` is ``clocks`` for the workers that sent one.
         """
         self._fence(job_id)
+        return self._export()
+
+    async def take_snapshot(self, job_id: str, tag: str, timeout_s: float) -> dict[str, Any]:
+        """The snapshot a worker asked for over its socket with ``{"snap": tag}`` (see
+        ``export_state``), taken when that frame arrived: before any push the worker sent
+        after it. Waits up to ``timeout_s`` for the frame (this call may overtake it)."""
+        self._fence(job_id)
+        try:
+            async with self._cond:
+                await asyncio.wait_for(self._cond.wait_for(lambda: tag in self._snapshots), timeout_s)
+        except TimeoutError:
+            raise ParameterServerError(
+                f"shard {self.config.shard_index} holds no snapshot {tag!r} after {timeout_s:g} s: the "
+                f"worker's request never arrived, or it was dropped (more than {MAX_SNAPSHOTS} waited)") from None
+        state = self._snapshots.pop(tag)
+        if isinstance(state, Exception):
+            raise state
+        return state
+
+    def _stash(self, tag: str) -> None:
+        """Take a snapshot for ``take_snapshot`` (an error is kept, to be raised there)."""
+        try:
+            state: dict[str, Any] | Exception = self._export()
+        except ParameterServerError as exc:
+            state = exc
+        self._snapshots[tag] = state
+        while len(self._snapshots) > MAX_SNAPSHOTS:
+            dropped, _ = self._snapshots.popitem(last=False)
+            log.warning("shard %d: dropped snapshot %s, never fetched", self.config.shard_index, dropped)
+
+    def _export(self) -> dict[str, Any]:
         if self._flat is None or self._digest is None:
             raise ParameterServerError(f"shard {self.config.shard_index} holds no parameters yet, so there "
                                        "is nothing to export: call it after prepare_model")

@@ -81,9 +81,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import secrets
+import threading
 import time
 import types
 import zlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -127,6 +130,9 @@ CHUNKED_MAX_BYTES = 384 * 1024
 INLINE_PIECE_BYTES = 96 * 1024
 #: Extra seconds a worker's ray.get allows beyond the shard-side wait bound.
 RPC_MARGIN_S = 60.0
+#: Snapshots a worker asks for over its sockets (``state_dict_later``) and has not fetched yet,
+#: at most; past that ``state_dict_later`` answers None and the caller reads them at once.
+MAX_PENDING_SNAPSHOTS = 8
 #: Latency samples kept per worker for the percentiles (a ring buffer).
 LATENCY_SAMPLES = 4096
 #: More shards than this is a configuration mistake, not a tuning choice.
@@ -269,6 +275,9 @@ class ParameterServerStrategy(Strategy):
         self._good_buffers: list[torch.Tensor] | None = None  # the buffers at the last check passed
         self.digest_checks = 0
         self.digest_mismatches = 0
+        self._pending_snapshots = 0  # asked for by state_dict_later, not fetched yet
+        self.snapshots_later = 0  # ... asked for in all
+        self._snapshot_lock = threading.Lock()
 
     def on_shutdown(self) -> None:
         job, rank = self.spec.job_id, self.context.rank
@@ -482,6 +491,49 @@ class ParameterServerStrategy(Strategy):
         states = _get([s.export_state.remote(self.spec.job_id) for s in self.shards],
                       self.wait_timeout_s + RPC_MARGIN_S, "exporting the shards' state")
         return {"mode": "async", "clock": self.clock, "shards": states}
+
+    def state_dict_later(self) -> Callable[[], dict[str, Any]] | None:
+        """``state_dict()`` as of now, fetched later: a function (call it on any thread) that
+        returns what ``state_dict()`` returns now, or None where that cannot be had (a shard not
+        on this machine, or too many snapshots not fetched yet): then call ``state_dict()``.
+
+        Each shard is asked over this worker's socket, between two pushes, so its snapshot
+        holds exactly this worker's pushes so far, as ``export_state`` would; the copy travels
+        when the function is called. The loop goes on at once: a checkpoint costs it one
+        frame per shard instead of a round trip carrying the parameters and optimizer state.
+        """
+        if not self._local or any(local is None for local in self._local):
+            return None
+        with self._snapshot_lock:
+            if self._pending_snapshots >= MAX_PENDING_SNAPSHOTS:
+                return None
+            self._pending_snapshots += 1
+            self.snapshots_later += 1
+        try:
+            self._collect()  # this worker's pipelined push is in the snapshot
+            tag = f"{self.context.rank}:{self.clock}:{secrets.token_hex(4)}"
+            for local in self._local:
+                assert local is not None
+                local.link.send({"snap": tag})
+        except BaseException:
+            self._snapshot_done()
+            raise
+        clock, shards, job_id = self.clock, list(self.shards), self.spec.job_id
+        timeout_s = self.wait_timeout_s + RPC_MARGIN_S
+
+        def fetch() -> dict[str, Any]:
+            try:
+                states = _get([s.take_snapshot.remote(job_id, tag, timeout_s) for s in shards],
+                              timeout_s + RPC_MARGIN_S, "fetching the shards' snapshots")
+            finally:
+                self._snapshot_done()
+            return {"mode": "async", "clock": clock, "shards": states}
+
+        return fetch
+
+    def _snapshot_done(self) -> None:
+        with self._snapshot_lock:
+            self._pending_snapshots -= 1
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The driver-side restore path only: load ``state`` into this job's shards, which must
@@ -797,6 +849,7 @@ class ParameterServerStrategy(Strategy):
             "nonfinite_skipped": self.nonfinite_skipped,
             "digest_checks": self.digest_checks,  # pulled parameters checked against the shards' digests
             "digest_mismatches": self.digest_mismatches,  # ... that differed (their gradients dropped)
+            "snapshots_later": self.snapshots_later,  # checkpoints whose shard state was fetched off the loop
             "bytes_pushed": self.bytes_pushed,
             "push_pieces": list(self._pieces),  # per shard: inline pieces (1: sent whole)
             "push_transport": [_transport_name(c, p) for c, p in

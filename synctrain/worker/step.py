@@ -44,6 +44,7 @@ import pathlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -188,7 +189,7 @@ class StepBoundary:
                 opt.consolidate_state_dict(to=0)
         if self.rank != 0:
             return None
-        doc = capture(session, self.generation)
+        doc = capture(session, self.generation, later=True)
         doc.update(loaders=[list(p) for p in positions], report_seq=report_seq)
         self.writer.put(("checkpoint", pending["step"], doc))
         return doc
@@ -259,11 +260,13 @@ class StepBoundary:
         self.writer.stop(timeout_s)
 
 
-def capture(session: Session, generation: int) -> dict[str, Any]:
+def capture(session: Session, generation: int, *, later: bool = False) -> dict[str, Any]:
     """A checkpoint document of ``session`` as of its last step boundary (every tensor copied).
 
     Called right after a step (a checkpoint) or after a failed run (a peer heal), when the
-    models and optimizers still hold the state of that boundary."""
+    models and optimizers still hold the state of that boundary. ``later`` (async mode): the
+    shards' state may be a :class:`Later`, snapshotted now and fetched by :func:`resolve` (the
+    writer does, off the loop's thread)."""
     strategy = session.strategy
     positions, report_seq = session.handed_on_state()
     doc: dict[str, Any] = {
@@ -281,7 +284,23 @@ def capture(session: Session, generation: int) -> dict[str, Any]:
     if session.context.mode != "async":
         doc["optimizers"] = [_clone(opt.state_dict()) for opt in session.optimizers]
     elif strategy is not None:
-        doc["strategy"] = _clone(strategy.state_dict())
+        fetch = strategy.state_dict_later() if later and hasattr(strategy, "state_dict_later") else None
+        doc["strategy"] = Later(fetch) if fetch is not None else _clone(strategy.state_dict())
+    return doc
+
+
+class Later:
+    """A part of a checkpoint document taken now and fetched later (see :func:`resolve`)."""
+
+    def __init__(self, fetch: Callable[[], Any]) -> None:
+        self.fetch = fetch
+
+
+def resolve(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every :class:`Later` value fetched, in place; raises what a fetch raised."""
+    for key, value in doc.items():
+        if isinstance(value, Later):
+            doc[key] = value.fetch()
     return doc
 
 
@@ -306,6 +325,7 @@ class _Writer(threading.Thread):
         self.inflight = 0
         self.fenced: str | None = None
         self.urgent = False
+        self.fetch_due = False  # a queued checkpoint holds a Later: fetch it now, commit later
         self.stopping = False
         self.failed_commits = 0
         self.commits = 0
@@ -320,7 +340,9 @@ class _Writer(threading.Thread):
             self.queue.extend(items)
             if self.b.cfg.max_uncommitted_steps == 0:
                 self.urgent = True
-            if was_empty or self.urgent:  # else the writer is awake, or holding the batch open
+            later = any(item[0] == "checkpoint" and _unfetched(item) for item in items)
+            self.fetch_due = self.fetch_due or later
+            if was_empty or self.urgent or later:  # else the writer is awake, or holding the batch open
                 self.cond.notify_all()
 
     def urge(self) -> None:
@@ -365,8 +387,22 @@ class _Writer(threading.Thread):
                 # Hold the batch open for FLUSH_INTERVAL_S since the last commit (a put's
                 # notify wakes this wait: it waits again, unless a commit is urgent now)
                 deadline = last_flush + FLUSH_INTERVAL_S
-                while not self.urgent and not self.stopping and (left := deadline - time.monotonic()) > 0:
+                while (not self.urgent and not self.stopping and not self.fetch_due
+                       and (left := deadline - time.monotonic()) > 0):
                     self.cond.wait(left)
+                docs = None
+                if self.fetch_due:  # fetched at once, committed with the batch: until fetched, a
+                    # checkpoint's shard state lives only in the shards, which may die
+                    self.fetch_due = False
+                    if not (self.urgent or self.stopping or time.monotonic() >= deadline):
+                        docs = [item[2] for item in self.queue if item[0] == "checkpoint" and _unfetched(item)]
+            if docs is not None:  # then back to holding the batch open
+                for doc in docs:
+                    _fetch(doc, self.b.rank)
+                continue
+            with self.cond:
+                if not self.queue:
+                    continue
                 batch = list(self.queue)
                 self.queue.clear()
                 self.inflight = len(batch)
@@ -393,7 +429,11 @@ class _Writer(threading.Thread):
             for i, item in enumerate(batch):
                 if item[0] == "checkpoint" and len(item) == 3:  # written once, and its copies of
                     # the tensors let go: a batch sent again reuses the reference
+                    if not _fetch(item[2], self.b.rank):
+                        batch[i] = ("dropped",)
+                        continue
                     batch[i] = ("checkpoint", item[1], None, self._write_checkpoint(item, generation))
+            batch[:] = [item for item in batch if item[0] != "dropped"]
             refs = [item[3] for item in batch if item[0] == "checkpoint"]
             self._send_records([item for item in batch if item[0] != "checkpoint"], generation, refs)
             self.commits += 1
@@ -431,6 +471,28 @@ class _Writer(threading.Thread):
         ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc))
         ref.update(step=step, time=time.time(), digest=state_digest(checkpoint_state(doc)))
         return ref
+
+
+def _unfetched(item: tuple) -> bool:
+    """A queued checkpoint whose document still holds a :class:`Later`."""
+    return len(item) == 3 and any(isinstance(v, Later) for v in item[2].values())
+
+
+def _fetch(doc: dict[str, Any], rank: int) -> bool:
+    """Fetch ``doc``'s :class:`Later` parts (:func:`resolve`); False if the checkpoint is lost.
+
+    A fetch that fails (a shard died before its snapshot was fetched) loses that checkpoint:
+    the job goes on, and a restore takes the one before (a dead shard fails the run anyway)."""
+    if "dropped" in doc:
+        return False
+    try:
+        resolve(doc)
+        return True
+    except Exception as exc:  # noqa: BLE001 - see above
+        doc["dropped"] = f"{type(exc).__name__}: {exc}"
+        log.warning("rank %d: checkpoint of step %s dropped: its parameter-server snapshots could not be "
+                    "fetched (%s)", rank, doc.get("step"), doc["dropped"])
+        return False
 
 
 def checkpoint_state(doc: dict[str, Any]) -> Any:

@@ -345,3 +345,48 @@ def test_a_shard_killed_mid_push_is_reported_at_once_not_after_the_timeout(ray_s
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ParameterServerError, match="closed the connection"):
         link.receive()  # end of file at once; the 600 s timeout would fail the test's own limit
+
+
+def test_a_snapshot_asked_for_on_the_socket_holds_the_pushes_before_it_and_none_after(served):
+    """``{"snap": tag}`` between two pushes: the shard takes the snapshot then (no answer on
+    the socket), and ``take_snapshot`` hands over exactly that, even after later pushes and
+    even when it is called before the frame arrives; unknown tags time out clearly."""
+    shard, channel, address, loop = served
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    channel.grad[:] = [1, 1, 1, 1]
+    link.send(request(0))
+    link.receive()
+    early = asyncio.run_coroutine_threadsafe(shard.take_snapshot(JOB, "second", 10), loop.loop)
+    link.send({"snap": "first"})
+    channel.grad[:] = [2, 2, 2, 2]
+    link.send(request(1))
+    after_push = link.receive()  # the socket's next frame is the push's answer: snap has none
+    link.send({"snap": "second"})
+    link.send(request(2, has=False))
+    link.receive()
+    first = loop.run(shard.take_snapshot(JOB, "first", 10))
+    second = early.result(10)
+    # lr 1, update scale 0.5: 0..3 - 0.5 after the first push, - 1 more after the second
+    assert first["params"].tolist() == [-0.5, 0.5, 1.5, 2.5] and first["clocks"][0] == 1
+    assert second["params"].tolist() == [-1.5, -0.5, 0.5, 1.5] and second["clocks"][0] == 2
+    assert after_push["clocks"][0] == 2 and second["version"] == first["version"] + 1
+    with pytest.raises(ParameterServerError, match="holds no snapshot 'first' after 0.2 s"):
+        loop.run(shard.take_snapshot(JOB, "first", 0.2))  # fetched once: gone
+    link.close()
+
+
+def test_snapshots_never_fetched_are_bounded(served):
+    """A worker that died before fetching leaves its snapshots behind: the shard keeps the
+    newest MAX_SNAPSHOTS, and a fetch of a dropped one says so."""
+    from synctrain.ps.shard import MAX_SNAPSHOTS
+
+    shard, channel, address, loop = served
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    for i in range(MAX_SNAPSHOTS + 1):
+        link.send({"snap": f"s{i}"})
+    last = loop.run(shard.take_snapshot(JOB, f"s{MAX_SNAPSHOTS}", 10))  # all frames served by now
+    assert last["clocks"] == [0, 0] and len(shard._snapshots) == MAX_SNAPSHOTS - 1
+    with pytest.raises(ParameterServerError, match=r"never arrived, or it was dropped \(more than 16"):
+        loop.run(shard.take_snapshot(JOB, "s0", 0.2))
+    assert loop.run(shard.take_snapshot(JOB, "s1", 1))["version"] == 0
+    link.close()

@@ -368,3 +368,36 @@ def test_async_optimizer_and_strategy_state_dicts_survive_torch_save_in_a_real_j
         assert ps["mode"] == "async" and len(ps["shards"]) == 2
         assert sum(s["params"].numel() for s in ps["shards"]) == 6 * 3 + 3
         assert all(len(s["clocks"]) == 2 and s["clocks"][rank] >= 3 for s in ps["shards"])
+
+
+def stepping_loop(config):
+    """Plain SGD steps on a small model, ``config["steps"]`` of them; a checkpoint every few."""
+    torch.manual_seed(0)
+    model = synctrain.prepare_model(nn.Linear(6, 3))
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9))
+    for _ in range(config["steps"]):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        opt.step()
+    return {}
+
+
+def test_a_checkpoint_holds_the_shards_as_of_its_step_though_they_travel_after_it(ray_session, tmp_path):
+    """Rank 0 asks each shard for its snapshot over the socket and trains on; the writer
+    fetches the snapshots later. Every checkpoint still holds exactly rank 0's pushes up to its
+    step (none of the ones it sent after asking), with the optimizer's momentum."""
+    steps, every = 40, 5
+    result = synctrain.Trainer(stepping_loop, num_workers=2, mode="async", use_gpu=False, progress=False,
+                               config={"steps": steps}, storage_path=str(tmp_path), job_name="later",
+                               checkpoint_every=every, num_ps_shards=2).fit()
+    # the loop's last step has no capture point after it: no checkpoint there
+    assert result.worker_metrics[0]["snapshots_later"] == (steps - 1) // every, result.worker_metrics[0]
+    files = sorted((tmp_path / "later").rglob("ckpt-*.pt"))
+    assert files, "no checkpoint kept"
+    for path in files:
+        doc = torch.load(path, weights_only=True)
+        clock = doc["strategy"]["clock"]
+        assert clock == doc["step"] and clock % every == 0, path.name
+        for shard in doc["strategy"]["shards"]:
+            assert shard["received"][0] == shard["clocks"][0] == clock, (path.name, shard["received"])
+            assert shard["optimizer"]["state"], "the momentum buffers are in it"

@@ -84,6 +84,12 @@ def inject(config, ctx, step) -> None:
     elif kind == "kill_shard":
         import ray
 
+        if "after_checkpoint" in fault:  # its file written: the shards' state was fetched from them
+            job_dir = Path(synctrain.context.current_session().stepper.cfg.job_dir)
+            want = job_dir / f"ckpt-{fault['after_checkpoint']:09d}-g1.pt"
+            deadline = time.monotonic() + 60
+            while not want.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         shard = synctrain.context.current_session().strategy.shards[fault.get("shard", 0)]
         os.kill(ray.get(shard.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
     elif kind == "corrupt_newest_then_kill":
@@ -348,7 +354,10 @@ def test_async_leader_kill_needs_no_new_generation(ray_session, tmp_path):
 
 
 def test_async_shard_kill_restores_the_checkpoint(ray_session, tmp_path):
-    result = run(tmp_path, "async", fault={"kind": "kill_shard", "rank": 0, "step": 50}, name="ashard")
+    # a checkpoint's shard state travels after its step (rank 0's writer fetches it from the
+    # shards at once): the shard dies once the checkpoint of step 40 is written
+    result = run(tmp_path, "async", fault={"kind": "kill_shard", "rank": 0, "step": 50, "after_checkpoint": 40},
+                 name="ashard")
     check_complete(result, "async", max_redone=50)
     assert [f["kind"] for f in result.failures] == ["shard_died"]
     assert result.failures[0]["recovery"] == "checkpoint"
