@@ -130,6 +130,9 @@ class JobShell:
         self.failure_log: list[dict[str, Any]] = []
         self._awaiting: list[tuple[int, float, int, int | None]] = []  # failure idx, t, start, rank
         self._restarting: set[int] = set()
+        # Coordinator nodes whose restart failed every try (their Ray node is gone: the WAL and
+        # address are that host's): not restarted again, and their death counted once
+        self._unrestartable: set[int] = set()
         self.bookkeeper = _FailureBook(StepLog(list(steplog_cfg.endpoints), steplog_cfg.token,
                                                steplog.job, timeout_s=2.0))
         self._restart_threads: list[threading.Thread] = []
@@ -369,7 +372,7 @@ class JobShell:
         if self.coordinator is None:
             return
         for node in self.coordinator.dead_nodes(wait_s):
-            if node in self._restarting:
+            if node in self._restarting or node in self._unrestartable:
                 continue
             self._restarting.add(node)
             decision = self.policy.decide([Failure("coordinator_node_died")], [])
@@ -396,7 +399,11 @@ class JobShell:
                 except Exception as exc:  # noqa: BLE001 - logged, tried again
                     log.warning("restarting coordinator node %d failed (try %d of %d): %s", node,
                                 attempt + 1, NODE_RESTART_TRIES, exc)
-                    time.sleep(1.0 + attempt)
+                    if attempt + 1 < NODE_RESTART_TRIES:
+                        time.sleep(1.0 + attempt)
+            self._unrestartable.add(node)
+            log.warning("coordinator node %d stays down: the coordinator goes on with its other nodes "
+                        "while they hold a quorum (another node's death would stop the step log)", node)
         finally:
             self._restarting.discard(node)
 

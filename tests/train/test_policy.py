@@ -167,3 +167,34 @@ def test_a_stopped_process_gets_no_startup_grace(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_coordinator_node_that_cannot_be_restarted_is_counted_once(monkeypatch):
+    """Its Ray node is gone (its WAL and address were that host's): every restart fails. The
+    driver tries NODE_RESTART_TRIES times, then leaves it down; its death stays one failure
+    however often the driver looks again (CI once saw each look count another, and a job that
+    had lost one Ray node end past max_failures)."""
+    import types
+
+    from synctrain.driver import shell as shell_module
+    from synctrain.driver.shell import JobShell
+
+    monkeypatch.setattr(shell_module.time, "sleep", lambda s: None)
+    tries = []
+
+    def restart(node):
+        tries.append(node)
+        raise RuntimeError("The actor is not schedulable: the node specified via "
+                           "NodeAffinitySchedulingStrategy doesn't exist any more")
+
+    shell = JobShell.__new__(JobShell)
+    shell.coordinator = types.SimpleNamespace(dead_nodes=lambda wait_s: [1], restart=restart)
+    shell.policy = RecoveryPolicy("sync", max_failures=3)
+    shell._restarting, shell._unrestartable, shell._restart_threads = set(), set(), []
+    recorded = []
+    shell._record_failure = lambda f, decision: recorded.append(f.kind) or len(recorded) - 1
+    shell._give_up = lambda failures, decision: pytest.fail(f"gave up: {decision.reason}")
+    for _ in range(5):
+        shell._check_coordinator(restart_now=True)
+    assert recorded == ["coordinator_node_died"]
+    assert tries == [1] * shell_module.NODE_RESTART_TRIES and shell._unrestartable == {1}
