@@ -95,12 +95,12 @@ LAG_BUCKETS = 65
 MAX_OPEN_COLLECTIVES = 64
 #: Seconds a new same-machine connection has to present its hello (a worker sends it at once).
 HELLO_TIMEOUT_S = 2.0
-#: Socket connections a shard serves at once: a worker holds one per shard, a replacement one
-#: more while the old one drains; the slack covers joins. Any connection beyond is refused.
 #: Snapshots asked for over the socket and not yet fetched, kept at most (a worker has at
 #: most synctrain.strategies.paramserver.MAX_PENDING_SNAPSHOTS out; more are orphans of a
 #: worker that died before fetching them).
 MAX_SNAPSHOTS = 16
+#: Socket connections a shard serves at once: a worker holds one per shard, a replacement one
+#: more while the old one drains; the slack covers joins. Any connection beyond is refused.
 CONNECTIONS_PER_WORKER = 4
 CONNECTION_SLACK = 8
 

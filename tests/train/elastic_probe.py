@@ -165,8 +165,11 @@ def _faults(cluster: Any, out: pathlib.Path, report: dict[str, Any], fit: thread
             # async grows at once, whatever the survivors do: they wait at gate B until the step
             # log shows it (let go when the actor is up, they ran the rest of the run, unpaced, in
             # less time than the driver takes to look, and the job ended before it grew)
+            def grown(sizes: list[int]) -> bool:
+                return sizes[-1] == 3 and 2 in sizes
+
             _wait_for("a 3-worker generation after the 2-worker one",
-                      lambda: _sizes(out)[-1] == 3 and 2 in _sizes(out) or not fit.is_alive())
+                      lambda: not fit.is_alive() or grown(_sizes(out)))
             _inject("the job grew back to 3")
         (out / "placed").write_text("")
     except BaseException as exc:  # noqa: BLE001 - reported in the JSON line
