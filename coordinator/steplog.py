@@ -21,7 +21,9 @@ Records kept, per job (a name of 1..200 characters of ``[A-Za-z0-9._-]``):
   started (``start_step``, ``start_report``), why, when.
 - ``steps``: one record per optimizer step, written by rank 0: ``{step, generation, time,
   ps_clock}``. ``reports``: metrics a job reported, numbered by ``seq`` from 0, each tied to
-  the step it followed. Other ranks only report their progress (``progress[rank]``, the
+  the step it followed and carrying that step's ``time`` (absent for a report before the
+  first step, and in logs written before reports carried it), so a reader of the reports
+  never needs the far longer list of steps. Other ranks only report their progress (``progress[rank]``, the
   highest step they wrote in the current generation).
 - ``checkpoints``: ``{step, generation, path, size, sha256, time[, digest]}`` (by
   ``steplog.checkpoint``, or riding on rank 0's ``steplog.steps``, after its records: one
@@ -59,6 +61,10 @@ at most ``last_step`` is a duplicate (a retried batch) and skipped, a record at 
 may carry reports only (made after that step, before the next), the next step must be
 ``last_step + 1``, and reports must continue at ``report_seq`` (lower: duplicate, skipped;
 higher: a gap). A gap refuses the whole batch with ``error "gap"`` and the expected numbers.
+A *run* ``{"run": first, "times": [...][, "ps_clocks": [...]]}`` stands for the records of
+steps ``first``, ``first + 1``, ... that carry nothing but their time (and PS clock): the same
+rules apply to each of its steps (those at most ``last_step`` skipped), and it is stored as
+those step records. A batch holds at most :data:`MAX_RECORDS_PER_BATCH` steps, runs included.
 
 Two checkpoints stay live (not superseded, not pruned); committing a third prunes the oldest
 and answers its path so the writer can delete the file (never a path a live checkpoint
@@ -135,7 +141,7 @@ MAX_SPEC_BYTES = 64 << 10  # a job's spec, msgpack-encoded
 MAX_GENERATIONS = 10_000  # per job
 MAX_MEMBERS = 4_096  # per generation
 MAX_RANK = 1 << 20
-MAX_RECORDS_PER_BATCH = 4_096  # step records in one steplog.steps
+MAX_RECORDS_PER_BATCH = 4_096  # step records in one steplog.steps (a run's steps count each)
 MAX_REPORTS_PER_BATCH = 4_096  # reports in one steplog.steps, all records together
 MAX_METRICS_PER_REPORT = 64
 MAX_METRIC_KEY_CHARS = 128
@@ -282,17 +288,68 @@ class _Record:
     pulled: tuple[tuple[int, str, str], ...] | None = None  # per shard: (version, served, held)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Run:
+    """A validated *run*: consecutive steps ``first``..``step`` that carry nothing but their
+    time (and PS clock), sent as one record ``{"run": first, "times": [...][, "ps_clocks":
+    [...]]}``: a fast job's batch is mostly such steps, and a run costs each replica a loop
+    over two lists instead of a map per step."""
+
+    first: int
+    step: int  # the last step of the run
+    times: list[float]
+    ps_clocks: list[int | None] | None
+    reports: tuple = ()
+    digest: None = None
+    pulled: None = None
+
+    @property
+    def time(self) -> float:
+        return self.times[-1]
+
+
 _RECORD_KEYS = frozenset({"step", "time", "reports", "ps_clock", "digest", "pulled"})
+_RUN_KEYS = frozenset({"run", "times", "ps_clocks"})
 
 
-def _records(v: Any) -> list[_Record]:
+def _run(r: dict[str, Any]) -> _Run:
+    if not _RUN_KEYS.issuperset(r) or "times" not in r:
+        raise BadArgument('a run is a map {"run": first step, "times": [number][, "ps_clocks": '
+                          '[int or nil]]}')
+    first = _int(r["run"], "a run's first step")
+    times = _seq(r["times"], "a run's times", MAX_RECORDS_PER_BATCH)
+    # (a NaN or an infinity anywhere makes the sum one; so does only a sum past 1e308)
+    if not times or not all(type(t) is float or type(t) is int for t in times) or not (
+            math.isfinite(sum(times))):
+        raise BadArgument("a run's times are one finite number (unix seconds) per step, at least one")
+    clocks = r.get("ps_clocks")
+    if clocks is not None:
+        clocks = _seq(clocks, "a run's ps_clocks", MAX_RECORDS_PER_BATCH)
+        if len(clocks) != len(times) or not all(
+                c is None or (type(c) is int and -(1 << 62) <= c <= 1 << 62) for c in clocks):
+            raise BadArgument("a run's ps_clocks are one integer (or nil) per step")
+    return _Run(first, first + len(times) - 1, [float(t) for t in times], clocks)
+
+
+def _records(v: Any) -> list[_Record | _Run]:
     items = _seq(v, "records", MAX_RECORDS_PER_BATCH)
-    out, reports_total = [], 0
+    out: list[_Record | _Run] = []
+    reports_total = steps_total = 0
     for r in items:
+        if type(r) is dict and "run" in r:
+            run = _run(r)
+            steps_total += len(run.times)
+            if steps_total > MAX_RECORDS_PER_BATCH:
+                raise BadArgument(f"a batch carries at most {MAX_RECORDS_PER_BATCH} steps")
+            out.append(run)
+            continue
+        steps_total += 1
+        if steps_total > MAX_RECORDS_PER_BATCH:
+            raise BadArgument(f"a batch carries at most {MAX_RECORDS_PER_BATCH} steps")
         if type(r) is not dict or "step" not in r or "time" not in r or not (
                 _RECORD_KEYS.issuperset(r)):
             raise BadArgument('a record is a map {"step", "time"[, "reports", "ps_clock", '
-                              '"digest", "pulled"]}')
+                              '"digest", "pulled"]} or a run {"run", "times"[, "ps_clocks"]}')
         parsed: tuple[tuple[int, dict[str, Any]], ...] = ()
         if r.get("reports"):
             reports = _seq(r["reports"], "reports", MAX_REPORTS_PER_BATCH)
@@ -557,29 +614,45 @@ class StepLog:
         return answer
 
     @staticmethod
-    def _plan(job: Job, batch: list[_Record]) -> tuple[list[dict], list[dict]]:
+    def _plan(job: Job, batch: list[_Record | _Run]) -> tuple[list[dict], list[dict]]:
         """The records a rank-0 batch adds (duplicates skipped); _Refused on a gap."""
         step_at, seq_at, g = job.last_step, job.report_seq, job.generation
         new_steps: list[dict] = []
         new_reports: list[dict] = []
+        step_time: float | None = None  # the time of step ``step_at``, once looked up
+        looked_up = False
         for rec in batch:
-            if rec.step > step_at + 1 and job.allow_jump and rec.step - step_at <= MAX_LOST_STEPS:
-                for lost in range(step_at + 1, rec.step):  # a replacement rank 0 resumed ahead
-                    new_steps.append({"step": lost, "generation": g, "time": rec.time,
+            first = rec.first if isinstance(rec, _Run) else rec.step
+            if first > step_at + 1 and job.allow_jump and first - step_at <= MAX_LOST_STEPS:
+                at = rec.times[0] if isinstance(rec, _Run) else rec.time
+                for lost in range(step_at + 1, first):  # a replacement rank 0 resumed ahead
+                    new_steps.append({"step": lost, "generation": g, "time": at,
                                       "ps_clock": None, "lost": True})
-                step_at = rec.step - 1
-            if rec.step > step_at + 1:
-                raise _gap(job, f"step {rec.step} arrived where step {step_at + 1} was due")
+                step_at = first - 1
+            if first > step_at + 1:
+                raise _gap(job, f"step {first} arrived where step {step_at + 1} was due")
+            if isinstance(rec, _Run):
+                if rec.step > step_at:  # its steps up to step_at are duplicates
+                    times, clocks = rec.times, rec.ps_clocks
+                    new_steps.extend([{"step": rec.first + i, "generation": g, "time": times[i],
+                                       "ps_clock": None if clocks is None else clocks[i]}
+                                      for i in range(step_at + 1 - rec.first, len(times))])
+                    step_at, step_time, looked_up = rec.step, times[-1], True
+                continue
             if rec.step == step_at + 1:
                 new_steps.append({"step": rec.step, "generation": g, "time": rec.time,
                                   "ps_clock": rec.ps_clock})
-                step_at = rec.step
+                step_at, step_time, looked_up = rec.step, rec.time, True
             for seq, metrics in rec.reports:
                 if seq > seq_at:
                     raise _gap(job, f"report {seq} arrived where report {seq_at} was due")
                 if seq == seq_at:
-                    new_reports.append({"seq": seq, "step": rec.step, "generation": g,
-                                        "metrics": metrics})
+                    report = {"seq": seq, "step": rec.step, "generation": g, "metrics": metrics}
+                    if rec.step == step_at and not looked_up:  # its step came in an earlier batch
+                        step_time, looked_up = _live_step_time(job, step_at), True
+                    if rec.step == step_at and step_time is not None:
+                        report["time"] = step_time
+                    new_reports.append(report)
                     seq_at += 1
         return new_steps, new_reports
 
@@ -756,13 +829,29 @@ def _gap(job: Job, what: str) -> _Refused:
                     last_step=job.last_step, report_seq=job.report_seq)
 
 
+#: Step records :func:`_live_step_time` looks back over at most (a rollback leaves no more
+#: superseded ones after the last live step than a generation ran past its restart point).
+MAX_STEP_TIME_LOOKBACK = 4_096
+
+
+def _live_step_time(job: Job, step: int) -> float | None:
+    """The time of live step ``step`` (the log's last), or None (no step record yet)."""
+    for rec in job.steps[:-MAX_STEP_TIME_LOOKBACK - 1:-1]:
+        if rec["step"] == step and not rec.get("superseded"):
+            return float(rec["time"])
+    return None
+
+
 def _peek(records: Any) -> tuple[int | None, float]:
     """First step and last time of a batch that will not be parsed (it is fenced)."""
     if not isinstance(records, (list, tuple)) or not records:
         return None, 0.0
     first, last = records[0], records[-1]
-    step: Any = first.get("step") if isinstance(first, dict) else None
+    step: Any = (first.get("run", first.get("step"))) if isinstance(first, dict) else None
     t: Any = last.get("time") if isinstance(last, dict) else None
+    if isinstance(last, dict) and "run" in last:
+        times = last.get("times")
+        t = times[-1] if isinstance(times, (list, tuple)) and times else None
     return (step if type(step) is int else None,
             float(t) if type(t) in (int, float) and math.isfinite(t) else 0.0)
 
@@ -784,7 +873,7 @@ def _kept_live(job: Job, live: list[dict]) -> set[int]:
 
 
 # ------------------------------------------------------------------ digests
-def _note_digests(job: Job, rank: int, batch: list[_Record]) -> None:
+def _note_digests(job: Job, rank: int, batch: list[_Record | _Run]) -> None:
     """Add the digests a batch carries to their sets; judge each set once it is complete."""
     members: set[int] | None = None
     for rec in batch:
@@ -842,7 +931,7 @@ def _judge(job: Job, entry: dict[str, Any]) -> None:
         "trusted_step": job.digest_trusted}
 
 
-def _note_pulled(job: Job, rank: int, batch: list[_Record]) -> None:
+def _note_pulled(job: Job, rank: int, batch: list[_Record | _Run]) -> None:
     """Judge the pulled-digest checks a batch carries (async): each shard's range as held by
     the worker against the digest the shard gave of what it served (a difference names the
     worker), and each served digest against the last one kept for the same shard and version

@@ -10,14 +10,18 @@ workers sent: one JSON object a line per live (not superseded) report, in report
     {"step": 40, "generation": 1, "time": 12.375, "loss": 0.21, ...every reported value}
 
 ``time`` is seconds since the job's first generation started (both from the log: the step
-record's wall-clock time, or for a report before the first step its generation's time). A
+record's wall-clock time, which the log keeps with each report, or for a report before the
+first step its generation's time). A
 reported key that clashes with ``step``/``generation``/``time`` is kept as ``<key>_reported``.
 
 Two writers, one result:
 
 * :class:`LiveMetrics`, a driver thread while the job runs: every :data:`POLL_S` it reads the
-  generations, reports and steps committed since its last look (reports before steps, so every
-  report's step is known) and appends the new rows. A new generation may supersede rows
+  generations and reports committed since its last look (stale reads: whatever node it asks
+  answers from what it has applied, with no round to the others; a poll that sees less sees the
+  rest at the next) and appends the new rows. Each report carries its step's time, so the
+  steps (one record per optimizer step: hundreds a second for a fast model) are not read at
+  all, except for reports of a log written before reports carried it. A new generation may supersede rows
   already written, so then it rewrites the whole file from the log (a generation is rare:
   bounded by the step log's ``MAX_GENERATIONS``). Between a rollback and the next poll the file
   may hold rows about to be superseded; a reader wanting the final word waits for the end.
@@ -64,7 +68,9 @@ def metric_rows(reports: list[dict[str, Any]], steps: list[dict[str, Any]],
     rows = []
     for report in sorted((r for r in reports if not r.get("superseded")), key=lambda r: r["seq"]):
         step, generation = int(report["step"]), int(report["generation"])
-        when = step_time.get(step) if step > 0 else None
+        when = report.get("time")  # its step's time, which the log keeps with each report
+        if when is None:  # a report before the first step, or a log from before that
+            when = step_time.get(step) if step > 0 else None
         if when is None:
             when = generation_time.get(generation)
         if t0 is None and when is not None:
@@ -195,10 +201,13 @@ class LiveMetrics(threading.Thread):
             self._generations += generations
             self._rewrite()
             return
-        reports = self._read("reports")  # before the steps: each report's step is then read too
-        for s in self._read("steps"):
-            if not s.get("superseded"):
-                self._step_time[int(s["step"])] = float(s["time"])
+        reports = self._read("reports")
+        if any(r.get("time") is None and int(r["step"]) > 0 for r in reports):
+            # a log from before reports carried their step's time: read the steps (after the
+            # reports, so every report's step is among them)
+            for s in self._read("steps"):
+                if not s.get("superseded"):
+                    self._step_time[int(s["step"])] = float(s["time"])
         rows = metric_rows(reports, [{"step": k, "time": t} for k, t in self._step_time.items()],
                            self._generations)
         append_rows(self.job_dir, rows)
@@ -208,13 +217,18 @@ class LiveMetrics(threading.Thread):
             self._step_time = {k: t for k, t in self._step_time.items() if k >= last}
 
     def _read(self, kind: str) -> list[dict[str, Any]]:
-        items = self.log.records(kind, start=self._seen[kind], max_items=MAX_ITEMS_PER_POLL)
+        items = self.log.records(kind, consistency="stale", start=self._seen[kind],
+                                 max_items=MAX_ITEMS_PER_POLL)
         self._seen[kind] += len(items)
         return items
 
     def _rewrite(self) -> None:
-        reports, steps = self.log.records("reports"), self.log.records("steps")
-        self._seen["reports"], self._seen["steps"] = len(reports), len(steps)
+        reports = self.log.records("reports")
+        self._seen["reports"] = len(reports)
+        steps: list[dict[str, Any]] = []
+        if any(r.get("time") is None and int(r["step"]) > 0 for r in reports):  # an older log
+            steps = self.log.records("steps")
+            self._seen["steps"] = len(steps)
         rows = metric_rows(reports, steps, self._generations)
         write_rows(self.job_dir, rows)
         self.rows_written = len(rows)

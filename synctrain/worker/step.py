@@ -67,6 +67,15 @@ FLUSH_INTERVAL_S = 1.0
 RETRY_BACKOFF_S = 0.2
 #: Records the writer keeps queued at most; beyond, the step boundary waits (K bounds it first).
 MAX_QUEUED = 100_000
+#: Queued items one commit takes at most (steps, reports, digests: under the step log's
+#: MAX_RECORDS_PER_BATCH and MAX_REPORTS_PER_BATCH), and checkpoints: a backlog (after the
+#: coordinator was unavailable, or with a large K) goes in several commits, one after another.
+MAX_BATCH_ITEMS = 4_000
+MAX_BATCH_CHECKPOINTS = 64
+#: Rank 0 sends this many or more consecutive steps that carry nothing but their time (and PS
+#: clock) as one *run* record (see :mod:`coordinator.steplog`): each replica applies it as a loop
+#: over two lists instead of a map per step, and the batch is a third of the bytes.
+RUN_MIN = 4
 
 
 class WorkerFencedError(RuntimeError):
@@ -403,10 +412,9 @@ class _Writer(threading.Thread):
             with self.cond:
                 if not self.queue:
                     continue
-                batch = list(self.queue)
-                self.queue.clear()
+                batch = self._take_batch()
                 self.inflight = len(batch)
-                self.urgent = False
+                self.urgent = bool(self.queue)  # a backlog: the rest goes at once
                 generation = self.b.generation
             last_flush = time.monotonic()
             ok = self._commit(batch, generation)
@@ -417,6 +425,18 @@ class _Writer(threading.Thread):
                 self.cond.notify_all()
             if not ok and not self.fenced:
                 time.sleep(RETRY_BACKOFF_S)
+
+    def _take_batch(self) -> list[tuple]:
+        """The oldest queued items, up to the bounds of one commit (under ``cond``)."""
+        batch: list[tuple] = []
+        checkpoints = 0
+        while self.queue and len(batch) < MAX_BATCH_ITEMS:
+            if self.queue[0][0] == "checkpoint":
+                if checkpoints == MAX_BATCH_CHECKPOINTS:
+                    break
+                checkpoints += 1
+            batch.append(self.queue.popleft())
+        return batch
 
     def _commit(self, batch: list[tuple], generation: int) -> bool:
         # digests as text, in place: a batch that fails is queued again as it is now
@@ -456,11 +476,12 @@ class _Writer(threading.Thread):
         records = (_records(items) if self.b.rank == 0 else _progress(items)) if items else []
         if not records and not refs:
             return
-        answer = self.steplog.steps(generation, self.b.rank, records, refs)
+        last = max((r["step"] for r in records), default=None)
+        answer = self.steplog.steps(generation, self.b.rank, _runs(records) if self.b.rank == 0 else records,
+                                    refs)
         for path in answer.get("prune", ()):
             ckpt.remove(path)
-        if records:
-            last = max(r["step"] for r in records)
+        if last is not None:
             with self.cond:
                 self.b.committed_step = max(self.b.committed_step, last)
 
@@ -519,6 +540,38 @@ def _records(items: list[tuple]) -> list[dict[str, Any]]:
                 records.append({"step": step, "time": time.time(), "reports": []})
             records[-1]["reports"].append({"seq": seq, "metrics": metrics})
     return records
+
+
+_PLAIN_KEYS = frozenset({"step", "time", "reports", "ps_clock"})
+
+
+def _runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with every stretch of RUN_MIN or more consecutive steps that carry nothing
+    but their time and PS clock sent as one run ``{"run": first, "times"[, "ps_clocks"]}``."""
+    out: list[dict[str, Any]] = []
+    plain: list[dict[str, Any]] = []
+
+    def close() -> None:
+        if len(plain) >= RUN_MIN:
+            run: dict[str, Any] = {"run": plain[0]["step"], "times": [r["time"] for r in plain]}
+            clocks = [r.get("ps_clock") for r in plain]
+            if any(c is not None for c in clocks):
+                run["ps_clocks"] = clocks
+            out.append(run)
+        else:
+            out.extend(plain)
+        plain.clear()
+
+    for rec in records:
+        if rec.get("reports") or not _PLAIN_KEYS.issuperset(rec):
+            close()
+            out.append(rec)
+            continue
+        if plain and rec["step"] != plain[-1]["step"] + 1:
+            close()
+        plain.append(rec)
+    close()
+    return out
 
 
 def _progress(items: list[tuple]) -> list[dict[str, Any]]:

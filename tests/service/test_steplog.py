@@ -198,6 +198,21 @@ def test_reports_only_records_and_reports_before_the_first_step() -> None:
     assert log.items("reports")[0]["metrics"] == {"loss": 1.0, "tag": "x"}
 
 
+
+def test_each_report_carries_the_time_of_the_step_it_followed() -> None:
+    log = started()
+    log.steps(1, rec(0, 0, t=1.0))  # before the first step: no step time to carry
+    log.steps(1, rec(1, 1, t=5.0))  # on its own step's record
+    log.steps(1, rec(1, 2, t=9.0))  # made after step 1, sent in a later batch: step 1's time
+    log.steps(1, rec(2, t=6.0), rec(2, 3, t=9.5))  # its step came earlier in the same batch
+    assert [(r["seq"], r.get("time")) for r in log.items("reports")] == [
+        (0, None), (1, 5.0), (2, 5.0), (3, 6.0)]
+    # After a rollback to step 1 the superseded step 2 is not the one a report follows.
+    assert log.generation(2, start_step=1, start_report=2)["ok"]
+    log.steps(2, rec(1, 2, t=20.0))
+    assert log.items("reports")[-1] == {"seq": 2, "step": 1, "generation": 2, "time": 5.0,
+                                        "metrics": {"loss": 1.0 / 3, "tag": "x"}}
+
 def test_other_ranks_only_report_progress() -> None:
     log = started()
     assert log.steps(1, rec(1, 0), rec(2), rank=1) == {"ok": True, "last_step": 0,

@@ -179,8 +179,10 @@ class FakeLog:
 
     def __init__(self):
         self.kinds = logged([], [], [])
+        self.reads = []
 
     def records(self, kind, consistency="linearizable", *, start=0, max_items=None):
+        self.reads.append((kind, consistency))
         items = self.kinds[kind][start:]
         return [dict(r) for r in (items if max_items is None else items[:max_items])]
 
@@ -213,6 +215,28 @@ def test_the_live_writer_appends_and_rewrites_after_a_new_generation(tmp_path):
         {"step": 2, "generation": 2, "time": 11.0, "loss": 1.4}]
     live.stop()
 
+
+
+def test_the_live_writer_reads_no_steps_when_reports_carry_their_step_time(tmp_path):
+    """A fast job commits hundreds of step records a second: the live writer reads only the
+    generations and reports (stale reads, no round to the other nodes), and each report's
+    step time comes with it."""
+    log = FakeLog()
+    live = metrics.LiveMetrics(tmp_path, log, poll_s=3600)
+    log.kinds["generations"].append(GEN1)
+    log.kinds["steps"] += [{"step": s, "time": 100.0 + s} for s in range(1, 1001)]
+    log.kinds["reports"].append({"seq": 0, "step": 500, "generation": 1, "time": 600.0,
+                                 "metrics": {"loss": 2.0}})
+    live.poll()  # the first look: written whole
+    log.kinds["reports"].append({"seq": 1, "step": 1000, "generation": 1, "time": 1100.0,
+                                 "metrics": {"loss": 1.0}})
+    log.reads.clear()
+    live.poll()  # appended
+    assert metrics.read_metrics(tmp_path) == [
+        {"step": 500, "generation": 1, "time": 500.0, "loss": 2.0},
+        {"step": 1000, "generation": 1, "time": 1000.0, "loss": 1.0}]
+    assert log.reads == [("generations", "stale"), ("reports", "stale")]
+    live.stop()
 
 def test_tensorboard_files_only_when_tensorboard_can_be_imported(tmp_path, monkeypatch):
     import types
