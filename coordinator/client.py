@@ -849,6 +849,16 @@ class Client:
         return self._call_one(parse_endpoints([endpoint])[0],
                               {"op": "admin_partition", "block": list(block)})
 
+    def admin_stall_disk(self, endpoint: str | tuple[str, int], seconds: float) -> dict:
+        """Hold one node's disk thread for ``seconds`` (fault injection: a slow disk; at most
+        30 s). Its saves wait meanwhile; its event loop does not. RequestRejected on a bad
+        ``seconds``."""
+        answer = self._call_one(parse_endpoints([endpoint])[0],
+                                {"op": "admin_stall_disk", "seconds": seconds})
+        if not answer.get("ok"):
+            raise RequestRejected(answer.get("error", "unknown"), answer.get("detail", ""), answer)
+        return answer
+
     def admin_stop(self, endpoint: str | tuple[str, int]) -> dict:
         """Ask one node to stop as on SIGTERM (a node started with ``remote_stop`` only: one
         hosted by a Ray actor). The node answers first, then stops; RequestRejected if it

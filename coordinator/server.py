@@ -24,7 +24,8 @@ leader's fsync overlaps the followers' — the leader counts its own copy toward
 once its fsync returned; votes, answers and anything after a term change always wait. Every
 fsync runs in a worker thread (``persist_in_thread``) while the loop keeps accepting requests
 and stepping messages, which pile up into the next, larger batch: the loop never waits for
-the disk. A hard state that only moved the commit index is not fsync'd on its own (etcd's
+the disk. Heartbeats and their answers leave while a save is in flight (they depend on
+nothing durable but the term and vote): a slow disk delays commits, never heartbeats. A hard state that only moved the commit index is not fsync'd on its own (etcd's
 rule), and a new commit index is not broadcast in empty appends of its own
 (``commit_broadcast``): it rides on the next append or heartbeat.
 
@@ -59,7 +60,7 @@ When the node stops being leader, every waiting write is answered ``leader_chang
 may still commit under the new leader, so the client retries with the same sequence number and
 the session table answers it once) and every waiting read ``not_leader`` (reads are safe to
 retry). A partition for the fault tests is a pair of transport block lists set by the
-``admin_partition`` request. A node hosted by a Ray actor (``remote_stop``) also takes
+``admin_partition`` request; a slow disk, ``admin_stall_disk`` (holds the disk thread). A node hosted by a Ray actor (``remote_stop``) also takes
 ``admin_stop``: its actor's thread is parked serving it and cannot be asked through Ray.
 """
 
@@ -144,6 +145,9 @@ log = logging.getLogger("coordinator.server")
 
 Address = tuple[str, int]
 _ReadAnswer = Callable[[], dict]  # produces a read's answer from the applied state
+# What may leave while a save is in flight (CoordinatorServer._send_while_persisting).
+_SENT_WHILE_PERSISTING = frozenset({MessageType.HEARTBEAT, MessageType.HEARTBEAT_RESP})
+MAX_DISK_STALL_S = 30.0  # admin_stall_disk's bound
 #: A watch's long poll is held this long at most with no change (the client asks again).
 MAX_WATCH_WAIT_S = 5.0
 
@@ -790,7 +794,8 @@ class CoordinatorServer:
         self.conf_state = self.storage.initial_state()[1]
         self._snapshot_index = snap.metadata.index
         hard_state = self.storage.initial_state()[0]
-        self._saved_term_vote = (hard_state.term, hard_state.vote)
+        self._saved_term_vote = (hard_state.term, hard_state.vote)  # as of the last save begun
+        self._durable_term_vote = self._saved_term_vote  # as of the last save finished
         self._unsaved_hs: Any = None  # a commit-only HardState not yet written
         self._persisting: asyncio.Future | None = None  # the save in flight (persist_in_thread)
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"wal-{self.id}")
@@ -818,6 +823,7 @@ class CoordinatorServer:
                       "snapshot_send_failures": 0, "snapshot_failures": 0,
                       "snapshots_installed": 0, "writes_refused_log_full": 0,
                       "loop_stalls": 0, "loop_lag_max_ms": 0, "slow_drives": 0,
+                      "sent_while_persisting": 0, "disk_stalls_injected": 0,
                       "notices": 0, "appends_repeated_dropped": 0}
         self._chunk_bytes = config.effective_snapshot_chunk_bytes
         self._reassembler = SnapshotReassembler(
@@ -1104,7 +1110,10 @@ class CoordinatorServer:
         (unless ``leader_parallel_persist``, see :meth:`_leader_may_send_first`).
         """
         self._drive_scheduled = False
-        if self._stopped.is_set() or self._persisting is not None:
+        if self._stopped.is_set():
+            return
+        if self._persisting is not None:
+            self._send_while_persisting()
             return
         started, readies, applied = time.perf_counter(), self.stats["readies"], \
             self.sm.applied_index
@@ -1119,6 +1128,22 @@ class CoordinatorServer:
                         "entries applied, %d retained log bytes)", self.id, took_s * 1e3,
                         self.stats["readies"] - readies, self.sm.applied_index - applied,
                         self.storage.retained_bytes())
+
+    def _send_while_persisting(self) -> None:
+        """While a save is in flight, let heartbeats and heartbeat answers leave anyway.
+
+        They depend on nothing durable but the term and vote, and those are (checked here).
+        Held back until the save returned, a save queued in the disk thread behind a snapshot
+        being adopted (or another process's fsync of tens of MB) silenced a leader for longer
+        than the election timeout, and its followers elected a new one (CI saw it in
+        tests/service/test_snapshot_off_loop.py); a follower's silence likewise looks to a
+        CheckQuorum leader like a lost quorum. Appends and their answers still wait."""
+        if (self.node.term, self.node.vote) != self._durable_term_vote:
+            return
+        early = self.node.take_messages(_SENT_WHILE_PERSISTING)
+        if early:
+            self.stats["sent_while_persisting"] += len(early)
+            self._send(early)
 
     def _fail(self, exc: BaseException) -> None:
         log.critical("node %d: fatal error, shutting down: %r", self.id, exc, exc_info=exc)
@@ -1149,10 +1174,12 @@ class CoordinatorServer:
                         self._disk, self._save_and_decode, save,
                         self._reassembler.take_file(md.index, md.term))
                 self._persisting = fut
-                fut.add_done_callback(functools.partial(self._persisted, rd, sent))
+                fut.add_done_callback(functools.partial(self._persisted, rd, sent,
+                                                        self._saved_term_vote))
                 return
             if save is not None:
                 self._save(save)
+                self._durable_term_vote = self._saved_term_vote
             self._finish(rd, sent)
         self._maybe_snapshot()
 
@@ -1181,7 +1208,8 @@ class CoordinatorServer:
         hs = rd.hard_state
         return hs is None or (hs.term, hs.vote) == self._saved_term_vote
 
-    def _persisted(self, rd: Any, sent: bool, fut: asyncio.Future) -> None:
+    def _persisted(self, rd: Any, sent: bool, term_vote: tuple[int, int],
+                   fut: asyncio.Future) -> None:
         self._persisting = None
         if fut.cancelled() or self._stopped.is_set():
             return
@@ -1191,6 +1219,7 @@ class CoordinatorServer:
             # not durable. Stop serving; a restart recovers from what the WAL holds.
             self._fail(save_error)
             return
+        self._durable_term_vote = term_vote
         try:
             self._finish(rd, sent, fut.result())
             self._maybe_snapshot()  # under steady load a drive may never end without a save
@@ -1933,6 +1962,8 @@ class CoordinatorServer:
             return self._partition(body.get("block", ()))
         if op == "admin_stop":
             return self._remote_stop()
+        if op == "admin_stall_disk":
+            return self._stall_disk(body.get("seconds"))
         return {"ok": False, "error": "bad_request", "detail": f"unknown op {op!r}"}
 
     def _get(self, body: dict) -> dict | asyncio.Future:
@@ -2055,6 +2086,20 @@ class CoordinatorServer:
         assert self._loop is not None
         self._loop.call_later(0.05, self._begin_stop)  # the answer goes first
         return {"ok": True, "stopping": self.id}
+
+    def _stall_disk(self, seconds: Any) -> dict:
+        """``admin_stall_disk`` (fault injection): hold this node's disk thread for
+        ``seconds``, as a slow or saturated disk does: every save queued meanwhile (and the
+        answers and commits behind it) waits; the event loop does not."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+                or not 0 < seconds <= MAX_DISK_STALL_S:
+            return {"ok": False, "error": "bad_request",
+                    "detail": f"admin_stall_disk takes 0 < seconds <= {MAX_DISK_STALL_S:g}, "
+                              f"got {seconds!r}"}
+        self.stats["disk_stalls_injected"] += 1
+        log.warning("node %d: disk thread held for %.1f s (admin_stall_disk)", self.id, seconds)
+        self._disk.submit(time.sleep, float(seconds))
+        return {"ok": True, "stalled_s": float(seconds)}
 
     def _partition(self, block: Any) -> dict:
         ids = [int(i) for i in block if int(i) != self.id]

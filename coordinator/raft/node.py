@@ -1114,6 +1114,18 @@ class RaftNode:
             return True
         return self.leader_id != self._prev_ss.leader_id or self.role is not self._prev_ss.role
 
+    def take_messages(self, types: frozenset[MT]) -> list[Message]:
+        """Remove and return the pending messages of ``types``, ahead of the next Ready.
+
+        For a driver whose previous Ready is still being persisted: heartbeats and their
+        answers depend on nothing but the term (and vote) being durable, so a driver that
+        knows they are may send them at once instead of after a slow fsync (an election
+        timeout without them elects a new leader nobody asked for)."""
+        taken = [m for m in self.msgs if m.type in types]
+        if taken:
+            self.msgs = [m for m in self.msgs if m.type not in types]
+        return taken
+
     def ready(self) -> Ready:
         """The work to do now. Call ``advance(ready)`` before the next ``ready()``."""
         if self._outstanding is not None:

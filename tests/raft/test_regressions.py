@@ -258,3 +258,38 @@ def test_report_reachable_heartbeats_a_returning_follower_at_once(cluster):
     c.stabilize()  # no tick: the heartbeat's answer alone brings the follower up to date
     assert c[3].log.last_index() == c[1].log.last_index()
     assert c[3].commit_index == c[1].commit_index
+
+
+def test_heartbeats_taken_while_a_ready_is_out_keep_the_followers(cluster):
+    """A driver whose save is slow sends heartbeats (and their answers) ahead of the Ready
+    being persisted (``take_messages``): the followers never campaign, the leader never
+    loses its quorum, and the held Ready still commits once persisted and advanced."""
+    c = cluster(3, check_quorum=True, pre_vote=True)
+    leader = c.elect(1)
+    leader.propose(b"slow")
+    rd = leader.ready()  # its save is "in flight" from here on
+    assert rd.entries
+    beats = 0
+    for _ in range(3 * c[2].cfg.election_tick):  # three election timeouts
+        for _i, n in c.live():
+            n.tick()
+        early = leader.take_messages(frozenset({MT.HEARTBEAT}))
+        assert all(m.type is MT.HEARTBEAT for m in early)
+        assert all(m.type is not MT.HEARTBEAT for m in leader.msgs)
+        beats += len(early)
+        for m in early:
+            c[m.to].step(m)
+        for i in (2, 3):
+            for m in c[i].take_messages(frozenset({MT.HEARTBEAT_RESP})):
+                leader.step(m)
+            assert c[i].role is Role.FOLLOWER and not any(
+                m.type in (MT.PRE_VOTE, MT.VOTE) for m in c[i].msgs)
+        assert leader.role is Role.LEADER
+    assert beats >= 2 * 3 * c[2].cfg.election_tick // c[2].cfg.heartbeat_tick
+    c.queue.extend(rd.messages)
+    c.storage[1].append(rd.entries)
+    if rd.hard_state is not None:
+        c.storage[1].set_hard_state(rd.hard_state)
+    leader.advance(rd)
+    c.stabilize()
+    assert c.applied[2][-1] == b"slow" and leader.term == 1
