@@ -82,6 +82,21 @@ def test_rng_is_restored_right_before_the_first_batch_after_the_resume_point():
         break
 
 
+def test_rng_states_of_older_checkpoints_still_restore():
+    """Python's RNG state is a tensor since 2026-12-03 (cheaper to encode); checkpoints
+    written before hold it as a list of ints, and restore the same."""
+    random.seed(3)
+    state = ckpt.capture_rng()
+    assert isinstance(state["python"][1], torch.Tensor)
+    expect = [random.random() for _ in range(3)]
+    version, internal, gauss = state["python"]
+    older = {**state, "python": [version, internal.tolist(), gauss]}
+    for s in (state, older):
+        random.seed(99)
+        ckpt.restore_rng(s)
+        assert [random.random() for _ in range(3)] == expect
+
+
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
     torch.manual_seed(0)
     np.random.seed(1)
