@@ -14,7 +14,9 @@ serves, which is how ``start``/``restart`` know it is up. Faults are real: ``kil
 ``pause``/``resume`` are SIGSTOP/SIGCONT, ``restart`` starts a new process on the same data
 directory (so it recovers from its WAL and snapshot), and ``partition`` asks the nodes'
 transports to drop every frame between the cut-off node and the rest (an authenticated
-``admin_partition`` request; network namespaces need privileges we cannot assume).
+``admin_partition`` request; network namespaces need privileges we cannot assume). The nodes
+run in sessions of their own; those of a cluster its program never stopped are stopped when
+that program exits (an ``atexit`` hook, with a warning), not when it is killed with SIGKILL.
 
 ``RayCluster`` hosts each node in a Ray actor: with at least as many Ray nodes as coordinator
 nodes, a STRICT_SPREAD placement group puts each on its own machine (so losing one machine
@@ -28,6 +30,7 @@ actor's thread wakes every 10 ms; a parked one does not): the node is stopped ov
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -99,6 +102,25 @@ def read_own_token_file(path: pathlib.Path) -> bytes:
         return check_token(f.read(4096).strip(), f"the token in {str(path)!r}")
 
 
+#: LocalClusters started and not stopped, with the pid of the process that started them.
+_UNSTOPPED: dict[int, tuple[LocalCluster, int]] = {}
+
+
+@atexit.register
+def _stop_unstopped_clusters() -> None:
+    """At interpreter exit, stop the nodes of every LocalCluster its program forgot to stop
+    (the nodes run in sessions of their own and would otherwise serve on, orphaned). Only in
+    the process that started them: a forked child that exits leaves its parent's alone."""
+    for cluster, owner in list(_UNSTOPPED.values()):
+        if owner != os.getpid():
+            continue
+        logger.warning("a LocalCluster of %d nodes (%s) was never stopped: stopping its nodes "
+                       "at exit (use it as a context manager, or call stop())",
+                       len(cluster.node_ids), cluster.data_dir)
+        with contextlib.suppress(Exception):
+            cluster.stop(timeout_s=5.0)
+
+
 def _own_private_dir(path: pathlib.Path) -> None:
     """Create ``path`` (mode 0700), or check that an existing one is this user's and make it
     private; PermissionError for another user's directory."""
@@ -163,6 +185,7 @@ class LocalCluster:
     def start(self) -> None:
         """Pick ports, write the token file, start every node and wait until all serve."""
         _own_private_dir(self.data_dir)
+        _UNSTOPPED[id(self)] = (self, os.getpid())
         if os.path.lexists(self.token_file):
             self.token = read_own_token_file(self.token_file)
         else:
@@ -199,6 +222,7 @@ class LocalCluster:
             self._launcher.close()
             self._launcher = None
         self._remove_own_dir()
+        _UNSTOPPED.pop(id(self), None)
 
     def stop_processes(self, timeout_s: float = 10.0) -> None:
         """The process part of :meth:`stop`: the data directory stays."""

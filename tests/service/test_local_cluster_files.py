@@ -108,3 +108,41 @@ def test_a_port_taken_after_it_was_picked_gets_a_new_one(make_cluster, monkeypat
         with cluster.client(timeout_s=10.0) as client:
             client.put("k", b"v")
             assert client.get("k") == b"v"
+
+
+_FORGETFUL = """
+import os, sys
+from coordinator import LocalCluster
+cluster = LocalCluster(nodes=3, data_dir=sys.argv[1], fsync=False, warm_start=sys.argv[2] == "warm")
+cluster.start()
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a forked child's exit runs atexit too: it must leave its parent's nodes be
+os.waitpid(child, 0)
+assert all(p.poll() is None for p in cluster.procs.values()), "the child stopped the nodes"
+with cluster.client() as c:
+    c.put("k", b"v")
+print(" ".join(str(p.pid) for p in cluster.procs.values()), flush=True)
+# no stop(): the program just ends
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not reaped yet) is gone
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_nodes_of_a_cluster_never_stopped_stop_when_its_program_ends(tmp_path, start, wait_for) -> None:
+    out = subprocess.run([sys.executable, "-c", _FORGETFUL, str(tmp_path / "data"), start],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 3
+    assert "was never stopped: stopping its nodes at exit" in out.stderr
+    wait_for(lambda: not any(_alive(p) for p in pids), "the forgotten nodes to stop",
+             timeout_s=30)
