@@ -23,6 +23,12 @@ own and two replicas never disagree. A new leader first waits one election timeo
 election before it expires anything (etcd's rule): keepalives could reach no leader during the
 election, so a client that keeps its lease alive never loses it to a leader change.
 
+The leader finds due leases in an expiry heap of ``(expiry_ms, id)`` (:func:`due`), not by a
+scan of every lease: it is built from ``sm.leases`` on the first look (and again whenever that
+dict was replaced by a restore), grants and keepalives push to it once it exists, and an entry
+whose lease is gone or has a later expiry is dropped when it reaches the top. The heap is an
+index only, never snapshotted or replicated; a replica that never led never builds one.
+
 Clocks: expiry compares leaders' wall clocks. On one machine, or with synchronized clocks,
 that is exact; a new leader whose clock runs ahead of the old one's expires leases early by the
 difference (etcd has the same limit).
@@ -31,6 +37,7 @@ difference (etcd has the same limit).
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +91,7 @@ def grant(sm: StateMachine, cmd: Command, index: int) -> Answer:
         return _err("quota_exceeded", f"the store holds its limit of {MAX_LEASES} leases; "
                                       "revoke some first")
     sm.leases[lease_id] = Lease(ttl_ms, sm.clock_ms + ttl_ms)
+    _index(sm, lease_id, sm.clock_ms + ttl_ms)
     return {"ok": True, "id": lease_id, "ttl_ms": ttl_ms}
 
 
@@ -94,6 +102,7 @@ def keepalive(sm: StateMachine, cmd: Command, index: int) -> Answer:
     if lease is None:
         return not_found(cmd.args[0])
     lease.expiry_ms = sm.clock_ms + lease.ttl_ms
+    _index(sm, cmd.args[0], lease.expiry_ms)
     return {"ok": True, "id": cmd.args[0], "ttl_ms": lease.ttl_ms}
 
 
@@ -187,11 +196,36 @@ def restore_state(sm: StateMachine, state: list[list[Any]]) -> None:
 
 
 def due(sm: StateMachine, now_ms: int, limit: int = MAX_EXPIRE_BATCH) -> list[int]:
-    """The ids of leases whose expiry is at or before ``now_ms`` (the leader's scan)."""
-    out = []
-    for lid, lease in sm.leases.items():
-        if lease.expiry_ms <= now_ms:
-            out.append(lid)
-            if len(out) >= limit:
-                break
+    """The ids of up to ``limit`` leases whose expiry is at or before ``now_ms``, earliest
+    first (the leader's look): O(due * log n) from the expiry heap, not a scan of every lease.
+    They stay in the heap (a proposal to expire them may be lost) until applied."""
+    heap = _heap(sm)
+    out: list[int] = []
+    live: list[tuple[int, int]] = []
+    while heap and heap[0][0] <= now_ms and len(out) < limit:
+        expiry_ms, lid = heapq.heappop(heap)
+        lease = sm.leases.get(lid)
+        if lease is None or lease.expiry_ms != expiry_ms or (live and live[-1] == (expiry_ms, lid)):
+            continue  # revoked, expired, kept alive since, or a duplicate: let it go
+        out.append(lid)
+        live.append((expiry_ms, lid))
+    for entry in live:
+        heapq.heappush(heap, entry)
     return out
+
+
+def _heap(sm: StateMachine) -> list[tuple[int, int]]:
+    """``sm``'s expiry heap, (re)built if there is none, ``sm.leases`` was replaced (a
+    restore), or stale entries outnumber the live ones."""
+    heap = sm.lease_heap
+    if heap is None or sm.lease_heap_of is not sm.leases or len(heap) > 2 * len(sm.leases) + 1024:
+        heap = [(lease.expiry_ms, lid) for lid, lease in sm.leases.items()]
+        heapq.heapify(heap)
+        sm.lease_heap, sm.lease_heap_of = heap, sm.leases
+    return heap
+
+
+def _index(sm: StateMachine, lease_id: int, expiry_ms: int) -> None:
+    """A lease's new expiry into the heap, if one is kept (built by :func:`due`)."""
+    if sm.lease_heap is not None and sm.lease_heap_of is sm.leases:
+        heapq.heappush(sm.lease_heap, (expiry_ms, lease_id))

@@ -226,6 +226,9 @@ class StateMachine:
         self.compacted = 0
         # Leases (coordinator.leases): id -> Lease in grant order, and key -> its lease id.
         self.leases: dict[int, leases.Lease] = {}
+        # The leader's expiry index over ``leases`` (leases.due), not part of the state.
+        self.lease_heap: list[tuple[int, int]] | None = None
+        self.lease_heap_of: dict[int, leases.Lease] | None = None
         self.key_lease: dict[bytes, int] = {}
         # Least recently active first; the order is a function of the log only.
         self.sessions: OrderedDict[int, Session] = OrderedDict()

@@ -114,6 +114,10 @@ PLAN: dict[str, BenchRun] = {
         "coordinator_growth.py", "the coordinator and etcd as the state grows: puts/s, latency, "
         "elections, memory, disk, restarts", ("--steps", "10000,30000", "--out", "{out}"),
         ("--steps", "2000", "--systems", "coordinator", "--out", "{out}")),
+    "lease_expiry": BenchRun(
+        "lease_expiry.py", "a coordinator leader's look for due leases: the expiry heap vs a scan "
+        "of every lease, 1k-100k leases", ("--out", "{out}"),
+        ("--leases", "1000,10000", "--looks", "20", "--out", "{out}")),
     "gpu_checks": BenchRun(
         "gpu_checks.sh", "the checks that need a GPU: NCCL, GPU sharing, CUDA async mode, and the "
         "CPU benchmarks on that machine's cores", ("{out}/gpu_checks",), ("{out}/gpu_checks",),

@@ -18,6 +18,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from coordinator import (
     AsyncClient,
@@ -27,6 +29,7 @@ from coordinator import (
     RequestRejected,
     Unavailable,
     WatchCancelled,
+    leases,
 )
 from coordinator.statemachine import StateMachine, encode_command
 
@@ -72,6 +75,38 @@ def test_a_lease_expires_on_the_logs_clock_and_a_keepalive_before_the_expiry_sav
     assert s.sm.revision == rev + 1  # both keys deleted in one revision
     assert s.apply("lease.keepalive", lid, ts=5100)["error"] == "lease_not_found"
     assert s.apply("put", b"svc/c", b"3", lid, ts=5100)["error"] == "lease_not_found"
+
+
+@settings(max_examples=150, deadline=None)
+@example([("grant", 1, 0), ("keepalive", 1, 0), ("look", 1, 300)], 5)  # one expiry pushed twice
+@given(st.lists(st.tuples(st.sampled_from(["grant", "keepalive", "revoke", "expire", "look",
+                                           "restore"]),
+                          st.integers(1, 12), st.integers(0, 400)), max_size=80),
+       st.integers(1, 5))
+def test_the_leaders_expiry_heap_finds_exactly_the_due_leases(ops, limit) -> None:
+    """``leases.due`` reads an expiry heap, not every lease: whatever the grants, keepalives,
+    revokes, expiries and restores, it names the ``limit`` earliest-due leases a scan would
+    (ties in any order), each once."""
+    s, ts = Store(), 0
+    for op, lid, dt in ops:
+        ts += dt
+        if op == "grant":
+            s.apply("lease.grant", 500 + 100 * (lid % 4), lid, ts=ts)
+        elif op == "keepalive":
+            s.apply("lease.keepalive", lid, ts=ts)
+        elif op == "revoke":
+            s.apply("lease.revoke", lid, ts=ts)
+        elif op == "expire":
+            s.expire(*leases.due(s.sm, ts), ts=ts)
+        elif op == "restore":
+            back = StateMachine()
+            back.restore(s.sm.snapshot())
+            s.sm.replace_with(back)
+        now = ts + 300
+        scan = sorted((lease.expiry_ms, i) for i, lease in s.sm.leases.items()
+                      if lease.expiry_ms <= now)
+        assert leases.due(s.sm, now, limit) == [i for _, i in scan[:limit]]
+        assert leases.due(s.sm, now, 10_000) == [i for _, i in scan]  # and nothing was lost
 
 
 def test_puts_deletes_and_transactions_attach_and_detach_keys() -> None:
