@@ -181,8 +181,9 @@ class ServerConfig:
     snapshot_in_child: bool = True
     # Memory bounds, all in bytes; memory_bounds() and status()["memory"] report them with
     # what is in use. Writes are answered "overloaded" (retryable) while the log held in
-    # memory (entries since the last compaction) is over max_retained_log_bytes, e.g. while
-    # a snapshot of a large state is still being written under a heavy write load.
+    # memory (entries since the last compaction) and the writes queued for it are over
+    # max_retained_log_bytes, e.g. while a snapshot of a large state is still being written
+    # under a heavy write load, or a slow disk holds the writes back.
     max_retained_log_bytes: int = 256 << 20
     # Appends sent to one follower and not yet acknowledged: max_inflight_bytes //
     # max_append_bytes messages of at most max_append_bytes (plus one command) each.
@@ -804,6 +805,8 @@ class CoordinatorServer:
         self.role = Role.FOLLOWER
         self._pending_writes: dict[tuple, list[asyncio.Future]] = {}
         self._proposals: list[tuple[bytes, tuple, asyncio.Future]] = []
+        self._queued_bytes = 0  # of the writes in _proposals: admitted, not yet in the log
+        self._saving_bytes = 0  # of the entries in the save in flight, not yet in the storage
         # A linearizable read is (the function producing its answer once applied, future).
         self._reads_unissued: list[tuple[_ReadAnswer, asyncio.Future]] = []
         self._reads_by_ctx: dict[bytes, list[tuple[_ReadAnswer, asyncio.Future]]] = {}
@@ -1174,6 +1177,7 @@ class CoordinatorServer:
                         self._disk, self._save_and_decode, save,
                         self._reassembler.take_file(md.index, md.term))
                 self._persisting = fut
+                self._saving_bytes = sum(len(e.data) for e in rd.entries)
                 fut.add_done_callback(functools.partial(self._persisted, rd, sent,
                                                         self._saved_term_vote))
                 return
@@ -1210,7 +1214,7 @@ class CoordinatorServer:
 
     def _persisted(self, rd: Any, sent: bool, term_vote: tuple[int, int],
                    fut: asyncio.Future) -> None:
-        self._persisting = None
+        self._persisting, self._saving_bytes = None, 0
         if fut.cancelled() or self._stopped.is_set():
             return
         save_error = fut.exception()
@@ -1275,6 +1279,9 @@ class CoordinatorServer:
 
     def _save(self, save: tuple) -> None:
         self.storage.save(*save)  # one WAL fsync (group commit)
+        # In the disk thread: the entries are counted by the storage now, so no longer here
+        # (cleared at once, not on the loop later, so the bound never counts them twice).
+        self._saving_bytes = 0
 
     def _save_and_decode(self, save: tuple, received: pathlib.Path | None) -> StateMachine:
         """Worker thread: make a Ready holding a leader's snapshot durable (its spooled file
@@ -1859,7 +1866,7 @@ class CoordinatorServer:
         """Propose every write queued since the last drive as one batch (one append)."""
         if not self._proposals:
             return
-        batch, self._proposals = self._proposals, []
+        batch, self._proposals, self._queued_bytes = self._proposals, [], 0
         try:
             self.node.propose_batch([data for data, _, _ in batch])
         except ProposalDropped as exc:
@@ -1922,7 +1929,7 @@ class CoordinatorServer:
     def _fail_pending_writes(self, error: str) -> None:
         answer = self._redirect(error)
         self._answer_reads([(None, f) for _, _, f in self._proposals], answer)  # never proposed
-        self._proposals = []
+        self._proposals, self._queued_bytes = [], 0
         answer = dict(answer, maybe_applied=True)
         for futs in self._pending_writes.values():
             for fut in futs:
@@ -2010,15 +2017,19 @@ class CoordinatorServer:
     def _write(self, op: str, body: dict) -> dict | asyncio.Future:
         if self.role != Role.LEADER:
             return self._redirect("not_leader")
-        if len(self._pending_writes) >= self.config.max_pending_requests:
+        if len(self._pending_writes) + len(self._proposals) >= self.config.max_pending_requests:
             return {"ok": False, "error": "overloaded", "detail": "too many writes waiting"}
-        retained = self.storage.retained_bytes()
+        # The writes admitted but not in the storage yet count too (those queued, and those
+        # in the save in flight): while a save is slow they pile up, and the bound is on
+        # what the log will hold.
+        retained = self.storage.retained_bytes() + self._saving_bytes + self._queued_bytes
         if retained > self.config.max_retained_log_bytes:
             self.stats["writes_refused_log_full"] += 1
             return {"ok": False, "error": "overloaded",
-                    "detail": f"the log held in memory ({retained} bytes) is over its bound "
-                              f"({self.config.max_retained_log_bytes}) until the snapshot in "
-                              "progress lets it be compacted; retry shortly"}
+                    "detail": f"the log held in memory and the writes queued for it ({retained} "
+                              f"bytes) are over its bound ({self.config.max_retained_log_bytes}) "
+                              "until a save or the snapshot in progress lets them through; "
+                              "retry shortly"}
         args = body.get("args", [])
         if op == "command":  # a registered session command by name; args any msgpack values
             name = body.get("name")
@@ -2051,6 +2062,7 @@ class CoordinatorServer:
         assert self._loop is not None
         fut = self._loop.create_future()
         self._proposals.append((data, key, fut))
+        self._queued_bytes += len(data)
         self._schedule_drive()
         self._deadlines.append((time.monotonic() + self.config.request_timeout_s, key, fut))
         return fut
@@ -2138,6 +2150,7 @@ class CoordinatorServer:
         """The byte bounds (ServerConfig.memory_bounds) and what is in use now."""
         out = self.config.memory_bounds()
         out["retained_log_bytes"] = self.storage.retained_bytes()
+        out["queued_write_bytes"] = self._queued_bytes + self._saving_bytes
         out["snapshot_reassembly_bytes"] = self._reassembler.buffered_bytes
         out["peer_queue_bytes"] = max((self.peer_transport.backlog_bytes(i)
                                        for i in self.config.peers if i != self.id), default=0)
