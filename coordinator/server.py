@@ -25,9 +25,10 @@ once its fsync returned; votes, answers and anything after a term change always 
 fsync runs in a worker thread (``persist_in_thread``) while the loop keeps accepting requests
 and stepping messages, which pile up into the next, larger batch: the loop never waits for
 the disk. Heartbeats and their answers leave while a save is in flight (they depend on
-nothing durable but the term and vote): a slow disk delays commits, never heartbeats. A hard state that only moved the commit index is not fsync'd on its own (etcd's
-rule), and a new commit index is not broadcast in empty appends of its own
-(``commit_broadcast``): it rides on the next append or heartbeat.
+nothing durable but the term and vote): a slow disk delays commits, never heartbeats. A hard
+state that only moved the commit index is not fsync'd on its own (etcd's rule), and a new
+commit index is not broadcast in empty appends of its own (``commit_broadcast``): it rides on
+the next append or heartbeat.
 
 After ``snapshot_every`` applied entries or ``snapshot_bytes`` of applied data (or, from
 ``snapshot_min_every`` entries on, once the entries applied since outweigh the last snapshot:
@@ -60,8 +61,9 @@ When the node stops being leader, every waiting write is answered ``leader_chang
 may still commit under the new leader, so the client retries with the same sequence number and
 the session table answers it once) and every waiting read ``not_leader`` (reads are safe to
 retry). A partition for the fault tests is a pair of transport block lists set by the
-``admin_partition`` request; a slow disk, ``admin_stall_disk`` (holds the disk thread). A node hosted by a Ray actor (``remote_stop``) also takes
-``admin_stop``: its actor's thread is parked serving it and cannot be asked through Ray.
+``admin_partition`` request; a slow disk, ``admin_stall_disk`` (holds the disk thread). A
+node hosted by a Ray actor (``remote_stop``) also takes ``admin_stop``: its actor's thread is
+parked serving it and cannot be asked through Ray.
 """
 
 from __future__ import annotations
@@ -1168,6 +1170,8 @@ class CoordinatorServer:
             if save is not None and (rd.snapshot is not None or self._save_in_thread()):
                 # A leader's snapshot to install is written and decoded off the loop too.
                 assert self._loop is not None
+                # Counted before the disk thread may start (its _save clears it): never twice.
+                self._saving_bytes = sum(len(e.data) for e in rd.entries)
                 fut: asyncio.Future
                 if rd.snapshot is None:
                     fut = self._loop.run_in_executor(self._disk, self._save, save)
@@ -1177,7 +1181,6 @@ class CoordinatorServer:
                         self._disk, self._save_and_decode, save,
                         self._reassembler.take_file(md.index, md.term))
                 self._persisting = fut
-                self._saving_bytes = sum(len(e.data) for e in rd.entries)
                 fut.add_done_callback(functools.partial(self._persisted, rd, sent,
                                                         self._saved_term_vote))
                 return
