@@ -103,9 +103,11 @@ def fit_with_step_log(trainer: Any) -> Any:
         result = Result(outputs=[o.get("value") for o in outcomes], metrics=[],
                         worker_metrics=[o.get("metrics", {}) for o in outcomes])
         _fill_from_log(result, steplog, trainer.job_name)
-        # the last reports came after the last poll: the display ends where the log does
-        monitor.show(result.metrics[-1:], {"step": result.steps[-1]["step"] if result.steps else 0,
-                                           "started": True})
+        # the last reports and steps came after the last poll: the display ends where the log
+        # does, with rank 0's last progress (its final epoch, and samples for the rate)
+        final = dict(outcomes[0].get("progress") or {}) if outcomes else {}
+        final.update(step=result.steps[-1]["step"] if result.steps else 0, started=True)
+        monitor.show(result.metrics[-1:], final)
         state, ok = "finished", True
         return result
     except BaseException as exc:

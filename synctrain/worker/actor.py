@@ -194,6 +194,7 @@ class TrainWorker:
                 raise RuntimeError(f"rank {self.rank} could not commit its last steps to the step log")
             log_metrics = session.stepper.metrics() if session.stepper is not None else {}
             return {"ok": True, "rank": self.rank, "value": value, "step": session.optimizer_steps,
+                    "progress": session.progress(),  # the display's last answer: the loop's end
                     "metrics": {**strategy.metrics(), "dropped_reports": session.dropped_reports,
                                 "replayed_reports": session.replayed_reports, **log_metrics}}
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the driver

@@ -90,7 +90,7 @@ def launches(ray_session, tmp_path_factory):
     common = ["--set", f"epochs={EPOCHS}", "--set", f"lr={LR}"]
     out = {"storage": storage, "tmp": tmp}
     out["sync"] = run_in_pty([*cli, "--job-name", "launch-sync", *common, str(SCRIPT), "--out",
-                              str(tmp / "sync.json"), "--step-sleep-s", "0.1"], env, tmp)
+                              str(tmp / "sync.json"), "--step-sleep-s", "0.2"], env, tmp)
     out["async"] = run_in_pipe([*cli, "--mode", "async", "--staleness", "0", "--job-name", "launch-async",
                                 *common, str(SCRIPT), "--out", str(tmp / "async.json"),
                                 "--step-sleep-s", "0.1"], env, tmp)
@@ -164,6 +164,8 @@ def test_on_a_terminal_a_bar_with_loss_samples_per_s_and_epoch_and_rank_0s_outpu
     assert bar, text[-3000:]
     assert any(f"{STEPS}/{STEPS}" in part for part in bar)
     assert any("loss=" in p and "samples/s=" in p and "epoch=" in p for p in bar), bar[-3:]
+    # the bar ends where the loop did: its last epoch (rank 0's final progress), not the last poll's
+    assert f"epoch={EPOCHS - 1}" in bar[-1] and "samples/s=" in bar[-1], bar[-3:]
     assert "rank 0 of 2 done: mode sync" in text  # rank 0's stdout, shown as it is
     assert "rank 1 of 2 done" not in text  # the others' stay in the job's output/
     assert "rank 1 of 2 done" in (launches["storage"] / "launch-sync" / "output" / "rank-1.stdout").read_text()
