@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -96,10 +97,10 @@ class RawDDPWorker:
     """The baseline: what a user writes by hand with Ray actors and DDP."""
 
     def address(self) -> tuple[str, int]:
-        from synctrain.worker import _free_port
-
         ip = ray.util.get_node_ip_address()
-        return ip, _free_port(ip)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a free port, as users find one
+            s.bind((ip, 0))
+            return ip, int(s.getsockname()[1])
 
     def run(self, rank: int, world: int, addr: tuple[str, int], config: dict[str, Any]) -> float:
         torch.set_num_threads(1)

@@ -78,6 +78,11 @@ PROGRESS_POLL_S = 1.0
 STARTUP_GRACE_S = 120.0
 #: How long a sync survivor's run may take to end after a peer failed (its collective breaks).
 SURVIVOR_STOP_S = 60.0
+#: Sync: once a rank's run ended on a broken collective, how long its still-running peers have
+#: to end too. A peer inside a collective notices within milliseconds; one that has not after
+#: this is not taking part (stuck in a rendezvous, or in code outside any collective) and is
+#: treated as stalled, instead of holding the job until the stall timeout and startup grace.
+PEER_END_S = 15.0
 #: How long a warm spare may take to answer that it takes a rank (it is idle: milliseconds).
 SPARE_TAKE_S = 10.0
 #: How long a failure waits for a spare still warming up (or queued for resources) before it
@@ -106,6 +111,7 @@ class _Rank:
     started: bool = False
     step: int | None = None
     outcome: dict[str, Any] | None = None  # the run's successful outcome
+    ended_at: float = 0.0  # when the driver saw ``outcome`` arrive
 
 
 class JobShell:
@@ -271,13 +277,15 @@ class JobShell:
                 rank = running[ref]
                 outcome = _outcome(ref, rank)
                 self.ranks[rank].run = None
-                self.ranks[rank].outcome = outcome
+                self.ranks[rank].outcome, self.ranks[rank].ended_at = outcome, time.monotonic()
                 if not outcome["ok"] and not _is_secondary(outcome):
                     failures.append(_classify(outcome))
             if not failures and not any(r.run is not None for r in self.ranks.values()):
                 # every run ended, some only with broken collectives: no other cause was seen
                 failures = [_classify(r.outcome) for r in self.ranks.values()
                             if r.outcome is not None and not r.outcome["ok"]]
+            if not failures and self.spec.mode == "sync":
+                failures = self._peers_left_behind()
             self._poll()
             failures += self._stalls({f.rank for f in failures})
             if failures and self.spec.mode == "async":
@@ -326,6 +334,28 @@ class JobShell:
             if rank == 0:
                 self._next_report = info.get("next", self._next_report)
                 self.monitor.show(info.get("reports", []), info)
+
+    def _peers_left_behind(self) -> list[Failure]:
+        """Sync: the ranks still running :data:`PEER_END_S` after a peer's run ended on a
+        broken collective (a port taken from under its rendezvous, a collective that timed out
+        waiting for them): they are not in that collective, so they would only notice at the
+        collective timeout. They are treated as stalled; the ended rank, whose state is whole,
+        can hand it on."""
+        broken = [(rank, r) for rank, r in self.ranks.items()
+                  if r.run is None and r.outcome is not None and not r.outcome["ok"]]
+        running = [rank for rank, r in self.ranks.items() if r.run is not None]
+        if not broken or not running:
+            return []
+        first_rank, first = min(broken, key=lambda item: item[1].ended_at)
+        if time.monotonic() - first.ended_at < PEER_END_S:
+            return []
+        assert first.outcome is not None
+        lines = str(first.outcome.get("traceback", "")).strip().splitlines()
+        cause = (lines[-1] if lines else str(first.outcome.get("exc_type", "an error")))[:300]
+        return [Failure("stalled", rank, self.ranks[rank].step,
+                        detail=f"still running {PEER_END_S:g} s after rank {first_rank}'s run ended on a broken "
+                               f"collective ({cause}); it is not taking part in that collective")
+                for rank in running]
 
     def _stalls(self, already: set[int | None]) -> list[Failure]:
         now = time.monotonic()

@@ -116,6 +116,12 @@ def _explained_forward_timeout(exc: RuntimeError) -> RuntimeError:
         return RuntimeError(f"{text}\n{FORWARD_TIMEOUT_HINT}")
 
 
+def listen_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """A process-group store server on ``host``, on a port the kernel picks as it binds
+    (``.port``); the other ranks join it as :class:`~torch.distributed.TCPStore` clients."""
+    return dist.TCPStore(host, 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
 @register
 class AllReduceStrategy(Strategy):
     name = "sync"
@@ -179,13 +185,14 @@ class AllReduceStrategy(Strategy):
             if self.context.rank == 0:
                 log.warning("ranks share a GPU (fractional 'GPU' in resources_per_worker): sync mode "
                             "uses the gloo backend instead of NCCL, which needs one GPU per rank")
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{addr}:{port}",
-            rank=self.context.rank,
-            world_size=self.context.world_size,
-            timeout=datetime.timedelta(seconds=self.spec.collective_timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=self.spec.collective_timeout_s)
+        store = self.handles.get("rendezvous_store") if self.context.rank == 0 else None
+        if store is None:  # a client of rank 0's store (rank 0 without one binds the port itself)
+            store = dist.TCPStore(str(addr), int(port), self.context.world_size, self.context.rank == 0,
+                                  timeout, wait_for_workers=False)
+        store.set_timeout(timeout)
+        dist.init_process_group(backend, store=store, rank=self.context.rank,
+                                world_size=self.context.world_size, timeout=timeout)
         if backend == "gloo" and self.context.device.type == "cpu" and self.context.world_size > 1 \
                 and self.options["grad_transport"] in ("auto", "shm"):
             try:

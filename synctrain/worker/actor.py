@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import socket
 import sys
 import threading
 import time
@@ -33,18 +32,13 @@ from synctrain import context as _context
 from synctrain.context import Session, TrainContext
 from synctrain.errors import ResultNotPicklableError
 from synctrain.spec import JobSpec
+from synctrain.strategies.allreduce import listen_store
 from synctrain.strategies.base import get_strategy_class
 from synctrain.worker.step import StepBoundary, StepLogConfig, capture
 
 #: A warm spare's imports of the modules a live rank's loop imported: at most this many, within
 #: this long (an import that fails is skipped: the loop would import it itself, or not need it).
 MAX_PREIMPORTS, PREIMPORT_BUDGET_S = 4000, 120.0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class TrainWorker:
@@ -56,6 +50,9 @@ class TrainWorker:
         self.steplog = steplog
         self.session: Session | None = None
         self.generation = 0
+        # the process-group store this worker holds open for its next run as rank 0:
+        # ((address, port), store), see rendezvous_address
+        self._rendezvous: tuple[tuple[str, int], Any] | None = None
         threads = max(1, int(spec.cpus_per_worker))
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -109,9 +106,16 @@ class TrainWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """Address and a free port on this worker's node for the process-group store."""
+        """Address and port of the process-group store for this worker's next run, as rank 0.
+
+        The store listens from now on, on a port the kernel picked as it bound it, and this
+        worker's next run forms its group on it: a port merely found free and released could be
+        taken by any other process before the group formed (its rendezvous then fails, and the
+        other ranks wait in theirs)."""
         ip = ray.util.get_node_ip_address()
-        return ip, _free_port(ip)
+        store = listen_store(ip, self.spec.collective_timeout_s)
+        self._rendezvous = ((ip, int(store.port)), store)
+        return ip, int(store.port)
 
     def poll_reports(self, since: int) -> tuple[list[dict[str, Any]], int]:
         if self.session is None:
@@ -165,6 +169,9 @@ class TrainWorker:
         rank in another world size (a sync job that shrank renumbers its ranks)."""
         gen = generation or {}
         session: Session | None = None
+        held = self._rendezvous
+        if held is not None and tuple(handles.get("rendezvous") or ()) == held[0]:
+            handles = {**handles, "rendezvous_store": held[1]}  # the store it listens on
         try:
             loop: Callable[..., Any] = _load_from_driver(train_fn, "training loop", self.rank)
             loop_config: dict[str, Any] = _load_from_driver(config, "config", self.rank)
