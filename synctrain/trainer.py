@@ -233,7 +233,8 @@ class Trainer:
         ok = False
         try:
             workers = self._start_workers(spec)
-            handles = {**handles, "rendezvous": ray.get(workers[0].rendezvous_address.remote())}
+            if spec.mode == "sync":  # the process group's store, held by rank 0 (async has none)
+                handles = {**handles, "rendezvous": ray.get(workers[0].rendezvous_address.remote())}
             result = self._run(workers, handles)
             ok = True
         finally:
