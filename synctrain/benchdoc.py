@@ -100,6 +100,10 @@ PLAN: dict[str, BenchRun] = {
     "steplog_overhead": BenchRun(
         "steplog_overhead.py", "what the quorum-committed step log costs in samples/s, and recovery "
         "times after worker, leader and driver kills", ("--out", "{out}"), ("--quick", "--out", "{out}")),
+    "machine_noise": BenchRun(
+        "machine_noise.py", "the same small training step in fresh processes on an idle machine: the "
+        "noise floor of the samples/s comparisons above", ("--out", "{out}"),
+        ("--processes", "2", "--windows", "2", "--steps", "100", "--out", "{out}")),
     "digest_cost": BenchRun(
         "digest_cost.py", "a parameter digest's copy and hash against 100 optimizer steps",
         (), ("--steps", "5"), results_global="RESULTS_DIR"),
