@@ -543,7 +543,7 @@ def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     against the best step_log=False run, and the spread of the step_log=False runs themselves.
 
     Why an interval: on this virtual machine the same single-threaded training step, in fresh
-    processes on an idle machine, takes from 0.6 to 1.2 ms (``benchmarks/machine_noise.py``),
+    processes on an idle machine, takes 0.58 to 0.9 ms (``benchmarks/machine_noise.py``),
     and a run's speed is set largely by its processes' luck, not only by what other work takes
     away; runs of one configuration spread by 10-20%. A difference of a few percent between two
     variants is then only shown when enough rounds narrow the interval below (or above) it."""
@@ -729,7 +729,7 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
         lines += ["", meta["throughput_note"]]
     lines += ["", "On this virtual machine samples/s move with other work's load, with the CPU time the "
               "hypervisor steals, and with luck the guest cannot see: the same single-threaded training "
-              "step, in fresh processes on an idle machine, takes from 0.6 to 1.2 ms "
+              "step, in fresh processes on an idle machine, takes 0.58 to 0.9 ms (a process's median) "
               "(`benchmarks/machine_noise.py`), so runs of one configuration spread as the table shows. "
               "A negative overhead means the step-logged run was luckier than the step_log=False run "
               "it is compared with. CPU ms per 1k "
