@@ -540,7 +540,7 @@ def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per throughput cell: each round's overhead against the step_log=False run of the same
     round, their median and its confidence interval (:func:`median_interval`: what the target
     is judged on), beside the best samples/s of the rounds and the overhead of that best run
-    against the best step_log=False run, and the spread of the step_log=False runs themselves.
+    against the best step_log=False run, and the spread of each variant's runs (sd / mean).
 
     Why an interval: on this virtual machine the same single-threaded training step, in fresh
     processes on an idle machine, takes 0.58 to 0.9 ms (``benchmarks/machine_noise.py``),

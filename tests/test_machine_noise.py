@@ -4,6 +4,7 @@ from what they measured, and bad arguments are refused with a clear message."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def test_two_fresh_processes_write_their_timings_and_the_spread(tmp_path):
     assert len(procs) == 2 and procs[0]["pid"] != procs[1]["pid"], "each in a fresh process"
     assert all(len(p["mlp_us"]) == 2 and min(p["mlp_us"]) > 0 for p in procs)
     mlp = data["summary"]["mlp_us"]
-    medians = sorted(sorted(p["mlp_us"])[0] + (sorted(p["mlp_us"])[1] - sorted(p["mlp_us"])[0]) / 2 for p in procs)
+    medians = sorted(statistics.median(p["mlp_us"]) for p in procs)
     assert (mlp["min"], mlp["max"]) == (medians[0], medians[1])
     assert mlp["max_over_min"] == medians[1] / medians[0] - 1
     assert "| digits MLP step (batch 32, SGD) |" in (tmp_path / "machine_noise.md").read_text()
