@@ -100,6 +100,10 @@ PLAN: dict[str, BenchRun] = {
     "steplog_overhead": BenchRun(
         "steplog_overhead.py", "what the quorum-committed step log costs in samples/s, and recovery "
         "times after worker, leader and driver kills", ("--out", "{out}"), ("--quick", "--out", "{out}")),
+    "steplog_split": BenchRun(
+        "steplog_split.py", "where the step log's cost goes in the async MLP: no log, an idle "
+        "coordinator beside the job, the defaults, no checkpoints, the job directory on tmpfs",
+        ("--out", "{out}"), ("--quick", "--out", "{out}")),
     "machine_noise": BenchRun(
         "machine_noise.py", "the same small training step in fresh processes on an idle machine: the "
         "noise floor of the samples/s comparisons above", ("--out", "{out}"),

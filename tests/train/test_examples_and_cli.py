@@ -143,3 +143,25 @@ def test_trainer_joins_the_cluster_named_by_RAY_ADDRESS(ray_session, tmp_path):
                           env={**os.environ, "RAY_ADDRESS": address})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"joined {address}" in proc.stdout  # the existing cluster, not a new local one
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_steplog_split_benchmark_quick_mode_writes_results(ray_session, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steplog_split.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "steplog_split.json").read_text())
+    (runs,) = data["rounds"]
+    assert set(runs) >= {"step_log=False", "step_log=False + idle coordinator", "default", "no checkpoints"}
+    assert all(r["samples_per_s"] > 0 for r in runs.values())
+    # only the step-logged variants committed their steps to a log
+    assert runs["step_log=False"]["committed_steps"] == 0
+    assert runs["step_log=False + idle coordinator"]["committed_steps"] == 0
+    assert runs["default"]["committed_steps"] == runs["default"]["steps"][0] > 0
+    assert runs["no checkpoints"]["committed_steps"] > 0
+    assert [r["variant"] for r in data["table"]][:3] == ["step_log=False", "step_log=False + idle coordinator",
+                                                         "default"]
+    assert "| default | 1 |" in (tmp_path / "steplog_split.md").read_text()
+    assert (tmp_path / "steplog_split.png").stat().st_size > 0

@@ -1,0 +1,216 @@
+"""Where the step log's cost goes: one cell of ``steplog_overhead.py`` (the digits MLP in
+async mode by default), with the log's parts switched off one at a time through public knobs.
+
+    python benchmarks/steplog_split.py [--model mlp|conv] [--mode async|sync] [--rounds 8]
+                                       [--epochs 60] [--out DIR] [--quick] [--render JSON]
+
+Variants, each round in a rotated order, every run a fresh job (``steplog_overhead.fit``,
+after waiting for a quiet machine):
+
+* ``step_log=False``: the baseline, no log;
+* ``step_log=False + idle coordinator``: no log, but an idle three-node coordinator with the
+  embedded one's Raft clock runs beside the job (what its mere presence costs);
+* ``default``: the step log with every default (a checkpoint and a digest every 100 steps);
+* ``no checkpoints``: ``checkpoint_every=0`` with digests kept (``digest_every=100``);
+* ``default, job dir on tmpfs``: the default with the job directory (checkpoint files and
+  the coordinator's WALs) in ``/dev/shm``, where fsync costs nothing.
+
+Each round's variants are compared with that round's ``step_log=False`` run; per variant, the
+median of those overheads with a 90% bootstrap interval (``steplog_overhead.median_interval``),
+the median samples/s and the machine's CPU ms per 1000 samples. Results:
+``benchmarks/results/steplog_split.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import steplog_overhead as so  # noqa: E402
+from _common import RESULTS_DIR, init_ray, machine, markdown_table, write_results  # noqa: E402
+
+NAME = "steplog_split"
+BASE = "step_log=False"
+WITH_COORDINATOR = "step_log=False + idle coordinator"
+TMPFS = "default, job dir on tmpfs"
+TMPFS_DIR = "/dev/shm"
+#: (name, Trainer keywords) in the order the table shows them.
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    (BASE, {"step_log": False}),
+    (WITH_COORDINATOR, {"step_log": False}),
+    ("default", {}),
+    ("no checkpoints", {"checkpoint_every": 0, "digest_every": 100}),
+    (TMPFS, {}),
+]
+
+
+def variants() -> list[tuple[str, dict[str, Any]]]:
+    """The variants this machine can run (tmpfs only where ``/dev/shm`` is)."""
+    return [v for v in VARIANTS if v[0] != TMPFS or os.path.isdir(TMPFS_DIR)]
+
+
+def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path | None, model: str,
+                mode: str, epochs: int, settle_max_s: float) -> dict[str, Any]:
+    """One fresh job of the variant ``name``; its ``steplog_overhead.throughput`` row."""
+    cluster = None
+    if name == WITH_COORDINATOR:
+        from coordinator.cluster import RayCluster
+        from synctrain.driver import coord
+
+        cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0,
+                             tick_ms=coord.EMBEDDED_TICK_MS, heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
+                             election_tick=coord.EMBEDDED_ELECTION_TICK)
+        cluster.start()
+    try:
+        where = tmpfs if name == TMPFS and tmpfs is not None else storage
+        label = name.replace("+", "and").replace(",", "")
+        return so.throughput(where, model, mode, epochs, label, options, settle_max_s)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per variant: median samples/s and CPU, and each round's overhead against that round's
+    ``step_log=False`` run, with the median of those and its interval."""
+    table = []
+    names = [n for n, _ in VARIANTS if any(n in r for r in rounds)]
+    for name in names:
+        runs = [(r[name], r[BASE]) for r in rounds if name in r and BASE in r]
+        overheads = [1 - run["samples_per_s"] / base["samples_per_s"] for run, base in runs]
+        cpu = [run["cpu_ms_per_1k"] for run, _ in runs if run.get("cpu_ms_per_1k") is not None]
+        cpu_base = [base["cpu_ms_per_1k"] for _, base in runs if base.get("cpu_ms_per_1k") is not None]
+        row: dict[str, Any] = {
+            "variant": name, "runs": len(runs),
+            "samples_per_s": statistics.median(run["samples_per_s"] for run, _ in runs),
+            "cpu_ms_per_1k": statistics.median(cpu) if cpu else None,
+            "cpu_overhead": (statistics.median(cpu) / statistics.median(cpu_base) - 1) if cpu and cpu_base else None,
+        }
+        if name != BASE:
+            low, high = so.median_interval(overheads)
+            row.update(overheads=overheads, overhead=statistics.median(overheads), interval=[low, high])
+        table.append(row)
+    return table
+
+
+def render(data: dict[str, Any], out_dir: str) -> None:
+    meta = data["meta"]
+    rows = []
+    for r in data["table"]:
+        if r["variant"] == BASE:
+            overhead = "-"
+        else:
+            low, high = r["interval"]
+            overhead = f"{100 * r['overhead']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
+        cpu = "-" if r.get("cpu_ms_per_1k") is None else f"{r['cpu_ms_per_1k']:.1f}"
+        cpu_vs = "-" if r["variant"] == BASE or r.get("cpu_overhead") is None else f"{100 * r['cpu_overhead']:+.1f}%"
+        rows.append([r["variant"], r["runs"], f"{r['samples_per_s']:,.0f}", overhead, cpu, cpu_vs])
+    md = [f"# Where the step log's cost goes: {meta['model']}, {meta['mode']} mode", "",
+          f"{meta['rounds_done']} round(s) of every variant in a rotated order, {meta['epochs']} epochs each, "
+          f"{so.WORKERS} workers x batch {so.BATCH}; overhead: each round's run against that round's "
+          f"step_log=False run, the median of the rounds and its {int(100 * so.CONFIDENCE)}% bootstrap interval. "
+          f"Load average {', '.join(f'{x:.1f}' for x in meta['load_avg_start'])} at the start; "
+          f"{meta['wall_s'] / 60:.1f} minutes. Command: `{meta['command']}`.", "",
+          markdown_table(["variant", "runs", "median samples/s", "overhead vs step_log=False [interval]",
+                          "CPU ms per 1k samples", "CPU vs step_log=False"], rows), "",
+          "A variant whose interval holds 0 cannot be told from the baseline by these rounds; the "
+          "machine's own noise (`benchmarks/machine_noise.py`) is tens of percent between fresh "
+          "processes, so read the medians and the intervals, not single runs.", ""]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.md").write_text("\n".join(md))
+    plot(data, out / f"{NAME}.png")
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["table"] if r["variant"] != BASE]
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    y = list(range(len(rows)))
+    medians = [100 * r["overhead"] for r in rows]
+    low = [100 * (r["overhead"] - r["interval"][0]) for r in rows]
+    high = [100 * (r["interval"][1] - r["overhead"]) for r in rows]
+    ax.barh(y, medians, xerr=[low, high], color="tab:blue", alpha=0.7, capsize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.axvline(100 * so.TARGET_OVERHEAD, color="tab:red", linestyle="--", linewidth=0.8, label="3% target")
+    ax.set_yticks(y, [r["variant"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("samples/s lost vs step_log=False, % (median of the rounds, 90% interval)", fontsize=8)
+    ax.set_title(f"{data['meta']['model']}, {data['meta']['mode']} mode")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("mlp", "conv"), default="mlp")
+    parser.add_argument("--mode", choices=("async", "sync"), default="async")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of every variant")
+    parser.add_argument("--epochs", type=int, default=60, help="epochs per run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one round of 2 epochs")
+    parser.add_argument("--out", default=None, help="results directory")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="measure nothing: write the markdown and the plot again from a stored JSON")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.epochs < 1:
+        parser.error("--rounds and --epochs must be at least 1")
+    out_dir = args.out or str(RESULTS_DIR)
+    if args.render:
+        with open(args.render) as f:
+            render(json.load(f), args.out or os.path.dirname(os.path.abspath(args.render)))
+        return 0
+    if args.quick:
+        args.rounds, args.epochs = 1, 2
+    started, load_avg = time.monotonic(), os.getloadavg()
+    init_ray(args.num_cpus)
+    import convergence
+    import digits
+    import ray
+
+    for module in (convergence, digits, so):  # the workers cannot import benchmarks/ or examples/
+        ray.cloudpickle.register_pickle_by_value(module)
+    vs = variants()
+    rounds: list[dict[str, dict[str, Any]]] = []
+    settle_max_s = 0.0 if args.quick else so.SETTLE_MAX_S
+    with tempfile.TemporaryDirectory(prefix="steplog_split_") as storage, \
+            tempfile.TemporaryDirectory(prefix="steplog_split_", dir=TMPFS_DIR if os.path.isdir(TMPFS_DIR)
+                                        else None) as tmpfs:
+        for i in range(args.rounds):
+            shift = i % len(vs)
+            order = vs[shift:] + vs[:shift]
+            print(f"-- round {i + 1}/{args.rounds}", flush=True)
+            runs = {name: run_variant(name, options, Path(storage), Path(tmpfs), args.model, args.mode,
+                                      args.epochs, settle_max_s) for name, options in order}
+            rounds.append(runs)
+            data = {"meta": {"model": args.model, "mode": args.mode, "epochs": args.epochs,
+                             "rounds_asked": args.rounds, "rounds_done": len(rounds),
+                             "load_avg_start": list(load_avg), "load_avg_end": list(os.getloadavg()),
+                             "wall_s": time.monotonic() - started, **machine(),
+                             "platform": platform.platform(), "ray": ray.__version__,
+                             "command": " ".join(["benchmarks/steplog_split.py", *(argv or sys.argv[1:])])},
+                    "table": summarize(rounds), "rounds": rounds}
+            write_results(NAME, data, "", Path(out_dir))
+            render(data, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""benchmarks/steplog_split.py's arithmetic and output, without Ray: each variant's overhead is
+against its own round's step_log=False run, with the median's interval; bad arguments are
+refused before anything runs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "steplog_split.py"
+
+
+@pytest.fixture(scope="module")
+def split():
+    for sub in ("benchmarks", "examples"):
+        if str(ROOT / sub) not in sys.path:
+            sys.path.insert(0, str(ROOT / sub))
+    return importlib.import_module("steplog_split")
+
+
+def _run(samples_per_s: float, cpu: float | None = 60.0) -> dict:
+    return {"samples_per_s": samples_per_s, "cpu_ms_per_1k": cpu}
+
+
+def test_each_round_is_compared_with_its_own_baseline(split):
+    rounds = [{split.BASE: _run(100.0, 50.0), "default": _run(90.0, 60.0), "no checkpoints": _run(100.0, 50.0)},
+              {split.BASE: _run(200.0, 40.0), "default": _run(190.0, 44.0), "no checkpoints": _run(210.0, 40.0)},
+              {split.BASE: _run(150.0, 45.0), "default": _run(120.0, 50.0), "no checkpoints": _run(150.0, 45.0)}]
+    table = {r["variant"]: r for r in split.summarize(rounds)}
+    assert list(table) == [split.BASE, "default", "no checkpoints"], "the order of VARIANTS"
+    default = table["default"]
+    assert default["overheads"] == pytest.approx([0.10, 0.05, 0.20])
+    assert default["overhead"] == pytest.approx(0.10)  # the median of the rounds, not of the pooled runs
+    low, high = default["interval"]
+    assert low <= default["overhead"] <= high and low >= 0.05 and high <= 0.20
+    assert default["samples_per_s"] == 120.0 and default["cpu_ms_per_1k"] == 50.0
+    assert default["cpu_overhead"] == pytest.approx(50.0 / 45.0 - 1)
+    assert table["no checkpoints"]["overhead"] == pytest.approx(0.0)
+    assert "overhead" not in table[split.BASE]
+
+
+def test_the_markdown_and_plot_come_from_a_stored_json(split, tmp_path):
+    rounds = [{split.BASE: _run(100.0), "default": _run(95.0)}, {split.BASE: _run(110.0), "default": _run(99.0)}]
+    data = {"meta": {"model": "mlp", "mode": "async", "epochs": 60, "rounds_asked": 2, "rounds_done": 2,
+                     "load_avg_start": [1.0, 1.0, 1.0], "wall_s": 120.0, "command": "benchmarks/steplog_split.py"},
+            "table": split.summarize(rounds), "rounds": rounds}
+    (tmp_path / "stored.json").write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--render", str(tmp_path / "stored.json"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "out" / "steplog_split.md").read_text()
+    assert "| default | 2 | 97 | +7.5% [+5.0, +10.0] |" in md, md
+    assert (tmp_path / "out" / "steplog_split.png").stat().st_size > 0
+
+
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--rounds and --epochs must be at least 1" in proc.stderr
+    assert not (tmp_path / "steplog_split.json").exists()
