@@ -28,6 +28,15 @@ def load(path: Path, name: str):
     return module
 
 
+def run_quick(ray_session, script: str, out: Path, *args: str) -> dict:
+    """Run ``benchmarks/<script> --quick --out <out>`` in the test session's Ray; its JSON."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / script.replace(".py", ".json")).read_text())
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_digits_sync_reaches_95_percent_with_two_workers(ray_session):
@@ -73,19 +82,14 @@ def test_throughput_benchmark_quick_mode_writes_results(ray_session, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    for script, args in (("ps_throughput.py", ["--rounds", "2"]),
-                         ("convergence.py", ["--model", "conv", "--channels", "16", "--optimizer", "adam", "--repeats", "2"])):
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out",
-                               str(tmp_path), *args], capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    ps = json.loads((tmp_path / "ps_throughput.json").read_text())
+    ps = run_quick(ray_session, "ps_throughput.py", tmp_path, "--rounds", "2")
+    conv = run_quick(ray_session, "convergence.py", tmp_path, "--model", "conv", "--channels", "16",
+                     "--optimizer", "adam", "--repeats", "2")
     assert [r["name"] for r in ps["rows"]][0].startswith("naive")
     assert all(len(r["pushes_per_s_rounds"]) == 2 and r["pushes_per_s"] > 0 for r in ps["rows"])
     assert "CPU ms per push" in (tmp_path / "ps_throughput.md").read_text()
     # The quick run measures both transports: shared memory (same machine) and Ray.
     assert [r["push_transport"] for r in ps["rows"][1:]] == [["shared_memory"], ["ray"]]
-    conv = json.loads((tmp_path / "convergence.json").read_text())
     assert conv["meta"]["optimizer"] == "adam" and conv["meta"]["repeats"] == 2
     assert {r["name"] for r in conv["runs"]} >= {"sync + straggler", "async s=2 + straggler"}
     assert all(len(r["times_to_95_s"]) == 2 for r in conv["runs"] if r["mode"] != "single")
@@ -95,11 +99,7 @@ def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_steplog_overhead_benchmark_quick_mode_writes_results(ray_session, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steplog_overhead.py"), "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((tmp_path / "steplog_overhead.json").read_text())
+    data = run_quick(ray_session, "steplog_overhead.py", tmp_path)
     variants = [r["variant"] for r in data["throughput"]]
     assert variants == ["step_log=False", f"K={DEFAULT_MAX_UNCOMMITTED_STEPS} (default)"]
     assert all(r["samples_per_s"] > 0 for r in data["throughput"])
@@ -148,11 +148,7 @@ def test_trainer_joins_the_cluster_named_by_RAY_ADDRESS(ray_session, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_steplog_split_benchmark_quick_mode_writes_results(ray_session, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steplog_split.py"), "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((tmp_path / "steplog_split.json").read_text())
+    data = run_quick(ray_session, "steplog_split.py", tmp_path)
     (runs,) = data["rounds"]
     assert set(runs) >= {"step_log=False", "step_log=False + idle coordinator", "default", "no checkpoints"}
     assert all(r["samples_per_s"] > 0 for r in runs.values())
