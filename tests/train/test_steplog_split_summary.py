@@ -24,12 +24,12 @@ def split():
     return importlib.import_module("steplog_split")
 
 
-def _run(samples_per_s: float, cpu: float | None = 60.0) -> dict:
-    return {"samples_per_s": samples_per_s, "cpu_ms_per_1k": cpu}
+def _run(samples_per_s: float, cpu: float | None = 60.0, own: float = 0.0) -> dict:
+    return {"samples_per_s": samples_per_s, "cpu_ms_per_1k": cpu, "steplog_cpu_share": own}
 
 
 def test_each_round_is_compared_with_its_own_baseline(split):
-    rounds = [{split.BASE: _run(100.0, 50.0), "default": _run(90.0, 60.0), "no checkpoints": _run(100.0, 50.0)},
+    rounds = [{split.BASE: _run(100.0, 50.0), "default": _run(90.0, 60.0, 0.03), "no checkpoints": _run(100.0, 50.0)},
               {split.BASE: _run(200.0, 40.0), "default": _run(190.0, 44.0), "no checkpoints": _run(210.0, 40.0)},
               {split.BASE: _run(150.0, 45.0), "default": _run(120.0, 50.0), "no checkpoints": _run(150.0, 45.0)}]
     table = {r["variant"]: r for r in split.summarize(rounds)}
@@ -42,11 +42,13 @@ def test_each_round_is_compared_with_its_own_baseline(split):
     assert default["samples_per_s"] == 120.0 and default["cpu_ms_per_1k"] == 50.0
     assert default["cpu_overhead"] == pytest.approx(50.0 / 45.0 - 1)
     assert table["no checkpoints"]["overhead"] == pytest.approx(0.0)
-    assert "overhead" not in table[split.BASE]
+    assert "overhead" not in table[split.BASE] and "own_cpu" not in table[split.BASE]
+    assert default["own_cpu"] == 0.0 and default["own_cpu_interval"][1] == pytest.approx(0.03)
 
 
 def test_the_markdown_and_plot_come_from_a_stored_json(split, tmp_path):
-    rounds = [{split.BASE: _run(100.0), "default": _run(95.0)}, {split.BASE: _run(110.0), "default": _run(99.0)}]
+    rounds = [{split.BASE: _run(100.0), "default": _run(95.0, own=0.02)},
+              {split.BASE: _run(110.0), "default": _run(99.0, own=0.03)}]
     data = {"meta": {"model": "mlp", "mode": "async", "epochs": 60, "rounds_asked": 2, "rounds_done": 2,
                      "load_avg_start": [1.0, 1.0, 1.0], "wall_s": 120.0, "command": "benchmarks/steplog_split.py"},
             "table": split.summarize(rounds), "rounds": rounds}
@@ -56,6 +58,7 @@ def test_the_markdown_and_plot_come_from_a_stored_json(split, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "out" / "steplog_split.md").read_text()
     assert "| default | 2 | 97 | +7.5% [+5.0, +10.0] |" in md, md
+    assert "| 2.50% [2.00, 3.00] |" in md, md  # the step log's own CPU: median of the runs, interval
     assert (tmp_path / "out" / "steplog_split.png").stat().st_size > 0
 
 
