@@ -106,6 +106,11 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         if name != BASE and own:
             low, high = so.median_interval(own)
             row.update(own_cpu=statistics.median(own), own_cpu_interval=[low, high])
+        direct = so.direct_costs([run for run, _ in runs])
+        if name != BASE and direct:
+            low, high = so.median_interval(direct)
+            row.update(loop_share=statistics.median(run["steplog_loop_share"] for run, _ in runs),
+                       direct=statistics.median(direct), direct_interval=[low, high])
         table.append(row)
     return table
 
@@ -123,7 +128,11 @@ def render(data: dict[str, Any], out_dir: str) -> None:
         cpu_vs = "-" if r["variant"] == BASE or r.get("cpu_overhead") is None else f"{100 * r['cpu_overhead']:+.1f}%"
         own = ("-" if r.get("own_cpu") is None else
                "{:.2f}% [{:.2f}, {:.2f}]".format(100 * r["own_cpu"], *(100 * x for x in r["own_cpu_interval"])))
-        rows.append([r["variant"], r["runs"], f"{r['samples_per_s']:,.0f}", overhead, cpu, cpu_vs, own])
+        on_loop = "-" if r.get("loop_share") is None else f"{100 * r['loop_share']:.2f}%"
+        direct = ("-" if r.get("direct") is None else
+                  "{:.2f}% [{:.2f}, {:.2f}]".format(100 * r["direct"], *(100 * x for x in r["direct_interval"])))
+        rows.append([r["variant"], r["runs"], f"{r['samples_per_s']:,.0f}", overhead, cpu, cpu_vs, own, on_loop,
+                     direct])
     md = [f"# Where the step log's cost goes: {meta['model']}, {meta['mode']} mode", "",
           f"{meta['rounds_done']} round(s) of every variant in a rotated order, {meta['epochs']} epochs each, "
           f"{so.WORKERS} workers x batch {so.BATCH}; overhead: each round's run against that round's "
@@ -132,7 +141,8 @@ def render(data: dict[str, Any], out_dir: str) -> None:
           f"{meta['wall_s'] / 60:.1f} minutes. Command: `{meta['command']}`.", "",
           markdown_table(["variant", "runs", "median samples/s", "overhead vs step_log=False [interval]",
                           "CPU ms per 1k samples", "CPU vs step_log=False",
-                          "step log's own CPU, % of the machine [interval]"], rows), "",
+                          "step log's own CPU, % of the machine [interval]",
+                          "step log on the loop's thread, % of its window", "direct cost [interval]"], rows), "",
           "A variant whose interval holds 0 cannot be told from the baseline by these rounds; the "
           "machine's own noise (`benchmarks/machine_noise.py`) is tens of percent between fresh "
           "processes, so read the medians and the intervals, not single runs.", "",
@@ -141,9 +151,12 @@ def render(data: dict[str, Any], out_dir: str) -> None:
           "processes, the idle ones too), as a share of all the machine's CPUs "
           "(`steplog_overhead.steplog_cpu_s`). Measured inside each run against that run's own "
           "window, it moves little with the machine's noise: where the samples/s intervals cannot "
-          "tell the variants apart, this column can. Not in it: the loop thread's own share of the "
-          "work (the capture of a checkpoint, waits on the K bound) and, in async mode, the shards' "
-          "side of a snapshot.", ""]
+          "tell the variants apart, this column can. The step log on the loop's thread: the time the "
+          "slowest rank's loop spent in the step boundary (queueing records, capturing checkpoints, "
+          "copying digests, waiting on the K bound), a share of its window. Direct cost: the two "
+          "added, per run (`steplog_overhead.direct_costs`): what the log's work takes on a machine "
+          "the training keeps busy. Not in it: in async mode the shards' side of a snapshot, and "
+          "effects on caches.", ""]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.md").write_text("\n".join(md))

@@ -119,8 +119,17 @@ class StepBoundary:
         self.last_digest_step = -1
         self.pulled: dict[str, Any] | None = None  # async: the check made in the step under way
         self.wait_s = 0.0  # the loop's time held by the K bound
+        # The loop's time in this boundary, wait_s included: records queued, checkpoint
+        # captures, digests' copies (the step log's cost on the loop's own thread)
+        self.loop_s = 0.0
         self.stop_reason: str | None = None  # the driver asked this run to stop
         self.urge_at = max(1, cfg.max_uncommitted_steps // 2)
+        # read on every step: plain attributes
+        self.k = cfg.max_uncommitted_steps
+        self.is_async = mode == "async"
+        self.checkpoint_every = cfg.checkpoint_every
+        self.checkpoint_every_s = cfg.checkpoint_every_s
+        self.sync_digest_every = cfg.digest_every if mode == "sync" else 0
         self.writer = _Writer(self)
         self.writer.start()
 
@@ -133,26 +142,36 @@ class StepBoundary:
             self.writer.put(("report", step, seq, record))
 
     def after_step(self, session: Session) -> None:
-        step = session.optimizer_steps
-        ps_clock = getattr(session.strategy, "clock", None) if self.mode == "async" else None
-        items: list[tuple] = [("step", step, time.time(), ps_clock)]
-        if self.pulled is not None:  # in the same batch as its step
-            items.append(("pulled", step, self.pulled))
-            self.pulled = None
-        self.writer.put(*items)
-        if step - self.committed_step >= self.urge_at and not self.writer.urgent:
-            self.writer.urge()  # half of K uncommitted: commit now, before the loop has to wait
-        self._maybe_flip_bits(session, step)
-        # Both taken at this step's capture point (the next batch handed out: the iteration is
-        # over, an LR scheduler stepped, its reports made), or failing that (no prepared
-        # loader) at the start of the next optimizer step.
-        if self._checkpoint_due(step):
-            self.pending = {"step": step}
-            self.last_checkpoint_t = time.monotonic()
-        every = self.cfg.digest_every
-        if self.mode == "sync" and every and step % every == 0:
-            self.pending_digest = step
-        self._hold(session, step)
+        # Runs on the loop's thread after every optimizer step, so its common path is kept
+        # short: one queued tuple, a few comparisons (a fast digits MLP step is ~0.6 ms).
+        started = time.perf_counter()
+        try:
+            step = session.optimizer_steps
+            writer = self.writer
+            record = ("step", step, time.time(), getattr(session.strategy, "clock", None) if self.is_async else None)
+            if self.pulled is None:
+                writer.put_step(record)
+            else:  # in the same batch as its step
+                writer.put(record, ("pulled", step, self.pulled))
+                self.pulled = None
+            if step - self.committed_step >= self.urge_at and not writer.urgent:
+                writer.urge()  # half of K uncommitted: commit now, before the loop has to wait
+            if self.cfg.flip_bits:
+                self._maybe_flip_bits(session, step)
+            # Both taken at this step's capture point (the next batch handed out: the iteration
+            # is over, an LR scheduler stepped, its reports made), or failing that (no prepared
+            # loader) at the start of the next optimizer step.
+            every = self.checkpoint_every
+            if (every and step % every == 0) or (self.checkpoint_every_s is not None and self._checkpoint_due(step)):
+                self.pending = {"step": step}
+                self.last_checkpoint_t = time.monotonic()
+            every = self.sync_digest_every
+            if every and step % every == 0:
+                self.pending_digest = step
+            if step - self.committed_step > self.k or writer.fenced or self.stop_reason is not None:
+                self._hold(session, step)
+        finally:
+            self.loop_s += time.perf_counter() - started
 
     def note_pulled(self, step: int, versions: list[int], served: list[str], held: list[str]) -> None:
         """Async: the strategy compared what it holds with what the shards served, before
@@ -180,6 +199,16 @@ class StepBoundary:
             self.writer.put(("digest", step, replicated_state(session.models)))
 
     def _at_capture(self, session: Session, positions: list, report_seq: int) -> None:
+        step = session.optimizer_steps
+        if (self.pending is None or self.pending["step"] != step) and self.pending_digest != step:
+            return  # nothing due: the common case, twice a step
+        started = time.perf_counter()
+        try:
+            self._capture_due(session, positions, report_seq)
+        finally:
+            self.loop_s += time.perf_counter() - started
+
+    def _capture_due(self, session: Session, positions: list, report_seq: int) -> None:
         step = session.optimizer_steps
         doc = None
         if self.pending is not None and self.pending["step"] == step:
@@ -257,9 +286,10 @@ class StepBoundary:
     def metrics(self) -> dict[str, Any]:
         """This run's step-log figures for ``Result.worker_metrics``: commits made (each one
         Raft commit of a batch), commits that failed and were retried, seconds the loop waited
-        on the log (more than K steps uncommitted)."""
+        on the log (more than K steps uncommitted), and seconds the loop's thread spent in the
+        step boundary in all (those waits, queueing records, capturing checkpoints)."""
         return {"steplog_commits": self.writer.commits, "steplog_failed_commits": self.writer.failed_commits,
-                "steplog_wait_s": round(self.wait_s, 3)}
+                "steplog_wait_s": round(self.wait_s, 3), "steplog_loop_s": round(self.loop_s, 3)}
 
     def flush(self, timeout_s: float) -> bool:
         """Commit everything queued; True when done within ``timeout_s``."""
@@ -335,6 +365,7 @@ class _Writer(threading.Thread):
         self.fenced: str | None = None
         self.urgent = False
         self.fetch_due = False  # a queued checkpoint holds a Later: fetch it now, commit later
+        self.k0 = boundary.cfg.max_uncommitted_steps == 0  # every put is urgent
         self.stopping = False
         self.failed_commits = 0
         self.commits = 0
@@ -352,6 +383,18 @@ class _Writer(threading.Thread):
             later = any(item[0] == "checkpoint" and _unfetched(item) for item in items)
             self.fetch_due = self.fetch_due or later
             if was_empty or self.urgent or later:  # else the writer is awake, or holding the batch open
+                self.cond.notify_all()
+
+    def put_step(self, item: tuple) -> None:
+        """:meth:`put` for one step record, the loop's every step: the same, minus what a step
+        record never needs (no checkpoint to fetch in it)."""
+        if self.k0 or len(self.queue) >= MAX_QUEUED:
+            self.put(item)  # the slow path: commit at once (K = 0), or wait for room
+            return
+        with self.cond:
+            was_empty = not self.queue
+            self.queue.append(item)
+            if was_empty or self.urgent:  # else the writer is awake, or holding the batch open
                 self.cond.notify_all()
 
     def urge(self) -> None:

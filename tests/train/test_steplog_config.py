@@ -139,3 +139,4 @@ def test_a_fast_loop_batches_its_records_into_few_commits(ray_session, tmp_path)
     for m in result.worker_metrics:
         assert 1 <= m["steplog_commits"] <= steps // 8, m  # the old writer: ~steps / 2
         assert m["steplog_failed_commits"] == 0 and m["steplog_wait_s"] < 60
+        assert m["steplog_loop_s"] > 0 and m["steplog_loop_s"] >= m["steplog_wait_s"], m  # the waits are in it

@@ -82,6 +82,35 @@ def test_the_markdown_says_each_cells_interval_and_status(bench):
     assert "spread of the runs" in text and "90% interval" in text
 
 
+def test_the_direct_cost_is_the_logs_own_cpu_plus_its_share_of_the_loops_thread(bench):
+    """Judged beside the samples/s, never instead: its own CPU and its time on the loop's thread,
+    per run; a stored run without the loop's share is never called met on its own CPU alone."""
+    default = f"K={bench.DEFAULT_MAX_UNCOMMITTED_STEPS} (default)"
+
+    def cell(shares, loops=None):
+        rounds = []
+        for i, share in enumerate(shares):
+            run = _run("mlp", default, 100, share)
+            if loops is not None:
+                run["steplog_loop_share"] = loops[i]
+            rounds.append([_run("mlp", "step_log=False", 100), run])
+        table = bench.summarize(rounds)
+        return ({r["variant"]: r for r in table}[default],
+                bench.verdicts(table, [])["own_cpu_at_default_K"])
+
+    row, verdict = cell([0.020, 0.021, 0.019, 0.020], [0.004, 0.005, 0.004, 0.006])
+    assert row["direct_cost_rounds"] == pytest.approx([0.024, 0.026, 0.023, 0.026])
+    assert row["steplog_loop_share"] == pytest.approx(0.0045)
+    assert verdict["cells"]["mlp sync"]["measure"] == "direct" and verdict["status"] == "met"
+    _, verdict = cell([0.020, 0.021, 0.019, 0.020], [0.012, 0.011, 0.013, 0.012])  # 3.2%: past the target
+    assert verdict["status"] == "not met" and verdict["met"] is False
+    row, verdict = cell([0.020, 0.021, 0.019, 0.020])  # a stored run: no loop share
+    assert bench.direct_costs([_run("mlp", default, 1, 0.02)]) == [] and "direct_cost" not in row
+    assert verdict["cells"]["mlp sync"]["measure"] == "own CPU" and verdict["status"] == "not shown"
+    assert bench.own_cpu_verdict([]) | {"target": None} == {"target": None, "confidence": bench.CONFIDENCE,
+                                                            "met": None, "cells": {}, "status": "not shown"}
+
+
 def test_slow_variants_train_a_fraction_of_the_epochs(bench):
     assert bench.variant_epochs(120, {"max_uncommitted_steps": 0}) == 120 // bench.EPOCH_DIVISOR[0]
     assert bench.variant_epochs(120, {"max_uncommitted_steps": 8}) == 120 // bench.EPOCH_DIVISOR[8]

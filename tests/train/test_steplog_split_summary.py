@@ -24,8 +24,9 @@ def split():
     return importlib.import_module("steplog_split")
 
 
-def _run(samples_per_s: float, cpu: float | None = 60.0, own: float = 0.0) -> dict:
-    return {"samples_per_s": samples_per_s, "cpu_ms_per_1k": cpu, "steplog_cpu_share": own}
+def _run(samples_per_s: float, cpu: float | None = 60.0, own: float = 0.0, loop: float = 0.0) -> dict:
+    return {"samples_per_s": samples_per_s, "cpu_ms_per_1k": cpu, "steplog_cpu_share": own,
+            "steplog_loop_share": loop}
 
 
 def test_each_round_is_compared_with_its_own_baseline(split):
@@ -47,8 +48,8 @@ def test_each_round_is_compared_with_its_own_baseline(split):
 
 
 def test_the_markdown_and_plot_come_from_a_stored_json(split, tmp_path):
-    rounds = [{split.BASE: _run(100.0), "default": _run(95.0, own=0.02)},
-              {split.BASE: _run(110.0), "default": _run(99.0, own=0.03)}]
+    rounds = [{split.BASE: _run(100.0), "default": _run(95.0, own=0.02, loop=0.01)},
+              {split.BASE: _run(110.0), "default": _run(99.0, own=0.03, loop=0.004)}]
     data = {"meta": {"model": "mlp", "mode": "async", "epochs": 60, "rounds_asked": 2, "rounds_done": 2,
                      "load_avg_start": [1.0, 1.0, 1.0], "wall_s": 120.0, "command": "benchmarks/steplog_split.py"},
             "table": split.summarize(rounds), "rounds": rounds}
@@ -58,7 +59,8 @@ def test_the_markdown_and_plot_come_from_a_stored_json(split, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "out" / "steplog_split.md").read_text()
     assert "| default | 2 | 97 | +7.5% [+5.0, +10.0] |" in md, md
-    assert "| 2.50% [2.00, 3.00] |" in md, md  # the step log's own CPU: median of the runs, interval
+    # the step log's own CPU, its share of the loop's thread, and their sum per run (the direct cost)
+    assert "| 2.50% [2.00, 3.00] | 0.70% | 3.20% [3.00, 3.40] |" in md, md
     assert (tmp_path / "out" / "steplog_split.png").stat().st_size > 0
 
 
