@@ -642,7 +642,7 @@ def verdicts(table: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[
 
     return {
         "overhead_at_default_K": overhead_verdict(cells),
-        "own_cpu_at_default_K": own_cpu_verdict(cells),
+        "direct_cost_at_default_K": direct_cost_verdict(cells),
         "worker_kill_recovery_s": judged([f["first_committed_step_s"] for f in faults
                                           if f["fault"] == "worker kill"], TARGET_WORKER_RECOVERY_S),
         "spare_recovery_s": judged([f["first_committed_step_s"] for f in faults
@@ -683,7 +683,7 @@ def direct_costs(runs: list[dict[str, Any]]) -> list[float]:
     return [(r.get("steplog_cpu_share") or 0.0) + r["steplog_loop_share"] for r in runs]
 
 
-def own_cpu_verdict(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def direct_cost_verdict(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """The step log's direct cost at the default K, per cell with its interval over the
     rounds, judged against the overhead target by the same rule: its own CPU (writer threads
     and coordinator nodes, a share of the machine) plus its time on the loops' own threads,
@@ -864,7 +864,7 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
                            + f" {c['status']}" for where, c in o.get("cells", {}).items())
                  or f"worst {100 * o['worst']:+.1f}% ({o['where']})")
               + f": {_overhead_met(o)}",
-              *_own_cpu_line(verdict.get("own_cpu_at_default_K")),
+              *_direct_cost_line(verdict.get("direct_cost_at_default_K")),
               f"- worker kill -> first committed step of the new generation <= {TARGET_WORKER_RECOVERY_S:g} s: "
               f"worst {_s(w['worst'])} s: {_met(w['met'])}",
               f"- commits stalled by a leader kill (K={LEADER_KILL_K}) <= {TARGET_LEADER_STALL_S:g} s: "
@@ -874,8 +874,8 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
     return lines
 
 
-def _own_cpu_line(own: dict[str, Any] | None) -> list[str]:
-    """The targets list's line for :func:`own_cpu_verdict` (none for a run without it)."""
+def _direct_cost_line(own: dict[str, Any] | None) -> list[str]:
+    """The targets list's line for :func:`direct_cost_verdict` (none for a run without it)."""
     if not own or not own.get("cells"):
         return []
     cells = "; ".join(f"{where} {100 * c['median']:.2f}% [{100 * c['low']:.2f}, {100 * c['high']:.2f}]"

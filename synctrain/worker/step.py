@@ -162,7 +162,7 @@ class StepBoundary:
             # is over, an LR scheduler stepped, its reports made), or failing that (no prepared
             # loader) at the start of the next optimizer step.
             every = self.checkpoint_every
-            if (every and step % every == 0) or (self.checkpoint_every_s is not None and self._checkpoint_due(step)):
+            if (every and step % every == 0) or (self.checkpoint_every_s is not None and self._seconds_due()):
                 self.pending = {"step": step}
                 self.last_checkpoint_t = time.monotonic()
             every = self.sync_digest_every
@@ -242,13 +242,12 @@ class StepBoundary:
         log.warning("INJECT flip_bits on rank %d at step %d of generation %d: %s", self.rank,
                     step, self.generation, what)
 
-    def _checkpoint_due(self, step: int) -> bool:
-        every = self.cfg.checkpoint_every
-        if every and step % every == 0:
-            return True
-        if self.cfg.checkpoint_every_s is None or self.cfg.shard_optimizer or self.rank != 0:
+    def _seconds_due(self) -> bool:
+        """``checkpoint_every_s`` has passed since the last checkpoint (rank 0 alone decides;
+        not with ZeRO-1, whose consolidation every rank must join at the same step)."""
+        if self.checkpoint_every_s is None or self.cfg.shard_optimizer or self.rank != 0:
             return False
-        return time.monotonic() - self.last_checkpoint_t >= self.cfg.checkpoint_every_s
+        return time.monotonic() - self.last_checkpoint_t >= self.checkpoint_every_s
 
     def _hold(self, session: Session, step: int) -> None:
         """Wait while more than K steps are uncommitted; raise if this worker was fenced or

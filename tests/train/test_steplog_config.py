@@ -4,6 +4,7 @@ nothing of an existing job overwritten."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -140,3 +141,33 @@ def test_a_fast_loop_batches_its_records_into_few_commits(ray_session, tmp_path)
         assert 1 <= m["steplog_commits"] <= steps // 8, m  # the old writer: ~steps / 2
         assert m["steplog_failed_commits"] == 0 and m["steplog_wait_s"] < 60
         assert m["steplog_loop_s"] > 0 and m["steplog_loop_s"] >= m["steplog_wait_s"], m  # the waits are in it
+
+
+def slow_steps_loop(config):
+    """Steps that take a known time each: a time-based checkpoint falls due between them."""
+    model = synctrain.prepare_model(nn.Linear(4, 2))
+    opt = synctrain.prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(config["steps"]):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        time.sleep(config["step_s"])
+    return "done"
+
+
+def test_checkpoint_every_s_takes_checkpoints_by_time_alone(ray_session, tmp_path):
+    """checkpoint_every=0 with checkpoint_every_s: rank 0 alone decides, at a step boundary once
+    that long has passed since the last; the references are committed with their steps."""
+    steps, step_s = 30, 0.05
+    result = synctrain.Trainer(slow_steps_loop, num_workers=2, use_gpu=False, progress=False,
+                               storage_path=str(tmp_path), job_name="by-time", checkpoint_every=0,
+                               checkpoint_every_s=0.3, digest_every=0,
+                               config={"steps": steps, "step_s": step_s}).fit()
+    assert [s["step"] for s in result.steps] == list(range(1, steps + 1))
+    job = synctrain.read_job("by-time", str(tmp_path))
+    taken = [c["step"] for c in job.checkpoints]
+    assert len(taken) >= 2 and all(0 < s < steps for s in taken), taken  # none after the last step
+    at = {s["step"]: s["time"] for s in result.steps}
+    gaps = [at[b] - at[a] for a, b in zip(taken, taken[1:], strict=False)]
+    assert min(gaps) >= 0.25, (taken, gaps)  # by time: never closer than checkpoint_every_s
+    assert result.checkpoint is not None and result.checkpoint.endswith(".pt")

@@ -96,7 +96,7 @@ def test_the_direct_cost_is_the_logs_own_cpu_plus_its_share_of_the_loops_thread(
             rounds.append([_run("mlp", "step_log=False", 100), run])
         table = bench.summarize(rounds)
         return ({r["variant"]: r for r in table}[default],
-                bench.verdicts(table, [])["own_cpu_at_default_K"])
+                bench.verdicts(table, [])["direct_cost_at_default_K"])
 
     row, verdict = cell([0.020, 0.021, 0.019, 0.020], [0.004, 0.005, 0.004, 0.006])
     assert row["direct_cost_rounds"] == pytest.approx([0.024, 0.026, 0.023, 0.026])
@@ -107,7 +107,7 @@ def test_the_direct_cost_is_the_logs_own_cpu_plus_its_share_of_the_loops_thread(
     row, verdict = cell([0.020, 0.021, 0.019, 0.020])  # a stored run: no loop share
     assert bench.direct_costs([_run("mlp", default, 1, 0.02)]) == [] and "direct_cost" not in row
     assert verdict["cells"]["mlp sync"]["measure"] == "own CPU" and verdict["status"] == "not shown"
-    assert bench.own_cpu_verdict([]) | {"target": None} == {"target": None, "confidence": bench.CONFIDENCE,
+    assert bench.direct_cost_verdict([]) | {"target": None} == {"target": None, "confidence": bench.CONFIDENCE,
                                                             "met": None, "cells": {}, "status": "not shown"}
 
 
