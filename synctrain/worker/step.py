@@ -76,6 +76,11 @@ MAX_BATCH_CHECKPOINTS = 64
 #: clock) as one *run* record (see :mod:`coordinator.steplog`): each replica applies it as a loop
 #: over two lists instead of a map per step, and the batch is a third of the bytes.
 RUN_MIN = 4
+#: Pruned checkpoint files rank 0's writer keeps to write the next ones over (see
+#: :func:`synctrain.checkpoint.write`), at most; and only files up to this size (past it a
+#: checkpoint is too slow to write several a second, and the spares would hold the disk).
+MAX_SPARE_FILES = 4
+MAX_SPARE_BYTES = 64 << 20
 
 
 class WorkerFencedError(RuntimeError):
@@ -286,8 +291,10 @@ class StepBoundary:
         """This run's step-log figures for ``Result.worker_metrics``: commits made (each one
         Raft commit of a batch), commits that failed and were retried, seconds the loop waited
         on the log (more than K steps uncommitted), and seconds the loop's thread spent in the
-        step boundary in all (those waits, queueing records, capturing checkpoints)."""
+        step boundary in all (those waits, queueing records, capturing checkpoints); and how many
+        checkpoints were written over a pruned one's file (rank 0)."""
         return {"steplog_commits": self.writer.commits, "steplog_failed_commits": self.writer.failed_commits,
+                "steplog_reused_files": self.writer.reused_files,
                 "steplog_wait_s": round(self.wait_s, 3), "steplog_loop_s": round(self.loop_s, 3)}
 
     def flush(self, timeout_s: float) -> bool:
@@ -369,6 +376,8 @@ class _Writer(threading.Thread):
         self.failed_commits = 0
         self.commits = 0
         self.steplog = StepLog(list(boundary.cfg.endpoints), boundary.cfg.token, boundary.cfg.job)
+        self.spares: list[pathlib.Path] = []  # pruned checkpoint files to write over (this thread's)
+        self.reused_files = 0
 
     def put(self, *items: tuple) -> None:
         with self.cond:
@@ -420,6 +429,10 @@ class _Writer(threading.Thread):
             self.cond.notify_all()
         self.join(timeout_s)
         self.steplog.close()
+        if not self.is_alive():
+            for spare in self.spares:
+                ckpt.remove(str(spare))
+            self.spares.clear()
 
     def run(self) -> None:
         last_flush = 0.0
@@ -522,16 +535,34 @@ class _Writer(threading.Thread):
         answer = self.steplog.steps(generation, self.b.rank, _runs(records) if self.b.rank == 0 else records,
                                     refs)
         for path in answer.get("prune", ()):
-            ckpt.remove(path)
+            self._retire(path)
         if last is not None:
             with self.cond:
                 self.b.committed_step = max(self.b.committed_step, last)
 
+    def _retire(self, path: str) -> None:
+        """A checkpoint the log pruned: kept as a spare for the next one to be written over, or
+        deleted."""
+        pruned = pathlib.Path(path)
+        try:
+            small = pruned.stat().st_size <= MAX_SPARE_BYTES
+        except OSError:
+            return  # gone already
+        if len(self.spares) < MAX_SPARE_FILES and small and pruned.parent == pathlib.Path(self.b.cfg.job_dir):
+            spare = ckpt.make_spare(pruned)
+            if spare is not None:
+                self.spares.append(spare)
+            return
+        ckpt.remove(path)
+
     def _write_checkpoint(self, item: tuple, generation: int) -> dict[str, Any]:
-        """Write a queued checkpoint durably; its reference for the log."""
+        """Write a queued checkpoint durably (over a spare file, when there is one); its
+        reference for the log."""
         _, step, doc = item
         directory = pathlib.Path(self.b.cfg.job_dir)
-        ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc))
+        spare = self.spares.pop() if self.spares else None
+        self.reused_files += spare is not None and spare.exists()
+        ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc), spare)
         ref.update(step=step, time=time.time(), digest=state_digest(checkpoint_state(doc)))
         return ref
 

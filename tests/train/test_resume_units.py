@@ -117,6 +117,28 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
         ckpt.read_verified(ref)
 
 
+def test_a_checkpoint_written_over_a_pruned_ones_file_holds_exactly_its_own_bytes(tmp_path):
+    """A pruned checkpoint becomes a spare (never a ckpt-*.pt again) and the next checkpoint is
+    written over it, in its pages: shorter data than the spare held leaves none of its tail, the
+    spare's name is gone, and a spare swept away meanwhile just means a new file."""
+    big = {"step": 1, "models": [{"w": torch.randn(5000)}]}
+    old = ckpt.write(tmp_path, ckpt.checkpoint_name(1, 1), ckpt.encode(big))
+    spare = ckpt.make_spare(old["path"])
+    assert spare is not None and spare.name.endswith(".tmp") and not list(tmp_path.glob("ckpt-*.pt"))
+    inode = spare.stat().st_ino
+    small = {"step": 2, "models": [{"w": torch.randn(10)}]}
+    ref = ckpt.write(tmp_path, ckpt.checkpoint_name(2, 1), ckpt.encode(small), spare)
+    path = tmp_path / ckpt.checkpoint_name(2, 1)
+    assert path.stat().st_ino == inode, "written over the spare, not a new file"
+    assert ref["size"] == path.stat().st_size < old["size"]
+    assert torch.equal(ckpt.read_verified(ref)["models"][0]["w"], small["models"][0]["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert ckpt.make_spare(old["path"]) is None  # already gone: nothing to reuse
+    gone = tmp_path / "swept.spare.tmp"  # a resumed job swept it: a new file, no error
+    ref3 = ckpt.write(tmp_path, ckpt.checkpoint_name(3, 1), ckpt.encode(big), gone)
+    assert ckpt.read_verified(ref3)["step"] == 1
+
+
 def test_a_checkpoint_file_cannot_run_code(tmp_path):
     class Evil:
         def __reduce__(self):

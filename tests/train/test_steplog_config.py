@@ -171,3 +171,26 @@ def test_checkpoint_every_s_takes_checkpoints_by_time_alone(ray_session, tmp_pat
     gaps = [at[b] - at[a] for a, b in zip(taken, taken[1:], strict=False)]
     assert min(gaps) >= 0.25, (taken, gaps)  # by time: never closer than checkpoint_every_s
     assert result.checkpoint is not None and result.checkpoint.endswith(".pt")
+
+
+def test_a_pruned_checkpoint_file_is_written_over_by_a_later_one_and_no_spare_outlives_the_job(
+        ray_session, tmp_path):
+    """K=0 commits each checkpoint on its own, so the log prunes the oldest of three before the
+    next is written: rank 0 writes that one over the pruned file. The job ends with the two
+    newest checkpoints, both intact, and nothing else of the writer's in its directory."""
+    steps = 12
+    result = synctrain.Trainer(slow_steps_loop, num_workers=2, use_gpu=False, progress=False,
+                               storage_path=str(tmp_path), job_name="reuse", checkpoint_every=2,
+                               max_uncommitted_steps=0, digest_every=0,
+                               config={"steps": steps, "step_s": 0.0}).fit()
+    job = synctrain.read_job("reuse", str(tmp_path))
+    assert [c["step"] for c in job.checkpoints] == [2, 4, 6, 8, 10], job.checkpoints
+    assert result.worker_metrics[0]["steplog_reused_files"] >= 1, result.worker_metrics[0]
+    assert result.worker_metrics[1]["steplog_reused_files"] == 0  # rank 0 writes the checkpoints
+    job_dir = tmp_path / "reuse"
+    assert sorted(p.name for p in job_dir.glob("ckpt-*")) == [
+        "ckpt-000000008-g1.pt", "ckpt-000000010-g1.pt"]
+    assert not list(job_dir.rglob("*.spare.tmp"))
+    from synctrain import checkpoint as ckpt
+    live = [c for c in job.checkpoints if c["step"] in (8, 10)]
+    assert [ckpt.read_verified(c)["step"] for c in live] == [8, 10]
