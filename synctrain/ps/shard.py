@@ -99,6 +99,8 @@ HELLO_TIMEOUT_S = 2.0
 #: most synctrain.strategies.paramserver.MAX_PENDING_SNAPSHOTS out; more are orphans of a
 #: worker that died before fetching them).
 MAX_SNAPSHOTS = 16
+#: Longest a ``{"take": tag}`` on the socket waits for its snapshot (the request says how long).
+MAX_TAKE_WAIT_S = 3600.0
 #: Socket connections a shard serves at once: a worker holds one per shard, a replacement one
 #: more while the old one drains; the slack covers joins. Any connection beyond is refused.
 CONNECTIONS_PER_WORKER = 4
@@ -335,6 +337,10 @@ class ParameterShard:
                 async with self._cond:
                     self._cond.notify_all()
                 continue
+            if "take" in request:  # the worker's step-log writer fetches one (its own connection)
+                writer.write(await self._take_frame(worker, request))
+                await writer.drain()
+                continue
             try:
                 lrs = request.get("lrs")
                 reply = await self.push_shm(
@@ -495,6 +501,30 @@ class ParameterShard:
         ``export_state``), taken when that frame arrived: before any push the worker sent
         after it. Waits up to ``timeout_s`` for the frame (this call may overtake it)."""
         self._fence(job_id)
+        state = await self._await_snapshot(tag, timeout_s)
+        del self._snapshots[tag]
+        return state
+
+    async def _take_frame(self, worker: int, request: dict[str, Any]) -> bytes:
+        """The answer to ``{"take": tag, "wait": seconds}`` on a worker's socket: the snapshot
+        as one frame (:func:`ipc.snapshot_frame`), or an error frame."""
+        try:
+            tag, wait_s = str(request["take"]), float(request.get("wait", 0.0))
+            if not tag.startswith(f"{worker}:"):
+                raise ParameterServerError(f"worker {worker} may fetch only its own snapshots, not {tag!r}")
+            frame = ipc.snapshot_frame(await self._await_snapshot(tag, min(max(wait_s, 0.0), MAX_TAKE_WAIT_S)))
+        except ipc.SnapshotTooLargeError as exc:  # kept: the worker fetches it through Ray instead
+            return ipc.encode({**ipc.error_frame(exc), "too_large": True})
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the worker
+            self._snapshots.pop(str(request.get("take")), None)
+            return ipc.encode(ipc.error_frame(exc))
+        del self._snapshots[tag]
+        return frame
+
+    async def _await_snapshot(self, tag: str, timeout_s: float) -> dict[str, Any]:
+        """The snapshot ``tag`` once it is here (its ``snap`` frame may still be on the way),
+        left in place for the caller to remove; raises the error it was taken with (removed),
+        or after ``timeout_s``."""
         try:
             async with self._cond:
                 await asyncio.wait_for(self._cond.wait_for(lambda: tag in self._snapshots), timeout_s)
@@ -502,8 +532,9 @@ class ParameterShard:
             raise ParameterServerError(
                 f"shard {self.config.shard_index} holds no snapshot {tag!r} after {timeout_s:g} s: the "
                 f"worker's request never arrived, or it was dropped (more than {MAX_SNAPSHOTS} waited)") from None
-        state = self._snapshots.pop(tag)
+        state = self._snapshots[tag]
         if isinstance(state, Exception):
+            del self._snapshots[tag]
             raise state
         return state
 

@@ -77,9 +77,10 @@ MAX_BATCH_CHECKPOINTS = 64
 #: over two lists instead of a map per step, and the batch is a third of the bytes.
 RUN_MIN = 4
 #: Pruned checkpoint files rank 0's writer keeps to write the next ones over (see
-#: :func:`synctrain.checkpoint.write`), at most; and only files up to this size (past it a
-#: checkpoint is too slow to write several a second, and the spares would hold the disk).
-MAX_SPARE_FILES = 4
+#: :func:`synctrain.checkpoint.write`), at most, and their bytes at most: enough for a fast
+#: loop's checkpoints between two commits (a commit prunes as many as the one before wrote),
+#: and little disk (a checkpoint too large for it is written several times a second by nobody).
+MAX_SPARE_FILES = 8
 MAX_SPARE_BYTES = 64 << 20
 
 
@@ -376,7 +377,8 @@ class _Writer(threading.Thread):
         self.failed_commits = 0
         self.commits = 0
         self.steplog = StepLog(list(boundary.cfg.endpoints), boundary.cfg.token, boundary.cfg.job)
-        self.spares: list[pathlib.Path] = []  # pruned checkpoint files to write over (this thread's)
+        self.spares: list[tuple[pathlib.Path, int]] = []  # pruned checkpoints to write over, sizes (this thread's)
+        self.spare_bytes = 0
         self.reused_files = 0
 
     def put(self, *items: tuple) -> None:
@@ -430,9 +432,10 @@ class _Writer(threading.Thread):
         self.join(timeout_s)
         self.steplog.close()
         if not self.is_alive():
-            for spare in self.spares:
+            for spare, _ in self.spares:
                 ckpt.remove(str(spare))
             self.spares.clear()
+            self.spare_bytes = 0
 
     def run(self) -> None:
         last_flush = 0.0
@@ -545,13 +548,15 @@ class _Writer(threading.Thread):
         deleted."""
         pruned = pathlib.Path(path)
         try:
-            small = pruned.stat().st_size <= MAX_SPARE_BYTES
+            size = pruned.stat().st_size
         except OSError:
             return  # gone already
-        if len(self.spares) < MAX_SPARE_FILES and small and pruned.parent == pathlib.Path(self.b.cfg.job_dir):
+        if (len(self.spares) < MAX_SPARE_FILES and self.spare_bytes + size <= MAX_SPARE_BYTES
+                and pruned.parent == pathlib.Path(self.b.cfg.job_dir)):
             spare = ckpt.make_spare(pruned)
             if spare is not None:
-                self.spares.append(spare)
+                self.spares.append((spare, size))
+                self.spare_bytes += size
             return
         ckpt.remove(path)
 
@@ -560,8 +565,11 @@ class _Writer(threading.Thread):
         reference for the log."""
         _, step, doc = item
         directory = pathlib.Path(self.b.cfg.job_dir)
-        spare = self.spares.pop() if self.spares else None
-        self.reused_files += spare is not None and spare.exists()
+        spare = None
+        if self.spares:
+            spare, size = self.spares.pop()
+            self.spare_bytes -= size
+            self.reused_files += spare.exists()
         ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc), spare)
         ref.update(step=step, time=time.time(), digest=state_digest(checkpoint_state(doc)))
         return ref

@@ -375,6 +375,89 @@ def test_a_snapshot_asked_for_on_the_socket_holds_the_pushes_before_it_and_none_
     link.close()
 
 
+def test_a_snapshot_taken_on_a_second_socket_is_what_ray_would_hand_over(served):
+    """The step-log writer fetches a snapshot on a connection of its own (``{"take": tag}``):
+    the same state ``take_snapshot`` returns through Ray, tensors and all; a take that comes
+    before its ``snap`` frame waits for it; a tag of another worker, or one never asked for, is
+    a clear error and the connection goes on serving."""
+    shard, channel, address, loop = served
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    taker = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    channel.grad[:] = [1, 1, 1, 1]
+    link.send(request(0))
+    link.receive()
+    early: dict = {}
+    waiting = threading.Thread(target=lambda: early.update(state=taker.take_snapshot("0:b")))
+    waiting.start()  # asks before the loop's connection sends the frame
+    link.send({"snap": "0:a"})
+    link.send({"snap": "0:b"})
+    waiting.join(10)
+    via_ray = loop.run(shard.take_snapshot(JOB, "0:a", 10))
+    via_socket = early["state"]
+    assert set(via_socket) == set(via_ray)
+    for key in via_ray:
+        if isinstance(via_ray[key], torch.Tensor):
+            assert via_socket[key].dtype == via_ray[key].dtype and torch.equal(via_socket[key], via_ray[key])
+        elif key != "optimizer":
+            assert via_socket[key] == via_ray[key], key
+    assert via_socket["params"].tolist() == [-0.5, 0.5, 1.5, 2.5] and via_socket["clocks"][0] == 1
+    assert str(via_socket["optimizer"]) == str(via_ray["optimizer"])
+    with pytest.raises(ParameterServerError, match="only its own snapshots"):
+        taker.take_snapshot("1:x")
+    taker.timeout_s = 1.5  # the shard waits 0.5 s, then answers with an error
+    with pytest.raises(ParameterServerError, match="holds no snapshot '0:a' after 0.5 s"):
+        taker.take_snapshot("0:a")  # fetched through Ray above: gone
+    link.send({"snap": "0:c"})
+    assert taker.take_snapshot("0:c")["clocks"][0] == 1  # still serving
+    taker.close()
+    link.close()
+
+
+def test_a_snapshot_over_the_frame_limit_stays_for_ray(served, monkeypatch):
+    """Too large for one socket frame: the shard says so and keeps it, and Ray's fetch gets it."""
+    shard, channel, address, loop = served
+    monkeypatch.setattr(ipc, "MAX_SNAPSHOT_BYTES", 64)
+    link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    taker = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    link.send({"snap": "0:big"})
+    with pytest.raises(ipc.SnapshotTooLargeError, match="over the 64-byte limit"):
+        taker.take_snapshot("0:big")
+    assert loop.run(shard.take_snapshot(JOB, "0:big", 10))["params"].tolist() == [0, 1, 2, 3]
+    taker.close()
+    link.close()
+
+
+def test_a_tree_of_tensors_travels_as_itself_and_nothing_else_does():
+    """pack_tree / unpack_tree: tensors of every kind keep dtype, shape and values (raw bytes,
+    never a pickle); tuples, OrderedDicts and int keys stay themselves; anything else refuses."""
+    import collections
+
+    opt = torch.optim.Adam([nn.Parameter(torch.randn(3))])
+    opt.param_groups[0]["params"][0].grad = torch.randn(3)
+    opt.step()
+    tree = {"f": torch.randn(2, 3), "bf": torch.randn(4).to(torch.bfloat16), "b": torch.tensor([True, False]),
+            "i": torch.arange(6, dtype=torch.int64)[::2], "empty": torch.empty(0, 3), "scalar": torch.tensor(3.5),
+            "opt": opt.state_dict(), "t": (1, (2.5, "x"), None), "od": collections.OrderedDict(z=1, a=2),
+            "n": np.float32(1.5), "raw": b"\x00\x01"}
+    back = ipc.unpack_tree(ipc.pack_tree(tree))
+    for key in ("f", "bf", "b", "i", "empty", "scalar"):
+        assert back[key].dtype == tree[key].dtype and back[key].shape == tree[key].shape, key
+        assert torch.equal(back[key], tree[key]), key
+    assert back["t"] == (1, (2.5, "x"), None) and isinstance(back["t"][1], tuple)
+    assert type(back["od"]) is collections.OrderedDict and list(back["od"]) == ["z", "a"]
+    assert back["n"] == 1.5 and back["raw"] == b"\x00\x01"
+    state = back["opt"]["state"][0]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and back["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(state["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    back["f"].add_(1)  # its own memory
+    assert not torch.equal(back["f"], tree["f"])
+    with pytest.raises(TypeError, match="set cannot travel"):
+        ipc.pack_tree({"s": {1, 2}})
+    bad = ipc.pack_tree({"x": torch.ones(1)}).replace(b"float32", b"float99")
+    with pytest.raises(ParameterServerError, match="no torch dtype 'float99'"):
+        ipc.unpack_tree(bad)
+
+
 def test_snapshots_never_fetched_are_bounded(served):
     """A worker that died before fetching leaves its snapshots behind: the shard keeps the
     newest MAX_SNAPSHOTS, and a fetch of a dropped one says so."""

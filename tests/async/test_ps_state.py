@@ -392,6 +392,8 @@ def test_a_checkpoint_holds_the_shards_as_of_its_step_though_they_travel_after_i
                                checkpoint_every=every, num_ps_shards=2).fit()
     # the loop's last step has no capture point after it: no checkpoint there
     assert result.worker_metrics[0]["snapshots_later"] == (steps - 1) // every, result.worker_metrics[0]
+    # both shards are on this machine: every snapshot came over the writer's own socket
+    assert result.worker_metrics[0]["snapshots_by_socket"] == 2 * ((steps - 1) // every), result.worker_metrics[0]
     files = sorted((tmp_path / "later").rglob("ckpt-*.pt"))
     assert files, "no checkpoint kept"
     for path in files:
