@@ -298,11 +298,11 @@ class ParameterServerStrategy(Strategy):
         for local in self._local:
             if local is not None:
                 local.link.close()
-        with self._take_lock:
+        with self._take_lock:  # a fetch still to come (the writer's last) goes through Ray
             for link in self._take_links.values():
                 if isinstance(link, ipc.ShardLink):
                     link.close()
-            self._take_links.clear()
+            self._take_links = {i: False for i in range(len(self.shards))}
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.model is not None:
