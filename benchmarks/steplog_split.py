@@ -20,7 +20,8 @@ median of those overheads with a 90% bootstrap interval (``steplog_overhead.medi
 the median samples/s, the machine's CPU ms per 1000 samples and the step log's own CPU (its
 writer threads and coordinator nodes, a share of the machine: a within-run measure the
 machine's noise moves little). Results:
-``benchmarks/results/steplog_split.{json,md,png}``.
+``benchmarks/results/steplog_split.{json,md,png}`` for the async MLP,
+``steplog_split_<model>_<mode>.*`` for another cell.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ import steplog_overhead as so  # noqa: E402
 from _common import RESULTS_DIR, init_ray, machine, markdown_table, write_results  # noqa: E402
 
 NAME = "steplog_split"
+
+
+def result_name(model: str, mode: str) -> str:
+    """``steplog_split`` for the default cell (the async MLP), ``steplog_split_<model>_<mode>``
+    for another, so that each cell's results stand beside the others'."""
+    return NAME if (model, mode) == ("mlp", "async") else f"{NAME}_{model}_{mode}"
 BASE = "step_log=False"
 WITH_COORDINATOR = "step_log=False + idle coordinator"
 TMPFS = "default, job dir on tmpfs"
@@ -159,8 +166,9 @@ def render(data: dict[str, Any], out_dir: str) -> None:
           "effects on caches.", ""]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.md").write_text("\n".join(md))
-    plot(data, out / f"{NAME}.png")
+    name = result_name(meta["model"], meta["mode"])
+    (out / f"{name}.md").write_text("\n".join(md))
+    plot(data, out / f"{name}.png")
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                              "platform": platform.platform(), "ray": ray.__version__,
                              "command": " ".join(["benchmarks/steplog_split.py", *(argv or sys.argv[1:])])},
                     "table": summarize(rounds), "rounds": rounds}
-            write_results(NAME, data, "", Path(out_dir))
+            write_results(result_name(args.model, args.mode), data, "", Path(out_dir))
             render(data, out_dir)
     return 0
 

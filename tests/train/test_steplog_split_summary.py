@@ -62,6 +62,15 @@ def test_the_markdown_and_plot_come_from_a_stored_json(split, tmp_path):
     # the step log's own CPU, its share of the loop's thread, and their sum per run (the direct cost)
     assert "| 2.50% [2.00, 3.00] | 0.70% | 3.20% [3.00, 3.40] |" in md, md
     assert (tmp_path / "out" / "steplog_split.png").stat().st_size > 0
+    # another cell's results stand beside the default cell's, not over them
+    data["meta"]["mode"] = "sync"
+    (tmp_path / "sync.json").write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--render", str(tmp_path / "sync.json"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "steplog_split_mlp_sync.md").read_text().startswith(
+        "# Where the step log's cost goes: mlp, sync mode")
+    assert split.result_name("mlp", "async") == "steplog_split"
 
 
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
