@@ -112,7 +112,7 @@ def _pack_ext(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(_EXT_ORDERED, pack_tree(list(obj.items())))
     if isinstance(obj, tuple):
         return msgpack.ExtType(_EXT_TUPLE, pack_tree(list(obj)))
-    if isinstance(obj, dict):  # another dict subclass: as a plain dict
+    if isinstance(obj, dict):  # another dict subclass: its items, in order (an OrderedDict back)
         return msgpack.ExtType(_EXT_ORDERED, pack_tree(list(obj.items())))
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
@@ -137,15 +137,19 @@ def _unpack_ext(code: int, data: bytes) -> Any:
     raise ParameterServerError(f"a snapshot frame holds an unknown extension type {code}")
 
 
-class SnapshotTooLargeError(ParameterServerError):
-    """A snapshot over :data:`MAX_SNAPSHOT_BYTES`: the shard keeps it, to be fetched through Ray."""
+class SnapshotViaRayError(ParameterServerError):
+    """A snapshot the socket does not carry (over :data:`MAX_SNAPSHOT_BYTES`, or holding a type
+    :func:`pack_tree` refuses): the shard keeps it, to be fetched through Ray."""
 
 
 def snapshot_frame(state: Any) -> bytes:
     """The answer to ``{"take": tag}``: ``{"snapshot": state}`` as one frame."""
-    body = pack_tree({"snapshot": state})
+    try:
+        body = pack_tree({"snapshot": state})
+    except TypeError as exc:
+        raise SnapshotViaRayError(f"the snapshot does not travel on the socket: {exc}") from None
     if len(body) > MAX_SNAPSHOT_BYTES:
-        raise SnapshotTooLargeError(f"a snapshot of {len(body)} bytes is over the {MAX_SNAPSHOT_BYTES}-byte "
+        raise SnapshotViaRayError(f"a snapshot of {len(body)} bytes is over the {MAX_SNAPSHOT_BYTES}-byte "
                                    "limit of a socket frame")
     return _LENGTH.pack(len(body)) + body
 
@@ -246,8 +250,8 @@ class ShardLink:
             self.close()
             raise ParameterServerError(f"shard {self.shard_index} answered with something not a map")
         if "error" in message:
-            cls = SnapshotTooLargeError if message.get("too_large") else ERRORS.get(str(message["error"]),
-                                                                                   ParameterServerError)
+            cls = SnapshotViaRayError if message.get("via_ray") else ERRORS.get(str(message["error"]),
+                                                                               ParameterServerError)
             raise cls(str(message.get("message", "")))
         return message
 

@@ -513,8 +513,8 @@ class ParameterShard:
             if not tag.startswith(f"{worker}:"):
                 raise ParameterServerError(f"worker {worker} may fetch only its own snapshots, not {tag!r}")
             frame = ipc.snapshot_frame(await self._await_snapshot(tag, min(max(wait_s, 0.0), MAX_TAKE_WAIT_S)))
-        except ipc.SnapshotTooLargeError as exc:  # kept: the worker fetches it through Ray instead
-            return ipc.encode({**ipc.error_frame(exc), "too_large": True})
+        except ipc.SnapshotViaRayError as exc:  # kept: the worker fetches it through Ray instead
+            return ipc.encode({**ipc.error_frame(exc), "via_ray": True})
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the worker
             self._snapshots.pop(str(request.get("take")), None)
             return ipc.encode(ipc.error_frame(exc))

@@ -545,7 +545,8 @@ class ParameterServerStrategy(Strategy):
         """Each shard's snapshot ``tag``: over a socket of the caller's own (``{"take": tag}``,
         one frame back: ~0.1 ms of CPU at each end for the digits MLP, where a Ray call costs
         ~1.5 ms at each end, the shard's taken from the pushes it serves), or through Ray where
-        no socket can be had or the snapshot is over :data:`ipc.MAX_SNAPSHOT_BYTES`. A link
+        no socket can be had or the shard cannot send it so (over :data:`ipc.MAX_SNAPSHOT_BYTES`,
+        or a type :func:`ipc.pack_tree` refuses in its optimizer's state). A link
         that fails is closed and the error raised (the checkpoint is lost, as through Ray)."""
         states: list[dict[str, Any] | None] = []
         with self._take_lock:
@@ -556,7 +557,7 @@ class ParameterServerStrategy(Strategy):
                     try:
                         state = link.take_snapshot(tag)
                         self.snapshots_by_socket += 1
-                    except ipc.SnapshotTooLargeError:
+                    except ipc.SnapshotViaRayError:
                         pass  # still on the shard: through Ray
                     except BaseException:
                         link.close()

@@ -79,7 +79,8 @@ RUN_MIN = 4
 #: Pruned checkpoint files rank 0's writer keeps to write the next ones over (see
 #: :func:`synctrain.checkpoint.write`), at most, and their bytes at most: enough for a fast
 #: loop's checkpoints between two commits (a commit prunes as many as the one before wrote),
-#: and little disk (a checkpoint too large for it is written several times a second by nobody).
+#: and little disk (a checkpoint too large for the bound is never written several times a
+#: second, so it gains nothing from a spare: it is deleted, as before).
 MAX_SPARE_FILES = 8
 MAX_SPARE_BYTES = 64 << 20
 

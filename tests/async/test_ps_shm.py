@@ -413,14 +413,22 @@ def test_a_snapshot_taken_on_a_second_socket_is_what_ray_would_hand_over(served)
     link.close()
 
 
-def test_a_snapshot_over_the_frame_limit_stays_for_ray(served, monkeypatch):
-    """Too large for one socket frame: the shard says so and keeps it, and Ray's fetch gets it."""
+def test_a_snapshot_the_socket_cannot_carry_stays_for_ray(served, monkeypatch):
+    """Too large for one socket frame, or holding a type the frame refuses: the shard says so
+    and keeps it, and Ray's fetch gets it."""
     shard, channel, address, loop = served
-    monkeypatch.setattr(ipc, "MAX_SNAPSHOT_BYTES", 64)
     link = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
     taker = ipc.ShardLink.connect(0, address, JOB, 0, channel.token, 10)
+    export = shard._export
+    monkeypatch.setattr(shard, "_export", lambda: {**export(), "odd": {1, 2}})
+    link.send({"snap": "0:odd"})
+    with pytest.raises(ipc.SnapshotViaRayError, match="does not travel on the socket: set cannot travel"):
+        taker.take_snapshot("0:odd")
+    assert loop.run(shard.take_snapshot(JOB, "0:odd", 10))["odd"] == {1, 2}
+    monkeypatch.setattr(shard, "_export", export)
+    monkeypatch.setattr(ipc, "MAX_SNAPSHOT_BYTES", 64)
     link.send({"snap": "0:big"})
-    with pytest.raises(ipc.SnapshotTooLargeError, match="over the 64-byte limit"):
+    with pytest.raises(ipc.SnapshotViaRayError, match="over the 64-byte limit"):
         taker.take_snapshot("0:big")
     assert loop.run(shard.take_snapshot(JOB, "0:big", 10))["params"].tolist() == [0, 1, 2, 3]
     taker.close()
