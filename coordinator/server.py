@@ -75,6 +75,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
 import os
 import pathlib
 import random
@@ -774,6 +775,11 @@ class _SnapshotJob:
     adopting: bool = False
 
 
+def _wake(alarm: asyncio.Future) -> None:
+    if not alarm.done():
+        alarm.set_result(None)
+
+
 class CoordinatorServer:
     """Drives one RaftNode; see the module docstring. Use ``await start()`` / ``await stop()``
     or :func:`serve` for a whole process."""
@@ -819,6 +825,11 @@ class CoordinatorServer:
         self._drive_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task | None = None
+        # the tickless ticker (see _tick_forever): tick k falls at _tick_grid + k * tick_s;
+        # _ticks delivered so far; asleep until tick _wake_tick (at _wake_at) on _alarm
+        self._tick_grid, self._ticks, self._wake_tick = time.monotonic(), 0, 1
+        self._wake_at = time.monotonic() + 1.0  # read by the watchdog thread (_watch_loop)
+        self._alarm: asyncio.Future | None = None
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Future | None = None
         self.fatal_error: BaseException | None = None  # set when the node stopped on an error
@@ -829,7 +840,7 @@ class CoordinatorServer:
                       "snapshots_installed": 0, "writes_refused_log_full": 0,
                       "loop_stalls": 0, "loop_lag_max_ms": 0, "slow_drives": 0,
                       "sent_while_persisting": 0, "disk_stalls_injected": 0,
-                      "notices": 0, "appends_repeated_dropped": 0}
+                      "notices": 0, "appends_repeated_dropped": 0, "ticks": 0, "ticker_wakes": 0}
         self._chunk_bytes = config.effective_snapshot_chunk_bytes
         self._reassembler = SnapshotReassembler(
             self.id, config.max_snapshot_reassembly_bytes, self.stats,
@@ -961,24 +972,76 @@ class CoordinatorServer:
         await self._stopped.wait()
 
     async def _tick_forever(self) -> None:
+        """The node's clock, tickless: logical tick ``k`` falls at ``_tick_grid + k * tick_s``,
+        but the ticker sleeps through the ticks that could only count (the core's
+        :meth:`~coordinator.raft.RaftNode.ticks_until_due`, and the periodic chores below)
+        and delivers them together when it wakes. An idle follower wakes for its leader's
+        heartbeats and little else; a ticker firing every ``tick_s`` woke each node ten to
+        sixty times a second for nothing, and on a machine training shares, each wake costs
+        the training more than its own CPU. Whatever could move the due tick earlier (a
+        message, a role change, a lease, a watcher) re-arms the ticker (:meth:`_rearm_ticker`);
+        a message first catches the node up on the ticks due before it (:meth:`_catch_up`)."""
+        assert self._loop is not None
         period = self.config.tick_s
-        next_at = time.monotonic()
-        ticks = 0
+        self._tick_grid, self._ticks = time.monotonic(), 0
         while True:
-            next_at += period
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            late_s = time.monotonic() - next_at
+            wake_tick = self._ticks + self._ticks_to_sleep()
+            wake_at = self._tick_grid + wake_tick * period
+            self._wake_tick, self._wake_at = wake_tick, wake_at
+            alarm = self._alarm = self._loop.create_future()
+            timer = self._loop.call_at(wake_at, _wake, alarm)
+            try:
+                await alarm
+            finally:
+                timer.cancel()
+            now = time.monotonic()
+            self.stats["ticker_wakes"] += 1
+            if now < wake_at:  # re-armed for an earlier tick: deliver what is due, sleep again
+                self._advance_ticks(int((now - self._tick_grid) / period))
+                continue
+            late_s = now - wake_at
             if late_s > period:
-                # Late (the loop was blocked, or the process stopped): drop the missed ticks
-                # instead of firing them back to back (as etcd's ticker does). A burst would
-                # run a follower's election clock ahead before it reads the heartbeats that
-                # arrived meanwhile and are waiting in its sockets.
-                next_at = time.monotonic()
+                # Late (the loop was blocked, or the process stopped): deliver the ticks up to
+                # the one it slept for and drop the ones missed after it instead of firing them
+                # back to back (as etcd's ticker does). A burst would run a follower's election
+                # clock ahead of the heartbeats that arrived meanwhile: their peer frames,
+                # waiting in the sockets, are read first (I/O before timers in a loop
+                # iteration) and reset the clock after _catch_up delivered the ticks before.
+                due = wake_tick
+                self._tick_grid = now - due * period
+            else:
+                due = max(wake_tick, int((now - self._tick_grid) / period))
             self._note_lag(late_s)
-            self._last_tick_at = time.monotonic()
+            self._last_tick_at = now
+            self._advance_ticks(due)
+
+    def _ticks_to_sleep(self) -> int:
+        """Ticks from now to the next one that must be delivered on time: the one the core
+        may act on, the next chore's (every 16 ticks ``_check_removed``, a leader's 32nd
+        ``_record_members``, every 4th while there are leases or watchers), the oldest
+        unanswered request's deadline."""
+        t = self._ticks
+        due = self.node.ticks_until_due()
+        n = 16 - t % 16 if due is None else min(due, 16 - t % 16)
+        if self.role == Role.LEADER:
+            n = min(n, 32 - t % 32)
+            if self.sm.leases:
+                n = min(n, 4 - t % 4)
+        if self._watchers:
+            n = min(n, 4 - t % 4)
+        if self._deadlines:
+            at = self._deadlines[0][0]
+            n = min(n, max(1, math.ceil((at - self._tick_grid) / self.config.tick_s) - t))
+        return n
+
+    def _advance_ticks(self, due: int) -> None:
+        """Deliver the ticks up to ``due``, with the chores that fall on them."""
+        if due <= self._ticks:
+            return
+        while self._ticks < due:
+            self._ticks = ticks = self._ticks + 1
             self.node.tick()
-            self._expire_requests()
-            ticks += 1
+            self.stats["ticks"] += 1
             if ticks % 32 == 0 and self.role == Role.LEADER:
                 self._record_members()
             if ticks % 16 == 0:
@@ -988,7 +1051,35 @@ class CoordinatorServer:
                     self._expire_leases()
                 if self._watchers:
                     self._answer_watchers(time.monotonic())
-            self._schedule_drive()
+        self._expire_requests()
+        self._schedule_drive()
+
+    def _catch_up(self) -> None:
+        """Before a message is stepped: deliver the ticks that fell before it, up to the one
+        before the ticker's (that one and any missed after it are the ticker's, see
+        :meth:`_tick_forever`), so that what the message resets (a follower's election
+        clock) counts from now, as it would have with a ticker firing every tick."""
+        if self._alarm is None:
+            return
+        now = time.monotonic()
+        self._advance_ticks_quietly(min(int((now - self._tick_grid) / self.config.tick_s),
+                                        self._wake_tick - 1))
+
+    def _advance_ticks_quietly(self, due: int) -> None:
+        """Ticks before the armed one: by construction neither the core nor a chore acts on
+        them (:meth:`_ticks_to_sleep`), so they only count."""
+        while self._ticks < due:
+            self._ticks += 1
+            self.node.tick()
+            self.stats["ticks"] += 1
+
+    def _rearm_ticker(self) -> None:
+        """After anything that can move the due tick earlier: wake the ticker if it sleeps
+        past it (it delivers what is due and sleeps again)."""
+        alarm = self._alarm
+        if alarm is not None and not alarm.done() \
+                and self._ticks + self._ticks_to_sleep() < self._wake_tick:
+            alarm.set_result(None)
 
     def _note_lag(self, late_s: float) -> None:
         """Event-loop lag, as seen by the ticker: a tick that came late by more than half an
@@ -1016,9 +1107,9 @@ class CoordinatorServer:
         limit_s, logged_for = self.config.stall_dump_s, 0.0
         while not self._stopped.is_set():
             time.sleep(min(0.5, limit_s / 4))
-            last = self._last_tick_at
+            last, due = self._last_tick_at, self._wake_at  # the ticker sleeps until it is due
             now = time.monotonic()
-            if now - last < limit_s or logged_for == last or now - self._continued_at < 1.0:
+            if now - due < limit_s or logged_for == last or now - self._continued_at < 1.0:
                 continue
             logged_for = last
             frame = sys._current_frames().get(loop_thread)
@@ -1060,7 +1151,9 @@ class CoordinatorServer:
             return
         if msg.type == MessageType.APPEND_RESP:
             self._appends_sent.pop(frm, None)  # answered: the next APPEND may go at once
+        self._catch_up()
         self.node.step(msg)
+        self._rearm_ticker()
         self._schedule_drive()
 
     def _on_peer_connected(self, peer: int) -> None:
@@ -1073,6 +1166,7 @@ class CoordinatorServer:
 
     def _on_peer_disconnected(self, peer: int) -> None:
         if self.config.leader_loss_on_disconnect and not self._stopped.is_set():
+            self._catch_up()  # the election clock jumps from where it is now
             self.node.report_disconnected(peer)
             self._schedule_drive()
 
@@ -1126,6 +1220,7 @@ class CoordinatorServer:
             self._drive_readies()
         except Exception as exc:  # a bug or a disk failure: never limp on with a broken node
             self._fail(exc)
+        self._rearm_ticker()  # a new role, a lease: the next due tick may be sooner
         took_s = time.perf_counter() - started
         if took_s > self.config.stall_warn_s:
             self.stats["slow_drives"] += 1
@@ -1536,6 +1631,7 @@ class CoordinatorServer:
         fut = self._loop.create_future()
         resolved = (*args[:3], answer["next"], args[4], answer["skip"])  # "from now" fixed here
         self._watchers.append((fut, resolved, time.monotonic() + min(wait_s, MAX_WATCH_WAIT_S)))
+        self._rearm_ticker()
         self._watch_revision = self.sm.revision
         return fut
 
@@ -2015,6 +2111,8 @@ class CoordinatorServer:
         self._reads_unissued.append((produce, fut))
         self._schedule_drive()
         self._deadlines.append((time.monotonic() + self.config.request_timeout_s, None, fut))
+        if len(self._deadlines) == 1:
+            self._rearm_ticker()
         return fut
 
     def _write(self, op: str, body: dict) -> dict | asyncio.Future:
@@ -2068,6 +2166,8 @@ class CoordinatorServer:
         self._queued_bytes += len(data)
         self._schedule_drive()
         self._deadlines.append((time.monotonic() + self.config.request_timeout_s, key, fut))
+        if len(self._deadlines) == 1:
+            self._rearm_ticker()
         return fut
 
     def _expire_requests(self) -> None:
@@ -2091,6 +2191,8 @@ class CoordinatorServer:
                 waiters.remove(fut)
                 if not waiters:
                     del self._pending_writes[key]
+        while self._deadlines and self._deadlines[0][2].done():
+            self._deadlines.popleft()  # answered: the ticker need not wake for its deadline
 
     def _remote_stop(self) -> dict:
         """``admin_stop``: stop this node soon after answering (only with ``remote_stop``)."""

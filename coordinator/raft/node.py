@@ -279,6 +279,24 @@ class RaftNode:
                 self.election_elapsed = 0
                 self._hup(transfer=False)
 
+    def ticks_until_due(self) -> int | None:
+        """How many :meth:`tick` calls until the first one that may act (send a heartbeat,
+        check the quorum, end a transfer, campaign): the ones before it only count. ``None``
+        when no tick can act (a learner, or a voter removed from the configuration).
+
+        A driver that owes the node several ticks with nothing else happening may sleep
+        until this one and deliver them together (a tickless ticker): the node ends in the
+        same state and says the same things as if they had come one by one. Anything else
+        (a message, a proposal, a role change) may move the answer, in both directions."""
+        if self.role is Role.LEADER:
+            if self.leaving and not self.trk.is_voter(self.id):
+                return 1
+            return max(1, min(self.cfg.heartbeat_tick - self.heartbeat_elapsed,
+                              self.cfg.election_tick - self.election_elapsed))
+        if not self.promotable():
+            return None
+        return max(1, self.randomized_election_timeout - self.election_elapsed)
+
     def _tick_leader(self) -> None:
         if self.leaving and not self.trk.is_voter(self.id):
             self._leaving_elapsed += 1

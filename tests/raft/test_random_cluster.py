@@ -135,3 +135,51 @@ def test_message_types_all_exercised(cluster):
         Cluster.deliver = orig
     assert {MessageType.APPEND, MessageType.VOTE, MessageType.TIMEOUT_NOW,
             MessageType.READ_INDEX, MessageType.READ_INDEX_RESP} <= seen
+
+
+def _observable(n):
+    return (n.role, n.term, n.vote, n.leader_id, len(n.msgs), n.lead_transferee,
+            dict(n.dropped), n.commit_index,
+            sorted((i, pr.recent_active) for i, pr in n.trk.progress.items()))
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("TICK_SEEDS", "4"))))
+def test_ticks_before_the_due_one_only_count(cluster, seed):
+    """``ticks_until_due``, which a tickless driver sleeps by: under the random run's faults,
+    every tick it calls idle (all but the due one) changes nothing a peer or the driver could
+    see and brings the due tick one closer; and the due tick is not late: a node left to
+    tick alone acts on exactly that tick (a follower campaigns, a leader heartbeats)."""
+    rng = random.Random(1000 + seed)
+    c = cluster(rng.choice([3, 5]), seed=seed, election_tick=5, max_inflight_msgs=4,
+                max_size_per_msg=64)
+    state = {"cut": set()}
+    idle = acted_on_time = 0
+    for _ in range(250):
+        _act(c, rng, state)
+        for _i, n in c.live():
+            due = n.ticks_until_due()
+            before = _observable(n)
+            n.tick()
+            if due is not None and due > 1:
+                assert _observable(n) == before, (due, n.status())
+                assert n.ticks_until_due() == due - 1
+                idle += 1
+        for _ in range(3):
+            for i, _n in c.live():
+                c.process(i)
+            _faulty_deliver(c, rng, state["cut"])
+    for i, n in c.live():  # cut off from everyone: the due tick must be the one that acts
+        while c.process(i):
+            pass
+        n.msgs.clear()  # what its last Readies said (dropped: it is cut off)
+        due = n.ticks_until_due()
+        if due is None or (n.role is Role.LEADER and len(n.trk.progress) == 1):
+            continue  # a leader alone has no one to heartbeat: its due tick may pass unseen
+        for _ in range(due - 1):
+            n.tick()
+        assert not n.msgs
+        before = _observable(n)
+        n.tick()
+        assert _observable(n) != before, n.status()  # a heartbeat, a step-down, a campaign, a CheckQuorum round
+        acted_on_time += 1
+    assert idle > 30 and acted_on_time + sum(n.ticks_until_due() is None for _i, n in c.live()) >= 1
