@@ -5,8 +5,10 @@ Theory of operation
 Everything runs on one asyncio event loop, single-threaded, so the RaftNode (which is not
 thread-safe) is only ever touched from the loop:
 
-- a ticker calls ``node.tick()`` every ``tick_s`` (15 ms by default; with ``election_tick`` 10
-  the core randomizes the election timeout in [150, 300) ms);
+- a ticker delivers ``node.tick()`` once per ``tick_s`` of logical time (15 ms by default;
+  with ``election_tick`` 10 the core randomizes the election timeout in [150, 300) ms), but
+  wakes only for the ticks the core or a chore acts on and hands over those it slept through
+  together (tickless: :meth:`CoordinatorServer._tick_forever`);
 - the transport calls :meth:`CoordinatorServer._on_peer_message` for each authenticated peer
   frame, which is decoded (never unpickled) and stepped into the node;
 - client requests (put/get/cas/delete/register/status, and the generic ``command`` and
@@ -45,8 +47,7 @@ leader's next append and is sent it again. Every byte bound is in
 A member that lost its disk rejoins with ``join``: a RECOVERING marker keeps it from voting
 until a leader repaired it (:func:`check_join` refuses an empty directory without it when a
 peer knows the node). The ticker logs event-loop lag, a slow drive says what it did, and a
-watchdog thread logs the loop thread's stack when the loop has not ticked for
-``stall_dump_s``.
+watchdog thread logs the loop thread's stack when the ticker is ``stall_dump_s`` overdue.
 
 Writes are proposed only on the leader; a follower answers ``not_leader`` with the leader's id
 and endpoint. A write waits for its own entry to be applied: the waiting request is keyed by
@@ -1098,7 +1099,7 @@ class CoordinatorServer:
                         "in progress" if self._snap_job else "idle")
 
     def _watch_loop(self, loop_thread: int) -> None:
-        """Watchdog thread: when the loop has not ticked for ``stall_dump_s``, log where the
+        """Watchdog thread: when the ticker is ``stall_dump_s`` overdue, log where the
         loop thread is (once per stall). It takes the frames under the GIL
         (``sys._current_frames``), never faulthandler's walk of a running thread's
         frames without the GIL, which can crash the process (a node died in the middle of
