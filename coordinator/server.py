@@ -1036,7 +1036,8 @@ class CoordinatorServer:
         return n
 
     def _advance_ticks(self, due: int) -> None:
-        """Deliver the ticks up to ``due``, with the chores that fall on them."""
+        """Deliver the ticks up to ``due``, with the chores that fall on them (from the
+        ticker, and from :meth:`_catch_up` before a message)."""
         if due <= self._ticks:
             return
         while self._ticks < due:
@@ -1063,16 +1064,8 @@ class CoordinatorServer:
         if self._alarm is None:
             return
         now = time.monotonic()
-        self._advance_ticks_quietly(min(int((now - self._tick_grid) / self.config.tick_s),
-                                        self._wake_tick - 1))
-
-    def _advance_ticks_quietly(self, due: int) -> None:
-        """Ticks before the armed one: by construction neither the core nor a chore acts on
-        them (:meth:`_ticks_to_sleep`), so they only count."""
-        while self._ticks < due:
-            self._ticks += 1
-            self.node.tick()
-            self.stats["ticks"] += 1
+        self._advance_ticks(min(int((now - self._tick_grid) / self.config.tick_s),
+                                self._wake_tick - 1))
 
     def _rearm_ticker(self) -> None:
         """After anything that can move the due tick earlier: wake the ticker if it sleeps
