@@ -1,0 +1,112 @@
+"""The step boundary's commit cadence, without Ray or a coordinator.
+
+The writer thread is real; only its step-log client is replaced (the network edge), by one
+that holds each commit until the test lets it go, so what the loop does *during* a commit is
+seen deterministically.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+
+from synctrain.worker import step as st
+
+
+class HeldLog:
+    """Stands in for :class:`synctrain.steplog.StepLog`: records each commit's steps and holds
+    it until :meth:`release`."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.entered = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+
+    def steps(self, generation, rank, records, checkpoints=None):
+        steps: list[int] = []
+        for r in records:
+            steps.extend(range(r["run"], r["run"] + len(r["times"])) if "run" in r else [r["step"]])
+        self.batches.append(steps)
+        self.entered.release()
+        assert self.go.acquire(timeout=30), "the test never released the commit"
+        return {"ok": True}
+
+    def release(self) -> None:
+        self.go.release()
+
+    def close(self) -> None:
+        pass
+
+
+def boundary(k: int) -> tuple[st.StepBoundary, HeldLog, types.SimpleNamespace]:
+    cfg = st.StepLogConfig(endpoints=("127.0.0.1:9",), token=b"t" * 32, job="j", job_dir="/nonexistent",
+                           max_uncommitted_steps=k, checkpoint_every=0)
+    b = st.StepBoundary(cfg, rank=0, generation=1, mode="sync")
+    held = HeldLog()
+    b.writer.steplog = held
+    b.start_at(0)
+    return b, held, types.SimpleNamespace(optimizer_steps=0, strategy=None)
+
+
+def run_steps(b: st.StepBoundary, session: types.SimpleNamespace, last: int) -> None:
+    while session.optimizer_steps < last:
+        session.optimizer_steps += 1
+        b.after_step(session)
+
+
+def wait_committed(b: st.StepBoundary, step: int) -> None:
+    with b.writer.cond:
+        assert b.writer.cond.wait_for(lambda: b.committed_step >= step, timeout=30), b.committed_step
+
+
+def test_steps_during_a_commit_do_not_urge_another_one(monkeypatch):
+    """K = 16 urges a commit at 12 uncommitted steps. The steps the loop makes while that commit
+    is in flight count from the batch it took, not from the last committed step: no second,
+    tiny commit right behind the first (a fast loop made two where one would do), and the next
+    urge comes 12 steps after the batch."""
+    monkeypatch.setattr(st, "FLUSH_INTERVAL_S", 600.0)  # only urges commit here
+    b, held, session = boundary(16)
+    try:
+        assert b.urge_at == 12
+        run_steps(b, session, 12)  # the 12th urges
+        assert held.entered.acquire(timeout=30), "the urged commit was never made"
+        assert held.batches == [list(range(1, 13))] and b.sent_step == 12 and b.committed_step == 0
+        run_steps(b, session, 16)  # during the commit: 16 - 0 uncommitted, but only 4 since the batch
+        assert not b.writer.urgent, "a step during the commit urged another one"
+        held.release()
+        wait_committed(b, 12)
+        run_steps(b, session, 23)
+        assert not b.writer.urgent and len(held.batches) == 1 and b.committed_step == 12
+        run_steps(b, session, 24)  # 12 steps since the batch
+        assert held.entered.acquire(timeout=30)
+        assert held.batches == [list(range(1, 13)), list(range(13, 25))]
+        held.release()
+    finally:
+        held.go.release(10)
+        b.close(5.0)
+
+
+def test_a_failed_commit_gives_its_steps_back_to_the_urge():
+    """A commit that fails puts its batch back in the queue: the urge counts from the last
+    committed step again, so the retry is not held back as if those steps were sent."""
+    b, held, session = boundary(16)
+
+    def failing(generation, rank, records, checkpoints=None):
+        held.entered.release()
+        assert held.go.acquire(timeout=30)
+        raise ConnectionError("no leader")
+
+    b.writer.steplog = types.SimpleNamespace(steps=failing, close=lambda: None)
+    try:
+        run_steps(b, session, 12)
+        assert held.entered.acquire(timeout=30)
+        assert b.sent_step == 12
+        b.writer.steplog = held  # the retry succeeds
+        held.go.release()
+        assert held.entered.acquire(timeout=30), "the failed batch was never retried"
+        assert held.batches[0][:12] == list(range(1, 13))
+        held.release()
+        assert b.flush(30) and b.committed_step == b.sent_step == held.batches[-1][-1]
+    finally:
+        held.go.release(10)
+        b.close(5.0)
