@@ -17,6 +17,7 @@ from synctrain.api import (
     report,
     strategy_metrics,
 )
+from synctrain.checkpoint import load as load_checkpoint
 from synctrain.context import TrainContext
 from synctrain.errors import (
     ConfigError,
@@ -55,6 +56,7 @@ __all__ = [
     "barrier",
     "strategy_metrics",
     "register_state",
+    "load_checkpoint",
     "heartbeat",
     "SynctrainError",
     "ConfigError",

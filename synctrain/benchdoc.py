@@ -111,6 +111,9 @@ PLAN: dict[str, BenchRun] = {
     "digest_cost": BenchRun(
         "digest_cost.py", "a parameter digest's copy and hash against 100 optimizer steps",
         (), ("--steps", "5"), results_global="RESULTS_DIR"),
+    "checkpoint_cost": BenchRun(
+        "checkpoint_cost.py", "a checkpoint's encoding and decoding: the container format against torch.save",
+        ("--out", "{out}"), ("--repeat", "3", "--out", "{out}")),
     "raft_core": BenchRun(
         "raft_core.py", "entries/s committed by the pure Raft core (3 nodes in memory, one core)",
         (), ("--entries", "20000", "--repeat", "1"), results_global="RESULTS"),

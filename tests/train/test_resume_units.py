@@ -170,3 +170,79 @@ def test_a_model_of_other_shapes_than_its_checkpoint_is_a_model_mismatch():
     same = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     Session(TrainContext(mode="sync"), None, restore={"step": 3, "models": [saved]}).add_model(same)
     assert torch.equal(same[0].weight, saved["0.weight"])
+
+
+def test_the_container_format_round_trips_every_value_a_checkpoint_holds():
+    """Every dtype it holds, empty and 0-d tensors, a non-contiguous one, tuples (Adam's betas),
+    int keys (an optimizer's state), an OrderedDict's order (a state_dict), None and bools."""
+    import collections
+    tensors = {name: (torch.arange(6) % 2).to(dt).reshape(2, 3) for name, dt in ckpt._DTYPES.items()}
+    doc = {"step": 3, "tensors": tensors, "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+           "strided": torch.arange(12.0).reshape(3, 4).t(), "betas": (0.9, 0.999), "nested": [(1, (2, "x"))],
+           "state": {0: {"momentum_buffer": torch.randn(5)}, 1: {}},
+           "ordered": collections.OrderedDict([("z", 1), ("a", None), ("m", True)]), "big": 2**63 - 1}
+    data = ckpt.encode(doc)
+    assert data.startswith(ckpt.MAGIC), "a plain document is written as a container"
+    back = ckpt.decode(data)
+    for name, t in tensors.items():
+        assert back["tensors"][name].dtype == t.dtype and torch.equal(back["tensors"][name], t), name
+    assert back["empty"].shape == (0, 4) and back["scalar"].shape == () and back["scalar"].item() == 2.5
+    assert torch.equal(back["strided"], doc["strided"])
+    assert back["betas"] == (0.9, 0.999) and back["nested"] == [(1, (2, "x"))]
+    assert list(back["state"]) == [0, 1] and torch.equal(back["state"][0]["momentum_buffer"],
+                                                         doc["state"][0]["momentum_buffer"])
+    assert list(back["ordered"].items()) == [("z", 1), ("a", None), ("m", True)] and back["big"] == 2**63 - 1
+
+
+def test_numpy_values_round_trip_as_numpy_and_other_values_in_the_torch_save_format():
+    """torch.save's files cannot hold a numpy scalar for torch.load(weights_only=True): a
+    registered object whose state held one was saved but never restored. The container keeps
+    numpy arrays and scalars as such; what it cannot hold (a sparse tensor) is format 1."""
+    doc = {"step": 1, "registered": {"ema": {"decay": np.float64(0.99), "n": np.int32(7), "hist": np.arange(5.0)}}}
+    data = ckpt.encode(doc)
+    assert data.startswith(ckpt.MAGIC)
+    ema = ckpt.decode(data)["registered"]["ema"]
+    assert type(ema["decay"]) is np.float64 and ema["decay"] == 0.99 and type(ema["n"]) is np.int32
+    assert ema["hist"].dtype == np.float64 and ema["hist"].tolist() == [0, 1, 2, 3, 4]
+    sparse = {"step": 2, "w": torch.eye(3).to_sparse()}
+    data = ckpt.encode(sparse)
+    assert not data.startswith(ckpt.MAGIC)
+    assert torch.equal(ckpt.decode(data)["w"].to_dense(), torch.eye(3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header_len", "ref_offset", "ref_dtype", "ext_code", "np_dtype"])
+def test_a_damaged_container_is_a_corrupt_checkpoint_never_another_error(damage):
+    import msgpack
+    data = bytearray(ckpt.encode({"step": 1, "w": torch.arange(64.0)}))
+    start = len(ckpt.MAGIC) + 8
+    header = msgpack.unpackb(bytes(data[start:start + int.from_bytes(data[8:16], "little")]), raw=False)
+    assert header["step"] == 1
+    if damage == "truncate":
+        data = data[:len(data) - 100]
+    elif damage == "header_len":
+        data[8:16] = (len(data) * 2).to_bytes(8, "little")
+    else:
+        ref = msgpack.ExtType(1, msgpack.packb(["float32", [64], 1 << 20, 256])) if damage == "ref_offset" else \
+            msgpack.ExtType(1, msgpack.packb(["object", [64], 0, 256])) if damage == "ref_dtype" else \
+            msgpack.ExtType(3, msgpack.packb(["|O", [32], 0, 256, False])) if damage == "np_dtype" else \
+            msgpack.ExtType(9, b"")
+        head = msgpack.packb({"format": 2, "step": 1, "w": ref}, use_bin_type=True)
+        lead = start + len(head)
+        data = bytearray(ckpt.MAGIC + len(head).to_bytes(8, "little") + head + bytes(-lead % 64) + bytes(256))
+    with pytest.raises(ckpt.CheckpointCorruptError):
+        ckpt.decode(bytes(data))
+
+
+def test_load_checkpoint_reads_both_formats_and_names_a_bad_file(tmp_path):
+    import synctrain
+    doc = {"step": 5, "models": [{"w": torch.randn(4)}]}
+    for container in (True, False):
+        ref = ckpt.write(tmp_path, ckpt.checkpoint_name(5, int(container)), ckpt.encode(doc, container=container))
+        back = synctrain.load_checkpoint(ref["path"])
+        assert back["step"] == 5 and torch.equal(back["models"][0]["w"], doc["models"][0]["w"])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointCorruptError, match="junk.pt"):
+        synctrain.load_checkpoint(junk)
+    with pytest.raises(ckpt.CheckpointCorruptError, match="cannot be read"):
+        synctrain.load_checkpoint(tmp_path / "missing.pt")
