@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from _common import machine, markdown_table, write_results  # noqa: E402
+from _common import best_of, machine, markdown_table, write_results  # noqa: E402
 from convergence import DigitsConvNet  # noqa: E402
 from digits import DigitsNet  # noqa: E402
 
@@ -68,13 +68,8 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
 
 
 def best_ms(fn: Any, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best * 1e3
+    fn()  # warm
+    return best_of(fn, repeat, time.thread_time) * 1e3
 
 
 def measure(name: str, doc: dict[str, Any], repeat: int) -> dict[str, Any]:

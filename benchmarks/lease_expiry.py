@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, machine, markdown_table, write_results  # noqa: E402
+from _common import RESULTS_DIR, best_of, machine, markdown_table, write_results  # noqa: E402
 
 from coordinator import leases  # noqa: E402
 from coordinator.statemachine import StateMachine, encode_command  # noqa: E402
@@ -44,12 +43,7 @@ def scan(sm: StateMachine, now_ms: int, limit: int = leases.MAX_EXPIRE_BATCH) ->
 
 
 def best_us(fn: Any, looks: int) -> float:
-    best = float("inf")
-    for _ in range(looks):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e6
+    return best_of(fn, looks) * 1e6
 
 
 def measure(n: int, looks: int) -> list[dict[str, Any]]:
