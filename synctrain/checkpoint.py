@@ -159,15 +159,34 @@ def _decode_container(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise CheckpointCorruptError(f"checkpoint header of {header_len} bytes past the end of the file")
     base = start + header_len + (-(start + header_len) % _ALIGN)
 
-    def tensor(payload: bytes) -> torch.Tensor:
+    def reference(payload: bytes, what: str, fields: int, itemsize: Callable[[Any], int]) -> list:
+        """A tensor's or array's ``[dtype, shape, offset, nbytes, ...]``, checked against the file."""
         ref = msgpack.unpackb(payload)
-        if not (isinstance(ref, list) and len(ref) == 4 and ref[0] in _DTYPES and isinstance(ref[1], list)
+        if not (isinstance(ref, list) and len(ref) == fields and isinstance(ref[1], list)
                 and all(isinstance(v, int) and v >= 0 for v in (*ref[1], ref[2], ref[3]))):
-            raise CheckpointCorruptError(f"bad tensor reference {ref!r}")
-        name, shape, offset, nbytes = ref
+            raise CheckpointCorruptError(f"bad {what} reference {ref!r}")
+        size = itemsize(ref[0])
+        if math.prod(ref[1]) * size != ref[3] or base + ref[2] + ref[3] > len(buf):
+            raise CheckpointCorruptError(f"{what} reference {ref!r} does not fit the file")
+        return ref
+
+    def tensor_itemsize(name: Any) -> int:
+        if not isinstance(name, str) or name not in _DTYPES:
+            raise CheckpointCorruptError(f"bad tensor dtype {name!r}")
+        return _DTYPES[name].itemsize
+
+    def array_itemsize(code: Any) -> int:
+        try:
+            dtype = np.dtype(code)
+        except TypeError:
+            raise CheckpointCorruptError(f"bad array dtype {code!r}") from None
+        if dtype.kind not in _NUMPY_KINDS:
+            raise CheckpointCorruptError(f"bad array dtype {code!r}")
+        return dtype.itemsize
+
+    def tensor(payload: bytes) -> torch.Tensor:
+        name, shape, offset, nbytes = reference(payload, "tensor", 4, tensor_itemsize)
         dtype = _DTYPES[name]
-        if math.prod(shape) * dtype.itemsize != nbytes or base + offset + nbytes > len(buf):
-            raise CheckpointCorruptError(f"tensor reference {ref!r} does not fit the file")
         if not nbytes:
             return torch.empty(shape, dtype=dtype)
         # a view of the buffer, not a copy: the document's tensors share it (64-byte aligned)
@@ -175,19 +194,10 @@ def _decode_container(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         return raw.view(dtype).reshape(shape)
 
     def array(payload: bytes) -> Any:
-        ref = msgpack.unpackb(payload)
-        if not (isinstance(ref, list) and len(ref) == 5 and isinstance(ref[0], str) and isinstance(ref[1], list)
-                and all(isinstance(v, int) and v >= 0 for v in (*ref[1], ref[2], ref[3]))):
-            raise CheckpointCorruptError(f"bad array reference {ref!r}")
-        code, shape, offset, nbytes, scalar = ref
-        try:
-            dtype = np.dtype(code)
-        except TypeError:
-            raise CheckpointCorruptError(f"bad array dtype {code!r}") from None
-        if (dtype.kind not in _NUMPY_KINDS or math.prod(shape) * dtype.itemsize != nbytes
-                or base + offset + nbytes > len(buf) or (scalar and shape)):
-            raise CheckpointCorruptError(f"array reference {ref!r} does not fit the file")
-        a = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=base + offset).reshape(shape)
+        code, shape, offset, _, scalar = reference(payload, "array", 5, array_itemsize)
+        if scalar and shape:
+            raise CheckpointCorruptError(f"a numpy scalar of shape {shape}")
+        a = np.frombuffer(buf, dtype=np.dtype(code), count=math.prod(shape), offset=base + offset).reshape(shape)
         return a[()] if scalar else a
 
     def ext_hook(code: int, payload: bytes) -> Any:

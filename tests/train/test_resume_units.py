@@ -210,7 +210,8 @@ def test_numpy_values_round_trip_as_numpy_and_other_values_in_the_torch_save_for
     assert torch.equal(ckpt.decode(data)["w"].to_dense(), torch.eye(3))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "header_len", "ref_offset", "ref_dtype", "ext_code", "np_dtype"])
+@pytest.mark.parametrize("damage", ["truncate", "header_len", "ref_offset", "ref_dtype", "ref_list_dtype", "ext_code",
+                                    "np_dtype", "np_scalar_shape"])
 def test_a_damaged_container_is_a_corrupt_checkpoint_never_another_error(damage):
     import msgpack
     data = bytearray(ckpt.encode({"step": 1, "w": torch.arange(64.0)}))
@@ -224,6 +225,8 @@ def test_a_damaged_container_is_a_corrupt_checkpoint_never_another_error(damage)
     else:
         ref = msgpack.ExtType(1, msgpack.packb(["float32", [64], 1 << 20, 256])) if damage == "ref_offset" else \
             msgpack.ExtType(1, msgpack.packb(["object", [64], 0, 256])) if damage == "ref_dtype" else \
+            msgpack.ExtType(1, msgpack.packb([[1], [64], 0, 256])) if damage == "ref_list_dtype" else \
+            msgpack.ExtType(3, msgpack.packb(["<f8", [32], 0, 256, True])) if damage == "np_scalar_shape" else \
             msgpack.ExtType(3, msgpack.packb(["|O", [32], 0, 256, False])) if damage == "np_dtype" else \
             msgpack.ExtType(9, b"")
         head = msgpack.packb({"format": 2, "step": 1, "w": ref}, use_bin_type=True)
