@@ -186,11 +186,17 @@ def steplog_loop_s() -> float:
     return float(stepper.loop_s) if stepper is not None else 0.0
 
 
+#: The process title of ``steplog_split.py``'s stand-in CPU load (see :func:`steplog_cpu_s`).
+LOAD_PROCESS = "steplog-cpu-load"
+
+
 def steplog_cpu_s(rank: int) -> float:
     """CPU seconds so far of what the step log runs beside this rank's loop: its writer thread
     (records, digests, checkpoint files) and, on rank 0, every thread of the embedded
-    coordinator's node processes (Ray actors ``_RayNode``, all on this one machine); read in
-    nanoseconds from ``/proc/.../schedstat``. 0 without the log (or without ``/proc``)."""
+    coordinator's node processes (Ray actors ``_RayNode``, all on this one machine) and of a
+    stand-in load (``steplog_split.py``'s process named :data:`LOAD_PROCESS`, counted as the
+    log's CPU it stands in for); read in nanoseconds from ``/proc/.../schedstat``. 0 without
+    the log (or without ``/proc``)."""
 
     def task_s(task_dir: str) -> float:
         with open(f"{task_dir}/schedstat") as f:
@@ -207,7 +213,7 @@ def steplog_cpu_s(rank: int) -> float:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if not f.read(64).startswith(b"ray::_RayNode"):
+                    if not f.read(64).startswith((b"ray::_RayNode", LOAD_PROCESS.encode())):
                         continue
                 total += sum(task_s(f"/proc/{pid}/task/{tid}") for tid in os.listdir(f"/proc/{pid}/task"))
             except (OSError, ValueError, IndexError):

@@ -2,7 +2,8 @@
 async mode by default), with the log's parts switched off one at a time through public knobs.
 
     python benchmarks/steplog_split.py [--model mlp|conv] [--mode async|sync] [--rounds 8]
-                                       [--epochs 60] [--out DIR] [--quick] [--render JSON]
+                                       [--epochs 60] [--load 0.024] [--load-period-ms 10]
+                                       [--out DIR] [--quick] [--render JSON]
 
 Variants, each round in a rotated order, every run a fresh job (``steplog_overhead.fit``,
 after waiting for a quiet machine):
@@ -13,7 +14,13 @@ after waiting for a quiet machine):
 * ``default``: the step log with every default (a checkpoint and a digest every 100 steps);
 * ``no checkpoints``: ``checkpoint_every=0`` with digests kept (``digest_every=100``);
 * ``default, job dir on tmpfs``: the default with the job directory (checkpoint files and
-  the coordinator's WALs) in ``/dev/shm``, where fsync costs nothing.
+  the coordinator's WALs) in ``/dev/shm``, where fsync costs nothing;
+* ``step_log=False + CPU load``: no log, but a stand-in process that burns ``--load`` of the
+  machine's CPUs (default 2.4%: the sync MLP's measured direct cost at the default K) in short
+  bursts, one every ``--load-period-ms``: what any work of that size beside the job costs its
+  samples/s. Where it costs about what the ``default`` does, the log costs the job what its
+  CPU costs and no more; the samples/s target then asks for that much less CPU, not for less
+  waiting. Its CPU is reported as the step log's own (``steplog_overhead.LOAD_PROCESS``).
 
 Each round's variants are compared with that round's ``step_log=False`` run; per variant, the
 median of those overheads with a 90% bootstrap interval (``steplog_overhead.median_interval``),
@@ -31,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +62,22 @@ BASE = "step_log=False"
 WITH_COORDINATOR = "step_log=False + idle coordinator"
 TMPFS = "default, job dir on tmpfs"
 TMPFS_DIR = "/dev/shm"
+LOAD = "step_log=False + CPU load"
+DEFAULT_LOAD = 0.024
+DEFAULT_LOAD_PERIOD_MS = 10.0
+#: The stand-in load: every period, a burst of CPU time (``time.thread_time``, so a burst cut
+#: short by preemption is finished, not skipped); one that falls behind does not catch up.
+BURNER = """
+import sys, time
+burst, period = float(sys.argv[1]), float(sys.argv[2])
+due = time.monotonic()
+while True:
+    start = time.thread_time()
+    while time.thread_time() - start < burst:
+        pass
+    due = max(due + period, time.monotonic() - period)
+    time.sleep(max(0.0, due - time.monotonic()))
+"""
 #: (name, Trainer keywords) in the order the table shows them.
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     (BASE, {"step_log": False}),
@@ -61,6 +85,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     ("no checkpoints", {"checkpoint_every": 0, "digest_every": 100}),
     (TMPFS, {}),
+    (LOAD, {"step_log": False}),
 ]
 
 
@@ -69,10 +94,23 @@ def variants() -> list[tuple[str, dict[str, Any]]]:
     return [v for v in VARIANTS if v[0] != TMPFS or os.path.isdir(TMPFS_DIR)]
 
 
+def start_load(share: float, period_s: float) -> subprocess.Popen:
+    """The stand-in load process: ``share`` of all the machine's CPUs, in bursts every
+    ``period_s`` (its process title is ``steplog_overhead.LOAD_PROCESS``)."""
+    burst_s = share * (os.cpu_count() or 1) * period_s
+    if not 0 < burst_s < period_s:
+        raise ValueError(f"a load of {share!r} of the machine ({os.cpu_count()} CPUs) is not between none "
+                         f"and one CPU's worth, or its period {period_s!r} s is not positive")
+    return subprocess.Popen([so.LOAD_PROCESS, "-c", BURNER, repr(burst_s), repr(period_s)],
+                            executable=sys.executable)
+
+
 def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path | None, model: str,
-                mode: str, epochs: int, settle_max_s: float) -> dict[str, Any]:
+                mode: str, epochs: int, settle_max_s: float, load: float = DEFAULT_LOAD,
+                load_period_s: float = DEFAULT_LOAD_PERIOD_MS / 1000) -> dict[str, Any]:
     """One fresh job of the variant ``name``; its ``steplog_overhead.throughput`` row."""
     cluster = None
+    burner = None
     if name == WITH_COORDINATOR:
         from coordinator.cluster import RayCluster
         from synctrain.driver import coord
@@ -82,10 +120,15 @@ def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path |
                              election_tick=coord.EMBEDDED_ELECTION_TICK)
         cluster.start()
     try:
+        if name == LOAD:
+            burner = start_load(load, load_period_s)
         where = tmpfs if name == TMPFS and tmpfs is not None else storage
         label = name.replace("+", "and").replace(",", "")
         return so.throughput(where, model, mode, epochs, label, options, settle_max_s)
     finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
         if cluster is not None:
             cluster.stop()
 
@@ -164,6 +207,15 @@ def render(data: dict[str, Any], out_dir: str) -> None:
           "added, per run (`steplog_overhead.direct_costs`): what the log's work takes on a machine "
           "the training keeps busy. Not in it: in async mode the shards' side of a snapshot, and "
           "effects on caches.", ""]
+    if any(r["variant"] == LOAD for r in data["table"]):
+        share, period = meta.get("load", DEFAULT_LOAD), meta.get("load_period_ms", DEFAULT_LOAD_PERIOD_MS)
+        burst = share * meta.get("cpus", 1) * period
+        md += [f"{LOAD}: no step log, and beside the job a process that burns {100 * share:.1f}% of the "
+               f"machine's CPUs, a burst of {burst:.2g} ms of CPU time every {period:g} ms; its CPU as "
+               "measured is in the own-CPU column. It is no step log: it shows what any work of that size "
+               "costs this job's samples/s. Where it costs about what the default does, the log costs "
+               "what its CPU does and no more; where it costs more, the log's work interrupts the "
+               "training less than a plain load of its size.", ""]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = result_name(meta["model"], meta["mode"])
@@ -205,11 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round of 2 epochs")
     parser.add_argument("--out", default=None, help="results directory")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
+    parser.add_argument("--load", type=float, default=DEFAULT_LOAD,
+                        help=f"the stand-in CPU load's share of the machine ({LOAD!r})")
+    parser.add_argument("--load-period-ms", type=float, default=DEFAULT_LOAD_PERIOD_MS,
+                        help="one burst of the stand-in load every this many ms")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.epochs < 1:
         parser.error("--rounds and --epochs must be at least 1")
+    if not 0 < args.load < 1 / (os.cpu_count() or 1) or args.load_period_ms <= 0:
+        parser.error(f"--load must be a share of the machine in (0, {1 / (os.cpu_count() or 1):g}) (one CPU's "
+                     "worth at most) and --load-period-ms positive")
     out_dir = args.out or str(RESULTS_DIR)
     if args.render:
         with open(args.render) as f:
@@ -238,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             order = vs[shift:] + vs[:shift]
             print(f"-- round {i + 1}/{args.rounds}", flush=True)
             runs = {name: run_variant(name, options, Path(storage), Path(tmpfs), args.model, args.mode,
-                                      args.epochs, settle_max_s) for name, options in order}
+                                      args.epochs, settle_max_s, args.load, args.load_period_ms / 1000)
+                    for name, options in order}
             rounds.append(runs)
             data = {"meta": {"model": args.model, "mode": args.mode, "epochs": args.epochs,
+                             "load": args.load, "load_period_ms": args.load_period_ms,
                              "rounds_asked": args.rounds, "rounds_done": len(rounds),
                              "load_avg_start": list(load_avg), "load_avg_end": list(os.getloadavg()),
                              "wall_s": time.monotonic() - started, **machine(),

@@ -101,8 +101,10 @@ PLAN: dict[str, BenchRun] = {
         "steplog_overhead.py", "what the quorum-committed step log costs in samples/s, and recovery "
         "times after worker, leader and driver kills", ("--out", "{out}"), ("--quick", "--out", "{out}")),
     "steplog_split": BenchRun(
-        "steplog_split.py", "where the step log's cost goes in the async MLP: no log, an idle "
-        "coordinator beside the job, the defaults, no checkpoints, the job directory on tmpfs",
+        "steplog_split.py", "where the step log's cost goes in one cell (the async MLP unless "
+        "--model/--mode say otherwise): no log, an idle "
+        "coordinator beside the job, the defaults, no checkpoints, the job directory on tmpfs, and a "
+        "stand-in CPU load the size of the log's cost",
         ("--out", "{out}"), ("--quick", "--out", "{out}")),
     "machine_noise": BenchRun(
         "machine_noise.py", "the same small training step in fresh processes on an idle machine: the "

@@ -157,6 +157,9 @@ def test_steplog_split_benchmark_quick_mode_writes_results(ray_session, tmp_path
     assert runs["step_log=False + idle coordinator"]["committed_steps"] == 0
     assert runs["default"]["committed_steps"] == runs["default"]["steps"][0] > 0
     assert runs["no checkpoints"]["committed_steps"] > 0
+    # the stand-in load: no log, and its CPU counted where the log's own is
+    load = runs["step_log=False + CPU load"]
+    assert load["committed_steps"] == 0 and load["steplog_cpu_share"] > 0
     assert [r["variant"] for r in data["table"]][:3] == ["step_log=False", "step_log=False + idle coordinator",
                                                          "default"]
     assert "| default | 1 |" in (tmp_path / "steplog_split.md").read_text()

@@ -8,6 +8,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,32 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--rounds and --epochs must be at least 1" in proc.stderr
     assert not (tmp_path / "steplog_split.json").exists()
+
+
+def test_the_stand_in_load_burns_cpu_that_counts_as_the_step_logs(split):
+    """The calibration variant's load: a process whose title steplog_cpu_s counts and whose CPU
+    time grows while it runs; a share of more than one CPU is refused."""
+    so = split.so
+
+    def own_s(pid: int) -> float:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+
+    counted, title = so.steplog_cpu_s(0), b""
+    burner = split.start_load(0.1, 0.01)
+    try:
+        deadline = time.monotonic() + 60
+        while own_s(burner.pid) < 0.05 or not title:  # the title is there once exec is done
+            with open(f"/proc/{burner.pid}/cmdline", "rb") as f:
+                title = f.read()
+            assert burner.poll() is None, "the load process exited"
+            assert time.monotonic() < deadline, "the load burned no CPU"
+            time.sleep(0.05)
+        assert title.startswith(so.LOAD_PROCESS.encode()), title
+        burned = own_s(burner.pid)
+        assert so.steplog_cpu_s(0) - counted >= burned, "steplog_cpu_s left the load out"
+    finally:
+        burner.kill()
+        burner.wait()
+    with pytest.raises(ValueError, match="one CPU's worth"):
+        split.start_load(1.0, 0.01)
