@@ -17,7 +17,8 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
    next optimizer step) — as a document of copies of every tensor, so training goes on at
    once; the writer encodes it, writes it durably and only then commits it to the log
    (ordered after the records of the steps it covers); the log answers which old
-   checkpoints to delete;
+   checkpoints to delete. Without replica digests, only the newest two checkpoints of a
+   commit are written (:data:`WRITTEN_PER_COMMIT`): that commit would prune the others;
 3. in sync mode, every ``digest_every`` steps, copies the replicated state (the parameters,
    see :mod:`synctrain.digest`) at the same capture point — rank 0 reuses its checkpoint's
    copy — for the writer to hash and commit with the step records: the log compares the
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from coordinator.steplog import LIVE_CHECKPOINTS
 from synctrain import checkpoint as ckpt
 from synctrain.digest import flip_bit, replicated_state, state_digest
 from synctrain.steplog import Fenced, StepLog
@@ -89,6 +91,12 @@ RUN_MIN = 4
 #: second, so it gains nothing from a spare: it is deleted, as before).
 MAX_SPARE_FILES = 8
 MAX_SPARE_BYTES = 64 << 20
+#: Checkpoints the log keeps live when no digests vouch for them: of the checkpoints one
+#: commit carries, only this many newest are written when the job commits no replica digests
+#: (async mode, or ``digest_every=0``); the log would prune the others in that same commit,
+#: before any restore could use them. (With digests the log keeps unverified ones until the
+#: ranks' digests judge them: all are written.)
+WRITTEN_PER_COMMIT = LIVE_CHECKPOINTS
 
 
 class WorkerFencedError(RuntimeError):
@@ -304,9 +312,11 @@ class StepBoundary:
         Raft commit of a batch), commits that failed and were retried, seconds the loop waited
         on the log (more than K steps uncommitted), and seconds the loop's thread spent in the
         step boundary in all (those waits, queueing records, capturing checkpoints); and how many
-        checkpoints were written over a pruned one's file (rank 0)."""
+        checkpoints were written over a pruned one's file, and how many were left unwritten
+        because a newer two in the same commit superseded them (rank 0)."""
         return {"steplog_commits": self.writer.commits, "steplog_failed_commits": self.writer.failed_commits,
                 "steplog_reused_files": self.writer.reused_files,
+                "steplog_skipped_checkpoints": self.writer.skipped_checkpoints,
                 "steplog_wait_s": round(self.wait_s, 3), "steplog_loop_s": round(self.loop_s, 3)}
 
     def flush(self, timeout_s: float) -> bool:
@@ -391,6 +401,8 @@ class _Writer(threading.Thread):
         self.spares: list[tuple[pathlib.Path, int]] = []  # pruned checkpoints to write over, sizes (this thread's)
         self.spare_bytes = 0
         self.reused_files = 0
+        self.skipped_checkpoints = 0  # superseded in their own commit, so never written (see WRITTEN_PER_COMMIT)
+        self.keep_all = boundary.sync_digest_every > 0  # replica digests: the log may keep any of them
 
     def put(self, *items: tuple) -> None:
         with self.cond:
@@ -515,6 +527,8 @@ class _Writer(threading.Thread):
         # digests as text, in place: a batch that fails is queued again as it is now
         batch[:] = [("digest", item[1], state_digest(item[2]))
                     if item[0] == "digest" and not isinstance(item[2], str) else item for item in batch]
+        if not self.keep_all:
+            self._skip_superseded(batch)
         try:
             # Each checkpoint written durably first, then the records and the checkpoints'
             # references in one commit (the log records the references after the steps they
@@ -543,6 +557,17 @@ class _Writer(threading.Thread):
             log.info("rank %d: step-log commit failed (%s: %s); retrying", self.b.rank,
                      type(exc).__name__, exc)
             return False
+
+    def _skip_superseded(self, batch: list[tuple]) -> None:
+        """Drop, in place, the batch's checkpoints older than its WRITTEN_PER_COMMIT newest,
+        unwritten: the commit that would record them would prune them too."""
+        at = [i for i, item in enumerate(batch) if item[0] == "checkpoint"]
+        superseded = [i for i in at[:-WRITTEN_PER_COMMIT] if len(batch[i]) == 3]  # not written yet
+        for i in superseded:
+            batch[i] = ("dropped",)
+        if superseded:
+            batch[:] = [item for item in batch if item[0] != "dropped"]
+            self.skipped_checkpoints += len(superseded)
 
     def _send_records(self, items: list[tuple], generation: int,
                       refs: list[dict[str, Any]] | None = None) -> None:

@@ -110,3 +110,54 @@ def test_a_failed_commit_gives_its_steps_back_to_the_urge():
     finally:
         held.go.release(10)
         b.close(5.0)
+
+
+class RecordingLog:
+    """Stands in for the step log: keeps each commit's checkpoint references."""
+
+    def __init__(self) -> None:
+        self.refs: list[list[dict]] = []
+
+    def steps(self, generation, rank, records, checkpoints=None):
+        self.refs.append(list(checkpoints or []))
+        return {"ok": True}
+
+    def close(self) -> None:
+        pass
+
+
+def written_in_one_commit(tmp_path, mode: str, digest_every: int) -> tuple[st.StepBoundary, RecordingLog]:
+    import torch
+
+    cfg = st.StepLogConfig(endpoints=("127.0.0.1:9",), token=b"t" * 32, job="j", job_dir=str(tmp_path),
+                           max_uncommitted_steps=1024, checkpoint_every=1, digest_every=digest_every)
+    b = st.StepBoundary(cfg, rank=0, generation=1, mode=mode)
+    b.writer.steplog = log = RecordingLog()
+    batch: list[tuple] = []
+    for step in range(1, 5):
+        batch.append(("step", step, 0.0, None))
+        doc = {"step": step, "generation": 1, "mode": mode, "models": [{"w": torch.full((3,), float(step))}],
+               "strategy": {"w": torch.full((3,), float(step))}}
+        batch.append(("checkpoint", step, doc))
+    assert b.writer._commit(batch, 1)
+    b.close()
+    return b, log
+
+
+def test_checkpoints_a_commit_would_prune_at_once_are_never_written(tmp_path):
+    """Four checkpoints in one commit of an async job (no replica digests): the log keeps the
+    newest two live and would prune the others in that same commit, so only those two are
+    written and committed."""
+    b, log = written_in_one_commit(tmp_path, "async", digest_every=0)
+    assert [[r["step"] for r in refs] for refs in log.refs] == [[3, 4]]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000003-g1.pt", "ckpt-000000004-g1.pt"]
+    assert b.metrics()["steplog_skipped_checkpoints"] == 2
+
+
+def test_with_replica_digests_every_checkpoint_of_a_commit_is_written(tmp_path):
+    """Sync with digests: the log keeps checkpoints whose digests are not judged yet (a rollback
+    may need any of them), so every one is written."""
+    b, log = written_in_one_commit(tmp_path, "sync", digest_every=1)
+    assert [[r["step"] for r in refs] for refs in log.refs] == [[1, 2, 3, 4]]
+    assert len(list(tmp_path.glob("ckpt-*"))) == 4
+    assert b.metrics()["steplog_skipped_checkpoints"] == 0
