@@ -144,7 +144,7 @@ def test_a_backlog_goes_in_commits_the_log_accepts(tmp_path):
     commits in order, each within the step log's bounds; the committed step follows."""
     cfg = ws.StepLogConfig(endpoints=("127.0.0.1:9",), token=b"t", job="j", job_dir=str(tmp_path),
                            max_uncommitted_steps=100_000)
-    boundary = types.SimpleNamespace(cfg=cfg, rank=0, generation=1, committed_step=0)
+    boundary = types.SimpleNamespace(cfg=cfg, rank=0, generation=1, committed_step=0, sync_digest_every=0)
     writer = ws._Writer(boundary)
     writer.steplog = fake = FakeStepLog()
     n = 2 * ws.MAX_BATCH_ITEMS + 123
