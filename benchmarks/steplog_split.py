@@ -94,13 +94,20 @@ def variants() -> list[tuple[str, dict[str, Any]]]:
     return [v for v in VARIANTS if v[0] != TMPFS or os.path.isdir(TMPFS_DIR)]
 
 
-def start_load(share: float, period_s: float) -> subprocess.Popen:
-    """The stand-in load process: ``share`` of all the machine's CPUs, in bursts every
-    ``period_s`` (its process title is ``steplog_overhead.LOAD_PROCESS``)."""
+def load_burst_s(share: float, period_s: float) -> float:
+    """CPU seconds per period of a load of ``share`` of all the machine's CPUs; ValueError
+    unless that is between none and one CPU's worth, with a positive period."""
     burst_s = share * (os.cpu_count() or 1) * period_s
     if not 0 < burst_s < period_s:
         raise ValueError(f"a load of {share!r} of the machine ({os.cpu_count()} CPUs) is not between none "
                          f"and one CPU's worth, or its period {period_s!r} s is not positive")
+    return burst_s
+
+
+def start_load(share: float, period_s: float) -> subprocess.Popen:
+    """The stand-in load process: ``share`` of all the machine's CPUs, in bursts every
+    ``period_s`` (its process title is ``steplog_overhead.LOAD_PROCESS``)."""
+    burst_s = load_burst_s(share, period_s)
     return subprocess.Popen([so.LOAD_PROCESS, "-c", BURNER, repr(burst_s), repr(period_s)],
                             executable=sys.executable)
 
@@ -266,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.epochs < 1:
         parser.error("--rounds and --epochs must be at least 1")
-    if not 0 < args.load < 1 / (os.cpu_count() or 1) or args.load_period_ms <= 0:
-        parser.error(f"--load must be a share of the machine in (0, {1 / (os.cpu_count() or 1):g}) (one CPU's "
-                     "worth at most) and --load-period-ms positive")
+    try:
+        load_burst_s(args.load, args.load_period_ms / 1000)
+    except ValueError as exc:
+        parser.error(f"--load / --load-period-ms: {exc}")
     out_dir = args.out or str(RESULTS_DIR)
     if args.render:
         with open(args.render) as f:
