@@ -20,7 +20,11 @@ after waiting for a quiet machine):
   bursts, one every ``--load-period-ms``: what any work of that size beside the job costs its
   samples/s. Where it costs about what the ``default`` does, the log costs the job what its
   CPU costs and no more; the samples/s target then asks for that much less CPU, not for less
-  waiting. Its CPU is reported as the step log's own (``steplog_overhead.LOAD_PROCESS``).
+  waiting. Its CPU is reported as the step log's own (``steplog_overhead.LOAD_PROCESS``);
+* ``step_log=False + CPU load, idle priority``: the same load at the lowest CPU priority there
+  is (``SCHED_IDLE`` on Linux, else nice 19): it runs only on a core nothing else wants, and a
+  rank that wakes takes the core back at once. What is left of its cost is what no scheduling
+  of the log's background work could take away (caches, the switches themselves).
 
 Each round's variants are compared with that round's ``step_log=False`` run; per variant, the
 median of those overheads with a 90% bootstrap interval (``steplog_overhead.median_interval``),
@@ -63,13 +67,19 @@ WITH_COORDINATOR = "step_log=False + idle coordinator"
 TMPFS = "default, job dir on tmpfs"
 TMPFS_DIR = "/dev/shm"
 LOAD = "step_log=False + CPU load"
+LOAD_IDLE = "step_log=False + CPU load, idle priority"
 DEFAULT_LOAD = 0.024
 DEFAULT_LOAD_PERIOD_MS = 10.0
 #: The stand-in load: every period, a burst of CPU time (``time.thread_time``, so a burst cut
 #: short by preemption is finished, not skipped); one that falls behind does not catch up.
 BURNER = """
-import sys, time
+import os, sys, time
 burst, period = float(sys.argv[1]), float(sys.argv[2])
+if sys.argv[3] == "idle":
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19)
 due = time.monotonic()
 while True:
     start = time.thread_time()
@@ -86,6 +96,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("no checkpoints", {"checkpoint_every": 0, "digest_every": 100}),
     (TMPFS, {}),
     (LOAD, {"step_log": False}),
+    (LOAD_IDLE, {"step_log": False}),
 ]
 
 
@@ -104,12 +115,13 @@ def load_burst_s(share: float, period_s: float) -> float:
     return burst_s
 
 
-def start_load(share: float, period_s: float) -> subprocess.Popen:
+def start_load(share: float, period_s: float, idle: bool = False) -> subprocess.Popen:
     """The stand-in load process: ``share`` of all the machine's CPUs, in bursts every
-    ``period_s`` (its process title is ``steplog_overhead.LOAD_PROCESS``)."""
+    ``period_s`` (its process title is ``steplog_overhead.LOAD_PROCESS``); ``idle``: at the
+    lowest CPU priority (``SCHED_IDLE``, else nice 19), set before its first burst."""
     burst_s = load_burst_s(share, period_s)
-    return subprocess.Popen([so.LOAD_PROCESS, "-c", BURNER, repr(burst_s), repr(period_s)],
-                            executable=sys.executable)
+    return subprocess.Popen([so.LOAD_PROCESS, "-c", BURNER, repr(burst_s), repr(period_s),
+                             "idle" if idle else "normal"], executable=sys.executable)
 
 
 def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path | None, model: str,
@@ -127,8 +139,8 @@ def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path |
                              election_tick=coord.EMBEDDED_ELECTION_TICK)
         cluster.start()
     try:
-        if name == LOAD:
-            burner = start_load(load, load_period_s)
+        if name in (LOAD, LOAD_IDLE):
+            burner = start_load(load, load_period_s, idle=name == LOAD_IDLE)
         where = tmpfs if name == TMPFS and tmpfs is not None else storage
         label = name.replace("+", "and").replace(",", "")
         return so.throughput(where, model, mode, epochs, label, options, settle_max_s)
@@ -223,6 +235,11 @@ def render(data: dict[str, Any], out_dir: str) -> None:
                "costs this job's samples/s. Where it costs about what the default does, the log costs "
                "what its CPU does and no more; where it costs more, the log's work interrupts the "
                "training less than a plain load of its size.", ""]
+    if any(r["variant"] == LOAD_IDLE for r in data["table"]):
+        md += [f"{LOAD_IDLE}: the same load at the lowest CPU priority (SCHED_IDLE; nice 19 where there is "
+               "none): it runs only on a "
+               "core nothing else wants and gives it up at once to a rank that wakes. What it still costs "
+               "is what no priority given to the log's background work could save.", ""]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = result_name(meta["model"], meta["mode"])
@@ -237,7 +254,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in data["table"] if r["variant"] != BASE]
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.35 * len(rows)))
     y = list(range(len(rows)))
     medians = [100 * r["overhead"] for r in rows]
     low = [100 * (r["overhead"] - r["interval"][0]) for r in rows]

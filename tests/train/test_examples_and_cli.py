@@ -160,6 +160,8 @@ def test_steplog_split_benchmark_quick_mode_writes_results(ray_session, tmp_path
     # the stand-in load: no log, and its CPU counted where the log's own is
     load = runs["step_log=False + CPU load"]
     assert load["committed_steps"] == 0 and load["steplog_cpu_share"] > 0
+    idle = runs["step_log=False + CPU load, idle priority"]
+    assert idle["committed_steps"] == 0 and idle["steplog_cpu_share"] > 0
     assert [r["variant"] for r in data["table"]][:3] == ["step_log=False", "step_log=False + idle coordinator",
                                                          "default"]
     assert "| default | 1 |" in (tmp_path / "steplog_split.md").read_text()

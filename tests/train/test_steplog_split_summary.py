@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,3 +109,20 @@ def test_the_stand_in_load_burns_cpu_that_counts_as_the_step_logs(split):
         burner.wait()
     with pytest.raises(ValueError, match="one CPU's worth"):
         split.start_load(1.0, 0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_idle_priority_load_runs_at_sched_idle(split):
+    """The idle-priority variant's load lowers itself before its first burst; the plain one does not."""
+    plain, idle = split.start_load(0.05, 0.01), split.start_load(0.05, 0.01, idle=True)
+    try:
+        deadline = time.monotonic() + 60
+        while os.sched_getscheduler(idle.pid) != os.SCHED_IDLE:
+            assert idle.poll() is None, "the load process exited"
+            assert time.monotonic() < deadline, "the load never lowered its priority"
+            time.sleep(0.05)
+        assert os.sched_getscheduler(plain.pid) == os.SCHED_OTHER
+    finally:
+        for p in (plain, idle):
+            p.kill()
+            p.wait()
