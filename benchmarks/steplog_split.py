@@ -266,7 +266,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("samples/s lost vs step_log=False, % (median of the rounds, 90% interval)", fontsize=8)
     ax.set_title(f"{data['meta']['model']}, {data['meta']['mode']} mode")
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes, where no row's bar or interval can be under it
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.18), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
