@@ -108,7 +108,12 @@ POLL_INTERVAL_S = 0.01
 MAX_OBSERVATIONS = 200_000  # committed-step increases the watcher keeps (one per increase)
 #: Epochs per model in a throughput run (23 steps each; the MLP's steps are ~10x shorter):
 #: every run crosses at least one automatic checkpoint (every 100 steps).
-EPOCHS = {"mlp": 120, "conv": 30}  # timed windows of 6-10 s: shorter ones are mostly the machine's noise
+#: Timed windows of 12-20 s on this machine (the MLP's ~0.6 ms steps, the convnet's ~6 ms): over a
+#: dozen of the log's once-a-second commits each. At 120 and 30 epochs the windows had shrunk to
+#: 3-5 s as the machine and the code got faster, three or four commits, where a single commit
+#: more or less in the window moved a run's overhead by points and the job's first seconds (the
+#: first checkpoints, written into new files before any pruned one can be reused) weighed most.
+EPOCHS = {"mlp": 480, "conv": 120}
 #: The slow variants (K = 0 and 8 lose tens of percent) run a fraction of those epochs, for
 #: windows as long as the others' and time for more rounds of the judged pair.
 EPOCH_DIVISOR = {0: 4, 8: 2}

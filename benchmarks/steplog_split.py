@@ -2,7 +2,7 @@
 async mode by default), with the log's parts switched off one at a time through public knobs.
 
     python benchmarks/steplog_split.py [--model mlp|conv] [--mode async|sync] [--rounds 8]
-                                       [--epochs 60] [--load 0.024] [--load-period-ms 10]
+                                       [--epochs N] [--load 0.024] [--load-period-ms 10]
                                        [--out DIR] [--quick] [--render JSON]
 
 Variants, each round in a rotated order, every run a fresh job (``steplog_overhead.fit``,
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("mlp", "conv"), default="mlp")
     parser.add_argument("--mode", choices=("async", "sync"), default="async")
     parser.add_argument("--rounds", type=int, default=8, help="rounds of every variant")
-    parser.add_argument("--epochs", type=int, default=60, help="epochs per run")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per run (default: steplog_overhead's for the model, timed windows of 12-20 s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one round of 2 epochs")
     parser.add_argument("--out", default=None, help="results directory")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = so.EPOCHS[args.model]
     if args.rounds < 1 or args.epochs < 1:
         parser.error("--rounds and --epochs must be at least 1")
     try:
