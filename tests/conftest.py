@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +113,18 @@ def sigkill_when_written():
     yield start
     for thread in threads:
         thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """Import a script of ``benchmarks/`` by module name (``benchmarks/`` and ``examples/``,
+    which the scripts import from, put on ``sys.path``)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        for sub in ("benchmarks", "examples"):
+            if str(root / sub) not in sys.path:
+                sys.path.insert(0, str(root / sub))
+        return importlib.import_module(name)
+
+    return load

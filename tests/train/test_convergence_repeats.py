@@ -5,21 +5,12 @@ repeat: this is the part of the script that more repeats exercise.)"""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def convergence():
-    for sub in ("benchmarks", "examples"):
-        if str(ROOT / sub) not in sys.path:
-            sys.path.insert(0, str(ROOT / sub))
-    return importlib.import_module("convergence")
+def convergence(benchmark_module):
+    return benchmark_module("convergence")
 
 
 def _fake_runs(monkeypatch, convergence, times):

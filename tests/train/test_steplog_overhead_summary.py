@@ -3,21 +3,12 @@ judged pair's extra rounds become the table and the verdict, and the slow varian
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    for sub in ("benchmarks", "examples"):
-        if str(ROOT / sub) not in sys.path:
-            sys.path.insert(0, str(ROOT / sub))
-    return importlib.import_module("steplog_overhead")
+def bench(benchmark_module):
+    return benchmark_module("steplog_overhead")
 
 
 def _run(model: str, variant: str, samples_per_s: float, share: float = 0.0) -> dict:

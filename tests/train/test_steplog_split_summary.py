@@ -4,7 +4,6 @@ refused before anything runs."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -19,11 +18,8 @@ SCRIPT = ROOT / "benchmarks" / "steplog_split.py"
 
 
 @pytest.fixture(scope="module")
-def split():
-    for sub in ("benchmarks", "examples"):
-        if str(ROOT / sub) not in sys.path:
-            sys.path.insert(0, str(ROOT / sub))
-    return importlib.import_module("steplog_split")
+def split(benchmark_module):
+    return benchmark_module("steplog_split")
 
 
 def _run(samples_per_s: float, cpu: float | None = 60.0, own: float = 0.0, loop: float = 0.0) -> dict:
