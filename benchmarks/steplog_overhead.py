@@ -114,6 +114,9 @@ MAX_OBSERVATIONS = 200_000  # committed-step increases the watcher keeps (one pe
 #: more or less in the window moved a run's overhead by points and the job's first seconds (the
 #: first checkpoints, written into new files before any pruned one can be reused) weighed most.
 EPOCHS = {"mlp": 480, "conv": 120}
+#: A judged cell whose median window is shorter than this gets a warning in the markdown, so the
+#: windows cannot shrink unseen again as the machine or the code gets faster.
+MIN_WINDOW_S = 10.0
 #: The slow variants (K = 0 and 8 lose tens of percent) run a fraction of those epochs, for
 #: windows as long as the others' and time for more rounds of the judged pair.
 EPOCH_DIVISOR = {0: 4, 8: 2}
@@ -867,6 +870,11 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
     o, w, stall = (verdict[k] for k in ("overhead_at_default_K", "worker_kill_recovery_s",
                                         "leader_kill_commit_stall_s"))
     spare = verdict.get("spare_recovery_s") or {"worst": None, "met": None}
+    short = short_windows(table)
+    if short:
+        lines += ["", f"**Short timed windows**: {', '.join(short)} (under {MIN_WINDOW_S:g} s): the log commits once "
+                  "a second, so a commit more or less in a window moves the run's overhead by points, and the "
+                  "job's first seconds weigh most; read these cells as noisy (more epochs lengthen the windows)."]
     lines += ["", "Targets (issue 11):", "",
               f"- overhead at the default K ({DEFAULT_MAX_UNCOMMITTED_STEPS}) <= {100 * TARGET_OVERHEAD:.0f}%, "
               f"judged per cell on its {100 * o.get('confidence', CONFIDENCE):.0f}% interval: "
@@ -883,6 +891,13 @@ def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict:
               f"- worker kill with a warm spare -> first committed step of the new generation <= "
               f"{TARGET_SPARE_RECOVERY_S:g} s (issue 12): worst {_s(spare['worst'])} s: {_met(spare['met'])}"]
     return lines
+
+
+def short_windows(table: list[dict[str, Any]]) -> list[str]:
+    """The judged (default K) cells whose median timed window is under MIN_WINDOW_S, as
+    ``"<model> <mode> (<s> s)"``."""
+    return [f"{r['model']} {r['mode']} ({r['timed_s']:.1f} s)" for r in table
+            if r["variant"].endswith("(default)") and r.get("timed_s") is not None and r["timed_s"] < MIN_WINDOW_S]
 
 
 def _direct_cost_line(own: dict[str, Any] | None) -> list[str]:

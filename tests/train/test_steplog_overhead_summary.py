@@ -71,6 +71,19 @@ def test_the_markdown_says_each_cells_interval_and_status(bench):
     text = "\n".join(bench.markdown(table, [], bench.verdicts(table, []), meta))
     assert "mlp sync +6.2% [" in text and "not met: **NOT met**" in text
     assert "spread of the runs" in text and "90% interval" in text
+    assert "Short timed windows" in text and "mlp sync (8.0 s)" in text  # _run's windows are 8 s
+
+
+def test_windows_of_at_least_the_minimum_get_no_warning(bench):
+    rounds = _rounds(bench, [0.01, 0.02, 0.015])
+    for rnd in rounds:
+        for run in rnd:
+            run["timed_s"] = bench.MIN_WINDOW_S
+    table = bench.summarize(rounds)
+    assert bench.short_windows(table) == []
+    meta = {"rounds": 3, "rounds_asked": 3, "load_avg_start": [0.5] * 3, "load_avg_end": [0.5] * 3,
+            "cpus": 2, "ray_num_cpus": 4, "wall_s": 60.0, "command": "steplog_overhead.py"}
+    assert "Short timed windows" not in "\n".join(bench.markdown(table, [], bench.verdicts(table, []), meta))
 
 
 def test_the_direct_cost_is_the_logs_own_cpu_plus_its_share_of_the_loops_thread(bench):
