@@ -3,7 +3,8 @@ async mode by default), with the log's parts switched off one at a time through 
 
     python benchmarks/steplog_split.py [--model mlp|conv] [--mode async|sync] [--rounds 8]
                                        [--epochs N] [--load 0.024] [--load-period-ms 10]
-                                       [--out DIR] [--quick] [--render JSON]
+                                       [--variants default,normal-priority] [--out DIR]
+                                       [--quick] [--render JSON]
 
 Variants, each round in a rotated order, every run a fresh job (``steplog_overhead.fit``,
 after waiting for a quiet machine):
@@ -15,6 +16,10 @@ after waiting for a quiet machine):
 * ``no checkpoints``: ``checkpoint_every=0`` with digests kept (``digest_every=100``);
 * ``default, job dir on tmpfs``: the default with the job directory (checkpoint files and
   the coordinator's WALs) in ``/dev/shm``, where fsync costs nothing;
+* ``default, log at normal priority``: the default with the log's background work (the
+  embedded nodes' processes, the writer threads) at the training's own CPU priority
+  (``synctrain.driver.coord.STEPLOG_NICE = 0`` for the run; by default it runs 10 below): what
+  that lower priority buys;
 * ``step_log=False + CPU load``: no log, but a stand-in process that burns ``--load`` of the
   machine's CPUs (default 2.4%: the sync MLP's measured direct cost at the default K) in short
   bursts, one every ``--load-period-ms``: what any work of that size beside the job costs its
@@ -25,6 +30,10 @@ after waiting for a quiet machine):
   is (``SCHED_IDLE`` on Linux, else nice 19): it runs only on a core nothing else wants, and a
   rank that wakes takes the core back at once. What is left of its cost is what no scheduling
   of the log's background work could take away (caches, the switches themselves).
+
+``--variants`` runs only the named ones (by the short names of ``SHORT_NAMES``; the
+baseline always runs) and stores the results under a name of their own, beside the full
+split's (``..._<variants>``).
 
 Each round's variants are compared with that round's ``step_log=False`` run; per variant, the
 median of those overheads with a 90% bootstrap interval (``steplog_overhead.median_interval``),
@@ -58,13 +67,16 @@ from _common import RESULTS_DIR, init_ray, machine, markdown_table, write_result
 NAME = "steplog_split"
 
 
-def result_name(model: str, mode: str) -> str:
+def result_name(model: str, mode: str, only: list[str] | None = None) -> str:
     """``steplog_split`` for the default cell (the async MLP), ``steplog_split_<model>_<mode>``
-    for another, so that each cell's results stand beside the others'."""
-    return NAME if (model, mode) == ("mlp", "async") else f"{NAME}_{model}_{mode}"
+    for another, so that each cell's results stand beside the others'; a run of some variants
+    only (``only``) ends in their short names, so it never overwrites a full split."""
+    name = NAME if (model, mode) == ("mlp", "async") and not only else f"{NAME}_{model}_{mode}"
+    return name if not only else name + "_" + "_".join(only)
 BASE = "step_log=False"
 WITH_COORDINATOR = "step_log=False + idle coordinator"
 TMPFS = "default, job dir on tmpfs"
+NORMAL_PRIORITY = "default, log at normal priority"
 TMPFS_DIR = "/dev/shm"
 LOAD = "step_log=False + CPU load"
 LOAD_IDLE = "step_log=False + CPU load, idle priority"
@@ -95,14 +107,30 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     ("no checkpoints", {"checkpoint_every": 0, "digest_every": 100}),
     (TMPFS, {}),
+    (NORMAL_PRIORITY, {}),
     (LOAD, {"step_log": False}),
     (LOAD_IDLE, {"step_log": False}),
 ]
+#: ``--variants``' names for them.
+SHORT_NAMES = {"coordinator": WITH_COORDINATOR, "default": "default", "no-checkpoints": "no checkpoints",
+               "tmpfs": TMPFS, "normal-priority": NORMAL_PRIORITY, "load": LOAD, "load-idle": LOAD_IDLE}
 
 
-def variants() -> list[tuple[str, dict[str, Any]]]:
-    """The variants this machine can run (tmpfs only where ``/dev/shm`` is)."""
-    return [v for v in VARIANTS if v[0] != TMPFS or os.path.isdir(TMPFS_DIR)]
+def variants(only: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The variants this machine can run (tmpfs only where ``/dev/shm`` is); ``only``: those
+    of these short names (:data:`SHORT_NAMES`) and the baseline."""
+    chosen = None if only is None else {BASE, *(SHORT_NAMES[name] for name in only)}
+    return [v for v in VARIANTS if (v[0] != TMPFS or os.path.isdir(TMPFS_DIR)) and (chosen is None or v[0] in chosen)]
+
+
+def parse_variants(text: str) -> list[str]:
+    """``--variants``' comma-separated short names, checked; ValueError naming the unknown ones."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SHORT_NAMES]
+    if not names or unknown:
+        raise ValueError(f"unknown variant(s) {unknown or [text]}: choose from {', '.join(SHORT_NAMES)} "
+                         "(the baseline always runs)")
+    return names
 
 
 def load_burst_s(share: float, period_s: float) -> float:
@@ -128,16 +156,20 @@ def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path |
                 mode: str, epochs: int, settle_max_s: float, load: float = DEFAULT_LOAD,
                 load_period_s: float = DEFAULT_LOAD_PERIOD_MS / 1000) -> dict[str, Any]:
     """One fresh job of the variant ``name``; its ``steplog_overhead.throughput`` row."""
+    from synctrain.driver import coord
+
     cluster = None
     burner = None
+    nice = coord.STEPLOG_NICE
     if name == WITH_COORDINATOR:
         from coordinator.cluster import RayCluster
-        from synctrain.driver import coord
 
         cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0,
                              tick_ms=coord.EMBEDDED_TICK_MS, heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
-                             election_tick=coord.EMBEDDED_ELECTION_TICK)
+                             election_tick=coord.EMBEDDED_ELECTION_TICK, nice=nice)
         cluster.start()
+    if name == NORMAL_PRIORITY:
+        coord.STEPLOG_NICE = 0  # read by the driver as the job starts
     try:
         if name in (LOAD, LOAD_IDLE):
             burner = start_load(load, load_period_s, idle=name == LOAD_IDLE)
@@ -150,6 +182,7 @@ def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path |
             burner.wait()
         if cluster is not None:
             cluster.stop()
+        coord.STEPLOG_NICE = nice
 
 
 def summarize(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -240,9 +273,14 @@ def render(data: dict[str, Any], out_dir: str) -> None:
                "none): it runs only on a "
                "core nothing else wants and gives it up at once to a rank that wakes. What it still costs "
                "is what no priority given to the log's background work could save.", ""]
+    if any(r["variant"] == NORMAL_PRIORITY for r in data["table"]):
+        md += [f"{NORMAL_PRIORITY}: the defaults with the step log's background work (the embedded "
+               "coordinator's node processes, each rank's writer thread) at the training's own CPU "
+               "priority, as before it ran lower (`synctrain.driver.coord.STEPLOG_NICE`, 10 by default). "
+               "Its overhead beside the default's is what that priority buys.", ""]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = result_name(meta["model"], meta["mode"])
+    name = result_name(meta["model"], meta["mode"], meta.get("variants"))
     (out / f"{name}.md").write_text("\n".join(md))
     plot(data, out / f"{name}.png")
 
@@ -287,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the stand-in CPU load's share of the machine ({LOAD!r})")
     parser.add_argument("--load-period-ms", type=float, default=DEFAULT_LOAD_PERIOD_MS,
                         help="one burst of the stand-in load every this many ms")
+    parser.add_argument("--variants", default=None,
+                        help=f"run only these variants, comma-separated (and the baseline): {', '.join(SHORT_NAMES)}")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
     args = parser.parse_args(argv)
@@ -294,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = so.EPOCHS[args.model]
     if args.rounds < 1 or args.epochs < 1:
         parser.error("--rounds and --epochs must be at least 1")
+    only = None
+    if args.variants is not None:
+        try:
+            only = parse_variants(args.variants)
+        except ValueError as exc:
+            parser.error(f"--variants: {exc}")
     try:
         load_burst_s(args.load, args.load_period_ms / 1000)
     except ValueError as exc:
@@ -315,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for module in (convergence, digits, so):  # the workers cannot import benchmarks/ or examples/
         ray.cloudpickle.register_pickle_by_value(module)
-    vs = variants()
+    vs = variants(only)
     rounds: list[dict[str, dict[str, Any]]] = []
     settle_max_s = 0.0 if args.quick else so.SETTLE_MAX_S
     with tempfile.TemporaryDirectory(prefix="steplog_split_") as storage, \
@@ -331,13 +377,13 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(runs)
             data = {"meta": {"model": args.model, "mode": args.mode, "epochs": args.epochs,
                              "load": args.load, "load_period_ms": args.load_period_ms,
-                             "rounds_asked": args.rounds, "rounds_done": len(rounds),
+                             "rounds_asked": args.rounds, "rounds_done": len(rounds), "variants": only,
                              "load_avg_start": list(load_avg), "load_avg_end": list(os.getloadavg()),
                              "wall_s": time.monotonic() - started, **machine(),
                              "platform": platform.platform(), "ray": ray.__version__,
                              "command": " ".join(["benchmarks/steplog_split.py", *(argv or sys.argv[1:])])},
                     "table": summarize(rounds), "rounds": rounds}
-            write_results(result_name(args.model, args.mode), data, "", Path(out_dir))
+            write_results(result_name(args.model, args.mode, only), data, "", Path(out_dir))
             render(data, out_dir)
     return 0
 

@@ -476,6 +476,23 @@ class LocalCluster:
 
 
 # ---------------------------------------------------------------------------- Ray
+def lower_priority(nice: int) -> None:
+    """Lower this process's CPU priority by ``nice``. On Linux the nice value is each
+    thread's own (threads inherit their creator's): every thread the process has now is
+    lowered, and the ones it starts later inherit it. Where a thread cannot be (it exited
+    meanwhile), it is skipped."""
+    tasks = pathlib.Path("/proc/self/task")
+    if not hasattr(os, "setpriority") or not tasks.is_dir():
+        os.nice(nice)
+        return
+    for task in tasks.iterdir():
+        try:
+            tid = int(task.name)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except (OSError, ValueError):
+            continue
+
+
 class _RayNode:
     """Body of the Ray actor hosting one coordinator node in a background thread.
 
@@ -563,11 +580,16 @@ class _RayNode:
         return os.getpid()
 
     def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float,
-              rejoin: bool = False, heartbeat_tick: int = 1, election_tick: int = 10) -> str:
+              rejoin: bool = False, heartbeat_tick: int = 1, election_tick: int = 10,
+              nice: int = 0) -> str:
         """Serve; ``rejoin`` (a restart): a directory that lost its state starts with
-        ``join`` (recovering until the leader repaired it; see LocalCluster.restart)."""
+        ``join`` (recovering until the leader repaired it; see LocalCluster.restart);
+        ``nice``: lower this process's CPU priority by that much first (see RayCluster)."""
         import asyncio
         import threading
+
+        if nice:
+            lower_priority(nice)
 
         from coordinator.server import CoordinatorServer, ServerConfig
 
@@ -657,16 +679,24 @@ class RayCluster:
     ``tick_ms``, ``heartbeat_tick``, ``election_tick``: the nodes' Raft clock (as
     ``coordinator serve``'s flags; a leader heartbeats every ``heartbeat_tick`` ticks, an
     election times out after ``election_tick``-``2*election_tick`` ticks).
+
+    ``nice``: each node's process runs that much below the default CPU priority (0 to 19; 0:
+    unchanged). For nodes that share their cores with work that matters more than their
+    latency (a training job's embedded step log): a node wakes for little, and the scheduler
+    gives a busy core back to that work sooner (Linux: every thread of the actor's process).
     """
 
     def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
                  heartbeat_tick: int = 1, election_tick: int = 10,
                  num_cpus_per_node: float = 0.0,
-                 data_dir: str | os.PathLike | None = None) -> None:
+                 data_dir: str | os.PathLike | None = None, nice: int = 0) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError("a Ray-hosted cluster has 1..9 nodes")
         if num_cpus_per_node < 0:
             raise ValueError("num_cpus_per_node must be >= 0")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be 0..19 (how far below the default CPU priority), not {nice!r}")
+        self.nice = nice
         self.node_ids = list(range(1, nodes + 1))
         self.token = token or generate_token().encode()
         self.tick_s = tick_ms / 1000.0
@@ -713,7 +743,8 @@ class RayCluster:
             self._placed[i] = dict(where, strategy=strategies[k])
         self.endpoints = ray.get([self.actors[i].start.remote(self.addresses, self.token, self.tick_s,
                                                               heartbeat_tick=self.heartbeat_tick,
-                                                              election_tick=self.election_tick)
+                                                              election_tick=self.election_tick,
+                                                              nice=self.nice)
                                   for i in self.node_ids], timeout=timeout_s)
         for i in self.node_ids:
             self._serving[i] = self.actors[i].serve.remote()
@@ -845,7 +876,8 @@ class RayCluster:
         self._placed[node_id] = dict(ray.get(actor.where.remote(), timeout=timeout_s),
                                      strategy=placed["strategy"])
         ray.get(actor.start.remote(self.addresses, self.token, self.tick_s, rejoin=True,
-                                   heartbeat_tick=self.heartbeat_tick, election_tick=self.election_tick),
+                                   heartbeat_tick=self.heartbeat_tick, election_tick=self.election_tick,
+                                   nice=self.nice),
                 timeout=timeout_s)
         self._serving[node_id] = actor.serve.remote()
         _wait_until(lambda: self.status(node_id) is not None, timeout_s,

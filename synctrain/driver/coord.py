@@ -30,6 +30,15 @@ EMBEDDED_NODES = 3
 #: (``ServerConfig.leader_loss_on_disconnect``; ``benchmarks/steplog_overhead.py`` measures
 #: it); only a stopped or cut-off leader waits out the timeout.
 EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 3, 10
+#: How far below the default CPU priority the step log's background work runs: the embedded
+#: nodes' processes (``RayCluster``'s ``nice``) and each worker's writer thread
+#: (``StepLogConfig.writer_nice``). On cores the training keeps busy, a job loses more than the
+#: CPU of what interrupts its ranks (two ranks in lockstep both wait for the one interrupted);
+#: at a lower priority that work yields a core to a rank sooner, and it still runs in the gaps
+#: (it needs little: a commit a second, heartbeats). ``benchmarks/steplog_split.py``'s
+#: ``default, log at normal priority`` variant measures what it buys. An external coordinator's
+#: nodes are its operator's to schedule.
+STEPLOG_NICE = 10
 #: The job's last look at a node: how long its status request may take before the node is
 #: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
 STATUS_TIMEOUT_S = 2.0
@@ -75,7 +84,7 @@ class EmbeddedCoordinator:
             self.cluster = RayCluster(nodes=EMBEDDED_NODES, num_cpus_per_node=0.0, data_dir=self.data_dir,
                                       token=token, tick_ms=EMBEDDED_TICK_MS,
                                       heartbeat_tick=EMBEDDED_HEARTBEAT_TICK,
-                                      election_tick=EMBEDDED_ELECTION_TICK)
+                                      election_tick=EMBEDDED_ELECTION_TICK, nice=STEPLOG_NICE)
             try:
                 self.cluster.start()
                 break

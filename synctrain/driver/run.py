@@ -26,6 +26,7 @@ import os
 import time
 from typing import Any
 
+from synctrain.driver import coord as _coord
 from synctrain.driver.coord import EmbeddedCoordinator, ExternalCoordinator
 from synctrain.driver.jobdir import JobDir
 from synctrain.driver.policy import RecoveryPolicy
@@ -90,6 +91,7 @@ def fit_with_step_log(trainer: Any) -> Any:
                             checkpoint_every_s=trainer.checkpoint_every_s,
                             shard_optimizer=bool(spec.strategy_options.get("shard_optimizer")),
                             digest_every=trainer.digest_every,
+                            writer_nice=_coord.STEPLOG_NICE,
                             flip_bits=trainer.fault_hooks.get("flip_bits"))  # test hook
         policy = RecoveryPolicy(spec.mode, max_failures=trainer.max_failures, recovery=trainer.recovery,
                                 sharded_state=cfg.shard_optimizer, num_workers=spec.num_workers,

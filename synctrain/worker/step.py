@@ -35,13 +35,19 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
 
 Records are idempotent in the log (a step or report number already there is skipped), so the
 writer simply re-sends a batch after a timeout or an unavailable cluster.
+
+The writer thread runs below the loop's CPU priority (``StepLogConfig.writer_nice``; the
+driver sets ``synctrain.driver.coord.STEPLOG_NICE``, as for the embedded nodes): on a core the
+training keeps busy it yields to a rank sooner and runs in the gaps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
+import sys
 import threading
 import time
 from collections import deque
@@ -120,6 +126,7 @@ class StepLogConfig:
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
     digest_every: int = 0  # digest the replicated (sync) or pulled (async) state every N steps (0: never)
+    writer_nice: int = 0  # the writer thread runs this far below the loop's CPU priority (Linux)
     # Test hook: {"rank", "step"[, "bit", "generation"]}: flip a bit of that rank's parameters
     # right after that step (of generation 1 unless told), as a silent corruption would.
     flip_bits: dict[str, int] | None = None
@@ -461,6 +468,8 @@ class _Writer(threading.Thread):
             self.spare_bytes = 0
 
     def run(self) -> None:
+        if self.b.cfg.writer_nice:
+            lower_thread_priority(self.b.cfg.writer_nice)
         last_flush = 0.0
         while True:
             with self.cond:
@@ -613,6 +622,20 @@ class _Writer(threading.Thread):
         ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc), spare)
         ref.update(step=step, time=time.time(), digest=state_digest(checkpoint_state(doc)))
         return ref
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Lower the calling thread's CPU priority by ``nice`` (capped at 19); False where it cannot
+    be done. Linux only: there a thread's nice value is its own, so the loop's thread keeps its
+    priority (elsewhere ``setpriority`` would take the whole process, the loop with it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        return True
+    except OSError:
+        return False
 
 
 def _unfetched(item: tuple) -> bool:

@@ -4,6 +4,8 @@ catches up, and 0-CPU nodes start while every CPU of the Ray cluster is taken.""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from coordinator import RayCluster
@@ -30,14 +32,31 @@ def test_ray_hosted_cluster_survives_losing_an_actor(ray_session, wait_for) -> N
     assert not temp_dir.exists(), "stop() left a temporary data directory behind"
 
 
+def _nice_values(pid: int) -> set[int]:
+    """The nice values of a process's threads (Linux: each thread has its own)."""
+    import pathlib
+
+    values = set()
+    for stat in pathlib.Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            values.add(int(stat.read_text().rsplit(")", 1)[1].split()[16]))
+        except (OSError, IndexError):
+            continue  # a thread that exited meanwhile
+    return values
+
+
 def test_killed_actor_restarts_from_its_wal_in_data_dir(ray_session, tmp_path, wait_for) -> None:
     """kill -9 of the leader's actor process: a new leader serves; the restarted node finds
-    its WAL in data_dir/node-<i> and catches up with the leader."""
+    its WAL in data_dir/node-<i> and catches up with the leader. With ``nice``, every thread
+    of every node's process runs at least that far below the default priority, the restarted
+    node's too."""
     import os
     import signal
 
     data_dir = tmp_path / "ray-coordinator"
-    with RayCluster(nodes=3, data_dir=data_dir) as cluster:
+    with RayCluster(nodes=3, data_dir=data_dir, nice=5) as cluster:
+        for node in cluster.node_ids:
+            assert min(_nice_values(cluster.actor_pid(node))) >= 5
         text = repr(cluster)
         assert cluster.token.decode() not in text and cluster.endpoints[0] not in text
         with cluster.client(timeout_s=30) as client:
@@ -53,6 +72,7 @@ def test_killed_actor_restarts_from_its_wal_in_data_dir(ray_session, tmp_path, w
             client.put("after", b"2")  # served by the new leader
             cluster.restart(leader)
             assert cluster.is_running(leader)
+            assert min(_nice_values(cluster.actor_pid(leader))) >= 5
 
             def caught_up() -> bool:
                 mine, theirs = cluster.status(leader), cluster.status(new_leader)
@@ -119,3 +139,45 @@ def test_a_serving_node_stops_over_its_port_and_its_serve_ref_says_so(ray_sessio
         with pytest.raises(RequestRejected, match="admin_stop"):
             c.admin_stop(local_cluster.endpoints[0])
         assert c.put("still", b"serving") is not None
+
+
+def test_nice_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="nice must be 0..19"):
+        RayCluster(nodes=3, nice=20)
+    with pytest.raises(ValueError, match="nice must be 0..19"):
+        RayCluster(nodes=3, nice=-1)
+
+
+def test_lower_priority_lowers_every_thread_and_the_ones_started_later() -> None:
+    """A thread running before the call and one started after it both run 3 below the
+    default priority (a Linux thread's nice value is its own); nice stays capped at 19."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, threading
+from coordinator.cluster import lower_priority
+done = threading.Event()
+tids = []
+def park():
+    tids.append(threading.get_native_id())
+    done.wait()
+before = threading.Thread(target=park)
+before.start()
+while not tids:
+    pass
+lower_priority(3)
+after = threading.Thread(target=park)
+after.start()
+while len(tids) < 2:
+    pass
+print(*[os.getpriority(os.PRIO_PROCESS, t) for t in [threading.get_native_id(), *tids]])
+lower_priority(30)
+print(os.getpriority(os.PRIO_PROCESS, tids[0]))
+done.set()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    first, second = out.stdout.splitlines()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert first.split() == [str(min(19, base + 3))] * 3
+    assert second == "19"

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from synctrain.driver.coord import EmbeddedCoordinator
+from synctrain.driver.coord import STEPLOG_NICE, EmbeddedCoordinator
 
 
 def test_a_node_killed_a_moment_before_the_last_look_is_found_dead(ray_session, tmp_path):
@@ -29,8 +29,9 @@ def test_a_node_killed_a_moment_before_the_last_look_is_found_dead(ray_session, 
 
 def test_idle_nodes_park_their_actor_thread_and_stop_cleanly(ray_session, tmp_path):
     """A node's actor thread is parked in ``serve`` (Ray would wake an idle actor's thread
-    every 10 ms): an idle node's process wakes for its own clock only. ``stop`` asks every
-    node to stop over its port and ends the actors."""
+    every 10 ms): an idle node's process wakes for its own clock only. Every thread of a node
+    runs at least STEPLOG_NICE below the default priority. ``stop`` asks every node to stop
+    over its port and ends the actors."""
     coordinator = EmbeddedCoordinator(tmp_path / "coordinator")
     coordinator.start()
     try:
@@ -45,6 +46,8 @@ def test_idle_nodes_park_their_actor_thread_and_stop_cleanly(ray_session, tmp_pa
             woke = _switches(pid)[main] - switches_before[pid][main]
             # parked: a handful of wake-ups in 2 s (Ray's signal check alone is ~200)
             assert woke < 40, (pid, woke)
+            nice = {tid: os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads[pid]}
+            assert min(nice.values()) >= STEPLOG_NICE, (pid, nice)
     finally:
         coordinator.stop()
     assert coordinator.cluster.actors == {}

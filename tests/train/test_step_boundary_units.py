@@ -7,8 +7,13 @@ seen deterministically.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+import time
 import types
+
+import pytest
 
 from synctrain.worker import step as st
 
@@ -161,3 +166,22 @@ def test_with_replica_digests_every_checkpoint_of_a_commit_is_written(tmp_path):
     assert [[r["step"] for r in refs] for refs in log.refs] == [[1, 2, 3, 4]]
     assert len(list(tmp_path.glob("ckpt-*"))) == 4
     assert b.metrics()["steplog_skipped_checkpoints"] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_the_writer_thread_runs_below_the_loops_priority_and_the_loop_keeps_its_own():
+
+    cfg = st.StepLogConfig(endpoints=("127.0.0.1:9",), token=b"t" * 32, job="j", job_dir="/nonexistent",
+                           checkpoint_every=0, writer_nice=5)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    b = st.StepBoundary(cfg, rank=0, generation=1, mode="sync")
+    try:
+        tid = b.writer.native_id
+        assert tid is not None
+        deadline = time.monotonic() + 30
+        while os.getpriority(os.PRIO_PROCESS, tid) != min(19, mine + 5):
+            assert time.monotonic() < deadline, "the writer never lowered its priority"
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    finally:
+        b.writer.stop(10)
