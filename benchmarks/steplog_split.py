@@ -3,7 +3,7 @@ async mode by default), with the log's parts switched off one at a time through 
 
     python benchmarks/steplog_split.py [--model mlp|conv] [--mode async|sync] [--rounds 8]
                                        [--epochs N] [--load 0.024] [--load-period-ms 10]
-                                       [--variants default,normal-priority] [--out DIR]
+                                       [--variants default,niced] [--out DIR]
                                        [--quick] [--render JSON]
 
 Variants, each round in a rotated order, every run a fresh job (``steplog_overhead.fit``,
@@ -16,10 +16,10 @@ after waiting for a quiet machine):
 * ``no checkpoints``: ``checkpoint_every=0`` with digests kept (``digest_every=100``);
 * ``default, job dir on tmpfs``: the default with the job directory (checkpoint files and
   the coordinator's WALs) in ``/dev/shm``, where fsync costs nothing;
-* ``default, log at normal priority``: the default with the log's background work (the
-  embedded nodes' processes, the writer threads) at the training's own CPU priority
-  (``synctrain.driver.coord.STEPLOG_NICE = 0`` for the run; by default it runs 10 below): what
-  that lower priority buys;
+* ``default, log at nice 10``: the default with the log's background work (the embedded
+  nodes' processes, the writer threads) 10 below the training's CPU priority
+  (``synctrain.driver.coord.STEPLOG_NICE`` for the run; 0 by default): what a lower priority
+  for that work buys the loop;
 * ``step_log=False + CPU load``: no log, but a stand-in process that burns ``--load`` of the
   machine's CPUs (default 2.4%: the sync MLP's measured direct cost at the default K) in short
   bursts, one every ``--load-period-ms``: what any work of that size beside the job costs its
@@ -76,7 +76,8 @@ def result_name(model: str, mode: str, only: list[str] | None = None) -> str:
 BASE = "step_log=False"
 WITH_COORDINATOR = "step_log=False + idle coordinator"
 TMPFS = "default, job dir on tmpfs"
-NORMAL_PRIORITY = "default, log at normal priority"
+NICED = "default, log at nice 10"
+NICED_NICE = 10
 TMPFS_DIR = "/dev/shm"
 LOAD = "step_log=False + CPU load"
 LOAD_IDLE = "step_log=False + CPU load, idle priority"
@@ -107,13 +108,13 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     ("no checkpoints", {"checkpoint_every": 0, "digest_every": 100}),
     (TMPFS, {}),
-    (NORMAL_PRIORITY, {}),
+    (NICED, {}),
     (LOAD, {"step_log": False}),
     (LOAD_IDLE, {"step_log": False}),
 ]
 #: ``--variants``' names for them.
 SHORT_NAMES = {"coordinator": WITH_COORDINATOR, "default": "default", "no-checkpoints": "no checkpoints",
-               "tmpfs": TMPFS, "normal-priority": NORMAL_PRIORITY, "load": LOAD, "load-idle": LOAD_IDLE}
+               "tmpfs": TMPFS, "niced": NICED, "load": LOAD, "load-idle": LOAD_IDLE}
 
 
 def variants(only: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -168,8 +169,8 @@ def run_variant(name: str, options: dict[str, Any], storage: Path, tmpfs: Path |
                              tick_ms=coord.EMBEDDED_TICK_MS, heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
                              election_tick=coord.EMBEDDED_ELECTION_TICK, nice=nice)
         cluster.start()
-    if name == NORMAL_PRIORITY:
-        coord.STEPLOG_NICE = 0  # read by the driver as the job starts
+    if name == NICED:
+        coord.STEPLOG_NICE = NICED_NICE  # read by the driver as the job starts
     try:
         if name in (LOAD, LOAD_IDLE):
             burner = start_load(load, load_period_s, idle=name == LOAD_IDLE)
@@ -273,11 +274,11 @@ def render(data: dict[str, Any], out_dir: str) -> None:
                "none): it runs only on a "
                "core nothing else wants and gives it up at once to a rank that wakes. What it still costs "
                "is what no priority given to the log's background work could save.", ""]
-    if any(r["variant"] == NORMAL_PRIORITY for r in data["table"]):
-        md += [f"{NORMAL_PRIORITY}: the defaults with the step log's background work (the embedded "
-               "coordinator's node processes, each rank's writer thread) at the training's own CPU "
-               "priority, as before it ran lower (`synctrain.driver.coord.STEPLOG_NICE`, 10 by default). "
-               "Its overhead beside the default's is what that priority buys.", ""]
+    if any(r["variant"] == NICED for r in data["table"]):
+        md += [f"{NICED}: the defaults with the step log's background work (the embedded coordinator's "
+               f"node processes, each rank's writer thread) {NICED_NICE} below the training's CPU priority "
+               "(`synctrain.driver.coord.STEPLOG_NICE`, 0 by default). Its overhead beside the default's is "
+               "what that lower priority buys.", ""]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = result_name(meta["model"], meta["mode"], meta.get("variants"))

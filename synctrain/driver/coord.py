@@ -32,13 +32,15 @@ EMBEDDED_NODES = 3
 EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 3, 10
 #: How far below the default CPU priority the step log's background work runs: the embedded
 #: nodes' processes (``RayCluster``'s ``nice``) and each worker's writer thread
-#: (``StepLogConfig.writer_nice``). On cores the training keeps busy, a job loses more than the
-#: CPU of what interrupts its ranks (two ranks in lockstep both wait for the one interrupted);
-#: at a lower priority that work yields a core to a rank sooner, and it still runs in the gaps
-#: (it needs little: a commit a second, heartbeats). ``benchmarks/steplog_split.py``'s
-#: ``default, log at normal priority`` variant measures what it buys. An external coordinator's
-#: nodes are its operator's to schedule.
-STEPLOG_NICE = 10
+#: (``StepLogConfig.writer_nice``). 0: the training's own priority. The idea was that on cores
+#: the training keeps busy, work at a lower priority yields a core to a rank sooner (two ranks
+#: in lockstep both wait for the one interrupted); measured, it buys nothing:
+#: ``benchmarks/steplog_split.py --mode sync --variants niced`` (12 rounds of the sync MLP, see
+#: docs/fault-tolerance.md) put the log at nice 10 at +3.9% of samples/s and at nice 0 at
+#: +4.0%, within each other's noise, as SCHED_IDLE had been before. So it stays at 0, where a
+#: node's heartbeats never queue behind a busy loop's threads. An external coordinator's nodes
+#: are its operator's to schedule.
+STEPLOG_NICE = 0
 #: The job's last look at a node: how long its status request may take before the node is
 #: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
 STATUS_TIMEOUT_S = 2.0

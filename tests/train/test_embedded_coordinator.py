@@ -6,7 +6,8 @@ import os
 import signal
 import time
 
-from synctrain.driver.coord import STEPLOG_NICE, EmbeddedCoordinator
+from synctrain.driver import coord
+from synctrain.driver.coord import EmbeddedCoordinator
 
 
 def test_a_node_killed_a_moment_before_the_last_look_is_found_dead(ray_session, tmp_path):
@@ -27,11 +28,12 @@ def test_a_node_killed_a_moment_before_the_last_look_is_found_dead(ray_session, 
         coordinator.stop()
 
 
-def test_idle_nodes_park_their_actor_thread_and_stop_cleanly(ray_session, tmp_path):
+def test_idle_nodes_park_their_actor_thread_and_stop_cleanly(ray_session, tmp_path, monkeypatch):
     """A node's actor thread is parked in ``serve`` (Ray would wake an idle actor's thread
     every 10 ms): an idle node's process wakes for its own clock only. Every thread of a node
-    runs at least STEPLOG_NICE below the default priority. ``stop`` asks every node to stop
-    over its port and ends the actors."""
+    runs at least STEPLOG_NICE below the default priority (set to 7 here; 0 by default).
+    ``stop`` asks every node to stop over its port and ends the actors."""
+    monkeypatch.setattr(coord, "STEPLOG_NICE", 7)
     coordinator = EmbeddedCoordinator(tmp_path / "coordinator")
     coordinator.start()
     try:
@@ -47,7 +49,7 @@ def test_idle_nodes_park_their_actor_thread_and_stop_cleanly(ray_session, tmp_pa
             # parked: a handful of wake-ups in 2 s (Ray's signal check alone is ~200)
             assert woke < 40, (pid, woke)
             nice = {tid: os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads[pid]}
-            assert min(nice.values()) >= STEPLOG_NICE, (pid, nice)
+            assert min(nice.values()) >= 7, (pid, nice)
     finally:
         coordinator.stop()
     assert coordinator.cluster.actors == {}

@@ -127,14 +127,12 @@ def test_the_idle_priority_load_runs_at_sched_idle(split):
 def test_some_variants_run_alone_and_keep_their_own_results(split, tmp_path):
     """``--variants``: the baseline and the named ones, in VARIANTS' order; an unknown name is
     refused before anything runs; such a run's results never take a full split's name."""
-    assert [name for name, _ in split.variants(["normal-priority", "default"])] == [
-        split.BASE, "default", split.NORMAL_PRIORITY]
+    assert [name for name, _ in split.variants(["niced", "default"])] == [split.BASE, "default", split.NICED]
     assert len(split.variants()) >= len(split.VARIANTS) - 1  # all (tmpfs where /dev/shm is)
-    assert split.parse_variants(" default,normal-priority ") == ["default", "normal-priority"]
-    with pytest.raises(ValueError, match="unknown variant.*'fast'.*normal-priority"):
+    assert split.parse_variants(" default,niced ") == ["default", "niced"]
+    with pytest.raises(ValueError, match="unknown variant.*'fast'.*niced"):
         split.parse_variants("default,fast")
-    assert split.result_name("mlp", "sync", ["default", "normal-priority"]) == \
-        "steplog_split_mlp_sync_default_normal-priority"
+    assert split.result_name("mlp", "sync", ["niced"]) == "steplog_split_mlp_sync_niced"
     assert split.result_name("mlp", "async", ["default"]) == "steplog_split_mlp_async_default"
     assert split.result_name("mlp", "async") == "steplog_split"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--variants", "default,fast", "--out", str(tmp_path)],
@@ -143,14 +141,14 @@ def test_some_variants_run_alone_and_keep_their_own_results(split, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_the_normal_priority_variant_runs_its_job_at_nice_0_and_puts_the_default_back(split, monkeypatch):
-    """The variant sets the step log's priority knob for its own job only."""
+def test_the_niced_variant_lowers_the_logs_priority_for_its_own_job_only(split, monkeypatch):
+    """The variant sets the step log's priority knob while its job starts, then puts it back."""
     from synctrain.driver import coord
 
     seen = []
     monkeypatch.setattr(split.so, "throughput", lambda *a, **k: seen.append(coord.STEPLOG_NICE) or {})
     default = coord.STEPLOG_NICE
-    assert default > 0
-    split.run_variant(split.NORMAL_PRIORITY, {}, Path("/nonexistent"), None, "mlp", "sync", 1, 0.0)
+    assert default != split.NICED_NICE
+    split.run_variant(split.NICED, {}, Path("/nonexistent"), None, "mlp", "sync", 1, 0.0)
     split.run_variant("default", {}, Path("/nonexistent"), None, "mlp", "sync", 1, 0.0)
-    assert seen == [0, default] and coord.STEPLOG_NICE == default
+    assert seen == [split.NICED_NICE, default] and coord.STEPLOG_NICE == default
