@@ -31,8 +31,8 @@ after waiting for a quiet machine):
   rank that wakes takes the core back at once. What is left of its cost is what no scheduling
   of the log's background work could take away (caches, the switches themselves).
 
-``--variants`` runs only the named ones (by the short names of ``SHORT_NAMES``; the
-baseline always runs) and stores the results under a name of their own, beside the full
+``--variants`` runs only the named ones (by the short names of ``SHORT_NAMES``) beside the
+two every other variant is read against, the baseline and the defaults, and stores the results under a name of their own, beside the full
 split's (``..._<variants>``).
 
 Each round's variants are compared with that round's ``step_log=False`` run; per variant, the
@@ -119,8 +119,8 @@ SHORT_NAMES = {"coordinator": WITH_COORDINATOR, "default": "default", "no-checkp
 
 def variants(only: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The variants this machine can run (tmpfs only where ``/dev/shm`` is); ``only``: those
-    of these short names (:data:`SHORT_NAMES`) and the baseline."""
-    chosen = None if only is None else {BASE, *(SHORT_NAMES[name] for name in only)}
+    of these short names (:data:`SHORT_NAMES`), the baseline and the defaults."""
+    chosen = None if only is None else {BASE, "default", *(SHORT_NAMES[name] for name in only)}
     return [v for v in VARIANTS if (v[0] != TMPFS or os.path.isdir(TMPFS_DIR)) and (chosen is None or v[0] in chosen)]
 
 
@@ -130,7 +130,7 @@ def parse_variants(text: str) -> list[str]:
     unknown = [name for name in names if name not in SHORT_NAMES]
     if not names or unknown:
         raise ValueError(f"unknown variant(s) {unknown or [text]}: choose from {', '.join(SHORT_NAMES)} "
-                         "(the baseline always runs)")
+                         "(the baseline and the defaults always run)")
     return names
 
 
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-period-ms", type=float, default=DEFAULT_LOAD_PERIOD_MS,
                         help="one burst of the stand-in load every this many ms")
     parser.add_argument("--variants", default=None,
-                        help=f"run only these variants, comma-separated (and the baseline): {', '.join(SHORT_NAMES)}")
+                        help="run only these variants, comma-separated (and the baseline and the defaults): "
+                             f"{', '.join(SHORT_NAMES)}")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
     args = parser.parse_args(argv)

@@ -103,8 +103,9 @@ PLAN: dict[str, BenchRun] = {
     "steplog_split": BenchRun(
         "steplog_split.py", "where the step log's cost goes in one cell (the async MLP unless "
         "--model/--mode say otherwise): no log, an idle "
-        "coordinator beside the job, the defaults, no checkpoints, the job directory on tmpfs, and a "
-        "stand-in CPU load the size of the log's cost",
+        "coordinator beside the job, the defaults, no checkpoints, the job directory on tmpfs, the log "
+        "at a lower CPU priority, and a stand-in CPU load the size of the log's cost (at normal and at idle "
+        "priority); --variants runs some of them alone",
         ("--out", "{out}"), ("--quick", "--out", "{out}")),
     "machine_noise": BenchRun(
         "machine_noise.py", "the same small training step in fresh processes on an idle machine: the "

@@ -125,9 +125,11 @@ def test_the_idle_priority_load_runs_at_sched_idle(split):
 
 
 def test_some_variants_run_alone_and_keep_their_own_results(split, tmp_path):
-    """``--variants``: the baseline and the named ones, in VARIANTS' order; an unknown name is
-    refused before anything runs; such a run's results never take a full split's name."""
+    """``--variants``: the named ones beside the baseline and the defaults, in VARIANTS' order;
+    an unknown name is refused before anything runs; such a run's results never take a full
+    split's name."""
     assert [name for name, _ in split.variants(["niced", "default"])] == [split.BASE, "default", split.NICED]
+    assert [name for name, _ in split.variants(["niced"])] == [split.BASE, "default", split.NICED]
     assert len(split.variants()) >= len(split.VARIANTS) - 1  # all (tmpfs where /dev/shm is)
     assert split.parse_variants(" default,niced ") == ["default", "niced"]
     with pytest.raises(ValueError, match="unknown variant.*'fast'.*niced"):
