@@ -682,8 +682,9 @@ class RayCluster:
 
     ``nice``: each node's process runs that much below the default CPU priority (0 to 19; 0:
     unchanged). For nodes that share their cores with work that matters more than their
-    latency (a training job's embedded step log): a node wakes for little, and the scheduler
-    gives a busy core back to that work sooner (Linux: every thread of the actor's process).
+    latency: a node wakes for little, and the scheduler may give a busy core back to that work
+    sooner (Linux: every thread of the actor's process). A training job's embedded coordinator
+    measured no gain from it and leaves it at 0 (``synctrain.driver.coord.STEPLOG_NICE``).
     """
 
     def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
