@@ -32,8 +32,8 @@ after waiting for a quiet machine):
   of the log's background work could take away (caches, the switches themselves).
 
 ``--variants`` runs only the named ones (by the short names of ``SHORT_NAMES``) beside the
-two every other variant is read against, the baseline and the defaults, and stores the results under a name of their own, beside the full
-split's (``..._<variants>``).
+two every other variant is read against, the baseline and the defaults, and stores the
+results under a name of their own, beside the full split's (``..._<variants>``).
 
 Each round's variants are compared with that round's ``step_log=False`` run; per variant, the
 median of those overheads with a 90% bootstrap interval (``steplog_overhead.median_interval``),

@@ -476,21 +476,36 @@ class LocalCluster:
 
 
 # ---------------------------------------------------------------------------- Ray
+def lower_thread_priority(nice: int, tid: int | None = None) -> bool:
+    """Lower one thread's CPU priority by ``nice`` (capped at 19): ``tid`` (a native thread
+    id), or the calling thread. Linux only, where a thread's nice value is its own (elsewhere
+    ``setpriority`` would take the whole process); False where it cannot be done (another
+    system, or the thread has exited)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if tid is None:
+            import threading
+
+            tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        return True
+    except OSError:
+        return False
+
+
 def lower_priority(nice: int) -> None:
     """Lower this process's CPU priority by ``nice``. On Linux the nice value is each
     thread's own (threads inherit their creator's): every thread the process has now is
-    lowered, and the ones it starts later inherit it. Where a thread cannot be (it exited
-    meanwhile), it is skipped."""
+    lowered (:func:`lower_thread_priority`; one that exited meanwhile is skipped), and the
+    ones it starts later inherit it. Elsewhere, ``os.nice``."""
     tasks = pathlib.Path("/proc/self/task")
-    if not hasattr(os, "setpriority") or not tasks.is_dir():
+    if not sys.platform.startswith("linux") or not tasks.is_dir():
         os.nice(nice)
         return
     for task in tasks.iterdir():
-        try:
-            tid = int(task.name)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except (OSError, ValueError):
-            continue
+        if task.name.isdigit():
+            lower_thread_priority(nice, int(task.name))
 
 
 class _RayNode:

@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
-import sys
 import threading
 import time
 from collections import deque
@@ -469,6 +467,9 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         if self.b.cfg.writer_nice:
+            # imported only when asked (off by default)
+            from coordinator.cluster import lower_thread_priority
+
             lower_thread_priority(self.b.cfg.writer_nice)
         last_flush = 0.0
         while True:
@@ -622,20 +623,6 @@ class _Writer(threading.Thread):
         ref = ckpt.write(directory, ckpt.checkpoint_name(step, generation), ckpt.encode(doc), spare)
         ref.update(step=step, time=time.time(), digest=state_digest(checkpoint_state(doc)))
         return ref
-
-
-def lower_thread_priority(nice: int) -> bool:
-    """Lower the calling thread's CPU priority by ``nice`` (capped at 19); False where it cannot
-    be done. Linux only: there a thread's nice value is its own, so the loop's thread keeps its
-    priority (elsewhere ``setpriority`` would take the whole process, the loop with it)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        return True
-    except OSError:
-        return False
 
 
 def _unfetched(item: tuple) -> bool:
