@@ -36,7 +36,7 @@ EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 3, 10
 #: the training keeps busy, work at a lower priority yields a core to a rank sooner (two ranks
 #: in lockstep both wait for the one interrupted); measured, it buys nothing:
 #: ``benchmarks/steplog_split.py --mode sync --rounds 12 --variants niced`` (the sync MLP, see
-#: docs/fault-tolerance.md) put the log at nice 10 at +5.3% of samples/s and at nice 0 at
+#: docs/steplog-cost-history.md) put the log at nice 10 at +5.3% of samples/s and at nice 0 at
 #: +3.6% (a run before, with nice 10 the default: +3.9% against +4.0%), within each other's
 #: noise, as SCHED_IDLE had been before. So it stays at 0, where a
 #: node's heartbeats never queue behind a busy loop's threads. An external coordinator's nodes
