@@ -7,8 +7,8 @@ Three measurements, side by side in one run (one local Ray, started once):
 
 1. *Overhead.* Samples/s of training, 2 workers x batch 32 on digits, for ``step_log=False``
    (the job runs as before the step log existed), K = ``max_uncommitted_steps`` = 0 (every
-   step waits for its own Raft commit), 8, 128 and the default K
-   (``DEFAULT_MAX_UNCOMMITTED_STEPS``), for the digits MLP (``examples/digits.py``) and the
+   step waits for its own Raft commit), 8, 128, 1024 and the default K
+   (``DEFAULT_MAX_UNCOMMITTED_STEPS``, 2048), for the digits MLP (``examples/digits.py``) and the
    compute-heavy convnet of ``benchmarks/convergence.py`` (``--model conv``), in sync mode
    and in async mode
    (``staleness=2``). Step-logged runs keep every other default (``checkpoint_every=100``:
@@ -141,9 +141,15 @@ DRIVER_BLOCK_STEP = 120  # past the first automatic checkpoint (step 100)
 TARGET_SPARE_RECOVERY_S = 3.0
 
 
+#: K values measured beside the default: every step committed, very small and small bounds,
+#: and 1024, the default until a commit every 2 s (``synctrain.worker.step.FLUSH_INTERVAL_S``)
+#: took its place with K = 2048.
+OTHER_KS = (0, 8, 128, 1024)
+
+
 def variants() -> list[tuple[str, dict[str, Any]]]:
-    """(name, Trainer keywords): without the log, then K = 0, 8, 128 and the default."""
-    ks = sorted({0, 8, 128, DEFAULT_MAX_UNCOMMITTED_STEPS})
+    """(name, Trainer keywords): without the log, then the OTHER_KS and the default."""
+    ks = sorted({*OTHER_KS, DEFAULT_MAX_UNCOMMITTED_STEPS})
     return [("step_log=False", {"step_log": False})] + [
         (f"K={k}" + (" (default)" if k == DEFAULT_MAX_UNCOMMITTED_STEPS else ""), {"max_uncommitted_steps": k})
         for k in ks]

@@ -6,7 +6,7 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
 1. queues the step's record (rank 0: the job's step record, carrying rank 0's reports made
    since the last step and, in async mode, the parameter-server clock; other ranks: their
    progress only) for the :class:`_Writer` thread, which commits queued records to the
-   coordinator in batches — one Raft commit carries many steps, about once a second
+   coordinator in batches — one Raft commit carries many steps, every 2 s
    (``FLUSH_INTERVAL_S``) or sooner when three quarters of K are uncommitted (``URGE_AT``), so
    the log costs little even for fast steps;
 2. every ``checkpoint_every`` steps (or ``checkpoint_every_s`` seconds), notes a checkpoint
@@ -17,8 +17,9 @@ optimizer step; with a step log that lands here (:meth:`StepBoundary.after_step`
    next optimizer step) — as a document of copies of every tensor, so training goes on at
    once; the writer encodes it, writes it durably and only then commits it to the log
    (ordered after the records of the steps it covers); the log answers which old
-   checkpoints to delete. Without replica digests, only the newest two checkpoints of a
-   commit are written (:data:`WRITTEN_PER_COMMIT`): that commit would prune the others;
+   checkpoints to delete. Only the newest two checkpoints of a commit are written
+   (:data:`WRITTEN_PER_COMMIT`): without replica digests that commit would prune the others
+   at once, and with them a rollback loses at most one commit's worth of steps more;
 3. in sync mode, every ``digest_every`` steps, copies the replicated state (the parameters,
    see :mod:`synctrain.digest`) at the same capture point — rank 0 reuses its checkpoint's
    copy — for the writer to hash and commit with the step records: the log compares the
@@ -66,14 +67,16 @@ log = logging.getLogger(__name__)
 
 #: Longest the writer holds a batch open after its last commit while nothing waits on it
 #: (K > 0): each commit costs CPU on three coordinator nodes, which share the machine with
-#: training, so fast steps are committed about once a second. A batch goes at once when it
-#: is urgent: K = 0, a loop held by the K bound, a flush, or URGE_AT of K uncommitted.
-FLUSH_INTERVAL_S = 1.0
+#: training (~5 ms over the three for a fast loop's batch), so fast steps are committed every
+#: 2 s. A batch goes at once when it is urgent: K = 0, a loop held by the K bound, a flush, or
+#: URGE_AT of K uncommitted. It was 1 s, with K = 1024: a commit every 2 s took the sync
+#: digits MLP's step log from 1.7% to 1.4% of the machine's CPU (docs/steplog-cost-history.md).
+FLUSH_INTERVAL_S = 2.0
 #: The share of K uncommitted at which a worker's batch goes at once. The quarter of K left is
-#: the commit's head start on the K bound: 256 steps at the default K, a third of a second for
-#: the digits MLP's 750 steps a second, where a commit takes ~10 ms. It was a half: then that
-#: MLP committed every 0.68 s, before the flush interval, 1.5 commits a second per rank instead
-#: of 1, each one costing CPU on three coordinator nodes beside the training.
+#: the commit's head start on the K bound: 512 steps at the default K, two thirds of a second
+#: for the digits MLP's 800 steps a second, where a commit takes ~10 ms. It was a half: then
+#: that MLP committed before the flush interval, more often than it had to, each commit
+#: costing CPU on three coordinator nodes beside the training.
 URGE_AT = 0.75
 #: Pause after a failed commit before the writer tries again.
 RETRY_BACKOFF_S = 0.2
@@ -95,11 +98,14 @@ RUN_MIN = 4
 #: second, so it gains nothing from a spare: it is deleted, as before).
 MAX_SPARE_FILES = 8
 MAX_SPARE_BYTES = 64 << 20
-#: Checkpoints the log keeps live when no digests vouch for them: of the checkpoints one
-#: commit carries, only this many newest are written when the job commits no replica digests
-#: (async mode, or ``digest_every=0``); the log would prune the others in that same commit,
-#: before any restore could use them. (With digests the log keeps unverified ones until the
-#: ranks' digests judge them: all are written.)
+#: Of the checkpoints one commit carries, only this many newest are written. Without replica
+#: digests (async mode, ``digest_every=0``) the log keeps LIVE_CHECKPOINTS live, so the commit
+#: would prune the others at once. With digests the log also keeps those whose verdict is open,
+#: and a rollback after a mismatch restores the newest one the digests vouch for: with only a
+#: commit's newest two written, that one can be up to a commit's worth of steps older (a fast
+#: loop's: the digits MLP's commit carries ~16 checkpoints at ``checkpoint_every=100``; a slow
+#: loop's commit carries one, so nothing changes for it). A mismatch is rare, and rank 0 writing
+#: every checkpoint, eight files a second for that MLP, was a third of its log's cost.
 WRITTEN_PER_COMMIT = LIVE_CHECKPOINTS
 
 
@@ -119,7 +125,7 @@ class StepLogConfig:
     token: bytes = dataclasses.field(repr=False)
     job: str = ""
     job_dir: str = ""
-    max_uncommitted_steps: int = 1024
+    max_uncommitted_steps: int = 2048
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
@@ -407,7 +413,6 @@ class _Writer(threading.Thread):
         self.spare_bytes = 0
         self.reused_files = 0
         self.skipped_checkpoints = 0  # superseded in their own commit, so never written (see WRITTEN_PER_COMMIT)
-        self.keep_all = boundary.sync_digest_every > 0  # replica digests: the log may keep any of them
 
     def put(self, *items: tuple) -> None:
         with self.cond:
@@ -537,8 +542,7 @@ class _Writer(threading.Thread):
         # digests as text, in place: a batch that fails is queued again as it is now
         batch[:] = [("digest", item[1], state_digest(item[2]))
                     if item[0] == "digest" and not isinstance(item[2], str) else item for item in batch]
-        if not self.keep_all:
-            self._skip_superseded(batch)
+        self._skip_superseded(batch)
         try:
             # Each checkpoint written durably first, then the records and the checkpoints'
             # references in one commit (the log records the references after the steps they

@@ -28,6 +28,10 @@ BATCH = 32
 SAMPLES = 960
 CHECKPOINT_EVERY = 10
 FLIP_STEP = 25  # between the checkpoints of steps 20 and 30
+#: K for the sync rollback runs: a commit carries at most two checkpoints, so all are written and
+#: the rollback's target is the checkpoint of step 20 (only a commit's newest two are written,
+#: and this loop is fast enough to finish between two commits at the default K)
+ROLLBACK_K = CHECKPOINT_EVERY
 
 
 def digest_loop(config):
@@ -98,7 +102,8 @@ def test_three_ranks_flipped_rank_is_named_and_every_rank_rolls_back(ray_session
     # raise no false alarm is shown by the flipped runs: steps 10 and 20 agree before the flip,
     # 30 and 40 after the replay (a second mismatch would be a second failure).
     clean3 = run(tmp_path, "clean3", 3, epochs=4, step_log=False)
-    result = run(tmp_path, "flip3", 3, epochs=4, flip={"rank": 1, "step": FLIP_STEP})
+    result = run(tmp_path, "flip3", 3, epochs=4, flip={"rank": 1, "step": FLIP_STEP},
+                 max_uncommitted_steps=ROLLBACK_K)
     failure = check_rolled_back(result, 3, 4)
     print(f"detected at step 30 with {result.redone_steps} steps committed past the checkpoint of "
           f"step 20; recovery_s={failure['recovery_s']}", flush=True)
@@ -113,7 +118,8 @@ def test_three_ranks_flipped_rank_is_named_and_every_rank_rolls_back(ray_session
 
 
 def test_two_ranks_mismatch_is_detected_and_rolled_back_without_naming_a_rank(ray_session, tmp_path):
-    result = run(tmp_path, "flip2", 2, epochs=3, flip={"rank": 1, "step": FLIP_STEP})
+    result = run(tmp_path, "flip2", 2, epochs=3, flip={"rank": 1, "step": FLIP_STEP},
+                 max_uncommitted_steps=ROLLBACK_K)
     failure = check_rolled_back(result, 2, 3)
     assert failure["rank"] is None and "with 2 ranks none can be named" in failure["detail"], failure
     assert_same_parameters(result.outputs)
