@@ -959,22 +959,27 @@ def plot(table: list[dict[str, Any]], faults: list[dict[str, Any]], path: str) -
                     [f"{m} {mode}" for m, mode in cells])
     left.set(ylabel="samples/s lost vs step_log=False (%)", title=f"step-log overhead (median of the rounds, {100 * CONFIDENCE:.0f}% interval)")
     left.legend(fontsize=8)
-    labels, values, targets = [], [], []
+    labels, values, targets, colors = [], [], [], []
     for f in faults:
         if f["fault"].startswith("worker kill"):
             spare = "spare" in f["fault"]
             labels.append(f"kill worker\n{f['mode']}" + ("\nwarm spare" if spare else ""))
             values.append(f["first_committed_step_s"] or 0.0)
             targets.append(TARGET_SPARE_RECOVERY_S if spare else TARGET_WORKER_RECOVERY_S)
+            colors.append("tab:blue")
         elif f["fault"] == "driver kill":
             labels.append("kill driver\n(from restart)")
             values.append(f["driver_start_to_first_step_s"] or 0.0)
             targets.append(float("nan"))
+            colors.append("tab:blue")
         else:
             labels.append(f"kill leader\nK={f['K']}")
             values.append(f["commit_stall_s"] or 0.0)
-            targets.append(TARGET_LEADER_STALL_S)
-    right.bar(labels, values, color=["tab:blue" if not t <= 1 else "tab:orange" for t in targets])
+            # the target is for K = LEADER_KILL_K, where workers commit several times a second;
+            # at a larger K commits are up to the flush interval apart anyway
+            targets.append(TARGET_LEADER_STALL_S if f["K"] == LEADER_KILL_K else float("nan"))
+            colors.append("tab:orange")
+    right.bar(labels, values, color=colors)
     right.scatter(labels, targets, color="red", marker="_", s=400, label="target", zorder=3)
     right.tick_params(axis="x", labelrotation=35, labelsize=8)
     right.set(ylabel="seconds after the kill", title="to the first committed step (worker) /\n"
