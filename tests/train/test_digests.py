@@ -125,6 +125,26 @@ def test_two_ranks_mismatch_is_detected_and_rolled_back_without_naming_a_rank(ra
     assert_same_parameters(result.outputs)
 
 
+def test_at_the_default_k_the_rollback_takes_the_newest_written_vouched_checkpoint(ray_session, tmp_path):
+    """At the default K this loop makes several checkpoints between two commits, and rank 0
+    writes only the newest two of each commit: the rollback after the mismatch restores the
+    newest written checkpoint at or before step 20 (or starts over when none was written), and
+    the replay still ends exactly where a fault-free run ends."""
+    clean = run(tmp_path, "clean2", 2, epochs=3, step_log=False)
+    result = run(tmp_path, "flip2k", 2, epochs=3, flip={"rank": 1, "step": FLIP_STEP})
+    assert [s["step"] for s in result.steps] == list(range(1, total_steps(2, 3) + 1))
+    [failure] = result.failures
+    assert failure["kind"] == "digest_mismatch" and failure["recovery"] == "checkpoint", failure
+    second = result.generations[1]
+    start = second["start_step"]
+    print(f"default K: generation 2 restored step {start} ({second['reason'][-60:]})", flush=True)
+    assert start <= 20 and start % CHECKPOINT_EVERY == 0, second
+    assert (f"restored step {start}" if start else "no checkpoint: from the start") in second["reason"], second
+    assert result.redone_steps >= 30 - 20
+    for out, ref in zip(result.outputs, clean.outputs, strict=True):
+        assert max_difference(out["state"], ref["state"]) <= 1e-6, out["rank"]
+
+
 def test_async_a_corrupted_pulled_copy_is_named_and_its_gradients_never_reach_a_shard(ray_session, tmp_path):
     """Async: rank 1's held parameters get the top exponent bit of a weight flipped (the value
     becomes ~1e38, its gradients NaN) right after step 25. At its next push the worker finds
