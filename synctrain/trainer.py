@@ -36,14 +36,12 @@ from synctrain.errors import (
 from synctrain.spec import JobSpec
 from synctrain.strategies.base import get_strategy_class, registered_modes
 from synctrain.worker import TrainWorker
+from synctrain.worker.step import DEFAULT_MAX_UNCOMMITTED_STEPS
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
 ROOT_CAUSE_GRACE_S = 2.0  # after a failure, how long to wait for the other ranks' outcomes
-#: K: how many optimizer steps a worker may run ahead of its committed step records
-#: (benchmarks/steplog_overhead.py measured the overhead of the choices).
-DEFAULT_MAX_UNCOMMITTED_STEPS = 2048
 
 
 @dataclass

@@ -65,6 +65,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: K, ``max_uncommitted_steps``: how many optimizer steps a worker may run ahead of its
+#: committed step records (the Trainer's default, defined here so that :class:`StepLogConfig`
+#: shares it; benchmarks/steplog_overhead.py measures the choices). 2048 with a commit every
+#: FLUSH_INTERVAL_S: a fast loop's urge (URGE_AT of K) then comes no sooner than the interval.
+DEFAULT_MAX_UNCOMMITTED_STEPS = 2048
+
 #: Longest the writer holds a batch open after its last commit while nothing waits on it
 #: (K > 0): each commit costs CPU on three coordinator nodes, which share the machine with
 #: training (~5 ms over the three for a fast loop's batch), so fast steps are committed every
@@ -125,7 +131,7 @@ class StepLogConfig:
     token: bytes = dataclasses.field(repr=False)
     job: str = ""
     job_dir: str = ""
-    max_uncommitted_steps: int = 2048
+    max_uncommitted_steps: int = DEFAULT_MAX_UNCOMMITTED_STEPS
     checkpoint_every: int = 100
     checkpoint_every_s: float | None = None
     shard_optimizer: bool = False
