@@ -25,6 +25,28 @@ def machine() -> dict[str, Any]:
     }
 
 
+#: What a benchmark's result depends on: a run of one commit with none of these changed can be
+#: compared, or pooled, with another of the same (see ``code_version``).
+MEASURED_PATHS = ("synctrain", "coordinator", "benchmarks", "examples")
+
+
+def code_version() -> dict[str, Any] | None:
+    """The commit this checkout is at and whether the measured code differs from it (uncommitted
+    changes under :data:`MEASURED_PATHS`, results files left out); None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", *MEASURED_PATHS,
+                                 ":(exclude)benchmarks/results"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
 def best_of(fn: Any, repeat: int, clock: Any = time.perf_counter) -> float:
     """The shortest of ``repeat`` timed calls of ``fn``, in seconds of ``clock``: other work on a
     shared machine only ever adds to a time."""

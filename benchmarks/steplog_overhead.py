@@ -77,7 +77,7 @@ from typing import Any
 import ray
 import torch
 import torch.nn.functional as F
-from _common import init_ray
+from _common import code_version, init_ray
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -744,7 +744,7 @@ def write(table: list[dict[str, Any]], faults: list[dict[str, Any]], rounds: lis
             "cpus": os.cpu_count(), "machine": platform.platform(), "torch": torch.__version__,
             "ray": ray.__version__, "load_avg_start": args.load_avg_start, "load_avg_end": os.getloadavg(),
             "wall_s": time.monotonic() - args.started, "command": " ".join(sys.argv),
-            "throughput_note": getattr(args, "throughput_note", None)}
+            "throughput_note": getattr(args, "throughput_note", None), "code": getattr(args, "code", None)}
     data = {"meta": meta, "verdict": verdicts(table, faults), "throughput": table, "faults": faults,
             "rounds": rounds}
     os.makedirs(out_dir, exist_ok=True)
@@ -1021,7 +1021,7 @@ def main() -> int:
         with open(args.render) as f:
             render(json.load(f), args.out or os.path.dirname(os.path.abspath(args.render)))
         return 0
-    args.started, args.load_avg_start = time.monotonic(), os.getloadavg()
+    args.started, args.load_avg_start, args.code = time.monotonic(), os.getloadavg(), code_version()
     if args.quick:
         args.rounds, args.judge_rounds = 1, 0
     epochs = QUICK_EPOCHS if args.quick else EPOCHS
