@@ -2,6 +2,7 @@
 
     python benchmarks/steplog_overhead.py [--rounds 3] [--judge-rounds 4] [--quick] [--out DIR] [--num-cpus 4]
     python benchmarks/steplog_overhead.py --render benchmarks/results/steplog_overhead.json
+    python benchmarks/steplog_overhead.py --pool RUN RUN [...] [--same-code] [--out DIR]
 
 Three measurements, side by side in one run (one local Ray, started once):
 
@@ -50,7 +51,15 @@ committed step of the new generation; <= 1 s of stalled commits on a leader kill
 The faults run once, after the first round. Writes benchmarks/results/steplog_overhead.{json,
 md,png} after every stage, so a run cut short on a busy machine still leaves its results (the
 JSON's meta says how many rounds were done); ``--render`` writes the markdown and the plot
-again from a stored JSON. ``--quick`` (the smoke test): one round, the MLP in sync mode without
+again from a stored JSON. ``--pool RUN RUN ...`` measures nothing either: it judges the default K
+over the rounds of several stored runs of the same code and configuration at once (each run a
+results JSON, or ``REV:PATH``, the file as committed at REV), into
+``steplog_overhead_pooled.{json,md}``, beside each run's own figures: where one run's rounds
+cannot narrow the interval on a noisy machine, the runs of several evenings can. Runs that
+trained differently are refused, and so are runs of different code (files under
+``synctrain/``, ``coordinator/``, ``examples/`` or ``benchmarks/convergence.py`` that differ
+between their commits; a run records its commit since 6cc5683) unless ``--same-code`` vouches
+for the difference, which the result then names. ``--quick`` (the smoke test): one round, the MLP in sync mode without
 the log and at the default K, a leader kill, a few epochs, into a temp directory unless
 ``--out`` is given.
 """
@@ -767,6 +776,165 @@ def render(data: dict[str, Any], out_dir: str, echo: bool = True) -> None:
     plot(table, data["faults"], os.path.join(out_dir, "steplog_overhead.png"))
 
 
+# ---- pooling stored runs -------------------------------------------------------------------
+#: What runs pooled into one verdict must share: the same training and the same default K.
+POOL_SAME = ("workers", "batch_per_worker", "epochs", "warmup_steps", "staleness", "default_K",
+             "checkpoint_every", "ray_num_cpus", "epoch_divisor")
+#: The code a samples/s figure depends on (the reporting in this script excepted).
+MEASURED_CODE = ("synctrain", "coordinator", "examples", "benchmarks/convergence.py")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class PoolError(ValueError):
+    """Runs that cannot be pooled, and why."""
+
+
+def _git(*argv: str) -> str:
+    return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def load_run(spec: str) -> dict[str, Any]:
+    """A stored run: a results JSON's path, or ``REV:PATH`` (the file as committed at REV, whose
+    code it measured: a results commit holds the run of the code it sits on). ``commit``: the
+    code the run measured, from its meta (``code``, recorded since 6cc5683) or from REV; None
+    when neither says."""
+    rev = None
+    if not os.path.exists(spec) and ":" in spec:
+        rev, path = spec.split(":", 1)
+        try:
+            text = _git("show", f"{rev}:{path}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise PoolError(f"{spec}: no such file at that revision ({exc})") from None
+    else:
+        try:
+            text = Path(spec).read_text()
+        except OSError as exc:
+            raise PoolError(f"{spec}: cannot read it ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+        meta, rounds = data["meta"], data["rounds"]
+    except (ValueError, KeyError, TypeError):
+        raise PoolError(f"{spec}: not a steplog_overhead.json (no meta and rounds)") from None
+    if not rounds:
+        raise PoolError(f"{spec}: holds no throughput rounds")
+    code = meta.get("code")
+    if code and code.get("dirty"):
+        raise PoolError(f"{spec}: measured uncommitted code (meta.code.dirty): what it measured is not known")
+    commit = code["commit"] if code else _git("rev-parse", "--verify", f"{rev}^{{commit}}").strip() if rev else None
+    return {"spec": spec, "data": data, "commit": commit}
+
+
+def pool(runs: list[dict[str, Any]], same_code: bool = False) -> dict[str, Any]:
+    """One verdict over the rounds of several stored runs (:func:`load_run`) of the same code:
+    each round is still judged against its own step_log=False run, and the rounds of all the
+    runs are resampled together. Refused (:class:`PoolError`) when the runs trained differently
+    (:data:`POOL_SAME`), or measured different code (files under :data:`MEASURED_CODE` that
+    differ between their commits, or a run that does not say its commit), unless ``same_code``:
+    then the files are named in the result, vouched for by whoever pooled them."""
+    if len(runs) < 2:
+        raise PoolError("pooling needs at least two runs")
+    first = runs[0]["data"]["meta"]
+    for run in runs[1:]:
+        meta = run["data"]["meta"]
+        for key in POOL_SAME:
+            if meta.get(key) != first.get(key):
+                raise PoolError(f"{run['spec']} trained differently from {runs[0]['spec']}: {key} is "
+                                f"{meta.get(key)!r}, not {first.get(key)!r}; only runs of one configuration pool")
+    unknown = [r["spec"] for r in runs if r["commit"] is None]
+    changed: list[str] = []
+    if not unknown:
+        for run in runs[1:]:
+            if run["commit"] != runs[0]["commit"]:
+                changed += _git("diff", "--name-only", runs[0]["commit"], run["commit"], "--",
+                                *MEASURED_CODE).split()
+        changed = sorted(set(changed))
+    if (unknown or changed) and not same_code:
+        why = (f"{', '.join(unknown)} do(es) not say which code it measured (name it as REV:PATH)" if unknown
+               else f"the measured code differs between their commits: {', '.join(changed)}")
+        raise PoolError(f"not pooled: {why}; pass --same-code to pool them anyway, if those changes "
+                        "cannot change what was measured (the result names them)")
+    rounds = [rnd for run in runs for rnd in run["data"]["rounds"]]
+    table = summarize(rounds)
+    cells = [r for r in table if r["variant"].endswith("(default)")]
+    per_run = []
+    for run in runs:
+        own = [r for r in summarize(run["data"]["rounds"]) if r["variant"].endswith("(default)")]
+        meta = run["data"]["meta"]
+        per_run.append({"spec": run["spec"], "commit": run["commit"], "rounds": len(run["data"]["rounds"]),
+                        "command": meta.get("command"), "load_avg_start": meta.get("load_avg_start"),
+                        "wall_s": meta.get("wall_s"),
+                        "overhead": overhead_verdict(own)["cells"], "direct_cost": direct_cost_verdict(own)["cells"]})
+    return {"meta": {"runs": len(runs), "rounds": len(rounds), "same_code_vouched": bool(unknown or changed),
+                     "changed_files": changed, "unknown_commits": unknown,
+                     **{key: first.get(key) for key in POOL_SAME}},
+            "runs": per_run, "throughput": cells,
+            "verdict": {"overhead_at_default_K": overhead_verdict(cells),
+                        "direct_cost_at_default_K": direct_cost_verdict(cells)}}
+
+
+def pooled_markdown(data: dict[str, Any], command: str) -> list[str]:
+    meta, verdict = data["meta"], data["verdict"]
+    overhead, direct = verdict["overhead_at_default_K"], verdict["direct_cost_at_default_K"]
+    pct = 100 * TARGET_OVERHEAD
+
+    def cell(v: dict[str, Any] | None, sign: str = "+") -> str:
+        if not v:
+            return "-"
+        return (f"{100 * v['median']:{sign}.1f}% [{100 * v['low']:{sign}.1f}, {100 * v['high']:{sign}.1f}] "
+                f"{v['status']}")
+
+    lines = [f"# Step-log overhead at the default K (K = {meta['default_K']}), pooled over {meta['runs']} runs",
+             "",
+             f"{meta['rounds']} rounds of the same code and configuration, each round's samples/s against its "
+             f"own `step_log=False` run; the median of all the rounds and its {100 * CONFIDENCE:.0f}% interval "
+             f"(a seeded bootstrap over the rounds). Target: at most {pct:.0f}%. A cell is *met* when the "
+             "interval's upper end is within it, *not met* when its lower end is past it, *not shown* "
+             f"otherwise. Command: `{command}`.", ""]
+    if meta["same_code_vouched"]:
+        named = ", ".join(f"`{f}`" for f in meta["changed_files"]) or "none could be compared"
+        lines += [f"Pooled with `--same-code`: the measured code differs between the runs' commits in {named}"
+                  + (f"; {', '.join(meta['unknown_commits'])} named no commit" if meta["unknown_commits"] else "")
+                  + ". Whoever pooled them vouched that these changes cannot change what was measured.", ""]
+    names = list(overhead["cells"])
+    lines += ["| run | rounds | " + " | ".join(f"{n}: samples/s overhead" for n in names) + " |",
+              "|---|---:|" + "---|" * len(names)]
+    for run in data["runs"]:
+        commit = (run["commit"] or "?")[:7]
+        lines.append(f"| `{run['spec']}` ({commit}) | {run['rounds']} | "
+                     + " | ".join(cell(run["overhead"].get(n)) for n in names) + " |")
+    lines.append(f"| **pooled** | {meta['rounds']} | " + " | ".join(f"**{cell(overhead['cells'][n])}**"
+                                                              for n in names) + " |")
+    lines += ["", "| | " + " | ".join(f"{n}: direct cost" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for run in data["runs"]:
+        lines.append(f"| `{run['spec']}` | " + " | ".join(cell(run["direct_cost"].get(n), "") for n in names) + " |")
+    lines.append("| **pooled** | " + " | ".join(f"**{cell(direct['cells'].get(n), '')}**" for n in names) + " |")
+    lines += ["", f"**Samples/s overhead at the default K, pooled: {overhead['status']}** (the highest median "
+              f"{100 * overhead['worst']:+.1f}%, {overhead['where']}); direct cost: {direct['status']}.", "",
+              "The runs: " + "; ".join(f"`{r['spec']}`: `{r['command']}`, load average "
+                                       + (", ".join(f"{x:.1f}" for x in r["load_avg_start"]) if r["load_avg_start"] else "?")
+                                       + " at its start" for r in data["runs"]) + "."]
+    return lines
+
+
+def write_pooled(specs: list[str], same_code: bool, out_dir: str) -> int:
+    try:
+        data = pool([load_run(spec) for spec in specs], same_code)
+    except PoolError as exc:
+        print(f"steplog_overhead --pool: {exc}", file=sys.stderr)
+        return 2
+    command = " ".join(["python benchmarks/steplog_overhead.py", *sys.argv[1:]])
+    data["meta"].update(command=command, when=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    lines = pooled_markdown(data, command)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "steplog_overhead_pooled.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    with open(os.path.join(out_dir, "steplog_overhead_pooled.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def markdown(table: list[dict[str, Any]], faults: list[dict[str, Any]], verdict: dict[str, Any],
              meta: dict[str, Any]) -> list[str]:
     load = ", ".join(f"{x:.1f}" for x in meta["load_avg_start"])
@@ -1005,6 +1173,12 @@ def main() -> int:
                         help="run the fault measurements again; keep the throughput of the stored JSON")
     parser.add_argument("--throughput-only", action="store_true",
                         help="run the throughput rounds again; keep the faults of the stored JSON")
+    parser.add_argument("--pool", nargs="+", metavar="RUN", default=None,
+                        help="measure nothing: judge the default K over the rounds of several stored runs of "
+                             "the same code (each a results JSON, or REV:PATH as committed) into "
+                             "steplog_overhead_pooled.{json,md}")
+    parser.add_argument("--same-code", action="store_true",
+                        help="with --pool: pool runs whose measured code differs, vouching that it measures the same")
     for internal in ("--driver", "--storage", "--address", "--marks", "--result"):  # driver_resume's child
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=FAULT_EPOCHS, help=argparse.SUPPRESS)
@@ -1017,6 +1191,10 @@ def main() -> int:
         for module in (convergence, digits):
             ray.cloudpickle.register_pickle_by_value(module)
         return run_driver(args)
+    if args.pool:
+        return write_pooled(args.pool, args.same_code, args.out or RESULTS)
+    if args.same_code:
+        parser.error("--same-code goes with --pool")
     if args.render:
         with open(args.render) as f:
             render(json.load(f), args.out or os.path.dirname(os.path.abspath(args.render)))

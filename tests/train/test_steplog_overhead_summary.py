@@ -3,6 +3,8 @@ judged pair's extra rounds become the table and the verdict, and the slow varian
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -121,3 +123,60 @@ def test_slow_variants_train_a_fraction_of_the_epochs(bench):
     assert bench.variant_epochs(120, {"max_uncommitted_steps": bench.DEFAULT_MAX_UNCOMMITTED_STEPS}) == 120
     assert bench.variant_epochs(120, {"step_log": False}) == 120
     assert bench.variant_epochs(1, {"max_uncommitted_steps": 0}) == 1  # never none
+
+
+def _stored(bench, tmp_path, name: str, overheads: list[float], code: dict | None = None, **meta) -> str:
+    """A stored run's JSON: its rounds, the judged pair each, and the meta pooling compares."""
+    rounds = _rounds(bench, overheads)
+    for rnd in rounds:
+        for run in rnd:
+            run["steplog_loop_share"] = 0.004 if run["variant"] != "step_log=False" else 0.0
+            run["steplog_cpu_share"] = 0.012 if run["variant"] != "step_log=False" else 0.0
+    full = {"workers": 2, "batch_per_worker": 32, "epochs": {"mlp": 480, "conv": 120}, "warmup_steps": 5,
+            "staleness": 2, "default_K": bench.DEFAULT_MAX_UNCOMMITTED_STEPS, "checkpoint_every": 100,
+            "ray_num_cpus": 4, "epoch_divisor": {"0": 4, "8": 2}, "command": f"steplog_overhead.py ({name})",
+            "load_avg_start": [1.0, 1.0, 1.0], "wall_s": 60.0, "code": code, **meta}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"meta": full, "rounds": rounds, "faults": [], "throughput": []}))
+    return str(path)
+
+
+def test_pooled_runs_of_one_commit_are_judged_over_all_their_rounds(bench, tmp_path):
+    code = {"commit": "a" * 40, "dirty": False}
+    # the first run alone cannot tell (its interval holds 3%); with the second it shows the target met
+    one = _stored(bench, tmp_path, "one", [0.01, 0.05, -0.01, 0.04, 0.0], code)
+    two = _stored(bench, tmp_path, "two", [0.015, -0.005, 0.029, 0.01, 0.005, 0.02], code)
+    alone = bench.pool([bench.load_run(one), bench.load_run(one)])  # the same run twice: its own figures
+    data = bench.pool([bench.load_run(one), bench.load_run(two)])
+    assert data["meta"]["rounds"] == 11 and data["meta"]["same_code_vouched"] is False
+    cell = data["verdict"]["overhead_at_default_K"]["cells"]["mlp sync"]
+    assert cell["rounds"] == 11 and cell["median"] == pytest.approx(0.01)
+    assert cell["high"] <= 0.03 and cell["status"] == "met"
+    assert [r["rounds"] for r in data["runs"]] == [5, 6]
+    assert data["runs"][0]["overhead"]["mlp sync"]["status"] == "not shown"
+    assert data["runs"][0]["overhead"] == alone["runs"][0]["overhead"]
+    assert data["verdict"]["direct_cost_at_default_K"]["cells"]["mlp sync"]["median"] == pytest.approx(0.016)
+    text = "\n".join(bench.pooled_markdown(data, "steplog_overhead.py --pool one two"))
+    assert "pooled over 2 runs" in text and "| **pooled** | 11 |" in text and "--same-code" not in text
+
+
+def test_runs_that_trained_differently_or_measured_unknown_or_dirty_code_are_not_pooled(bench, tmp_path):
+    code = {"commit": "b" * 40, "dirty": False}
+    one = bench.load_run(_stored(bench, tmp_path, "one", [0.01, 0.02], code))
+    longer = bench.load_run(_stored(bench, tmp_path, "longer", [0.01, 0.02], code, epochs={"mlp": 960, "conv": 120}))
+    with pytest.raises(bench.PoolError, match="epochs"):
+        bench.pool([one, longer])
+    unknown = bench.load_run(_stored(bench, tmp_path, "unknown", [0.01, 0.02]))
+    with pytest.raises(bench.PoolError, match="REV:PATH.*--same-code"):
+        bench.pool([one, unknown])
+    vouched = bench.pool([one, unknown], same_code=True)
+    assert vouched["meta"]["same_code_vouched"] and vouched["meta"]["unknown_commits"] == [unknown["spec"]]
+    assert "Pooled with `--same-code`" in "\n".join(bench.pooled_markdown(vouched, "x"))
+    with pytest.raises(bench.PoolError, match="uncommitted"):
+        bench.load_run(_stored(bench, tmp_path, "dirty", [0.01], {"commit": "c" * 40, "dirty": True}))
+    with pytest.raises(bench.PoolError, match="at least two"):
+        bench.pool([one])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(bench.PoolError, match="not a steplog_overhead.json"):
+        bench.load_run(str(bad))
