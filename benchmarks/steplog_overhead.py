@@ -780,7 +780,9 @@ def render(data: dict[str, Any], out_dir: str, echo: bool = True) -> None:
 #: What runs pooled into one verdict must share: the same training and the same default K.
 POOL_SAME = ("workers", "batch_per_worker", "epochs", "warmup_steps", "staleness", "default_K",
              "checkpoint_every", "ray_num_cpus", "epoch_divisor")
-#: The code a samples/s figure depends on (the reporting in this script excepted).
+#: The code a samples/s figure depends on (the reporting in this script excepted): narrower than
+#: ``_common.MEASURED_PATHS``, which marks a run dirty for any uncommitted change under
+#: benchmarks/ too (the conservative side: a dirty run is never pooled).
 MEASURED_CODE = ("synctrain", "coordinator", "examples", "benchmarks/convergence.py")
 REPO = Path(__file__).resolve().parent.parent
 
