@@ -311,8 +311,10 @@ def test_repeated_probe_appends_are_dropped_until_answered(tmp_path) -> None:
     from coordinator.server import CoordinatorServer, ServerConfig
 
     config = ServerConfig(node_id=1, peers={i: ("127.0.0.1", 1) for i in (1, 2, 3)},
-                          data_dir=tmp_path / "node", token=b"t" * 32, fsync=False)
+                          data_dir=tmp_path / "node", token=b"t" * 32, fsync=False,
+                          tick_s=1.0)  # a 20-s resend window: a slow CI box stays inside it
     server = CoordinatorServer(config)
+    assert server._append_resend_s >= 20
     sent: list[tuple[int, bytes]] = []
     server.peer_transport.send = lambda to, payload: sent.append((to, payload))
     server._schedule_drive = lambda: None
@@ -332,7 +334,8 @@ def test_repeated_probe_appends_are_dropped_until_answered(tmp_path) -> None:
         server._send([probe])  # answered: sent again at once
         server._on_unreachable(2)
         server._send([probe])  # link lost: may be lost, sent again
-        server._appends_sent[2] = (server._appends_sent[2][0], time.monotonic() - 10)
+        server._appends_sent[2] = (server._appends_sent[2][0],
+                                  time.monotonic() - server._append_resend_s - 1)
         server._send([probe])  # the window passed
         later = Message(MessageType.APPEND, 2, 1, 3, log_term=3, index=1999,
                         entries=(Entry(3, 2000, data=b"y"),))
