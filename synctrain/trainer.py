@@ -277,8 +277,11 @@ class Trainer:
                        collective_timeout_s=self.collective_timeout_s)
 
     def _start_workers(self, spec: JobSpec) -> list[Any]:
-        actor_cls = self._actor_class(spec)
-        return [actor_cls.remote(rank, spec) for rank in range(spec.num_workers)]
+        """The job's workers, each importing what its loop will while the others start
+        (``TrainWorker.warm``)."""
+        from synctrain.driver.shell import start_workers
+
+        return start_workers(self, spec, list(range(spec.num_workers)))
 
     def _run(self, workers: list[Any], handles: dict[str, Any]) -> Result:
         infos = _get_or_raise([w.node_info.remote() for w in workers])

@@ -30,7 +30,7 @@ from synctrain.driver import coord as _coord
 from synctrain.driver.coord import EmbeddedCoordinator, ExternalCoordinator
 from synctrain.driver.jobdir import JobDir
 from synctrain.driver.policy import RecoveryPolicy
-from synctrain.driver.shell import JobShell
+from synctrain.driver.shell import JobShell, _kill, start_workers
 from synctrain.errors import ConfigError
 from synctrain.metrics import LiveMetrics, write_final_metrics
 from synctrain.progress import ProgressDisplay as _Progress  # the name trainer.py imports
@@ -69,7 +69,13 @@ def fit_with_step_log(trainer: Any) -> Any:
     monitor = _Progress(trainer.progress, trainer.job_name)
     live_metrics: LiveMetrics | None = None
     state, reason, ok = "failed", "", False
+    early: list[Any] = []  # the first generation's workers, before the shell takes them
     try:
+        # The workers' processes start, and import what their loop will, while the coordinator
+        # starts (and a new job's shared actors: a resumed job's wait for its leftovers' removal)
+        early = start_workers(trainer, spec, list(range(spec.num_workers)))
+        if old is None:
+            handles = strategy_cls.on_driver_start(spec)
         if not trainer.coordinator:
             coordinator.start()
         steplog = StepLog(coordinator.endpoints, coordinator.token, trainer.job_name)
@@ -83,7 +89,8 @@ def fit_with_step_log(trainer: Any) -> Any:
         live_metrics = LiveMetrics(job.path, StepLog(coordinator.endpoints, coordinator.token, trainer.job_name,
                                                      timeout_s=5.0))
         live_metrics.start()
-        handles = strategy_cls.on_driver_start(spec)
+        if old is not None:
+            handles = strategy_cls.on_driver_start(spec)
         cfg = StepLogConfig(endpoints=tuple(coordinator.endpoints), token=coordinator.token,
                             job=trainer.job_name, job_dir=str(job.path),
                             max_uncommitted_steps=trainer.max_uncommitted_steps,
@@ -99,7 +106,8 @@ def fit_with_step_log(trainer: Any) -> Any:
         shell = JobShell(spec=spec, trainer=trainer, steplog=steplog, steplog_cfg=cfg,
                          coordinator=coordinator, handles=handles, strategy_cls=strategy_cls,
                          policy=policy, monitor=monitor, hooks=trainer.fault_hooks,
-                         resume=old)
+                         resume=old, workers=early)
+        early = []
         outcomes = shell.run()
         handles = shell.handles
         result = Result(outputs=[o.get("value") for o in outcomes], metrics=[],
@@ -118,6 +126,8 @@ def fit_with_step_log(trainer: Any) -> Any:
         raise
     finally:
         monitor.close()
+        for actor in early:  # the shell never took them
+            _kill(actor)
         if shell is not None:
             handles = shell.handles
             shell.shutdown()

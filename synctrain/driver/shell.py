@@ -120,7 +120,7 @@ class JobShell:
     def __init__(self, *, spec: Any, trainer: Any, steplog: StepLog, steplog_cfg: Any,
                  coordinator: Any, handles: dict[str, Any], strategy_cls: Any,
                  policy: RecoveryPolicy, monitor: Any, hooks: dict[str, Any] | None = None,
-                 resume: dict[str, Any] | None = None) -> None:
+                 resume: dict[str, Any] | None = None, workers: list[Any] | None = None) -> None:
         self.spec = spec
         self.trainer = trainer
         self.log = steplog
@@ -148,6 +148,7 @@ class JobShell:
         self.spares: list[tuple[Any, Any]] = []  # (actor, its ``warm`` ObjectRef)
         self._loop_modules: list[str] | None = None  # what a live rank's loop imported
         self._modules_ref: Any = None  # the pending ``loop_modules`` call
+        self._started = list(workers or [])  # rank r's worker, created before the shell (start_workers)
         # workers the job went on without, still queued with Ray: (actor, its ``node_info`` ref)
         self.growth: list[tuple[Any, Any]] = []
         self._grow_after: tuple[int, int] | None = None  # (generation, newest checkpoint step) then
@@ -644,7 +645,8 @@ class JobShell:
         for rank in run_ranks:
             r = self.ranks[rank]
             gen = {"generation": generation, "restore": restore.get(rank), "committed_step": committed,
-                   "rank": rank, "world_size": world, "batch_workers": batch_workers}
+                   "rank": rank, "world_size": world, "batch_workers": batch_workers,
+                   "steplog": self.steplog_cfg}
             r.run = r.actor.run.remote(self.trainer._loop_blob, self.trainer._config_blob, handles,
                                        local_ranks[rank], gen)
             r.outcome, r.poll, r.answered, r.started = None, None, True, False
@@ -686,13 +688,15 @@ class JobShell:
     def _new_actor(self, rank: int, warm: list[int] | None = None) -> Any:
         """A worker for ``rank``: a warm spare when one is ready (``rank`` is added to
         ``warm``), else a new actor."""
+        if self._started:
+            return self._started.pop(0)
         spare = self._take_spare(rank) if self.spares else None
         if spare is not None:
             if warm is not None:
                 warm.append(rank)
             self._start_spares()  # refill (it gets the dead worker's resources once they are freed)
             return spare
-        return self.trainer._actor_class(self.spec).remote(rank, self.spec, self.steplog_cfg)
+        return start_workers(self.trainer, self.spec, [rank])[0]
 
     def _start_spares(self) -> None:
         """Start spares up to ``spare_workers``: actors with the job's resources, warmed (see
@@ -1074,6 +1078,8 @@ class JobShell:
 
     def shutdown(self) -> None:
         self.bookkeeper.stop()
+        for actor in self._started:
+            _kill(actor)
         for r in self.ranks.values():
             if r.actor is not None:
                 _kill(r.actor)
@@ -1222,6 +1228,17 @@ def _stopped(pid: int | None) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
+
+
+def start_workers(trainer: Any, spec: Any, ranks: list[int]) -> list[Any]:
+    """New workers for ``ranks``, each already importing what its loop's first lines will
+    (``TrainWorker.warm``) while the driver goes on: the first generation's are created before
+    the coordinator starts, so the two overlap. They learn the step log's endpoints with their
+    first ``run``."""
+    actors = [trainer._actor_class(spec).remote(rank, spec) for rank in ranks]
+    for actor in actors:
+        actor.warm.remote(trainer._loop_blob)
+    return actors
 
 
 def _kill(actor: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -35,6 +36,8 @@ from synctrain.spec import JobSpec
 from synctrain.strategies.allreduce import listen_store
 from synctrain.strategies.base import get_strategy_class
 from synctrain.worker.step import StepBoundary, StepLogConfig, capture
+
+log = logging.getLogger(__name__)
 
 #: A warm spare's imports of the modules a live rank's loop imported: at most this many, within
 #: this long (an import that fails is skipped: the loop would import it itself, or not need it).
@@ -57,17 +60,28 @@ class TrainWorker:
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         self._modules_at_start = frozenset(sys.modules)
+        # held by ``warm``; ``run`` waits for it, so the two never import at once (a module two
+        # threads import at the same time can be seen half-initialised by one of them)
+        self._warming = threading.Lock()
 
     def warm(self, train_fn: Callable[..., Any] | bytes) -> dict[str, Any]:
-        """A warm spare (``Trainer(spare_workers=k)``): its process is up with torch, the
-        strategy and the loop's own modules imported (unpickling the loop imports them), so
-        taking a dead rank's place costs no process start and no imports."""
-        import torch.distributed  # noqa: F401 - imported for its cost, now
+        """Import now what the loop's first lines would: torch.distributed, torch._dynamo
+        (``torch.optim.Optimizer()`` and ``DistributedDataParallel()`` import it: ~1.5-3 s of
+        a fresh process on 2 cores), the strategy and the loop's own modules (unpickling the
+        loop imports them). Called on every new worker as it is created, so this overlaps
+        what the driver does meanwhile (starting the coordinator, the next generation's
+        set-up); a warm spare (``Trainer(spare_workers=k)``) taking a dead rank's place then
+        costs no process start and no imports. A loop that cannot be unpickled here fails
+        again, and is reported, in ``run``."""
+        with self._warming:
+            import torch._dynamo  # noqa: F401 - imported for its cost, now
+            import torch.distributed  # noqa: F401
 
-        if self.spec.mode == "sync":  # DistributedDataParallel() imports it: ~2-3 s on 2 cores
-            import torch._dynamo  # noqa: F401
-        get_strategy_class(self.spec.mode)
-        _load_from_driver(train_fn, "training loop", self.rank)
+            get_strategy_class(self.spec.mode)
+            try:
+                _load_from_driver(train_fn, "training loop", self.rank)
+            except Exception:  # noqa: BLE001 - ``run`` reports it, where the job expects it
+                log.debug("rank %d: the loop did not load while warming", self.rank, exc_info=True)
         return self.node_info()
 
     def loop_modules(self) -> list[str]:
@@ -168,6 +182,10 @@ class TrainWorker:
         job (see the module doc): a generation of an elastic job may give this worker another
         rank in another world size (a sync job that shrank renumbers its ranks)."""
         gen = generation or {}
+        if gen.get("steplog") is not None:
+            self.steplog = gen["steplog"]
+        with self._warming:  # a ``warm`` under way finishes its imports first
+            pass
         session: Session | None = None
         held = self._rendezvous
         if held is not None and tuple(handles.get("rendezvous") or ()) == held[0]:
