@@ -219,7 +219,7 @@ class Trainer:
         custom = {k: v for k, v in self.resources.items() if k not in ("CPU", "GPU")}
         return ray.remote(TrainWorker).options(
             num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
-            resources=custom or None, max_concurrency=2, max_restarts=0)
+            resources=custom or None, max_concurrency=3, max_restarts=0)  # see worker/actor.py
 
     def _fit_plain(self) -> Result:
         started = time.monotonic()

@@ -3,10 +3,13 @@
 1. connect to Ray and check resources (as without a step log);
 2. create the job directory, or take over an unfinished job of that name (its driver died, it
    failed, Ctrl-C): a finished or running job's name is a :class:`JobExistsError`;
-3. start the embedded coordinator (WALs in ``job_dir/coordinator``: a resumed job's nodes
-   recover from them, with the job's token, on new ports), or check the external one;
+3. start a new job's shared actors (the strategy's: parameter-server shards) and the first
+   generation's workers, each importing what its loop will (``TrainWorker.warm``), so their
+   processes start while the driver starts the embedded coordinator (WALs in
+   ``job_dir/coordinator``: a resumed job's nodes recover from them, with the job's token, on
+   new ports), or checks the external one;
 4. record the job (``steplog.create``; a resumed job's spec is checked against this call),
-   start the strategy's shared actors; a resumed job's leftovers (shared-memory files of its
+   start a resumed job's shared actors; its leftovers (shared-memory files of its
    job id, temp files) are removed, and whatever of its old generation still runs is fenced
    off by the new generation;
 5. run the :class:`~synctrain.driver.shell.JobShell` until every rank's loop has returned (a
@@ -73,9 +76,9 @@ def fit_with_step_log(trainer: Any) -> Any:
     try:
         # The workers' processes start, and import what their loop will, while the coordinator
         # starts (and a new job's shared actors: a resumed job's wait for its leftovers' removal)
-        early = start_workers(trainer, spec, list(range(spec.num_workers)))
         if old is None:
             handles = strategy_cls.on_driver_start(spec)
+        early = start_workers(trainer, spec, list(range(spec.num_workers)))
         if not trainer.coordinator:
             coordinator.start()
         steplog = StepLog(coordinator.endpoints, coordinator.token, trainer.job_name)

@@ -1,8 +1,10 @@
 """The Ray actor that runs one copy of the user's training loop.
 
-The actor is threaded (``max_concurrency=2``): ``run`` occupies one thread for a whole
-generation while the driver polls progress and drains reports through ``poll`` on the other,
-so progress shows while the loop runs and a loop that stops making progress is seen. A failure
+The actor is threaded (``max_concurrency=3``): ``run`` occupies one thread for a whole
+generation while the driver polls progress and drains reports through ``poll`` on another,
+so progress shows while the loop runs and a loop that stops making progress is seen; the
+third is for ``warm``, sent as the worker is created, which ``run`` waits for: polls are
+answered meanwhile, so a rank still importing is not taken for a silent one. A failure
 inside the loop is caught and returned as data (rank, exception type, formatted traceback,
 the step it reached and whether its state is consistent) so the driver can decide.
 

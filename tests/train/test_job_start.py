@@ -33,3 +33,33 @@ def test_the_loop_finds_the_imports_its_first_lines_need_done(ray_session, tmp_p
     assert result.outputs == [{"torch._dynamo": True, "torch.distributed": True}] * 2
     if step_log:
         assert [s["step"] for s in result.steps] == [1, 2, 3]
+
+
+class _SlowToLoad:
+    """Unpickles as ``None`` after ``seconds``: a loop whose loading takes long (a heavy import)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self):
+        import time
+
+        return time.sleep, (self.seconds,)
+
+
+def _slow_loop(config, slow=None):
+    return _loop(config)
+
+
+@pytest.mark.ray
+def test_a_worker_still_loading_its_loop_answers_polls_and_is_not_taken_for_stalled(ray_session, tmp_path):
+    # warm (on every new worker) and then run each load the loop: 4 s here, longer than the
+    # stall timeout. Polls must still be answered meanwhile, or the silent rank loses its
+    # start-up grace and is declared stalled (and so is its replacement, and the job fails).
+    import functools
+
+    loop = functools.partial(_slow_loop, slow=_SlowToLoad(4.0))
+    result = synctrain.Trainer(loop, num_workers=2, mode="sync", use_gpu=False, progress=False,
+                               stall_timeout_s=2.5, max_failures=0, storage_path=str(tmp_path)).fit()
+    assert result.failures == [] and len(result.generations) == 1
+    assert [s["step"] for s in result.steps] == [1, 2, 3]
