@@ -317,20 +317,18 @@ def test_watchers_see_every_change_once_in_order_through_kills_pauses_and_partit
         t_sync = threading.Thread(target=_collect_sync, args=(watch, blocking), daemon=True)
         t_sync.start()
         loop_ready = threading.Event()
-        stop_async = threading.Event()
+        awatches: list = []
 
         def run_async() -> None:
             async def main() -> None:
                 async with AsyncClient(cluster.endpoints, token=cluster.token, timeout_s=30) as ac:
                     awatch = ac.watch("w/", prefix=True, start_revision=1)
+                    awatches.append(awatch)
                     loop_ready.set()
                     async for event in awatch:
                         async_events.append(event)
-                        if stop_async.is_set() and event.revision >= stop_at[0]:
-                            awatch.cancel()
             asyncio.run(main())
 
-        stop_at = [1 << 62]
         t_async = threading.Thread(target=run_async, daemon=True)
         t_async.start()
         assert loop_ready.wait(30)
@@ -360,14 +358,15 @@ def test_watchers_see_every_change_once_in_order_through_kills_pauses_and_partit
         progress()
         writer.stop()
         final = client.range("w/", prefix=True, count_only=True).revision
-        stop_at[0] = final
-        stop_async.set()
         wait_for(lambda: blocking and blocking[-1].revision >= final, "the blocking watcher to catch up")
         wait_for(lambda: async_events and async_events[-1].revision >= final,
                  "the async watcher to catch up")
+        # cancelled from this thread, both end within one poll, with no event to wake them
         watch.cancel()
+        awatches[0].cancel()
         t_sync.join(30)
         t_async.join(30)
+        assert not t_sync.is_alive() and not t_async.is_alive(), "a cancelled watch went on"
 
     assert writer.done > 200, f"too little load: {writer.done} writes"
     for name, events in (("blocking", blocking), ("async", async_events)):

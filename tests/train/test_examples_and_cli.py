@@ -28,13 +28,14 @@ def load(path: Path, name: str):
     return module
 
 
-def run_quick(ray_session, script: str, out: Path, *args: str) -> dict:
-    """Run ``benchmarks/<script> --quick --out <out>`` in the test session's Ray; its JSON."""
+def run_quick(ray_session, script: str, out: Path, *args: str, result: str | None = None) -> dict:
+    """Run ``benchmarks/<script> --quick --out <out>`` in the test session's Ray; its JSON
+    (``<out>/<result>.json``, by default named after the script)."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / script.replace(".py", ".json")).read_text())
+    return json.loads((out / f"{result or script.replace('.py', '')}.json").read_text())
 
 
 @pytest.mark.ray
@@ -148,9 +149,15 @@ def test_trainer_joins_the_cluster_named_by_RAY_ADDRESS(ray_session, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_steplog_split_benchmark_quick_mode_writes_results(ray_session, tmp_path):
-    data = run_quick(ray_session, "steplog_split.py", tmp_path)
+    # the variants asked for (the tmpfs and nice ones differ from the defaults only in where
+    # the job directory is and at what priority the log runs), beside the baseline and the defaults
+    only = "coordinator,no-checkpoints,load,load-idle"
+    name = "steplog_split_mlp_async_coordinator_no-checkpoints_load_load-idle"  # its results' name
+    data = run_quick(ray_session, "steplog_split.py", tmp_path, "--variants", only, result=name)
     (runs,) = data["rounds"]
-    assert set(runs) >= {"step_log=False", "step_log=False + idle coordinator", "default", "no checkpoints"}
+    assert set(runs) == {"step_log=False", "step_log=False + idle coordinator", "default", "no checkpoints",
+                         "step_log=False + CPU load", "step_log=False + CPU load, idle priority"}
+    assert data["meta"]["variants"] == only.split(",")
     assert all(r["samples_per_s"] > 0 for r in runs.values())
     # only the step-logged variants committed their steps to a log
     assert runs["step_log=False"]["committed_steps"] == 0
@@ -164,5 +171,5 @@ def test_steplog_split_benchmark_quick_mode_writes_results(ray_session, tmp_path
     assert idle["committed_steps"] == 0 and idle["steplog_cpu_share"] > 0
     assert [r["variant"] for r in data["table"]][:3] == ["step_log=False", "step_log=False + idle coordinator",
                                                          "default"]
-    assert "| default | 1 |" in (tmp_path / "steplog_split.md").read_text()
-    assert (tmp_path / "steplog_split.png").stat().st_size > 0
+    assert "| default | 1 |" in (tmp_path / f"{name}.md").read_text()
+    assert (tmp_path / f"{name}.png").stat().st_size > 0

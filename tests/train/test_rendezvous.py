@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import synctrain
+from synctrain.driver import shell
 from synctrain.worker.actor import TrainWorker
 
 pytestmark = pytest.mark.ray
@@ -72,14 +73,17 @@ def sleeping_loop(config):
 
 
 def test_a_rank_still_running_after_its_peers_collective_broke_is_stalled_without_waiting_out_the_timeout(
-        ray_session, tmp_path):
-    # the stall timeout is far off: the failure below comes from the broken collective
+        ray_session, tmp_path, monkeypatch):
+    # the stall timeout is far off: the failure below comes from the broken collective, PEER_END_S
+    # after rank 0's run ended on it (the driver runs in this process; 4 s instead of 15 keeps
+    # the test short, and the sleeping rank would not end in either)
+    monkeypatch.setattr(shell, "PEER_END_S", 4.0)
     result = synctrain.Trainer(sleeping_loop, num_workers=2, mode="sync", use_gpu=False, progress=False,
                                storage_path=str(tmp_path), job_name="left-behind", checkpoint_every=4,
                                collective_timeout_s=5.0, stall_timeout_s=300.0).fit()
     [failure] = result.failures
     assert failure["kind"] == "stalled" and failure["rank"] == 1 and failure["recovery"] == "peer", failure
-    assert "after rank 0's run ended on a broken collective" in failure["detail"], failure
+    assert "still running 4 s after rank 0's run ended on a broken collective" in failure["detail"], failure
     assert failure["step"] == SLEEP_AT_STEP or failure["step"] is None, failure
     assert [s["step"] for s in result.steps] == list(range(1, 256 // 32 + 1))
     assert [g["generation"] for g in result.generations] == [1, 2]
