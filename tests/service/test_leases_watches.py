@@ -323,7 +323,7 @@ def test_watchers_see_every_change_once_in_order_through_kills_pauses_and_partit
             async def main() -> None:
                 async with AsyncClient(cluster.endpoints, token=cluster.token, timeout_s=30) as ac:
                     awatch = ac.watch("w/", prefix=True, start_revision=1)
-                    awatches.append(awatch)
+                    awatches.append((asyncio.get_running_loop(), awatch))
                     loop_ready.set()
                     async for event in awatch:
                         async_events.append(event)
@@ -363,7 +363,8 @@ def test_watchers_see_every_change_once_in_order_through_kills_pauses_and_partit
                  "the async watcher to catch up")
         # cancelled from this thread, both end within one poll, with no event to wake them
         watch.cancel()
-        awatches[0].cancel()
+        loop, awatch = awatches[0]
+        loop.call_soon_threadsafe(awatch.cancel)
         t_sync.join(30)
         t_async.join(30)
         assert not t_sync.is_alive() and not t_async.is_alive(), "a cancelled watch went on"
