@@ -83,11 +83,11 @@ def test_throughput_benchmark_quick_mode_writes_results(ray_session, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_async_benchmarks_quick_mode_write_results(ray_session, tmp_path):
-    ps = run_quick(ray_session, "ps_throughput.py", tmp_path, "--rounds", "2")
+    ps = run_quick(ray_session, "ps_throughput.py", tmp_path)  # one round: test_ps_throughput_rounds.py has more
     conv = run_quick(ray_session, "convergence.py", tmp_path, "--model", "conv", "--channels", "16",
                      "--optimizer", "adam")  # one repeat: test_convergence_repeats.py covers more
     assert [r["name"] for r in ps["rows"]][0].startswith("naive")
-    assert all(len(r["pushes_per_s_rounds"]) == 2 and r["pushes_per_s"] > 0 for r in ps["rows"])
+    assert all(len(r["pushes_per_s_rounds"]) == 1 and r["pushes_per_s"] > 0 for r in ps["rows"])
     assert "CPU ms per push" in (tmp_path / "ps_throughput.md").read_text()
     # The quick run measures both transports: shared memory (same machine) and Ray.
     assert [r["push_transport"] for r in ps["rows"][1:]] == [["shared_memory"], ["ray"]]
