@@ -361,7 +361,8 @@ def test_watchers_see_every_change_once_in_order_through_kills_pauses_and_partit
         wait_for(lambda: blocking and blocking[-1].revision >= final, "the blocking watcher to catch up")
         wait_for(lambda: async_events and async_events[-1].revision >= final,
                  "the async watcher to catch up")
-        # cancelled from this thread, both end within one poll, with no event to wake them
+        # cancelled from here (the async one on its own event loop): both end within one poll,
+        # with no event to wake them
         watch.cancel()
         loop, awatch = awatches[0]
         loop.call_soon_threadsafe(awatch.cancel)
