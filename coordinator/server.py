@@ -1087,7 +1087,7 @@ class CoordinatorServer:
             stopped = time.monotonic() - self._continued_at < late_s + self.config.tick_s
             log.warning("node %d: the event loop %s for %d ms: no ticks, votes, heartbeats or "
                         "answers meanwhile (role %s, term %d, snapshot %s)", self.id,
-                        "was stopped (SIGSTOP, then SIGCONT)" if stopped else "was blocked",
+                        "was stopped (SIGSTOP or frozen)" if stopped else "was blocked",
                         lag_ms, self.role.name.lower(), self.node.term,
                         "in progress" if self._snap_job else "idle")
 
@@ -1099,10 +1099,16 @@ class CoordinatorServer:
         such a dump in a soak, most likely from that)."""
         assert self.config.stall_dump_s is not None
         limit_s, logged_for = self.config.stall_dump_s, 0.0
+        nap = min(0.5, limit_s / 4)
         while not self._stopped.is_set():
-            time.sleep(min(0.5, limit_s / 4))
-            last, due = self._last_tick_at, self._wake_at  # the ticker sleeps until it is due
+            slept = time.monotonic()
+            time.sleep(nap)
             now = time.monotonic()
+            if now - slept > nap + limit_s / 2:
+                # This thread, which the loop never blocks, was held too: the whole process
+                # was stopped or frozen (the freezer sends no SIGCONT), not the loop blocked.
+                self._continued_at = now
+            last, due = self._last_tick_at, self._wake_at  # the ticker sleeps until it is due
             if now - due < limit_s or logged_for == last or now - self._continued_at < 1.0:
                 continue
             logged_for = last
@@ -1112,9 +1118,10 @@ class CoordinatorServer:
                         self.id, now - last, where)
 
     def note_continued(self) -> None:
-        """SIGCONT arrived (:func:`serve` installs this): a lag that ends now was the
-        process being stopped, not the loop being blocked (nor is a watchdog stack
-        written meanwhile a place where it was stuck)."""
+        """SIGCONT arrived (:func:`serve` installs this), or the watchdog thread found itself
+        held as long (a freeze): a lag that ends now was the process being stopped, not the
+        loop being blocked (nor is a watchdog stack written meanwhile a place where it was
+        stuck)."""
         self._continued_at = time.monotonic()
 
     # ------------------------------------------------------------ raft I/O

@@ -8,7 +8,10 @@ import asyncio
 import logging
 import time
 
+import pytest
+
 from coordinator.server import CoordinatorServer, ServerConfig
+from coordinator.testing.freezer import Freezer, FreezerUnavailable
 
 
 def _block_the_loop_for_a_while() -> None:
@@ -37,3 +40,29 @@ def test_a_blocked_loop_is_logged_with_where_it_is(tmp_path, caplog) -> None:
     assert "has not ticked for" in text and "_block_the_loop_for_a_while" in text, text
     assert "the event loop was blocked for" in text
     assert "stopped (SIGSTOP" not in text
+
+
+def test_a_frozen_node_is_not_taken_for_a_blocked_loop(make_cluster, tmp_path) -> None:
+    """The kernel's freezer (or a host pausing the machine) stops the whole process and sends
+    no SIGCONT: the watchdog thread, held as long as the loop, knows it was not the loop that
+    was stuck, and logs no stack as the place it was blocked (it would show an idle select)."""
+    try:
+        group = Freezer(f"synctrain-test-{time.monotonic_ns()}")
+    except FreezerUnavailable as exc:
+        pytest.skip(str(exc))  # not root, or no cgroup freezer on this kernel
+    cluster = make_cluster(1, extra_args=["--stall-dump-ms", "1000"])
+    try:
+        group.procs.write_text(str(cluster.pid(1)))
+        for round_ in range(3):
+            group.freeze()
+            time.sleep(2.0)  # twice the watchdog's limit
+            group.thaw()
+            with cluster.client() as client:
+                client.put(f"after-freeze-{round_}", b"x")  # it serves again
+    finally:
+        group.thaw()
+        (group.path.parent / "cgroup.procs").write_text(str(cluster.pid(1)))  # back out, to be stopped as usual
+        group.remove()
+    text = cluster.log_path(1).read_text(errors="replace")
+    assert "the event loop was" in text, text[-3000:]  # the lag itself is logged
+    assert "has not ticked for" not in text, text[-3000:]  # ... but no stack for it
