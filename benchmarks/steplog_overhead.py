@@ -166,7 +166,11 @@ def variants() -> list[tuple[str, dict[str, Any]]]:
 
 # ---- the training loop (runs in the workers) ---------------------------------------------
 def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Digits with SGD; each rank times its own steps after warm-up; ``config["fault"]`` injects."""
+    """Digits with SGD; each rank times its own steps after warm-up; ``config["fault"]`` injects.
+    ``config["stamps"]``: also return each timed step's end (``time.monotonic()``) and the
+    samples done by then, from the window's start; ``config["mark"]``: a file rank 0 writes
+    when its window starts (``steplog_interleaved.py``: it counts only the seconds its job was
+    not frozen, and alternates two jobs from the moment both are timing)."""
     ctx = synctrain.get_context()
     train_x, train_y, _, _ = load_digits_split()
     torch.manual_seed(0)
@@ -178,16 +182,23 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     step, timed, samples, started = ctx.start_step, 0, 0, time.monotonic()
     loop_started, log_cpu, log_loop = started, 0.0, 0.0
     ticks = None
+    stamps: list[tuple[float, int]] | None = [] if config.get("stamps") else None
     for _ in range(config["epochs"]):
         for x, y in loader:
             if timed == WARMUP_STEPS:
                 samples, started = 0, time.monotonic()
+                if stamps is not None:
+                    stamps.append((started, 0))
+                if config.get("mark") and ctx.rank == 0:  # steplog_interleaved.py waits for it
+                    _note(Path(config["mark"]), started)
                 ticks = cpu_ticks() if ctx.rank == 0 else None
                 log_cpu, log_loop = steplog_cpu_s(ctx.rank), steplog_loop_s()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             step, timed, samples = step + 1, timed + 1, samples + len(x)
+            if stamps is not None and timed > WARMUP_STEPS:
+                stamps.append((time.monotonic(), samples))
             if fault is not None:
                 inject(fault, ctx, step, first=timed == 1, loop_started=loop_started)
     end = cpu_ticks() if ticks is not None else None
@@ -197,7 +208,8 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
             "steplog_loop_s": log_loop,
             "samples": samples if timed > WARMUP_STEPS else 0,
             "elapsed_s": time.monotonic() - started,
-            "busy_cpu_s": busy_seconds(ticks, end) if ticks is not None and end is not None else None}
+            "busy_cpu_s": busy_seconds(ticks, end) if ticks is not None and end is not None else None,
+            **({"stamps": stamps} if stamps is not None else {})}
 
 
 def steplog_loop_s() -> float:
@@ -350,10 +362,11 @@ def commit_stall(increases: list[tuple[float, int]], kill_t: float, window_s: fl
 
 # ---- one job -------------------------------------------------------------------------------
 def fit(storage: Path, label: str, model: str, mode: str, epochs: int, options: dict[str, Any],
-        fault: dict[str, Any] | None = None) -> tuple[synctrain.Result, CommitWatcher | None]:
+        fault: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None) -> tuple[synctrain.Result, CommitWatcher | None]:
     name = f"{label}-{uuid.uuid4().hex[:6]}".replace("=", "").replace(" ", "-").replace("(", "").replace(")", "")
     mode_options: dict[str, Any] = {"staleness": STALENESS} if mode == "async" else {}
-    config: dict[str, Any] = {"model": model, "epochs": epochs}
+    config: dict[str, Any] = {"model": model, "epochs": epochs, **(extra_config or {})}
     if fault is not None:
         config["fault"] = fault
     watcher = CommitWatcher(storage, name) if fault is not None else None

@@ -107,6 +107,10 @@ PLAN: dict[str, BenchRun] = {
         "at a lower CPU priority, and a stand-in CPU load the size of the log's cost (at normal and at idle "
         "priority); --variants runs some of them alone",
         ("--out", "{out}"), ("--quick", "--out", "{out}")),
+    "steplog_interleaved": BenchRun(
+        "steplog_interleaved.py", "the step log's samples/s overhead with the machine's drift taken out: "
+        "the job without the log and the job at the default K alive at once, in turns of 4 s under the "
+        "kernel's cgroup freezer (needs root)", ("--out", "{out}"), ("--quick", "--out", "{out}")),
     "machine_noise": BenchRun(
         "machine_noise.py", "the same small training step in fresh processes on an idle machine: the "
         "noise floor of the samples/s comparisons above", ("--out", "{out}"),
