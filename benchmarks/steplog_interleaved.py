@@ -312,13 +312,13 @@ def verdict(table: list[dict[str, Any]]) -> dict[str, Any]:
     return overhead_verdict(table)
 
 
-def write(pairs: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> None:
+def write(pairs: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any], name: str = NAME) -> None:
     from _common import write_results
 
     table = summarize(pairs)
     data = {"meta": meta, "table": table, "verdict": verdict(table), "pairs": pairs}
-    write_results(NAME, data, markdown(data), out_dir)
-    plot(data, str(out_dir / f"{NAME}.png"))
+    write_results(name, data, markdown(data), out_dir)
+    plot(data, str(out_dir / f"{name}.png"))
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -408,6 +408,7 @@ def main() -> int:
                         help="model-mode cells, comma-separated (mlp-sync, mlp-async, conv-sync, conv-async)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one pair, the MLP in sync mode, short")
     parser.add_argument("--out", default=None, help="results directory")
+    parser.add_argument("--name", default=NAME, help="results file name (NAME.json, .md, .png)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of each job's own Ray")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
@@ -424,8 +425,9 @@ def main() -> int:
         with open(args.render) as f:
             data = json.load(f)
         out = Path(args.out or os.path.dirname(os.path.abspath(args.render)))
-        (out / f"{NAME}.md").write_text(markdown(data))
-        plot(data, str(out / f"{NAME}.png"))
+        name = Path(args.render).stem
+        (out / f"{name}.md").write_text(markdown(data))
+        plot(data, str(out / f"{name}.png"))
         return 0
     from steplog_overhead import EPOCHS
 
@@ -461,7 +463,7 @@ def main() -> int:
                       f"{100 * pair['direct_cost']:.2f}%", flush=True)
                 meta.update(rounds_done=i + (len(pairs) % len(cells) == 0), minutes=(time.monotonic() - started) / 60,
                             load_avg_end=list(os.getloadavg()))
-                write(pairs, out_dir, meta)  # after every pair: a run cut short keeps what it measured
+                write(pairs, out_dir, meta, args.name)  # after every pair: a run cut short keeps what it measured
     print(markdown({"meta": meta, "table": summarize(pairs), "verdict": verdict(summarize(pairs)), "pairs": pairs}))
     print(f"results in {out_dir}")
     return 0
