@@ -3,6 +3,7 @@
     python benchmarks/steplog_interleaved.py [--rounds 5] [--slice-s 4] [--cells mlp-sync,conv-async] [--out DIR]
     python benchmarks/steplog_interleaved.py --quick [--out DIR]
     python benchmarks/steplog_interleaved.py --render benchmarks/results/steplog_interleaved.json
+    python benchmarks/steplog_interleaved.py --pool RUN.json RUN.json [...] [--same-code] [--out DIR]
 
 ``steplog_overhead.py`` runs the job without the log and the job with it one after the other,
 each in a window of 15-25 s. On this machine (a virtual machine shared with other work) the
@@ -46,7 +47,9 @@ on the loops' own threads), over the seconds the job was thawed.
 
 Needs the kernel's cgroup freezer (v1 ``/sys/fs/cgroup/freezer``, or cgroup v2 with
 ``cgroup.freeze``) and the right to make cgroups (root). Writes
-benchmarks/results/steplog_interleaved.{json,md,png} after every pair. ``--quick`` (the smoke
+benchmarks/results/steplog_interleaved.{json,md,png} (``--name``) after every pair; ``--pool``
+judges the rounds of several stored runs together (``steplog_interleaved_pooled.{json,md}``),
+refusing runs of different code or training unless ``--same-code`` vouches for them. ``--quick`` (the smoke
 test): one pair, the MLP in sync mode, short windows and 0.5-s slices, into a temp directory
 unless ``--out`` is given.
 """
@@ -400,6 +403,79 @@ def plot(data: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ---- pooling stored runs -------------------------------------------------------------------
+#: What a run measures besides the product's code: the training loop and this script's turns.
+POOL_MEASURED = ("benchmarks/steplog_overhead.py", "benchmarks/steplog_interleaved.py")
+
+
+def pool(specs: list[str], same_code: bool) -> dict[str, Any]:
+    """One judgement over the rounds of several stored runs (results JSONs) of the same code and
+    training: each round keeps its own overhead, and the rounds of all the runs are resampled
+    together. Refused when the runs trained differently (epochs, default K), when one measured
+    uncommitted code, or when the measured code differs between their commits, unless
+    ``same_code`` vouches for the difference (the result names the files)."""
+    import steplog_overhead as so
+
+    if len(specs) < 2:
+        raise so.PoolError("pooling needs at least two runs")
+    runs = []
+    for spec in specs:
+        try:
+            data = json.loads(Path(spec).read_text())
+            meta, pairs = data["meta"], data["pairs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise so.PoolError(f"{spec}: not a readable steplog_interleaved results JSON (meta and pairs)") from None
+        code = meta.get("code") or {}
+        if not code.get("commit") or code.get("dirty"):
+            raise so.PoolError(f"{spec}: measured uncommitted or unknown code (meta.code): what it measured is not known")
+        if any(r["pairs"] == pairs for r in runs):
+            raise so.PoolError(f"{spec}: the same run as one already given: each run pools once")
+        runs.append({"spec": spec, "meta": meta, "pairs": pairs, "commit": code["commit"]})
+    for run in runs[1:]:
+        for key in ("epochs", "default_K"):
+            if run["meta"].get(key) != runs[0]["meta"].get(key):
+                raise so.PoolError(f"{run['spec']} trained differently from {runs[0]['spec']}: {key} is "
+                                   f"{run['meta'].get(key)!r}, not {runs[0]['meta'].get(key)!r}")
+    changed = sorted({f for run in runs[1:] if run["commit"] != runs[0]["commit"]
+                      for f in so._git("diff", "--name-only", runs[0]["commit"], run["commit"], "--",
+                                       *so.MEASURED_CODE, *POOL_MEASURED).split()})
+    if changed and not same_code:
+        raise so.PoolError(f"not pooled: the measured code differs between their commits: {', '.join(changed)}; "
+                           "pass --same-code to pool them anyway, if those changes cannot change what was measured "
+                           "(the result names them)")
+    pairs = [p for run in runs for p in run["pairs"]]
+    table = summarize(pairs)
+    return {"meta": {"runs": [{"spec": r["spec"], "commit": r["commit"], "command": r["meta"].get("command"),
+                               "slice_s": r["meta"].get("slice_s"), "rounds": r["meta"].get("rounds_done")}
+                              for r in runs],
+                     "changed_files": changed, "same_code_vouched": bool(changed),
+                     "epochs": runs[0]["meta"].get("epochs"), "default_K": runs[0]["meta"].get("default_K")},
+            "table": table, "verdict": verdict(table), "pairs": pairs}
+
+
+def pooled_markdown(data: dict[str, Any], command: str) -> str:
+    meta, v = data["meta"], data["verdict"]
+    lines = ["# Step-log overhead, the two jobs interleaved: stored runs pooled", "",
+             f"Command: `{command}`. Each round keeps its own overhead (its turns against the other job's turns "
+             "around them); the rounds of all the runs are resampled together for the 90% interval of their median.",
+             ""]
+    for r in meta["runs"]:
+        lines.append(f"- `{r['spec']}`: {r['rounds']} round(s), turns of {r['slice_s']:g} s, at {r['commit'][:7]} "
+                     f"(`{r['command']}`)")
+    if meta["changed_files"]:
+        lines.append(f"- vouched the same (`--same-code`): {', '.join(meta['changed_files'])} differ between the "
+                     "runs' commits")
+    lines += ["", "| model | mode | rounds | overhead: median [90% interval] | verdict | direct cost (median) |",
+              "|---|---|---:|---:|---|---:|"]
+    for r in data["table"]:
+        cell = v["cells"][f"{r['model']} {r['mode']}"]
+        lines.append(f"| {r['model']} | {r['mode']} | {r['rounds']} | {100 * r['median_overhead']:+.1f}% "
+                     f"[{100 * r['overhead_low']:+.1f}, {100 * r['overhead_high']:+.1f}] | {cell['status']} | "
+                     f"{100 * r['direct_cost']:.2f}% |")
+    lines += ["", f"All cells (target: overhead at the default K <= 3%): **{v['status']}**."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="pairs per cell, the cells in a rotated order")
@@ -412,6 +488,10 @@ def main() -> int:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of each job's own Ray")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
+    parser.add_argument("--pool", nargs="+", metavar="JSON", default=None,
+                        help=f"measure nothing: judge the rounds of several stored runs together into {NAME}_pooled")
+    parser.add_argument("--same-code", action="store_true",
+                        help="with --pool: pool runs whose measured code differs, vouching that it measures the same")
     for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
@@ -421,6 +501,22 @@ def main() -> int:
         return run_child(args)
     # SIGTERM unwinds like Ctrl-C: run_pair's cleanup thaws and kills the jobs, removes the cgroups
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.pool:
+        from _common import write_results
+        from steplog_overhead import PoolError
+
+        try:
+            data = pool(args.pool, args.same_code)
+        except PoolError as exc:
+            parser.error(str(exc))
+        command = " ".join(["python benchmarks/steplog_interleaved.py", *sys.argv[1:]])
+        data["meta"]["command"] = command
+        text = pooled_markdown(data, command)
+        write_results(f"{NAME}_pooled", data, text, Path(args.out) if args.out else RESULTS)
+        print(text)
+        return 0
+    if args.same_code:
+        parser.error("--same-code goes with --pool")
     if args.render:
         with open(args.render) as f:
             data = json.load(f)

@@ -140,3 +140,33 @@ def test_interleaved_benchmark_quick_mode_writes_results(tmp_path):
     # no cgroup of the run is left behind
     root, _ = freezer_root()
     assert not list(root.glob("synctrain-bench-*"))
+
+
+def test_stored_runs_pool_their_rounds_and_refuse_what_differs(tmp_path):
+    import steplog_overhead as so
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+    def run(name, overheads, **meta):
+        pairs = [{"model": "mlp", "mode": "sync", "overhead": o, "direct_cost": 0.017, "steplog_cpu_share": 0.01,
+                  "steplog_loop_share": 0.007, si.BASE: {"samples_per_s": 100.0, "thawed_s": 20.0, "slices": 10},
+                  si.LOGGED: {"samples_per_s": 99.0, "thawed_s": 20.0, "slices": 10}} for o in overheads]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {"code": {"commit": head, "dirty": False}, "epochs": {"mlp": 480},
+                                             "default_K": 2048, "slice_s": 2.0, "rounds_done": len(overheads),
+                                             "command": "x", **meta}, "pairs": pairs}))
+        return str(path)
+
+    a, b = run("a", [0.01, 0.02, 0.00]), run("b", [0.015, 0.005])
+    data = si.pool([a, b], same_code=False)
+    (row,) = data["table"]
+    assert row["rounds"] == 5 and row["median_overhead"] == pytest.approx(0.01)
+    assert data["verdict"]["cells"]["mlp sync"]["status"] in ("met", "not shown")
+    assert "| mlp | sync | 5 |" in si.pooled_markdown(data, "cmd")
+    with pytest.raises(so.PoolError, match="same run"):
+        si.pool([a, a], same_code=False)
+    with pytest.raises(so.PoolError, match="uncommitted"):
+        si.pool([a, run("dirty", [0.0], code={"commit": head, "dirty": True})], same_code=False)
+    with pytest.raises(so.PoolError, match="epochs"):
+        si.pool([a, run("short", [0.0], epochs={"mlp": 40})], same_code=False)
