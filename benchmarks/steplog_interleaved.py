@@ -443,7 +443,11 @@ def pool(specs: list[str], same_code: bool) -> dict[str, Any]:
         raise so.PoolError(f"not pooled: the measured code differs between their commits: {', '.join(changed)}; "
                            "pass --same-code to pool them anyway, if those changes cannot change what was measured "
                            "(the result names them)")
-    pairs = [p for run in runs for p in run["pairs"]]
+    # Each round's figures only: the turns themselves stay in the runs' own files.
+    pairs = [{"source": run["spec"], "round": p.get("round"), "model": p["model"], "mode": p["mode"],
+              **{k: p[k] for k in ("overhead", "direct_cost", "steplog_cpu_share", "steplog_loop_share")},
+              **{v: {k: p[v][k] for k in ("samples_per_s", "thawed_s", "slices")} for v in VARIANTS}}
+             for run in runs for p in run["pairs"]]
     table = summarize(pairs)
     return {"meta": {"runs": [{"spec": r["spec"], "commit": r["commit"], "command": r["meta"].get("command"),
                                "slice_s": r["meta"].get("slice_s"), "rounds": r["meta"].get("rounds_done")}

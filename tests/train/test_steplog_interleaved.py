@@ -164,6 +164,7 @@ def test_stored_runs_pool_their_rounds_and_refuse_what_differs(tmp_path):
     assert row["rounds"] == 5 and row["median_overhead"] == pytest.approx(0.01)
     assert data["verdict"]["cells"]["mlp sync"]["status"] in ("met", "not shown")
     assert "| mlp | sync | 5 |" in si.pooled_markdown(data, "cmd")
+    assert [p["source"] for p in data["pairs"]] == [a] * 3 + [b] * 2  # each round says its run
     with pytest.raises(so.PoolError, match="same run"):
         si.pool([a, a], same_code=False)
     with pytest.raises(so.PoolError, match="uncommitted"):
