@@ -1,6 +1,7 @@
 """Step-log overhead, the two jobs interleaved: alive at once, run in turns of a few seconds.
 
     python benchmarks/steplog_interleaved.py [--rounds 5] [--slice-s 4] [--cells mlp-sync,conv-async] [--out DIR]
+    python benchmarks/steplog_interleaved.py --cells conv-async --logged-options '{"checkpoint_every": 0}' --name N
     python benchmarks/steplog_interleaved.py --quick [--out DIR]
     python benchmarks/steplog_interleaved.py --render benchmarks/results/steplog_interleaved.json
     python benchmarks/steplog_interleaved.py --pool RUN.json RUN.json [...] [--same-code] [--out DIR]
@@ -49,7 +50,10 @@ Needs the kernel's cgroup freezer (v1 ``/sys/fs/cgroup/freezer``, or cgroup v2 w
 ``cgroup.freeze``) and the right to make cgroups (root). Writes
 benchmarks/results/steplog_interleaved.{json,md,png} (``--name``) after every pair; ``--pool``
 judges the rounds of several stored runs together (``steplog_interleaved_pooled.{json,md}``),
-refusing runs of different code or training unless ``--same-code`` vouches for them. ``--quick`` (the smoke
+refusing runs of different code or training unless ``--same-code`` vouches for them.
+``--logged-options`` (a JSON object of Trainer keywords) changes the logged job, e.g. to switch
+one of the log's parts off (``{"checkpoint_every": 0}``): a split of where the cost goes,
+measured as precisely as the overhead itself; its results say so and judge no target. ``--quick`` (the smoke
 test): one pair, the MLP in sync mode, short windows and 0.5-s slices, into a temp directory
 unless ``--out`` is given.
 """
@@ -194,7 +198,7 @@ def run_child(args: argparse.Namespace) -> int:
 
     for module in (convergence, digits):  # the workers cannot import benchmarks/ or examples/
         ray.cloudpickle.register_pickle_by_value(module)
-    options: dict[str, Any] = {"step_log": False} if args.variant == BASE else {}
+    options: dict[str, Any] = {"step_log": False} if args.variant == BASE else json.loads(args.options or "{}")
     label = f"{args.model}-{args.mode}-{'nolog' if args.variant == BASE else 'log'}"
     result, _ = so.fit(Path(args.storage), label, args.model, args.mode, args.epochs, options,
                        extra_config={"stamps": True, "mark": args.mark})
@@ -209,9 +213,10 @@ def run_child(args: argparse.Namespace) -> int:
 
 # ---- the parent: a pair of jobs in turns ---------------------------------------------------
 def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, first: str,
-             num_cpus: int) -> dict[str, Any]:
+             num_cpus: int, logged_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Both jobs of a cell: each started alone and frozen when its timing begins, then thawed in
-    turns of ``slice_s`` (``first`` first) until one ends; the other then runs out alone."""
+    turns of ``slice_s`` (``first`` first) until one ends; the other then runs out alone.
+    ``logged_options``: Trainer keywords the logged job adds (``--logged-options``)."""
     tag = uuid.uuid4().hex[:8]
     groups: dict[str, Freezer] = {}
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -229,7 +234,8 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
                     ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(groups[v].procs), sys.executable, __file__,
                      "--child", "--model", model, "--mode", mode, "--variant", v, "--epochs", str(epochs),
                      "--storage", str(storage), "--mark", str(files[v]["mark"]), "--result",
-                     str(files[v]["json"]), "--num-cpus", str(num_cpus)],
+                     str(files[v]["json"]), "--num-cpus", str(num_cpus),
+                     "--options", json.dumps(logged_options or {} if v == LOGGED else {})],
                     stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not files[v]["mark"].exists():
@@ -337,6 +343,7 @@ def markdown(data: dict[str, Any]) -> str:
         "the geometric mean of those ratios. 2 workers x batch 32 on digits, SGD momentum 0.9; async: staleness 2. "
         f"{meta['rounds_done']} round(s); {meta['cpus']} CPUs; load average {_load(meta['load_avg_start'])} at the "
         f"start; {meta.get('minutes', 0):.1f} minutes. Command: `{meta['command']}`.", "",
+        *_options_lines(meta),
         "| model | mode | samples/s without the log | samples/s at the default K | overhead: median of the rounds "
         f"[{100 * v.get('confidence', 0.9):.0f}% interval] | each round | thawed s per job (median) | turns per job | "
         "direct cost (median [interval]) |",
@@ -347,6 +354,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"{100 * r['median_overhead']:+.1f}% [{100 * r['overhead_low']:+.1f}, {100 * r['overhead_high']:+.1f}] | "
             f"{' / '.join(f'{100 * x:+.1f}' for x in r['overhead_rounds'])} | {r['thawed_s']:.1f} | {r['slices']:g} | "
             f"{100 * r['direct_cost']:.2f}% [{100 * r['direct_cost_low']:.2f}, {100 * r['direct_cost_high']:.2f}] |")
+    if meta.get("logged_options"):
+        lines += ["", "Not a verdict on the target: the logged job ran with the options above, not the defaults."]
     lines += ["", "Targets (issue 11): overhead at the default K <= 3%, judged per cell on its interval (met: the "
               "upper end within it; not met: the lower end past it; not shown: the interval holds it):", ""]
     for cell, c in v.get("cells", {}).items():
@@ -359,6 +368,15 @@ def markdown(data: dict[str, Any]) -> str:
               "slices, and each slice's samples/s, are in the JSON; the plot shows them for the first pair of each "
               "cell."]
     return "\n".join(lines) + "\n"
+
+
+def _options_lines(meta: dict[str, Any]) -> list[str]:
+    """The markdown's note on ``--logged-options`` (none for a run at the defaults)."""
+    options = meta.get("logged_options")
+    if not options:
+        return []
+    return [f"**The logged job is not at the defaults**: it ran with `{json.dumps(options)}` (`--logged-options`), "
+            "so this is a split of the log's cost, not the overhead the target is about.", ""]
 
 
 def _load(values: list[float]) -> str:
@@ -432,7 +450,7 @@ def pool(specs: list[str], same_code: bool) -> dict[str, Any]:
             raise so.PoolError(f"{spec}: the same run as one already given: each run pools once")
         runs.append({"spec": spec, "meta": meta, "pairs": pairs, "commit": code["commit"]})
     for run in runs[1:]:
-        for key in ("epochs", "default_K"):
+        for key in ("epochs", "default_K", "logged_options"):
             if run["meta"].get(key) != runs[0]["meta"].get(key):
                 raise so.PoolError(f"{run['spec']} trained differently from {runs[0]['spec']}: {key} is "
                                    f"{run['meta'].get(key)!r}, not {runs[0]['meta'].get(key)!r}")
@@ -480,6 +498,34 @@ def pooled_markdown(data: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_logged_options(parser: argparse.ArgumentParser, text: str | None, modes: set[str]) -> dict[str, Any]:
+    """``--logged-options``: a JSON object of Trainer keywords (not ``step_log``: the logged job
+    keeps its log), checked by building a Trainer with them in each of ``modes`` before any job
+    starts."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        parser.error(f"--logged-options is not JSON ({exc}): give an object, e.g. '{{\"checkpoint_every\": 0}}'")
+    if not isinstance(options, dict):
+        parser.error(f"--logged-options must be a JSON object of Trainer keywords, not {type(options).__name__}")
+    if "step_log" in options:
+        parser.error("--logged-options cannot set step_log: the logged job is the one with the log")
+    fixed = sorted(set(options) & {"staleness", "num_workers", "mode", "config", "job_name", "storage_path"})
+    if fixed:
+        parser.error(f"--logged-options cannot set {', '.join(fixed)}: both jobs train alike (steplog_overhead.fit)")
+    import synctrain
+
+    for mode in sorted(modes):
+        extra = {"staleness": 2} if mode == "async" else {}  # as the child's jobs run
+        try:
+            synctrain.Trainer(lambda config: None, num_workers=2, mode=mode, **{**extra, **options})
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--logged-options ({mode} mode): {exc}")
+    return options
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="pairs per cell, the cells in a rotated order")
@@ -496,7 +542,10 @@ def main() -> int:
                         help=f"measure nothing: judge the rounds of several stored runs together into {NAME}_pooled")
     parser.add_argument("--same-code", action="store_true",
                         help="with --pool: pool runs whose measured code differs, vouching that it measures the same")
-    for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result"):  # the child's
+    parser.add_argument("--logged-options", default=None, metavar="JSON",
+                        help='Trainer keywords for the logged job, a JSON object (e.g. \'{"checkpoint_every": 0}\'): '
+                             "a split of the cost, judged against no target")
+    for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result", "--options"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -541,12 +590,13 @@ def main() -> int:
     epochs, slice_s, rounds = (QUICK_EPOCHS, QUICK_SLICE_S, 1) if args.quick else (EPOCHS, args.slice_s, args.rounds)
     if args.quick:
         cells = [("mlp", "sync")]
+    logged_options = parse_logged_options(parser, args.logged_options, {mode for _, mode in cells})
     out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix=f"{NAME}_")) if args.quick else RESULTS)
     started = time.monotonic()
     meta = {"command": " ".join(["benchmarks/steplog_interleaved.py", *sys.argv[1:]]), "slice_s": slice_s,
             "rounds_asked": rounds, "rounds_done": 0, "epochs": epochs, "default_K": DEFAULT_MAX_UNCOMMITTED_STEPS,
             "cpus": os.cpu_count(), "load_avg_start": list(os.getloadavg()), "machine": machine(),
-            "code": code_version()}
+            "code": code_version(), **({"logged_options": logged_options} if logged_options else {})}
     pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="steplog_interleaved_jobs_") as storage:
         for i in range(rounds):
@@ -554,7 +604,8 @@ def main() -> int:
             for model, mode in cells[shift:] + cells[:shift]:
                 first = VARIANTS[(i + CELLS.index((model, mode))) % 2]
                 print(f"-- round {i + 1}/{rounds}: {model} {mode}, {first} first", flush=True)
-                pair = run_pair(Path(storage), model, mode, epochs[model], slice_s, first, args.num_cpus)
+                pair = run_pair(Path(storage), model, mode, epochs[model], slice_s, first, args.num_cpus,
+                                logged_options)
                 pair["round"] = i + 1
                 pairs.append(pair)
                 print(f"   {BASE} {pair[BASE]['samples_per_s']:,.0f} samples/s, {LOGGED} "
