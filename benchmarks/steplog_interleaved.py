@@ -245,6 +245,8 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
             groups[v].freeze()
         alternation_start = time.monotonic()
         intervals: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+        # per turn: seconds the freeze took (until every process was stopped), then the sync()
+        stops: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
         alive, turn = list(order), 0
         ends = time.monotonic() + RUN_TIMEOUT_S
         while alive:
@@ -265,9 +267,13 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
                 if procs[v].returncode != 0:
                     raise RuntimeError(f"the {v} job failed:\n{_tail(files[v]['log'])}")
             else:
+                t1 = time.monotonic()
                 groups[v].freeze()
+                t2 = time.monotonic()
                 os.sync()  # writeback of what it wrote, charged to its own slice (see the docstring)
-                intervals[v].append((t0, time.monotonic()))
+                t3 = time.monotonic()
+                intervals[v].append((t0, t3))
+                stops[v].append((t2 - t1, t3 - t2))
             turn += 1
             if time.monotonic() > ends:
                 raise RuntimeError(f"the pair did not finish in {RUN_TIMEOUT_S:.0f} s")
@@ -278,6 +284,10 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
             if v in procs and procs[v].poll() is None:
                 procs[v].kill()
     out = pair_result(children, intervals, alternation_start, os.cpu_count() or 1)
+    for v in VARIANTS:  # what ending a turn took: an artefact of the design, charged to the job
+        if stops[v]:
+            out[v]["freeze_s"] = statistics.median(f for f, _ in stops[v])
+            out[v]["sync_s"] = statistics.median(x for _, x in stops[v])
     out.update(model=model, mode=mode, first=first, slice_s=slice_s, epochs=epochs)
     return out
 
