@@ -342,6 +342,7 @@ def write(pairs: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any], name
 
 def markdown(data: dict[str, Any]) -> str:
     meta, table, v = data["meta"], data["table"], data["verdict"]
+    logged = "with the log (the options above)" if meta.get("logged_options") else "at the default K"
     lines = [
         "# Step-log overhead, the two jobs interleaved", "",
         f"The job without the log and the job at the default K (K={meta['default_K']}) run at the same time, each in "
@@ -354,7 +355,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{meta['rounds_done']} round(s); {meta['cpus']} CPUs; load average {_load(meta['load_avg_start'])} at the "
         f"start; {meta.get('minutes', 0):.1f} minutes. Command: `{meta['command']}`.", "",
         *_options_lines(meta),
-        "| model | mode | samples/s without the log | samples/s at the default K | overhead: median of the rounds "
+        f"| model | mode | samples/s without the log | samples/s {logged} | overhead: median of the rounds "
         f"[{100 * v.get('confidence', 0.9):.0f}% interval] | each round | thawed s per job (median) | turns per job | "
         "direct cost (median [interval]) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

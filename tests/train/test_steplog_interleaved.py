@@ -171,3 +171,31 @@ def test_stored_runs_pool_their_rounds_and_refuse_what_differs(tmp_path):
         si.pool([a, run("dirty", [0.0], code={"commit": head, "dirty": True})], same_code=False)
     with pytest.raises(so.PoolError, match="epochs"):
         si.pool([a, run("short", [0.0], epochs={"mlp": 40})], same_code=False)
+    with pytest.raises(so.PoolError, match="logged_options"):  # a split is not pooled with the defaults
+        si.pool([a, run("split", [0.0], logged_options={"checkpoint_every": 0})], same_code=False)
+
+
+def test_logged_options_are_checked_before_any_job_and_mark_the_results_as_a_split():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))  # type: ignore[method-assign]
+    assert si.parse_logged_options(parser, None, {"sync"}) == {}
+    assert si.parse_logged_options(parser, '{"checkpoint_every": 0}', {"sync", "async"}) == {"checkpoint_every": 0}
+    for text, problem in [("{checkpoint_every: 0}", "not JSON"), ("[1]", "JSON object"),
+                          ('{"step_log": false}', "cannot set step_log"), ('{"staleness": 0}', "both jobs train alike"),
+                          ('{"checkpoint_every": -1}', "checkpoint_every"), ('{"chekpoint_every": 0}', "chekpoint_every")]:
+        with pytest.raises(ValueError, match=problem):
+            si.parse_logged_options(parser, text, {"async"})
+    pair = {"model": "conv", "mode": "async", "overhead": 0.01, "direct_cost": 0.01, "steplog_cpu_share": 0.01,
+            "steplog_loop_share": 0.0, si.BASE: {"samples_per_s": 100.0, "thawed_s": 20.0, "slices": 10, "turns": []},
+            si.LOGGED: {"samples_per_s": 99.0, "thawed_s": 20.0, "slices": 10, "turns": []}}
+    meta = {"slice_s": 2.0, "rounds_done": 1, "cpus": 2, "load_avg_start": [0.0, 0.0, 0.0], "command": "x",
+            "default_K": 2048}
+    table = si.summarize([pair])
+    plain = si.markdown({"meta": meta, "table": table, "verdict": si.verdict(table), "pairs": [pair]})
+    split = si.markdown({"meta": {**meta, "logged_options": {"checkpoint_every": 0}}, "table": table,
+                         "verdict": si.verdict(table), "pairs": [pair]})
+    assert "not at the defaults" not in plain and "samples/s at the default K" in plain
+    assert '`{"checkpoint_every": 0}`' in split and "Not a verdict on the target" in split
+    assert "samples/s at the default K" not in split
