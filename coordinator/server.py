@@ -868,6 +868,10 @@ class CoordinatorServer:
         self._stalled = False  # the last tick came late (see _note_lag)
         self._last_tick_at = time.monotonic()  # read by the watchdog thread (_watch_loop)
         self._continued_at = -1e9  # when SIGCONT last arrived (note_continued)
+        # The watchdog thread's nap (None: no watchdog) and when it last woke: a lag it was
+        # held through too was the whole process stopped (see _process_was_held)
+        self._watch_nap: float | None = None
+        self._watch_at = time.monotonic()
         self._applied_bytes = 0  # entry data applied since the last snapshot started
         self._held_snapshot = (-1, 0)  # (snapshot index, its data bytes): see _log_outweighs_snapshot
         self._senders: dict[int, tuple[tuple[int, int], asyncio.Task]] = {}  # peer -> stream
@@ -1084,12 +1088,22 @@ class CoordinatorServer:
         stalled, self._stalled = self._stalled, late_s > self.config.stall_warn_s
         if self._stalled and not stalled:  # once per stall, not for each tick caught up
             self.stats["loop_stalls"] += 1
-            stopped = time.monotonic() - self._continued_at < late_s + self.config.tick_s
+            now = time.monotonic()
+            stopped = now - self._continued_at < late_s + self.config.tick_s or self._process_was_held(now, late_s)
             log.warning("node %d: the event loop %s for %d ms: no ticks, votes, heartbeats or "
                         "answers meanwhile (role %s, term %d, snapshot %s)", self.id,
                         "was stopped (SIGSTOP or frozen)" if stopped else "was blocked",
                         lag_ms, self.role.name.lower(), self.node.term,
                         "in progress" if self._snap_job else "idle")
+
+    def _process_was_held(self, now: float, late_s: float) -> bool:
+        """Whether the watchdog thread, which the loop never blocks, has not woken for about as
+        long as the loop lagged: then the whole process was held (frozen: no SIGCONT), not the
+        loop blocked. Asked by the loop as soon as it runs again, which may be before the
+        watchdog wakes and notes the freeze itself. A blocked loop leaves the watchdog waking
+        every nap (a loop in Python code lets it take the GIL within the switch interval)."""
+        nap = self._watch_nap
+        return nap is not None and now - self._watch_at > max(1.5 * nap, late_s / 2)
 
     def _watch_loop(self, loop_thread: int) -> None:
         """Watchdog thread: when the ticker is ``stall_dump_s`` overdue, log where the
@@ -1100,6 +1114,7 @@ class CoordinatorServer:
         assert self.config.stall_dump_s is not None
         limit_s, logged_for = self.config.stall_dump_s, 0.0
         nap = min(0.5, limit_s / 4)
+        self._watch_nap, self._watch_at = nap, time.monotonic()
         while not self._stopped.is_set():
             slept = time.monotonic()
             time.sleep(nap)
@@ -1108,6 +1123,7 @@ class CoordinatorServer:
                 # This thread, which the loop never blocks, was held too: the whole process
                 # was stopped or frozen (the freezer sends no SIGCONT), not the loop blocked.
                 self._continued_at = now
+            self._watch_at = now
             last, due = self._last_tick_at, self._wake_at  # the ticker sleeps until it is due
             if now - due < limit_s or logged_for == last or now - self._continued_at < 1.0:
                 continue
