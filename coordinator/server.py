@@ -154,6 +154,11 @@ _SENT_WHILE_PERSISTING = frozenset({MessageType.HEARTBEAT, MessageType.HEARTBEAT
 MAX_DISK_STALL_S = 30.0  # admin_stall_disk's bound
 #: A watch's long poll is held this long at most with no change (the client asks again).
 MAX_WATCH_WAIT_S = 5.0
+#: A non-leader whose ticker woke more than ``stall_warn_s`` late (the loop blocked, or the
+#: process stopped) delivers the tick it slept for -- maybe its election deadline -- this many
+#: heartbeat intervals later, not at once: after a pause of the whole cluster the leader's
+#: overdue heartbeat comes first (see CoordinatorServer._tick_forever).
+PAUSE_GRACE_HEARTBEATS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -989,6 +994,7 @@ class CoordinatorServer:
         assert self._loop is not None
         period = self.config.tick_s
         self._tick_grid, self._ticks = time.monotonic(), 0
+        graced = -1  # the last tick deferred after a late wake (see below)
         while True:
             wake_tick = self._ticks + self._ticks_to_sleep()
             wake_at = self._tick_grid + wake_tick * period
@@ -1005,7 +1011,20 @@ class CoordinatorServer:
                 self._advance_ticks(int((now - self._tick_grid) / period))
                 continue
             late_s = now - wake_at
-            if late_s > period:
+            if late_s > self.config.stall_warn_s and self.role != Role.LEADER and wake_tick != graced:
+                # Late, and not a leader: the tick it slept for may be its election deadline,
+                # which passed while nothing here ran (the loop blocked, or the process
+                # stopped). When the whole cluster was held together (a paused VM, the cgroup
+                # freezer), the leader was too, and no heartbeat waits in the socket: firing
+                # the deadline now would campaign against a live leader that has not had the
+                # chance to speak (seen: an election in one frozen job in three). So deliver
+                # the ticks before it and let that one fall PAUSE_GRACE_HEARTBEATS heartbeat
+                # intervals from now, time for the leader's overdue heartbeat to arrive. Once
+                # per tick: a loop late again when that one comes delivers it, so a node whose
+                # loop is always late still campaigns.
+                due, graced = wake_tick - 1, wake_tick
+                self._tick_grid = now + self._pause_grace_s() - wake_tick * period
+            elif late_s > period:
                 # Late (the loop was blocked, or the process stopped): deliver the ticks up to
                 # the one it slept for and drop the ones missed after it instead of firing them
                 # back to back (as etcd's ticker does). A burst would run a follower's election
@@ -1019,6 +1038,11 @@ class CoordinatorServer:
             self._note_lag(late_s)
             self._last_tick_at = now
             self._advance_ticks(due)
+
+    def _pause_grace_s(self) -> float:
+        """How long a non-leader that woke late waits before the tick it slept for (see
+        :meth:`_tick_forever`): PAUSE_GRACE_HEARTBEATS of its leader's heartbeat intervals."""
+        return PAUSE_GRACE_HEARTBEATS * self.config.heartbeat_tick * self.config.tick_s
 
     def _ticks_to_sleep(self) -> int:
         """Ticks from now to the next one that must be delivered on time: the one the core
