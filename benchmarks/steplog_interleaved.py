@@ -235,7 +235,7 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
                      "--child", "--model", model, "--mode", mode, "--variant", v, "--epochs", str(epochs),
                      "--storage", str(storage), "--mark", str(files[v]["mark"]), "--result",
                      str(files[v]["json"]), "--num-cpus", str(num_cpus),
-                     "--options", json.dumps(logged_options or {} if v == LOGGED else {})],
+                     "--options", json.dumps((logged_options or {}) if v == LOGGED else {})],
                     stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not files[v]["mark"].exists():
