@@ -2,6 +2,7 @@
 
     python benchmarks/steplog_interleaved.py [--rounds 5] [--slice-s 4] [--cells mlp-sync,conv-async] [--out DIR]
     python benchmarks/steplog_interleaved.py --cells conv-async --logged-options '{"checkpoint_every": 0}' --name N
+    python benchmarks/steplog_interleaved.py --cells mlp-sync --logged-variant idle-coordinator --name N
     python benchmarks/steplog_interleaved.py --quick [--out DIR]
     python benchmarks/steplog_interleaved.py --render benchmarks/results/steplog_interleaved.json
     python benchmarks/steplog_interleaved.py --pool RUN.json RUN.json [...] [--same-code] [--out DIR]
@@ -53,7 +54,11 @@ judges the rounds of several stored runs together (``steplog_interleaved_pooled.
 refusing runs of different code or training unless ``--same-code`` vouches for them.
 ``--logged-options`` (a JSON object of Trainer keywords) changes the logged job, e.g. to switch
 one of the log's parts off (``{"checkpoint_every": 0}``): a split of where the cost goes,
-measured as precisely as the overhead itself; its results say so and judge no target. ``--quick`` (the smoke
+measured as precisely as the overhead itself; its results say so and judge no target.
+``--logged-variant idle-coordinator`` is another split: the "logged" job runs without the log
+(``step_log=False``) but with an idle three-node coordinator, configured as the embedded one,
+started in its own Ray (so frozen and thawed with it): what the nodes cost while no record
+reaches them (heartbeats, their processes' own threads). ``--quick`` (the smoke
 test): one pair, the MLP in sync mode, short windows and 0.5-s slices, into a temp directory
 unless ``--out`` is given.
 """
@@ -89,6 +94,9 @@ CELLS = [(m, mode) for m in ("mlp", "conv") for mode in ("sync", "async")]
 #: a slice that is a multiple of it commits as often per thawed second as a job running alone.
 SLICE_S = 4.0
 QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 40, "conv": 4}
+#: ``--logged-variant``: what the logged job is ("default": the log at its defaults, or with
+#: ``--logged-options``; "idle-coordinator": no log, an idle embedded-style coordinator beside it).
+LOGGED_VARIANTS = ("default", "idle-coordinator")
 #: How long a child may take to reach its timed window, and to finish after it.
 START_TIMEOUT_S, RUN_TIMEOUT_S = 300.0, 1800.0
 
@@ -199,9 +207,23 @@ def run_child(args: argparse.Namespace) -> int:
     for module in (convergence, digits):  # the workers cannot import benchmarks/ or examples/
         ray.cloudpickle.register_pickle_by_value(module)
     options: dict[str, Any] = {"step_log": False} if args.variant == BASE else json.loads(args.options or "{}")
+    cluster = None
+    if args.idle_coordinator:  # the split --logged-variant idle-coordinator: no log, idle nodes
+        from coordinator.cluster import RayCluster
+        from synctrain.driver import coord
+
+        options = {"step_log": False}
+        cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0, tick_ms=coord.EMBEDDED_TICK_MS,
+                             heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
+                             election_tick=coord.EMBEDDED_ELECTION_TICK, nice=coord.STEPLOG_NICE)
+        cluster.start()
     label = f"{args.model}-{args.mode}-{'nolog' if args.variant == BASE else 'log'}"
-    result, _ = so.fit(Path(args.storage), label, args.model, args.mode, args.epochs, options,
-                       extra_config={"stamps": True, "mark": args.mark})
+    try:
+        result, _ = so.fit(Path(args.storage), label, args.model, args.mode, args.epochs, options,
+                           extra_config={"stamps": True, "mark": args.mark})
+    finally:
+        if cluster is not None:
+            cluster.stop()
     ranks = [{"rank": o["rank"], "stamps": o["stamps"], "steplog_cpu_s": o["steplog_cpu_s"],
               "steplog_loop_s": o["steplog_loop_s"], "samples": o["samples"], "elapsed_s": o["elapsed_s"]}
              for o in sorted(result.outputs, key=lambda o: o["rank"])]
@@ -213,10 +235,12 @@ def run_child(args: argparse.Namespace) -> int:
 
 # ---- the parent: a pair of jobs in turns ---------------------------------------------------
 def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, first: str,
-             num_cpus: int, logged_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             num_cpus: int, logged_options: dict[str, Any] | None = None,
+             logged_variant: str = "default") -> dict[str, Any]:
     """Both jobs of a cell: each started alone and frozen when its timing begins, then thawed in
     turns of ``slice_s`` (``first`` first) until one ends; the other then runs out alone.
-    ``logged_options``: Trainer keywords the logged job adds (``--logged-options``)."""
+    ``logged_options``: Trainer keywords the logged job adds (``--logged-options``);
+    ``logged_variant``: see ``--logged-variant``."""
     tag = uuid.uuid4().hex[:8]
     groups: dict[str, Freezer] = {}
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -235,7 +259,8 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
                      "--child", "--model", model, "--mode", mode, "--variant", v, "--epochs", str(epochs),
                      "--storage", str(storage), "--mark", str(files[v]["mark"]), "--result",
                      str(files[v]["json"]), "--num-cpus", str(num_cpus),
-                     "--options", json.dumps((logged_options or {}) if v == LOGGED else {})],
+                     "--options", json.dumps((logged_options or {}) if v == LOGGED else {}),
+                     *(["--idle-coordinator"] if v == LOGGED and logged_variant == "idle-coordinator" else [])],
                     stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not files[v]["mark"].exists():
@@ -342,7 +367,8 @@ def write(pairs: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any], name
 
 def markdown(data: dict[str, Any]) -> str:
     meta, table, v = data["meta"], data["table"], data["verdict"]
-    logged = "with the log (the options above)" if meta.get("logged_options") else "at the default K"
+    logged = ("with the log (the options above)" if meta.get("logged_options") else
+              "with an idle coordinator, no log" if meta.get("logged_variant") else "at the default K")
     lines = [
         "# Step-log overhead, the two jobs interleaved", "",
         f"The job without the log and the job at the default K (K={meta['default_K']}) run at the same time, each in "
@@ -365,8 +391,8 @@ def markdown(data: dict[str, Any]) -> str:
             f"{100 * r['median_overhead']:+.1f}% [{100 * r['overhead_low']:+.1f}, {100 * r['overhead_high']:+.1f}] | "
             f"{' / '.join(f'{100 * x:+.1f}' for x in r['overhead_rounds'])} | {r['thawed_s']:.1f} | {r['slices']:g} | "
             f"{100 * r['direct_cost']:.2f}% [{100 * r['direct_cost_low']:.2f}, {100 * r['direct_cost_high']:.2f}] |")
-    if meta.get("logged_options"):
-        lines += ["", "Not a verdict on the target: the logged job ran with the options above, not the defaults."]
+    if meta.get("logged_options") or meta.get("logged_variant"):
+        lines += ["", "Not a verdict on the target: the logged job ran as said above, not at the defaults."]
     lines += ["", "Targets (issue 11): overhead at the default K <= 3%, judged per cell on its interval (met: the "
               "upper end within it; not met: the lower end past it; not shown: the interval holds it):", ""]
     for cell, c in v.get("cells", {}).items():
@@ -384,6 +410,11 @@ def markdown(data: dict[str, Any]) -> str:
 def _options_lines(meta: dict[str, Any]) -> list[str]:
     """The markdown's note on ``--logged-options`` (none for a run at the defaults)."""
     options = meta.get("logged_options")
+    if meta.get("logged_variant") == "idle-coordinator":
+        return ["**The \"logged\" job has no log**: it ran with `step_log=False` beside an idle three-node coordinator "
+                "configured as the embedded one, in its own Ray (`--logged-variant idle-coordinator`), so this is a "
+                "split: what the nodes cost while no record reaches them. Its direct cost counts only what the log's "
+                "parts on the workers spend (none here), not the idle nodes' CPU.", ""]
     if not options:
         return []
     return [f"**The logged job is not at the defaults**: it ran with `{json.dumps(options)}` (`--logged-options`), "
@@ -461,7 +492,7 @@ def pool(specs: list[str], same_code: bool) -> dict[str, Any]:
             raise so.PoolError(f"{spec}: the same run as one already given: each run pools once")
         runs.append({"spec": spec, "meta": meta, "pairs": pairs, "commit": code["commit"]})
     for run in runs[1:]:
-        for key in ("epochs", "default_K", "logged_options"):
+        for key in ("epochs", "default_K", "logged_options", "logged_variant"):
             if run["meta"].get(key) != runs[0]["meta"].get(key):
                 raise so.PoolError(f"{run['spec']} trained differently from {runs[0]['spec']}: {key} is "
                                    f"{run['meta'].get(key)!r}, not {runs[0]['meta'].get(key)!r}")
@@ -556,6 +587,10 @@ def main() -> int:
     parser.add_argument("--logged-options", default=None, metavar="JSON",
                         help='Trainer keywords for the logged job, a JSON object (e.g. \'{"checkpoint_every": 0}\'): '
                              "a split of the cost, judged against no target")
+    parser.add_argument("--logged-variant", default="default", choices=LOGGED_VARIANTS,
+                        help="idle-coordinator: the logged job runs without the log beside an idle embedded-style "
+                             "coordinator (a split of the cost, judged against no target)")
+    parser.add_argument("--idle-coordinator", action="store_true", help=argparse.SUPPRESS)  # the child's
     for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result", "--options"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
@@ -602,12 +637,16 @@ def main() -> int:
     if args.quick:
         cells = [("mlp", "sync")]
     logged_options = parse_logged_options(parser, args.logged_options, {mode for _, mode in cells})
+    if logged_options and args.logged_variant != "default":
+        parser.error(f"--logged-options goes with the default --logged-variant, not {args.logged_variant} "
+                     "(whose logged job has no log to set options on)")
     out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix=f"{NAME}_")) if args.quick else RESULTS)
     started = time.monotonic()
     meta = {"command": " ".join(["benchmarks/steplog_interleaved.py", *sys.argv[1:]]), "slice_s": slice_s,
             "rounds_asked": rounds, "rounds_done": 0, "epochs": epochs, "default_K": DEFAULT_MAX_UNCOMMITTED_STEPS,
             "cpus": os.cpu_count(), "load_avg_start": list(os.getloadavg()), "machine": machine(),
-            "code": code_version(), **({"logged_options": logged_options} if logged_options else {})}
+            "code": code_version(), **({"logged_options": logged_options} if logged_options else {}),
+            **({"logged_variant": args.logged_variant} if args.logged_variant != "default" else {})}
     pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="steplog_interleaved_jobs_") as storage:
         for i in range(rounds):
@@ -616,7 +655,7 @@ def main() -> int:
                 first = VARIANTS[(i + CELLS.index((model, mode))) % 2]
                 print(f"-- round {i + 1}/{rounds}: {model} {mode}, {first} first", flush=True)
                 pair = run_pair(Path(storage), model, mode, epochs[model], slice_s, first, args.num_cpus,
-                                logged_options)
+                                logged_options, args.logged_variant)
                 pair["round"] = i + 1
                 pairs.append(pair)
                 print(f"   {BASE} {pair[BASE]['samples_per_s']:,.0f} samples/s, {LOGGED} "

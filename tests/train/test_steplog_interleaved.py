@@ -173,6 +173,8 @@ def test_stored_runs_pool_their_rounds_and_refuse_what_differs(tmp_path):
         si.pool([a, run("short", [0.0], epochs={"mlp": 40})], same_code=False)
     with pytest.raises(so.PoolError, match="logged_options"):  # a split is not pooled with the defaults
         si.pool([a, run("split", [0.0], logged_options={"checkpoint_every": 0})], same_code=False)
+    with pytest.raises(so.PoolError, match="logged_variant"):  # nor is the idle-coordinator split
+        si.pool([a, run("idle", [0.0], logged_variant="idle-coordinator")], same_code=False)
 
 
 def test_logged_options_are_checked_before_any_job_and_mark_the_results_as_a_split():
@@ -199,3 +201,20 @@ def test_logged_options_are_checked_before_any_job_and_mark_the_results_as_a_spl
     assert "not at the defaults" not in plain and "samples/s at the default K" in plain
     assert '`{"checkpoint_every": 0}`' in split and "Not a verdict on the target" in split
     assert "samples/s at the default K" not in split
+
+
+def test_the_idle_coordinator_split_is_marked_as_one_and_takes_no_logged_options():
+    pair = {"model": "mlp", "mode": "sync", "overhead": 0.01, "direct_cost": 0.0, "steplog_cpu_share": 0.0,
+            "steplog_loop_share": 0.0, si.BASE: {"samples_per_s": 100.0, "thawed_s": 20.0, "slices": 10, "turns": []},
+            si.LOGGED: {"samples_per_s": 99.0, "thawed_s": 20.0, "slices": 10, "turns": []}}
+    meta = {"slice_s": 2.0, "rounds_done": 1, "cpus": 2, "load_avg_start": [0.0, 0.0, 0.0], "command": "x",
+            "default_K": 2048, "logged_variant": "idle-coordinator"}
+    table = si.summarize([pair])
+    text = si.markdown({"meta": meta, "table": table, "verdict": si.verdict(table), "pairs": [pair]})
+    assert "has no log" in text and "idle three-node coordinator" in text and "Not a verdict on the target" in text
+    assert "samples/s with an idle coordinator, no log" in text and "samples/s at the default K" not in text
+    # both at once would be a logged job with options and no log: refused before any job starts
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steplog_interleaved.py"), "--logged-variant",
+                           "idle-coordinator", "--logged-options", '{"checkpoint_every": 0}'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "goes with the default --logged-variant" in proc.stderr, proc.stderr
