@@ -95,8 +95,9 @@ CELLS = [(m, mode) for m in ("mlp", "conv") for mode in ("sync", "async")]
 SLICE_S = 4.0
 QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 40, "conv": 4}
 #: ``--logged-variant``: what the logged job is ("default": the log at its defaults, or with
-#: ``--logged-options``; "idle-coordinator": no log, an idle embedded-style coordinator beside it).
-LOGGED_VARIANTS = ("default", "idle-coordinator")
+#: ``--logged-options``; "idle-coordinator": no log, an idle embedded-style coordinator beside it;
+#: "idle-priority": the log with its embedded nodes under SCHED_IDLE, whatever the default).
+LOGGED_VARIANTS = ("default", "idle-coordinator", "idle-priority")
 #: How long a child may take to reach its timed window, and to finish after it.
 START_TIMEOUT_S, RUN_TIMEOUT_S = 300.0, 1800.0
 
@@ -208,6 +209,10 @@ def run_child(args: argparse.Namespace) -> int:
         ray.cloudpickle.register_pickle_by_value(module)
     options: dict[str, Any] = {"step_log": False} if args.variant == BASE else json.loads(args.options or "{}")
     cluster = None
+    if args.idle_priority:  # --logged-variant idle-priority: read by the driver as the job starts
+        from synctrain.driver import coord
+
+        coord.STEPLOG_IDLE_PRIORITY = True
     if args.idle_coordinator:  # the split --logged-variant idle-coordinator: no log, idle nodes
         from coordinator.cluster import RayCluster
         from synctrain.driver import coord
@@ -260,7 +265,7 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
                      "--storage", str(storage), "--mark", str(files[v]["mark"]), "--result",
                      str(files[v]["json"]), "--num-cpus", str(num_cpus),
                      "--options", json.dumps((logged_options or {}) if v == LOGGED else {}),
-                     *(["--idle-coordinator"] if v == LOGGED and logged_variant == "idle-coordinator" else [])],
+                     *([f"--{logged_variant}"] if v == LOGGED and logged_variant != "default" else [])],
                     stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not files[v]["mark"].exists():
@@ -368,7 +373,9 @@ def write(pairs: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any], name
 def markdown(data: dict[str, Any]) -> str:
     meta, table, v = data["meta"], data["table"], data["verdict"]
     logged = ("with the log (the options above)" if meta.get("logged_options") else
-              "with an idle coordinator, no log" if meta.get("logged_variant") else "at the default K")
+              "with an idle coordinator, no log" if meta.get("logged_variant") == "idle-coordinator" else
+              "with the nodes at idle priority" if meta.get("logged_variant") == "idle-priority" else
+              "at the default K")
     lines = [
         "# Step-log overhead, the two jobs interleaved", "",
         f"The job without the log and the job at the default K (K={meta['default_K']}) run at the same time, each in "
@@ -415,6 +422,9 @@ def _options_lines(meta: dict[str, Any]) -> list[str]:
                 "configured as the embedded one, in its own Ray (`--logged-variant idle-coordinator`), so this is a "
                 "split: what the nodes cost while no record reaches them. Its direct cost counts only what the log's "
                 "parts on the workers spend (none here), not the idle nodes' CPU.", ""]
+    if meta.get("logged_variant") == "idle-priority":
+        return ["**The logged job's coordinator nodes ran under SCHED_IDLE** (`--logged-variant idle-priority`), "
+                "the log otherwise at its defaults: a split, not the overhead the target is about.", ""]
     if not options:
         return []
     return [f"**The logged job is not at the defaults**: it ran with `{json.dumps(options)}` (`--logged-options`), "
@@ -591,6 +601,7 @@ def main() -> int:
                         help="idle-coordinator: the logged job runs without the log beside an idle embedded-style "
                              "coordinator (a split of the cost, judged against no target)")
     parser.add_argument("--idle-coordinator", action="store_true", help=argparse.SUPPRESS)  # the child's
+    parser.add_argument("--idle-priority", action="store_true", help=argparse.SUPPRESS)  # the child's
     for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result", "--options"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)

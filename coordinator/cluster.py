@@ -508,6 +508,26 @@ def lower_priority(nice: int) -> None:
             lower_thread_priority(nice, int(task.name))
 
 
+def idle_priority() -> bool:
+    """Put every thread of this process under ``SCHED_IDLE`` (Linux): its threads run only on
+    a CPU that no thread of a normal policy wants, and their wake-ups never preempt one; the
+    threads it starts later inherit it. False where it cannot be done (another system, or a
+    thread refused it)."""
+    tasks = pathlib.Path("/proc/self/task")
+    if not hasattr(os, "SCHED_IDLE") or not tasks.is_dir():
+        return False
+    done = True
+    for task in tasks.iterdir():
+        if task.name.isdigit():
+            try:
+                os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:
+                continue  # exited meanwhile
+            except OSError:
+                done = False
+    return done
+
+
 class _RayNode:
     """Body of the Ray actor hosting one coordinator node in a background thread.
 
@@ -596,15 +616,19 @@ class _RayNode:
 
     def start(self, peers: dict[int, tuple[str, int]], token: bytes, tick_s: float,
               rejoin: bool = False, heartbeat_tick: int = 1, election_tick: int = 10,
-              nice: int = 0) -> str:
+              nice: int = 0, idle: bool = False) -> str:
         """Serve; ``rejoin`` (a restart): a directory that lost its state starts with
         ``join`` (recovering until the leader repaired it; see LocalCluster.restart);
-        ``nice``: lower this process's CPU priority by that much first (see RayCluster)."""
+        ``nice``: lower this process's CPU priority by that much first; ``idle``: run it
+        under SCHED_IDLE (see RayCluster)."""
         import asyncio
         import threading
 
         if nice:
             lower_priority(nice)
+        if idle and not idle_priority():
+            logger.warning("coordinator node %d: could not run at idle priority (SCHED_IDLE); it runs at "
+                        "its normal priority", self.node_id)
 
         from coordinator.server import CoordinatorServer, ServerConfig
 
@@ -700,12 +724,19 @@ class RayCluster:
     latency: a node wakes for little, and the scheduler may give a busy core back to that work
     sooner (Linux: every thread of the actor's process). A training job's embedded coordinator
     measured no gain from it and leaves it at 0 (``synctrain.driver.coord.STEPLOG_NICE``).
+
+    ``idle_priority``: each node's process runs under ``SCHED_IDLE`` (Linux; elsewhere a
+    warning and the normal priority): it gets a CPU only when no normal thread wants one, and
+    its wake-ups never preempt one (a nice value does not stop a sleeper's wake-up from
+    preempting). For nodes beside work in lockstep, where every preemption of one rank stalls
+    all of them (see ``synctrain.driver.coord.STEPLOG_IDLE_PRIORITY``).
     """
 
     def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
                  heartbeat_tick: int = 1, election_tick: int = 10,
                  num_cpus_per_node: float = 0.0,
-                 data_dir: str | os.PathLike | None = None, nice: int = 0) -> None:
+                 data_dir: str | os.PathLike | None = None, nice: int = 0,
+                 idle_priority: bool = False) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError("a Ray-hosted cluster has 1..9 nodes")
         if num_cpus_per_node < 0:
@@ -713,6 +744,7 @@ class RayCluster:
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be 0..19 (how far below the default CPU priority), not {nice!r}")
         self.nice = nice
+        self.idle_priority = bool(idle_priority)
         self.node_ids = list(range(1, nodes + 1))
         self.token = token or generate_token().encode()
         self.tick_s = tick_ms / 1000.0
@@ -760,7 +792,7 @@ class RayCluster:
         self.endpoints = ray.get([self.actors[i].start.remote(self.addresses, self.token, self.tick_s,
                                                               heartbeat_tick=self.heartbeat_tick,
                                                               election_tick=self.election_tick,
-                                                              nice=self.nice)
+                                                              nice=self.nice, idle=self.idle_priority)
                                   for i in self.node_ids], timeout=timeout_s)
         for i in self.node_ids:
             self._serving[i] = self.actors[i].serve.remote()
@@ -893,7 +925,7 @@ class RayCluster:
                                      strategy=placed["strategy"])
         ray.get(actor.start.remote(self.addresses, self.token, self.tick_s, rejoin=True,
                                    heartbeat_tick=self.heartbeat_tick, election_tick=self.election_tick,
-                                   nice=self.nice),
+                                   nice=self.nice, idle=self.idle_priority),
                 timeout=timeout_s)
         self._serving[node_id] = actor.serve.remote()
         _wait_until(lambda: self.status(node_id) is not None, timeout_s,

@@ -42,6 +42,11 @@ EMBEDDED_TICK_MS, EMBEDDED_HEARTBEAT_TICK, EMBEDDED_ELECTION_TICK = 100.0, 3, 10
 #: node's heartbeats never queue behind a busy loop's threads. An external coordinator's nodes
 #: are its operator's to schedule.
 STEPLOG_NICE = 0
+#: Whether the embedded nodes' processes run under SCHED_IDLE (``RayCluster``'s
+#: ``idle_priority``): a node then gets a core only when no rank wants it, and its wake-ups
+#: (heartbeats, its Ray worker's own threads: ~60 a second per node at rest) never preempt a
+#: rank. Read as a job starts.
+STEPLOG_IDLE_PRIORITY = False
 #: The job's last look at a node: how long its status request may take before the node is
 #: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
 STATUS_TIMEOUT_S = 2.0
@@ -87,7 +92,8 @@ class EmbeddedCoordinator:
             self.cluster = RayCluster(nodes=EMBEDDED_NODES, num_cpus_per_node=0.0, data_dir=self.data_dir,
                                       token=token, tick_ms=EMBEDDED_TICK_MS,
                                       heartbeat_tick=EMBEDDED_HEARTBEAT_TICK,
-                                      election_tick=EMBEDDED_ELECTION_TICK, nice=STEPLOG_NICE)
+                                      election_tick=EMBEDDED_ELECTION_TICK, nice=STEPLOG_NICE,
+                                      idle_priority=STEPLOG_IDLE_PRIORITY)
             try:
                 self.cluster.start()
                 break
