@@ -14,10 +14,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_ray_hosted_cluster_survives_losing_an_actor(ray_session, wait_for) -> None:
+    """With ``idle_priority``, every thread of every node's process runs under SCHED_IDLE, the
+    restarted node's too, and the cluster serves as before."""
     import pathlib
 
-    with RayCluster(nodes=3) as cluster:
+    with RayCluster(nodes=3, idle_priority=True) as cluster:
         assert len(cluster.endpoints) == 3
+        for node in cluster.node_ids:
+            assert _policies(cluster.actor_pid(node)) == {os.SCHED_IDLE}
         with cluster.client(timeout_s=30) as client:
             client.put("k", b"v")
             assert client.get("k") == b"v"
@@ -27,9 +31,23 @@ def test_ray_hosted_cluster_survives_losing_an_actor(ray_session, wait_for) -> N
             temp_dir = pathlib.Path(cluster._placed[1]["data_dir"])
             assert temp_dir.is_dir(), "a killed node keeps its temporary WAL for a restart"
             cluster.restart(1)  # no data_dir: the same temporary directory, same address
+            assert _policies(cluster.actor_pid(1)) == {os.SCHED_IDLE}
             wait_for(lambda: (cluster.status(1) or {}).get("applied", 0) >= (
                 cluster.status(cluster.leader()) or {}).get("commit", 1), "node 1 to catch up")
     assert not temp_dir.exists(), "stop() left a temporary data directory behind"
+
+
+def _policies(pid: int) -> set[int]:
+    """The scheduling policies of a process's threads (Linux: each thread has its own)."""
+    import pathlib
+
+    policies = set()
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            policies.add(os.sched_getscheduler(int(task.name)))
+        except OSError:
+            continue  # a thread that exited meanwhile
+    return policies
 
 
 def _nice_values(pid: int) -> set[int]:
@@ -181,3 +199,33 @@ done.set()
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert first.split() == [str(min(19, base + 3))] * 3
     assert second == "19"
+
+
+def test_idle_priority_puts_every_thread_under_sched_idle_and_the_ones_started_later() -> None:
+    import subprocess
+    import sys
+
+    code = """
+import os, threading
+from coordinator.cluster import idle_priority
+done = threading.Event()
+tids = []
+def park():
+    tids.append(threading.get_native_id())
+    done.wait()
+before = threading.Thread(target=park)
+before.start()
+while not tids:
+    pass
+print(idle_priority())
+after = threading.Thread(target=park)
+after.start()
+while len(tids) < 2:
+    pass
+print(*[os.sched_getscheduler(t) for t in [threading.get_native_id(), *tids]])
+done.set()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    ok, policies = out.stdout.splitlines()
+    assert ok == "True" and policies.split() == [str(os.SCHED_IDLE)] * 3
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the test's own process is untouched
