@@ -58,7 +58,9 @@ measured as precisely as the overhead itself; its results say so and judge no ta
 ``--logged-variant idle-coordinator`` is another split: the "logged" job runs without the log
 (``step_log=False``) but with an idle three-node coordinator, configured as the embedded one,
 started in its own Ray (so frozen and thawed with it): what the nodes cost while no record
-reaches them (heartbeats, their processes' own threads). ``--quick`` (the smoke
+reaches them (heartbeats, their processes' own threads); ``idle-local-coordinator`` the same
+with the nodes as plain processes (``LocalCluster``), not Ray actors; ``idle-priority`` runs
+the log at its defaults with its nodes under SCHED_IDLE. ``--quick`` (the smoke
 test): one pair, the MLP in sync mode, short windows and 0.5-s slices, into a temp directory
 unless ``--out`` is given.
 """
@@ -96,8 +98,9 @@ SLICE_S = 4.0
 QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 40, "conv": 4}
 #: ``--logged-variant``: what the logged job is ("default": the log at its defaults, or with
 #: ``--logged-options``; "idle-coordinator": no log, an idle embedded-style coordinator beside it;
-#: "idle-priority": the log with its embedded nodes under SCHED_IDLE, whatever the default).
-LOGGED_VARIANTS = ("default", "idle-coordinator", "idle-priority")
+#: "idle-local-coordinator": the same, its nodes plain processes (``LocalCluster``), not Ray
+#: actors; "idle-priority": the log with its embedded nodes under SCHED_IDLE, whatever the default).
+LOGGED_VARIANTS = ("default", "idle-coordinator", "idle-local-coordinator", "idle-priority")
 #: How long a child may take to reach its timed window, and to finish after it.
 START_TIMEOUT_S, RUN_TIMEOUT_S = 300.0, 1800.0
 
@@ -221,6 +224,15 @@ def run_child(args: argparse.Namespace) -> int:
         cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0, tick_ms=coord.EMBEDDED_TICK_MS,
                              heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
                              election_tick=coord.EMBEDDED_ELECTION_TICK, nice=coord.STEPLOG_NICE)
+        cluster.start()
+    if args.idle_local_coordinator:  # the same nodes as plain processes: what hosting them in Ray costs
+        from coordinator.cluster import LocalCluster
+        from synctrain.driver import coord
+
+        options = {"step_log": False}
+        cluster = LocalCluster(nodes=coord.EMBEDDED_NODES, tick_ms=coord.EMBEDDED_TICK_MS,
+                               election_tick=coord.EMBEDDED_ELECTION_TICK, warm_start=False,
+                               extra_args=["--heartbeat-tick", str(coord.EMBEDDED_HEARTBEAT_TICK)])
         cluster.start()
     label = f"{args.model}-{args.mode}-{'nolog' if args.variant == BASE else 'log'}"
     try:
@@ -374,6 +386,7 @@ def markdown(data: dict[str, Any]) -> str:
     meta, table, v = data["meta"], data["table"], data["verdict"]
     logged = ("with the log (the options above)" if meta.get("logged_options") else
               "with an idle coordinator, no log" if meta.get("logged_variant") == "idle-coordinator" else
+              "with idle plain-process nodes, no log" if meta.get("logged_variant") == "idle-local-coordinator" else
               "with the nodes at idle priority" if meta.get("logged_variant") == "idle-priority" else
               "at the default K")
     lines = [
@@ -422,6 +435,11 @@ def _options_lines(meta: dict[str, Any]) -> list[str]:
                 "configured as the embedded one, in its own Ray (`--logged-variant idle-coordinator`), so this is a "
                 "split: what the nodes cost while no record reaches them. Its direct cost counts only what the log's "
                 "parts on the workers spend (none here), not the idle nodes' CPU.", ""]
+    if meta.get("logged_variant") == "idle-local-coordinator":
+        return ["**The \"logged\" job has no log**: it ran with `step_log=False` beside an idle three-node coordinator "
+                "whose nodes are plain processes (`LocalCluster`, the embedded one's Raft clock), not Ray actors "
+                "(`--logged-variant idle-local-coordinator`): beside `idle-coordinator`, what hosting the nodes in "
+                "Ray costs. Its direct cost counts none of the nodes' CPU.", ""]
     if meta.get("logged_variant") == "idle-priority":
         return ["**The logged job's coordinator nodes ran under SCHED_IDLE** (`--logged-variant idle-priority`), "
                 "the log otherwise at its defaults: a split, not the overhead the target is about.", ""]
@@ -602,6 +620,7 @@ def main() -> int:
                              "coordinator (a split of the cost, judged against no target)")
     parser.add_argument("--idle-coordinator", action="store_true", help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--idle-priority", action="store_true", help=argparse.SUPPRESS)  # the child's
+    parser.add_argument("--idle-local-coordinator", action="store_true", help=argparse.SUPPRESS)  # the child's
     for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result", "--options"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
