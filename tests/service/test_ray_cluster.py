@@ -166,66 +166,46 @@ def test_nice_out_of_range_is_refused() -> None:
         RayCluster(nodes=3, nice=-1)
 
 
-def test_lower_priority_lowers_every_thread_and_the_ones_started_later() -> None:
-    """A thread running before the call and one started after it both run 3 below the
-    default priority (a Linux thread's nice value is its own); nice stays capped at 19."""
+def _threads_around(call: str, report: str) -> list[str]:
+    """Run, in a fresh Python, ``call`` between starting one parked thread and another, then
+    print ``report`` (an expression of ``tids``: the main thread's and the two parked ones'
+    native ids); the printed lines."""
     import subprocess
     import sys
 
-    code = """
-import os, sys, threading
-from coordinator.cluster import lower_priority
+    code = f"""
+import os, threading
+from coordinator.cluster import idle_priority, lower_priority
 done = threading.Event()
-tids = []
+tids = [threading.get_native_id()]
 def park():
     tids.append(threading.get_native_id())
     done.wait()
-before = threading.Thread(target=park)
-before.start()
-while not tids:
-    pass
-lower_priority(3)
-after = threading.Thread(target=park)
-after.start()
+threading.Thread(target=park).start()
 while len(tids) < 2:
     pass
-print(*[os.getpriority(os.PRIO_PROCESS, t) for t in [threading.get_native_id(), *tids]])
-lower_priority(30)
-print(os.getpriority(os.PRIO_PROCESS, tids[0]))
+{call}
+threading.Thread(target=park).start()
+while len(tids) < 3:
+    pass
+{report}
 done.set()
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    first, second = out.stdout.splitlines()
+    return out.stdout.splitlines()
+
+
+def test_lower_priority_lowers_every_thread_and_the_ones_started_later() -> None:
+    """A thread running before the call and one started after it both run 3 below the
+    default priority (a Linux thread's nice value is its own); nice stays capped at 19."""
+    first, second = _threads_around("lower_priority(3)", "print(*[os.getpriority(os.PRIO_PROCESS, t) for t in tids])\n"
+                                    "lower_priority(30)\nprint(os.getpriority(os.PRIO_PROCESS, tids[1]))")
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert first.split() == [str(min(19, base + 3))] * 3
     assert second == "19"
 
 
 def test_idle_priority_puts_every_thread_under_sched_idle_and_the_ones_started_later() -> None:
-    import subprocess
-    import sys
-
-    code = """
-import os, threading
-from coordinator.cluster import idle_priority
-done = threading.Event()
-tids = []
-def park():
-    tids.append(threading.get_native_id())
-    done.wait()
-before = threading.Thread(target=park)
-before.start()
-while not tids:
-    pass
-print(idle_priority())
-after = threading.Thread(target=park)
-after.start()
-while len(tids) < 2:
-    pass
-print(*[os.sched_getscheduler(t) for t in [threading.get_native_id(), *tids]])
-done.set()
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    ok, policies = out.stdout.splitlines()
+    ok, policies = _threads_around("print(idle_priority())", "print(*[os.sched_getscheduler(t) for t in tids])")
     assert ok == "True" and policies.split() == [str(os.SCHED_IDLE)] * 3
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the test's own process is untouched
