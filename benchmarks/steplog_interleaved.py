@@ -96,11 +96,30 @@ CELLS = [(m, mode) for m in ("mlp", "conv") for mode in ("sync", "async")]
 #: a slice that is a multiple of it commits as often per thawed second as a job running alone.
 SLICE_S = 4.0
 QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 40, "conv": 4}
-#: ``--logged-variant``: what the logged job is ("default": the log at its defaults, or with
-#: ``--logged-options``; "idle-coordinator": no log, an idle embedded-style coordinator beside it;
-#: "idle-local-coordinator": the same, its nodes plain processes (``LocalCluster``), not Ray
-#: actors; "idle-priority": the log with its embedded nodes under SCHED_IDLE, whatever the default).
-LOGGED_VARIANTS = ("default", "idle-coordinator", "idle-local-coordinator", "idle-priority")
+#: ``--logged-variant``: what the logged job is -> (its samples/s column's words, the markdown's
+#: note on it). "default": the log at its defaults (or with ``--logged-options``); the others
+#: are splits: "idle-coordinator", no log but an idle embedded-style coordinator (Ray actors)
+#: beside it; "idle-local-coordinator", the same nodes as plain processes (``LocalCluster``);
+#: "idle-priority", the log with its embedded nodes under SCHED_IDLE.
+LOGGED_VARIANTS: dict[str, tuple[str, str]] = {
+    "default": ("at the default K", ""),
+    "idle-coordinator": (
+        "with an idle coordinator, no log",
+        "**The \"logged\" job has no log**: it ran with `step_log=False` beside an idle three-node coordinator "
+        "configured as the embedded one, in its own Ray (`--logged-variant idle-coordinator`), so this is a split: "
+        "what the nodes cost while no record reaches them. Its direct cost is the idle nodes' CPU (every `_RayNode` "
+        "process is counted)."),
+    "idle-local-coordinator": (
+        "with idle plain-process nodes, no log",
+        "**The \"logged\" job has no log**: it ran with `step_log=False` beside an idle three-node coordinator whose "
+        "nodes are plain processes (`LocalCluster`, the embedded one's Raft clock), not Ray actors "
+        "(`--logged-variant idle-local-coordinator`): beside `idle-coordinator`, what hosting the nodes in Ray costs. "
+        "Its direct cost counts none of the nodes' CPU."),
+    "idle-priority": (
+        "with the nodes at idle priority",
+        "**The logged job's coordinator nodes ran under SCHED_IDLE** (`--logged-variant idle-priority`), the log "
+        "otherwise at its defaults: a split, not the overhead the target is about."),
+}
 #: How long a child may take to reach its timed window, and to finish after it.
 START_TIMEOUT_S, RUN_TIMEOUT_S = 300.0, 1800.0
 
@@ -211,28 +230,24 @@ def run_child(args: argparse.Namespace) -> int:
     for module in (convergence, digits):  # the workers cannot import benchmarks/ or examples/
         ray.cloudpickle.register_pickle_by_value(module)
     options: dict[str, Any] = {"step_log": False} if args.variant == BASE else json.loads(args.options or "{}")
-    cluster = None
-    if args.idle_priority:  # --logged-variant idle-priority: read by the driver as the job starts
-        from synctrain.driver import coord
+    from synctrain.driver import coord
 
+    variant = args.logged_variant if args.variant == LOGGED else "default"
+    cluster: Any = None
+    if variant == "idle-priority":  # read by the driver as the job starts
         coord.STEPLOG_IDLE_PRIORITY = True
-    if args.idle_coordinator:  # the split --logged-variant idle-coordinator: no log, idle nodes
-        from coordinator.cluster import RayCluster
-        from synctrain.driver import coord
+    elif variant in ("idle-coordinator", "idle-local-coordinator"):  # no log; idle nodes beside the job
+        from coordinator.cluster import LocalCluster, RayCluster
 
         options = {"step_log": False}
-        cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0, tick_ms=coord.EMBEDDED_TICK_MS,
-                             heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
-                             election_tick=coord.EMBEDDED_ELECTION_TICK, nice=coord.STEPLOG_NICE)
-        cluster.start()
-    if args.idle_local_coordinator:  # the same nodes as plain processes: what hosting them in Ray costs
-        from coordinator.cluster import LocalCluster
-        from synctrain.driver import coord
-
-        options = {"step_log": False}
-        cluster = LocalCluster(nodes=coord.EMBEDDED_NODES, tick_ms=coord.EMBEDDED_TICK_MS,
-                               election_tick=coord.EMBEDDED_ELECTION_TICK, warm_start=False,
-                               extra_args=["--heartbeat-tick", str(coord.EMBEDDED_HEARTBEAT_TICK)])
+        if variant == "idle-coordinator":
+            cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0, tick_ms=coord.EMBEDDED_TICK_MS,
+                                 heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
+                                 election_tick=coord.EMBEDDED_ELECTION_TICK, nice=coord.STEPLOG_NICE)
+        else:  # the same nodes as plain processes: beside the above, what hosting them in Ray costs
+            cluster = LocalCluster(nodes=coord.EMBEDDED_NODES, tick_ms=coord.EMBEDDED_TICK_MS,
+                                   election_tick=coord.EMBEDDED_ELECTION_TICK, warm_start=False,
+                                   extra_args=["--heartbeat-tick", str(coord.EMBEDDED_HEARTBEAT_TICK)])
         cluster.start()
     label = f"{args.model}-{args.mode}-{'nolog' if args.variant == BASE else 'log'}"
     try:
@@ -277,7 +292,7 @@ def run_pair(storage: Path, model: str, mode: str, epochs: int, slice_s: float, 
                      "--storage", str(storage), "--mark", str(files[v]["mark"]), "--result",
                      str(files[v]["json"]), "--num-cpus", str(num_cpus),
                      "--options", json.dumps((logged_options or {}) if v == LOGGED else {}),
-                     *([f"--{logged_variant}"] if v == LOGGED and logged_variant != "default" else [])],
+                     "--logged-variant", logged_variant],
                     stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not files[v]["mark"].exists():
@@ -385,10 +400,7 @@ def write(pairs: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any], name
 def markdown(data: dict[str, Any]) -> str:
     meta, table, v = data["meta"], data["table"], data["verdict"]
     logged = ("with the log (the options above)" if meta.get("logged_options") else
-              "with an idle coordinator, no log" if meta.get("logged_variant") == "idle-coordinator" else
-              "with idle plain-process nodes, no log" if meta.get("logged_variant") == "idle-local-coordinator" else
-              "with the nodes at idle priority" if meta.get("logged_variant") == "idle-priority" else
-              "at the default K")
+              LOGGED_VARIANTS[meta.get("logged_variant", "default")][0])
     lines = [
         "# Step-log overhead, the two jobs interleaved", "",
         f"The job without the log and the job at the default K (K={meta['default_K']}) run at the same time, each in "
@@ -430,19 +442,9 @@ def markdown(data: dict[str, Any]) -> str:
 def _options_lines(meta: dict[str, Any]) -> list[str]:
     """The markdown's note on ``--logged-options`` (none for a run at the defaults)."""
     options = meta.get("logged_options")
-    if meta.get("logged_variant") == "idle-coordinator":
-        return ["**The \"logged\" job has no log**: it ran with `step_log=False` beside an idle three-node coordinator "
-                "configured as the embedded one, in its own Ray (`--logged-variant idle-coordinator`), so this is a "
-                "split: what the nodes cost while no record reaches them. Its direct cost counts only what the log's "
-                "parts on the workers spend (none here), not the idle nodes' CPU.", ""]
-    if meta.get("logged_variant") == "idle-local-coordinator":
-        return ["**The \"logged\" job has no log**: it ran with `step_log=False` beside an idle three-node coordinator "
-                "whose nodes are plain processes (`LocalCluster`, the embedded one's Raft clock), not Ray actors "
-                "(`--logged-variant idle-local-coordinator`): beside `idle-coordinator`, what hosting the nodes in "
-                "Ray costs. Its direct cost counts none of the nodes' CPU.", ""]
-    if meta.get("logged_variant") == "idle-priority":
-        return ["**The logged job's coordinator nodes ran under SCHED_IDLE** (`--logged-variant idle-priority`), "
-                "the log otherwise at its defaults: a split, not the overhead the target is about.", ""]
+    note = LOGGED_VARIANTS[meta.get("logged_variant", "default")][1]
+    if note:
+        return [note, ""]
     if not options:
         return []
     return [f"**The logged job is not at the defaults**: it ran with `{json.dumps(options)}` (`--logged-options`), "
@@ -615,12 +617,10 @@ def main() -> int:
     parser.add_argument("--logged-options", default=None, metavar="JSON",
                         help='Trainer keywords for the logged job, a JSON object (e.g. \'{"checkpoint_every": 0}\'): '
                              "a split of the cost, judged against no target")
-    parser.add_argument("--logged-variant", default="default", choices=LOGGED_VARIANTS,
-                        help="idle-coordinator: the logged job runs without the log beside an idle embedded-style "
-                             "coordinator (a split of the cost, judged against no target)")
-    parser.add_argument("--idle-coordinator", action="store_true", help=argparse.SUPPRESS)  # the child's
-    parser.add_argument("--idle-priority", action="store_true", help=argparse.SUPPRESS)  # the child's
-    parser.add_argument("--idle-local-coordinator", action="store_true", help=argparse.SUPPRESS)  # the child's
+    parser.add_argument("--logged-variant", default="default", choices=list(LOGGED_VARIANTS),
+                        help="a split of the cost, judged against no target: idle-coordinator (no log, idle Ray-hosted "
+                             "nodes beside the job), idle-local-coordinator (the same as plain processes), "
+                             "idle-priority (the log with its nodes under SCHED_IDLE)")
     for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result", "--options"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
