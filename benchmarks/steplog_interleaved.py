@@ -60,7 +60,8 @@ measured as precisely as the overhead itself; its results say so and judge no ta
 started in its own Ray (so frozen and thawed with it): what the nodes cost while no record
 reaches them (heartbeats, their processes' own threads); ``idle-local-coordinator`` the same
 with the nodes as plain processes (``LocalCluster``), not Ray actors; ``idle-priority`` runs
-the log at its defaults with its nodes under SCHED_IDLE. ``--quick`` (the smoke
+the log at its defaults with its nodes under SCHED_IDLE; ``actor-nodes`` with its nodes each in
+a Ray actor (the default before they became plain processes). ``--quick`` (the smoke
 test): one pair, the MLP in sync mode, short windows and 0.5-s slices, into a temp directory
 unless ``--out`` is given.
 """
@@ -100,7 +101,9 @@ QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 40, "conv": 4}
 #: note on it). "default": the log at its defaults (or with ``--logged-options``); the others
 #: are splits: "idle-coordinator", no log but an idle embedded-style coordinator (Ray actors)
 #: beside it; "idle-local-coordinator", the same nodes as plain processes (``LocalCluster``);
-#: "idle-priority", the log with its embedded nodes under SCHED_IDLE.
+#: "idle-priority", the log with its embedded nodes under SCHED_IDLE; "actor-nodes", the log
+#: with its embedded nodes each in a Ray actor (``STEPLOG_NODE_PROCESSES=False``, the default
+#: before the nodes became plain processes).
 LOGGED_VARIANTS: dict[str, tuple[str, str]] = {
     "default": ("at the default K", ""),
     "idle-coordinator": (
@@ -119,6 +122,11 @@ LOGGED_VARIANTS: dict[str, tuple[str, str]] = {
         "with the nodes at idle priority",
         "**The logged job's coordinator nodes ran under SCHED_IDLE** (`--logged-variant idle-priority`), the log "
         "otherwise at its defaults: a split, not the overhead the target is about."),
+    "actor-nodes": (
+        "with each node in a Ray actor",
+        "**The logged job's coordinator nodes were Ray actors** (`--logged-variant actor-nodes`: "
+        "`STEPLOG_NODE_PROCESSES=False`, the default until the nodes became plain processes), the log otherwise at "
+        "its defaults: a split, not the overhead the target is about."),
 }
 #: How long a child may take to reach its timed window, and to finish after it.
 START_TIMEOUT_S, RUN_TIMEOUT_S = 300.0, 1800.0
@@ -236,6 +244,8 @@ def run_child(args: argparse.Namespace) -> int:
     cluster: Any = None
     if variant == "idle-priority":  # read by the driver as the job starts
         coord.STEPLOG_IDLE_PRIORITY = True
+    elif variant == "actor-nodes":
+        coord.STEPLOG_NODE_PROCESSES = False
     elif variant in ("idle-coordinator", "idle-local-coordinator"):  # no log; idle nodes beside the job
         from coordinator.cluster import LocalCluster, RayCluster
 
@@ -243,7 +253,8 @@ def run_child(args: argparse.Namespace) -> int:
         if variant == "idle-coordinator":
             cluster = RayCluster(nodes=coord.EMBEDDED_NODES, num_cpus_per_node=0.0, tick_ms=coord.EMBEDDED_TICK_MS,
                                  heartbeat_tick=coord.EMBEDDED_HEARTBEAT_TICK,
-                                 election_tick=coord.EMBEDDED_ELECTION_TICK, nice=coord.STEPLOG_NICE)
+                                 election_tick=coord.EMBEDDED_ELECTION_TICK, nice=coord.STEPLOG_NICE,
+                                 node_processes=False)
         else:  # the same nodes as plain processes: beside the above, what hosting them in Ray costs
             cluster = LocalCluster(nodes=coord.EMBEDDED_NODES, tick_ms=coord.EMBEDDED_TICK_MS,
                                    election_tick=coord.EMBEDDED_ELECTION_TICK, warm_start=False,
@@ -620,7 +631,8 @@ def main() -> int:
     parser.add_argument("--logged-variant", default="default", choices=list(LOGGED_VARIANTS),
                         help="a split of the cost, judged against no target: idle-coordinator (no log, idle Ray-hosted "
                              "nodes beside the job), idle-local-coordinator (the same as plain processes), "
-                             "idle-priority (the log with its nodes under SCHED_IDLE)")
+                             "idle-priority (the log with its nodes under SCHED_IDLE), actor-nodes (the log with "
+                             "each node in a Ray actor, the earlier default)")
     for internal in ("--model", "--mode", "--variant", "--storage", "--mark", "--result", "--options"):  # the child's
         parser.add_argument(internal, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)

@@ -228,7 +228,8 @@ LOAD_PROCESS = "steplog-cpu-load"
 def steplog_cpu_s(rank: int) -> float:
     """CPU seconds so far of what the step log runs beside this rank's loop: its writer thread
     (records, digests, checkpoint files) and, on rank 0, every thread of the embedded
-    coordinator's node processes (Ray actors ``_RayNode``, all on this one machine) and of a
+    coordinator's node processes (all on this one machine: ``coordinator serve`` processes
+    started by a ``NodeProcessHost``, or Ray actors ``_RayNode`` without node processes) and of a
     stand-in load (``steplog_split.py``'s process named :data:`LOAD_PROCESS`, counted as the
     log's CPU it stands in for); read in nanoseconds from ``/proc/.../schedstat``. 0 without
     the log (or without ``/proc``)."""
@@ -248,8 +249,10 @@ def steplog_cpu_s(rank: int) -> float:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if not f.read(64).startswith((b"ray::_RayNode", LOAD_PROCESS.encode())):
-                        continue
+                    argv = f.read(8192)
+                hosted = b"\0coordinator.cli\0serve\0" in argv and b"\0--stop-on-stdin-eof" in argv
+                if not (hosted or argv.startswith((b"ray::_RayNode", LOAD_PROCESS.encode()))):
+                    continue
                 total += sum(task_s(f"/proc/{pid}/task/{tid}") for tid in os.listdir(f"/proc/{pid}/task"))
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile

@@ -320,6 +320,12 @@ def _add_serve(sub: Any) -> None:
                        help="send each new commit index to the followers at once in empty "
                             "appends (etcd's way; off: it rides on the next append or heartbeat)")
     serve.add_argument("--ready-file", type=pathlib.Path, help=argparse.SUPPRESS)
+    # for a supervisor (coordinator.cluster.NodeProcessHost): the token comes as the first line
+    # of stdin (``--token-file -``) and the node stops when stdin closes, that is when its
+    # supervisor dies; its CPU priority is set before it starts a thread
+    serve.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--sched-idle", action="store_true", help=argparse.SUPPRESS)
     # tests only: a small frame limit makes a small state span several snapshot chunks
     serve.add_argument("--max-frame-bytes", type=int, help=argparse.SUPPRESS)
 
@@ -352,13 +358,18 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from coordinator.server import ServerConfig, serve
     from coordinator.storage import DataDirLocked, StorageError
-    from coordinator.transport import DEFAULT_MAX_FRAME_BYTES, load_token
+    from coordinator.transport import DEFAULT_MAX_FRAME_BYTES, check_token, load_token
 
     logging.getLogger("coordinator").setLevel(min(logging.INFO, logging.root.level))
+    _lower_own_priority(args.nice, args.sched_idle)
     try:
+        if str(args.token_file) == "-":
+            token = check_token(sys.stdin.buffer.readline(4096).strip(), "the token on stdin")
+        else:
+            token = load_token(args.token_file)
         config = ServerConfig(
             node_id=args.id, peers=args.peers, data_dir=args.data_dir,
-            token=load_token(args.token_file), listen=args.listen,
+            token=token, listen=args.listen,
             tick_s=args.tick_ms / 1000.0, election_tick=args.election_tick,
             heartbeat_tick=args.heartbeat_tick, fsync=not args.no_fsync,
             snapshot_every=args.snapshot_every, snapshot_bytes=args.snapshot_bytes,
@@ -370,7 +381,8 @@ def _serve(args: argparse.Namespace) -> int:
             leader_parallel_persist=not args.persist_before_send,
             commit_broadcast=args.commit_broadcast,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES)
-        asyncio.run(serve(config, ready_file=args.ready_file))
+        asyncio.run(serve(config, ready_file=args.ready_file,
+                          stop_on_stdin_eof=args.stop_on_stdin_eof))
     except (ValueError, OSError) as exc:
         print(f"coordinator serve: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -384,6 +396,18 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"coordinator serve: {exc}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _lower_own_priority(nice: int, sched_idle: bool) -> None:
+    """``serve --nice N --sched-idle``: run below the default CPU priority (every thread the
+    node starts later inherits it)."""
+    from coordinator.cluster import idle_priority, lower_priority
+
+    if nice:
+        lower_priority(nice)
+    if sched_idle and not idle_priority():
+        logging.getLogger("coordinator").warning(
+            "could not run at idle priority (SCHED_IDLE); running at the normal priority")
 
 
 def _token(args: argparse.Namespace) -> int:

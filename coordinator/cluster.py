@@ -26,6 +26,14 @@ outgoing connection takes it meanwhile), then all of them start with the full pe
 Then each actor's one thread is parked in ``serve()`` until its node stops (an idle Ray
 actor's thread wakes every 10 ms; a parked one does not): the node is stopped over its port
 (``admin_stop``), and ``serve()``'s object ref tells the driver when a node is gone.
+
+``RayCluster(node_processes=True)`` (the training's embedded coordinator) places nodes the same
+way but runs each as a plain ``coordinator serve`` process (:class:`NodeProcessHost`): the
+caller's children on its own Ray node, a host actor's children on any other. A node process
+wakes about 10 times a second at rest, a Ray-hosted node about 55 (Ray's own threads), which
+beside training in lockstep on few cores is most of what the step log costs. The token reaches
+a node over a pipe on its stdin, and the node stops when that pipe closes, so nodes die with
+the process hosting them as actors would.
 """
 
 from __future__ import annotations
@@ -144,6 +152,51 @@ def _wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float =
         time.sleep(interval_s)
 
 
+def serve_command(node_id: int, listen: str, addresses: dict[int, tuple[str, int]],
+                  data_dir: str | os.PathLike, token_file: str, ready_file: str | os.PathLike,
+                  tick_ms: float, election_tick: int) -> list[str]:
+    """The command line of one ``coordinator serve`` node (``token_file`` "-": from stdin)."""
+    peers = ",".join(f"{i}={h}:{p}" for i, (h, p) in addresses.items())
+    return [sys.executable, "-m", "coordinator.cli", "serve", "--id", str(node_id),
+            "--listen", listen, "--peers", peers, "--data-dir", str(data_dir),
+            "--token-file", token_file, "--tick-ms", str(tick_ms),
+            "--election-tick", str(election_tick), "--ready-file", str(ready_file)]
+
+
+def wait_node_ready(node_id: int, proc: Any, ready_file: pathlib.Path, log_path: pathlib.Path,
+                    timeout_s: float) -> None:
+    """Wait until a starting node process wrote its ready file; if it exits first, raise with
+    the end of its log (PortInUseError when its port was taken)."""
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+            error = PortInUseError if "address already in use" in tail else RuntimeError
+            raise error(f"coordinator node {node_id} exited with {proc.returncode} "
+                        f"while starting; its log ({log_path}) ends:\n{tail}")
+        return ready_file.exists()
+
+    _wait_until(ready, timeout_s, f"node {node_id} to start serving")
+
+
+def terminate_processes(procs: list[Any], timeout_s: float) -> None:
+    """SIGTERM these processes (resuming stopped ones), SIGKILL what is left after
+    ``timeout_s``, and reap them all."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+
+
 class LocalCluster:
     """``nodes`` coordinator processes on loopback; a context manager. See the module doc."""
 
@@ -226,19 +279,7 @@ class LocalCluster:
 
     def stop_processes(self, timeout_s: float = 10.0) -> None:
         """The process part of :meth:`stop`: the data directory stays."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGCONT)
-                    proc.terminate()
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        terminate_processes(list(self.procs.values()), timeout_s)
         self.procs.clear()
 
     def _remove_own_dir(self) -> None:
@@ -419,12 +460,9 @@ class LocalCluster:
 
     # ------------------------------------------------------------ internals
     def _command(self, node_id: int, join: bool = False) -> list[str]:
-        peers = ",".join(f"{i}={h}:{p}" for i, (h, p) in self.addresses.items())
-        cmd = [sys.executable, "-m", "coordinator.cli", "serve", "--id", str(node_id),
-               "--listen", self.endpoint(node_id), "--peers", peers,
-               "--data-dir", str(self.node_dir(node_id)), "--token-file", str(self.token_file),
-               "--tick-ms", str(self.tick_ms), "--election-tick", str(self.election_tick),
-               "--ready-file", str(self._ready_file(node_id))]
+        cmd = serve_command(node_id, self.endpoint(node_id), self.addresses, self.node_dir(node_id),
+                            str(self.token_file), self._ready_file(node_id), self.tick_ms,
+                            self.election_tick)
         if not self.fsync:
             cmd.append("--no-fsync")
         if self.snapshot_every is not None:
@@ -457,17 +495,8 @@ class LocalCluster:
             log.close()
 
     def _wait_ready(self, node_id: int) -> None:
-        proc = self.procs[node_id]
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                tail = self.log_path(node_id).read_text(errors="replace")[-3000:]
-                error = PortInUseError if "address already in use" in tail else RuntimeError
-                raise error(f"coordinator node {node_id} exited with {proc.returncode} "
-                            f"while starting; its log ({self.log_path(node_id)}) ends:\n{tail}")
-            return self._ready_file(node_id).exists()
-
-        _wait_until(ready, self.startup_timeout_s, f"node {node_id} to start serving")
+        wait_node_ready(node_id, self.procs[node_id], self._ready_file(node_id),
+                        self.log_path(node_id), self.startup_timeout_s)
 
     def describe(self) -> dict:
         """What a client needs: endpoints, token file, data dir (written to state files)."""
@@ -528,6 +557,24 @@ def idle_priority() -> bool:
     return done
 
 
+def hold_port(bind: str, port: int = 0) -> tuple[socket.socket | None, int]:
+    """Bind ``port`` (0: a free one) on ``bind`` and hold it: (the socket, the port). Held
+    bound until the node's server binds it (seconds later, once every node has its address):
+    meanwhile no outgoing connection on this host can take it as its ephemeral port, which
+    once failed a job's start with "address already in use". A given port that is taken for
+    now (a restart's) comes back with no socket: the server's own bind will say."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError:
+        sock.close()
+        if not port:
+            raise
+        return None, port
+    return sock, sock.getsockname()[1]
+
+
 class _RayNode:
     """Body of the Ray actor hosting one coordinator node in a background thread.
 
@@ -576,21 +623,7 @@ class _RayNode:
         self.host = ray.util.get_node_ip_address() if bind_all else "127.0.0.1"
         self._bind = "0.0.0.0" if bind_all else "127.0.0.1"
         self._release_port()
-        # Held bound until the server binds it in start() (seconds later, once every node has
-        # its address): meanwhile no outgoing connection on this host can take it as its
-        # ephemeral port, which once failed a job's start with "address already in use".
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self._bind, port))
-        except OSError:
-            sock.close()
-            if not port:
-                raise
-            self.port = port  # a restart's port, taken for now: the server's bind will say
-            return self.host, self.port
-        self._held_port = sock
-        self.port = sock.getsockname()[1]
+        self._held_port, self.port = hold_port(self._bind, port)
         return self.host, self.port
 
     def _release_port(self) -> None:
@@ -695,6 +728,171 @@ class _RayNode:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+class NodeProcessHost:
+    """Coordinator nodes as child processes of this process (each a ``coordinator serve``),
+    on this host: for :class:`RayCluster` with ``node_processes``, one per Ray node that
+    hosts nodes: the driver's own process for its Ray node, a Ray actor on any other.
+
+    A node process has no Ray in it. At rest it wakes for its own Raft clock and messages
+    (about 10 times a second at the embedded coordinator's clock); a node hosted in a Ray
+    actor wakes about 60 times a second, 48 of them Ray's own threads (gRPC pollers, the core
+    worker's io loop), and beside training in lockstep on few cores each wake-up can stall
+    every rank (docs/fault-tolerance.md).
+
+    Each node reads the token from a pipe on its standard input (never from a file or its
+    command line) and stops when that pipe closes: its nodes die with this process, a killed
+    driver's or a lost Ray node's actor's, as a Ray actor's would. They run in sessions of
+    their own, so a Ctrl-C at the driver's terminal reaches the driver, which stops them.
+
+    ``reserve`` picks a node's directory and address (the port held bound until ``start``);
+    ``start`` spawns nodes and waits until each serves; ``exited`` says (or waits until) a
+    node's process ended; ``kill`` is SIGKILL; ``stop`` is SIGTERM (SIGKILL after 30 s).
+    A node's log is ``<its dir>.log``, next to its data directory.
+    """
+
+    def __init__(self, token: bytes, tick_ms: float, heartbeat_tick: int = 1,
+                 election_tick: int = 10, nice: int = 0, idle: bool = False,
+                 startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
+        self._token = check_token(token, "the cluster's token")
+        self.tick_ms, self.heartbeat_tick, self.election_tick = tick_ms, heartbeat_tick, election_tick
+        self.nice, self.idle, self.startup_timeout_s = nice, idle, startup_timeout_s
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._where: dict[int, dict[str, Any]] = {}  # per node: directory, address, pid
+        self._held: dict[int, socket.socket] = {}  # ports reserved, until their node starts
+        self._temporary: set[int] = set()  # nodes in a directory made here, removed by stop()
+        self._temp_base: str | None = None
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this; never the token
+        return f"NodeProcessHost(nodes={sorted(self._where)})"
+
+    def reserve(self, node_id: int, data_dir: str | None, bind_all: bool, port: int = 0,
+                temporary: bool = False) -> dict[str, Any]:
+        """Pick node ``node_id``'s directory (``data_dir``, created 0700; None: a temporary
+        one here) and address: this host's IP (``bind_all``) or loopback, and ``port`` (0: a
+        free one). Returns where it will run (``ray_node_id``, ``ip``, ``data_dir``,
+        ``bind``, ``host``, ``port``)."""
+        import ray
+
+        if data_dir is None:
+            if self._temp_base is None:
+                self._temp_base = tempfile.mkdtemp(prefix="coordinator-ray-")
+            data_dir, temporary = os.path.join(self._temp_base, f"node-{node_id}"), True
+        path = pathlib.Path(data_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
+        if temporary:
+            self._temporary.add(node_id)
+        bind = "0.0.0.0" if bind_all else "127.0.0.1"
+        self._release(node_id)
+        sock, port = hold_port(bind, port)
+        if sock is not None:
+            self._held[node_id] = sock
+        self._where[node_id] = {
+            "ray_node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(), "pid": None, "data_dir": str(path),
+            "bind": bind, "host": ray.util.get_node_ip_address() if bind_all else "127.0.0.1",
+            "port": port}
+        return dict(self._where[node_id])
+
+    def start(self, node_ids: list[int], peers: dict[int, tuple[str, int]],
+              rejoin: bool = False) -> dict[int, dict[str, Any]]:
+        """Start these reserved nodes with the full peer map and wait until each serves;
+        ``rejoin`` (a restart): a directory that lost its state starts with ``--join``.
+        Returns where each runs, its ``pid`` now set."""
+        peers = {int(k): (str(v[0]), int(v[1])) for k, v in peers.items()}
+        for i in node_ids:
+            self._spawn(i, peers, rejoin)
+        for i in node_ids:
+            where = self._where[i]
+            wait_node_ready(i, self._procs[i], pathlib.Path(where["data_dir"] + ".ready"),
+                            pathlib.Path(where["data_dir"] + ".log"), self.startup_timeout_s)
+        return {i: dict(self._where[i]) for i in node_ids}
+
+    def _spawn(self, node_id: int, peers: dict[int, tuple[str, int]], rejoin: bool) -> None:
+        where = self._where[node_id]
+        data_dir = where["data_dir"]
+        pathlib.Path(data_dir + ".ready").unlink(missing_ok=True)
+        cmd = serve_command(node_id, f"{where['bind']}:{where['port']}", peers, data_dir, "-",
+                            data_dir + ".ready", self.tick_ms, self.election_tick)
+        cmd += ["--heartbeat-tick", str(self.heartbeat_tick), "--stop-on-stdin-eof"]
+        if rejoin and not holds_state(data_dir):
+            cmd.append("--join")
+        if self.nice:
+            cmd += ["--nice", str(self.nice)]
+        if self.idle:
+            cmd.append("--sched-idle")
+        env = dict(os.environ)  # the node imports this copy of the package, installed or not
+        source = str(pathlib.Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+        log = os.fdopen(open_node_log(data_dir + ".log"), "ab")  # owned by the child
+        self._release(node_id)  # the server binds it at once (SO_REUSEADDR)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env)
+        finally:
+            log.close()
+        assert proc.stdin is not None
+        proc.stdin.write(self._token + b"\n")
+        proc.stdin.flush()  # and kept open: the node stops when it closes
+        self._procs[node_id] = proc
+        where["pid"] = proc.pid
+
+    def _release(self, node_id: int) -> None:
+        sock = self._held.pop(node_id, None)
+        if sock is not None:
+            sock.close()
+
+    def pid(self, node_id: int) -> int:
+        return self._procs[node_id].pid
+
+    def exited(self, node_id: int, wait_s: float | None = 0.0) -> bool:
+        """Whether the node's process has ended, waiting up to ``wait_s`` (None: until it
+        does; a Ray actor parks a call here as the node's liveness)."""
+        proc = self._procs.get(node_id)
+        if proc is None:
+            return True
+        if not wait_s and wait_s is not None:
+            return proc.poll() is not None
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL the node's process and reap it."""
+        proc = self._procs.pop(node_id, None)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            self._close_pipe(proc)
+
+    def stop(self, node_ids: list[int] | None = None, remove_dir: bool = True,
+             timeout_s: float = 30.0) -> None:
+        """Stop these nodes (default: all) as on SIGTERM; remove their directories if made
+        here and ``remove_dir`` (and, once no node is left, this host's temporary base)."""
+        ids = list(self._where) if node_ids is None else list(node_ids)
+        procs = [self._procs.pop(i) for i in ids if i in self._procs]
+        terminate_processes(procs, timeout_s)
+        for proc in procs:
+            self._close_pipe(proc)
+        for i in ids:
+            self._release(i)
+            if remove_dir and i in self._temporary:
+                shutil.rmtree(self._where[i]["data_dir"], ignore_errors=True)
+        if remove_dir and node_ids is None and self._temp_base is not None:
+            shutil.rmtree(self._temp_base, ignore_errors=True)
+            self._temp_base = None
+
+    @staticmethod
+    def _close_pipe(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+
+
 class RayCluster:
     """``nodes`` coordinator nodes as Ray actors spread over the Ray cluster's nodes.
 
@@ -730,17 +928,31 @@ class RayCluster:
     its wake-ups never preempt one (a nice value does not stop a sleeper's wake-up from
     preempting). For nodes beside work in lockstep, where every preemption of one rank stalls
     all of them (see ``synctrain.driver.coord.STEPLOG_IDLE_PRIORITY``).
+
+    ``node_processes``: each node is a plain ``coordinator serve`` process, not a Ray actor
+    (see :class:`NodeProcessHost`): those on the caller's own Ray node are its children, and
+    those on another Ray node the children of one host actor there (``NodeProcessHost``,
+    pinned to it, reserving no CPU). Needs ``num_cpus_per_node=0`` (a process reserves
+    nothing); placement is round-robin over the alive Ray nodes as for 0-CPU actors. The
+    nodes die with the process that hosts them (the caller, or the host actor). ``actors``
+    then maps each live node to its host, and :meth:`actor_pid` is the node's own process.
     """
 
     def __init__(self, nodes: int = 3, *, token: bytes | None = None, tick_ms: float = 15.0,
                  heartbeat_tick: int = 1, election_tick: int = 10,
                  num_cpus_per_node: float = 0.0,
                  data_dir: str | os.PathLike | None = None, nice: int = 0,
-                 idle_priority: bool = False) -> None:
+                 idle_priority: bool = False, node_processes: bool = False) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError("a Ray-hosted cluster has 1..9 nodes")
         if num_cpus_per_node < 0:
             raise ValueError("num_cpus_per_node must be >= 0")
+        if node_processes and num_cpus_per_node:
+            raise ValueError("node_processes=True needs num_cpus_per_node=0: a node's process is not "
+                             "a Ray actor and reserves no CPU")
+        self.node_processes = bool(node_processes)
+        self._hosts: dict[str, Any] = {}  # node_processes: per Ray node id, its NodeProcessHost
+        self._here: str | None = None  # node_processes: this process's Ray node id
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be 0..19 (how far below the default CPU priority), not {nice!r}")
         self.nice = nice
@@ -779,6 +991,9 @@ class RayCluster:
             ray.init()
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         self._multi_host = len(alive) > 1
+        if self.node_processes:
+            self._start_processes(alive)
+            return
         strategies = self._placement(alive)
         for k, i in enumerate(self.node_ids):
             self.actors[i] = self._new_actor(i, strategies[k], self._node_dir(i), False)
@@ -799,6 +1014,67 @@ class RayCluster:
 
     def _node_dir(self, node_id: int) -> str | None:
         return None if self.data_dir is None else str(self.data_dir / f"node-{node_id}")
+
+    # ------------------------------------------------------------ node_processes
+    def _start_processes(self, alive: list[str]) -> None:
+        import ray
+
+        self._here = ray.get_runtime_context().get_node_id()
+        hosts = {i: self._host(alive[k % len(alive)]) for k, i in enumerate(self.node_ids)}
+        for i in self.node_ids:
+            self._placed[i] = dict(self._call(hosts[i], "reserve", i, self._node_dir(i), self._multi_host),
+                                   strategy=None)
+            self.addresses[i] = (str(self._placed[i]["host"]), int(self._placed[i]["port"]))
+        by_host: dict[int, list[int]] = {}
+        for i, host in hosts.items():
+            by_host.setdefault(id(host), []).append(i)
+        pending = []  # remote hosts start their nodes while this one starts its own
+        for ids in by_host.values():
+            host = hosts[ids[0]]
+            if isinstance(host, NodeProcessHost):
+                continue
+            pending.append(host.start.remote(ids, self.addresses))
+        for ids in by_host.values():
+            if isinstance(hosts[ids[0]], NodeProcessHost):
+                self._started(hosts[ids[0]], hosts[ids[0]].start(ids, self.addresses))
+        for ids, started in zip([ids for ids in by_host.values()
+                                 if not isinstance(hosts[ids[0]], NodeProcessHost)],
+                                ray.get(pending, timeout=DEFAULT_STARTUP_TIMEOUT_S), strict=True):
+            self._started(hosts[ids[0]], started)
+        self.endpoints = [self.endpoint(i) for i in self.node_ids]
+
+    def _host(self, ray_node_id: str) -> Any:
+        """The NodeProcessHost for a Ray node: this process on its own, an actor elsewhere."""
+        if ray_node_id not in self._hosts:
+            args = (self.token, self.tick_s * 1000.0, self.heartbeat_tick, self.election_tick,
+                    self.nice, self.idle_priority)
+            if ray_node_id == self._here:
+                self._hosts[ray_node_id] = NodeProcessHost(*args)
+            else:
+                import ray
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                # threaded: a call per node stays parked in exited() as that node's liveness
+                self._hosts[ray_node_id] = ray.remote(NodeProcessHost).options(
+                    num_cpus=0, max_restarts=0, max_concurrency=len(self.node_ids) + 4,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node_id, soft=False),
+                ).remote(*args)
+        return self._hosts[ray_node_id]
+
+    @staticmethod
+    def _call(host: Any, method: str, *args: Any, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> Any:
+        if isinstance(host, NodeProcessHost):
+            return getattr(host, method)(*args)
+        import ray
+
+        return ray.get(getattr(host, method).remote(*args), timeout=timeout_s)
+
+    def _started(self, host: Any, started: dict[int, dict[str, Any]]) -> None:
+        for i, where in started.items():
+            self._placed[int(i)] = dict(where, strategy=None)
+            self.actors[int(i)] = host
+            if not isinstance(host, NodeProcessHost):
+                self._serving[int(i)] = host.exited.remote(int(i), None)
 
     def _new_actor(self, node_id: int, strategy: Any, data_dir: str | None,
                    temporary: bool) -> Any:
@@ -847,22 +1123,36 @@ class RayCluster:
         return dict(self._placed[node_id])
 
     def actor_pid(self, node_id: int) -> int:
-        """The process id of the node's actor (to kill it for real: ``os.kill(pid, 9)``)."""
+        """The process id of the node's actor, or of the node's own process with
+        ``node_processes`` (to kill it for real: ``os.kill(pid, 9)``)."""
         return int(self._placed[node_id]["pid"])
 
     def serving(self, node_id: int) -> Any:
         """The object ref that resolves when the node stops serving: its actor died (an
-        actor error) or the node stopped (a fatal error, ``admin_stop``). None: no live actor."""
+        actor error) or the node stopped (a fatal error, ``admin_stop``); with
+        ``node_processes``, when its process ended (or its host actor died). None: no live
+        actor, or a node process of this process's own (see :meth:`exited`)."""
         return self._serving.get(node_id) if node_id in self.actors else None
 
-    def is_running(self, node_id: int, timeout_s: float = 2.0) -> bool:
-        """Whether the node's actor is alive and serving, as far as Ray has told this process
-        (a process killed from outside counts once Ray has seen it die: wait for it).
-        ``timeout_s`` is kept for callers of the earlier ping-based check; not waited."""
+    def exited(self, node_id: int, wait_s: float = 0.0) -> bool:
+        """Whether the node stopped serving (see :meth:`serving`), waiting up to ``wait_s``
+        for it. A process killed from outside counts once its host (Ray, for an actor) has
+        seen it die: that is what ``wait_s`` is for."""
         import ray
 
-        ref = self.serving(node_id)
-        return ref is not None and not ray.wait([ref], timeout=0)[0]
+        host = self.actors.get(node_id)
+        if host is None:
+            return True
+        if isinstance(host, NodeProcessHost):
+            return host.exited(node_id, wait_s)
+        ref = self._serving.get(node_id)
+        return ref is None or bool(ray.wait([ref], timeout=wait_s)[0])
+
+    def is_running(self, node_id: int, timeout_s: float = 2.0) -> bool:
+        """Whether the node is alive and serving, as far as this process has been told
+        (see :meth:`exited`). ``timeout_s`` is kept for callers of the earlier ping-based
+        check; not waited."""
+        return not self.exited(node_id)
 
     def client(self, timeout_s: float = 10.0, endpoints: list[str] | None = None) -> Client:
         return Client(endpoints or self.endpoints, token=self.token, timeout_s=timeout_s)
@@ -897,11 +1187,16 @@ class RayCluster:
 
     # ------------------------------------------------------------ faults
     def kill(self, node_id: int) -> None:
-        """``ray.kill`` the node's actor (its process dies as with SIGKILL)."""
+        """``ray.kill`` the node's actor (its process dies as with SIGKILL); with
+        ``node_processes``, SIGKILL the node's process."""
         import ray
 
         self._serving.pop(node_id, None)
-        ray.kill(self.actors.pop(node_id))
+        host = self.actors.pop(node_id)
+        if self.node_processes:
+            self._call(host, "kill", node_id)
+        else:
+            ray.kill(host)
 
     def restart(self, node_id: int, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
         """Start a fresh actor for ``node_id`` on the same Ray node, data directory and
@@ -912,6 +1207,9 @@ class RayCluster:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         placed = self._placed[node_id]
+        if self.node_processes:
+            self._restart_process(node_id, timeout_s)
+            return
         if node_id in self.actors:
             self._stop_actors([node_id], remove_dir=False)
         strategy = placed["strategy"]
@@ -928,6 +1226,29 @@ class RayCluster:
                                    nice=self.nice, idle=self.idle_priority),
                 timeout=timeout_s)
         self._serving[node_id] = actor.serve.remote()
+        _wait_until(lambda: self.status(node_id) is not None, timeout_s,
+                    f"node {node_id} to serve again")
+
+    def _restart_process(self, node_id: int, timeout_s: float) -> None:
+        import ray
+
+        placed = self._placed[node_id]
+        ray_node = placed["ray_node_id"]
+        old = self.actors.pop(node_id, None)
+        self._serving.pop(node_id, None)
+        try:
+            if old is not None:
+                self._call(old, "stop", [node_id], False)
+            host = self._host(ray_node)
+            if not isinstance(host, NodeProcessHost):
+                ray.get(host.__ray_ready__.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:  # its host actor is gone: a new one on that Ray node
+            self._hosts.pop(ray_node, None)
+            host = self._host(ray_node)
+        self._call(host, "reserve", node_id, placed["data_dir"], self._multi_host,
+                   self.addresses[node_id][1], self.data_dir is None, timeout_s=timeout_s)
+        started = self._call(host, "start", [node_id], self.addresses, True, timeout_s=timeout_s)
+        self._started(host, started)
         _wait_until(lambda: self.status(node_id) is not None, timeout_s,
                     f"node {node_id} to serve again")
 
@@ -964,6 +1285,9 @@ class RayCluster:
         """Stop every node (removing temporary data directories, never a given data_dir)."""
         import ray
 
+        if self.node_processes:
+            self._stop_hosts()
+            return
         self._stop_actors(list(self.actors))
         if self.data_dir is None:  # temporary dirs of killed nodes, when on this host
             here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -977,6 +1301,24 @@ class RayCluster:
             with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
             self._pg = None
+
+    def _stop_hosts(self) -> None:
+        """node_processes: stop every node (SIGTERM, from its host), then end the host actors."""
+        import ray
+
+        hosts, self._hosts = self._hosts, {}
+        self.actors.clear()
+        self._serving.clear()
+        remote = [h for h in hosts.values() if not isinstance(h, NodeProcessHost)]
+        refs = [h.stop.remote() for h in remote]
+        for host in hosts.values():
+            if isinstance(host, NodeProcessHost):
+                host.stop()
+        with contextlib.suppress(Exception):
+            ray.get(refs, timeout=60)
+        for host in remote:
+            with contextlib.suppress(Exception):
+                ray.kill(host)
 
 
 def state_file_path() -> pathlib.Path:

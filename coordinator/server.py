@@ -2328,9 +2328,12 @@ async def _join_config(config: ServerConfig) -> ServerConfig:
     return dataclasses.replace(config, peers=peers, bootstrap=bootstrap)
 
 
-async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None) -> None:
+async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None,
+                stop_on_stdin_eof: bool = False) -> None:
     """Run one node until SIGTERM/SIGINT, then shut down cleanly (releasing the data dir).
-    On an empty data directory without ``join``, :func:`check_join` may refuse (NeedsJoin)."""
+    On an empty data directory without ``join``, :func:`check_join` may refuse (NeedsJoin).
+    ``stop_on_stdin_eof``: also when standard input closes (a pipe from the node's
+    supervisor: the node dies with it; a thread blocked reading it costs no wake-up)."""
     await check_join(config)
     if config.join and not holds_state(config.data_dir):
         config = await _join_config(config)
@@ -2342,6 +2345,9 @@ async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None)
     # A plain handler (not the loop's): it runs as soon as the interpreter resumes, before
     # the late tick is handled, so that tick's log line can tell a stop from a block.
     signal.signal(signal.SIGCONT, lambda *_: server.note_continued())
+    if stop_on_stdin_eof:
+        threading.Thread(target=_stop_on_eof, args=(loop, server), name="stdin-eof",
+                         daemon=True).start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(endpoint_str(server.address))
@@ -2353,6 +2359,16 @@ async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None)
     if server.fatal_error is not None:
         raise RuntimeError(f"node {config.node_id} stopped on a fatal error: "
                            f"{server.fatal_error!r} (see the log above)")
+
+
+def _stop_on_eof(loop: asyncio.AbstractEventLoop, server: CoordinatorServer) -> None:
+    """Block on stdin until it closes, then stop the server (see :func:`serve`)."""
+    with contextlib.suppress(OSError, ValueError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    log.warning("node %d: stdin closed (its supervisor is gone); stopping", server.config.node_id)
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: it stopped already
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.stop()))
 
 
 __all__ = ["CoordinatorServer", "ServerConfig", "serve", "endpoint_str", "check_join",

@@ -39,13 +39,28 @@ def _note(what: str) -> None:
     print(f"INJECT +{time.monotonic() - _T0:.1f}s {what}", file=sys.stderr, flush=True)
 
 
-def _placement() -> dict[str, list[str]]:
-    """Ray node of every live actor of the job's classes, from the GCS actor table."""
-    out: dict[str, list[str]] = {"_RayNode": [], "ParameterShard": [], "TrainWorker": []}
+def _placement(driver_pid: int, head: str) -> dict[str, list[str]]:
+    """Ray node of every live actor of the job's classes, from the GCS actor table, and of
+    every coordinator node: a ``coordinator serve`` process whose parent is the driver (on the
+    head: a driver joins its host's head node) or a ``NodeProcessHost`` actor."""
+    out: dict[str, list[str]] = {"coordinator_node": [], "ParameterShard": [], "TrainWorker": []}
+    hosts = {driver_pid: head}
     for actor in ray._private.state.actors().values():
-        name = actor.get("ActorClassName")
-        if name in out and actor.get("State") == "ALIVE":
-            out[name].append(actor.get("Address", {}).get("NodeID"))
+        name, node = actor.get("ActorClassName"), actor.get("Address", {}).get("NodeID")
+        if actor.get("State") != "ALIVE":
+            continue
+        if name in out:
+            out[name].append(node)
+        elif name == "NodeProcessHost":
+            hosts[int(actor["Pid"])] = node
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+            parent = int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"\0coordinator.cli\0serve\0" in argv and parent in hosts:
+            out["coordinator_node"].append(hosts[parent])
     return out
 
 
@@ -71,7 +86,7 @@ def _run(cluster: Any, tmp: pathlib.Path, out: dict[str, Any]) -> None:
                  or all((tmp / f"at-gate-r{r}").exists() for r in range(3)), WAIT_S)
         if proc.poll() is not None:
             raise RuntimeError(f"synctrain run exited early ({proc.returncode})")
-        out["placement"] = placement = _placement()
+        out["placement"] = placement = _placement(proc.pid, head)
         victim = next(n for n in nodes if n.node_id in placement["ParameterShard"])
         out["removed_node"] = victim.node_id
         _note(f"removing Ray node {victim.node_id[:12]} (a worker, a coordinator node, a shard)")

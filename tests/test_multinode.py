@@ -110,7 +110,7 @@ def test_synctrain_run_spreads_a_job_over_ray_nodes_and_survives_losing_one() ->
     ray_nodes = set(result["ray_nodes"])
     placed = result["placement"]
     assert len(ray_nodes) == 3
-    assert sorted(placed["_RayNode"]) == sorted(ray_nodes), f"coordinator nodes on {placed['_RayNode']}"
+    assert sorted(placed["coordinator_node"]) == sorted(ray_nodes), f"coordinator nodes on {placed['coordinator_node']}"
     assert len(placed["ParameterShard"]) == 2 and len(set(placed["ParameterShard"])) == 2, placed
     assert sorted(placed["TrainWorker"]) == sorted(ray_nodes), f"workers on {placed['TrainWorker']}"
     removed = result["removed_node"]

@@ -12,8 +12,6 @@ import pathlib
 import time
 from typing import Any
 
-import ray
-
 from coordinator.client import Client, CoordinatorError
 from synctrain.errors import ConfigError
 
@@ -47,6 +45,12 @@ STEPLOG_NICE = 0
 #: (heartbeats, its Ray worker's own threads: ~60 a second per node at rest) never preempt a
 #: rank. Read as a job starts.
 STEPLOG_IDLE_PRIORITY = False
+#: Whether the embedded nodes are plain processes (``RayCluster``'s ``node_processes``: the
+#: driver's children on its own Ray node, a host actor's on another) or each a Ray actor of
+#: its own. A node in a Ray actor wakes ~60 times a second at rest, ~48 of them Ray's own
+#: threads; beside a sync job in lockstep on few cores those wake-ups cost as much as the
+#: whole log (docs/fault-tolerance.md, "Where the sync MLP's cost is"). Read as a job starts.
+STEPLOG_NODE_PROCESSES = True
 #: The job's last look at a node: how long its status request may take before the node is
 #: suspected dead (and then waited on, see EmbeddedCoordinator.dead_nodes).
 STATUS_TIMEOUT_S = 2.0
@@ -93,7 +97,8 @@ class EmbeddedCoordinator:
                                       token=token, tick_ms=EMBEDDED_TICK_MS,
                                       heartbeat_tick=EMBEDDED_HEARTBEAT_TICK,
                                       election_tick=EMBEDDED_ELECTION_TICK, nice=STEPLOG_NICE,
-                                      idle_priority=STEPLOG_IDLE_PRIORITY)
+                                      idle_priority=STEPLOG_IDLE_PRIORITY,
+                                      node_processes=STEPLOG_NODE_PROCESSES)
             try:
                 self.cluster.start()
                 break
@@ -110,18 +115,17 @@ class EmbeddedCoordinator:
         _private_write(self.data_dir / "endpoints", ",".join(self.endpoints).encode() + b"\n")
 
     def dead_nodes(self, wait_s: float = 0.0) -> list[int]:
-        """Nodes that stopped serving: their actor died, or their server stopped (a fatal
-        error). Each node's actor holds one call open (``serve``) that resolves then, so a look
-        costs no message. With ``wait_s`` (the job's last look), a node whose port answers no
-        status request is waited on up to that long: Ray may not yet have seen the death of a
-        process killed a moment ago, but a dead node's port answers nothing."""
+        """Nodes that stopped serving: their process (or actor) died, or their server stopped
+        (a fatal error). A look costs no message (``RayCluster.exited``: a child's exit status,
+        or a call its host holds open). With ``wait_s`` (the job's last look), a node whose
+        port answers no status request is waited on up to that long: its host may not yet have
+        seen the death of a process killed a moment ago, but a dead node's port answers nothing."""
         dead = []
         for node in list(self.cluster.actors):
-            ref = self.cluster.serving(node)
-            if ref is None or ray.wait([ref], timeout=0)[0]:
+            if self.cluster.exited(node):
                 dead.append(node)
             elif wait_s and self.cluster.status(node, timeout_s=min(STATUS_TIMEOUT_S, wait_s)) is None:
-                if ray.wait([ref], timeout=wait_s)[0]:
+                if self.cluster.exited(node, wait_s):
                     dead.append(node)
         return dead
 

@@ -13,12 +13,14 @@ from coordinator import RayCluster
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_ray_hosted_cluster_survives_losing_an_actor(ray_session, wait_for) -> None:
+@pytest.mark.parametrize("node_processes", [False, True], ids=["actors", "processes"])
+def test_ray_hosted_cluster_survives_losing_an_actor(ray_session, wait_for, node_processes) -> None:
     """With ``idle_priority``, every thread of every node's process runs under SCHED_IDLE, the
-    restarted node's too, and the cluster serves as before."""
+    restarted node's too, and the cluster serves as before; whether each node is a Ray actor
+    or (``node_processes``) a plain process of this one."""
     import pathlib
 
-    with RayCluster(nodes=3, idle_priority=True) as cluster:
+    with RayCluster(nodes=3, idle_priority=True, node_processes=node_processes) as cluster:
         assert len(cluster.endpoints) == 3
         for node in cluster.node_ids:
             assert _policies(cluster.actor_pid(node)) == {os.SCHED_IDLE}
@@ -63,18 +65,23 @@ def _nice_values(pid: int) -> set[int]:
     return values
 
 
-def test_killed_actor_restarts_from_its_wal_in_data_dir(ray_session, tmp_path, wait_for) -> None:
-    """kill -9 of the leader's actor process: a new leader serves; the restarted node finds
-    its WAL in data_dir/node-<i> and catches up with the leader. With ``nice``, every thread
-    of every node's process runs at least that far below the default priority, the restarted
-    node's too."""
+@pytest.mark.parametrize("node_processes", [False, True], ids=["actors", "processes"])
+def test_killed_actor_restarts_from_its_wal_in_data_dir(ray_session, tmp_path, wait_for,
+                                                        node_processes) -> None:
+    """kill -9 of the leader's actor process (or of its own, ``node_processes``): a new
+    leader serves; the restarted node finds its WAL in data_dir/node-<i> and catches up with
+    the leader. With ``nice``, every thread of every node's process runs at least that far
+    below the default priority, the restarted node's too."""
     import os
     import signal
 
     data_dir = tmp_path / "ray-coordinator"
-    with RayCluster(nodes=3, data_dir=data_dir, nice=5) as cluster:
+    with RayCluster(nodes=3, data_dir=data_dir, nice=5, node_processes=node_processes) as cluster:
         for node in cluster.node_ids:
             assert min(_nice_values(cluster.actor_pid(node))) >= 5
+            if node_processes:  # a child of this process, no Ray in it
+                with open(f"/proc/{cluster.actor_pid(node)}/stat") as f:
+                    assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
         text = repr(cluster)
         assert cluster.token.decode() not in text and cluster.endpoints[0] not in text
         with cluster.client(timeout_s=30) as client:
@@ -157,6 +164,11 @@ def test_a_serving_node_stops_over_its_port_and_its_serve_ref_says_so(ray_sessio
         with pytest.raises(RequestRejected, match="admin_stop"):
             c.admin_stop(local_cluster.endpoints[0])
         assert c.put("still", b"serving") is not None
+
+
+def test_node_processes_reserve_no_cpu() -> None:
+    with pytest.raises(ValueError, match="node_processes=True needs num_cpus_per_node=0"):
+        RayCluster(nodes=3, num_cpus_per_node=0.5, node_processes=True)
 
 
 def test_nice_out_of_range_is_refused() -> None:

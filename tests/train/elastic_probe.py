@@ -141,8 +141,9 @@ def _sizes(out: pathlib.Path) -> list[int]:
 
 def _faults(cluster: Any, out: pathlib.Path, report: dict[str, Any], fit: threading.Thread, mode: str) -> None:
     try:
+        endpoints = out / "jobs" / JOB / "coordinator" / "endpoints"  # written once every node serves
         _wait_for("the job's coordinator (and shards)", lambda: not fit.is_alive() or (
-            _alive("_RayNode") >= 3 and (mode == "sync" or _alive("ParameterShard") >= 1)))
+            endpoints.exists() and (mode == "sync" or _alive("ParameterShard") >= 1)))
         _inject("the coordinator runs on the head: adding 3 nodes with a slot each")
         nodes = [_add_slot_node(cluster, wait=False) for _ in range(3)]  # started side by side
         cluster.wait_for_nodes()
