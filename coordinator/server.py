@@ -2362,9 +2362,11 @@ async def serve(config: ServerConfig, *, ready_file: pathlib.Path | None = None,
 
 
 def _stop_on_eof(loop: asyncio.AbstractEventLoop, server: CoordinatorServer) -> None:
-    """Block on stdin until it closes, then stop the server (see :func:`serve`)."""
-    with contextlib.suppress(OSError, ValueError):
-        while sys.stdin.buffer.read(4096):
+    """Block on stdin until it closes, then stop the server (see :func:`serve`). It reads the
+    file descriptor, not ``sys.stdin``: a daemon thread blocked in a buffered reader holds its
+    lock, and the interpreter's shutdown then aborts ("could not acquire lock")."""
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):
             pass
     log.warning("node %d: stdin closed (its supervisor is gone); stopping", server.config.node_id)
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: it stopped already

@@ -62,6 +62,9 @@ def test_idle_nodes_are_plain_processes_that_wake_rarely_and_stop_cleanly(ray_se
     assert coordinator.cluster.actors == {}
     for pid in pids:
         assert _gone(pid, 30.0), f"node process {pid} still runs after stop()"
+    for node in (1, 2, 3):  # each stopped cleanly (a thread blocked on stdin once aborted it)
+        log = (tmp_path / "coordinator" / f"node-{node}.log").read_text()
+        assert f"node {node} stopped" in log and "Fatal Python error" not in log, log
 
 
 def test_node_processes_die_with_the_process_that_hosts_them(tmp_path):
@@ -88,6 +91,10 @@ def test_node_processes_die_with_the_process_that_hosts_them(tmp_path):
     for pid in pids:
         assert _gone(pid, 30.0), f"node process {pid} outlived its host"
     assert _unlocked(tmp_path / "nodes")
+    for node in (1, 2, 3):
+        log = (tmp_path / "nodes" / f"node-{node}.log").read_text()
+        assert "stdin closed" in log and f"node {node} stopped" in log, log
+        assert "Fatal Python error" not in log, log
 
 
 HOST_SCRIPT = """
