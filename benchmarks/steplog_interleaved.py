@@ -622,7 +622,8 @@ def main() -> int:
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="measure nothing: write the markdown and the plot again from a stored JSON")
     parser.add_argument("--pool", nargs="+", metavar="JSON", default=None,
-                        help=f"measure nothing: judge the rounds of several stored runs together into {NAME}_pooled")
+                        help=f"measure nothing: judge the rounds of several stored runs together into {NAME}_pooled "
+                             "(or --name)")
     parser.add_argument("--same-code", action="store_true",
                         help="with --pool: pool runs whose measured code differs, vouching that it measures the same")
     parser.add_argument("--logged-options", default=None, metavar="JSON",
@@ -653,7 +654,8 @@ def main() -> int:
         command = " ".join(["python benchmarks/steplog_interleaved.py", *sys.argv[1:]])
         data["meta"]["command"] = command
         text = pooled_markdown(data, command)
-        write_results(f"{NAME}_pooled", data, text, Path(args.out) if args.out else RESULTS)
+        name = f"{NAME}_pooled" if args.name == NAME else args.name  # --name: keep other pools
+        write_results(name, data, text, Path(args.out) if args.out else RESULTS)
         print(text)
         return 0
     if args.same_code:

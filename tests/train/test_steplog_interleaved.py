@@ -175,6 +175,13 @@ def test_stored_runs_pool_their_rounds_and_refuse_what_differs(tmp_path):
         si.pool([a, run("split", [0.0], logged_options={"checkpoint_every": 0})], same_code=False)
     with pytest.raises(so.PoolError, match="logged_variant"):  # nor is the idle-coordinator split
         si.pool([a, run("idle", [0.0], logged_variant="idle-coordinator")], same_code=False)
+    # through the CLI: --name keeps the default pool's files where they are
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steplog_interleaved.py"), "--pool", a, b,
+                    "--out", str(out), "--name", "my_pool"], cwd=ROOT / "benchmarks", check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["my_pool.json", "my_pool.md"]
+    assert json.loads((out / "my_pool.json").read_text())["table"][0]["rounds"] == 5
 
 
 def test_logged_options_are_checked_before_any_job_and_mark_the_results_as_a_split():
