@@ -728,6 +728,15 @@ class _RayNode:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def ray_worker_niceness() -> int:
+    """The nice value Ray gives its worker processes: ``RAY_worker_niceness`` if set, else
+    Ray's default, 15 (a driver runs at its own, usually 0)."""
+    try:
+        return int(os.environ.get("RAY_worker_niceness", "15"))
+    except ValueError:
+        return 15
+
+
 class NodeProcessHost:
     """Coordinator nodes as child processes of this process (each a ``coordinator serve``),
     on this host: for :class:`RayCluster` with ``node_processes``, one per Ray node that
@@ -741,8 +750,11 @@ class NodeProcessHost:
 
     Each node reads the token from a pipe on its standard input (never from a file or its
     command line) and stops when that pipe closes: its nodes die with this process, a killed
-    driver's or a lost Ray node's actor's, as a Ray actor's would. They run in sessions of
-    their own, so a Ctrl-C at the driver's terminal reaches the driver, which stops them.
+    driver's or a lost Ray node's actor's, as a Ray actor's would. They run in a process group
+    of their own, so a Ctrl-C at the driver's terminal reaches the driver, which stops them.
+    They run at the CPU priority of Ray's workers (:func:`ray_worker_niceness`, plus ``nice``),
+    as a node in a Ray actor did: children of the driver would otherwise run at its nice 0,
+    28 times the weight of the training's nice-15 threads, and their wake-ups would preempt it.
 
     ``reserve`` picks a node's directory and address (the port held bound until ``start``);
     ``start`` spawns nodes and waits until each serves; ``exited`` says (or waits until) a
@@ -828,8 +840,11 @@ class NodeProcessHost:
         log = os.fdopen(open_node_log(data_dir + ".log"), "ab")  # owned by the child
         self._release(node_id)  # the server binds it at once (SO_REUSEADDR)
         try:
+            # A process group of its own (a Ctrl-C at the terminal reaches only the driver), in
+            # the host's session: with Linux's autogroups a session of its own would be
+            # scheduled as a peer of everything else, as heavily as the whole training.
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=env)
+                                    process_group=0, env=env)
         finally:
             log.close()
         assert proc.stdin is not None
@@ -1048,8 +1063,10 @@ class RayCluster:
         if ray_node_id not in self._hosts:
             args = (self.token, self.tick_s * 1000.0, self.heartbeat_tick, self.election_tick,
                     self.nice, self.idle_priority)
-            if ray_node_id == self._here:
-                self._hosts[ray_node_id] = NodeProcessHost(*args)
+            if ray_node_id == self._here:  # lowered to Ray's workers' priority, as an actor is
+                own = os.getpriority(os.PRIO_PROCESS, 0)
+                lower = min(19, max(0, ray_worker_niceness() - own) + self.nice)
+                self._hosts[ray_node_id] = NodeProcessHost(*args[:4], lower, self.idle_priority)
             else:
                 import ray
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
