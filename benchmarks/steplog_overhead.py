@@ -229,9 +229,10 @@ def steplog_cpu_s(rank: int) -> float:
     """CPU seconds so far of what the step log runs beside this rank's loop: its writer thread
     (records, digests, checkpoint files) and, on rank 0, every thread of the embedded
     coordinator's node processes (all on this one machine: this job's ``coordinator serve``
-    processes, their ``--data-dir`` in its job directory, or Ray actors ``_RayNode`` without
-    node processes; a job without the log counts none, although another job's may still be
-    stopping) and of a
+    processes, their ``--data-dir`` in its job directory, none for a job without the log,
+    although an earlier job's may still be stopping; and every Ray actor ``_RayNode``: the
+    nodes without node processes, or the idle coordinator the splits start beside a job
+    without the log) and of a
     stand-in load (``steplog_split.py``'s process named :data:`LOAD_PROCESS`, counted as the
     log's CPU it stands in for); read in nanoseconds from ``/proc/.../schedstat``. 0 without
     the log (or without ``/proc``)."""
@@ -255,8 +256,7 @@ def steplog_cpu_s(rank: int) -> float:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read(8192)
                 hosted = mine is not None and b"\0coordinator.cli\0serve\0" in argv and mine in argv
-                in_actor = mine is not None and argv.startswith(b"ray::_RayNode")
-                if not (hosted or in_actor or argv.startswith(LOAD_PROCESS.encode())):
+                if not (hosted or argv.startswith((b"ray::_RayNode", LOAD_PROCESS.encode()))):
                     continue
                 total += sum(task_s(f"/proc/{pid}/task/{tid}") for tid in os.listdir(f"/proc/{pid}/task"))
             except (OSError, ValueError, IndexError):
