@@ -1043,30 +1043,26 @@ class RayCluster:
         by_host: dict[int, list[int]] = {}
         for i, host in hosts.items():
             by_host.setdefault(id(host), []).append(i)
-        pending = []  # remote hosts start their nodes while this one starts its own
-        for ids in by_host.values():
-            host = hosts[ids[0]]
-            if isinstance(host, NodeProcessHost):
-                continue
-            pending.append(host.start.remote(ids, self.addresses))
-        for ids in by_host.values():
-            if isinstance(hosts[ids[0]], NodeProcessHost):
-                self._started(hosts[ids[0]], hosts[ids[0]].start(ids, self.addresses))
-        for ids, started in zip([ids for ids in by_host.values()
-                                 if not isinstance(hosts[ids[0]], NodeProcessHost)],
-                                ray.get(pending, timeout=DEFAULT_STARTUP_TIMEOUT_S), strict=True):
+        local = [ids for ids in by_host.values() if isinstance(hosts[ids[0]], NodeProcessHost)]
+        remote = [ids for ids in by_host.values() if ids not in local]
+        # remote hosts start their nodes while this one starts its own
+        pending = [hosts[ids[0]].start.remote(ids, self.addresses) for ids in remote]
+        for ids in local:
+            self._started(hosts[ids[0]], hosts[ids[0]].start(ids, self.addresses))
+        for ids, started in zip(remote, ray.get(pending, timeout=DEFAULT_STARTUP_TIMEOUT_S), strict=True):
             self._started(hosts[ids[0]], started)
         self.endpoints = [self.endpoint(i) for i in self.node_ids]
 
     def _host(self, ray_node_id: str) -> Any:
         """The NodeProcessHost for a Ray node: this process on its own, an actor elsewhere."""
         if ray_node_id not in self._hosts:
+            nice = self.nice  # below the host's own: a host actor runs at Ray's workers' priority
+            if ray_node_id == self._here:  # the driver: lowered to it, as an actor is
+                nice = min(19, max(0, ray_worker_niceness() - os.getpriority(os.PRIO_PROCESS, 0)) + nice)
             args = (self.token, self.tick_s * 1000.0, self.heartbeat_tick, self.election_tick,
-                    self.nice, self.idle_priority)
-            if ray_node_id == self._here:  # lowered to Ray's workers' priority, as an actor is
-                own = os.getpriority(os.PRIO_PROCESS, 0)
-                lower = min(19, max(0, ray_worker_niceness() - own) + self.nice)
-                self._hosts[ray_node_id] = NodeProcessHost(*args[:4], lower, self.idle_priority)
+                    nice, self.idle_priority)
+            if ray_node_id == self._here:
+                self._hosts[ray_node_id] = NodeProcessHost(*args)
             else:
                 import ray
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
