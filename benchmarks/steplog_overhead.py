@@ -136,7 +136,11 @@ JUDGE_ROUNDS = 4
 #: less than SETTLE_BUSY of the last SETTLE_SAMPLE_S: the previous job's processes exit, and
 #: Ray starts idle workers in their place, for seconds after ``fit`` returns.
 SETTLE_BUSY, SETTLE_SAMPLE_S, SETTLE_MAX_S = 0.25, 0.5, 20.0
-QUICK_EPOCHS = {"mlp": 2, "conv": 1}
+#: ``--quick``: windows of a few seconds (about 3 s of the MLP here, longer on a busy machine),
+#: more than FLUSH_INTERVAL_S, so that the logged run's window holds a flush to the coordinator
+#: and its nodes' work on it. With 2 epochs (a 50 ms window) the log's threads often did not
+#: run at all inside it, and its measured CPU was exactly 0.
+QUICK_EPOCHS = {"mlp": 130, "conv": 8}
 #: MLP epochs of a fault run (training goes on for seconds after the fault, long enough for
 #: the driver to see a dead coordinator node, and in async mode for rank 0, which never stops,
 #: to be still training when the replacement joins) and the step of generation 1 the fault hits.

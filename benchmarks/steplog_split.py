@@ -82,6 +82,9 @@ TMPFS_DIR = "/dev/shm"
 LOAD = "step_log=False + CPU load"
 LOAD_IDLE = "step_log=False + CPU load, idle priority"
 DEFAULT_LOAD = 0.024
+#: ``--quick``: about a second's window of the MLP; with 2 epochs (50 ms) the idle-priority
+#: load could go without a CPU for the whole window on a busy machine, and count 0.
+QUICK_EPOCHS = 40
 DEFAULT_LOAD_PERIOD_MS = 10.0
 #: The stand-in load: every period, a burst of CPU time (``time.thread_time``, so a burst cut
 #: short by preemption is finished, not skipped); one that falls behind does not catch up.
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="rounds of every variant")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs per run (default: steplog_overhead's for the model, timed windows of 12-20 s)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one round of 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one round of QUICK_EPOCHS epochs")
     parser.add_argument("--out", default=None, help="results directory")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     parser.add_argument("--load", type=float, default=DEFAULT_LOAD,
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         render(data, args.out or os.path.dirname(os.path.abspath(args.render)))
         return 0
     if args.quick:
-        args.rounds, args.epochs = 1, 2
+        args.rounds, args.epochs = 1, QUICK_EPOCHS
     started, load_avg = time.monotonic(), os.getloadavg()
     init_ray(args.num_cpus)
     import convergence
