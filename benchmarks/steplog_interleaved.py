@@ -45,7 +45,9 @@ Per cell, the rounds' overheads, their median and its 90% interval (the same see
 as ``steplog_overhead.py``); a cell meets the 3% target when the interval's upper end is within
 it, misses it when the lower end is past it, and is *not shown* between. Beside it, the step
 log's direct cost measured inside the job (its own CPU as a share of the machine, plus its time
-on the loops' own threads), over the seconds the job was thawed.
+on the loops' own threads), over the seconds the job was thawed. The loops' time is wall-clock,
+so it is taken over the steps that began and ended inside one turn: a freeze that stops a
+loop inside the log's code would otherwise count the whole frozen turn as the log's.
 
 Needs the kernel's cgroup freezer (v1 ``/sys/fs/cgroup/freezer``, or cgroup v2 with
 ``cgroup.freeze``) and the right to make cgroups (root). Writes
@@ -196,7 +198,7 @@ def pair_result(children: dict[str, dict[str, Any]], intervals: dict[str, list[t
     """One round of one cell: each job's samples/s over its whole slices in the period both were
     timing, the overhead (from :func:`sandwich_ratios`), and the logged job's direct cost over
     its thawed seconds."""
-    stamps = {v: [[(float(t), int(n)) for t, n in r["stamps"]] for r in children[v]["ranks"]] for v in VARIANTS}
+    stamps = {v: [[(float(s[0]), int(s[1])) for s in r["stamps"]] for r in children[v]["ranks"]] for v in VARIANTS}
     lo, hi = common_period([stamps[v] for v in VARIANTS], alternation_start)
     if hi <= lo:
         raise RuntimeError("the two jobs were never timing at once: give them more epochs")
@@ -219,9 +221,32 @@ def pair_result(children: dict[str, dict[str, Any]], intervals: dict[str, list[t
     ranks = children[LOGGED]["ranks"]
     thawed = [overlap(intervals[LOGGED], r["stamps"][0][0], r["stamps"][-1][0]) for r in ranks]
     own = sum(r["steplog_cpu_s"] for r in ranks) / (cpus * max(thawed)) if max(thawed) > 0 else 0.0
-    loop = max((r["steplog_loop_s"] / s for r, s in zip(ranks, thawed, strict=True) if s > 0), default=0.0)
-    out.update(steplog_cpu_share=own, steplog_loop_share=loop, direct_cost=own + loop)
+    # The loop's share: of the steps inside one thawed slice (see thawed_loop_share), else (an
+    # older child, no loop seconds in its stamps) of the rank's whole loop seconds.
+    shares = [thawed_loop_share(r["stamps"], intervals[LOGGED]) for r in ranks]
+    wall = max((r["steplog_loop_s"] / s for r, s in zip(ranks, thawed, strict=True) if s > 0), default=0.0)
+    loop = wall if None in shares else max(shares, default=0.0)
+    out.update(steplog_cpu_share=own, steplog_loop_share=loop, direct_cost=own + loop,
+               steplog_loop_share_wall=wall)
     return out
+
+
+def thawed_loop_share(stamps: list[list[Any]], intervals: list[tuple[float, float]]) -> float | None:
+    """The step log's share of a rank's loop: the loop seconds it took (the third field of each
+    stamp) over the seconds of the steps that began and ended inside one thawed slice. A step
+    the freezer stopped in the middle is left out: the loop seconds are wall-clock seconds, and
+    a freeze that lands inside the step log's code (a few percent of a step) would count the
+    whole frozen turn, seconds, as its cost. None for stamps without loop seconds."""
+    if not stamps or len(stamps[0]) < 3:
+        return None
+    took = spent = 0.0
+    j = 0
+    for (t0, _, l0), (t1, _, l1) in zip(stamps, stamps[1:], strict=False):
+        while j < len(intervals) and intervals[j][1] < t0:
+            j += 1
+        if j < len(intervals) and intervals[j][0] <= t0 and t1 <= intervals[j][1]:
+            took, spent = took + (l1 - l0), spent + (t1 - t0)
+    return took / spent if spent > 0 else 0.0
 
 
 # ---- the child: one job, in its own Ray ----------------------------------------------------
@@ -443,7 +468,8 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{c['rounds']} round(s): **{c['status']}**")
     lines += ["", f"All cells: **{v['status']}**.", "",
               "Direct cost: the log's own CPU (each rank's writer thread and the coordinator's three node processes, a "
-              "share of the machine) plus its time on the loops' own threads, over the seconds the job was thawed. "
+              "share of the machine) plus its time on the loops' own threads, over the seconds the job was thawed (the "
+              "loops' time: over the steps inside one turn, none the freezer stopped). "
               "Turns: the thawed slices of the logged job that fell in the period both were timing. Every pair's "
               "slices, and each slice's samples/s, are in the JSON; the plot shows them for the first pair of each "
               "cell."]

@@ -171,8 +171,9 @@ def variants() -> list[tuple[str, dict[str, Any]]]:
 # ---- the training loop (runs in the workers) ---------------------------------------------
 def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Digits with SGD; each rank times its own steps after warm-up; ``config["fault"]`` injects.
-    ``config["stamps"]``: also return each timed step's end (``time.monotonic()``) and the
-    samples done by then, from the window's start; ``config["mark"]``: a file rank 0 writes
+    ``config["stamps"]``: also return each timed step's end (``time.monotonic()``), the
+    samples done by then, from the window's start, and :func:`steplog_loop_s` then (what the
+    step log took of each step on the loop's thread, apart from a freeze); ``config["mark"]``: a file rank 0 writes
     when its window starts (``steplog_interleaved.py``: it counts only the seconds its job was
     not frozen, and alternates two jobs from the moment both are timing)."""
     ctx = synctrain.get_context()
@@ -186,13 +187,14 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     step, timed, samples, started = ctx.start_step, 0, 0, time.monotonic()
     loop_started, log_cpu, log_loop = started, 0.0, 0.0
     ticks = None
-    stamps: list[tuple[float, int]] | None = [] if config.get("stamps") else None
+    stamps: list[tuple[float, int, float]] | None = [] if config.get("stamps") else None
+    stepper = getattr(current_session(), "stepper", None)  # read per stamp: no lookups per step
     for _ in range(config["epochs"]):
         for x, y in loader:
             if timed == WARMUP_STEPS:
                 samples, started = 0, time.monotonic()
                 if stamps is not None:
-                    stamps.append((started, 0))
+                    stamps.append((started, 0, stepper.loop_s if stepper is not None else 0.0))
                 if config.get("mark") and ctx.rank == 0:  # steplog_interleaved.py waits for it
                     _note(Path(config["mark"]), started)
                 ticks = cpu_ticks() if ctx.rank == 0 else None
@@ -202,7 +204,7 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
             opt.step()
             step, timed, samples = step + 1, timed + 1, samples + len(x)
             if stamps is not None and timed > WARMUP_STEPS:
-                stamps.append((time.monotonic(), samples))
+                stamps.append((time.monotonic(), samples, stepper.loop_s if stepper is not None else 0.0))
             if fault is not None:
                 inject(fault, ctx, step, first=timed == 1, loop_started=loop_started)
     end = cpu_ticks() if ticks is not None else None

@@ -106,6 +106,26 @@ def test_pair_result_gives_the_overhead_and_the_direct_cost_over_thawed_seconds(
     assert out[si.LOGGED]["steps_while_frozen"] == 0 and out[si.BASE]["slices"] >= 18
 
 
+def test_the_loop_share_leaves_out_steps_a_freeze_stopped_in_the_log():
+    slices = [(2.0 * k, 2.0 * k + 1) for k in range(20)]
+    base = steady(3000, slices)
+    # 2% of every step in the log's code; the freeze at the end of each turn lands in it, so
+    # the step that spans the gap took a whole frozen second of "loop seconds" as well
+    stamps, loop = [(base[0][0], 0, 0.0)], 0.0
+    for (t0, _), (t1, n) in zip(base, base[1:], strict=False):
+        loop += 0.02 * (t1 - t0) if t1 - t0 < 0.5 else 1.0
+        stamps.append((t1, n, loop))
+    assert si.thawed_loop_share(stamps, slices) == pytest.approx(0.02, rel=1e-6)
+    # all the loop seconds over the thawed seconds instead: ~97%, nearly all of it 19 frozen seconds
+    assert loop / sum(b - a for a, b in slices) > 0.9
+    assert si.thawed_loop_share([(0.0, 0), (1.0, 32)], slices) is None  # stamps without loop seconds
+    children = {v: {"ranks": [{"rank": r, "stamps": stamps, "steplog_cpu_s": 0.0, "steplog_loop_s": loop,
+                               "samples": 0, "elapsed_s": 0.0} for r in range(2)], "failures": 0, "generations": 1}
+                for v in si.VARIANTS}
+    out = si.pair_result(children, {v: slices for v in si.VARIANTS}, 0.0, cpus=2)
+    assert out["steplog_loop_share"] == pytest.approx(0.02, rel=1e-6) and out["steplog_loop_share_wall"] > 0.9
+
+
 def test_jobs_that_never_time_at_once_are_refused():
     a = [[(0.0, 0), (1.0, 32)]]
     b = [[(2.0, 0), (3.0, 32)]]
