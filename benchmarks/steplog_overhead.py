@@ -188,7 +188,9 @@ def bench_loop(config: dict[str, Any]) -> dict[str, Any]:
     loop_started, log_cpu, log_loop = started, 0.0, 0.0
     ticks = None
     stamps: list[tuple[float, int, float]] | None = [] if config.get("stamps") else None
-    stepper = getattr(current_session(), "stepper", None)  # read per stamp: no lookups per step
+    # the step boundary whose loop seconds each stamp carries (steplog_loop_s's read, without
+    # its session lookup on every step); None without the log
+    stepper = getattr(current_session(), "stepper", None)
     for _ in range(config["epochs"]):
         for x, y in loader:
             if timed == WARMUP_STEPS:
