@@ -75,6 +75,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import itertools
 import logging
 import math
 import os
@@ -848,10 +849,9 @@ class CoordinatorServer:
                       "sent_while_persisting": 0, "disk_stalls_injected": 0,
                       "notices": 0, "appends_repeated_dropped": 0, "ticks": 0, "ticker_wakes": 0}
         self._chunk_bytes = config.effective_snapshot_chunk_bytes
+        self._spooled = itertools.count(1)  # numbers the files snapshots are spooled to
         self._reassembler = SnapshotReassembler(
-            self.id, config.max_snapshot_reassembly_bytes, self.stats,
-            spool=lambda frm, md: config.data_dir / (
-                f"snap-{md.index:016d}-{md.term:016d}.from-{frm}.tmp"))
+            self.id, config.max_snapshot_reassembly_bytes, self.stats, spool=self._spool_path)
         listen = config.listen or config.peers[self.id]
         self.transport_server = Server(
             node_id=self.id, token=config.token, on_peer_message=self._on_peer_message,
@@ -1170,6 +1170,14 @@ class CoordinatorServer:
             self._drive_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._drive)
+
+    def _spool_path(self, frm: int, md: SnapshotMetadata) -> pathlib.Path:
+        """A fresh file for one reception of a snapshot from ``frm``. Numbered: a leader may
+        send the same snapshot twice (a stale rejection makes it probe again), and a second
+        copy must neither truncate nor unlink the file of the first, which the disk thread
+        may be placing (a name per snapshot did both: a fatal FileNotFoundError)."""
+        return self.config.data_dir / (
+            f"snap-{md.index:016d}-{md.term:016d}.from-{frm}.{next(self._spooled)}.tmp")
 
     def _on_peer_message(self, frm: int, payload: bytes) -> None:
         self.stats["peer_messages_in"] += 1

@@ -360,3 +360,31 @@ def test_follower_behind_a_compaction_catches_up_through_a_chunked_snapshot(
     assert got["snapshots_reassembled"] >= 1 and got["snapshot_chunks_in"] >= 16
     assert got["snapshot_chunks_malformed"] == 0 and got["snapshot_checksum_failures"] == 0
     assert cluster.status(follower)["snapshot_index"] > 0
+
+
+@pytest.mark.parametrize("taken_first", [False, True], ids=["both-before-take", "take-between"])
+def test_the_same_snapshot_received_twice_keeps_a_whole_file_for_the_storage(
+        server, taken_first) -> None:
+    # A leader may stream one snapshot twice in a row (seen in CI: a stale rejection made it
+    # probe again). The second copy must not truncate or unlink the file of the first, which
+    # the disk thread may be placing: with one file name per snapshot the storage's open of
+    # the taken file failed (FileNotFoundError), and the node shut down.
+    stepped: list[Message] = []
+    server.node.step = stepped.append
+    server._schedule_drive = lambda: None
+    m = snapshot_msg(size=3 * CHUNK)
+    md = m.snapshot.metadata
+    frames = encode_snapshot_chunks(m, 4 * CHUNK)
+    assert len(frames) == 1  # as in CI: one chunk each
+    server._on_peer_message(LEADER, frames[0])
+    taken = server._reassembler.take_file(md.index, md.term) if taken_first else None
+    server._on_peer_message(LEADER, frames[0])
+    if taken is None:
+        taken = server._reassembler.take_file(md.index, md.term)
+    assert taken is not None and taken.exists()
+    assert len(stepped) == 2 and stepped[0] == stepped[1]
+    server.storage.save(None, [], stepped[0].snapshot, snapshot_file=taken)
+    assert server.storage.snapshot_data() == m.snapshot.data
+    # A copy nobody took is removed at shutdown, not left behind.
+    server._reassembler.discard_files()
+    assert sorted(p.name for p in server.config.data_dir.glob("*.tmp")) == []
