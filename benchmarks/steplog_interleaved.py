@@ -98,7 +98,11 @@ CELLS = [(m, mode) for m in ("mlp", "conv") for mode in ("sync", "async")]
 #: The flush interval of the log's writers (``synctrain.worker.step.FLUSH_INTERVAL_S``, 2 s):
 #: a slice that is a multiple of it commits as often per thawed second as a job running alone.
 SLICE_S = 4.0
-QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 40, "conv": 4}
+#: The smoke run's turns and epochs. Its jobs must each train for several turns while both are
+#: timing, or no turn has one of the other job's on both sides to be compared with: 40 MLP epochs
+#: (about 1 s of training at the 52k samples/s of a fast hour here) left the quick test with
+#: none; 200 leave it about ten turns a job when fast, at most ~12 s a job when slow.
+QUICK_SLICE_S, QUICK_EPOCHS = 0.5, {"mlp": 200, "conv": 20}
 #: ``--logged-variant``: what the logged job is -> (its samples/s column's words, the markdown's
 #: note on it). "default": the log at its defaults (or with ``--logged-options``); the others
 #: are splits: "idle-coordinator", no log but an idle embedded-style coordinator (Ray actors)
